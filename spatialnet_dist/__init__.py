@@ -1,0 +1,1 @@
+"""spatialnet-dist: distributed multi-task training of SpatialNet-ViT."""

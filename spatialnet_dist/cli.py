@@ -1,0 +1,212 @@
+"""The `spatialnet` command line. Thin: parse, call the package, print. Heavy imports stay lazy so
+that `spatialnet --help` and bad-input errors answer at once.
+
+Every command exits non-zero with one line on stderr for bad input (a `UserError`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+from spatialnet_dist.errors import UserError
+
+
+def _print_json(obj) -> None:
+    print(json.dumps(obj, indent=2, sort_keys=False))
+
+
+# ---- shards ----
+
+
+def _shards_convert(a) -> int:
+    from spatialnet_dist.corpora import convert
+
+    return convert(
+        a.adapter, a.src, a.out, shard_size=a.shard_size, name=a.name, strict=a.strict, max_bad_fraction=a.max_bad_fraction
+    )
+
+
+def _shards_synth(a) -> int:
+    from spatialnet_dist.corpora.synthetic import write_synthetic
+
+    manifest = write_synthetic(a.out, images=a.images, seed=a.seed, shard_size=a.shard_size)
+    counts = ", ".join(f"{split} {info['samples']}" for split, info in manifest["splits"].items())
+    print(f"synthetic: {counts} images -> {a.out}")
+    return 0
+
+
+def _shards_inspect(a) -> int:
+    from spatialnet_dist.store.inspect import format_inspect, inspect_store
+
+    info = inspect_store(a.url)
+    _print_json(info) if a.json else print(format_inspect(info))
+    return 0
+
+
+def _shards_verify(a) -> int:
+    from spatialnet_dist.store.verify import verify_store
+
+    bad = verify_store(a.url)  # [(shard url, reason)]
+    for url, reason in bad:
+        print(f"BAD {url}: {reason}", file=sys.stderr)
+    print(f"verify {a.url}: {'ok' if not bad else f'{len(bad)} bad shard(s)'}")
+    return 1 if bad else 0
+
+
+# ---- train ----
+
+
+def _train(a, rest: list[str]) -> int:
+    from spatialnet_dist.train.launch import main as launch_main
+
+    return launch_main(rest)
+
+
+# ---- eval / predict / model ----
+
+
+def _eval_captions(a) -> int:
+    from spatialnet_dist.evaluate.captions import format_caption_table, load_caption_files, score_captions
+
+    preds, refs = load_caption_files(a.pred, a.refs)
+    scores = score_captions(preds, refs, spice=a.spice)
+    _print_json(scores) if a.json else print(format_caption_table(scores))
+    return 0
+
+
+def _eval_vqa(a) -> int:
+    from spatialnet_dist.evaluate.vqa import format_vqa_table, load_vqa_predictions, score_vqa
+
+    rows = load_vqa_predictions(a.pred)
+    scores = score_vqa(rows, count_rule=a.count_rule)
+    _print_json(scores) if a.json else print(format_vqa_table(scores))
+    return 0
+
+
+def _eval_run(a) -> int:
+    from spatialnet_dist.evaluate.run import evaluate_checkpoint
+
+    metrics = evaluate_checkpoint(
+        a.checkpoint, data=a.data, split=a.split, out=a.out, workers=a.workers, max_samples=a.max_samples
+    )
+    _print_json(metrics)
+    return 0
+
+
+def _predict(a) -> int:
+    from spatialnet_dist.evaluate.predict import format_predictions, predict_images
+
+    results = predict_images(a.checkpoint, a.images, questions=a.question or [])
+    _print_json(results) if a.json else print(format_predictions(results))
+    return 0
+
+
+def _model(a) -> int:
+    from spatialnet_dist.model.summary import format_summary, model_summary
+
+    info = model_summary(a.preset, image_size=a.image_size)
+    _print_json(info) if a.json else print(format_summary(info))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="spatialnet", description="Train and evaluate SpatialNet-ViT at scale.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    shards = sub.add_parser("shards", help="convert, generate, inspect and verify shard stores")
+    ssub = shards.add_subparsers(dest="shards_command", required=True)
+    conv = ssub.add_parser("convert", help="convert an original corpus into shards")
+    conv.add_argument("adapter", help="corpus adapter: ucm-captions, rsicd, sydney-captions, rsvqa-lr, rsvqa-hr")
+    conv.add_argument("src", help="folder of the corpus in its published layout")
+    conv.add_argument("out", help="store root: a local dir or s3://bucket/prefix")
+    conv.add_argument("--shard-size", type=int, default=1000, help="samples per shard (default 1000)")
+    conv.add_argument("--name", default=None, help="corpus name in the store (default: the adapter's)")
+    conv.add_argument("--strict", action="store_true", help="stop at the first bad record")
+    conv.add_argument("--max-bad-fraction", type=float, default=0.05, help="exit non-zero above this fraction of bad records")
+    conv.set_defaults(fn=_shards_convert)
+
+    syn = ssub.add_parser("synth", help="write the synthetic demo corpus `synthetic`")
+    syn.add_argument("out", help="store root: a local dir or s3://bucket/prefix")
+    syn.add_argument("--images", type=int, default=600)
+    syn.add_argument("--seed", type=int, default=0)
+    syn.add_argument("--shard-size", type=int, default=100)
+    syn.set_defaults(fn=_shards_synth)
+
+    ins = ssub.add_parser("inspect", help="counts per corpus/split/task from the manifests")
+    ins.add_argument("url", help="store root, or one corpus under it")
+    ins.add_argument("--json", action="store_true")
+    ins.set_defaults(fn=_shards_inspect)
+
+    ver = ssub.add_parser("verify", help="re-read every shard: sizes, sha256, decodability")
+    ver.add_argument("url", help="store root, or one corpus under it")
+    ver.set_defaults(fn=_shards_verify)
+
+    tr = sub.add_parser("train", help="run a training job (same as `python ray_job.py`)", add_help=False)
+    tr.set_defaults(fn=_train, passthrough=True)
+
+    ev = sub.add_parser("eval", help="score predictions or a checkpoint")
+    esub = ev.add_subparsers(dest="eval_command", required=True)
+    cap = esub.add_parser("captions", help="BLEU-1..4, METEOR, ROUGE-L, CIDEr (pycocoevalcap)")
+    cap.add_argument("--pred", required=True, help='[{"image_id", "caption"}]')
+    cap.add_argument("--refs", required=True, help='{"<image_id>": [str, ...]}')
+    cap.add_argument("--spice", action="store_true", help="also SPICE (downloads Stanford CoreNLP: needs network)")
+    cap.add_argument("--json", action="store_true")
+    cap.set_defaults(fn=_eval_captions)
+    vqa = esub.add_parser("vqa", help="per-type accuracy, AA, OA")
+    vqa.add_argument("--pred", required=True, help='[{"qid", "type", "answer", "prediction"}]')
+    vqa.add_argument("--count-rule", choices=("rsvqa-lr", "exact"), default="rsvqa-lr")
+    vqa.add_argument("--json", action="store_true")
+    vqa.set_defaults(fn=_eval_vqa)
+    run = esub.add_parser("run", help="predict every sample of a split with a checkpoint, score, write a report")
+    run.add_argument("checkpoint", help="checkpoint dir (or URL) or exported bundle")
+    run.add_argument("--data", required=True, help="store root URL")
+    run.add_argument("--split", default="test")
+    run.add_argument("--out", default=None, help="output dir (default: <checkpoint>/eval-<split>)")
+    run.add_argument("--workers", type=int, default=0, help="Ray workers to spread prediction over (0: this process)")
+    run.add_argument("--max-samples", type=int, default=0, help="stop after this many images per task (0: all)")
+    run.set_defaults(fn=_eval_run)
+
+    pr = sub.add_parser("predict", help="caption, land-use class and answers for images")
+    pr.add_argument("checkpoint", help="checkpoint dir (or URL) or exported bundle")
+    pr.add_argument("images", nargs="+", help="PNG, TIFF, JPEG or NPY files")
+    pr.add_argument("--question", action="append", help="a question to answer for every image (repeatable)")
+    pr.add_argument("--json", action="store_true")
+    pr.set_defaults(fn=_predict)
+
+    mo = sub.add_parser("model", help="parameter counts and GFLOPs of a preset")
+    mo.add_argument("--preset", required=True)
+    mo.add_argument("--image-size", type=int, default=0)
+    mo.add_argument("--json", action="store_true")
+    mo.set_defaults(fn=_model)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["train"]:
+        return _train(None, argv[1:])
+    args = build_parser().parse_args(argv)
+    try:
+        return args.fn(args)
+    except UserError as e:
+        print(f"spatialnet: error: {e}", file=sys.stderr)
+        return 2
+    except FileNotFoundError as e:
+        print(f"spatialnet: error: {e.filename or e}: not found", file=sys.stderr)
+        return 2
+
+
+def entry() -> None:
+    """Console script: flush and leave with os._exit so that no library's atexit hook can abort
+    a finished run (DeepSpeed/gloo teardown sometimes does)."""
+    code = main()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+if __name__ == "__main__":
+    entry()

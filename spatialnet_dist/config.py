@@ -1,0 +1,379 @@
+"""Every setting of a run: nested dataclasses, YAML files, `--set a.b=c` overrides, validation.
+
+The one config module. Errors are `ConfigError` with a one-line message that names the key
+(and the closest valid key for a typo) so the CLI can print it and exit before any worker starts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from spatialnet_dist.errors import UserError
+
+TASKS = ("captioning", "vqa", "classification", "regression")
+PRESETS = ("tiny", "small", "paper", "large", "giant")
+
+
+class ConfigError(UserError):
+    """A bad key or value; the message is one line that names it."""
+
+
+@dataclass
+class RunConfig:
+    name: str = "demo"
+    storage: str = "runs"  # local dir or s3://bucket/prefix
+    seed: int = 0
+    keep_checkpoints: int = 2  # Ray keeps this many; 0 keeps all
+
+
+@dataclass
+class DataConfig:
+    root: str = "shards"  # local dir or s3://bucket/prefix
+    loader_workers: int = 1  # DataLoader worker processes per training worker
+    prefetch: int = 2
+    corpus_mix: str = "size"  # size | temperature | explicit (tasks.<t>.corpus_weights)
+    mix_temperature: float = 2.0
+    synth_images: int = 600  # size of the synthetic corpus generated on first use
+    synth_seed: int = 0
+    max_bad_fraction: float = 0.5  # stop when more than this fraction of a stream's samples fail
+
+
+@dataclass
+class TaskConfig:
+    enabled: bool = True
+    corpora: list[str] = field(default_factory=lambda: ["synthetic"])
+    batch_size: int = 8
+    corpus_weights: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class TasksConfig:
+    captioning: TaskConfig = field(default_factory=TaskConfig)
+    vqa: TaskConfig = field(default_factory=TaskConfig)
+    classification: TaskConfig = field(default_factory=TaskConfig)
+    regression: TaskConfig = field(default_factory=TaskConfig)
+
+    def enabled(self) -> list[str]:
+        return [t for t in TASKS if getattr(self, t).enabled]
+
+
+@dataclass
+class ModelConfig:
+    preset: str = "tiny"
+    image_size: int = 0  # 0: the preset's size
+    in_chans: int = 3
+    activation: str = ""  # "": the preset's FFN activation (gelu, relu)
+    pretrained: str = ""  # "": none; a local .pth/.safetensors file; "hub": timm's hub weights
+    drop_path: float = 0.0
+    caption_max_len: int = 24  # tokens, BOS/EOS included
+    question_max_len: int = 20
+    min_word_count: int = 1
+    max_answers: int = 1000
+    answer_rule: str = "rsvqa-lr"  # how raw answers map to classes: rsvqa-lr | exact
+
+
+@dataclass
+class LossConfig:
+    weights: dict[str, float] = field(default_factory=lambda: {t: 1.0 for t in TASKS})
+    regularization: str = "decoupled"  # decoupled (AdamW weight decay) | l2 (explicit lambda_reg term)
+    l2: float = 0.0  # lambda_reg when regularization == l2
+    label_smoothing: float = 0.0
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 3e-4
+    weight_decay: float = 0.05
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    warmup_steps: int = 20
+    min_lr_ratio: float = 0.1
+    grad_clip: float = 1.0
+    grad_accum: int = 1
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int = 200
+    checkpoint_every: int = 50
+    log_every: int = 10
+    num_workers: int = 2
+    use_gpu: bool = False
+    cpus_per_worker: int = 1
+    torch_threads: int = 0  # 0: cpus_per_worker
+    zero_stage: int = 2
+    precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16
+    offload_optimizer: bool = False
+    offload_params: bool = False
+    activation_checkpointing: bool = False
+    max_failures: int = 2
+    resume: str = ""  # checkpoint URL to start a new run from
+    resume_weights_only: bool = False
+    mode: str = "all"  # all: every task every step | alternate: one task per step
+
+
+@dataclass
+class EvalConfig:
+    every: int = 0  # validation every N steps; 0: off
+    val_batches: int = 4
+    at_end: bool = True
+    split: str = "test"
+    beam_size: int = 3
+    length_penalty: float = 0.6
+    max_samples: int = 0  # 0: the whole split
+    count_rule: str = "rsvqa-lr"
+    spice: bool = False
+
+
+@dataclass
+class FaultsConfig:
+    fail_at_step: int = 0  # 0: never
+
+
+@dataclass
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    tasks: TasksConfig = field(default_factory=TasksConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    faults: FaultsConfig = field(default_factory=FaultsConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+# Range checks: key -> (predicate, what is allowed). Run after every load and override.
+_CHECKS: dict[str, tuple[typing.Callable, str]] = {
+    "run.name": (lambda v: bool(v) and "/" not in v, "a non-empty name without '/'"),
+    "run.keep_checkpoints": (lambda v: v >= 0, ">= 0"),
+    "data.loader_workers": (lambda v: v >= 0, ">= 0"),
+    "data.prefetch": (lambda v: v >= 1, ">= 1"),
+    "data.corpus_mix": (lambda v: v in ("size", "temperature", "explicit"), "size, temperature or explicit"),
+    "data.mix_temperature": (lambda v: v > 0, "> 0"),
+    "data.synth_images": (lambda v: v >= 10, ">= 10"),
+    "data.max_bad_fraction": (lambda v: 0 <= v <= 1, "between 0 and 1"),
+    "model.preset": (lambda v: v in PRESETS, ", ".join(PRESETS)),
+    "model.image_size": (lambda v: v == 0 or (v >= 32 and v % 16 == 0), "0 or a multiple of 16, >= 32"),
+    "model.in_chans": (lambda v: v >= 1, ">= 1"),
+    "model.activation": (lambda v: v in ("", "gelu", "relu"), "gelu or relu"),
+    "model.drop_path": (lambda v: 0 <= v < 1, "in [0, 1)"),
+    "model.caption_max_len": (lambda v: v >= 4, ">= 4"),
+    "model.question_max_len": (lambda v: v >= 4, ">= 4"),
+    "model.min_word_count": (lambda v: v >= 1, ">= 1"),
+    "model.max_answers": (lambda v: v >= 2, ">= 2"),
+    "model.answer_rule": (lambda v: v in ("rsvqa-lr", "exact"), "rsvqa-lr or exact"),
+    "loss.regularization": (lambda v: v in ("decoupled", "l2"), "decoupled or l2"),
+    "loss.l2": (lambda v: v >= 0, ">= 0"),
+    "loss.label_smoothing": (lambda v: 0 <= v < 1, "in [0, 1)"),
+    "optim.lr": (lambda v: v > 0, "> 0"),
+    "optim.weight_decay": (lambda v: v >= 0, ">= 0"),
+    "optim.betas": (lambda v: len(v) == 2 and all(0 <= b < 1 for b in v), "two numbers in [0, 1)"),
+    "optim.warmup_steps": (lambda v: v >= 0, ">= 0"),
+    "optim.min_lr_ratio": (lambda v: 0 <= v <= 1, "between 0 and 1"),
+    "optim.grad_clip": (lambda v: v >= 0, ">= 0 (0: off)"),
+    "optim.grad_accum": (lambda v: v >= 1, ">= 1"),
+    "train.max_steps": (lambda v: v >= 1, ">= 1"),
+    "train.checkpoint_every": (lambda v: v >= 1, ">= 1"),
+    "train.log_every": (lambda v: v >= 1, ">= 1"),
+    "train.num_workers": (lambda v: v >= 1, ">= 1"),
+    "train.cpus_per_worker": (lambda v: v >= 1, ">= 1"),
+    "train.torch_threads": (lambda v: v >= 0, ">= 0"),
+    "train.zero_stage": (lambda v: v in (0, 1, 2, 3), "0, 1, 2 or 3"),
+    "train.precision": (lambda v: v in ("auto", "fp32", "bf16"), "auto, fp32 or bf16"),
+    "train.max_failures": (lambda v: v >= -1, ">= 0, or -1 for unlimited"),
+    "train.mode": (lambda v: v in ("all", "alternate"), "all or alternate"),
+    "eval.every": (lambda v: v >= 0, ">= 0"),
+    "eval.val_batches": (lambda v: v >= 1, ">= 1"),
+    "eval.split": (lambda v: bool(v), "a split name"),
+    "eval.beam_size": (lambda v: v >= 1, ">= 1"),
+    "eval.max_samples": (lambda v: v >= 0, ">= 0"),
+    "eval.count_rule": (lambda v: v in ("rsvqa-lr", "exact"), "rsvqa-lr or exact"),
+    "faults.fail_at_step": (lambda v: v >= 0, ">= 0 (0: never)"),
+}
+
+
+def _is_dataclass_type(tp) -> bool:
+    return isinstance(tp, type) and dataclasses.is_dataclass(tp)
+
+
+def _type_name(tp) -> str:
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(key: str, value, tp):
+    """Check `value` against the annotation `tp`; ints are accepted where floats are expected."""
+    origin = typing.get_origin(tp)
+    bad = ConfigError(f"config key {key}: expected {_describe(tp)}, got {value!r}")
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise bad
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise bad
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise bad
+        return float(value)
+    if tp is str:
+        if value is None:
+            return ""
+        if not isinstance(value, str):
+            raise bad
+        return value
+    if origin is list:
+        (item,) = typing.get_args(tp)
+        if isinstance(value, (str, int, float)) and item is str:
+            value = [value]  # `--set tasks.vqa.corpora=rsvqa-lr` means a list of one
+        if not isinstance(value, list):
+            raise bad
+        return [_coerce(f"{key}[{i}]", v, item) for i, v in enumerate(value)]
+    if origin is dict:
+        _, vt = typing.get_args(tp)
+        if value is None:
+            return {}
+        if not isinstance(value, dict):
+            raise bad
+        return {str(k): _coerce(f"{key}.{k}", v, vt) for k, v in value.items()}
+    if isinstance(tp, types.UnionType):
+        raise AssertionError("unions are not used in config")
+    raise AssertionError(f"unhandled config type {tp}")
+
+
+def _describe(tp) -> str:
+    origin = typing.get_origin(tp)
+    if origin is list:
+        return f"a list of {_type_name(typing.get_args(tp)[0])}"
+    if origin is dict:
+        return f"a mapping to {_type_name(typing.get_args(tp)[1])}"
+    return {"bool": "true or false", "int": "an integer", "float": "a number", "str": "a string"}.get(
+        _type_name(tp), _type_name(tp)
+    )
+
+
+def _merge(obj, data: dict, prefix: str = "") -> None:
+    """Write `data` (nested dict) into dataclass `obj`, checking keys and types."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"config key {prefix.rstrip('.') or '<top>'}: expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(type(obj))
+    for key, value in data.items():
+        full = f"{prefix}{key}"
+        if key not in hints:
+            raise ConfigError(f"unknown config key {full}{_suggest(full, prefix, hints)}")
+        tp = hints[key]
+        if _is_dataclass_type(tp):
+            _merge(getattr(obj, key), value, f"{full}.")
+        else:
+            setattr(obj, key, _coerce(full, value, tp))
+
+
+def _suggest(full: str, prefix: str, hints: dict) -> str:
+    candidates = [f"{prefix}{k}" for k in hints] + list(_all_keys())
+    close = difflib.get_close_matches(full, candidates, n=1, cutoff=0.6)
+    return f" (did you mean {close[0]}?)" if close else ""
+
+
+def _all_keys(cls=Config, prefix: str = ""):
+    for name, tp in typing.get_type_hints(cls).items():
+        if _is_dataclass_type(tp):
+            yield from _all_keys(tp, f"{prefix}{name}.")
+        else:
+            yield f"{prefix}{name}"
+
+
+def _get(cfg: Config, dotted: str):
+    obj = cfg
+    for part in dotted.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def validate(cfg: Config) -> Config:
+    for key, (ok, allowed) in _CHECKS.items():
+        value = _get(cfg, key)
+        if not ok(value):
+            raise ConfigError(f"config key {key}: {value!r} is not allowed (expected {allowed})")
+    for task in TASKS:
+        tc: TaskConfig = getattr(cfg.tasks, task)
+        if tc.batch_size < 1:
+            raise ConfigError(f"config key tasks.{task}.batch_size: {tc.batch_size!r} is not allowed (expected >= 1)")
+        if tc.enabled and not tc.corpora:
+            raise ConfigError(f"config key tasks.{task}.corpora: an enabled task needs at least one corpus")
+        for name, w in tc.corpus_weights.items():
+            if name not in tc.corpora or w < 0:
+                raise ConfigError(f"config key tasks.{task}.corpus_weights.{name}: must name a listed corpus, weight >= 0")
+    if not cfg.tasks.enabled():
+        raise ConfigError("config key tasks: at least one task must be enabled")
+    for task, w in cfg.loss.weights.items():
+        if task not in TASKS:
+            raise ConfigError(f"unknown config key loss.weights.{task}{_suggest(task, '', {t: 0 for t in TASKS})}")
+        if w < 0:
+            raise ConfigError(f"config key loss.weights.{task}: {w!r} is not allowed (expected >= 0)")
+    return cfg
+
+
+def parse_override(text: str) -> tuple[str, object]:
+    """`a.b.c=value` -> ("a.b.c", value parsed as YAML)."""
+    if "=" not in text:
+        raise ConfigError(f"--set {text!r}: expected key=value")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as e:
+        raise ConfigError(f"--set {key}: value {raw!r} is not valid YAML ({e.__class__.__name__})") from None
+    return key, value
+
+
+def _nest(key: str, value) -> dict:
+    out: dict = {}
+    node = out
+    parts = key.split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+    node[parts[-1]] = value
+    return out
+
+
+def load(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Defaults <- YAML file <- overrides, then validation. Raises ConfigError."""
+    cfg = Config()
+    if path:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {p}: not found")
+        try:
+            data = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f" line {mark.line + 1}" if mark else ""
+            raise ConfigError(f"config file {p}{where}: not valid YAML") from None
+        try:
+            _merge(cfg, data)
+        except ConfigError as e:
+            raise ConfigError(f"{p}: {e}") from None
+    for text in overrides or []:
+        key, value = parse_override(text)
+        _merge(cfg, _nest(key, value))
+    return validate(cfg)
+
+
+def from_dict(data: dict) -> Config:
+    """Rebuild a resolved config (from config.yaml or a checkpoint's meta.json)."""
+    cfg = Config()
+    _merge(cfg, data)
+    return validate(cfg)

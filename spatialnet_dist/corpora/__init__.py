@@ -1,0 +1,118 @@
+"""Corpus adapters by name, and `convert`: an original corpus -> a corpus in the shard store.
+
+Adding a corpus is one file (an object with `name`, `classes`, `description` and
+`records(src) -> Iterator[Sample | BadRecord]`, see `base.Adapter`) plus one line in `ADAPTERS`.
+shards/README.md tells the whole story.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections import Counter
+from pathlib import Path
+
+from spatialnet_dist.corpora.base import Adapter, BadRecord
+from spatialnet_dist.corpora.rsvqa_lr import RSVQA_HR, RSVQA_LR
+from spatialnet_dist.corpora.ucm_captions import RSICD, SYDNEY_CAPTIONS, UCM_CAPTIONS
+from spatialnet_dist.errors import UserError
+
+BAD_RECORDS_SHOWN = 20  # printed one by one; the rest are counted
+
+
+class SyntheticCorpus:
+    """The procedural demo corpus of corpora/synthetic.py. It is generated, not converted, so it
+    has no source folder: `spatialnet shards synth OUT` writes it. The module is imported only when
+    its classes are asked for."""
+
+    name = "synthetic"
+    description = "synthetic: procedural aerial-like scenes with true captions, labels and Q/A (the demo corpus)"
+
+    @property
+    def classes(self) -> list[str]:
+        from spatialnet_dist.corpora.synthetic import CLASSES
+
+        return CLASSES
+
+    def records(self, src: Path):
+        raise UserError("the synthetic corpus is generated, not converted: run `spatialnet shards synth OUT`")
+
+
+ADAPTERS: dict[str, Adapter] = {
+    a.name: a for a in (UCM_CAPTIONS, RSICD, SYDNEY_CAPTIONS, RSVQA_LR, RSVQA_HR, SyntheticCorpus())
+}
+
+
+def get_adapter(name: str) -> Adapter:
+    try:
+        return ADAPTERS[name]
+    except KeyError:
+        raise UserError(f"unknown corpus adapter {name!r} (known: {', '.join(ADAPTERS)})") from None
+
+
+class _TooManyBad(Exception):
+    """Raised inside the writer's block so that it discards what it wrote and keeps the old corpus."""
+
+
+def convert(
+    adapter: str | Adapter,
+    src: str | Path,
+    out: str,
+    shard_size: int = 1000,
+    name: str | None = None,
+    strict: bool = False,
+    max_bad_fraction: float = 0.05,
+) -> int:
+    """Convert the corpus at `src` (published layout) into corpus `name` (default: the adapter's)
+    under the store root `out`. Returns the exit code: 0, or 1 when more than `max_bad_fraction` of
+    the records are bad, in which case nothing is written and a corpus already there is kept.
+    Bad records are skipped, named on stderr and counted; `strict` stops at the first (UserError)."""
+    ad = get_adapter(adapter) if isinstance(adapter, str) else adapter
+    corpus = name or ad.name
+    if shard_size < 1:
+        raise UserError(f"--shard-size {shard_size}: must be at least 1")
+    if not 0.0 <= max_bad_fraction <= 1.0:
+        raise UserError(f"--max-bad-fraction {max_bad_fraction}: must be between 0 and 1")
+    records = ad.records(Path(src))  # a missing or malformed source file fails here, before any writing
+
+    from spatialnet_dist.store.writer import ShardWriter
+
+    samples_per_split: Counter = Counter()
+    seen_ids: set[str] = set()
+    n_bad = 0
+
+    def skip(bad: BadRecord) -> None:
+        nonlocal n_bad
+        if strict:
+            raise UserError(f"bad record {bad} (--strict: stopped at the first, nothing written)")
+        n_bad += 1
+        if n_bad <= BAD_RECORDS_SHOWN:
+            print(f"bad record: {bad}", file=sys.stderr)
+
+    try:
+        with ShardWriter(out, corpus, source=f"{ad.name} {src}", classes=ad.classes, shard_size=shard_size) as writer:
+            for rec in records:
+                if isinstance(rec, BadRecord):
+                    skip(rec)
+                elif rec.image_id in seen_ids:
+                    skip(BadRecord(f"{rec.split} image {rec.image_id}", str(src), "duplicate image_id"))
+                else:
+                    seen_ids.add(rec.image_id)
+                    rec.corpus = corpus
+                    writer.write(rec)
+                    samples_per_split[rec.split] += 1
+            n_good = sum(samples_per_split.values())
+            if n_bad > BAD_RECORDS_SHOWN:
+                print(f"... and {n_bad - BAD_RECORDS_SHOWN} more bad records", file=sys.stderr)
+            if n_good == 0 or n_bad / (n_good + n_bad) > max_bad_fraction:
+                raise _TooManyBad
+    except _TooManyBad:
+        total = n_good + n_bad
+        print(
+            f"convert {corpus}: {n_bad} of {total} records bad ({n_bad / max(total, 1):.1%}, allowed "
+            f"{max_bad_fraction:.1%} by --max-bad-fraction): corpus not written, the store is unchanged",
+            file=sys.stderr,
+        )
+        return 1
+    splits = ", ".join(f"{split} {n}" for split, n in samples_per_split.items())
+    print(f"convert {corpus}: {n_good} samples ({splits}) -> {out}; {n_bad} bad records skipped")
+    return 0

@@ -1,0 +1,126 @@
+"""Captioning corpora in the Karpathy `dataset.json` layout: UCM-captions, and with labels off its
+siblings RSICD and Sydney-captions.
+
+    SRC/dataset.json   {"images": [{"filename", "imgid", "split", "sentids",
+                                    "sentences": [{"raw", "tokens", ...}, ...]}, ...]}
+    SRC/imgs/<filename>
+
+Splits come from the file. UCM-captions numbers its images class by class, 100 per class, so the
+land-use label is `imgid // 100` over the 21 UC Merced classes in alphabetical order.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+from spatialnet_dist.corpora.base import BadRecord, ImageError, load_json, read_image, require_dir, safe_key
+from spatialnet_dist.errors import UserError
+from spatialnet_dist.store.schema import Sample
+
+UCM_CLASSES = [
+    "agricultural", "airplane", "baseballdiamond", "beach", "buildings", "chaparral", "denseresidential",
+    "forest", "freeway", "golfcourse", "harbor", "intersection", "mediumresidential", "mobilehomepark",
+    "overpass", "parkinglot", "river", "runway", "sparseresidential", "storagetanks", "tenniscourt",
+]  # fmt: skip
+UCM_IMAGES_PER_CLASS = 100
+
+
+class KarpathyCaptions:
+    """A Karpathy-style captioning corpus. `classes` given: label = imgid // images_per_class.
+    `json_names` / `image_dirs`: the names releases use, tried in order."""
+
+    def __init__(
+        self,
+        name: str,
+        description: str,
+        classes: list[str] | None = None,
+        images_per_class: int = UCM_IMAGES_PER_CLASS,
+        json_names: tuple[str, ...] = ("dataset.json",),
+        image_dirs: tuple[str, ...] = ("imgs",),
+        bands: int = 3,
+    ):
+        self.name = name
+        self.description = description
+        self.classes = classes
+        self.images_per_class = images_per_class
+        self.json_names = json_names
+        self.image_dirs = image_dirs
+        self.bands = bands
+
+    def records(self, src: Path) -> Iterator[Sample | BadRecord]:
+        src = require_dir(Path(src), "corpus folder")
+        json_path = next((src / n for n in self.json_names if (src / n).exists()), src / self.json_names[0])
+        doc = load_json(json_path, f"{self.name} caption file")
+        images = doc.get("images") if isinstance(doc, dict) else None
+        if not isinstance(images, list):
+            raise UserError(f"{json_path}: expected an object with an 'images' list (Karpathy dataset.json)")
+        image_dir = next((src / d for d in self.image_dirs if (src / d).is_dir()), src / self.image_dirs[0])
+        require_dir(image_dir, "image folder")
+        return (self._record(i, entry, json_path, image_dir) for i, entry in enumerate(images))
+
+    def _record(self, i: int, entry, json_path: Path, image_dir: Path) -> Sample | BadRecord:
+        if not isinstance(entry, dict) or not isinstance(entry.get("filename"), str):
+            return BadRecord(f"images[{i}]", str(json_path), "no 'filename'")
+        filename = entry["filename"]
+        record = f"image {filename!r}"
+
+        def bad(problem: str, path: Path = json_path) -> BadRecord:
+            return BadRecord(record, str(path), problem)
+
+        split = entry.get("split")
+        if not isinstance(split, str) or not split or safe_key(split) != split:
+            return bad(f"split {split!r}: expected a name of letters, digits, '_' or '-'")
+        captions = [
+            s["raw"].strip()
+            for s in entry.get("sentences") or []
+            if isinstance(s, dict) and isinstance(s.get("raw"), str)
+        ]
+        captions = [c for c in captions if c]
+        if not captions:
+            return bad("no captions (sentences[].raw)")
+        imgid = entry.get("imgid")
+        label = label_name = None
+        if self.classes is not None:
+            if not isinstance(imgid, int) or isinstance(imgid, bool) or imgid < 0:
+                return bad(
+                    f"imgid {imgid!r}: expected a non-negative integer (the label is imgid // {self.images_per_class})"
+                )
+            label = imgid // self.images_per_class
+            if label >= len(self.classes):
+                return bad(f"imgid {imgid} gives label {label}, outside the {len(self.classes)} classes")
+            label_name = self.classes[label]
+        image_id = safe_key(Path(filename).stem)
+        if not image_id:
+            return bad("no file name stem to make an image_id of")
+        image_path = image_dir / filename
+        try:
+            image = read_image(image_path, self.bands)
+        except ImageError as e:
+            return bad(str(e), image_path)
+        return Sample(
+            corpus=self.name,
+            image_id=image_id,
+            split=split,
+            image=image,
+            label=label,
+            label_name=label_name,
+            captions=captions,
+            meta={"filename": filename, "imgid": imgid},
+        )
+
+
+UCM_CAPTIONS = KarpathyCaptions(
+    "ucm-captions",
+    "UCM-captions: 2100 UC Merced land-use images, 5 captions each, 21 classes (dataset.json + imgs/)",
+    classes=UCM_CLASSES,
+)
+RSICD = KarpathyCaptions(
+    "rsicd",
+    "RSICD: 10921 remote sensing images with captions, no labels (dataset_rsicd.json + RSICD_images/)",
+    json_names=("dataset_rsicd.json", "dataset.json"),
+    image_dirs=("RSICD_images", "imgs"),
+)
+SYDNEY_CAPTIONS = KarpathyCaptions(
+    "sydney-captions", "Sydney-captions: 613 images of Sydney with captions, no labels (dataset.json + imgs/)"
+)

@@ -1,0 +1,155 @@
+"""The shard schema: the one module that both the writer and every reader import.
+
+One tar sample per image; members share the key `<image_id>`:
+  `<key>.png`  8-bit images with 1, 3 or 4 bands (lossless)
+  `<key>.npy`  anything else (more bands, 16-bit, float), saved without pickle
+  `<key>.json` the record below
+See DESIGN.md, CONTRACT: shards.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+from dataclasses import dataclass, field
+
+import numpy as np
+from PIL import Image
+
+from spatialnet_dist.errors import UserError
+
+SCHEMA_VERSION = 1
+QA_TYPES_KNOWN = ("count", "presence", "comp", "rural_urban", "area")
+_KEY_RE = re.compile(r"^[A-Za-z0-9_\-]+$")
+
+
+class SchemaError(UserError):
+    """A record or tar sample that does not follow the schema; the message names it."""
+
+
+@dataclass
+class Sample:
+    """One image with everything the corpora say about it."""
+
+    corpus: str
+    image_id: str
+    split: str
+    image: np.ndarray  # (H, W, C), uint8 for PNG-able images, else any numeric dtype
+    label: int | None = None
+    label_name: str | None = None
+    captions: list[str] = field(default_factory=list)
+    qa: list[dict] = field(default_factory=list)  # {"qid", "question", "answer", "type"}
+    meta: dict = field(default_factory=dict)
+
+    def record(self) -> dict:
+        """The JSON member, without the image."""
+        return {
+            "corpus": self.corpus,
+            "image_id": self.image_id,
+            "split": self.split,
+            "label": self.label,
+            "label_name": self.label_name,
+            "captions": list(self.captions),
+            "qa": [dict(q) for q in self.qa],
+            "meta": dict(self.meta),
+        }
+
+
+def shard_name(corpus: str, split: str, index: int) -> str:
+    return f"{corpus}-{split}-{index:06d}.tar"
+
+
+def shard_path(corpus: str, split: str, index: int) -> str:
+    """Path of a shard relative to the store root."""
+    return f"{corpus}/{split}/{shard_name(corpus, split, index)}"
+
+
+def manifest_path(corpus: str) -> str:
+    return f"{corpus}/manifest.json"
+
+
+def check_image_id(image_id: str) -> str:
+    # WebDataset splits a member name at its first dot: a dot in the key would split the sample.
+    if not _KEY_RE.match(image_id):
+        raise SchemaError(f"image_id {image_id!r}: use letters, digits, '_' and '-' only (no dots)")
+    return image_id
+
+
+def as_hwc(image: np.ndarray) -> np.ndarray:
+    """(H, W) -> (H, W, 1); (H, W, C) unchanged."""
+    if image.ndim == 2:
+        return image[:, :, None]
+    if image.ndim != 3:
+        raise SchemaError(f"image with shape {image.shape}: expected (H, W) or (H, W, C)")
+    return image
+
+
+def image_ext(image: np.ndarray) -> str:
+    image = as_hwc(image)
+    return "png" if image.dtype == np.uint8 and image.shape[2] in (1, 3, 4) else "npy"
+
+
+def encode_image(image: np.ndarray) -> tuple[str, bytes]:
+    image = as_hwc(image)
+    ext = image_ext(image)
+    buf = io.BytesIO()
+    if ext == "png":
+        mode = {1: "L", 3: "RGB", 4: "RGBA"}[image.shape[2]]
+        Image.fromarray(image[:, :, 0] if mode == "L" else image, mode=mode).save(buf, format="PNG", compress_level=1)
+    else:
+        np.save(buf, np.ascontiguousarray(image), allow_pickle=False)
+    return ext, buf.getvalue()
+
+
+def decode_image(ext: str, data: bytes) -> np.ndarray:
+    """-> (H, W, C) array; raises SchemaError on undecodable bytes."""
+    try:
+        if ext == "png":
+            with Image.open(io.BytesIO(data)) as im:
+                return as_hwc(np.asarray(im))
+        if ext == "npy":
+            return as_hwc(np.load(io.BytesIO(data), allow_pickle=False))
+    except Exception as e:  # PIL and numpy raise many types on corrupt bytes
+        raise SchemaError(f"undecodable .{ext} image ({e.__class__.__name__}: {e})") from None
+    raise SchemaError(f"unknown image member .{ext}")
+
+
+def validate_record(rec: dict) -> dict:
+    for key, typ in (("corpus", str), ("image_id", str), ("split", str), ("captions", list), ("qa", list), ("meta", dict)):
+        if not isinstance(rec.get(key), typ):
+            raise SchemaError(f"record field {key!r}: expected {typ.__name__}, got {rec.get(key)!r:.60}")
+    if rec.get("label") is not None and not isinstance(rec["label"], int):
+        raise SchemaError(f"record field 'label': expected int or null, got {rec['label']!r}")
+    for q in rec["qa"]:
+        if not isinstance(q, dict) or not {"qid", "question", "answer", "type"} <= set(q):
+            raise SchemaError(f"record qa entry {q!r:.80}: needs qid, question, answer, type")
+    return rec
+
+
+def encode_sample(sample: Sample) -> dict[str, bytes]:
+    """-> tar members {"__key__": id, "<ext>": image bytes, "json": record bytes}."""
+    check_image_id(sample.image_id)
+    ext, data = encode_image(sample.image)
+    rec = validate_record(sample.record())
+    return {"__key__": sample.image_id, ext: data, "json": json.dumps(rec, ensure_ascii=False).encode()}
+
+
+def decode_sample(members: dict) -> Sample:
+    """WebDataset sample dict (raw bytes per extension) -> Sample. Raises SchemaError."""
+    key = members.get("__key__", "?")
+    if "json" not in members:
+        raise SchemaError(f"sample {key}: no .json member")
+    try:
+        rec = json.loads(members["json"])
+    except (ValueError, UnicodeDecodeError):
+        raise SchemaError(f"sample {key}: .json member is not valid JSON") from None
+    validate_record(rec)
+    ext = "png" if "png" in members else "npy" if "npy" in members else None
+    if ext is None:
+        raise SchemaError(f"sample {key}: no .png or .npy image member")
+    try:
+        image = decode_image(ext, members[ext])
+    except SchemaError as e:
+        raise SchemaError(f"sample {key}: {e}") from None
+    return Sample(image=image, **rec)

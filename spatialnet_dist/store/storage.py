@@ -1,0 +1,318 @@
+"""Storage: local paths and `s3://bucket/prefix` URLs behind one small set of functions.
+
+S3 goes through boto3, configured only by the standard AWS environment (AWS_ENDPOINT_URL for MinIO,
+Ceph and other S3-compatible stores, keys, region, profiles, instance roles), with botocore's
+"standard" retry mode (backoff on throttling and transient errors). Every failure becomes a one-line
+`StoreError` that names the URL; credentials are never part of a message.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import shutil
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import BinaryIO
+from urllib.parse import urlsplit
+
+from spatialnet_dist.errors import UserError
+
+MULTIPART_BYTES = 64 * 2**20  # uploads above this go in parts of this size (S3's 5 GiB single-PUT limit is far off)
+_ENV = (  # the environment a client depends on: a change (a test fixture, a new profile) builds a new client
+    "AWS_ENDPOINT_URL",
+    "AWS_ENDPOINT_URL_S3",
+    "AWS_PROFILE",
+    "AWS_DEFAULT_REGION",
+    "AWS_REGION",
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_SESSION_TOKEN",
+    "AWS_MAX_ATTEMPTS",
+)
+_DENIED = {"AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "ExpiredToken", "InvalidToken", "403"}
+_MISSING = {"NoSuchKey", "404", "NotFound"}
+
+
+class StoreError(UserError):
+    """A storage failure (missing bucket or object, bad credentials, unreachable endpoint); names the URL."""
+
+
+class NotFoundError(StoreError):
+    """The object or file does not exist."""
+
+
+# ---- URLs ----
+
+
+def is_s3(url: str) -> bool:
+    return str(url).startswith("s3://")
+
+
+def split_s3(url: str) -> tuple[str, str]:
+    """'s3://bucket/a/b' -> ('bucket', 'a/b')."""
+    bucket, _, key = url[len("s3://") :].partition("/")
+    if not bucket:
+        raise StoreError(f"{url}: no bucket name (expected s3://bucket/prefix)")
+    return bucket, key.strip("/")
+
+
+def join(root: str, *parts: str) -> str:
+    """Join with '/', for both URLs and local paths: join('s3://b/p', 'c', 'manifest.json')."""
+    root = str(root)
+    stripped = [str(p).strip("/") for p in parts if str(p).strip("/")]
+    return "/".join([root.rstrip("/") or root] + stripped) if stripped else root
+
+
+def split_url(url: str) -> tuple[str, str]:
+    """-> (parent, last name): 's3://b/root/corpus' -> ('s3://b/root', 'corpus'); 'corpus' -> ('.', 'corpus')."""
+    url = str(url).rstrip("/")
+    if is_s3(url):
+        bucket, key = split_s3(url)
+        head, _, name = key.rpartition("/")
+        return join(f"s3://{bucket}", head), name
+    return os.path.dirname(url) or ".", os.path.basename(url)
+
+
+# ---- the S3 client and its errors ----
+
+
+def s3_client():
+    """The process's boto3 S3 client (built once per process and AWS environment)."""
+    return _client(os.getpid(), tuple(os.environ.get(k) for k in _ENV))
+
+
+@functools.lru_cache(maxsize=8)
+def _client(pid: int, env: tuple):
+    # pid in the key: a forked loader worker must not share the parent's connection pool.
+    import boto3
+    from botocore.config import Config
+    from botocore.exceptions import BotoCoreError
+
+    try:
+        attempts = int(os.environ.get("AWS_MAX_ATTEMPTS", 5))
+        config = Config(retries={"mode": "standard", "max_attempts": attempts})
+        return boto3.session.Session().client("s3", config=config)
+    except (BotoCoreError, ValueError) as e:
+        raise StoreError(f"cannot configure the S3 client: {_one_line(e)}") from None
+
+
+def _one_line(e: BaseException) -> str:
+    return " ".join(str(e).split())
+
+
+def s3_error(e: Exception, url: str) -> StoreError:
+    """A boto3/botocore exception -> a one-line StoreError naming the URL (never the credentials)."""
+    from boto3.exceptions import S3UploadFailedError
+    from botocore.exceptions import (
+        ClientError,
+        ConnectionError,
+        NoCredentialsError,
+        PartialCredentialsError,
+        ProfileNotFound,
+    )
+
+    if isinstance(e, S3UploadFailedError) and isinstance(e.__context__, ClientError):
+        e = e.__context__  # boto3's transfer manager wraps the ClientError that says what went wrong
+    if isinstance(e, ClientError):
+        err = e.response.get("Error", {})
+        code = str(err.get("Code", "")) or str(e.response.get("ResponseMetadata", {}).get("HTTPStatusCode", ""))
+        if code == "NoSuchBucket":
+            return StoreError(f"bucket {err.get('BucketName') or split_s3(url)[0]} does not exist ({url})")
+        if code in _MISSING:
+            return NotFoundError(f"{url}: not found")
+        if code in _DENIED:
+            return StoreError(f"access denied to {url} ({code}): check AWS credentials")
+        return StoreError(f"{url}: S3 error {code}: {_one_line(err.get('Message', e))}")
+    if isinstance(e, (NoCredentialsError, PartialCredentialsError)):
+        return StoreError(
+            f"no usable AWS credentials for {url}: set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or a profile"
+        )
+    if isinstance(e, ProfileNotFound):
+        return StoreError(f"{url}: {_one_line(e)}")
+    if isinstance(e, ConnectionError):  # endpoint unreachable, connect/read timeouts (after retries)
+        parts = urlsplit(getattr(e, "kwargs", {}).get("endpoint_url", ""))  # scheme://host:port, not the key
+        endpoint = f"{parts.scheme}://{parts.netloc}" if parts.netloc else "?"
+        return StoreError(f"cannot reach S3 endpoint {endpoint} for {url} ({e.__class__.__name__})")
+    return StoreError(f"{url}: {e.__class__.__name__}: {_one_line(e)}")
+
+
+@contextmanager
+def _s3_errors(url: str) -> Iterator[None]:
+    from boto3.exceptions import Boto3Error
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    try:
+        yield
+    except (ClientError, BotoCoreError, Boto3Error) as e:
+        raise s3_error(e, url) from None
+
+
+def _transfer_config():
+    from boto3.s3.transfer import TransferConfig
+
+    return TransferConfig(multipart_threshold=MULTIPART_BYTES, multipart_chunksize=MULTIPART_BYTES)
+
+
+# ---- files and objects ----
+
+
+def read_bytes(url: str) -> bytes:
+    with open_stream(url) as f:
+        return f.read()
+
+
+def open_stream(url: str) -> BinaryIO:
+    """A binary readable: a local file, or the streaming body of an S3 GET (read in-process by WebDataset)."""
+    if is_s3(url):
+        bucket, key = split_s3(url)
+        with _s3_errors(url):
+            return s3_client().get_object(Bucket=bucket, Key=key)["Body"]
+    try:
+        return open(url, "rb")
+    except FileNotFoundError:
+        raise NotFoundError(f"{url}: not found") from None
+    except OSError as e:
+        raise StoreError(f"{url}: {e.strerror}") from None
+
+
+def exists(url: str) -> bool:
+    if is_s3(url):
+        bucket, key = split_s3(url)
+        try:
+            with _s3_errors(url):
+                s3_client().head_object(Bucket=bucket, Key=key)
+            return True
+        except NotFoundError:
+            return False
+    return os.path.isfile(url)
+
+
+def _local_temp(path: str) -> str:
+    # Same directory as the target, so os.replace is an atomic rename; hidden, so no reader lists it.
+    folder, name = os.path.split(path)
+    os.makedirs(folder or ".", exist_ok=True)
+    return os.path.join(folder, f".{name}.{uuid.uuid4().hex[:8]}.tmp")
+
+
+def write_bytes_atomic(url: str, data: bytes) -> None:
+    """Readers see the old content or the new, never a part (local: temp + rename; S3: a PUT is atomic)."""
+    if is_s3(url):
+        import io
+
+        bucket, key = split_s3(url)
+        with _s3_errors(url):
+            s3_client().upload_fileobj(io.BytesIO(data), bucket, key, Config=_transfer_config())
+        return
+    tmp = _local_temp(url)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+        os.replace(tmp, url)
+    except OSError as e:
+        _remove_quietly(tmp)
+        raise StoreError(f"{url}: cannot write ({e.strerror})") from None
+
+
+def put_file(path: str, url: str) -> None:
+    """Copy a local file to `url` atomically; to S3 as a multipart upload when big."""
+    if is_s3(url):
+        bucket, key = split_s3(url)
+        with _s3_errors(url):
+            s3_client().upload_file(path, bucket, key, Config=_transfer_config())
+        return
+    tmp = _local_temp(url)
+    try:
+        shutil.copyfile(path, tmp)
+        os.replace(tmp, url)
+    except OSError as e:
+        _remove_quietly(tmp)
+        raise StoreError(f"{url}: cannot write ({e.strerror})") from None
+
+
+def move(src: str, dst: str) -> None:
+    """Local: an atomic rename (same filesystem). S3: a server-side copy (multipart when big), then delete."""
+    if is_s3(src) != is_s3(dst):
+        raise StoreError(f"cannot move {src} to {dst}: both must be local or both S3")
+    if is_s3(src):
+        (sb, sk), (db, dk) = split_s3(src), split_s3(dst)
+        with _s3_errors(src):
+            s3_client().copy({"Bucket": sb, "Key": sk}, db, dk, Config=_transfer_config())
+            s3_client().delete_object(Bucket=sb, Key=sk)
+        return
+    try:
+        os.makedirs(os.path.dirname(dst) or ".", exist_ok=True)
+        os.replace(src, dst)
+    except FileNotFoundError:
+        raise NotFoundError(f"{src}: not found") from None
+    except OSError as e:
+        raise StoreError(f"cannot move {src} to {dst}: {e.strerror}") from None
+
+
+def _remove_quietly(path: str) -> None:
+    try:
+        os.remove(path)
+    except OSError:
+        pass
+
+
+def delete(url: str) -> None:
+    """Remove one file or object; a missing one is not an error."""
+    if is_s3(url):
+        bucket, key = split_s3(url)
+        with _s3_errors(url):
+            s3_client().delete_object(Bucket=bucket, Key=key)
+        return
+    _remove_quietly(url)
+
+
+def delete_prefix(url: str) -> None:
+    """Remove everything under a folder or key prefix."""
+    if is_s3(url):
+        bucket, prefix = split_s3(url)
+        keys = [join(prefix, rel) for rel in list_files(url)]
+        with _s3_errors(url):
+            for i in range(0, len(keys), 1000):  # DeleteObjects takes at most 1000 keys
+                batch = [{"Key": k} for k in keys[i : i + 1000]]
+                s3_client().delete_objects(Bucket=bucket, Delete={"Objects": batch, "Quiet": True})
+        return
+    shutil.rmtree(url, ignore_errors=True)
+
+
+# ---- listing ----
+
+
+def _s3_pages(url: str, **kwargs) -> Iterator[dict]:
+    bucket, prefix = split_s3(url)
+    prefix = prefix + "/" if prefix else ""
+    with _s3_errors(url):
+        yield from s3_client().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix, **kwargs)
+
+
+def list_dir(url: str) -> list[str]:
+    """Sorted names of the files and folders directly under `url` (S3: under the prefix `url/`)."""
+    if is_s3(url):
+        names = set()
+        for page in _s3_pages(url, Delimiter="/"):
+            names.update(p["Prefix"].rstrip("/").rpartition("/")[2] for p in page.get("CommonPrefixes", []))
+            names.update(o["Key"].rpartition("/")[2] for o in page.get("Contents", []))
+        return sorted(names)
+    try:
+        return sorted(os.listdir(url))
+    except FileNotFoundError:
+        raise NotFoundError(f"{url}: not found") from None
+    except OSError as e:
+        raise StoreError(f"{url}: {e.strerror}") from None
+
+
+def list_files(url: str) -> list[str]:
+    """Sorted paths, relative to `url` and '/'-separated, of every file below it ([] when there is none)."""
+    if is_s3(url):
+        n = len(split_s3(url)[1]) + 1 if split_s3(url)[1] else 0
+        return sorted(o["Key"][n:] for page in _s3_pages(url) for o in page.get("Contents", []))
+    out = []
+    for folder, _, files in os.walk(url):
+        rel = os.path.relpath(folder, url).replace(os.sep, "/")
+        out += [name if rel == "." else f"{rel}/{name}" for name in files]
+    return sorted(out)

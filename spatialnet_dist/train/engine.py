@@ -1,0 +1,154 @@
+"""The DeepSpeed engine: the only module that imports deepspeed.
+
+Builds DeepSpeed's JSON config from ours, the AdamW parameter groups, the warm-up + cosine schedule,
+and wraps `deepspeed.initialize`, checkpoint save/load and ZeRO consolidation.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+
+from spatialnet_dist.config import Config
+
+# DeepSpeed reads DS_ACCELERATOR when it is first imported; a CPU-only process must say so first.
+if not torch.cuda.is_available():
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+import deepspeed  # noqa: E402
+from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint  # noqa: E402
+
+
+def precision(cfg: Config) -> str:
+    """bf16 on GPU, fp32 on CPU, unless the config names one."""
+    if cfg.train.precision != "auto":
+        return cfg.train.precision
+    return "bf16" if cfg.train.use_gpu else "fp32"
+
+
+def micro_batch_size(cfg: Config) -> int:
+    """Samples one rank sees per micro-step: the sum of the enabled tasks' sub-batches."""
+    return sum(getattr(cfg.tasks, t).batch_size for t in cfg.tasks.enabled())
+
+
+def deepspeed_config(cfg: Config, world_size: int) -> dict:
+    zero: dict = {"stage": cfg.train.zero_stage}
+    if cfg.train.zero_stage >= 1:
+        zero.update(overlap_comm=cfg.train.use_gpu, contiguous_gradients=True, reduce_bucket_size=5e7)
+    if cfg.train.offload_optimizer and cfg.train.zero_stage >= 1:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": cfg.train.use_gpu}
+    if cfg.train.offload_params and cfg.train.zero_stage == 3:
+        zero["offload_param"] = {"device": "cpu", "pin_memory": cfg.train.use_gpu}
+    micro = micro_batch_size(cfg)
+    return {
+        "train_micro_batch_size_per_gpu": micro,
+        "gradient_accumulation_steps": cfg.optim.grad_accum,
+        "train_batch_size": micro * cfg.optim.grad_accum * world_size,
+        "gradient_clipping": cfg.optim.grad_clip,
+        "zero_optimization": zero,
+        "bf16": {"enabled": precision(cfg) == "bf16"},
+        "fp16": {"enabled": False},
+        # Each node writes its own ranks' files; Ray Train merges them in run storage.
+        "checkpoint": {"use_node_local_storage": True},
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """AdamW groups: no decay on norms, biases, position/class tokens and embeddings."""
+    no_decay = set(model.no_weight_decay_names()) if hasattr(model, "no_weight_decay_names") else set()
+    decay, keep = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (keep if p.ndim <= 1 or name in no_decay else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": keep, "weight_decay": 0.0}]
+
+
+def lr_lambda(cfg: Config):
+    """Linear warm-up, then cosine decay to min_lr_ratio of the peak at max_steps."""
+    warmup, total, floor = cfg.optim.warmup_steps, cfg.train.max_steps, cfg.optim.min_lr_ratio
+
+    def fn(step: int) -> float:
+        if warmup and step < warmup:
+            return (step + 1) / warmup
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return fn
+
+
+def init_distributed(use_gpu: bool) -> None:
+    """Join the process group Ray Train (or torchrun) made; create it when none exists yet."""
+    deepspeed.init_distributed(dist_backend="nccl" if use_gpu else "gloo", dist_init_required=False)
+
+
+def create_engine(cfg: Config, model: torch.nn.Module, world_size: int):
+    """-> DeepSpeed engine with AdamW, the LR schedule and ZeRO from cfg."""
+    if cfg.train.activation_checkpointing and hasattr(model, "set_grad_checkpointing"):
+        model.set_grad_checkpointing(True)
+    groups = param_groups(model, cfg.optim.weight_decay)
+    ds_config = deepspeed_config(cfg, world_size)
+    adam = {"lr": cfg.optim.lr, "betas": list(cfg.optim.betas), "eps": 1e-8, "weight_decay": cfg.optim.weight_decay}
+    if cfg.loss.regularization == "l2":
+        adam["weight_decay"] = 0.0  # the objective adds lambda_reg * ||theta||^2 instead
+        for g in groups:
+            g["weight_decay"] = 0.0
+    optimizer = None
+    if cfg.train.offload_optimizer:
+        # Offloaded ZeRO needs DeepSpeed's own CPU Adam; DeepSpeed builds it from the config.
+        ds_config["optimizer"] = {"type": "AdamW", "params": adam}
+    else:
+        optimizer = torch.optim.AdamW(groups, lr=adam["lr"], betas=adam["betas"], eps=adam["eps"])
+    engine, _, _, _ = deepspeed.initialize(
+        model=model,
+        model_parameters=groups,
+        optimizer=optimizer,
+        lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg)),
+        config=ds_config,
+        dist_init_required=False,
+    )
+    return engine
+
+
+def save_checkpoint(engine, directory: str, tag: str, client_state: dict) -> None:
+    """Every rank writes its ZeRO shard under directory/tag (rank 0 also the module states)."""
+    engine.save_checkpoint(directory, tag=tag, client_state=client_state, save_latest=True)
+
+
+def load_checkpoint(engine, directory: str, tag: str, weights_only: bool = False) -> dict:
+    """-> the client_state saved with it. weights_only: fine-tuning start, fresh optimizer."""
+    path, client_state = engine.load_checkpoint(
+        directory,
+        tag=tag,
+        load_module_only=weights_only,
+        load_optimizer_states=not weights_only,
+        load_lr_scheduler_states=not weights_only,
+    )
+    if path is None:
+        raise FileNotFoundError(os.path.join(directory, tag))
+    return client_state or {}
+
+
+def consolidated_state_dict(directory: str, tag: str) -> dict[str, torch.Tensor]:
+    """fp32 weights from the ranks' ZeRO shards of any stage (DeepSpeed's own consolidation)."""
+    return get_fp32_state_dict_from_zero_checkpoint(directory, tag=tag)
+
+
+def full_model(engine, build) -> torch.nn.Module:
+    """A model whose forward needs no collectives, for evaluation on each rank independently.
+
+    Stages 0-2 keep whole parameters on every rank: the engine's module is that model. Under ZeRO-3
+    a forward would all-gather per module, and beam search runs a different number of forwards per
+    rank, so gather the parameters once (a collective: every rank calls this) into a plain copy.
+    """
+    if engine.zero_optimization_stage() < 3:
+        return engine.module
+    model = build().to(engine.device)
+    params = list(engine.module.parameters())
+    with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+        model.load_state_dict({k: v.detach().float() for k, v in engine.module.state_dict().items()})
+    return model

@@ -1,0 +1,279 @@
+"""The step loop. Ray-agnostic: it runs in one process, under torchrun, or inside a Ray Train worker;
+what it reports and where checkpoints go is the `Reporter`'s business.
+
+One step = `optim.grad_accum` multi-task micro-batches -> SpatialNet-ViT -> weighted loss ->
+DeepSpeed backward/step. Every rank runs the same schedule, so every rank reports the same number
+of times (Ray Train's report is a barrier).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import resource
+import tempfile
+import time
+from pathlib import Path
+from typing import Protocol
+
+import torch
+import torch.distributed as dist
+
+from spatialnet_dist.config import Config
+from spatialnet_dist.data.batches import STATS_KEY, StreamState, make_eval_loader, make_train_loader
+from spatialnet_dist.errors import UserError
+from spatialnet_dist.model import build_model
+from spatialnet_dist.objective import MultiTaskObjective
+from spatialnet_dist.text import TextVocabs
+from spatialnet_dist.train import checkpoint as ckpt
+from spatialnet_dist.train import engine as ds
+
+log = logging.getLogger("spatialnet.train")
+
+
+class NonFiniteLoss(FloatingPointError):
+    pass
+
+
+class Reporter(Protocol):
+    def report(self, step: int, metrics: dict, checkpoint_dir: Path | None) -> None:
+        """Called on every rank with the same steps; checkpoint_dir holds this rank's files."""
+
+
+def to_device(batch: dict, device: torch.device, dtype: torch.dtype = torch.float32) -> dict:
+    """Tensors to the device; images to the model's dtype (bf16 runs). Targets keep theirs."""
+    non_blocking = device.type == "cuda"
+
+    def move(key, v):
+        if not torch.is_tensor(v):
+            return v
+        return v.to(device, dtype=dtype if key == "image" else None, non_blocking=non_blocking)
+
+    return {task: {k: move(k, v) for k, v in sub.items()} for task, sub in batch.items()}
+
+
+def _reduce_mean(values: torch.Tensor) -> torch.Tensor:
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        values = values.clone()
+        dist.all_reduce(values)
+        values /= dist.get_world_size()
+    return values
+
+
+def _reduce_sum(values: torch.Tensor) -> torch.Tensor:
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        values = values.clone()
+        dist.all_reduce(values)
+    return values
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+class Trainer:
+    def __init__(self, cfg: Config, vocabs: TextVocabs, rank: int, world_size: int, reporter: Reporter,
+                 fault_marker=None):
+        self.cfg, self.vocabs, self.rank, self.world_size, self.reporter = cfg, vocabs, rank, world_size, reporter
+        self.fault_marker = fault_marker  # callable -> bool: claims the one-time fault (faults.fail_at_step)
+        self.tasks = cfg.tasks.enabled()
+        if cfg.train.use_gpu:
+            self.device = torch.device("cuda", torch.cuda.current_device())
+        else:
+            self.device = torch.device("cpu")
+            torch.set_num_threads(cfg.train.torch_threads or cfg.train.cpus_per_worker)
+        torch.manual_seed(cfg.run.seed)  # identical initial weights on every rank
+        model = build_model(cfg.model, self.tasks, vocabs)
+        self.engine = ds.create_engine(cfg, model, world_size)
+        self.dtype = torch.bfloat16 if ds.precision(cfg) == "bf16" else torch.float32
+        self.objective = MultiTaskObjective(cfg.loss)
+        self.step = 0
+        self.stream_state: StreamState | None = None
+        self.samples_seen = dict.fromkeys(self.tasks, 0)  # all ranks, whole run
+        self.last_report_time = 0.0
+
+    # ---- checkpoints ----
+
+    def restore(self, directory: str | Path, weights_only: bool = False) -> int:
+        """Load a checkpoint directory (this rank's view of it); -> the step it resumes at."""
+        directory = Path(directory)
+        meta = ckpt.read_meta(directory)
+        ds.load_checkpoint(self.engine, str(directory / ckpt.ZERO_DIR), ckpt.ZERO_TAG, weights_only=weights_only)
+        if weights_only:
+            return self.step
+        self.step = int(meta["step"])
+        self.samples_seen.update(meta.get("samples_seen", {}))
+        stream_file = directory / "streams" / f"rank-{self.rank}.json"
+        if stream_file.is_file():
+            self.stream_state = StreamState.from_dict(json.loads(stream_file.read_text()))
+        return self.step
+
+    def save(self, directory: Path) -> None:
+        """This rank's part of a checkpoint: its ZeRO shard and stream state (+ meta on rank 0)."""
+        ds.save_checkpoint(self.engine, str(directory / ckpt.ZERO_DIR), ckpt.ZERO_TAG, {"step": self.step})
+        (directory / "streams").mkdir(exist_ok=True)
+        (directory / "streams" / f"rank-{self.rank}.json").write_text(json.dumps(self.loader.state.to_dict()))
+        if self.rank == 0:
+            meta = {"step": self.step, "samples_seen": self.samples_seen, "seed": self.cfg.run.seed,
+                    "world_size": self.world_size}
+            ckpt.write_common(directory, meta, self.cfg, self.vocabs)
+
+    # ---- the loop ----
+
+    def fit(self) -> dict:
+        cfg = self.cfg
+        self.loader = make_train_loader(cfg, self.vocabs, self.rank, self.world_size,
+                                        seed_offset=self.step, state=self.stream_state)
+        window = _Window(self.tasks, self.device)
+        last_metrics: dict = {}
+        try:
+            while self.step < cfg.train.max_steps:
+                t0 = time.perf_counter()
+                for _ in range(cfg.optim.grad_accum):
+                    batch = next(self.loader)
+                    batch.pop(STATS_KEY)
+                    losses = self._micro_step(to_device(batch, self.device, self.dtype))
+                    window.add(losses, {t: len(sub["image_id"]) for t, sub in batch.items()})
+                self.step += 1
+                window.time += time.perf_counter() - t0
+                self._maybe_fail()
+                last_metrics = self._report_if_due(window) or last_metrics
+        finally:
+            self.loader.close()
+        return last_metrics
+
+    def _micro_step(self, batch: dict) -> dict[str, torch.Tensor]:
+        outputs = self.engine(batch)
+        losses = self.objective(outputs, batch, self.engine.module)
+        loss = losses["loss"]
+        if not torch.isfinite(loss.detach()):
+            detail = ", ".join(f"{k}={v.item():.4g}" for k, v in losses.items() if k.endswith("_loss"))
+            raise NonFiniteLoss(f"non-finite loss at step {self.step + 1} on rank {self.rank} ({detail}); "
+                                "lower optim.lr or check the inputs")
+        self.engine.backward(loss)
+        self.engine.step()
+        return losses
+
+    def _maybe_fail(self) -> None:
+        """faults.fail_at_step: rank 0 dies abruptly, once per run, to prove recovery."""
+        if self.rank != 0 or self.step != self.cfg.faults.fail_at_step or not self.fault_marker:
+            return
+        if self.fault_marker():
+            # Ray's controller registers a reported checkpoint when it next polls the workers
+            # (RAY_TRAIN_HEALTH_CHECK_INTERVAL_S, 2 s); die after that so the test sees a resume.
+            time.sleep(max(0.0, 3.0 - (time.monotonic() - self.last_report_time)))
+            log.warning("faults.fail_at_step=%d: rank 0 exits abruptly now", self.step)
+            os._exit(17)
+
+    def _report_if_due(self, window: _Window) -> dict | None:
+        cfg, step = self.cfg, self.step
+        last = step == cfg.train.max_steps
+        log_due = step % cfg.train.log_every == 0 or last
+        ckpt_due = step % cfg.train.checkpoint_every == 0 or last
+        val_due = cfg.eval.every and step % cfg.eval.every == 0
+        if not (log_due or ckpt_due or val_due):
+            return None
+        metrics = window.flush(step, self)
+        if val_due:
+            metrics.update(self.validate())
+        with tempfile.TemporaryDirectory(prefix="spatialnet-ckpt-") as tmp:
+            directory = None
+            if ckpt_due:
+                directory = Path(tmp)
+                self.save(directory)
+            self.reporter.report(step, metrics, directory)
+        self.last_report_time = time.monotonic()
+        return metrics
+
+    # ---- evaluation ----
+
+    def inference_model(self) -> torch.nn.Module:
+        """A model every rank can run on its own (no collectives inside forward)."""
+        return ds.full_model(self.engine, lambda: build_model(self.cfg.model, self.tasks, self.vocabs))
+
+    @torch.no_grad()
+    def validate(self) -> dict:
+        """Teacher-forced loss on up to eval.val_batches batches per task of the val split."""
+        model = self.inference_model()
+        model.eval()
+        sums = torch.zeros(2 * len(self.tasks), dtype=torch.float64)
+        for i, task in enumerate(self.tasks):
+            loader = make_eval_loader(self.cfg, self.vocabs, task, "val", self.rank, self.world_size)
+            for n, sub in enumerate(loader):
+                if n >= self.cfg.eval.val_batches:
+                    break
+                sub = to_device({task: sub}, self.device, next(model.parameters()).dtype)
+                losses = self.objective(model(sub), sub)
+                size = len(sub[task]["image_id"])
+                sums[2 * i] += losses[f"{task}_loss"].item() * size
+                sums[2 * i + 1] += size
+        model.train()
+        sums = _reduce_sum(sums)
+        return {f"val/{t}_loss": (sums[2 * i] / sums[2 * i + 1]).item()
+                for i, t in enumerate(self.tasks) if sums[2 * i + 1] > 0}
+
+
+class _Window:
+    """Loss sums and sample counts since the last report."""
+
+    def __init__(self, tasks: list[str], device: torch.device):
+        self.tasks, self.device = tasks, device
+        self.keys = ["loss"] + [f"{t}_loss" for t in tasks]
+        self._reset()
+
+    def _reset(self):
+        self.sums = torch.zeros(len(self.keys), dtype=torch.float64, device=self.device)
+        self.counts = torch.zeros(len(self.keys), dtype=torch.float64, device=self.device)
+        self.samples = dict.fromkeys(self.tasks, 0)
+        self.steps = 0
+        self.time = 0.0
+
+    def add(self, losses: dict, sizes: dict[str, int]) -> None:
+        # Accumulate on the device without a host sync: the report step reads them once.
+        for i, key in enumerate(self.keys):
+            if key in losses:
+                self.sums[i] += losses[key].detach().double()
+                self.counts[i] += 1
+        for task, n in sizes.items():
+            self.samples[task] += n
+
+    def flush(self, step: int, trainer: Trainer) -> dict:
+        self.steps = max(1, step - getattr(self, "_last_step", 0))
+        self._last_step = step
+        state = trainer.loader.state
+        local = torch.cat([
+            self.sums.cpu(), self.counts.cpu(),
+            torch.tensor([self.samples[t] for t in self.tasks], dtype=torch.float64),
+            torch.tensor([state.skipped.get(t, 0) for t in self.tasks], dtype=torch.float64),
+        ])
+        total = _reduce_sum(local)
+        k, n = len(self.keys), len(self.tasks)
+        sums, counts = total[:k], total[k: 2 * k]
+        samples, skipped = total[2 * k: 2 * k + n], total[2 * k + n:]
+        seconds = self.time if self.time > 0 else float("nan")
+        elapsed = _reduce_mean(torch.tensor([seconds], dtype=torch.float64)).item()
+        metrics = {"step": step}
+        for i, key in enumerate(self.keys):
+            if counts[i] > 0:
+                metrics[key] = (sums[i] / counts[i]).item()
+        for i, task in enumerate(self.tasks):
+            trainer.samples_seen[task] += int(samples[i])
+            metrics[f"samples_per_s/{task}"] = samples[i].item() / elapsed
+            metrics[f"skipped/{task}"] = int(skipped[i])
+        metrics["samples_per_s"] = samples.sum().item() / elapsed
+        metrics["step_time_s"] = elapsed / self.steps
+        metrics["lr"] = trainer.engine.get_lr()[0]
+        metrics["peak_memory_mb"] = peak_memory_mb(self.device)
+        if not math.isfinite(metrics.get("loss", 0.0)):
+            raise NonFiniteLoss(f"non-finite mean loss at step {step}")
+        self._reset()
+        return metrics
+
+
+def check_tasks_have_data(cfg: Config) -> None:
+    if not cfg.tasks.enabled():
+        raise UserError("config key tasks: no task is enabled")

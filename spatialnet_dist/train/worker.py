@@ -1,0 +1,93 @@
+"""Ray Train glue: the function every worker runs. Resume from `ray.train.get_checkpoint()` (or
+`train.resume`), run the Trainer, report metrics and checkpoints from every rank, evaluate at the end.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import ray.train
+
+from spatialnet_dist import config as config_mod
+from spatialnet_dist.text import TextVocabs
+from spatialnet_dist.train import checkpoint as ckpt
+from spatialnet_dist.train import engine as ds
+from spatialnet_dist.train.rundir import RunDir
+from spatialnet_dist.train.trainer import Trainer
+
+log = logging.getLogger("spatialnet.train")
+
+
+class RayReporter:
+    """Every rank reports (Ray merges the ranks' checkpoint files); rank 0 also writes metrics.jsonl."""
+
+    def __init__(self, run: RunDir, rank: int):
+        self.run, self.rank = run, rank
+
+    def report(self, step: int, metrics: dict, checkpoint_dir: Path | None) -> None:
+        if self.rank == 0:
+            self.run.append_metrics(metrics)
+            log.info("step %d %s", step, _brief(metrics))
+        if checkpoint_dir is None:
+            ray.train.report(metrics)
+        else:
+            ray.train.report(
+                metrics,
+                checkpoint=ray.train.Checkpoint.from_directory(str(checkpoint_dir)),
+                checkpoint_dir_name=f"checkpoint-{step:06d}",
+            )
+
+
+def _brief(metrics: dict) -> str:
+    keys = [k for k in metrics if k == "loss" or k.endswith("_loss")] + ["samples_per_s"]
+    return " ".join(f"{k}={metrics[k]:.4g}" for k in keys if k in metrics)
+
+
+def train_loop_per_worker(config: dict) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    cfg = config_mod.from_dict(config["config"])
+    vocabs = TextVocabs.from_dict(config["vocab"])
+    run = RunDir(config["run_dir"])
+    ctx = ray.train.get_context()
+    rank, world_size = ctx.get_world_rank(), ctx.get_world_size()
+
+    ds.init_distributed(cfg.train.use_gpu)
+    trainer = Trainer(cfg, vocabs, rank, world_size, RayReporter(run, rank),
+                      fault_marker=lambda: run.claim_fault(cfg.faults.fail_at_step))
+
+    resumed = False
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as directory:
+            trainer.restore(directory)
+        resumed = True
+    elif cfg.train.resume:
+        with ckpt.local_copy(cfg.train.resume) as directory:
+            trainer.restore(directory, weights_only=cfg.train.resume_weights_only)
+        resumed = not cfg.train.resume_weights_only
+    if rank == 0:
+        run.truncate_metrics(trainer.step)
+        run.record_attempt(trainer.step, resumed)
+        log.info("rank 0: %s at step %d of %d", "resuming" if resumed else "starting", trainer.step,
+                 cfg.train.max_steps)
+
+    trainer.fit()
+
+    if cfg.eval.at_end:
+        from spatialnet_dist.evaluate.run import evaluate_model
+
+        metrics = evaluate_model(trainer.inference_model(), cfg, vocabs, cfg.eval.split, rank, world_size,
+                                 out_dir=run.path("eval"), metrics_jsonl=run.path("metrics.jsonl"))
+        # The same number of reports on every rank: the evaluation's is the last.
+        ray.train.report({"step": trainer.step, "eval_done": True, **_flat(metrics if rank == 0 else {})})
+
+
+def _flat(metrics: dict) -> dict:
+    """Headline test metrics for Ray's result (the full set is in eval/metrics.json)."""
+    out = {}
+    for task, key in (("captions", "CIDEr"), ("captions", "BLEU-4"), ("vqa", "OA"), ("vqa", "AA"),
+                      ("classification", "accuracy")):
+        if key in metrics.get(task, {}):
+            out[f"test/{task}_{key}"] = metrics[task][key]
+    return out

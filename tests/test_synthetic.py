@@ -1,0 +1,179 @@
+"""The synthetic demo corpus: deterministic, valid, true of its pictures, not guessable, written through the store.
+
+Truth is checked against `meta` (what the drawing placed) by parsing the questions and captions here, independently
+of the templates in corpora/synthetic.py.
+"""
+
+from __future__ import annotations
+
+import re
+import tarfile
+from collections import Counter, defaultdict
+
+import numpy as np
+import pytest
+
+from spatialnet_dist.corpora.synthetic import CLASSES, URBAN_SCENES, generate, write_synthetic
+from spatialnet_dist.errors import UserError
+from spatialnet_dist.store.schema import decode_sample, validate_record
+from spatialnet_dist.text import rsvqa_lr_count_bin, words
+
+QTYPES = ("presence", "count", "comp", "rural_urban")
+SCENE_WORDS = {
+    "agricultural": {"farmland", "fields", "agricultural"},
+    "forest": {"forest", "woodland", "woods"},
+    "residential": {"residential"},
+    "industrial": {"industrial"},
+    "water": {"lake", "sea", "water"},
+    "highway": {"highway", "freeway"},
+    "parkinglot": {"parking"},
+    "meadow": {"meadow", "grassland"},
+}
+# words that name a counted object in questions and captions
+OBJECT_WORDS = {
+    "building": {"building", "buildings", "house", "houses", "warehouse", "warehouses", "factories", "roofs", "roofed"},
+    "car": {"car", "cars", "vehicle", "vehicles"},
+    "tree": {"tree", "trees"},
+}
+QUANTITY = re.compile(
+    r"\b(a few|a lot of|lots of|a|one|two|three|four|some|several|many) (?:green |red |grey |brown |white |blue )?"
+    r"(house|building|warehouse|car|vehicle|tree)s?\b"
+)
+
+
+def quantity_holds(word: str, n: int) -> bool:
+    exact = {"a": 1, "one": 1, "two": 2, "three": 3, "four": 4}
+    if word in exact:
+        return n == exact[word]
+    if word == "a few":
+        return 2 <= n <= 4
+    if word in ("some", "several"):
+        return 5 <= n <= 10
+    return n > 10  # many, lots of, a lot of
+
+
+def object_in(text: str) -> list[str]:
+    """Counted objects or surfaces a question names, in order of appearance."""
+    found = []
+    for w in words(text):
+        for obj, names in OBJECT_WORDS.items():
+            if w in names:
+                found.append(obj)
+        if w in ("road", "roads"):
+            found.append("road")
+        if w == "water":
+            found.append("water")
+    return found
+
+
+@pytest.fixture(scope="module")
+def corpus():
+    return list(generate(200, seed=0))
+
+
+def test_deterministic_for_a_seed():
+    a, b, c = list(generate(12, 3)), list(generate(12, 3)), list(generate(12, 4))
+    for x, y in zip(a, b):
+        assert np.array_equal(x.image, y.image)
+        assert x.record() == y.record()
+    assert any(not np.array_equal(x.image, z.image) for x, z in zip(a, c))
+    assert [x.record() for x in a] != [z.record() for z in c]
+
+
+def test_bad_arguments_are_user_errors():
+    with pytest.raises(UserError, match="images"):
+        generate(0, 0)
+    with pytest.raises(UserError, match="seed"):
+        generate(10, -1)
+
+
+def test_splits_and_classes_are_balanced(corpus):
+    splits = Counter(s.split for s in corpus)
+    assert splits == {"train": 160, "val": 20, "test": 20}
+    assert {s.split for s in generate(10, 5)} == {"train", "val", "test"}
+    classes = Counter(s.label_name for s in corpus)
+    assert set(classes) == set(CLASSES)
+    assert max(classes.values()) <= 2 * min(classes.values())
+
+
+def test_records_are_valid(corpus):
+    qids = set()
+    for s in corpus:
+        rec = validate_record(s.record())
+        assert rec["corpus"] == "synthetic"
+        assert s.image.shape == (256, 256, 3) and s.image.dtype == np.uint8
+        assert s.label == CLASSES.index(s.label_name) == CLASSES.index(s.meta["scene"])
+        assert len(s.captions) == len(set(s.captions)) == 5
+        assert 4 <= len(s.qa) <= 8 and {q["type"] for q in s.qa} == set(QTYPES)
+        for k, q in enumerate(s.qa):
+            assert q["qid"] == f"{s.image_id}-q{k}" and q["qid"] not in qids
+            qids.add(q["qid"])
+        assert set(s.meta["counts"]) == {"building", "car", "tree"}
+
+
+def test_answers_are_true_of_the_picture(corpus):
+    for s in corpus:
+        counts, surfaces = s.meta["counts"], s.meta["surfaces"]
+        for q in s.qa:
+            named, answer = object_in(q["question"]), q["answer"]
+            if q["type"] == "count":
+                assert answer == str(counts[named[0]]), q
+            elif q["type"] == "presence":
+                present = counts[named[0]] > 0 if named[0] in counts else surfaces[named[0]]
+                assert answer == ("yes" if present else "no"), (q, s.meta)
+            elif q["type"] == "comp":
+                a, b = (counts[o] for o in named)
+                more = bool({"more", "greater"} & set(words(q["question"])))
+                assert answer == ("yes" if (a > b if more else a < b) else "no"), (q, s.meta)
+            else:
+                assert answer == ("urban" if s.meta["scene"] in URBAN_SCENES else "rural"), q
+
+
+def test_captions_are_true_of_the_picture(corpus):
+    for s in corpus:
+        counts = s.meta["counts"]
+        for caption in s.captions:
+            assert SCENE_WORDS[s.label_name] & set(words(caption)), (s.label_name, caption)
+            for obj in {o for o in object_in(caption) if o in counts}:
+                assert counts[obj] > 0, (caption, s.meta)  # an absent object is never mentioned
+            for quantity, noun in QUANTITY.findall(caption.lower()):
+                obj = {"house": "building", "warehouse": "building", "vehicle": "car"}.get(noun, noun)
+                assert quantity_holds(quantity, counts[obj]), (caption, s.meta)
+
+
+def test_majority_answer_is_a_poor_guess(corpus):
+    answers = defaultdict(Counter)
+    for s in corpus:
+        for q in s.qa:
+            a = rsvqa_lr_count_bin(q["answer"]) if q["type"] == "count" else q["answer"]
+            answers[q["type"]][a] += 1
+    majority = {t: max(c.values()) / sum(c.values()) for t, c in answers.items()}
+    for qtype in ("presence", "comp", "rural_urban"):
+        assert majority[qtype] <= 0.65, (qtype, answers[qtype])
+    assert majority["count"] <= 0.5 and len(answers["count"]) == 3, answers["count"]  # 0, 1-10, 11-100
+    assert Counter(s.label_name for s in corpus).most_common(1)[0][1] / len(corpus) <= 0.2  # majority class
+
+
+def test_write_synthetic_round_trip(tmp_path):
+    root = str(tmp_path / "store")
+    manifest = write_synthetic(root, images=20, seed=1, shard_size=8)
+    assert manifest["corpus"] == "synthetic" and manifest["classes"] == CLASSES
+    expected = {s.image_id: s for s in generate(20, 1)}
+    splits = manifest["splits"]
+    assert sum(sp["samples"] for sp in splits.values()) == 20
+    assert [sh["samples"] for sh in splits["train"]["shards"]] == [8, 8]
+    seen = 0
+    for split, info in splits.items():
+        assert info["questions"] == sum(len(s.qa) for s in expected.values() if s.split == split)
+        for shard in info["shards"]:
+            members = defaultdict(dict)
+            with tarfile.open(tmp_path / "store" / "synthetic" / split / shard["name"]) as tar:
+                for m in tar.getmembers():
+                    key, ext = m.name.split(".", 1)
+                    members[key][ext] = tar.extractfile(m).read()
+            for key, sample_members in members.items():
+                sample = decode_sample({"__key__": key, **sample_members})
+                assert sample.record() == expected[key].record()
+                assert np.array_equal(sample.image, expected[key].image)
+                seen += 1
+    assert seen == 20
