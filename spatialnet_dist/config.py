@@ -226,6 +226,12 @@ def _coerce(key: str, value, tp):
             raise bad
         return value
     if tp is float:
+        if isinstance(value, str):
+            # PyYAML reads `1e-3` (no dot) as a string: accept what Python reads as a number.
+            try:
+                return float(value)
+            except ValueError:
+                raise bad from None
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise bad
         return float(value)

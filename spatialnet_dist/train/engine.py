@@ -83,7 +83,7 @@ def lr_lambda(cfg: Config):
 
 def init_distributed(use_gpu: bool) -> None:
     """Join the process group Ray Train (or torchrun) made; create it when none exists yet."""
-    deepspeed.init_distributed(dist_backend="nccl" if use_gpu else "gloo", dist_init_required=False)
+    deepspeed.init_distributed(dist_backend="nccl" if use_gpu else "gloo", dist_init_required=None)
 
 
 def create_engine(cfg: Config, model: torch.nn.Module, world_size: int):

@@ -93,6 +93,7 @@ def connect_ray(cfg: config_mod.Config) -> bool:
         env.setdefault("DS_ACCELERATOR", "cpu")
     runtime_env = {"env_vars": env}
     if os.environ.get("RAY_ADDRESS"):
+        os.environ.setdefault("RAY_OVERRIDE_JOB_RUNTIME_ENV", "1")  # a submitted job's env_vars: merge, don't refuse
         ray.init(address=os.environ["RAY_ADDRESS"], runtime_env=runtime_env, log_to_driver=True)
         return True
     needed = cfg.train.num_workers * cfg.train.cpus_per_worker

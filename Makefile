@@ -1,0 +1,42 @@
+# One command each on a fresh machine: `make demo` (the main job) and `make test` (the tests).
+# Both depend on `setup`, which creates .venv and installs the project with its test extras.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# DeepSpeed JIT-compiles a small op on first use (~30 s); keep it across runs.
+export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.torch_extensions
+
+.PHONY: setup demo test test-fast lint bench clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml constraints.txt
+	@command -v $(PYTHON) >/dev/null || { echo "setup: $(PYTHON) not found (Python >= 3.10 needed)"; exit 1; }
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# constraints.txt pins torch with torchvision: a resolver that picks another torch downloads GBs.
+	$(PY) -m pip install -c constraints.txt -e '.[test]'
+	bash scripts/ensure-java.sh
+	touch $@
+
+demo: setup
+	$(PY) ray_job.py
+
+test: setup
+	$(PY) -m pytest -q
+
+test-fast: setup
+	$(PY) -m pytest -q -m "not slow"
+
+lint: setup
+	$(VENV)/bin/ruff check .
+
+bench: setup
+	$(PY) bench/model_step.py --json
+	$(PY) bench/data_throughput.py --json
+	$(PY) bench/overhead.py --json
+	$(PY) bench/zero_memory.py --json
+
+clean:
+	rm -rf $(VENV) .torch_extensions runs

@@ -1,0 +1,267 @@
+"""The run report: `report.md` beside PNG figures, what a person opens after a run.
+
+Figures are drawn with matplotlib's object API on the Agg canvas (no pyplot: no global state, nothing
+left open), saved next to `report.md` and referenced relatively, so the folder reads the same in any
+Markdown viewer, on a laptop or after a copy from object storage.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import textwrap
+from pathlib import Path
+from urllib.parse import quote
+
+import numpy as np
+
+from spatialnet_dist.evaluate import markdown_table
+from spatialnet_dist.evaluate.captions import format_caption_table
+from spatialnet_dist.evaluate.classification import format_classification_table
+from spatialnet_dist.evaluate.vqa import format_count_table, format_vqa_table
+
+REPORT_NAME = "report.md"
+LOSSES_PNG, CONFUSION_PNG, SAMPLES_PNG = "losses.png", "confusion.png", "samples.png"
+
+
+# ---- loss curves ----
+
+
+def read_loss_curves(metrics_jsonl: str | Path) -> tuple[dict[str, dict[str, tuple[list, list]]], int]:
+    """metrics.jsonl -> ({task: {"train"|"val": (steps, values)}}, lines skipped).
+
+    Keys read: "loss" and "val/loss" (task "total"), "<task>_loss" and "val/<task>_loss"; lines without
+    a step, unreadable lines (a run killed mid-write) and non-finite values are skipped, other keys ignored.
+    """
+    curves: dict[str, dict[str, tuple[list, list]]] = {}
+    skipped = 0
+    for line in Path(metrics_jsonl).read_text(encoding="utf-8").splitlines():
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+            step = float(record["step"])
+        except (ValueError, KeyError, TypeError):
+            skipped += 1
+            continue
+        for key, value in record.items():
+            split, name = ("val", key[4:]) if key.startswith("val/") else ("train", key)
+            if name != "loss" and not name.endswith("_loss"):
+                continue
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+                continue
+            task = "total" if name == "loss" else name[: -len("_loss")]
+            steps, values = curves.setdefault(task, {}).setdefault(split, ([], []))
+            steps.append(step)
+            values.append(float(value))
+    return curves, skipped
+
+
+def plot_loss_curves(curves: dict, path: Path) -> None:
+    """One panel per task (the weighted total first): training loss as a line, validation loss as dots."""
+    from matplotlib.figure import Figure
+
+    tasks = sorted(curves, key=lambda t: (t != "total", t))
+    cols = min(3, len(tasks))
+    rows = math.ceil(len(tasks) / cols)
+    fig = Figure(figsize=(4.5 * cols, 3.2 * rows), layout="constrained")
+    for i, task in enumerate(tasks):
+        ax = fig.add_subplot(rows, cols, i + 1)
+        if "train" in curves[task]:
+            steps, values = curves[task]["train"]
+            ax.plot(steps, values, "-" if len(steps) > 1 else "o", label="train", linewidth=1.2, markersize=4)
+        if "val" in curves[task]:
+            ax.plot(*curves[task]["val"], "o-", label="validation", markersize=4)
+        ax.set_title("weighted total" if task == "total" else task)
+        ax.set_xlabel("step")
+        ax.set_ylabel("loss")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize="small")
+    fig.savefig(path, dpi=110)
+
+
+# ---- confusion matrix ----
+
+
+def plot_confusion(confusion: list[list[int]], classes: list[str], path: Path) -> None:
+    """Rows: true class, columns: predicted; colour = row-normalised rate, numbers = counts (up to 25 classes)."""
+    from matplotlib.figure import Figure
+
+    counts = np.asarray(confusion, dtype=float)  # (K, K)
+    rates = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)
+    k = len(classes)
+    side = max(4.0, 0.4 * k + 2.5)
+    fig = Figure(figsize=(side + 1, side), layout="constrained")
+    ax = fig.add_subplot()
+    shown = ax.imshow(rates, cmap="Blues", vmin=0, vmax=1)
+    fig.colorbar(shown, ax=ax, label="fraction of the true class", shrink=0.8)
+    ax.set_xticks(range(k), classes, rotation=90, fontsize="small")
+    ax.set_yticks(range(k), classes, fontsize="small")
+    ax.set_xlabel("predicted class")
+    ax.set_ylabel("true class")
+    if k <= 25:
+        for i in range(k):
+            for j in range(k):
+                if counts[i, j]:
+                    ax.text(
+                        j,
+                        i,
+                        int(counts[i, j]),
+                        ha="center",
+                        va="center",
+                        fontsize="x-small",
+                        color="white" if rates[i, j] > 0.5 else "black",
+                    )
+    fig.savefig(path, dpi=110)
+
+
+# ---- sample images ----
+
+
+def displayable(image) -> np.ndarray:
+    """(H, W, C) array of any dtype and band count, or an image/NPY file path -> what imshow can draw:
+    (H, W) or (H, W, 3), uint8 as is, anything else stretched to [0, 1] per image."""
+    if isinstance(image, (str, Path)):
+        if str(image).lower().endswith(".npy"):
+            image = np.load(image, allow_pickle=False)
+        else:
+            from PIL import Image
+
+            with Image.open(image) as im:
+                image = np.asarray(im)
+    image = np.asarray(image)
+    if image.ndim == 3:
+        image = image[..., :3] if image.shape[-1] >= 3 else image[..., 0]  # extra bands are not drawn
+    if image.dtype == np.uint8:
+        return image
+    image = image.astype(np.float64)
+    low, high = np.nanmin(image), np.nanmax(image)
+    return (image - low) / (high - low) if high > low else np.zeros_like(image)
+
+
+def plot_samples(samples: list[dict], path: Path) -> None:
+    """A grid of the sample images, each titled with its id and the generated caption under it."""
+    from matplotlib.figure import Figure
+
+    cols = min(4, len(samples))
+    rows = math.ceil(len(samples) / cols)
+    fig = Figure(figsize=(3.4 * cols, 4.0 * rows), layout="constrained")
+    for i, sample in enumerate(samples):
+        ax = fig.add_subplot(rows, cols, i + 1)
+        image = displayable(sample["image"])
+        # fixed ranges: a grey image is drawn as grey levels, not stretched by imshow's autoscale
+        ax.imshow(image, cmap="gray", vmin=0, vmax=255 if image.dtype == np.uint8 else 1)
+        ax.set_xticks([])
+        ax.set_yticks([])
+        ax.set_title(str(sample["image_id"]), fontsize="small")
+        if sample.get("caption") is not None:
+            ax.set_xlabel(textwrap.fill(sample["caption"], 34), fontsize="small")
+    fig.savefig(path, dpi=110)
+
+
+def _sample_text(sample: dict) -> list[str]:
+    lines = [f"### {sample['image_id']}", ""]
+    if sample.get("caption") is not None:
+        lines += [f"Generated caption: *{sample['caption']}*", ""]
+    if sample.get("references"):
+        lines += ["References:", "", *(f"- {r}" for r in sample["references"]), ""]
+    if sample.get("label") is not None or sample.get("predicted_label") is not None:
+        lines += [
+            f"Land use: predicted **{sample.get('predicted_label', '-')}**, true **{sample.get('label', '-')}**",
+            "",
+        ]
+    if sample.get("qa"):
+        rows = [[qa["question"], str(qa["prediction"]), str(qa["answer"])] for qa in sample["qa"]]
+        lines += [markdown_table(["question", "predicted", "true"], rows, numbers_from=3), ""]
+    return lines
+
+
+# ---- the report ----
+
+
+def _link(target: str | Path, out_dir: Path) -> str:
+    """A relative, URL-quoted link from report.md to a file (given absolute or relative to out_dir)."""
+    target = Path(target)
+    relative = os.path.relpath(target if target.is_absolute() else out_dir / target, out_dir)
+    return quote(Path(relative).as_posix())
+
+
+def write_report(
+    out_dir: str | Path,
+    metrics: dict,
+    metrics_jsonl: str | Path | None = None,
+    predictions: dict[str, str | Path] | None = None,
+    samples: list[dict] | None = None,
+    baselines: dict | None = None,
+    title: str = "Evaluation report",
+) -> Path:
+    """Write `<out_dir>/report.md` and its PNG figures (a local folder); -> the report's path.
+
+    metrics: {task: scores} for the tasks evaluated, each as its scorer returns it:
+        "captions": score_captions(...), "vqa": score_vqa(...), "classification": score_classification(...)
+        (its "per_class" keys, in order, name the confusion matrix rows), "regression": count_errors(...).
+    metrics_jsonl: the run's local metrics.jsonl or None; lines {"step", "loss", "<task>_loss",
+        "val/<task>_loss", ...}, any of them may be missing (see read_loss_curves).
+    predictions: {task: path of its prediction file}, absolute or relative to out_dir; linked, not read.
+    samples: a few test images, each {"image": (H, W, C) array (uint8, or any dtype: stretched) or an
+        image/NPY path, "image_id": str, and optionally "caption": generated str, "references": [str],
+        "label": true class name, "predicted_label": str, "qa": [{"question", "answer", "prediction"}]}.
+    baselines: trivial baselines in the shape of `metrics` (any subset of its tasks), each optionally
+        with a "name" (e.g. "majority answer"); shown as a row under this run's in each table.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    baselines = baselines or {}
+    md = [f"# {title}", ""]
+
+    md += ["## Test metrics", ""]
+    tables = (
+        ("captions", "Captioning (Table I columns)", format_caption_table),
+        ("vqa", "Visual question answering (Table II columns)", format_vqa_table),
+        ("classification", "Land-use classification", format_classification_table),
+        ("regression", "Count regression", format_count_table),
+    )
+    for task, heading, format_table in tables:
+        if not metrics.get(task):
+            continue
+        md += [f"### {heading}", "", format_table(metrics[task], baselines.get(task)), ""]
+        if task == "classification":
+            scores = metrics[task]
+            plot_confusion(scores["confusion"], list(scores["per_class"]), out_dir / CONFUSION_PNG)
+            md += [f"![Confusion matrix: true class by predicted class]({CONFUSION_PNG})", ""]
+    if not any(metrics.get(task) for task, _, _ in tables):
+        md += ["No task was evaluated.", ""]
+
+    md += ["## Training", ""]
+    if metrics_jsonl is None:
+        md += ["No metrics.jsonl was given.", ""]
+    elif not Path(metrics_jsonl).is_file():
+        md += [f"No metrics.jsonl at `{metrics_jsonl}`.", ""]
+    else:
+        curves, skipped = read_loss_curves(metrics_jsonl)
+        if curves:
+            plot_loss_curves(curves, out_dir / LOSSES_PNG)
+            md += [f"![Training and validation loss per task]({LOSSES_PNG})", ""]
+        else:
+            md += ["metrics.jsonl holds no loss values.", ""]
+        if skipped:
+            md += [f"{skipped} line(s) of metrics.jsonl skipped: unreadable or without a step.", ""]
+
+    if samples:
+        plot_samples(samples, out_dir / SAMPLES_PNG)
+        md += ["## Sample test images", "", f"![Sample test images with generated captions]({SAMPLES_PNG})", ""]
+        for sample in samples:
+            md += _sample_text(sample)
+
+    if predictions:
+        md += [
+            "## Predictions",
+            "",
+            *(f"- {task}: [{Path(p).name}]({_link(p, out_dir)})" for task, p in predictions.items()),
+            "",
+        ]
+
+    path = out_dir / REPORT_NAME
+    path.write_text("\n".join(md), encoding="utf-8")
+    return path

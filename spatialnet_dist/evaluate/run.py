@@ -1,0 +1,387 @@
+"""Evaluate a model on a split: predict every sample, score once, write metrics, predictions and the report.
+
+Two callers, one path:
+- the end of training: every Ray Train worker calls `evaluate_model` with its rank; each predicts its
+  share of the split's shards, the rows are gathered to rank 0 (torch.distributed), which scores and writes;
+- `spatialnet eval run`: `evaluate_checkpoint` predicts in this process or spread over Ray tasks, then
+  scores and writes the same files.
+
+The output folder (local or s3://):
+  metrics.json      {"captions", "vqa", "classification", "regression"}: the tasks evaluated (written last)
+  baselines.json    trivial baselines in the same shape
+  predictions/      captions.json + captions_references.json (the `spatialnet eval captions` inputs),
+                    vqa.json (the `spatialnet eval vqa` input), classification.json, regression.json
+  report.md         and its PNG figures (spatialnet_dist.evaluate.report)
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import statistics
+import tempfile
+from collections import Counter
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from spatialnet_dist.config import TASKS
+from spatialnet_dist.errors import UserError
+from spatialnet_dist.evaluate.captions import score_captions
+from spatialnet_dist.evaluate.classification import score_classification
+from spatialnet_dist.evaluate.report import write_report
+from spatialnet_dist.evaluate.vqa import count_errors, score_vqa
+from spatialnet_dist.store import storage
+from spatialnet_dist.text import TextVocabs, map_answer
+
+log = logging.getLogger(__name__)
+
+REPORT_IMAGES = 8  # sample images in the report's grid
+REPORT_QUESTIONS = 3  # questions shown per sample image
+
+
+@dataclass
+class SplitPredictions:
+    """Prediction rows per task, and the first few images (model inputs, (H, W, C)) for the report."""
+
+    rows: dict[str, list[dict]] = field(default_factory=dict)
+    images: dict[str, np.ndarray] = field(default_factory=dict)
+
+
+# ---- prediction ----
+
+
+def _predict_rows(model, cfg, vocabs: TextVocabs, task: str, sub: dict, images: torch.Tensor) -> list[dict]:
+    ids = sub["image_id"]
+    if task == "captioning":
+        words = model.caption(images, cfg.eval.beam_size, cfg.eval.length_penalty, cfg.model.caption_max_len)
+        return [
+            {"image_id": i, "caption": vocabs.words.decode(w), "references": refs}
+            for i, w, refs in zip(ids, words, sub["references"])
+        ]
+    if task == "classification":
+        probs = model.class_logits(images).float().softmax(-1)  # (B, K)
+        best_p, best = probs.max(-1)
+        return [
+            {"image_id": i, "label": int(t), "prediction": int(b), "probability": float(p)}
+            for i, t, b, p in zip(ids, sub["label"], best, best_p)
+        ]
+    question = sub["question"].to(images.device)  # (B, Lq)
+    if task == "vqa":
+        best = model.answer_logits(images, question).argmax(-1).tolist()
+        # The question as the model read it (vocabulary words; the raw text is not in the batch).
+        asked = [vocabs.words.decode(q) for q in sub["question"].tolist()]
+        return [
+            {"qid": q, "type": t, "answer": a, "prediction": vocabs.answers.decode(b), "image_id": i, "question": text}
+            for q, t, a, b, i, text in zip(sub["qid"], sub["qtype"], sub["answer_raw"], best, ids, asked)
+        ]
+    counts = model.count(images, question).float().tolist()
+    return [{"image_id": i, "count": float(c), "prediction": p} for i, c, p in zip(ids, sub["count"], counts)]
+
+
+@torch.no_grad()
+def predict_split(
+    model, cfg, vocabs: TextVocabs, split: str, rank: int = 0, world_size: int = 1, max_rows: int = 0
+) -> SplitPredictions:
+    """This rank's share of `split`: prediction rows for every task the model has a head for
+    (at most `max_rows` per task when > 0). Captions by beam search (eval.beam_size)."""
+    from spatialnet_dist.data import make_eval_loader
+
+    model.eval()
+    param = next(model.parameters())
+    out = SplitPredictions()
+    for task in [t for t in cfg.tasks.enabled() if t in model.heads]:
+        rows: list[dict] = []
+        for sub in make_eval_loader(cfg, vocabs, task, split, rank, world_size):
+            images = sub["image"].to(param.device, param.dtype)  # (B, C, H, W)
+            rows += _predict_rows(model, cfg, vocabs, task, sub, images)
+            for image_id, image in zip(sub["image_id"], sub["image"]):
+                if len(out.images) < REPORT_IMAGES and image_id not in out.images:
+                    out.images[image_id] = image.permute(1, 2, 0).float().numpy()  # (H, W, C)
+            if max_rows and len(rows) >= max_rows:
+                break
+        out.rows[task] = rows[:max_rows] if max_rows else rows
+    return out
+
+
+def _row_key(task: str):
+    return (lambda r: str(r["qid"])) if task == "vqa" else (lambda r: str(r["image_id"]))
+
+
+def _merge(rows_of_parts: list[dict[str, list[dict]]], images: dict[str, np.ndarray]) -> SplitPredictions:
+    """Rows of all ranks in a fixed order, whatever the world size, with the given report images."""
+    tasks = [t for t in TASKS if any(t in rows for rows in rows_of_parts)]
+    merged = {t: sorted((r for rows in rows_of_parts for r in rows.get(t, [])), key=_row_key(t)) for t in tasks}
+    return SplitPredictions(merged, images)
+
+
+def _gather(mine: SplitPredictions, rank: int, world_size: int) -> SplitPredictions | None:
+    """All ranks' rows on rank 0 (a collective: every rank calls it); None on the other ranks."""
+    if world_size == 1:
+        return _merge([mine.rows], mine.images)
+    import torch.distributed as dist
+
+    parts: list = [None] * world_size
+    dist.all_gather_object(parts, mine.rows)  # images stay where they are: rank 0 shows its own
+    return _merge(parts, mine.images) if rank == 0 else None
+
+
+# ---- scoring ----
+
+
+def score_predictions(rows: dict[str, list[dict]], cfg, vocabs: TextVocabs) -> dict:
+    """{task: rows} -> {"captions", "vqa", "classification", "regression"} for the tasks with rows."""
+    metrics = {}
+    if rows.get("captioning"):
+        captions = rows["captioning"]
+        preds = [{"image_id": r["image_id"], "caption": r["caption"]} for r in captions]
+        metrics["captions"] = score_captions(
+            preds, {r["image_id"]: r["references"] for r in captions}, spice=cfg.eval.spice
+        )
+    if rows.get("vqa"):
+        metrics["vqa"] = score_vqa(rows["vqa"], cfg.eval.count_rule)
+    labelled = [r for r in rows.get("classification", []) if r["label"] >= 0]
+    if labelled:
+        metrics["classification"] = score_classification(
+            [r["prediction"] for r in labelled], [r["label"] for r in labelled], vocabs.classes
+        )
+    if rows.get("regression"):
+        metrics["regression"] = count_errors(
+            [r["prediction"] for r in rows["regression"]], [r["count"] for r in rows["regression"]]
+        )
+    return metrics
+
+
+def _train_answer_counts(cfg) -> dict[str, Counter]:
+    """{question type: {raw answer: n}} of the training split of the vqa corpora (from their manifests)."""
+    from spatialnet_dist.data.vocab import task_corpora, train_split
+    from spatialnet_dist.store.manifest import read_manifest
+
+    counts: dict[str, Counter] = {}
+    for corpus in task_corpora(cfg, ["vqa", "regression"]):
+        split = train_split(read_manifest(cfg.data.root, corpus), corpus, cfg.data.root)
+        for qtype, by_answer in split.get("answer_counts", {}).items():
+            counts.setdefault(qtype, Counter()).update(by_answer)
+    return counts
+
+
+def trivial_baselines(rows: dict[str, list[dict]], cfg) -> dict:
+    """What guessing scores, for the report: the training split's most frequent answer per question type
+    (VQA), its median count (count regression), and this split's most frequent class (classification).
+    Captions have none here: scoring one would run the java scorers a second time."""
+    baselines = {}
+    try:
+        answers = _train_answer_counts(cfg)
+    except UserError as e:  # a store without the training split: no VQA or count baseline
+        log.warning("no trivial VQA/count baselines: %s", e)
+        answers = {}
+    rule = cfg.eval.count_rule
+    if rows.get("vqa") and answers:
+        majority = {}
+        for qtype, by_answer in answers.items():
+            mapped: Counter = Counter()
+            for raw, n in by_answer.items():
+                mapped[map_answer(raw, qtype, rule)] += n
+            majority[qtype] = mapped.most_common(1)[0][0]
+        guessed = [{**r, "prediction": majority.get(r["type"], "")} for r in rows["vqa"]]
+        baselines["vqa"] = {**score_vqa(guessed, rule), "name": "most frequent training answer per type"}
+    train_counts = [float(a) for a, n in answers.get("count", {}).items() if _is_number(a) for _ in range(n)]
+    if rows.get("regression") and train_counts:
+        median = statistics.median(train_counts)
+        truth = [r["count"] for r in rows["regression"]]
+        baselines["regression"] = {
+            **count_errors([median] * len(truth), truth),
+            "name": f"training median count ({median:g})",
+        }
+    labels = [r["label"] for r in rows.get("classification", []) if r["label"] >= 0]
+    if labels:
+        share = Counter(labels).most_common(1)[0][1] / len(labels)
+        baselines["classification"] = {"accuracy": share, "n": len(labels), "name": "most frequent class of this split"}
+    return baselines
+
+
+def _is_number(text: str) -> bool:
+    try:
+        return math.isfinite(float(text))
+    except ValueError:
+        return False
+
+
+# ---- writing ----
+
+
+@contextmanager
+def _staging(out_dir: str):
+    """A local folder to write into: out_dir itself, or a temporary one uploaded to s3:// on success."""
+    if not storage.is_s3(out_dir):
+        Path(out_dir).mkdir(parents=True, exist_ok=True)
+        yield Path(out_dir)
+        return
+    with tempfile.TemporaryDirectory(prefix="spatialnet-eval-") as tmp:
+        yield Path(tmp)
+        for path in sorted(p for p in Path(tmp).rglob("*") if p.is_file() and p.name != "metrics.json"):
+            storage.put_file(str(path), storage.join(out_dir, path.relative_to(tmp).as_posix()))
+        storage.put_file(str(Path(tmp) / "metrics.json"), storage.join(out_dir, "metrics.json"))  # last: complete
+
+
+def _report_samples(pred: SplitPredictions, vocabs: TextVocabs) -> list[dict]:
+    captions = {r["image_id"]: r for r in pred.rows.get("captioning", [])}
+    classes = {r["image_id"]: r for r in pred.rows.get("classification", [])}
+    questions: dict[str, list] = {}
+    for r in pred.rows.get("vqa", []):
+        questions.setdefault(r["image_id"], []).append(r)
+    samples = []
+    for image_id, image in pred.images.items():
+        sample = {"image": image, "image_id": image_id}
+        if image_id in captions:
+            sample.update(caption=captions[image_id]["caption"], references=captions[image_id]["references"])
+        if image_id in classes:
+            c = classes[image_id]
+            sample.update(
+                label=vocabs.classes[c["label"]] if c["label"] >= 0 else None,
+                predicted_label=vocabs.classes[c["prediction"]],
+            )
+        sample["qa"] = [
+            {"question": r["question"], "answer": r["answer"], "prediction": r["prediction"]}
+            for r in questions.get(image_id, [])[:REPORT_QUESTIONS]
+        ]
+        samples.append(sample)
+    return samples
+
+
+def _prediction_files(pred: SplitPredictions, vocabs: TextVocabs) -> dict[str, object]:
+    files: dict[str, object] = {}
+    if "captioning" in pred.rows:
+        rows = pred.rows["captioning"]
+        files["captions.json"] = [{"image_id": r["image_id"], "caption": r["caption"]} for r in rows]
+        files["captions_references.json"] = {r["image_id"]: r["references"] for r in rows}
+    if "vqa" in pred.rows:
+        files["vqa.json"] = pred.rows["vqa"]
+    if "classification" in pred.rows:
+        files["classification.json"] = [
+            {
+                **r,
+                "label": vocabs.classes[r["label"]] if r["label"] >= 0 else None,
+                "prediction": vocabs.classes[r["prediction"]],
+            }
+            for r in pred.rows["classification"]
+        ]
+    if "regression" in pred.rows:
+        files["regression.json"] = pred.rows["regression"]
+    return files
+
+
+def finish(
+    pred: SplitPredictions,
+    cfg,
+    vocabs: TextVocabs,
+    out_dir: str,
+    metrics_jsonl: str | None = None,
+    title: str = "Evaluation report",
+) -> dict:
+    """Score gathered predictions and write metrics.json, baselines.json, predictions/ and the report."""
+    if cfg.eval.max_samples:
+        pred = SplitPredictions({t: r[: cfg.eval.max_samples] for t, r in pred.rows.items()}, pred.images)
+    empty = [t for t, r in pred.rows.items() if not r]
+    if empty:
+        log.warning("evaluation: no samples for %s in the split; not scored", ", ".join(empty))
+    metrics = score_predictions(pred.rows, cfg, vocabs)
+    baselines = trivial_baselines(pred.rows, cfg)
+    with _staging(out_dir) as local, tempfile.TemporaryDirectory(prefix="spatialnet-metrics-") as tmp:
+        files = _prediction_files(pred, vocabs)
+        (local / "predictions").mkdir(exist_ok=True)
+        for name, content in files.items():
+            (local / "predictions" / name).write_text(json.dumps(content, indent=1))
+        (local / "baselines.json").write_text(json.dumps(baselines, indent=1))
+        history = None
+        if metrics_jsonl and storage.exists(metrics_jsonl):
+            history = Path(tmp) / "metrics.jsonl"
+            history.write_bytes(storage.read_bytes(metrics_jsonl))
+        predictions = {name.removesuffix(".json"): f"predictions/{name}" for name in files}
+        write_report(local, metrics, history, predictions, _report_samples(pred, vocabs), baselines, title)
+        (local / "metrics.json").write_text(json.dumps(metrics, indent=1))
+    return metrics
+
+
+# ---- the two callers ----
+
+
+def evaluate_model(
+    model,
+    cfg,
+    vocabs: TextVocabs,
+    split: str,
+    rank: int,
+    world_size: int,
+    out_dir: str,
+    metrics_jsonl: str | None = None,
+) -> dict:
+    """Every rank calls this at the end of training; -> the metrics on rank 0, {} on the others."""
+    per_rank = math.ceil(cfg.eval.max_samples / world_size) if cfg.eval.max_samples else 0
+    pred = _gather(predict_split(model, cfg, vocabs, split, rank, world_size, per_rank), rank, world_size)
+    if pred is None:
+        return {}
+    return finish(pred, cfg, vocabs, out_dir, metrics_jsonl, title=f"{cfg.run.name}: evaluation on the {split} split")
+
+
+def _predict_with_ray(checkpoint: str, cfg, split: str, workers: int) -> SplitPredictions:
+    """Each of `workers` Ray tasks loads the model and predicts its share of the shards."""
+    import ray
+
+    from spatialnet_dist.train.checkpoint import load_model
+
+    per_worker = math.ceil(cfg.eval.max_samples / workers) if cfg.eval.max_samples else 0
+
+    @ray.remote(num_cpus=1)
+    def share(rank: int) -> SplitPredictions:
+        model, _, vocabs = load_model(checkpoint)
+        return predict_split(model, cfg, vocabs, split, rank, workers, per_worker)
+
+    from spatialnet_dist.train.launch import connect_ray
+
+    started = connect_ray(cfg)  # as training does: RAY_ADDRESS, else a local instance; AWS settings to workers
+    try:
+        parts = ray.get([share.remote(r) for r in range(workers)])
+        return _merge([p.rows for p in parts], parts[0].images)
+    finally:
+        if started:
+            ray.shutdown()
+
+
+def _absolute(url: str) -> str:
+    return url if storage.is_s3(url) else str(Path(url).resolve())
+
+
+def evaluate_checkpoint(
+    checkpoint: str, data: str, split: str = "test", out: str | None = None, workers: int = 0, max_samples: int = 0
+) -> dict:
+    """`spatialnet eval run`: a checkpoint or bundle on every sample of `split` of the store at `data`.
+
+    Writes to `out` (default <checkpoint>/eval-<split>); the run's metrics.jsonl, beside a checkpoint
+    in its run directory, feeds the report's loss curves. -> the metrics.
+    """
+    from spatialnet_dist.train.checkpoint import load_model
+
+    checkpoint, data = _absolute(checkpoint.rstrip("/")), _absolute(data)
+    model, cfg, vocabs = load_model(checkpoint)
+    cfg.data.root = data
+    cfg.eval.max_samples = max_samples or cfg.eval.max_samples
+    if workers > 0:
+        pred = _predict_with_ray(checkpoint, cfg, split, workers)
+    else:
+        mine = predict_split(model, cfg, vocabs, split, 0, 1, cfg.eval.max_samples)
+        pred = _merge([mine.rows], mine.images)
+    run_dir = checkpoint.rsplit("/", 1)[0]
+    title = f"{checkpoint.rsplit('/', 1)[-1]}: evaluation on the {split} split of {data}"
+    return finish(
+        pred,
+        cfg,
+        vocabs,
+        out or storage.join(checkpoint, f"eval-{split}"),
+        storage.join(run_dir, "metrics.jsonl"),
+        title,
+    )
