@@ -134,6 +134,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     try:
         cfg = load_config(args)
+        if cfg.eval.at_end and cfg.tasks.captioning.enabled:
+            from spatialnet_dist.evaluate.captions import require_java
+
+            require_java()  # refuse now rather than after training
         prepare_data(cfg)
         from spatialnet_dist.data.vocab import build_vocabs
         from spatialnet_dist.train.rundir import RunDir
