@@ -1,0 +1,346 @@
+"""Per-task sample streams: one WebDataset pipeline per task over the shards of its corpora.
+
+Training (endless, resampled):
+  weighted shard source -> read tar (in-process, storage.open_stream) -> shuffle raw samples
+  -> decode (schema.decode_sample) -> task samples (image transform + text ids)
+Every (rank, loader worker) draws shards with replacement from its own RNG, seeded by the run
+seed, rank, worker, restart counter (seed_offset) and task, so no rank runs dry, none waits on
+another, and a corpus with fewer shards than ranks x workers still feeds everyone.
+
+Evaluation (finite, exact): the shard list in manifest order, split by rank then by loader
+worker, read once, no shuffle: every sample is seen exactly once across ranks.
+
+Bad input: in training a truncated or corrupted shard, or an undecodable sample, is skipped and
+counted in `StreamCounts.skipped`, and the shard is logged once; a missing shard or a storage
+error raises `StoreError` naming the shard. Evaluation has to be exact, so there any bad input
+is an error that names the shard.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import tarfile
+import zlib
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import webdataset as wds
+from torch.utils.data import IterableDataset
+from webdataset.tariterators import group_by_keys, tar_file_expander
+
+from spatialnet_dist.data.transforms import ImageTransform
+from spatialnet_dist.errors import UserError
+from spatialnet_dist.store.manifest import read_manifest, shard_urls
+from spatialnet_dist.store.schema import Sample, decode_sample
+from spatialnet_dist.store.storage import StoreError, open_stream
+from spatialnet_dist.text import TextVocabs
+
+log = logging.getLogger(__name__)
+_logged_shards: set[str] = set()  # bad shards this process has named in the log
+
+# Raw (still encoded) samples held for shuffling: a few hundred PNGs, ~100 kB each, per task and worker.
+SHUFFLE_BUFFER = 256
+SHUFFLE_INITIAL = 64
+# The bad-fraction check waits for this much evidence, so one bad shard drawn first cannot stop a run.
+BAD_CHECK_MIN_SAMPLES = 200
+BAD_CHECK_MIN_SHARDS = 8
+# Training stops when this many decoded samples in a row have nothing for the task (e.g. no labels).
+USELESS_RUN_LIMIT = 1000
+# Errors that mean the bytes of a shard are not a well-formed tar (truncated, corrupted).
+_CORRUPT_SHARD = (tarfile.TarError, EOFError, zlib.error, ValueError)
+
+
+@dataclass(frozen=True)
+class Shard:
+    url: str
+    samples: int  # as the manifest says
+
+
+@dataclass
+class CorpusShards:
+    corpus: str
+    shards: list[Shard]
+
+    @property
+    def samples(self) -> int:
+        return sum(s.samples for s in self.shards)
+
+
+# ---- what each task needs from a corpus, checked up front so a stream can never spin on nothing ----
+
+_TASK_CONTENT = {
+    "captioning": ("captions", lambda manifest, split: split.get("captions", 0) > 0),
+    "vqa": ("questions", lambda manifest, split: split.get("questions", 0) > 0),
+    "classification": ("classes", lambda manifest, split: bool(manifest.get("classes"))),
+    "regression": ("count questions", lambda manifest, split: split.get("questions_by_type", {}).get("count", 0) > 0),
+}
+
+
+def corpus_shards(root: str, corpus: str, split: str, task: str) -> CorpusShards:
+    """The shards of one corpus split, after checking that the corpus has what `task` needs."""
+    manifest = read_manifest(root, corpus)
+    urls = shard_urls(root, corpus, split, manifest)  # StoreError naming the manifest when the split is absent
+    info = manifest["splits"][split]
+    what, has = _TASK_CONTENT[task]
+    if not urls or not has(manifest, info):
+        raise UserError(f"tasks.{task}.corpora: corpus {corpus} under {root} has no {what} in split {split!r}")
+    return CorpusShards(corpus, [Shard(url, s["samples"]) for url, s in zip(urls, info["shards"])])
+
+
+def corpus_weights(cfg, task: str, corpora: list[CorpusShards]) -> list[float]:
+    """Mixing weights: explicit `tasks.<t>.corpus_weights` when given, else by `data.corpus_mix`:
+    'size' (proportional to samples) or 'temperature' (size ** (1 / data.mix_temperature))."""
+    tc = getattr(cfg.tasks, task)
+    if tc.corpus_weights or cfg.data.corpus_mix == "explicit":
+        missing = [c.corpus for c in corpora if c.corpus not in tc.corpus_weights]
+        if missing:
+            raise UserError(f"config key tasks.{task}.corpus_weights.{missing[0]}: no weight for this corpus")
+        weights = [float(tc.corpus_weights[c.corpus]) for c in corpora]
+    elif cfg.data.corpus_mix == "temperature":
+        weights = [c.samples ** (1.0 / cfg.data.mix_temperature) for c in corpora]
+    else:
+        weights = [float(c.samples) for c in corpora]
+    if sum(weights) <= 0:
+        raise UserError(f"config key tasks.{task}.corpus_weights: the weights of {task}'s corpora sum to 0")
+    return weights
+
+
+# ---- bad input accounting ----
+
+
+@dataclass
+class StreamCounts:
+    """Samples decoded and skipped by one task stream in this process. `strict`: any bad input raises."""
+
+    task: str
+    max_bad_fraction: float
+    strict: bool = False
+    decoded: int = 0
+    skipped: int = 0
+    shards_opened: int = 0
+
+    def bad(self, url: str, samples: int, reason: str) -> None:
+        if self.strict:
+            raise UserError(f"task {self.task}: shard {url}: {reason} (run `spatialnet shards verify`)")
+        self.skipped += samples
+        if url not in _logged_shards:
+            _logged_shards.add(url)
+            log.warning("shard %s: %s; skipping its bad samples (counted per task, logged once)", url, reason)
+        total = self.decoded + self.skipped
+        if total < BAD_CHECK_MIN_SAMPLES or self.shards_opened < BAD_CHECK_MIN_SHARDS:
+            return
+        if self.skipped > self.max_bad_fraction * total or self.decoded == 0:
+            raise UserError(
+                f"task {self.task}: {self.skipped} of {total} samples read failed, more than "
+                f"data.max_bad_fraction={self.max_bad_fraction} (last bad shard {url}); run `spatialnet shards verify`"
+            )
+
+
+def _reason(e: Exception) -> str:
+    # WebDataset appends " @ <stream object>" to a tar error's message: drop it.
+    first = str(e.args[0]).split(" @ ")[0] if e.args else ""
+    return f"{e.__class__.__name__}: {first}" if first else e.__class__.__name__
+
+
+# ---- pipeline stages ----
+
+
+def read_shards(shards: Iterable[dict], counts: StreamCounts) -> Iterator[dict]:
+    """{"url", "samples"} -> raw WebDataset samples {"__key__", "__url__", "png"|"npy", "json"}."""
+    for shard in shards:
+        url, expected = shard["url"], shard["samples"]
+        stream = open_stream(url)  # StoreError naming the URL when it is missing or unreachable
+        counts.shards_opened += 1
+        read, reason = 0, ""
+        try:
+            files = tar_file_expander([{"url": url, "stream": stream}], eof_value=None)
+            for raw in group_by_keys(files):
+                read += 1
+                yield raw
+        except _CORRUPT_SHARD as e:
+            reason = _reason(e)
+        except Exception as e:  # the storage failed mid-read (connection reset, timeout after retries)
+            raise StoreError(f"shard {url}: read failed after {read} samples ({_reason(e)})") from None
+        finally:
+            stream.close()
+        if reason or read < expected:
+            # A tar cut at a member boundary ends early without an error: the manifest count tells.
+            counts.bad(url, max(expected - read, 1), reason or f"ended after {read} of {expected} samples")
+
+
+def decode_samples(raws: Iterable[dict], counts: StreamCounts) -> Iterator[Sample]:
+    for raw in raws:
+        try:
+            sample = decode_sample(raw)
+        except Exception as e:  # PIL, numpy and json raise many types on corrupt bytes
+            counts.bad(raw.get("__url__", "?"), 1, f"undecodable sample {raw.get('__key__', '?')} ({_reason(e)})")
+            continue
+        counts.decoded += 1
+        yield sample
+
+
+class WeightedShardSource(IterableDataset):
+    """Endless shards, so that each corpus's share of the SAMPLES read follows its weight.
+
+    A corpus is drawn, then one of its shards uniformly (every sample of a corpus equally likely).
+    Corpora have different shard sizes, so a corpus is drawn with probability proportional to its
+    weight divided by its mean shard size.
+    """
+
+    def __init__(self, corpora: list[CorpusShards], weights: list[float], seed: int):
+        self.corpora, self.seed = corpora, seed
+        self.draw_weights = [w * len(c.shards) / c.samples for c, w in zip(corpora, weights)]
+
+    def __iter__(self) -> Iterator[dict]:
+        rng = random.Random(self.seed)
+        indices = range(len(self.corpora))
+        while True:
+            shards = self.corpora[rng.choices(indices, weights=self.draw_weights)[0]].shards
+            shard = shards[rng.randrange(len(shards))]
+            yield {"url": shard.url, "samples": shard.samples}
+
+
+# ---- task samples ----
+
+
+def _number(answer) -> float | None:
+    if isinstance(answer, bool):
+        return None
+    try:
+        return float(answer)
+    except (TypeError, ValueError):
+        return None
+
+
+class TaskSamples:
+    """Sample -> the task's samples (dicts of one batch row, see DESIGN.md "Batch format").
+
+    Training: ONE per visit: a random caption, a random question/answer pair, a random count question.
+    Evaluation: captioning one per image with all references; vqa and regression one per pair.
+    Images the task has nothing for (no captions, no label, no numeric count question) give none.
+    """
+
+    def __init__(self, task: str, vocabs: TextVocabs, transform: ImageTransform, caption_max_len: int,
+                 question_max_len: int, train: bool):
+        self.task, self.vocabs, self.transform, self.train = task, vocabs, transform, train
+        self.caption_max_len, self.question_max_len = caption_max_len, question_max_len
+        self.class_index = {name: i for i, name in enumerate(vocabs.classes)}
+
+    def __call__(self, sample: Sample, rng: np.random.Generator | None) -> list[dict]:
+        rows = self._targets(sample, rng)
+        if not rows:
+            return []
+        image = self.transform(sample.image, rng)  # (C, S, S)
+        return [{"image": image, "image_id": sample.image_id, **row} for row in rows]
+
+    def _pick(self, items: list, rng) -> list:
+        return [items[int(rng.integers(len(items)))]] if self.train and items else items
+
+    def _question(self, text: str) -> torch.Tensor:
+        return torch.tensor(self.vocabs.words.encode(text, self.question_max_len, bos_eos=False))
+
+    def _targets(self, s: Sample, rng) -> list[dict]:
+        if self.task == "captioning":
+            if not s.captions:
+                return []
+            caption = self._pick(s.captions, rng)[0]
+            row = {"tokens": torch.tensor(self.vocabs.words.encode(caption, self.caption_max_len))}
+            return [row if self.train else {**row, "references": list(s.captions)}]
+        if self.task == "vqa":
+            return [
+                {
+                    "question": self._question(q["question"]),
+                    "answer": self.vocabs.answers.encode(q["answer"], q["type"]),
+                    "qtype": q["type"],
+                    "qid": str(q["qid"]),
+                    "answer_raw": str(q["answer"]),
+                }
+                for q in self._pick(s.qa, rng)
+            ]
+        if self.task == "classification":
+            return [] if s.label_name is None else [{"label": self.class_index.get(s.label_name, -1)}]
+        counts = [q for q in s.qa if q["type"] == "count" and _number(q["answer"]) is not None]
+        return [{"question": self._question(q["question"]), "count": _number(q["answer"])} for q in self._pick(counts, rng)]
+
+
+def task_rows(samples: Iterable[Sample], make_rows: TaskSamples, rng: np.random.Generator | None) -> Iterator[dict]:
+    useless = 0  # decoded samples in a row that gave the task nothing
+    for sample in samples:
+        rows = make_rows(sample, rng)
+        useless = 0 if rows else useless + 1
+        if make_rows.train and useless == USELESS_RUN_LIMIT:  # the endless stream would spin here forever
+            raise UserError(f"task {make_rows.task}: {useless} samples in a row with nothing for it (last {sample.image_id} "
+                            f"of corpus {sample.corpus}); check tasks.{make_rows.task}.corpora")
+        yield from rows
+
+
+def collate(rows: list[dict]) -> dict:
+    """Rows -> sub-batch: tensors stacked, ints int64, floats float32, strings and lists kept as lists."""
+    out = {}
+    for key, first in rows[0].items():
+        values = [r[key] for r in rows]
+        if isinstance(first, torch.Tensor):
+            out[key] = torch.stack(values)
+        elif isinstance(first, int):
+            out[key] = torch.tensor(values, dtype=torch.int64)
+        elif isinstance(first, float):
+            out[key] = torch.tensor(values, dtype=torch.float32)
+        else:
+            out[key] = values
+    return out
+
+
+# ---- the two pipelines ----
+
+
+@dataclass
+class TaskStreamSpec:
+    """Everything a task's stream needs, built once in the main process and sent to loader workers."""
+
+    task: str
+    corpora: list[CorpusShards]
+    weights: list[float]
+    rows: TaskSamples
+    max_bad_fraction: float
+
+    def shards(self) -> list[Shard]:
+        return [s for c in self.corpora for s in c.shards]
+
+
+def task_stream_spec(cfg, vocabs: TextVocabs, task: str, split: str, transform: ImageTransform,
+                     train: bool) -> TaskStreamSpec:
+    corpora = [corpus_shards(cfg.data.root, c, split, task) for c in getattr(cfg.tasks, task).corpora]
+    rows = TaskSamples(task, vocabs, transform, cfg.model.caption_max_len, cfg.model.question_max_len, train)
+    weights = corpus_weights(cfg, task, corpora) if train else [1.0] * len(corpora)
+    return TaskStreamSpec(task, corpora, weights, rows, cfg.data.max_bad_fraction)
+
+
+def train_stream(spec: TaskStreamSpec, seed: int, counts: StreamCounts) -> wds.DataPipeline:
+    """Endless task rows; all randomness (shards, shuffle, caption/pair choice, augmentation) from `seed`."""
+    shard_seed, shuffle_seed, row_seed = (int(s) for s in np.random.SeedSequence(seed).generate_state(3))
+    return wds.DataPipeline(
+        WeightedShardSource(spec.corpora, spec.weights, shard_seed),
+        lambda shards: read_shards(shards, counts),
+        wds.shuffle(SHUFFLE_BUFFER, initial=SHUFFLE_INITIAL, rng=random.Random(shuffle_seed)),
+        lambda raws: decode_samples(raws, counts),
+        lambda samples: task_rows(samples, spec.rows, np.random.default_rng(row_seed)),
+    )
+
+
+def split_shards(shards: list[Shard], rank: int, world_size: int, worker: int, num_workers: int) -> list[Shard]:
+    """The node splitter, then the worker splitter: disjoint slices whose union is `shards`."""
+    return shards[rank::world_size][worker::num_workers]
+
+
+def eval_stream(spec: TaskStreamSpec, shards: list[Shard], counts: StreamCounts) -> wds.DataPipeline:
+    """Finite task rows of `shards`, in order, each sample once."""
+    return wds.DataPipeline(
+        lambda: iter([{"url": s.url, "samples": s.samples} for s in shards]),  # (a list would be spliced in)
+        lambda shard_dicts: read_shards(shard_dicts, counts),
+        lambda raws: decode_samples(raws, counts),
+        lambda samples: task_rows(samples, spec.rows, None),
+    )
+
