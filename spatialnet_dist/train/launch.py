@@ -38,7 +38,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 def load_config(args: argparse.Namespace) -> config_mod.Config:
     path = args.config or (DEFAULT_CONFIG if DEFAULT_CONFIG.is_file() else None)
     overrides = list(args.overrides) + ([f"train.resume={args.resume}"] if args.resume else [])
-    return config_mod.load(path, overrides)
+    cfg = config_mod.load(path, overrides)
+    # Workers run in Ray's own working directory: hand them absolute local paths.
+    for section, key in (("data", "root"), ("run", "storage"), ("train", "resume"), ("model", "pretrained")):
+        value = getattr(getattr(cfg, section), key)
+        if value and value != "hub" and not storage.is_s3(value):
+            setattr(getattr(cfg, section), key, str(Path(value).resolve()))
+    return cfg
 
 
 def prepare_data(cfg: config_mod.Config) -> None:

@@ -23,7 +23,6 @@ import torch.distributed as dist
 
 from spatialnet_dist.config import Config
 from spatialnet_dist.data.batches import STATS_KEY, StreamState, make_eval_loader, make_train_loader
-from spatialnet_dist.errors import UserError
 from spatialnet_dist.model import build_model
 from spatialnet_dist.objective import MultiTaskObjective
 from spatialnet_dist.text import TextVocabs
@@ -128,7 +127,7 @@ class Trainer:
         cfg = self.cfg
         self.loader = make_train_loader(cfg, self.vocabs, self.rank, self.world_size,
                                         seed_offset=self.step, state=self.stream_state)
-        window = _Window(self.tasks, self.device)
+        window = _Window(self.tasks, self.device, self.step)
         last_metrics: dict = {}
         try:
             while self.step < cfg.train.max_steps:
@@ -220,16 +219,16 @@ class Trainer:
 class _Window:
     """Loss sums and sample counts since the last report."""
 
-    def __init__(self, tasks: list[str], device: torch.device):
+    def __init__(self, tasks: list[str], device: torch.device, start_step: int):
         self.tasks, self.device = tasks, device
         self.keys = ["loss"] + [f"{t}_loss" for t in tasks]
+        self.last_step = start_step
         self._reset()
 
     def _reset(self):
         self.sums = torch.zeros(len(self.keys), dtype=torch.float64, device=self.device)
         self.counts = torch.zeros(len(self.keys), dtype=torch.float64, device=self.device)
         self.samples = dict.fromkeys(self.tasks, 0)
-        self.steps = 0
         self.time = 0.0
 
     def add(self, losses: dict, sizes: dict[str, int]) -> None:
@@ -242,8 +241,7 @@ class _Window:
             self.samples[task] += n
 
     def flush(self, step: int, trainer: Trainer) -> dict:
-        self.steps = max(1, step - getattr(self, "_last_step", 0))
-        self._last_step = step
+        steps, self.last_step = max(1, step - self.last_step), step
         state = trainer.loader.state
         local = torch.cat([
             self.sums.cpu(), self.counts.cpu(),
@@ -265,15 +263,10 @@ class _Window:
             metrics[f"samples_per_s/{task}"] = samples[i].item() / elapsed
             metrics[f"skipped/{task}"] = int(skipped[i])
         metrics["samples_per_s"] = samples.sum().item() / elapsed
-        metrics["step_time_s"] = elapsed / self.steps
+        metrics["step_time_s"] = elapsed / steps
         metrics["lr"] = trainer.engine.get_lr()[0]
         metrics["peak_memory_mb"] = peak_memory_mb(self.device)
         if not math.isfinite(metrics.get("loss", 0.0)):
             raise NonFiniteLoss(f"non-finite mean loss at step {step}")
         self._reset()
         return metrics
-
-
-def check_tasks_have_data(cfg: Config) -> None:
-    if not cfg.tasks.enabled():
-        raise UserError("config key tasks: no task is enabled")

@@ -1,0 +1,129 @@
+"""What do the task heads cost? SpatialNet-ViT training steps against the bare timm encoder.
+
+Per preset, samples (images) per second of a full training step (forward, backward, AdamW step):
+  spatialnet_samples_per_s     SpatialNet-ViT with all four heads on a multi-task batch of `batch`
+                               images split evenly over the tasks, through the weighted objective
+  bare_encoder_samples_per_s   the same-sized timm ViT alone on the same images, loss = mean(pooled^2)
+  ratio                        spatialnet / bare: the share of the bare speed the heads leave
+Same threads, batch and image size for both; one warm-up step each is excluded, and the timed steps
+alternate between the two models. Nothing is asserted.
+
+    python bench/model_step.py [--presets tiny,paper] [--batch 8] [--image-size 256] [--threads 2] [--steps 1] [--json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch  # noqa: E402
+
+from spatialnet_dist.config import TASKS, LossConfig, ModelConfig  # noqa: E402
+from spatialnet_dist.model.encoder import build_encoder  # noqa: E402
+from spatialnet_dist.model.presets import get_preset  # noqa: E402
+from spatialnet_dist.model.spatialnet import assemble_model  # noqa: E402
+from spatialnet_dist.model.summary import REPRESENTATIVE_SIZES  # noqa: E402
+from spatialnet_dist.objective import MultiTaskObjective  # noqa: E402
+from spatialnet_dist.text import BOS_ID, EOS_ID  # noqa: E402
+
+
+def multitask_batch(images: torch.Tensor, cfg: ModelConfig) -> dict:
+    """`images` split evenly over the four tasks, with full-length captions and questions."""
+    g = torch.Generator().manual_seed(0)
+    words = REPRESENTATIVE_SIZES.words
+    batch = {}
+    for task, part in zip(TASKS, images.tensor_split(len(TASKS))):
+        n = len(part)
+        sub = {"image": part}
+        if task == "captioning":
+            tokens = torch.randint(4, words, (n, cfg.caption_max_len), generator=g)
+            tokens[:, 0], tokens[:, -1] = BOS_ID, EOS_ID
+            sub["tokens"] = tokens
+        if task in ("vqa", "regression"):
+            sub["question"] = torch.randint(4, words, (n, cfg.question_max_len), generator=g)
+        if task == "vqa":
+            sub["answer"] = torch.randint(0, REPRESENTATIVE_SIZES.answers, (n,), generator=g)
+        if task == "classification":
+            sub["label"] = torch.randint(0, REPRESENTATIVE_SIZES.classes, (n,), generator=g)
+        if task == "regression":
+            sub["count"] = torch.randint(0, 50, (n,), generator=g).float()
+        batch[task] = sub
+    return batch
+
+
+def train_step(model: torch.nn.Module, loss_fn):
+    """-> a function that runs one forward + backward + AdamW step of `model`."""
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+
+    def step() -> None:
+        optimizer.zero_grad(set_to_none=True)
+        loss_fn().backward()
+        optimizer.step()
+
+    return step
+
+
+def spatialnet_step(cfg: ModelConfig, images: torch.Tensor):
+    model = assemble_model(cfg, list(TASKS), REPRESENTATIVE_SIZES)
+    model.set_grad_checkpointing(False)  # measure both models the same way
+    objective = MultiTaskObjective(LossConfig())
+    batch = multitask_batch(images, cfg)
+    return train_step(model, lambda: objective(model(batch), batch, model)["loss"])
+
+
+def bare_encoder_step(cfg: ModelConfig, images: torch.Tensor):
+    encoder = build_encoder(get_preset(cfg.preset), cfg.image_size)
+    return train_step(encoder, lambda: encoder.encode(images)[1].pow(2).mean())
+
+
+def bench_preset(name: str, batch_size: int, image_size: int, steps: int) -> dict:
+    cfg = ModelConfig(preset=name, image_size=image_size)
+    torch.manual_seed(0)
+    images = torch.randn(batch_size, cfg.in_chans, image_size, image_size)
+    runs = {"spatialnet": spatialnet_step(cfg, images), "bare_encoder": bare_encoder_step(cfg, images)}
+    for step in runs.values():
+        step()  # warm-up: allocator, kernel selection, optimizer state
+    elapsed = dict.fromkeys(runs, 0.0)
+    for _ in range(steps):  # alternate the two so that both see the same load on a shared machine
+        for key, step in runs.items():
+            start = time.perf_counter()
+            step()
+            elapsed[key] += time.perf_counter() - start
+    rate = {key: batch_size * steps / seconds for key, seconds in elapsed.items()}
+    return {
+        "spatialnet_samples_per_s": round(rate["spatialnet"], 3),
+        "bare_encoder_samples_per_s": round(rate["bare_encoder"], 3),
+        "ratio": round(rate["spatialnet"] / rate["bare_encoder"], 3),
+    }
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--presets", default="tiny,paper", help="comma-separated preset names")
+    p.add_argument("--batch", type=int, default=8, help="images per step, split over the four tasks (>= 4)")
+    p.add_argument("--image-size", type=int, default=256)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--steps", type=int, default=1, help="timed steps per model")
+    p.add_argument("--json", action="store_true", help="print only the JSON object")
+    a = p.parse_args()
+    if a.batch < len(TASKS):
+        p.error(f"--batch must be at least {len(TASKS)}: one image per task")
+    torch.set_num_threads(a.threads)
+    result: dict = {}
+    for name in a.presets.split(","):
+        result[name] = bench_preset(name, a.batch, a.image_size, a.steps)
+        if not a.json:
+            print(f"{name}: {result[name]}", file=sys.stderr)
+    result |= {"threads": a.threads, "batch": a.batch, "image_size": a.image_size}
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,127 @@
+"""The shared image encoder: a timm VisionTransformer sized by a preset, plus transfer learning.
+
+`ViTEncoder` *is* a timm `VisionTransformer` (same parameter names), so timm checkpoints load into it
+and timm's helpers (pos_embed resampling, activation checkpointing) apply unchanged.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+from timm.models._manipulate import adapt_input_conv
+from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
+from torch import nn
+
+from spatialnet_dist.errors import UserError
+from spatialnet_dist.model.presets import Preset
+
+log = logging.getLogger(__name__)
+
+ACTIVATIONS = {"gelu": nn.GELU, "relu": nn.ReLU}
+
+
+class ViTEncoder(VisionTransformer):
+    """A timm ViT without its classifier: images -> patch tokens and the class-token vector."""
+
+    def encode(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """images (B, C, H, W) -> tokens (B, N, D) patch tokens, pooled (B, D) normalised class token."""
+        x = self.forward_features(images)  # (B, prefix + N, D), after the final norm
+        return x[:, self.num_prefix_tokens :], self.forward_head(x, pre_logits=True)
+
+
+def build_encoder(
+    preset: Preset, image_size: int = 0, in_chans: int = 3, activation: str = "", drop_path: float = 0.0
+) -> ViTEncoder:
+    """0 / "" take the preset's image size / activation."""
+    image_size = image_size or preset.image_size
+    if image_size < preset.patch_size or image_size % preset.patch_size:
+        raise UserError(f"model.image_size {image_size}: must be a multiple of the patch size {preset.patch_size}")
+    return ViTEncoder(
+        img_size=image_size,
+        patch_size=preset.patch_size,
+        in_chans=in_chans,
+        num_classes=0,  # no classifier: the task heads sit on top
+        global_pool="token",  # pooled = class token, as every published ViT checkpoint was trained
+        embed_dim=preset.embed_dim,
+        depth=preset.depth,
+        num_heads=preset.num_heads,
+        mlp_ratio=preset.mlp_ratio,
+        act_layer=ACTIVATIONS[activation or preset.activation],
+        drop_path_rate=drop_path,
+    )
+
+
+def read_state_dict(path: str) -> dict[str, torch.Tensor]:
+    """A .pth/.pt (torch.save) or .safetensors file -> state dict. Errors name the file."""
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"model.pretrained: {path}: file not found")
+    try:
+        if p.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            return load_file(str(p))
+        if p.suffix in (".pth", ".pt", ".bin"):
+            state = torch.load(p, map_location="cpu", weights_only=True)
+        else:
+            raise UserError(f"model.pretrained: {path}: expected a .pth, .pt or .safetensors file")
+    except UserError:
+        raise
+    except Exception as e:  # a truncated or foreign file: say which, not a pickle traceback
+        raise UserError(f"model.pretrained: {path}: cannot read weights ({e.__class__.__name__})") from None
+    if not isinstance(state, dict):
+        raise UserError(f"model.pretrained: {path}: holds a {type(state).__name__}, not a state dict")
+    return state
+
+
+def hub_state_dict(preset: Preset) -> dict[str, torch.Tensor]:
+    """timm's published weights for the preset's architecture (needs the Hugging Face hub)."""
+    if not preset.hub_name:
+        raise UserError(
+            f"model.pretrained=hub: preset {preset.name} matches no published timm weights; pass a local weights file"
+        )
+    import timm
+
+    try:
+        return timm.create_model(preset.hub_name, pretrained=True, num_classes=0).state_dict()
+    except OSError:  # offline mode, no network, missing file on the hub: all OSErrors in huggingface_hub
+        raise UserError(
+            f"model.pretrained=hub: the Hugging Face hub is unreachable for {preset.hub_name}; "
+            "pass a local .pth/.safetensors file instead"
+        ) from None
+
+
+def load_pretrained(encoder: ViTEncoder, source: str, preset: Preset) -> tuple[list[str], list[str]]:
+    """Load encoder weights from `source` ("hub" or a file path) -> (missing keys, unexpected keys).
+
+    Accepts a timm ViT state dict (also nested under "model"/"state_dict") or a SpatialNet-ViT one
+    (its "encoder." keys). pos_embed and the patch kernel are resampled to this encoder's grid by timm;
+    the input conv is adapted when the channel count differs (multispectral images).
+    """
+    state = hub_state_dict(preset) if source == "hub" else read_state_dict(source)
+    state = state.get("model", state.get("state_dict", state))
+    if any(k.startswith("encoder.") for k in state):  # a SpatialNet-ViT checkpoint: keep its encoder
+        state = {k.removeprefix("encoder."): v for k, v in state.items() if k.startswith("encoder.")}
+    state = checkpoint_filter_fn(state, encoder)
+    state = {k: v for k, v in state.items() if not k.startswith("head.")}  # an ImageNet classifier is no encoder part
+    own = encoder.state_dict()
+    conv = "patch_embed.proj.weight"
+    if conv in state and state[conv].shape[1] != own[conv].shape[1]:
+        state[conv] = adapt_input_conv(own[conv].shape[1], state[conv])
+    for k, v in state.items():
+        if k in own and v.shape != own[k].shape:
+            raise UserError(
+                f"model.pretrained: {source}: {k} has shape {tuple(v.shape)} but preset {preset.name} "
+                f"expects {tuple(own[k].shape)}"
+            )
+    if not set(state) & set(own):
+        raise UserError(f"model.pretrained: {source}: holds no ViT encoder weights")
+    missing, unexpected = encoder.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        log.warning(
+            "model.pretrained %s: %d encoder weights missing (kept at init: %s), %d unexpected (ignored: %s)",
+            source, len(missing), ", ".join(missing[:5]), len(unexpected), ", ".join(unexpected[:5]),
+        )
+    return list(missing), list(unexpected)

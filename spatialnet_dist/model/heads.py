@@ -1,0 +1,261 @@
+"""Task heads on top of the shared encoder. A new head is one class in HEADS.
+
+Every head is built by `Head.build(encoder_dim, preset, sizes, model_cfg)` and called as
+`head(tokens, pooled, sub_batch) -> dict` with tokens (B, N, D) patch tokens, pooled (B, D) and the
+task's sub-batch (see the batch format in the project brief). Outputs:
+  captioning {"logits": (B, Lc-1, V)}, vqa {"logits": (B, A)}, classification {"logits": (B, K)},
+  regression {"count_log1p": (B,)}.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from spatialnet_dist.config import ModelConfig
+from spatialnet_dist.model.presets import Preset
+from spatialnet_dist.text import BOS_ID, EOS_ID, PAD_ID
+
+
+@dataclass(frozen=True)
+class VocabSizes:
+    """What the heads' input and output layers are sized by."""
+
+    words: int  # caption and question words, specials included
+    answers: int  # VQA answer classes
+    classes: int  # land-use classes
+
+
+HEADS: dict[str, type[nn.Module]] = {}
+
+
+def register(task: str):
+    def add(cls):
+        HEADS[task] = cls
+        return cls
+
+    return add
+
+
+def _text_layer(preset: Preset, cross: bool) -> nn.Module:
+    """One pre-norm transformer layer of the text heads; `cross` adds cross-attention to image tokens."""
+    layer = nn.TransformerDecoderLayer if cross else nn.TransformerEncoderLayer
+    return layer(
+        preset.text_dim, preset.text_heads, dim_feedforward=4 * preset.text_dim, dropout=preset.head_dropout,
+        activation="gelu", batch_first=True, norm_first=True,
+    )
+
+
+class ImageProjection(nn.Sequential):
+    """Encoder width -> text width for the image tokens the text heads cross-attend to."""
+
+    def __init__(self, encoder_dim: int, text_dim: int):
+        super().__init__(nn.Linear(encoder_dim, text_dim), nn.LayerNorm(text_dim))
+
+
+@register("classification")
+class ClassificationHead(nn.Module):
+    """Linear over the pooled vector; softmax is implied by the cross-entropy loss."""
+
+    def __init__(self, encoder_dim: int, num_classes: int, dropout: float = 0.0):
+        super().__init__()
+        self.drop = nn.Dropout(dropout)
+        self.fc = nn.Linear(encoder_dim, num_classes)
+
+    @classmethod
+    def build(cls, encoder_dim: int, preset: Preset, sizes: VocabSizes, model_cfg: ModelConfig):
+        return cls(encoder_dim, sizes.classes, preset.head_dropout)
+
+    def forward(self, tokens, pooled, sub_batch) -> dict:
+        return {"logits": self.fc(self.drop(pooled))}  # (B, K)
+
+
+@register("regression")
+class CountRegressionHead(nn.Module):
+    """log1p(count) from the pooled image and a bag-of-words of the count question (which object to count)."""
+
+    def __init__(self, encoder_dim: int, vocab_size: int, question_dim: int, hidden: int):
+        super().__init__()
+        self.embed = nn.Embedding(vocab_size, question_dim, padding_idx=PAD_ID)
+        self.mlp = nn.Sequential(
+            nn.LayerNorm(encoder_dim + question_dim),
+            nn.Linear(encoder_dim + question_dim, hidden),
+            nn.GELU(),
+            nn.Linear(hidden, 1),  # identity output: a regression on the log1p scale
+        )
+
+    @classmethod
+    def build(cls, encoder_dim: int, preset: Preset, sizes: VocabSizes, model_cfg: ModelConfig):
+        return cls(encoder_dim, sizes.words, question_dim=preset.text_dim // 2, hidden=preset.text_dim)
+
+    def forward(self, tokens, pooled, sub_batch) -> dict:
+        question = sub_batch["question"]  # (B, Lq), PAD-padded
+        words = (question != PAD_ID).unsqueeze(-1).to(pooled.dtype)  # (B, Lq, 1)
+        bag = (self.embed(question) * words).sum(1) / words.sum(1).clamp(min=1)  # (B, Dq) mean over real words
+        return {"count_log1p": self.mlp(torch.cat([pooled, bag], -1)).squeeze(-1)}  # (B,)
+
+
+@register("captioning")
+class CaptionDecoder(nn.Module):
+    """Transformer decoder over words, cross-attending to the patch tokens.
+
+    Training is teacher forced (input tokens[:, :-1], predicting tokens[:, 1:]); inference is greedy
+    (beam 1) or beam search with a GNMT length penalty.
+    """
+
+    def __init__(self, encoder_dim: int, preset: Preset, vocab_size: int, max_len: int):
+        super().__init__()
+        self.max_len = max_len  # positions, BOS and EOS included
+        self.project = ImageProjection(encoder_dim, preset.text_dim)
+        self.embed = nn.Embedding(vocab_size, preset.text_dim)
+        self.pos = nn.Embedding(max_len, preset.text_dim)
+        self.decoder = nn.TransformerDecoder(_text_layer(preset, cross=True), preset.decoder_depth)
+        self.norm = nn.LayerNorm(preset.text_dim)
+        self.lm_head = nn.Linear(preset.text_dim, vocab_size, bias=False)
+        self.lm_head.weight = self.embed.weight  # tied input/output embeddings, as in GPT-2
+        # GPT-2's small init: with N(0, 1) a word's own embedding dominates its next-word logits
+        nn.init.normal_(self.embed.weight, std=0.02)
+        nn.init.normal_(self.pos.weight, std=0.02)
+
+    @classmethod
+    def build(cls, encoder_dim: int, preset: Preset, sizes: VocabSizes, model_cfg: ModelConfig):
+        return cls(encoder_dim, preset, sizes.words, model_cfg.caption_max_len)
+
+    def _logits(self, words: torch.Tensor, memory: torch.Tensor) -> torch.Tensor:
+        """words (B, T), memory (B, N, Dt) -> (B, T, V). Causal: position t sees words <= t only, so the
+        PAD after EOS never reaches a real word and needs no padding mask."""
+        T = words.size(1)
+        x = self.embed(words) + self.pos(torch.arange(T, device=words.device))  # (B, T, Dt)
+        causal = nn.Transformer.generate_square_subsequent_mask(T, device=words.device, dtype=x.dtype)
+        x = self.decoder(x, memory, tgt_mask=causal, tgt_is_causal=True)
+        return self.lm_head(self.norm(x))
+
+    def _next_logits(self, words: torch.Tensor, memory: torch.Tensor) -> torch.Tensor:
+        """-> (B, V) logits of the word after `words`; PAD and BOS are never generated."""
+        logits = self._logits(words, memory)[:, -1].float()
+        logits[:, [PAD_ID, BOS_ID]] = float("-inf")
+        return logits
+
+    def forward(self, tokens, pooled, sub_batch) -> dict:
+        words = sub_batch["tokens"]  # (B, Lc): BOS w.. EOS PAD..
+        return {"logits": self._logits(words[:, :-1], self.project(tokens))}  # (B, Lc-1, V)
+
+    @torch.no_grad()
+    def generate(
+        self, tokens: torch.Tensor, max_len: int = 0, beam_size: int = 1, length_penalty: float = 0.0
+    ) -> list[list[int]]:
+        """tokens (B, N, D) -> per image the word ids of its caption (no BOS, EOS or PAD).
+
+        max_len counts BOS/EOS like caption_max_len (0 or more than the decoder's positions: its maximum).
+        """
+        max_len = min(max_len or self.max_len, self.max_len)
+        memory = self.project(tokens)  # (B, N, Dt)
+        if beam_size == 1:
+            return self._greedy(memory, max_len)
+        return self._beam(memory, max_len, beam_size, length_penalty)
+
+    def _greedy(self, memory: torch.Tensor, max_len: int) -> list[list[int]]:
+        B = memory.size(0)
+        seq = torch.full((B, 1), BOS_ID, dtype=torch.long, device=memory.device)
+        done = torch.zeros(B, dtype=torch.bool, device=memory.device)
+        for _ in range(max_len - 1):
+            next_word = self._next_logits(seq, memory).argmax(-1).masked_fill(done, PAD_ID)  # (B,)
+            seq = torch.cat([seq, next_word[:, None]], 1)
+            done |= next_word == EOS_ID
+            if done.all():
+                break
+        return [_strip(row) for row in seq[:, 1:].tolist()]
+
+    def _beam(self, memory: torch.Tensor, max_len: int, K: int, alpha: float) -> list[list[int]]:
+        """Beam search over B images at once (B*K rows). A hypothesis ends at EOS and is scored by its
+        log-probability / ((5 + length) / 6) ** alpha (GNMT); an image is done once it has K ended
+        hypotheses; at max_len the live beams count as ended. The bookkeeping runs on host lists, with
+        one device transfer each way per step."""
+        B, device, inf = memory.size(0), memory.device, float("-inf")
+        memory = memory.repeat_interleave(K, 0)  # (B*K, N, Dt)
+        seq = torch.full((B * K, 1), BOS_ID, dtype=torch.long, device=device)
+        scores = [[0.0] + [inf] * (K - 1) for _ in range(B)]  # all K beams start as BOS: expand only the first
+        ended: list[list[tuple[float, list[int]]]] = [[] for _ in range(B)]
+
+        def penalty(length: int) -> float:
+            return ((5 + length) / 6) ** alpha
+
+        for length in range(1, max_len):  # length: words generated after this step, EOS included
+            logp = F.log_softmax(self._next_logits(seq, memory), -1)  # (B*K, V)
+            V = logp.size(-1)
+            cand = (torch.tensor(scores, device=device).unsqueeze(-1) + logp.view(B, K, V)).view(B, K * V)
+            top_scores, top_ids = cand.topk(min(2 * K, K * V), dim=1)  # 2K: up to K of them may be EOS
+            top_scores, top_ids, prefixes = top_scores.tolist(), top_ids.tolist(), seq[:, 1:].tolist()
+            rows = list(range(B * K))  # a finished image keeps its rows, fed PAD
+            next_words = [PAD_ID] * (B * K)
+            scores = [[inf] * K for _ in range(B)]
+            for b in range(B):
+                k = 0
+                for rank, (s, i) in enumerate(zip(top_scores[b], top_ids[b])):
+                    if s == inf or k == K or len(ended[b]) >= K:
+                        break
+                    beam, word = divmod(i, V)
+                    if word == EOS_ID:
+                        if rank < K:  # an EOS outside the top K would not have survived the beam
+                            ended[b].append((s / penalty(length), prefixes[b * K + beam]))
+                        continue
+                    rows[b * K + k], next_words[b * K + k], scores[b][k] = b * K + beam, word, s
+                    k += 1
+            seq = torch.cat([seq[torch.tensor(rows, device=device)], torch.tensor(next_words, device=device)[:, None]], 1)
+            if all(len(e) >= K for e in ended):
+                break
+        prefixes = seq[:, 1:].tolist()
+        for b in range(B):
+            if len(ended[b]) < K:
+                ended[b] += [(s / penalty(len(prefixes[0])), prefixes[b * K + k]) for k, s in enumerate(scores[b]) if s != inf]
+        return [_strip(max(e, key=lambda h: h[0])[1]) for e in ended]
+
+
+def _strip(ids: list[int]) -> list[int]:
+    """Word ids up to the first EOS, without PAD/BOS."""
+    out = []
+    for i in ids:
+        if i == EOS_ID:
+            break
+        if i not in (PAD_ID, BOS_ID):
+            out.append(i)
+    return out
+
+
+@register("vqa")
+class VQAHead(nn.Module):
+    """Question encoder (word + position embeddings, a small transformer), fusion in which the question
+    words cross-attend to the image tokens, and an answer classifier over the answer vocabulary."""
+
+    def __init__(self, encoder_dim: int, preset: Preset, vocab_size: int, num_answers: int, max_len: int):
+        super().__init__()
+        d = preset.text_dim
+        self.embed = nn.Embedding(vocab_size, d, padding_idx=PAD_ID)
+        self.pos = nn.Embedding(max_len, d)
+        self.question_encoder = nn.TransformerEncoder(
+            _text_layer(preset, cross=False), preset.question_depth, enable_nested_tensor=False
+        )
+        self.project = ImageProjection(encoder_dim, d)
+        self.fusion = nn.TransformerDecoder(_text_layer(preset, cross=True), preset.fusion_depth)
+        self.classifier = nn.Sequential(
+            nn.LayerNorm(2 * d), nn.Linear(2 * d, d), nn.GELU(), nn.Dropout(preset.head_dropout), nn.Linear(d, num_answers)
+        )
+
+    @classmethod
+    def build(cls, encoder_dim: int, preset: Preset, sizes: VocabSizes, model_cfg: ModelConfig):
+        return cls(encoder_dim, preset, sizes.words, sizes.answers, model_cfg.question_max_len)
+
+    def forward(self, tokens, pooled, sub_batch) -> dict:
+        question = sub_batch["question"]  # (B, Lq), PAD-padded
+        pad = question == PAD_ID
+        pad[:, 0] = False  # an empty question would mask every key and make attention NaN
+        x = self.embed(question) + self.pos(torch.arange(question.size(1), device=question.device))  # (B, Lq, d)
+        x = self.question_encoder(x, src_key_padding_mask=pad)
+        image = self.project(tokens)  # (B, N, d)
+        x = self.fusion(x, image, tgt_key_padding_mask=pad)  # (B, Lq, d)
+        keep = (~pad).unsqueeze(-1).to(x.dtype)
+        fused = (x * keep).sum(1) / keep.sum(1)  # (B, d) mean over the question's words
+        return {"logits": self.classifier(torch.cat([fused, image.mean(1)], -1))}  # (B, A)

@@ -1,0 +1,110 @@
+"""SpatialNet-ViT: one ViT encoder shared by the task heads. Knows nothing of data loading or distribution."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from spatialnet_dist.config import TASKS, ModelConfig
+from spatialnet_dist.model.encoder import ViTEncoder, build_encoder, load_pretrained
+from spatialnet_dist.model.heads import HEADS, VocabSizes
+from spatialnet_dist.model.presets import Preset, get_preset
+from spatialnet_dist.text import TextVocabs
+
+
+class SpatialNetViT(nn.Module):
+    def __init__(self, encoder: ViTEncoder, heads: dict[str, nn.Module], preset: Preset):
+        super().__init__()
+        self.preset = preset
+        self.encoder = encoder
+        self.heads = nn.ModuleDict(heads)
+
+    @property
+    def image_size(self) -> int:
+        return self.encoder.patch_embed.img_size[0]
+
+    def encode(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """images (B, C, H, W) -> tokens (B, N, D), pooled (B, D)."""
+        return self.encoder.encode(images)
+
+    def forward(self, batch: dict[str, dict]) -> dict[str, dict]:
+        """Multi-task batch {task: sub-batch} -> {task: head outputs} for the tasks present.
+
+        The encoder runs once over all sub-batches' images (one large matmul per layer beats four
+        small ones), then its tokens are split back per task. Keys that name no task are ignored.
+        """
+        tasks = [t for t in batch if t in TASKS]
+        unknown = [t for t in tasks if t not in self.heads]
+        if unknown:
+            raise ValueError(f"batch has tasks {unknown} but the model has heads only for {list(self.heads)}")
+        sizes = [batch[t]["image"].size(0) for t in tasks]
+        tokens, pooled = self.encode(torch.cat([batch[t]["image"] for t in tasks]))
+        return {
+            t: self.heads[t](tok, pool, batch[t])
+            for t, tok, pool in zip(tasks, tokens.split(sizes), pooled.split(sizes))
+        }
+
+    # ---- inference, used by evaluation and `predict` ----
+
+    @torch.no_grad()
+    def caption(
+        self, images: torch.Tensor, beam_size: int = 1, length_penalty: float = 0.0, max_len: int = 0
+    ) -> list[list[int]]:
+        """-> per image the word ids of its caption (decode with TextVocabs.words.decode)."""
+        tokens, _ = self.encode(images)
+        return self.heads["captioning"].generate(tokens, max_len, beam_size, length_penalty)
+
+    @torch.no_grad()
+    def answer_logits(self, images: torch.Tensor, question: torch.Tensor) -> torch.Tensor:
+        """images (B, C, H, W), question (B, Lq) -> (B, A)."""
+        return self.forward({"vqa": {"image": images, "question": question}})["vqa"]["logits"]
+
+    @torch.no_grad()
+    def class_logits(self, images: torch.Tensor) -> torch.Tensor:
+        """-> (B, K) land-use class logits."""
+        return self.forward({"classification": {"image": images}})["classification"]["logits"]
+
+    @torch.no_grad()
+    def count(self, images: torch.Tensor, question: torch.Tensor) -> torch.Tensor:
+        """-> (B,) predicted raw counts (the head regresses log1p(count))."""
+        log1p = self.forward({"regression": {"image": images, "question": question}})["regression"]["count_log1p"]
+        return torch.expm1(log1p).clamp(min=0)
+
+    # ---- training helpers, used by the engine ----
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute encoder block activations in backward instead of storing them."""
+        self.encoder.set_grad_checkpointing(enable)
+
+    def no_weight_decay_names(self) -> set[str]:
+        """Parameters AdamW must not decay (nor the explicit L2 term penalise): norms, biases and other
+        1-D parameters, position/class tokens and embedding tables (decay would shrink rare words)."""
+        names = set()
+        for module_name, module in self.named_modules():
+            for name, p in module.named_parameters(recurse=False):
+                full = f"{module_name}.{name}" if module_name else name
+                if p.ndim <= 1 or isinstance(module, nn.Embedding) or name in ("pos_embed", "cls_token", "reg_token"):
+                    names.add(full)
+        return names  # the tied caption output layer is named_parameters()' embed.weight: covered
+
+    def decayed_parameters(self) -> list[nn.Parameter]:
+        skip = self.no_weight_decay_names()
+        return [p for n, p in self.named_parameters() if p.requires_grad and n not in skip]
+
+
+def assemble_model(model_cfg: ModelConfig, tasks: list[str], sizes: VocabSizes) -> SpatialNetViT:
+    """Encoder from the preset (with the config's overrides) + one head per task, sized by `sizes`."""
+    preset = get_preset(model_cfg.preset)
+    encoder = build_encoder(preset, model_cfg.image_size, model_cfg.in_chans, model_cfg.activation, model_cfg.drop_path)
+    if model_cfg.pretrained:
+        load_pretrained(encoder, model_cfg.pretrained, preset)
+    heads = {t: HEADS[t].build(encoder.embed_dim, preset, sizes, model_cfg) for t in tasks}
+    model = SpatialNetViT(encoder, heads, preset)
+    model.set_grad_checkpointing(preset.grad_checkpointing)
+    return model
+
+
+def build_model(model_cfg: ModelConfig, tasks: list[str], vocabs: TextVocabs) -> SpatialNetViT:
+    """The model for `tasks`, its heads sized by the vocabularies built from the training text."""
+    sizes = VocabSizes(words=len(vocabs.words), answers=len(vocabs.answers), classes=len(vocabs.classes))
+    return assemble_model(model_cfg, tasks, sizes)

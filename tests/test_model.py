@@ -1,0 +1,303 @@
+"""SpatialNet-ViT: head shapes, preset sizes, caption search, missing tasks, transfer learning, overfitting."""
+
+from __future__ import annotations
+
+import itertools
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from spatialnet_dist.config import TASKS, LossConfig, ModelConfig
+from spatialnet_dist.errors import UserError
+from spatialnet_dist.model import PRESETS, build_model
+from spatialnet_dist.model.encoder import build_encoder
+from spatialnet_dist.model.heads import VocabSizes
+from spatialnet_dist.model.spatialnet import assemble_model
+from spatialnet_dist.objective import MultiTaskObjective
+from spatialnet_dist.text import BOS_ID, EOS_ID, PAD_ID, AnswerVocab, TextVocabs, Vocab
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """The test machine's cores are shared: more threads than free cores makes small ops crawl."""
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(saved)
+
+
+SIZES = VocabSizes(words=40, answers=7, classes=5)
+CFG = ModelConfig(preset="tiny", image_size=32, caption_max_len=10, question_max_len=8)
+
+
+def tiny_model(tasks=TASKS, seed: int = 0, **overrides):
+    torch.manual_seed(seed)
+    cfg = ModelConfig(**{**CFG.__dict__, **overrides})
+    return assemble_model(cfg, list(tasks), SIZES)
+
+
+def make_batch(n: int = 3, seed: int = 0, tasks=TASKS) -> dict:
+    """A multi-task batch in the loader's format: captions [BOS w.. EOS PAD..], PAD-padded questions."""
+    g = torch.Generator().manual_seed(seed)
+    L, Lq = CFG.caption_max_len, CFG.question_max_len
+
+    def image():
+        return torch.randn(n, 3, 32, 32, generator=g)
+
+    tokens = torch.full((n, L), PAD_ID)
+    question = torch.full((n, Lq), PAD_ID)
+    for i in range(n):
+        words = torch.randint(4, SIZES.words, (3 + i % 4,), generator=g)
+        tokens[i, : len(words) + 2] = torch.cat([torch.tensor([BOS_ID]), words, torch.tensor([EOS_ID])])
+        question[i, : 2 + i % 3] = torch.randint(4, SIZES.words, (2 + i % 3,), generator=g)
+    batch = {
+        "captioning": {"image": image(), "tokens": tokens},
+        "vqa": {"image": image(), "question": question, "answer": torch.randint(0, SIZES.answers, (n,), generator=g)},
+        "classification": {"image": image(), "label": torch.randint(0, SIZES.classes, (n,), generator=g)},
+        "regression": {"image": image(), "question": question.flip(0), "count": torch.randint(0, 30, (n,), generator=g).float()},
+    }
+    return {t: batch[t] for t in tasks}
+
+
+def test_every_head_gives_the_contract_shapes():
+    model = tiny_model()
+    batch = make_batch(n=3)
+    batch["classification"] = {**make_batch(n=5)["classification"]}  # sub-batches may differ in size
+    out = model(batch)
+    assert out["captioning"]["logits"].shape == (3, CFG.caption_max_len - 1, SIZES.words)
+    assert out["vqa"]["logits"].shape == (3, SIZES.answers)
+    assert out["classification"]["logits"].shape == (5, SIZES.classes)
+    assert out["regression"]["count_log1p"].shape == (3,)
+    assert all(torch.isfinite(v).all() for o in out.values() for v in o.values())
+
+
+def test_forward_encodes_once_and_matches_per_task_forwards():
+    model = tiny_model().eval()
+    batch = make_batch(n=2)
+    calls = []
+    handle = model.encoder.patch_embed.register_forward_hook(lambda *a: calls.append(1))
+    joint = model(batch)
+    handle.remove()
+    assert len(calls) == 1
+    for task in TASKS:
+        alone = model({task: batch[task]})[task]
+        for key, value in alone.items():
+            torch.testing.assert_close(joint[task][key], value, rtol=1e-4, atol=1e-5)
+
+
+def test_build_model_sizes_heads_from_the_vocabularies():
+    words = Vocab.build({"a": 3, "red": 2, "roof": 1})
+    vocabs = TextVocabs(words, AnswerVocab(["yes", "no", "0"], "rsvqa-lr"), ["farm", "forest"])
+    model = build_model(CFG, ["captioning", "vqa", "classification"], vocabs)
+    assert set(model.heads) == {"captioning", "vqa", "classification"}
+    assert model.heads["captioning"].lm_head.out_features == len(words)
+    assert model.heads["vqa"].classifier[-1].out_features == 3
+    assert model.heads["classification"].fc.out_features == 2
+
+
+def test_paper_encoder_parameter_count_matches_its_dimensions():
+    p = PRESETS["paper"]
+    assert (p.embed_dim, p.depth, p.num_heads, p.patch_size, p.image_size, p.activation) == (768, 12, 8, 16, 256, "relu")
+    D, C, P, depth, H = p.embed_dim, 3, p.patch_size, p.depth, int(p.embed_dim * p.mlp_ratio)
+    N = (p.image_size // P) ** 2
+    patch = D * C * P * P + D
+    tokens = D + (N + 1) * D  # class token + learned positions
+    attention = (3 * D * D + 3 * D) + (D * D + D)  # qkv + output projection
+    mlp = (D * H + H) + (H * D + D)
+    block = 2 * D + attention + 2 * D + mlp  # two LayerNorms
+    reference = patch + tokens + depth * block + 2 * D  # + final norm
+    with torch.device("meta"):
+        encoder = build_encoder(p)
+    count = sum(t.numel() for t in encoder.parameters())
+    assert abs(count - reference) / reference < 0.02
+    assert 84e6 < count < 88e6
+    assert isinstance(encoder.blocks[0].mlp.act, torch.nn.ReLU)
+
+
+def test_config_overrides_image_size_and_activation():
+    model = tiny_model(image_size=48, activation="relu")
+    assert model.image_size == 48
+    assert isinstance(model.encoder.blocks[0].mlp.act, torch.nn.ReLU)
+    tokens, pooled = model.encode(torch.randn(2, 3, 48, 48))
+    assert tokens.shape == (2, 9, PRESETS["tiny"].embed_dim) and pooled.shape == (2, PRESETS["tiny"].embed_dim)
+
+
+def test_model_command_reports_the_contract_keys(capsys):
+    from spatialnet_dist.cli import main
+
+    assert main(["model", "--preset", "paper", "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["preset"] == "paper"
+    assert set(info["params"]) == {"encoder", "captioning", "vqa", "classification", "regression", "total"}
+    assert info["params"]["total"] == sum(v for k, v in info["params"].items() if k != "total")
+    assert 84e6 < info["params"]["encoder"] < 88e6
+    assert info["gflops_per_image"] > 2 * info["params"]["encoder"] * 256 / 1e9  # >= 2 FLOPs/param/token
+
+
+def test_giant_preset_has_over_a_billion_parameters():
+    from spatialnet_dist.model.summary import model_summary
+
+    info = model_summary("giant")
+    assert info["params"]["encoder"] > 1e9 and info["params"]["total"] > 1e9
+
+
+def test_bad_preset_or_image_size_is_a_user_error():
+    with pytest.raises(UserError, match="huge"):
+        tiny_model(preset="huge")
+    with pytest.raises(UserError, match="image_size 40"):
+        tiny_model(image_size=40)
+
+
+def test_beam_search_of_width_one_equals_greedy():
+    # A captioner trained for a few steps on captions of 3..6 words ends its captions at varied lengths.
+    model = tiny_model(["captioning"])
+    batch = make_batch(n=4, tasks=("captioning",))
+    objective = MultiTaskObjective(LossConfig())
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    for _ in range(20):
+        optimizer.zero_grad()
+        objective(model(batch), batch)["loss"].backward()
+        optimizer.step()
+    model.eval()
+    images = torch.cat([batch["captioning"]["image"], torch.randn(8, 3, 32, 32)])
+    greedy = model.caption(images, beam_size=1, max_len=CFG.caption_max_len)
+    decoder = model.heads["captioning"]
+    beam = decoder._beam(decoder.project(model.encode(images)[0]), CFG.caption_max_len, 1, 0.6)
+    assert beam == greedy
+    assert len({len(c) for c in greedy}) > 1 and all(0 < len(c) < CFG.caption_max_len - 1 for c in greedy[:4])
+    short = model.caption(images, beam_size=1, max_len=4)  # BOS + at most 3 words
+    assert all(s == g[:3] for s, g in zip(short, greedy))
+
+
+def test_wide_beam_finds_the_best_length_normalised_caption():
+    """With more beams than hypotheses, beam search is exhaustive: compare with brute force."""
+    torch.manual_seed(1)
+    model = assemble_model(CFG, ["captioning"], VocabSizes(words=7, answers=2, classes=2)).eval()
+    decoder = model.heads["captioning"]
+    decoder.embed.weight.data *= 10  # peaked next-word distributions: greedy and the best caption differ
+    max_len, alpha = 5, 0.6  # BOS + up to 4 generated words
+    images = torch.randn(4, 3, 32, 32)
+    found = model.caption(images, beam_size=128, length_penalty=alpha, max_len=max_len)
+    memory = decoder.project(model.encode(images)[0])  # (4, N, Dt)
+    best = []
+    for b in range(len(images)):
+        hypotheses = []  # (length-normalised log-probability, words)
+        for n in range(1, max_len):
+            seqs = torch.tensor(list(itertools.product([EOS_ID, *range(3, 7)], repeat=n)))  # (M, n)
+            with torch.no_grad():
+                inputs = torch.cat([torch.full((len(seqs), 1), BOS_ID), seqs[:, :-1]], 1)
+                logits = decoder._logits(inputs, memory[b : b + 1].expand(len(seqs), -1, -1)).float()
+            logits[..., [PAD_ID, BOS_ID]] = float("-inf")
+            logp = F.log_softmax(logits, -1).gather(2, seqs[..., None]).sum((1, 2))  # (M,)
+            for words, score in zip(seqs.tolist(), logp.tolist()):
+                if EOS_ID in words[:-1] or (words[-1] != EOS_ID and n < max_len - 1):
+                    continue  # not a hypothesis: ends before its EOS, or stops short of max_len without one
+                hypotheses.append((score / ((5 + n) / 6) ** alpha, [w for w in words if w != EOS_ID]))
+        best.append(max(hypotheses, key=lambda h: h[0])[1])
+    assert found == best
+    assert found != model.caption(images, beam_size=1, max_len=max_len)
+
+
+def test_a_batch_without_a_task_still_trains():
+    model = tiny_model()
+    objective = MultiTaskObjective(LossConfig())
+    batch = make_batch(tasks=("captioning", "classification", "regression"))
+    losses = objective(model(batch), batch, model)
+    assert "vqa_loss" not in losses
+    losses["loss"].backward()
+    for name, p in model.named_parameters():
+        if name.startswith("heads.vqa."):
+            assert p.grad is None, name
+        elif not name.startswith("heads."):  # every encoder weight learns from the tasks present
+            assert p.grad is not None and torch.isfinite(p.grad).all(), name
+    assert model.heads["captioning"].decoder.layers[0].linear1.weight.grad.abs().sum() > 0
+
+
+def test_no_weight_decay_names():
+    model = tiny_model()
+    names = model.no_weight_decay_names()
+    params = dict(model.named_parameters())
+    assert {"encoder.pos_embed", "encoder.cls_token", "encoder.norm.weight", "encoder.blocks.0.attn.qkv.bias"} <= names
+    assert {"heads.captioning.embed.weight", "heads.captioning.pos.weight", "heads.vqa.embed.weight"} <= names
+    assert "encoder.blocks.0.attn.qkv.weight" not in names and "heads.classification.fc.weight" not in names
+    assert all(params[n].ndim >= 2 for n in params if n not in names)
+    assert len(model.decayed_parameters()) == len(params) - len(names & set(params))
+
+
+def test_activation_checkpointing_gives_the_same_gradients():
+    batch = make_batch(n=2, tasks=("classification",))
+    grads = []
+    for enable in (False, True):
+        model = tiny_model(["classification"])
+        model.set_grad_checkpointing(enable)
+        model(batch)["classification"]["logits"].sum().backward()
+        grads.append(model.encoder.blocks[0].attn.qkv.weight.grad)
+    torch.testing.assert_close(grads[0], grads[1])
+    assert not PRESETS["tiny"].grad_checkpointing and PRESETS["giant"].grad_checkpointing
+
+
+@pytest.mark.parametrize("suffix", [".pth", ".safetensors"])
+def test_pretrained_local_file_loads_into_the_encoder(tmp_path, suffix):
+    source = tiny_model(["classification"], seed=1)
+    path = tmp_path / f"vit{suffix}"
+    state = {k: v.contiguous() for k, v in source.encoder.state_dict().items()}
+    if suffix == ".pth":
+        torch.save({"model": state}, path)  # nested as timm's training scripts save it
+    else:
+        from safetensors.torch import save_file
+
+        save_file(state, str(path))
+    same = tiny_model(["classification"], seed=2, pretrained=str(path))
+    torch.testing.assert_close(same.encoder.state_dict(), source.encoder.state_dict())
+    resized = tiny_model(["classification"], seed=2, image_size=64, pretrained=str(path))  # 4x4 -> 8x8 grid
+    assert resized.encoder.pos_embed.shape == (1, 1 + 16, PRESETS["tiny"].embed_dim)
+    torch.testing.assert_close(resized.encoder.blocks[3].mlp.fc2.weight, source.encoder.blocks[3].mlp.fc2.weight)
+
+
+def test_pretrained_accepts_a_spatialnet_state_dict(tmp_path):
+    source = tiny_model(seed=1)
+    torch.save(source.state_dict(), tmp_path / "spatialnet.pt")
+    model = tiny_model(["vqa"], seed=2, pretrained=str(tmp_path / "spatialnet.pt"))
+    torch.testing.assert_close(model.encoder.state_dict(), source.encoder.state_dict())
+
+
+def test_pretrained_errors_name_the_problem(tmp_path):
+    missing = tmp_path / "nope.pth"
+    with pytest.raises(UserError, match=str(missing)):
+        tiny_model(pretrained=str(missing))
+    torch.save({"unrelated.weight": torch.zeros(2)}, tmp_path / "other.pth")
+    with pytest.raises(UserError, match="no ViT encoder weights"):
+        tiny_model(pretrained=str(tmp_path / "other.pth"))
+    wider = build_encoder(PRESETS["small"], image_size=32)
+    torch.save(wider.state_dict(), tmp_path / "small.pth")
+    with pytest.raises(UserError, match="expects"):
+        tiny_model(pretrained=str(tmp_path / "small.pth"))
+    with pytest.raises(UserError, match="no published timm weights"):
+        tiny_model(pretrained="hub")
+
+
+def test_pretrained_hub_offline_is_a_one_line_user_error():
+    with pytest.raises(UserError, match="unreachable") as err:  # conftest sets HF_HUB_OFFLINE=1
+        tiny_model(["classification"], preset="small", pretrained="hub")
+    assert "\n" not in str(err.value)
+
+
+def test_tiny_model_overfits_one_multitask_batch():
+    """Every task's loss falls by >= 90% within 300 AdamW steps on one fixed batch."""
+    model = tiny_model()
+    objective = MultiTaskObjective(LossConfig())
+    batch = make_batch(n=4, seed=1)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.0)
+    first = None
+    for _ in range(300):
+        losses = objective(model(batch), batch, model)
+        current = {t: losses[f"{t}_loss"].item() for t in TASKS}
+        first = first or current
+        if all(current[t] <= 0.1 * first[t] for t in TASKS):
+            break
+        optimizer.zero_grad()
+        losses["loss"].backward()
+        optimizer.step()
+    assert all(current[t] <= 0.1 * first[t] for t in TASKS), (first, current)
