@@ -283,6 +283,9 @@ def _merge(obj, data: dict, prefix: str = "") -> None:
         tp = hints[key]
         if _is_dataclass_type(tp):
             _merge(getattr(obj, key), value, f"{full}.")
+        elif typing.get_origin(tp) is dict:
+            # Mappings merge: `--set loss.weights.vqa=2` changes one weight and keeps the others.
+            setattr(obj, key, {**getattr(obj, key), **_coerce(full, value, tp)})
         else:
             setattr(obj, key, _coerce(full, value, tp))
 
@@ -322,6 +325,10 @@ def validate(cfg: Config) -> Config:
         for name, w in tc.corpus_weights.items():
             if name not in tc.corpora or w < 0:
                 raise ConfigError(f"config key tasks.{task}.corpus_weights.{name}: must name a listed corpus, weight >= 0")
+    if cfg.loss.regularization == "l2" and cfg.train.zero_stage == 3:
+        # ZeRO-3 partitions the parameters outside forward: the explicit L2 term would read placeholders.
+        raise ConfigError("config key loss.regularization: l2 is not supported with train.zero_stage=3 "
+                          "(use decoupled weight decay)")
     if not cfg.tasks.enabled():
         raise ConfigError("config key tasks: at least one task must be enabled")
     for task, w in cfg.loss.weights.items():

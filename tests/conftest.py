@@ -18,6 +18,15 @@ os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".torch_extensions"))
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 
 
+@pytest.fixture(autouse=True, scope="session")
+def one_torch_thread():
+    """The test machine's 2 cores are shared with Ray workers and servers: more threads than free
+    cores makes small ops crawl (caption generation 20-50x slower with 2)."""
+    import torch
+
+    torch.set_num_threads(1)
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

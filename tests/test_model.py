@@ -18,16 +18,6 @@ from spatialnet_dist.model.spatialnet import assemble_model
 from spatialnet_dist.objective import MultiTaskObjective
 from spatialnet_dist.text import BOS_ID, EOS_ID, PAD_ID, AnswerVocab, TextVocabs, Vocab
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """The test machine's cores are shared: more threads than free cores makes small ops crawl."""
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
-
-
 SIZES = VocabSizes(words=40, answers=7, classes=5)
 CFG = ModelConfig(preset="tiny", image_size=32, caption_max_len=10, question_max_len=8)
 
