@@ -171,9 +171,17 @@ def _train_answer_counts(cfg) -> dict[str, Counter]:
 
 def trivial_baselines(rows: dict[str, list[dict]], cfg) -> dict:
     """What guessing scores, for the report: the training split's most frequent answer per question type
-    (VQA), its median count (count regression), and this split's most frequent class (classification).
-    Captions have none here: scoring one would run the java scorers a second time."""
+    (VQA), its median count (count regression), this split's most frequent class (classification), and
+    one fixed caption for every image, this split's most frequent reference (captions)."""
     baselines = {}
+    if rows.get("captioning"):
+        captions = rows["captioning"]
+        fixed = Counter(" ".join(ref.lower().split()) for r in captions for ref in r["references"]).most_common(1)[0][0]
+        baselines["captions"] = {
+            **score_captions([{"image_id": r["image_id"], "caption": fixed} for r in captions],
+                             {r["image_id"]: r["references"] for r in captions}),
+            "name": f"one fixed caption: {fixed!r}",
+        }
     try:
         answers = _train_answer_counts(cfg)
     except UserError as e:  # a store without the training split: no VQA or count baseline
