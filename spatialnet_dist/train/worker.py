@@ -8,6 +8,7 @@ import logging
 from pathlib import Path
 
 import ray.train
+from ray.train.v2._internal.execution import context as ray_train_context
 
 from spatialnet_dist import config as config_mod
 from spatialnet_dist.text import TextVocabs
@@ -46,6 +47,8 @@ def _brief(metrics: dict) -> str:
 
 def train_loop_per_worker(config: dict) -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    # Ray Train logs every report's whole metrics dict (its logger is named after its file); ours is one line.
+    logging.getLogger(ray_train_context.__file__).setLevel(logging.WARNING)
     cfg = config_mod.from_dict(config["config"])
     vocabs = TextVocabs.from_dict(config["vocab"])
     run = RunDir(config["run_dir"])
