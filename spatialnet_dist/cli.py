@@ -104,6 +104,14 @@ def _predict(a) -> int:
     return 0
 
 
+def _export(a) -> int:
+    from spatialnet_dist.train.checkpoint import export_bundle
+
+    out = export_bundle(a.checkpoint, a.out)
+    print(f"exported {a.checkpoint} -> {out} (model.safetensors, config.yaml, vocab.json)")
+    return 0
+
+
 def _model(a) -> int:
     from spatialnet_dist.model.summary import format_summary, model_summary
 
@@ -175,6 +183,11 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--question", action="append", help="a question to answer for every image (repeatable)")
     pr.add_argument("--json", action="store_true")
     pr.set_defaults(fn=_predict)
+
+    ex = sub.add_parser("export", help="consolidate a checkpoint (any ZeRO stage) into an fp32 inference bundle")
+    ex.add_argument("checkpoint", help="checkpoint dir or s3:// URL")
+    ex.add_argument("out", help="output folder: model.safetensors + config.yaml + vocab.json")
+    ex.set_defaults(fn=_export)
 
     mo = sub.add_parser("model", help="parameter counts and GFLOPs of a preset")
     mo.add_argument("--preset", required=True)

@@ -112,6 +112,8 @@ def _restore_worker(rank: int, world_size: int, port: int, root: str, run_dir: s
     restored = fresh.inference_model().state_dict()
     same = step == 3 and all(torch.equal(saved[k], restored[k]) for k in saved)
     Path(out, f"rank-{rank}.json").write_text(json.dumps({"same": same, "step": step}))
+    if rank == 0:
+        torch.save(saved, Path(out, "saved.pt"))
 
 
 @pytest.mark.slow
@@ -125,9 +127,20 @@ def test_checkpoint_restore_reproduces_parameters(synth_root, tmp_path, stage):
     mp.spawn(_restore_worker, args=(2, _free_port(), synth_root, str(run_dir), stage, str(tmp_path)), nprocs=2)
     for rank in range(2):
         assert json.loads((tmp_path / f"rank-{rank}.json").read_text()) == {"same": True, "step": 3}
-    files = {p.name for p in (run_dir / "checkpoint-000003" / "zero" / "ds").iterdir()}
+    checkpoint = run_dir / "checkpoint-000003"
+    files = {p.name for p in (checkpoint / "zero" / "ds").iterdir()}
     assert {f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt" for r in range(2)} <= files
-    assert json.loads((run_dir / "checkpoint-000003" / "meta.json").read_text())["step"] == 3
+    assert json.loads((checkpoint / "meta.json").read_text())["step"] == 3
+
+    # The fp32 inference bundle, consolidated by DeepSpeed from both ranks' shards, holds those parameters.
+    from spatialnet_dist.cli import main as cli_main
+    from spatialnet_dist.train.checkpoint import load_model
+
+    assert cli_main(["export", str(checkpoint), str(tmp_path / "bundle")]) == 0
+    model, _, _ = load_model(str(tmp_path / "bundle"))
+    saved = torch.load(tmp_path / "saved.pt")
+    exported = model.state_dict()
+    assert all(torch.equal(saved[k].float(), exported[k]) for k in saved)
 
 
 # ---- Ray Train: 2 workers, failures, S3 ----
