@@ -200,7 +200,7 @@ def test_ray_zero3_resumes_after_sigkill(synth_root, tmp_path, capsys):
                                daemon=True)
     watcher.start()
     code = launch.main(sets(*TINY, f"data.root={synth_root}", f"run.storage={runs}", "run.name=z3",
-                            "train.zero_stage=3", "train.max_steps=10", "train.checkpoint_every=4"))
+                            "train.zero_stage=3", "train.max_steps=10", "train.checkpoint_every=4", "eval.every=5"))
     result = result_line(capsys.readouterr().out)
     assert killed, "no Ray Train worker was found to kill"
     assert code == 0, result
@@ -208,3 +208,6 @@ def test_ray_zero3_resumes_after_sigkill(synth_root, tmp_path, capsys):
     metrics = [json.loads(line) for line in (runs / "z3" / "metrics.jsonl").read_text().splitlines()]
     assert _steps(metrics) == list(range(1, 11))
     assert metrics[-1]["loss"] < metrics[0]["loss"]
+    # Periodic validation, with ZeRO-3's parameters gathered for it, scored once on rank 0.
+    for m in (metrics[4], metrics[9]):
+        assert {"val/vqa_loss", "val/vqa_OA", "val/classification_accuracy", "val/regression_MAE"} <= set(m)

@@ -85,16 +85,17 @@ def _predict_rows(model, cfg, vocabs: TextVocabs, task: str, sub: dict, images: 
 
 @torch.no_grad()
 def predict_split(
-    model, cfg, vocabs: TextVocabs, split: str, rank: int = 0, world_size: int = 1, max_rows: int = 0
+    model, cfg, vocabs: TextVocabs, split: str, rank: int = 0, world_size: int = 1, max_rows: int = 0,
+    tasks: list[str] | None = None,
 ) -> SplitPredictions:
-    """This rank's share of `split`: prediction rows for every task the model has a head for
-    (at most `max_rows` per task when > 0). Captions by beam search (eval.beam_size)."""
+    """This rank's share of `split`: prediction rows for every task the model has a head for (or those of
+    `tasks`), at most `max_rows` per task when > 0. Captions by beam search (eval.beam_size)."""
     from spatialnet_dist.data import make_eval_loader
 
     model.eval()
     param = next(model.parameters())
     out = SplitPredictions()
-    for task in [t for t in cfg.tasks.enabled() if t in model.heads]:
+    for task in [t for t in (tasks or cfg.tasks.enabled()) if t in model.heads]:
         rows: list[dict] = []
         for sub in make_eval_loader(cfg, vocabs, task, split, rank, world_size):
             images = sub["image"].to(param.device, param.dtype)  # (B, C, H, W)
@@ -315,7 +316,25 @@ def finish(
     return metrics
 
 
-# ---- the two callers ----
+# ---- the callers ----
+
+
+def validation_metrics(model, cfg, vocabs: TextVocabs, rank: int, world_size: int) -> dict:
+    """Periodic validation during training, on up to eval.val_batches batches per task of the val split:
+    VQA accuracy, classification accuracy and count MAE, scored once on rank 0 ({} on the others).
+    Captions are left to their validation loss: beam search and the java scorers at every validation
+    would cost more than the training steps between them."""
+    tasks = [t for t in ("vqa", "classification", "regression") if t in cfg.tasks.enabled()]
+    if not tasks:
+        return {}
+    rows = cfg.eval.val_batches * max(getattr(cfg.tasks, t).batch_size for t in tasks)
+    pred = _gather(predict_split(model, cfg, vocabs, "val", rank, world_size, rows, tasks), rank, world_size)
+    if pred is None:
+        return {}
+    scores = score_predictions(pred.rows, cfg, vocabs)
+    picks = (("vqa", "OA"), ("vqa", "AA"), ("classification", "accuracy"), ("regression", "MAE"))
+    return {f"val/{task}_{key}": scores[task][key] for task, key in picks if key in scores.get(task, {})}
+
 
 
 def evaluate_model(

@@ -151,4 +151,9 @@ def full_model(engine, build) -> torch.nn.Module:
     params = list(engine.module.parameters())
     with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
         model.load_state_dict({k: v.detach().float() for k, v in engine.module.state_dict().items()})
+    # The gather leaves ZeRO-3's recorded parameter-fetch order stale; the next training step would
+    # prefetch from it and fail ("tracing error"). Let it record the order afresh.
+    coordinator = engine.optimizer.parameter_offload.get_param_coordinator()
+    if not coordinator.is_invalid_trace():
+        coordinator._invalidate_trace()
     return model

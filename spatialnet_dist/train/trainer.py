@@ -196,7 +196,10 @@ class Trainer:
 
     @torch.no_grad()
     def validate(self) -> dict:
-        """Teacher-forced loss on up to eval.val_batches batches per task of the val split."""
+        """Teacher-forced loss on up to eval.val_batches batches per task of the val split, and the
+        task metrics that need no java (evaluate.run.validation_metrics)."""
+        from spatialnet_dist.evaluate.run import validation_metrics
+
         model = self.inference_model()
         model.eval()
         sums = torch.zeros(2 * len(self.tasks), dtype=torch.float64)
@@ -210,10 +213,12 @@ class Trainer:
                 size = len(sub[task]["image_id"])
                 sums[2 * i] += losses[f"{task}_loss"].item() * size
                 sums[2 * i + 1] += size
-        model.train()
         sums = _reduce_sum(sums)
-        return {f"val/{t}_loss": (sums[2 * i] / sums[2 * i + 1]).item()
-                for i, t in enumerate(self.tasks) if sums[2 * i + 1] > 0}
+        metrics = {f"val/{t}_loss": (sums[2 * i] / sums[2 * i + 1]).item()
+                   for i, t in enumerate(self.tasks) if sums[2 * i + 1] > 0}
+        metrics.update(validation_metrics(model, self.cfg, self.vocabs, self.rank, self.world_size))
+        model.train()
+        return metrics
 
 
 class _Window:
