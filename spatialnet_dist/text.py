@@ -7,6 +7,7 @@ JSON files that travel with every checkpoint, and loaded back by evaluation and 
 from __future__ import annotations
 
 import json
+import math
 import re
 from collections import Counter
 from pathlib import Path
@@ -27,15 +28,15 @@ def words(text: str) -> list[str]:
 RSVQA_LR_COUNT_BINS = ("0", "between 0 and 10", "between 10 and 100", "between 100 and 1000", "more than 1000")
 
 
-def _as_number(answer) -> float | None:
+def as_number(answer) -> float | None:
+    """A raw answer as a finite number ("12", 12, "12.0" -> 12.0), or None for words (and booleans)."""
     if isinstance(answer, bool):
         return None
-    if isinstance(answer, (int, float)):
-        return float(answer)
     try:
-        return float(str(answer).strip())
+        n = float(answer) if isinstance(answer, (int, float)) else float(str(answer).strip())
     except ValueError:
         return None
+    return n if math.isfinite(n) else None
 
 
 def rsvqa_lr_count_bin(answer) -> str:
@@ -43,7 +44,7 @@ def rsvqa_lr_count_bin(answer) -> str:
 
     A non-numeric answer is returned normalised and unchanged (it is already a bin or a word).
     """
-    n = _as_number(answer)
+    n = as_number(answer)
     if n is None:
         return normalize_answer(answer)
     if n <= 0:
@@ -58,7 +59,7 @@ def rsvqa_lr_count_bin(answer) -> str:
 
 
 def normalize_answer(answer) -> str:
-    n = _as_number(answer)
+    n = as_number(answer)
     if n is not None and n == int(n):
         return str(int(n))  # "12.0" and 12 -> "12"
     return " ".join(str(answer).strip().lower().split())

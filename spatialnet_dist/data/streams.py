@@ -36,7 +36,7 @@ from spatialnet_dist.errors import UserError
 from spatialnet_dist.store.manifest import read_manifest, shard_urls
 from spatialnet_dist.store.schema import Sample, decode_sample
 from spatialnet_dist.store.storage import StoreError, open_stream
-from spatialnet_dist.text import TextVocabs
+from spatialnet_dist.text import TextVocabs, as_number
 
 log = logging.getLogger(__name__)
 _logged_shards: set[str] = set()  # bad shards this process has named in the log
@@ -206,15 +206,6 @@ class WeightedShardSource(IterableDataset):
 # ---- task samples ----
 
 
-def _number(answer) -> float | None:
-    if isinstance(answer, bool):
-        return None
-    try:
-        return float(answer)
-    except (TypeError, ValueError):
-        return None
-
-
 class TaskSamples:
     """Sample -> the task's samples (dicts of one batch row, see DESIGN.md "Batch format").
 
@@ -262,8 +253,8 @@ class TaskSamples:
             ]
         if self.task == "classification":
             return [] if s.label_name is None else [{"label": self.class_index.get(s.label_name, -1)}]
-        counts = [q for q in s.qa if q["type"] == "count" and _number(q["answer"]) is not None]
-        return [{"question": self._question(q["question"]), "count": _number(q["answer"])} for q in self._pick(counts, rng)]
+        counts = [q for q in s.qa if q["type"] == "count" and as_number(q["answer"]) is not None]
+        return [{"question": self._question(q["question"]), "count": as_number(q["answer"])} for q in self._pick(counts, rng)]
 
 
 def task_rows(samples: Iterable[Sample], make_rows: TaskSamples, rng: np.random.Generator | None) -> Iterator[dict]:

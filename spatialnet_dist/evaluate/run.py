@@ -36,7 +36,7 @@ from spatialnet_dist.evaluate.classification import score_classification
 from spatialnet_dist.evaluate.report import write_report
 from spatialnet_dist.evaluate.vqa import count_errors, score_vqa
 from spatialnet_dist.store import storage
-from spatialnet_dist.text import TextVocabs, map_answer
+from spatialnet_dist.text import TextVocabs, as_number, map_answer
 
 log = logging.getLogger(__name__)
 
@@ -198,7 +198,8 @@ def trivial_baselines(rows: dict[str, list[dict]], cfg) -> dict:
             majority[qtype] = mapped.most_common(1)[0][0]
         guessed = [{**r, "prediction": majority.get(r["type"], "")} for r in rows["vqa"]]
         baselines["vqa"] = {**score_vqa(guessed, rule), "name": "most frequent training answer per type"}
-    train_counts = [float(a) for a, n in answers.get("count", {}).items() if _is_number(a) for _ in range(n)]
+    train_counts = [as_number(a) for a, n in answers.get("count", {}).items() if as_number(a) is not None
+                    for _ in range(n)]
     if rows.get("regression") and train_counts:
         median = statistics.median(train_counts)
         truth = [r["count"] for r in rows["regression"]]
@@ -211,13 +212,6 @@ def trivial_baselines(rows: dict[str, list[dict]], cfg) -> dict:
         share = Counter(labels).most_common(1)[0][1] / len(labels)
         baselines["classification"] = {"accuracy": share, "n": len(labels), "name": "most frequent class of this split"}
     return baselines
-
-
-def _is_number(text: str) -> bool:
-    try:
-        return math.isfinite(float(text))
-    except ValueError:
-        return False
 
 
 # ---- writing ----
