@@ -33,10 +33,13 @@ def micro_batch_size(cfg: Config) -> int:
     return sum(getattr(cfg.tasks, t).batch_size for t in cfg.tasks.enabled())
 
 
-def deepspeed_config(cfg: Config, world_size: int) -> dict:
+def deepspeed_config(cfg: Config, world_size: int, n_params: int) -> dict:
     zero: dict = {"stage": cfg.train.zero_stage}
     if cfg.train.zero_stage >= 1:
-        zero.update(overlap_comm=cfg.train.use_gpu, contiguous_gradients=True, reduce_bucket_size=5e7)
+        # ZeRO-3 keeps a reduce bucket of this many elements alive between steps: a fixed 5e7 would
+        # outweigh a small model's whole partition (bench/zero_memory.py), so scale it with the model.
+        bucket = int(min(5e7, max(1e6, n_params // 8)))
+        zero.update(overlap_comm=cfg.train.use_gpu, contiguous_gradients=True, reduce_bucket_size=bucket)
     if cfg.train.offload_optimizer and cfg.train.zero_stage >= 1:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": cfg.train.use_gpu}
     if cfg.train.offload_params and cfg.train.zero_stage == 3:
@@ -91,7 +94,7 @@ def create_engine(cfg: Config, model: torch.nn.Module, world_size: int):
     if cfg.train.activation_checkpointing and hasattr(model, "set_grad_checkpointing"):
         model.set_grad_checkpointing(True)
     groups = param_groups(model, cfg.optim.weight_decay)
-    ds_config = deepspeed_config(cfg, world_size)
+    ds_config = deepspeed_config(cfg, world_size, sum(p.numel() for p in model.parameters()))
     adam = {"lr": cfg.optim.lr, "betas": list(cfg.optim.betas), "eps": 1e-8, "weight_decay": cfg.optim.weight_decay}
     if cfg.loss.regularization == "l2":
         adam["weight_decay"] = 0.0  # the objective adds lambda_reg * ||theta||^2 instead

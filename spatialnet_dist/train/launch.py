@@ -103,6 +103,8 @@ def connect_ray(cfg: config_mod.Config) -> bool:
         ray.init(address=os.environ["RAY_ADDRESS"], runtime_env=runtime_env, log_to_driver=True)
         return True
     needed = cfg.train.num_workers * cfg.train.cpus_per_worker
+    # Ray starts its workers at nice 15: on a shared machine anything else would starve the trainers.
+    os.environ.setdefault("RAY_worker_niceness", "0")
     # The dashboard also serves Ray's state API (Ray Train's controller polls it); loopback only.
     ray.init(_node_ip_address="127.0.0.1", num_cpus=max(needed, os.cpu_count() or 1), include_dashboard=True,
              dashboard_host="127.0.0.1", runtime_env=runtime_env, log_to_driver=True)
