@@ -124,6 +124,7 @@ def process_tensor_bytes() -> int:
 def measure_rank(rank: int, world_size: int, port: int, stage: int, preset: str, precision: str, out: str) -> None:
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
+    sys.stdout = sys.stderr  # DeepSpeed prints its op builds to stdout; the bench's stdout is one JSON object
     torch.set_num_threads(1)
     from model_step import multitask_batch  # bench/model_step.py: the multi-task batch of the step benches
 
