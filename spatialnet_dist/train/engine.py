@@ -33,13 +33,19 @@ def micro_batch_size(cfg: Config) -> int:
     return sum(getattr(cfg.tasks, t).batch_size for t in cfg.tasks.enabled())
 
 
-def deepspeed_config(cfg: Config, world_size: int, n_params: int) -> dict:
+def deepspeed_config(cfg: Config, world_size: int, model: torch.nn.Module) -> dict:
     zero: dict = {"stage": cfg.train.zero_stage}
     if cfg.train.zero_stage >= 1:
         # ZeRO-3 keeps a reduce bucket of this many elements alive between steps: a fixed 5e7 would
         # outweigh a small model's whole partition (bench/zero_memory.py), so scale it with the model.
+        n_params = sum(p.numel() for p in model.parameters())
         bucket = int(min(5e7, max(1e6, n_params // 8)))
         zero.update(overlap_comm=cfg.train.use_gpu, contiguous_gradients=True, reduce_bucket_size=bucket)
+    if cfg.train.zero_stage == 3:
+        # ZeRO-3 keeps parameters under this many elements whole on every rank, to spare their gathers.
+        # DeepSpeed's 1e5 keeps a narrow model's projection matrices whole too (tiny: 4.9 of 24 MiB);
+        # keep only the vectors (biases, norms, tokens) and partition every matrix.
+        zero["stage3_param_persistence_threshold"] = max(p.numel() for p in model.parameters() if p.ndim <= 1)
     if cfg.train.offload_optimizer and cfg.train.zero_stage >= 1:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": cfg.train.use_gpu}
     if cfg.train.offload_params and cfg.train.zero_stage == 3:
@@ -94,7 +100,7 @@ def create_engine(cfg: Config, model: torch.nn.Module, world_size: int):
     if cfg.train.activation_checkpointing and hasattr(model, "set_grad_checkpointing"):
         model.set_grad_checkpointing(True)
     groups = param_groups(model, cfg.optim.weight_decay)
-    ds_config = deepspeed_config(cfg, world_size, sum(p.numel() for p in model.parameters()))
+    ds_config = deepspeed_config(cfg, world_size, model)
     adam = {"lr": cfg.optim.lr, "betas": list(cfg.optim.betas), "eps": 1e-8, "weight_decay": cfg.optim.weight_decay}
     if cfg.loss.regularization == "l2":
         adam["weight_decay"] = 0.0  # the objective adds lambda_reg * ||theta||^2 instead
@@ -114,7 +120,28 @@ def create_engine(cfg: Config, model: torch.nn.Module, world_size: int):
         config=ds_config,
         dist_init_required=False,
     )
+    share_fp32_master_partitions(engine.optimizer)
     return engine
+
+
+def share_fp32_master_partitions(optimizer) -> None:
+    """fp32 ZeRO-3: make the optimizer's master partitions the parameter partitions themselves.
+
+    DeepSpeed 0.19 means to skip the master copy when the partitions are already fp32 on the optimizer's
+    device ("we don't need another copy of the weights", stage3.py), but it compares a torch.device with
+    the accelerator's device name, a str, which is never equal; so every rank keeps a second fp32 copy of
+    its partition: 4 bytes per parameter for nothing (bench/zero_memory.py). Pointing each master at its
+    partition's storage gives the layout DeepSpeed intended; the optimizer keeps its tensors, and their
+    state, by identity, and the step's master -> partition copy becomes a copy onto itself.
+    """
+    masters = getattr(optimizer, "fp32_partitioned_groups_flat", None)
+    partitions = getattr(optimizer, "fp16_partitioned_groups_flat", None)
+    if not masters or not partitions or getattr(optimizer, "offload_optimizer", False):
+        return  # not ZeRO-3, or offloaded: DeepSpeed's CPU optimizer owns its own fp32 copy
+    for master, partition in zip(masters, partitions, strict=True):
+        if (master is not partition and master.dtype == partition.dtype and master.device == partition.device
+                and master.shape == partition.shape):
+            master.data = partition.data
 
 
 def save_checkpoint(engine, directory: str, tag: str, client_state: dict) -> None:
