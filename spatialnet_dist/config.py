@@ -38,6 +38,7 @@ class DataConfig:
     root: str = "shards"  # local dir or s3://bucket/prefix
     loader_workers: int = 1  # DataLoader worker processes per training worker
     prefetch: int = 2
+    image_cache_mb: int = 256  # decoded training images each loader worker keeps (0: none)
     corpus_mix: str = "size"  # size | temperature | explicit (tasks.<t>.corpus_weights)
     mix_temperature: float = 2.0
     synth_images: int = 600  # size of the synthetic corpus generated on first use
@@ -161,6 +162,7 @@ _CHECKS: dict[str, tuple[typing.Callable, str]] = {
     "run.keep_checkpoints": (lambda v: v >= 0, ">= 0"),
     "data.loader_workers": (lambda v: v >= 0, ">= 0"),
     "data.prefetch": (lambda v: v >= 1, ">= 1"),
+    "data.image_cache_mb": (lambda v: v >= 0, ">= 0"),
     "data.corpus_mix": (lambda v: v in ("size", "temperature", "explicit"), "size, temperature or explicit"),
     "data.mix_temperature": (lambda v: v > 0, "> 0"),
     "data.synth_images": (lambda v: v >= 10, ">= 10"),

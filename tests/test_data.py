@@ -18,6 +18,7 @@ from spatialnet_dist.config import TASKS, Config
 from spatialnet_dist.data import ImageTransform, StreamState, build_vocabs, make_eval_loader, make_train_loader, streams
 from spatialnet_dist.data.batches import alternate_task
 from spatialnet_dist.data.streams import (
+    ImageCache,
     StreamCounts,
     WeightedShardSource,
     decode_samples,
@@ -27,6 +28,7 @@ from spatialnet_dist.data.streams import (
 )
 from spatialnet_dist.data.transforms import adapt_bands, random_symmetry
 from spatialnet_dist.errors import UserError
+from spatialnet_dist.store import schema
 from spatialnet_dist.store.manifest import shard_urls
 from spatialnet_dist.store.schema import Sample
 from spatialnet_dist.store.storage import StoreError
@@ -224,6 +226,33 @@ def _rows(cfg, vocabs, task: str, n: int, seed: int = 7) -> list[dict]:
     spec = task_stream_spec(cfg, vocabs, task, "train", ImageTransform(SIZE, 3, train=True), train=True)
     rows = iter(train_stream(spec, seed, StreamCounts(task, 0.5)))
     return [next(rows) for _ in range(n)]
+
+
+def test_image_cache_decodes_each_image_once_and_changes_no_row(store, vocabs, monkeypatch):
+    cfg = make_cfg(store, ["toy"])
+    spec = task_stream_spec(cfg, vocabs, "vqa", "train", ImageTransform(SIZE, 3, train=True), train=True)
+    decodes = Counter()
+    decode_image = schema.decode_image
+    monkeypatch.setattr(schema, "decode_image", lambda ext, data: decodes.update([ext]) or decode_image(ext, data))
+
+    def rows(images: ImageCache | None, n: int = 100) -> list[dict]:
+        stream = iter(train_stream(spec, 7, StreamCounts("vqa", 0.5), images))
+        return [next(stream) for _ in range(n)]
+
+    plain = rows(None)
+    assert decodes.total() >= 100  # one decode per visit
+    decodes.clear()
+    images = ImageCache(2**30)
+    cached = rows(images)
+    assert decodes.total() == len(images) == 16  # toy's train split: 16 images, each decoded once
+    assert all(a["qid"] == b["qid"] and torch.equal(a["image"], b["image"]) for a, b in zip(plain, cached, strict=True))
+    with pytest.raises(ValueError, match="read-only"):
+        next(iter(images._images.values()))[0, 0, 0] = 1
+
+    one_image = next(iter(images._images.values())).nbytes
+    small = ImageCache(3 * one_image)
+    rows(small, 50)
+    assert len(small) == 3 and small.bytes <= small.max_bytes
 
 
 def test_vqa_visits_draw_every_pair_and_captions_vary(store, vocabs):

@@ -29,6 +29,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset
 
 from spatialnet_dist.data.streams import (
+    ImageCache,
     StreamCounts,
     TaskStreamSpec,
     collate,
@@ -111,9 +112,10 @@ class MultiTaskBatches(IterableDataset):
     """Endless multi-task batches of one rank; each loader worker runs its own seeded task streams."""
 
     def __init__(self, specs: dict[str, TaskStreamSpec], batch_sizes: dict[str, int], seed: int, rank: int,
-                 seed_offset: int, start: int, alternate: bool):
+                 seed_offset: int, start: int, alternate: bool, image_cache_bytes: int):
         self.specs, self.batch_sizes = specs, batch_sizes
         self.seed, self.rank, self.seed_offset, self.start, self.alternate = seed, rank, seed_offset, start, alternate
+        self.image_cache_bytes = image_cache_bytes
 
     def __iter__(self) -> Iterator[dict]:
         try:
@@ -124,8 +126,10 @@ class MultiTaskBatches(IterableDataset):
     def _batches(self, worker: int, workers: int) -> Iterator[dict]:
         tasks = list(self.specs)
         counts = {t: StreamCounts(t, spec.max_bad_fraction) for t, spec in self.specs.items()}
+        images = ImageCache(self.image_cache_bytes)  # one per loader worker, shared by its task streams
         streams = {
-            t: iter(train_stream(spec, stream_seed(self.seed, self.rank, worker, self.seed_offset, t), counts[t]))
+            t: iter(train_stream(spec, stream_seed(self.seed, self.rank, worker, self.seed_offset, t), counts[t],
+                                 images))
             for t, spec in self.specs.items()
         }
         reported = dict.fromkeys(tasks, 0)
@@ -198,6 +202,7 @@ def make_train_loader(cfg, vocabs: TextVocabs, rank: int, world_size: int, seed_
         state.seed_offset,
         state.batches,
         alternate=cfg.train.mode == "alternate",
+        image_cache_bytes=cfg.data.image_cache_mb * 2**20,
     )
     return TrainLoader(dataset, state, **_loader_kwargs(cfg, persistent=True))
 

@@ -135,8 +135,9 @@ def encode_sample(sample: Sample) -> dict[str, bytes]:
     return {"__key__": sample.image_id, ext: data, "json": json.dumps(rec, ensure_ascii=False).encode()}
 
 
-def decode_sample(members: dict) -> Sample:
-    """WebDataset sample dict (raw bytes per extension) -> Sample. Raises SchemaError."""
+def decode_sample(members: dict, image: np.ndarray | None = None) -> Sample:
+    """WebDataset sample dict (raw bytes per extension) -> Sample. Raises SchemaError.
+    `image`: this sample's image, decoded before (the image member is then not decoded again)."""
     key = members.get("__key__", "?")
     if "json" not in members:
         raise SchemaError(f"sample {key}: no .json member")
@@ -145,11 +146,12 @@ def decode_sample(members: dict) -> Sample:
     except (ValueError, UnicodeDecodeError):
         raise SchemaError(f"sample {key}: .json member is not valid JSON") from None
     validate_record(rec)
-    ext = "png" if "png" in members else "npy" if "npy" in members else None
-    if ext is None:
-        raise SchemaError(f"sample {key}: no .png or .npy image member")
-    try:
-        image = decode_image(ext, members[ext])
-    except SchemaError as e:
-        raise SchemaError(f"sample {key}: {e}") from None
+    if image is None:
+        ext = "png" if "png" in members else "npy" if "npy" in members else None
+        if ext is None:
+            raise SchemaError(f"sample {key}: no .png or .npy image member")
+        try:
+            image = decode_image(ext, members[ext])
+        except SchemaError as e:
+            raise SchemaError(f"sample {key}: {e}") from None
     return Sample(image=image, **rec)
