@@ -45,7 +45,7 @@ def deepspeed_config(cfg: Config, world_size: int, model: torch.nn.Module) -> di
         # ZeRO-3 keeps parameters under this many elements whole on every rank, to spare their gathers.
         # DeepSpeed's 1e5 keeps a narrow model's projection matrices whole too (tiny: 4.9 of 24 MiB);
         # keep only the vectors (biases, norms, tokens) and partition every matrix.
-        zero["stage3_param_persistence_threshold"] = max(p.numel() for p in model.parameters() if p.ndim <= 1)
+        zero["stage3_param_persistence_threshold"] = max((p.numel() for p in model.parameters() if p.ndim <= 1), default=0)
     if cfg.train.offload_optimizer and cfg.train.zero_stage >= 1:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": cfg.train.use_gpu}
     if cfg.train.offload_params and cfg.train.zero_stage == 3:
