@@ -188,13 +188,17 @@ def test_ray_zero2_on_s3_survives_a_worker_death(synth_root, s3_endpoint, s3_buc
 
 
 def _kill_a_worker_after(checkpoint: Path, killed: list[int]) -> None:
-    """Once the first checkpoint exists, SIGKILL one Ray Train worker process from outside."""
+    """Once Ray has registered `checkpoint`, SIGKILL one Ray Train worker process from outside.
+
+    Registered, not just written: Ray's controller takes a reported checkpoint in when it next polls the
+    workers, and records it in the run's checkpoint_manager_snapshot.json; a worker killed before that
+    restarts from the checkpoint before (here: from scratch), which is right but not what this tests."""
     import psutil
 
+    snapshot = checkpoint.parent / "checkpoint_manager_snapshot.json"
     deadline = time.time() + 600
     while time.time() < deadline and not killed:
-        if (checkpoint / "meta.json").exists():
-            time.sleep(3)  # let Ray's controller register the checkpoint (it polls every 2 s)
+        if snapshot.exists() and checkpoint.name in snapshot.read_text():
             for proc in psutil.process_iter(["pid", "cmdline"]):
                 if "RayTrainWorker" in " ".join(proc.info["cmdline"] or []):
                     os.kill(proc.info["pid"], signal.SIGKILL)
