@@ -16,6 +16,7 @@ import torch
 
 from spatialnet_dist.store import storage
 from spatialnet_dist.train import launch
+from spatialnet_dist.train.rundir import RunDir
 
 TINY = [
     "model.image_size=32",
@@ -191,14 +192,14 @@ def _kill_a_worker_after(checkpoint: Path, killed: list[int]) -> None:
     """Once Ray has registered `checkpoint`, SIGKILL one Ray Train worker process from outside.
 
     Registered, not just written: Ray's controller takes a reported checkpoint in when it next polls the
-    workers, and records it in the run's checkpoint_manager_snapshot.json; a worker killed before that
-    restarts from the checkpoint before (here: from scratch), which is right but not what this tests."""
+    workers; a worker killed before that restarts from the checkpoint before (here: from scratch), which
+    is right but not what this tests."""
     import psutil
 
-    snapshot = checkpoint.parent / "checkpoint_manager_snapshot.json"
+    run = RunDir(str(checkpoint.parent))
     deadline = time.time() + 600
     while time.time() < deadline and not killed:
-        if snapshot.exists() and checkpoint.name in snapshot.read_text():
+        if run.ray_registered(checkpoint.name):
             for proc in psutil.process_iter(["pid", "cmdline"]):
                 if "RayTrainWorker" in " ".join(proc.info["cmdline"] or []):
                     os.kill(proc.info["pid"], signal.SIGKILL)

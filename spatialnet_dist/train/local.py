@@ -41,6 +41,9 @@ class LocalReporter:
         if dist.is_initialized():
             dist.barrier()  # the checkpoint is complete once every rank has copied its files
 
+    def settle(self) -> None:
+        """Nothing to wait for: a checkpoint is in the run dir when report() returns."""
+
 
 def latest_checkpoint(run_dir: Path) -> Path | None:
     found = sorted(p for p in run_dir.glob("checkpoint-*") if (p / "meta.json").is_file())

@@ -5,6 +5,8 @@
                   the lines past the step it resumes at
   attempts.json   one entry per worker-group start: the step it started at and whether it resumed
   faults/         markers of test faults already fired (faults.fail_at_step fires once per run)
+Ray Train writes its own files beside these: checkpoint-NNNNNN/ (named by us) and
+checkpoint_manager_snapshot.json, the checkpoints it has registered (a restart resumes from those).
   eval/           metrics.json, predictions/, report.md and its figures
 """
 
@@ -58,6 +60,10 @@ class RunDir:
     def record_attempt(self, start_step: int, resumed: bool) -> None:
         entries = [*self.attempts(), {"start_step": start_step, "resumed": resumed, "time": time.time()}]
         storage.write_bytes_atomic(self.path("attempts.json"), json.dumps(entries, indent=1).encode())
+
+    def ray_registered(self, checkpoint_name: str) -> bool:
+        """Whether Ray Train has registered the checkpoint directory `checkpoint_name` of this run."""
+        return f'"{checkpoint_name}"' in self._read_text("checkpoint_manager_snapshot.json")
 
     # ---- faults ----
 

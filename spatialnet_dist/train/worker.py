@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from pathlib import Path
 
 import ray.train
@@ -25,6 +26,7 @@ class RayReporter:
 
     def __init__(self, run: RunDir, rank: int):
         self.run, self.rank = run, rank
+        self.last_checkpoint: str | None = None  # its directory name in the run dir
 
     def report(self, step: int, metrics: dict, checkpoint_dir: Path | None) -> None:
         if self.rank == 0:
@@ -33,11 +35,23 @@ class RayReporter:
         if checkpoint_dir is None:
             ray.train.report(metrics)
         else:
+            self.last_checkpoint = f"checkpoint-{step:06d}"
             ray.train.report(
                 metrics,
                 checkpoint=ray.train.Checkpoint.from_directory(str(checkpoint_dir)),
-                checkpoint_dir_name=f"checkpoint-{step:06d}",
+                checkpoint_dir_name=self.last_checkpoint,
             )
+
+    def settle(self, timeout_s: float = 60.0) -> None:
+        """Wait until Ray's controller has taken in the last reported checkpoint: it does so when it next
+        polls the workers (every 2 s), and records it in the run's checkpoint_manager_snapshot.json. A
+        worker group that fails before that restarts from the checkpoint before."""
+        deadline = time.monotonic() + timeout_s
+        while self.last_checkpoint and not self.run.ray_registered(self.last_checkpoint):
+            if time.monotonic() > deadline:
+                log.warning("Ray has not registered %s after %.0f s", self.last_checkpoint, timeout_s)
+                return
+            time.sleep(0.5)
 
 
 def _brief(metrics: dict) -> str:
