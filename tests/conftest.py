@@ -27,10 +27,21 @@ def one_torch_thread():
     torch.set_num_threads(1)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
+def _free_ports(n: int) -> list[int]:
+    """n distinct ports on 127.0.0.1 that nothing listens on now (bound together, then released)."""
+    sockets = [socket.socket() for _ in range(n)]
+    for s in sockets:
         s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    ports = [s.getsockname()[1] for s in sockets]
+    for s in sockets:
+        s.close()
+    return ports
+
+
+@pytest.fixture(scope="session")
+def free_ports():
+    """The function `free_ports(n) -> [port, ...]`, for servers and process groups a test starts."""
+    return _free_ports
 
 
 @pytest.fixture(scope="session")
@@ -38,7 +49,7 @@ def s3_endpoint():
     """moto's S3 server over real HTTP on 127.0.0.1; the standard AWS variables point at it."""
     from moto.server import ThreadedMotoServer
 
-    port = _free_port()
+    (port,) = _free_ports(1)
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()
     endpoint = f"http://127.0.0.1:{port}"

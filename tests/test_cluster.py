@@ -13,7 +13,6 @@ import secrets
 import shlex
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -152,16 +151,6 @@ def test_kuberay_rayjob_runs_ray_job_py_on_its_cluster(monkeypatch):
 # --- a real job on a real local head ----------------------------------------------------------------------
 
 
-def free_ports(n: int) -> list[int]:
-    sockets = [socket.socket() for _ in range(n)]
-    for s in sockets:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in sockets]
-    for s in sockets:
-        s.close()
-    return ports
-
-
 def http_status(url: str, token: str | None = None) -> int:
     request = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"} if token else {})
     try:
@@ -190,7 +179,7 @@ def kill_leftovers(pgid: int, ray_tmp: Path) -> None:
 
 
 @pytest.mark.slow
-def test_ray_job_submit_to_a_token_protected_local_head(tmp_path):
+def test_ray_job_submit_to_a_token_protected_local_head(tmp_path, free_ports):
     import psutil
 
     ray_bin = Path(sys.executable).parent / "ray"

@@ -296,8 +296,8 @@ def test_wrong_credentials_say_so_without_the_secret(s3_endpoint, monkeypatch, c
     assert secret not in err and secret not in str(e.value)
 
 
-def test_unreachable_endpoint_names_it(monkeypatch):
-    port = _closed_port()
+def test_unreachable_endpoint_names_it(monkeypatch, free_ports):
+    (port,) = free_ports(1)
     monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{port}")
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "k")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "s")
@@ -307,14 +307,6 @@ def test_unreachable_endpoint_names_it(monkeypatch):
         StoreError, match=rf"cannot reach S3 endpoint http://127.0.0.1:{port} for s3://b/c/manifest.json"
     ):
         storage.read_bytes("s3://b/c/manifest.json")
-
-
-def _closed_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_local_writes_leave_no_temp_files(tmp_path):

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import threading
 import time
 from pathlib import Path
@@ -86,12 +85,6 @@ def test_missing_bucket_is_one_clear_line(synth_root, s3_endpoint, capsys):
 # ---- the Trainer under torch.distributed, without Ray ----
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _restore_worker(rank: int, world_size: int, port: int, root: str, run_dir: str, stage: int, out: str):
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), DS_ACCELERATOR="cpu")
@@ -123,7 +116,7 @@ def _restore_worker(rank: int, world_size: int, port: int, root: str, run_dir: s
 
 
 @pytest.mark.slow
-def test_checkpoint_restore_reproduces_parameters(synth_root, tmp_path):
+def test_checkpoint_restore_reproduces_parameters(synth_root, tmp_path, free_ports):
     """2 ranks under gloo, ZeRO-2 then ZeRO-3: the checkpoint holds both ranks' ZeRO shards, a restore
     gives back exactly the parameters that were saved, the fp32 inference bundle consolidated from the
     shards holds them too, and both stages train to the same parameters."""
@@ -137,7 +130,7 @@ def test_checkpoint_restore_reproduces_parameters(synth_root, tmp_path):
         out = tmp_path / f"stage{stage}"
         run_dir = out / "run"
         out.mkdir()
-        mp.spawn(_restore_worker, args=(2, _free_port(), synth_root, str(run_dir), stage, str(out)), nprocs=2)
+        mp.spawn(_restore_worker, args=(2, free_ports(1)[0], synth_root, str(run_dir), stage, str(out)), nprocs=2)
         for rank in range(2):
             assert json.loads((out / f"rank-{rank}.json").read_text()) == {"same": True, "step": 3, "one_copy": True}
         checkpoint = run_dir / "checkpoint-000003"

@@ -22,6 +22,7 @@ from spatialnet_dist.store import storage
 class RunDir:
     def __init__(self, url: str):
         self.url = url
+        self._written: list[dict] | None = None  # metrics.jsonl as this object last wrote it
 
     def path(self, *parts: str) -> str:
         return storage.join(self.url, *parts)
@@ -45,11 +46,13 @@ class RunDir:
 
     def append_metrics(self, record: dict) -> None:
         # Rewritten whole and atomically: objects cannot be appended to, and a reader never sees half a line.
-        self._write_metrics([*self.metrics(), record])
+        # Rank 0 is the file's one writer, so what it last wrote is what the file holds: no read per report.
+        self._write_metrics([*(self.metrics() if self._written is None else self._written), record])
 
     def _write_metrics(self, records: list[dict]) -> None:
         body = "".join(json.dumps(r) + "\n" for r in records)
         storage.write_bytes_atomic(self.path("metrics.jsonl"), body.encode())
+        self._written = records
 
     # ---- attempts.json ----
 
