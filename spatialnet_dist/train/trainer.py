@@ -56,14 +56,6 @@ def to_device(batch: dict, device: torch.device, dtype: torch.dtype = torch.floa
     return {task: {k: move(k, v) for k, v in sub.items()} for task, sub in batch.items()}
 
 
-def _reduce_mean(values: torch.Tensor) -> torch.Tensor:
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        values = values.clone()
-        dist.all_reduce(values)
-        values /= dist.get_world_size()
-    return values
-
-
 def _reduce_sum(values: torch.Tensor) -> torch.Tensor:
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         values = values.clone()
@@ -244,17 +236,18 @@ class _Window:
     def flush(self, step: int, trainer: Trainer) -> dict:
         steps, self.last_step = max(1, step - self.last_step), step
         state = trainer.loader.state
-        local = torch.cat([
+        seconds = self.time if self.time > 0 else float("nan")
+        local = torch.cat([  # one collective for everything the report sums over ranks
             self.sums.cpu(), self.counts.cpu(),
             torch.tensor([self.samples[t] for t in self.tasks], dtype=torch.float64),
             torch.tensor([state.skipped.get(t, 0) for t in self.tasks], dtype=torch.float64),
+            torch.tensor([seconds], dtype=torch.float64),
         ])
         total = _reduce_sum(local)
         k, n = len(self.keys), len(self.tasks)
         sums, counts = total[:k], total[k: 2 * k]
-        samples, skipped = total[2 * k: 2 * k + n], total[2 * k + n:]
-        seconds = self.time if self.time > 0 else float("nan")
-        elapsed = _reduce_mean(torch.tensor([seconds], dtype=torch.float64)).item()
+        samples, skipped = total[2 * k: 2 * k + n], total[2 * k + n: 2 * k + 2 * n]
+        elapsed = total[-1].item() / trainer.world_size  # the ranks' mean
         metrics = {"step": step}
         for i, key in enumerate(self.keys):
             if counts[i] > 0:
