@@ -98,13 +98,13 @@ def folder_rate(cfg, folder: Path, passes: int = 2) -> float:
     """Like one loader worker: one process, one torch thread."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    transform = ImageTransform(model_image_size(cfg.model), cfg.model.in_chans, train=True)
+    transform = ImageTransform(model_image_size(cfg.model), cfg.model.in_chans, augment="symmetry")
     rng = np.random.default_rng(0)
     paths = sorted(folder.glob("*.png"))
     start = time.perf_counter()
     for _ in range(passes):
         for path in paths:
-            transform(decode_image("png", path.read_bytes()), rng)
+            transform(decode_image("png", path.read_bytes()), rng, transform.draw_symmetry(rng))
     rate = passes * len(paths) / (time.perf_counter() - start)
     torch.set_num_threads(threads)
     return rate

@@ -19,6 +19,10 @@ from spatialnet_dist.errors import UserError
 
 TASKS = ("captioning", "vqa", "classification", "regression")
 PRESETS = ("tiny", "small", "paper", "large", "giant")
+# Training image augmentation per task (data/transforms.py): none | the 8 symmetries of the square, texts mapped
+# to match | strong: crop, colour jitter and symmetries, which can change counts and what texts say.
+AUGMENT_POLICIES = ("none", "symmetry", "strong")
+STRONG_AUGMENT_TASKS = ("classification",)
 
 
 class ConfigError(UserError):
@@ -52,13 +56,14 @@ class TaskConfig:
     corpora: list[str] = field(default_factory=lambda: ["synthetic"])
     batch_size: int = 8
     corpus_weights: dict[str, float] = field(default_factory=dict)
+    augment: str = "symmetry"  # one of AUGMENT_POLICIES
 
 
 @dataclass
 class TasksConfig:
     captioning: TaskConfig = field(default_factory=TaskConfig)
     vqa: TaskConfig = field(default_factory=TaskConfig)
-    classification: TaskConfig = field(default_factory=TaskConfig)
+    classification: TaskConfig = field(default_factory=lambda: TaskConfig(augment="strong"))
     regression: TaskConfig = field(default_factory=TaskConfig)
 
     def enabled(self) -> list[str]:
@@ -322,6 +327,12 @@ def validate(cfg: Config) -> Config:
         tc: TaskConfig = getattr(cfg.tasks, task)
         if tc.batch_size < 1:
             raise ConfigError(f"config key tasks.{task}.batch_size: {tc.batch_size!r} is not allowed (expected >= 1)")
+        if tc.augment not in AUGMENT_POLICIES:
+            raise ConfigError(f"config key tasks.{task}.augment: {tc.augment!r} is not allowed "
+                              f"(expected {', '.join(AUGMENT_POLICIES)})")
+        if tc.augment == "strong" and task not in STRONG_AUGMENT_TASKS:
+            raise ConfigError(f"config key tasks.{task}.augment: strong crops and recolours images, which can change "
+                              f"counts and what texts say; only {', '.join(STRONG_AUGMENT_TASKS)} may use it")
         if tc.enabled and not tc.corpora:
             raise ConfigError(f"config key tasks.{task}.corpora: an enabled task needs at least one corpus")
         for name, w in tc.corpus_weights.items():

@@ -26,7 +26,7 @@ from spatialnet_dist.data.streams import (
     task_stream_spec,
     train_stream,
 )
-from spatialnet_dist.data.transforms import adapt_bands, random_symmetry
+from spatialnet_dist.data.transforms import adapt_bands, draw_symmetry
 from spatialnet_dist.errors import UserError
 from spatialnet_dist.store import schema
 from spatialnet_dist.store.manifest import shard_urls
@@ -173,14 +173,18 @@ def test_augmentations_move_pixels_but_keep_them_all():
 
     seen = set()
     for _ in range(64):
-        out = random_symmetry(image, rng)
+        out = draw_symmetry(rng).apply(image)
         assert pixels(out) == pixels(image)  # nothing created, nothing lost: counts and presence stay true
         seen.add(out.numpy().tobytes())
     assert len(seen) == 8  # the 8 symmetries of the square, all reachable
     image = image.permute(1, 2, 0).numpy()  # (H, W, C) as stored
-    a = ImageTransform(SIZE, 3, train=True)(image, np.random.default_rng(5))
-    b = ImageTransform(SIZE, 3, train=True)(image, np.random.default_rng(5))
-    assert torch.equal(a, b)
+    transform = ImageTransform(SIZE, 3, augment="symmetry")
+
+    def augmented(seed: int) -> torch.Tensor:
+        rng = np.random.default_rng(seed)
+        return transform(image, rng, transform.draw_symmetry(rng))
+
+    assert torch.equal(augmented(5), augmented(5))
 
 
 # ---- training loader ----
@@ -223,14 +227,14 @@ def test_batches_are_deterministic_for_a_seed_and_vary_with_seed_offset(store, v
 
 
 def _rows(cfg, vocabs, task: str, n: int, seed: int = 7) -> list[dict]:
-    spec = task_stream_spec(cfg, vocabs, task, "train", ImageTransform(SIZE, 3, train=True), train=True)
+    spec = task_stream_spec(cfg, vocabs, task, "train", ImageTransform(SIZE, 3, augment="symmetry"), train=True)
     rows = iter(train_stream(spec, seed, StreamCounts(task, 0.5)))
     return [next(rows) for _ in range(n)]
 
 
 def test_image_cache_decodes_each_image_once_and_changes_no_row(store, vocabs, monkeypatch):
     cfg = make_cfg(store, ["toy"])
-    spec = task_stream_spec(cfg, vocabs, "vqa", "train", ImageTransform(SIZE, 3, train=True), train=True)
+    spec = task_stream_spec(cfg, vocabs, "vqa", "train", ImageTransform(SIZE, 3, augment="symmetry"), train=True)
     decodes = Counter()
     decode_image = schema.decode_image
     monkeypatch.setattr(schema, "decode_image", lambda ext, data: decodes.update([ext]) or decode_image(ext, data))

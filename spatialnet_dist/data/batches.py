@@ -38,7 +38,7 @@ from spatialnet_dist.data.streams import (
     task_stream_spec,
     train_stream,
 )
-from spatialnet_dist.data.transforms import ImageTransform, model_image_size
+from spatialnet_dist.data.transforms import task_transform
 from spatialnet_dist.data.vocab import TRAIN_SPLIT
 from spatialnet_dist.errors import UserError
 from spatialnet_dist.text import TextVocabs
@@ -187,9 +187,9 @@ def make_train_loader(cfg, vocabs: TextVocabs, rank: int, world_size: int, seed_
     """Endless multi-task batches for `rank`. `seed_offset`: the restart counter (any value no earlier
     segment used); `state`: a checkpoint's `StreamState` to continue from (its seed and counts)."""
     _check_rank(rank, world_size)
-    transform = ImageTransform(model_image_size(cfg.model), cfg.model.in_chans, train=True)
     tasks = cfg.tasks.enabled()
-    specs = {t: task_stream_spec(cfg, vocabs, t, TRAIN_SPLIT, transform, train=True) for t in tasks}
+    specs = {t: task_stream_spec(cfg, vocabs, t, TRAIN_SPLIT, task_transform(cfg, t, train=True), train=True)
+             for t in tasks}
     if state is None:
         state = StreamState(seed=cfg.run.seed, seed_offset=seed_offset, used_offsets=[seed_offset])
     else:
@@ -241,7 +241,6 @@ def make_eval_loader(cfg, vocabs: TextVocabs, task: str, split: str, rank: int, 
     the shards is empty gets no batches). vqa and regression: one row per question/answer pair;
     captioning: one row per image with "references". Bad input raises, naming the shard."""
     _check_rank(rank, world_size)
-    transform = ImageTransform(model_image_size(cfg.model), cfg.model.in_chans, train=False)
-    spec = task_stream_spec(cfg, vocabs, task, split, transform, train=False)
+    spec = task_stream_spec(cfg, vocabs, task, split, task_transform(cfg, task, train=False), train=False)
     dataset = EvalBatches(spec, rank, world_size, batch_size or getattr(cfg.tasks, task).batch_size)
     return EvalLoader(dataset, **_loader_kwargs(cfg, persistent=False))

@@ -32,7 +32,8 @@ import webdataset as wds
 from torch.utils.data import IterableDataset
 from webdataset.tariterators import group_by_keys, tar_file_expander
 
-from spatialnet_dist.data.transforms import ImageTransform
+from spatialnet_dist.data.sides import map_sides, mappable
+from spatialnet_dist.data.transforms import IDENTITY, ImageTransform, Symmetry
 from spatialnet_dist.errors import UserError
 from spatialnet_dist.store.manifest import read_manifest, shard_urls
 from spatialnet_dist.store.schema import Sample, decode_sample
@@ -41,6 +42,7 @@ from spatialnet_dist.text import TextVocabs, as_number
 
 log = logging.getLogger(__name__)
 _logged_shards: set[str] = set()  # bad shards this process has named in the log
+_logged_unmappable: set[str] = set()  # tasks whose unaugmented visits this process has logged
 
 # Raw (still encoded) samples held for shuffling: a few hundred PNGs, ~100 kB each, per task and worker.
 SHUFFLE_BUFFER = 256
@@ -245,6 +247,8 @@ class TaskSamples:
     Training: ONE per visit: a random caption, a random question/answer pair, a random count question.
     Evaluation: captioning one per image with all references; vqa and regression one per pair.
     Images the task has nothing for (no captions, no label, no numeric count question) give none.
+    Each visit draws one symmetry for its image and every text it reads (data/sides.py); `unaugmented`
+    counts the visits that kept the identity because a text the task reads names a side unclearly.
     """
 
     def __init__(self, task: str, vocabs: TextVocabs, transform: ImageTransform, caption_max_len: int,
@@ -252,13 +256,46 @@ class TaskSamples:
         self.task, self.vocabs, self.transform, self.train = task, vocabs, transform, train
         self.caption_max_len, self.question_max_len = caption_max_len, question_max_len
         self.class_index = {name: i for i, name in enumerate(vocabs.classes)}
+        self.unaugmented = 0
 
     def __call__(self, sample: Sample, rng: np.random.Generator | None) -> list[dict]:
-        rows = self._targets(sample, rng)
+        symmetry = self._symmetry(sample, rng)
+        rows = self._targets(sample, rng, symmetry)
         if not rows:
             return []
-        image = self.transform(sample.image, rng)  # (C, S, S)
+        image = self.transform(sample.image, rng, symmetry)  # (C, S, S)
         return [{"image": image, "image_id": sample.image_id, **row} for row in rows]
+
+    def _symmetry(self, s: Sample, rng) -> Symmetry:
+        """The visit's symmetry; the identity when any text the task may read of this image is not mappable,
+        whichever texts the visit picks (so the check does not depend on the picks, and it is cached per text)."""
+        symmetry = self.transform.draw_symmetry(rng)
+        if symmetry == IDENTITY:
+            return symmetry
+        unclear = next((t for t in self._texts(s) if not mappable(t)), None)
+        if unclear is None:
+            return symmetry
+        self.unaugmented += 1
+        if self.task not in _logged_unmappable:
+            _logged_unmappable.add(self.task)
+            log.warning("task %s: %r (image %s) names a side unclearly; visits reading such texts keep their image "
+                        "unaugmented (logged once, counted per visit)", self.task, unclear, s.image_id)
+        return IDENTITY
+
+    def _texts(self, s: Sample) -> list[str]:
+        """Every text the task may read of a sample (classification reads none)."""
+        if self.task in ("captioning", "classification"):
+            return s.captions if self.task == "captioning" else []
+        pairs = s.qa if self.task == "vqa" else [q for q in s.qa if q["type"] == "count"]
+        return [t for q in pairs for t in (q["question"], q["answer"]) if isinstance(t, str)]
+
+    @staticmethod
+    def _seen(q: dict, symmetry: Symmetry) -> dict:
+        """A question/answer pair as it reads of the image moved by `symmetry`."""
+        if symmetry == IDENTITY:
+            return q
+        answer = map_sides(q["answer"], symmetry) if isinstance(q["answer"], str) else q["answer"]
+        return {**q, "question": map_sides(q["question"], symmetry), "answer": answer}
 
     def _pick(self, items: list, rng) -> list:
         return [items[int(rng.integers(len(items)))]] if self.train and items else items
@@ -266,11 +303,11 @@ class TaskSamples:
     def _question(self, text: str) -> torch.Tensor:
         return torch.tensor(self.vocabs.words.encode(text, self.question_max_len, bos_eos=False))
 
-    def _targets(self, s: Sample, rng) -> list[dict]:
+    def _targets(self, s: Sample, rng, symmetry: Symmetry) -> list[dict]:
         if self.task == "captioning":
             if not s.captions:
                 return []
-            caption = self._pick(s.captions, rng)[0]
+            caption = map_sides(self._pick(s.captions, rng)[0], symmetry)
             row = {"tokens": torch.tensor(self.vocabs.words.encode(caption, self.caption_max_len))}
             return [row if self.train else {**row, "references": list(s.captions)}]
         if self.task == "vqa":
@@ -282,12 +319,13 @@ class TaskSamples:
                     "qid": str(q["qid"]),
                     "answer_raw": str(q["answer"]),
                 }
-                for q in self._pick(s.qa, rng)
+                for q in (self._seen(q, symmetry) for q in self._pick(s.qa, rng))
             ]
         if self.task == "classification":
             return [] if s.label_name is None else [{"label": self.class_index.get(s.label_name, -1)}]
         counts = [q for q in s.qa if q["type"] == "count" and as_number(q["answer"]) is not None]
-        return [{"question": self._question(q["question"]), "count": as_number(q["answer"])} for q in self._pick(counts, rng)]
+        return [{"question": self._question(map_sides(q["question"], symmetry)), "count": as_number(q["answer"])}
+                for q in self._pick(counts, rng)]
 
 
 def task_rows(samples: Iterable[Sample], make_rows: TaskSamples, rng: np.random.Generator | None) -> Iterator[dict]:

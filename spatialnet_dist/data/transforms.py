@@ -1,24 +1,36 @@
 """Images: any (H, W, C) array from the shards -> the model's normalised (C, S, S) float32 tensor.
 
-Training adds the augmentations that suit overhead imagery: the 8 symmetries of the square
-(90-degree rotations, optionally mirrored). They move pixels without creating or removing any,
-so counts, presence and land use stay true of the augmented image; crops, scales and colour
-jitter could change what the questions and captions say and are deliberately absent.
+Training augments each task's images under its policy, `tasks.<task>.augment`:
+- `none`: the image as it is (evaluation and prediction always).
+- `symmetry`: one of the 8 symmetries of the square (90-degree rotations, optionally mirrored). They
+  move pixels without creating or removing any, so counts, presence and land use stay true; the
+  texts of the visit name sides as the moved image shows them (`data/sides.py`).
+- `strong` (classification only): a random resized crop of at least STRONG_MIN_AREA of the image,
+  brightness/contrast/per-band gain jitter, then a symmetry. Crops can cut objects out, so no task
+  whose labels count or describe objects may use it (config validation refuses it).
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from spatialnet_dist.config import AUGMENT_POLICIES
 from spatialnet_dist.store.schema import as_hwc
 
 UINT8_MEAN = 0.5  # uint8 images: x / 255, then (x - 0.5) / 0.5 -> [-1, 1] in every band
 UINT8_STD = 0.5
 _EPS = 1e-6
+# The strong policy, conservative so that the land use stays recognisable:
+STRONG_MIN_AREA = 0.6  # a crop keeps 60-100% of the image's area ...
+STRONG_MAX_ASPECT = 4 / 3  # ... with a width/height ratio in [3/4, 4/3]
+STRONG_BRIGHTNESS = 0.2  # offset in normalised units (uint8 images span [-1, 1])
+STRONG_CONTRAST = 0.2  # the image's deviation from its mean scaled by 1 +- this
+STRONG_BAND_GAIN = 0.1  # and each band's by 1 +- this (colour balance)
 
 
 def model_image_size(model_cfg) -> int:
@@ -38,10 +50,52 @@ def adapt_bands(image: np.ndarray, in_chans: int) -> np.ndarray:
     return image[:, :, np.arange(in_chans) % bands]
 
 
-def random_symmetry(x: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
-    """(C, H, W) -> one of the 8 flips/rotations of the square, uniformly (vertical flip = mirror + 180)."""
-    x = torch.rot90(x, k=int(rng.integers(4)), dims=(1, 2))
-    return torch.flip(x, dims=(2,)) if rng.integers(2) else x
+@dataclass(frozen=True)
+class Symmetry:
+    """One of the 8 symmetries of the square: `rotations` quarter turns counter-clockwise (as displayed,
+    row 0 at the top), then, when `mirrored`, a left-right mirror. A vertical flip is mirror + 2 turns."""
+
+    rotations: int = 0
+    mirrored: bool = False
+
+    def apply(self, x: torch.Tensor) -> torch.Tensor:
+        """(C, H, W) -> (C, H, W) of a square image, moved; a new tensor or a view, never written to."""
+        if self.rotations:
+            x = torch.rot90(x, k=self.rotations, dims=(1, 2))  # from the H axis towards W: top -> left
+        return torch.flip(x, dims=(2,)) if self.mirrored else x
+
+    def move(self, dx: int, dy: int) -> tuple[int, int]:
+        """Where a direction (dx to the right, dy down, as displayed) points in the moved image."""
+        for _ in range(self.rotations):
+            dx, dy = dy, -dx  # a counter-clockwise quarter turn: top -> left -> bottom -> right -> top
+        return (-dx, dy) if self.mirrored else (dx, dy)
+
+
+IDENTITY = Symmetry()
+SYMMETRIES = tuple(Symmetry(k, m) for m in (False, True) for k in range(4))
+
+
+def draw_symmetry(rng: np.random.Generator) -> Symmetry:
+    """One of the 8 symmetries, uniformly."""
+    return Symmetry(int(rng.integers(4)), bool(rng.integers(2)))
+
+
+def crop_box(height: int, width: int, rng: np.random.Generator) -> tuple[int, int, int, int]:
+    """A random (top, left, height, width) of STRONG_MIN_AREA..1 of the area, aspect 3/4..4/3, inside the image."""
+    area = rng.uniform(STRONG_MIN_AREA, 1.0) * height * width
+    aspect = math.exp(rng.uniform(-math.log(STRONG_MAX_ASPECT), math.log(STRONG_MAX_ASPECT)))  # width / height
+    w = min(width, max(1, round(math.sqrt(area * aspect))))
+    h = min(height, max(1, round(math.sqrt(area / aspect))))
+    return int(rng.integers(height - h + 1)), int(rng.integers(width - w + 1)), h, w
+
+
+def jitter(x: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
+    """(C, S, S) normalised -> the same with random brightness, contrast and per-band gain (any number of bands)."""
+    gain = (1 + rng.uniform(-STRONG_CONTRAST, STRONG_CONTRAST)) * (
+        1 + rng.uniform(-STRONG_BAND_GAIN, STRONG_BAND_GAIN, x.shape[0]))  # (C,)
+    mean = x.mean()
+    scale = torch.from_numpy(gain.astype(np.float32))[:, None, None]  # (C, 1, 1)
+    return (x - mean) * scale + (mean + rng.uniform(-STRONG_BRIGHTNESS, STRONG_BRIGHTNESS))
 
 
 def normalize(x: torch.Tensor) -> torch.Tensor:
@@ -64,19 +118,44 @@ def resize(x: torch.Tensor, size: int) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class ImageTransform:
-    """(H, W, C) or (H, W) array -> float32 (in_chans, size, size); with `train`, a random symmetry from `rng`."""
+    """(H, W, C) or (H, W) array -> float32 (in_chans, size, size), augmented under the policy `augment`.
+
+    The caller draws the visit's symmetry (`draw_symmetry`) and passes it in, so that the texts of the
+    visit can be mapped under the same one; `strong` draws its crop and jitter from `rng`.
+    """
 
     size: int
     in_chans: int
-    train: bool = False
+    augment: str = "none"  # one of AUGMENT_POLICIES
 
-    def __call__(self, image: np.ndarray, rng: np.random.Generator | None = None) -> torch.Tensor:
+    def __post_init__(self):
+        if self.augment not in AUGMENT_POLICIES:
+            raise ValueError(f"augment policy {self.augment!r}: expected one of {', '.join(AUGMENT_POLICIES)}")
+
+    def draw_symmetry(self, rng: np.random.Generator | None) -> Symmetry:
+        """The symmetry of one image visit: the identity without augmentation (rng unused, may be None)."""
+        return IDENTITY if self.augment == "none" else draw_symmetry(rng)
+
+    def __call__(self, image: np.ndarray, rng: np.random.Generator | None = None,
+                 symmetry: Symmetry = IDENTITY) -> torch.Tensor:
         image = adapt_bands(as_hwc(image), self.in_chans)
-        x = torch.from_numpy(np.require(image, requirements=["C", "W"]))
+        x = torch.from_numpy(np.require(image, requirements=["C", "W"]))  # a copy when read-only (cached images)
         x = x.permute(2, 0, 1)  # (C, H, W)
+        strong = self.augment == "strong"
+        if strong:
+            top, left, h, w = crop_box(x.shape[1], x.shape[2], rng)
+            x = x[:, top : top + h, left : left + w]
         if x.dtype == torch.uint8:
             x = normalize(resize(x, self.size))  # torch resizes uint8 ~4x faster than float32
         else:
             x = resize(normalize(x), self.size)
+        if strong:
+            x = jitter(x, rng)
         # After the resize: fewer pixels to move, and resizing to a square commutes with the symmetries.
-        return random_symmetry(x, rng) if self.train else x
+        return symmetry.apply(x)
+
+
+def task_transform(cfg, task: str, train: bool) -> ImageTransform:
+    """`task`'s image transform: its `tasks.<task>.augment` policy in training; evaluation never augments."""
+    augment = getattr(cfg.tasks, task).augment if train else "none"
+    return ImageTransform(model_image_size(cfg.model), cfg.model.in_chans, augment)

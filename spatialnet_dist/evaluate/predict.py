@@ -48,7 +48,7 @@ def predict_images(checkpoint: str, images: list[str], questions: list[str] | No
     questions = list(questions or [])
     arrays = [load_image(p) for p in images]  # bad files fail before the model loads
     model, cfg, vocabs = load_model(checkpoint)
-    transform = ImageTransform(model_image_size(cfg.model), cfg.model.in_chans, train=False)
+    transform = ImageTransform(model_image_size(cfg.model), cfg.model.in_chans)
     heads = set(model.heads)
     if questions and "vqa" not in heads:
         raise UserError(
