@@ -26,7 +26,7 @@ from spatialnet_dist.data.streams import (
     task_stream_spec,
     train_stream,
 )
-from spatialnet_dist.data.transforms import adapt_bands, draw_symmetry
+from spatialnet_dist.data.transforms import SYMMETRIES, adapt_bands, draw_symmetry
 from spatialnet_dist.errors import UserError
 from spatialnet_dist.store import schema
 from spatialnet_dist.store.manifest import shard_urls
@@ -224,6 +224,23 @@ def test_batches_are_deterministic_for_a_seed_and_vary_with_seed_offset(store, v
     cfg.data.loader_workers = 2
     two = _fingerprint(take(make_train_loader(cfg, vocabs, 0, 1), 3))
     assert two == _fingerprint(take(make_train_loader(cfg, vocabs, 0, 1), 3))
+
+
+def test_only_classification_rows_are_cropped_and_evaluation_rows_are_plain(store, vocabs):
+    cfg = make_cfg(store, ["toy"])  # the default policies: classification strong, the others symmetry
+    plain = ImageTransform(SIZE, 3)
+    images = {s.image_id: plain(s.image) for split, n in (("train", 16), ("test", 20)) for s in make_samples("toy", split, n)}
+
+    def symmetric(x: torch.Tensor, image_id: str) -> bool:
+        return any(torch.equal(x, s.apply(images[image_id])) for s in SYMMETRIES)
+
+    for batch in take(make_train_loader(cfg, vocabs, 0, 1), 3):
+        for task in TASKS:
+            kept = [symmetric(x, i) for x, i in zip(batch[task]["image"], batch[task]["image_id"], strict=True)]
+            assert all(kept) if task != "classification" else not any(kept), task  # counts never see a crop
+    for task in ("classification", "regression"):
+        for sub in make_eval_loader(cfg, vocabs, task, "test", 0, 1):
+            assert all(torch.equal(x, images[i]) for x, i in zip(sub["image"], sub["image_id"], strict=True))
 
 
 def _rows(cfg, vocabs, task: str, n: int, seed: int = 7) -> list[dict]:
