@@ -89,13 +89,13 @@ def crop_box(height: int, width: int, rng: np.random.Generator) -> tuple[int, in
     return int(rng.integers(height - h + 1)), int(rng.integers(width - w + 1)), h, w
 
 
-def jitter(x: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
-    """(C, S, S) normalised -> the same with random brightness, contrast and per-band gain (any number of bands)."""
+def jitter_(x: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
+    """(C, S, S) normalised, in place -> random brightness, contrast and per-band gain (any number of bands)."""
     gain = (1 + rng.uniform(-STRONG_CONTRAST, STRONG_CONTRAST)) * (
         1 + rng.uniform(-STRONG_BAND_GAIN, STRONG_BAND_GAIN, x.shape[0]))  # (C,)
-    mean = x.mean()
+    mean = float(x.mean())
     scale = torch.from_numpy(gain.astype(np.float32))[:, None, None]  # (C, 1, 1)
-    return (x - mean) * scale + (mean + rng.uniform(-STRONG_BRIGHTNESS, STRONG_BRIGHTNESS))
+    return x.sub_(mean).mul_(scale).add_(mean + rng.uniform(-STRONG_BRIGHTNESS, STRONG_BRIGHTNESS))
 
 
 def normalize(x: torch.Tensor) -> torch.Tensor:
@@ -150,7 +150,7 @@ class ImageTransform:
         else:
             x = resize(normalize(x), self.size)
         if strong:
-            x = jitter(x, rng)
+            x = jitter_(x, rng)  # x is new here: normalize() never returns its input
         # After the resize: fewer pixels to move, and resizing to a square commutes with the symmetries.
         return symmetry.apply(x)
 
