@@ -59,6 +59,8 @@ _NEVER_MAPPABLE = frozenset({"above", "below", "beneath", "underneath"})
 
 @dataclass(frozen=True)
 class SideWord:
+    """A word naming `direction` (dx right, dy down), and the words of its family for the other directions."""
+
     direction: tuple[int, int]
     family: dict[tuple[int, int], str]
     axis: bool  # horizontal/vertical: the direction's sign does not matter
