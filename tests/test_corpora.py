@@ -475,6 +475,15 @@ def test_cli_convert(ucm_src, tmp_path, capsys):
     out = tmp_path / "store"
     assert cli_main(["shards", "convert", "ucm-captions", str(ucm_src), str(out), "--shard-size", "3"]) == 0
     assert len(read_store(out, "ucm-captions")) == 4
+    options = ["--shard-bytes", "1G", "--min-shards", "1", "--shuffle-seed", "5"]
+    assert cli_main(["shards", "convert", "ucm-captions", str(ucm_src), str(out), *options]) == 0
+    manifest = read_manifest(str(out), "ucm-captions")
+    assert manifest["shuffle_seed"] == 5 and [len(v["shards"]) for v in manifest["splits"].values()] == [1, 1, 1]
+    assert cli_main(["shards", "convert", "ucm-captions", str(ucm_src), str(out), "--min-shards", "0"]) == 2
+    assert "--min-shards 0: must be at least 1" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli_main(["shards", "convert", "ucm-captions", str(ucm_src), str(out), "--shard-bytes", "12X"])
+    assert "'12X': expected a positive size such as 268435456, 256M or 1G" in capsys.readouterr().err
     assert cli_main(["shards", "convert", "nope", str(ucm_src), str(out)]) == 2
     assert "unknown corpus adapter 'nope'" in capsys.readouterr().err
     (ucm_src / "dataset.json").write_text("[")
