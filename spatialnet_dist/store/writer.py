@@ -264,7 +264,7 @@ class ShardWriter:
         sample, resized = self._fit(sample)
         chunk = _tar_chunk(encode_sample(sample))
         if split not in self._spools:
-            # Local stores spool in the staging folder (the disk that takes the shards), S3 stores in /tmp.
+            # Local stores spool in the staging folder (the disk that takes the shards), S3 stores in the temp folder.
             self._spools[split] = _Spool(None if storage.is_s3(self.staging_url) else self.staging_url)
         self._spools[split].append(chunk)
         counts = self.splits.setdefault(split, _SplitCounts())
@@ -302,8 +302,10 @@ class ShardWriter:
             raise StoreError(f"{self.corpus_url}: no samples written; the corpus is left as it was")
         listed = set()
         try:
-            with tqdm(desc=f"sharding {self.corpus}", unit=" img", total=sum(c.samples for c in self.splits.values()),
-                      file=sys.stderr, disable=None) as progress:  # fmt: skip
+            total = sum(counts.samples for counts in self.splits.values())
+            with tqdm(
+                desc=f"sharding {self.corpus}", unit=" img", total=total, file=sys.stderr, disable=None
+            ) as progress:
                 for split in sorted(self.splits):
                     self.splits[split].shards = self._write_split(split, self._spools.pop(split), progress)
             for split, counts in self.splits.items():
