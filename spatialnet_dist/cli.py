@@ -21,11 +21,30 @@ def _print_json(obj) -> None:
 # ---- shards ----
 
 
+def _byte_size(text: str) -> int:
+    """'268435456', '256M', '1G' (K, M, G: binary units) -> bytes."""
+    units = {"K": 2**10, "M": 2**20, "G": 2**30}
+    digits, unit = (text[:-1], units[text[-1].upper()]) if text[-1:].upper() in units else (text, 1)
+    if not digits.isdigit() or int(digits) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a positive size such as 268435456, 256M or 1G")
+    return int(digits) * unit
+
+
 def _shards_convert(a) -> int:
     from spatialnet_dist.corpora import convert
 
+    # Options left out take the writer's defaults (store.writer: DEFAULT_SHARD_BYTES, MIN_SHARDS).
+    given = {k: v for k, v in (("shard_bytes", a.shard_bytes), ("min_shards", a.min_shards)) if v is not None}
     return convert(
-        a.adapter, a.src, a.out, shard_size=a.shard_size, name=a.name, strict=a.strict, max_bad_fraction=a.max_bad_fraction
+        a.adapter,
+        a.src,
+        a.out,
+        shard_size=a.shard_size,
+        name=a.name,
+        strict=a.strict,
+        max_bad_fraction=a.max_bad_fraction,
+        shuffle_seed=a.shuffle_seed,
+        **given,
     )
 
 
@@ -130,7 +149,10 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("adapter", help="corpus adapter: ucm-captions, rsicd, sydney-captions, rsvqa-lr, rsvqa-hr")
     conv.add_argument("src", help="folder of the corpus in its published layout")
     conv.add_argument("out", help="store root: a local dir or s3://bucket/prefix")
-    conv.add_argument("--shard-size", type=int, default=1000, help="samples per shard (default 1000)")
+    conv.add_argument("--shard-size", type=int, default=None, help="at most N samples per shard (default: no cap)")
+    conv.add_argument("--shard-bytes", type=_byte_size, help="target shard size: bytes, or with K/M/G (default 256M)")
+    conv.add_argument("--min-shards", type=int, help="at least N shards per split, or one per sample (default 16)")
+    conv.add_argument("--shuffle-seed", type=int, default=0, help="seed of the shuffle across shards (default 0)")
     conv.add_argument("--name", default=None, help="corpus name in the store (default: the adapter's)")
     conv.add_argument("--strict", action="store_true", help="stop at the first bad record")
     conv.add_argument("--max-bad-fraction", type=float, default=0.05, help="exit non-zero above this fraction of bad records")
@@ -139,8 +161,8 @@ def build_parser() -> argparse.ArgumentParser:
     syn = ssub.add_parser("synth", help="write the synthetic demo corpus `synthetic`")
     syn.add_argument("out", help="store root: a local dir or s3://bucket/prefix")
     syn.add_argument("--images", type=int, default=600)
-    syn.add_argument("--seed", type=int, default=0)
-    syn.add_argument("--shard-size", type=int, default=100)
+    syn.add_argument("--seed", type=int, default=0, help="seed of the images and of the shuffle across shards")
+    syn.add_argument("--shard-size", type=int, default=None, help="at most N samples per shard (default: no cap)")
     syn.set_defaults(fn=_shards_synth)
 
     ins = ssub.add_parser("inspect", help="counts per corpus/split/task from the manifests")

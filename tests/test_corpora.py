@@ -17,7 +17,7 @@ from spatialnet_dist.corpora.rsvqa_lr import RSVQA_HR, RSVQA_LR
 from spatialnet_dist.corpora.ucm_captions import RSICD, UCM_CAPTIONS, UCM_CLASSES
 from spatialnet_dist.errors import UserError
 from spatialnet_dist.store.manifest import read_manifest, shard_urls
-from spatialnet_dist.store.schema import decode_sample
+from spatialnet_dist.store.schema import FIT_RULE, decode_sample, fit_image
 from spatialnet_dist.store.verify import verify_store
 
 
@@ -47,15 +47,20 @@ def ucm_entry(filename: str, imgid: int, split: str, captions: list[str]) -> dic
     }
 
 
+def small_image(entry: dict) -> np.ndarray:
+    return rgb(entry["imgid"], 8 + entry["imgid"] % 25)
+
+
 def make_karpathy(
-    src: Path, entries: list[dict], json_name="dataset.json", image_dir="imgs", write_images=True
+    src: Path, entries: list[dict], json_name="dataset.json", image_dir="imgs", write_images=True, image=small_image
 ) -> Path:
+    """A Karpathy-layout corpus; `image(entry)` draws each entry's picture."""
     src.mkdir(parents=True, exist_ok=True)
-    (src / json_name).write_text(json.dumps({"images": entries, "dataset": "ucm"}))
+    (src / json_name).write_text(json.dumps({"images": entries, "dataset": "UCM"}))  # upper case, as published
     (src / image_dir).mkdir(exist_ok=True)
     if write_images:
         for e in entries:
-            save(src / image_dir / e["filename"], rgb(e["imgid"], 8 + e["imgid"] % 25))
+            save(src / image_dir / e["filename"], image(e))
     return src
 
 
@@ -328,13 +333,80 @@ def test_convert_round_trip_ucm(ucm_src, tmp_path, capsys):
     expected = by_id(UCM_CAPTIONS.records(ucm_src))
     stored = read_store(out, "ucm-captions")
     assert set(stored) == set(expected)
-    for key, sample in stored.items():
-        assert sample.record() == expected[key].record()
-        np.testing.assert_array_equal(sample.image, expected[key].image)
+    for key, sample in stored.items():  # the fixture's small images are fitted to UCM's 256x256
+        want = expected[key]
+        assert sample.record() == {**want.record(), "meta": {**want.meta, "original_size": [*want.image.shape[:2]]}}
+        np.testing.assert_array_equal(sample.image, fit_image(want.image, (256, 256)))
     assert verify_store(str(out)) == []
     manifest = read_manifest(str(out), "ucm-captions")
-    assert manifest["classes"] == UCM_CLASSES
+    assert manifest["classes"] == UCM_CLASSES and manifest["image_size"] == [256, 256]
     assert {s: v["samples"] for s, v in manifest["splits"].items()} == {"train": 2, "val": 1, "test": 1}
+    assert [len(v["shards"]) for v in manifest["splits"].values()] == [1, 2, 1]  # one sample each: under 16
+
+
+# The published UCM-captions release in small: images numbered class by class (the label is
+# imgid // 100), so dataset.json lists them sorted by class; 256x256 but for a few of the odd sizes of
+# the release; one image whose captions describe another class (its label still comes from imgid).
+ODD_SIZES = {3: (247, 247), 104: (257, 257), 2009: (242, 256)}  # imgid -> (H, W): two train images, one test
+OFF_CLASS = 205  # a baseballdiamond image captioned as an airplane scene
+
+
+def ucm_release(src: Path, per_class: int = 10) -> Path:
+    """21 classes x `per_class` images: per class all but two train, then one val, one test."""
+    entries = []
+    for c, name in enumerate(UCM_CLASSES):
+        for k in range(per_class):
+            imgid = 100 * c + k
+            split = "train" if k < per_class - 2 else "val" if k == per_class - 2 else "test"
+            topic = "airplane" if imgid == OFF_CLASS else name
+            entries.append(ucm_entry(f"{imgid + 1}.tif", imgid, split, [f"A {topic} scene.", f"Some {topic} {k}."]))
+
+    def picture(entry: dict) -> np.ndarray:  # flat colours: small files, and fitting keeps them exact
+        h, w = ODD_SIZES.get(entry["imgid"], (256, 256))
+        return np.full((h, w, 3), (entry["imgid"] // 100 * 12, entry["imgid"] % 100 * 20, 128), np.uint8)
+
+    return make_karpathy(src, entries, image=picture)
+
+
+def test_class_sorted_ucm_release_converts_into_mixed_shards(tmp_path, capsys):
+    """Every train shard holds at least 5 of the 21 classes. In source order the 168 train records
+    (8 per class) would fill 16 shards of 10-11 consecutive records, each spanning at most 3 classes;
+    shuffled, some shard holds fewer than 5 classes for under 1 in 2000 seeds (simulated)."""
+    src = ucm_release(tmp_path / "UCM_captions")
+    out = tmp_path / "store"
+    assert convert("ucm-captions", src, str(out)) == 0
+    printed = capsys.readouterr().out
+    assert "210 samples (train 168, val 21, test 21) in 48 shards" in printed and "0 bad records skipped" in printed
+    assert f"3 images of another size fitted to 256x256 ({FIT_RULE})" in printed
+    manifest = read_manifest(str(out), "ucm-captions")
+    assert manifest["shuffle_seed"] == 0 and manifest["image_size"] == [256, 256]
+    resized = {split: v["resized"]["count"] for split, v in manifest["splits"].items()}
+    assert resized == {"train": 2, "val": 0, "test": 1}
+    assert {v["resized"]["rule"] for v in manifest["splits"].values()} == {FIT_RULE}
+
+    train_urls = shard_urls(str(out), "ucm-captions", "train", manifest)
+    assert len(train_urls) == 16
+    for url in train_urls:
+        with tarfile.open(url) as tar:
+            records = [json.load(tar.extractfile(m)) for m in tar.getmembers() if m.name.endswith(".json")]
+        assert len({r["label"] for r in records}) >= 5, (url, sorted(r["label"] for r in records))
+
+    stored = read_store(out, "ucm-captions")
+    assert len(stored) == 210 and {s.image.shape for s in stored.values()} == {(256, 256, 3)}
+    original = {key: s.meta["original_size"] for key, s in stored.items() if "original_size" in s.meta}
+    assert original == {"4": [247, 247], "105": [257, 257], "2010": [242, 256]}
+    off = stored[str(OFF_CLASS + 1)]
+    assert off.label_name == "baseballdiamond" and off.captions[0] == "A airplane scene."
+    assert verify_store(str(out)) == []
+
+    # The same seed gives the same shards, byte for byte; another seed another order of the same samples.
+    assert convert("ucm-captions", src, str(tmp_path / "again")) == 0
+    assert read_manifest(str(tmp_path / "again"), "ucm-captions")["splits"] == manifest["splits"]
+    assert convert("ucm-captions", src, str(tmp_path / "other"), shuffle_seed=7) == 0
+    other = read_manifest(str(tmp_path / "other"), "ucm-captions")
+    assert other["shuffle_seed"] == 7 and set(read_store(tmp_path / "other", "ucm-captions")) == set(stored)
+    train_sha = [s["sha256"] for s in manifest["splits"]["train"]["shards"]]
+    assert not set(train_sha) & {s["sha256"] for s in other["splits"]["train"]["shards"]}
 
 
 def test_convert_rsvqa_lr_with_another_name(lr_src, tmp_path):
@@ -403,6 +475,15 @@ def test_cli_convert(ucm_src, tmp_path, capsys):
     out = tmp_path / "store"
     assert cli_main(["shards", "convert", "ucm-captions", str(ucm_src), str(out), "--shard-size", "3"]) == 0
     assert len(read_store(out, "ucm-captions")) == 4
+    options = ["--shard-bytes", "1G", "--min-shards", "1", "--shuffle-seed", "5"]
+    assert cli_main(["shards", "convert", "ucm-captions", str(ucm_src), str(out), *options]) == 0
+    manifest = read_manifest(str(out), "ucm-captions")
+    assert manifest["shuffle_seed"] == 5 and [len(v["shards"]) for v in manifest["splits"].values()] == [1, 1, 1]
+    assert cli_main(["shards", "convert", "ucm-captions", str(ucm_src), str(out), "--min-shards", "0"]) == 2
+    assert "--min-shards 0: must be at least 1" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli_main(["shards", "convert", "ucm-captions", str(ucm_src), str(out), "--shard-bytes", "12X"])
+    assert "'12X': expected a positive size such as 268435456, 256M or 1G" in capsys.readouterr().err
     assert cli_main(["shards", "convert", "nope", str(ucm_src), str(out)]) == 2
     assert "unknown corpus adapter 'nope'" in capsys.readouterr().err
     (ucm_src / "dataset.json").write_text("[")

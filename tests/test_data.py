@@ -60,7 +60,8 @@ def make_samples(corpus: str, split: str, n: int, seed: int = 0, classes: bool =
 
 
 def write_corpus(root: str, corpus: str, splits: dict[str, int], shard_size: int, seed: int = 0, classes: bool = True):
-    with ShardWriter(root, corpus, classes=CLASSES if classes else None, shard_size=shard_size) as w:
+    # min_shards=1: the layouts these tests need (shard_size samples per shard, fewer shards than readers)
+    with ShardWriter(root, corpus, classes=CLASSES if classes else None, shard_size=shard_size, min_shards=1) as w:
         for split, n in splits.items():
             for s in make_samples(corpus, split, n, seed, classes):
                 w.write(s)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import tempfile
 
 import numpy as np
 import pytest
@@ -15,10 +16,10 @@ from spatialnet_dist.errors import UserError
 from spatialnet_dist.store import storage
 from spatialnet_dist.store.inspect import format_inspect, inspect_store
 from spatialnet_dist.store.manifest import list_corpora, read_manifest, shard_urls
-from spatialnet_dist.store.schema import Sample, as_hwc, decode_sample
+from spatialnet_dist.store.schema import FIT_RULE, Sample, as_hwc, decode_sample, fit_image
 from spatialnet_dist.store.storage import StoreError
 from spatialnet_dist.store.verify import verify_store
-from spatialnet_dist.store.writer import ShardWriter
+from spatialnet_dist.store.writer import MIN_SHARDS, ShardWriter, shard_counts
 
 CLASSES = ["field", "forest", "water"]
 
@@ -84,13 +85,16 @@ def root(request, tmp_path) -> str:
 # ---- writer + manifest ----
 
 
-def test_round_trip_manifest_and_inspect(root, capsys):
+def test_round_trip_manifest_and_inspect(root, capsys, tmp_path, monkeypatch):
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))  # where S3 spools and shards go first
+    (tmp_path / "tmp").mkdir()
     samples = make_samples(7)
-    manifest = write(root, samples, shard_size=2)
+    manifest = write(root, samples, shard_size=2, min_shards=1)
     assert manifest["schema_version"] == 1 and manifest["corpus"] == "toy" and manifest["classes"] == CLASSES
     assert manifest["source"] == "unit test" and manifest["created"]
+    assert manifest["shuffle_seed"] == 0 and manifest["image_size"] is None
     train = manifest["splits"]["train"]
-    assert [s["samples"] for s in train["shards"]] == [2, 2, 1]
+    assert [s["samples"] for s in train["shards"]] == [2, 2, 1] and "resized" not in train
     assert train["samples"] == 5 and train["captions"] == 8 and train["questions"] == 8
     assert train["questions_by_type"] == {"count": 5, "presence": 3}
     assert train["answer_counts"]["presence"] == {"yes": 3} and train["answer_counts"]["count"]["5"] == 1
@@ -102,13 +106,16 @@ def test_round_trip_manifest_and_inspect(root, capsys):
         for url, entry in zip(urls, manifest["splits"][split]["shards"]):
             data = storage.read_bytes(url)
             assert len(data) == entry["bytes"] and hashlib.sha256(data).hexdigest() == entry["sha256"]
-        for want, got in zip([s for s in samples if s.split == split], read_samples(urls), strict=True):
-            assert_same(want, got)
+        stored = {s.image_id: s for s in read_samples(urls)}
+        assert sorted(stored) == sorted(s.image_id for s in samples if s.split == split)
+        for want in (s for s in samples if s.split == split):
+            assert_same(want, stored[want.image_id])
     assert {s.image.dtype.name for s in read_samples(shard_urls(root, "toy", "train"))} == {"uint8", "uint16"}
 
     # Only the manifest and the listed shards are left: no staging folder, no temp file.
     listed = {f"{split}/{s['name']}" for split, v in manifest["splits"].items() for s in v["shards"]}
     assert storage.list_files(storage.join(root, "toy")) == sorted(listed | {"manifest.json"})
+    assert os.listdir(tmp_path / "tmp") == []
     assert list_corpora(root) == ["toy"]
     assert verify_store(root) == []
 
@@ -122,26 +129,82 @@ def test_round_trip_manifest_and_inspect(root, capsys):
     assert "toy" in format_inspect(info) and "presence 3" in format_inspect(info)
 
 
-def test_shards_are_deterministic_and_respect_the_byte_cap(tmp_path):
-    samples = make_samples(4, split=lambda i: "train")
-    a = write(str(tmp_path / "a"), samples, shard_size=100)
-    b = write(str(tmp_path / "b"), samples, shard_size=100)
-    assert a["splits"]["train"]["shards"] == b["splits"]["train"]["shards"]
-    # A cap below one sample's size: every sample gets a shard of its own.
-    capped = write(str(tmp_path / "c"), samples, shard_size=100, max_shard_bytes=1)
-    assert [s["samples"] for s in capped["splits"]["train"]["shards"]] == [1, 1, 1, 1]
-    cap = 10 * 1024  # tarfile's record: the smallest tar file
-    shards = write(str(tmp_path / "d"), make_samples(12), shard_size=100, max_shard_bytes=cap)["splits"]["train"][
-        "shards"
-    ]
-    assert len(shards) > 1 and all(s["bytes"] <= cap for s in shards)
+def train_order(root: str) -> list[str]:
+    return [s.image_id for s in read_samples(shard_urls(root, "toy", "train"))]
+
+
+def test_shards_are_shuffled_deterministically_by_the_seed(tmp_path):
+    samples = make_samples(40, split=lambda i: "train")
+    a = write(str(tmp_path / "a"), samples, min_shards=4)
+    b = write(str(tmp_path / "b"), samples, min_shards=4)
+    assert a["splits"]["train"]["shards"] == b["splits"]["train"]["shards"]  # byte-identical: same sha256s
+    other = write(str(tmp_path / "c"), samples, min_shards=4, shuffle_seed=1)
+    assert other["shuffle_seed"] == 1
+    orders = [train_order(str(tmp_path / d)) for d in "abc"]
+    source = [s.image_id for s in samples]
+    assert orders[0] == orders[1] and sorted(orders[0]) == sorted(orders[2]) == source
+    assert orders[0] != source and orders[2] not in (source, orders[0])  # 40! orders: equal by chance ~never
+
+
+def test_shard_counts_follow_bytes_floor_and_cap():
+    assert shard_counts(10, 1000, 300, 1, None) == [3, 3, 2, 2]  # ceil(1000 / 300) shards, counts even
+    assert shard_counts(5, 10, 2**20, 16, None) == [1] * 5  # the floor: one sample per shard at most
+    assert shard_counts(100, 10, 2**20, 16, None) == [7] * 4 + [6] * 12
+    assert shard_counts(10, 10, 2**20, 1, 3) == [3, 3, 2, 2]  # the cap: at most 3 samples per shard
+    assert shard_counts(3, 10**9, 1, 1, None) == [1, 1, 1]  # samples bigger than the target: one each
+    assert MIN_SHARDS == 16
+
+
+def test_byte_target_sets_the_shard_count(tmp_path):
+    samples = make_samples(12, split=lambda i: "train")
+    one_each = write(str(tmp_path / "a"), samples, shard_bytes=1, min_shards=1)["splits"]["train"]["shards"]
+    assert [s["samples"] for s in one_each] == [1] * 12
+    whole = write(str(tmp_path / "b"), samples, min_shards=1)["splits"]["train"]["shards"]
+    assert [s["samples"] for s in whole] == [12]
+    target = whole[0]["bytes"] // 3  # the 12 samples' tar bytes are a little under whole["bytes"]
+    shards = write(str(tmp_path / "c"), samples, shard_bytes=target, min_shards=1)["splits"]["train"]["shards"]
+    assert [s["samples"] for s in shards] == [4, 4, 4]
+
+
+def test_images_of_another_size_are_fitted_and_counted(tmp_path):
+    root = str(tmp_path)
+    samples = make_samples(7)  # (12, 10, 3) uint8, (8, 8, 5) uint16, (9, 11) uint8 in turn
+    manifest = write(root, samples, image_size=(12, 10))
+    assert manifest["image_size"] == [12, 10]
+    assert manifest["splits"]["train"]["resized"] == {"rule": FIT_RULE, "count": 3}  # i = 1, 2, 5
+    assert manifest["splits"]["test"]["resized"] == {"rule": FIT_RULE, "count": 1}  # i = 4
+    stored = {s.image_id: s for split in ("train", "test") for s in read_samples(shard_urls(root, "toy", split))}
+    for want in samples:
+        got = stored[want.image_id]
+        assert got.image.shape[:2] == (12, 10) and got.image.dtype == want.image.dtype
+        if want.image.shape[:2] == (12, 10):
+            assert got.meta == want.meta
+            np.testing.assert_array_equal(got.image, want.image)
+        else:
+            assert got.meta == {**want.meta, "original_size": list(want.image.shape[:2])}
+            np.testing.assert_array_equal(got.image, fit_image(want.image, (12, 10)))
+
+
+def test_fit_rule_crops_the_centre_then_resizes():
+    framed = np.full((242, 256, 3), 90, np.uint8)
+    framed[:, :7] = framed[:, -7:] = 255  # the columns a 242x256 image loses to the square crop
+    np.testing.assert_array_equal(fit_image(framed, (256, 256)), np.full((256, 256, 3), 90, np.uint8))
+    assert fit_image(np.full((257, 257, 3), 3, np.uint8), (256, 256)).shape == (256, 256, 3)
+    tall = np.zeros((40, 20), np.uint8)
+    tall[10:30] = 200  # the centre 20x20 of a 40x20 image
+    np.testing.assert_array_equal(fit_image(tall, (10, 10)), np.full((10, 10, 1), 200, np.uint8))
+    deep = np.full((30, 30, 5), 40000, np.uint16)
+    fitted = fit_image(deep, (16, 16))
+    assert fitted.dtype == np.uint16 and fitted.shape == (16, 16, 5) and (fitted == 40000).all()
+    with pytest.raises(UserError, match="nothing to resize"):
+        fit_image(np.zeros((0, 5, 3), np.uint8), (4, 4))
 
 
 def test_rerun_replaces_the_corpus(root):
     write(root, make_samples(8, split=lambda i: "val" if i == 7 else "train"), shard_size=1)
     assert len(shard_urls(root, "toy", "train")) == 7
     old_extra = shard_urls(root, "toy", "train")[5]
-    manifest = write(root, make_samples(3, seed=1, split=lambda i: "train"), shard_size=2)
+    manifest = write(root, make_samples(3, seed=1, split=lambda i: "train"), shard_size=2, min_shards=1)
     assert list(manifest["splits"]) == ["train"] and manifest["splits"]["train"]["samples"] == 3
     assert not storage.exists(old_extra)
     assert storage.list_files(storage.join(root, "toy")) == [
@@ -158,7 +221,7 @@ def test_exception_inside_the_writer_keeps_the_previous_corpus(root):
     before = {rel: storage.read_bytes(storage.join(corpus_url, rel)) for rel in storage.list_files(corpus_url)}
     with pytest.raises(RuntimeError, match="converter crashed"):
         with ShardWriter(root, "toy", shard_size=1) as w:
-            for s in make_samples(6, seed=2):  # several shards complete (staged) before the crash
+            for s in make_samples(6, seed=2):  # several samples spooled in the staging folder before the crash
                 w.write(s)
             raise RuntimeError("converter crashed")
     after = {rel: storage.read_bytes(storage.join(corpus_url, rel)) for rel in storage.list_files(corpus_url)}
@@ -214,7 +277,7 @@ def test_manifest_errors_name_the_url(tmp_path):
 
 
 def test_verify_names_truncated_corrupted_and_missing_shards(root, capsys):
-    write(root, make_samples(8, split=lambda i: "train"), shard_size=2)
+    write(root, make_samples(8, split=lambda i: "train"), shard_size=2, min_shards=1)
     urls = shard_urls(root, "toy", "train")
     data = storage.read_bytes(urls[0])
     storage.write_bytes_atomic(urls[0], data[:1600])  # cut inside the first image member (after a 1 KiB .json)

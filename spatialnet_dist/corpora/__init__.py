@@ -15,6 +15,8 @@ from spatialnet_dist.corpora.base import Adapter, BadRecord
 from spatialnet_dist.corpora.rsvqa_lr import RSVQA_HR, RSVQA_LR
 from spatialnet_dist.corpora.ucm_captions import RSICD, SYDNEY_CAPTIONS, UCM_CAPTIONS
 from spatialnet_dist.errors import UserError
+from spatialnet_dist.store.schema import FIT_RULE
+from spatialnet_dist.store.writer import DEFAULT_SHARD_BYTES, MIN_SHARDS, ShardWriter
 
 BAD_RECORDS_SHOWN = 20  # printed one by one; the rest are counted
 
@@ -25,6 +27,7 @@ class SyntheticCorpus:
     its classes are asked for."""
 
     name = "synthetic"
+    image_size = None  # every generated image has the renderer's size
     description = "synthetic: procedural aerial-like scenes with true captions, labels and Q/A (the demo corpus)"
 
     @property
@@ -57,24 +60,31 @@ def convert(
     adapter: str | Adapter,
     src: str | Path,
     out: str,
-    shard_size: int = 1000,
+    shard_size: int | None = None,
     name: str | None = None,
     strict: bool = False,
     max_bad_fraction: float = 0.05,
+    shard_bytes: int = DEFAULT_SHARD_BYTES,
+    min_shards: int = MIN_SHARDS,
+    shuffle_seed: int = 0,
 ) -> int:
     """Convert the corpus at `src` (published layout) into corpus `name` (default: the adapter's)
     under the store root `out`. Returns the exit code: 0, or 1 when more than `max_bad_fraction` of
     the records are bad, in which case nothing is written and a corpus already there is kept.
-    Bad records are skipped, named on stderr and counted; `strict` stops at the first (UserError)."""
+    Bad records are skipped, named on stderr and counted; `strict` stops at the first (UserError).
+    Each split is shuffled with `shuffle_seed` into shards of about `shard_bytes`, at least
+    `min_shards` of them, at most `shard_size` samples each (see `store.writer.shard_counts`)."""
     ad = get_adapter(adapter) if isinstance(adapter, str) else adapter
     corpus = name or ad.name
-    if shard_size < 1:
-        raise UserError(f"--shard-size {shard_size}: must be at least 1")
+    cap = 1 if shard_size is None else shard_size
+    for flag, value in (("--shard-size", cap), ("--shard-bytes", shard_bytes), ("--min-shards", min_shards)):
+        if value < 1:
+            raise UserError(f"{flag} {value}: must be at least 1")
+    if shuffle_seed < 0:
+        raise UserError(f"--shuffle-seed {shuffle_seed}: must be at least 0")
     if not 0.0 <= max_bad_fraction <= 1.0:
         raise UserError(f"--max-bad-fraction {max_bad_fraction}: must be between 0 and 1")
     records = ad.records(Path(src))  # a missing or malformed source file fails here, before any writing
-
-    from spatialnet_dist.store.writer import ShardWriter
 
     samples_per_split: Counter = Counter()
     seen_ids: set[str] = set()
@@ -89,7 +99,18 @@ def convert(
             print(f"bad record: {bad}", file=sys.stderr)
 
     try:
-        with ShardWriter(out, corpus, source=f"{ad.name} {src}", classes=ad.classes, shard_size=shard_size) as writer:
+        writer = ShardWriter(
+            out,
+            corpus,
+            source=f"{ad.name} {src}",
+            classes=ad.classes,
+            shard_size=shard_size,
+            shard_bytes=shard_bytes,
+            min_shards=min_shards,
+            shuffle_seed=shuffle_seed,
+            image_size=ad.image_size,
+        )
+        with writer:
             for rec in records:
                 if isinstance(rec, BadRecord):
                     skip(rec)
@@ -114,5 +135,10 @@ def convert(
         )
         return 1
     splits = ", ".join(f"{split} {n}" for split, n in samples_per_split.items())
-    print(f"convert {corpus}: {n_good} samples ({splits}) -> {out}; {n_bad} bad records skipped")
+    shards = sum(len(counts.shards) for counts in writer.splits.values())
+    print(f"convert {corpus}: {n_good} samples ({splits}) in {shards} shards -> {out}; {n_bad} bad records skipped")
+    resized = sum(counts.resized for counts in writer.splits.values())
+    if resized:
+        h, w = ad.image_size
+        print(f"convert {corpus}: {resized} images of another size fitted to {h}x{w} ({FIT_RULE})")
     return 0

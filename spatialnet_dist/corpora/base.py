@@ -43,10 +43,13 @@ class BadRecord:
 
 class Adapter(Protocol):
     """One corpus in its published layout. `name` is the default corpus name in the store;
-    `classes` the land-use class names that `Sample.label` indexes (None: the corpus has no labels)."""
+    `classes` the land-use class names that `Sample.label` indexes (None: the corpus has no labels);
+    `image_size` the corpus's nominal (height, width): the writer fits images of another size to it
+    by `store.schema.FIT_RULE` and counts them (None: images are stored at the size they have)."""
 
     name: str
     classes: list[str] | None
+    image_size: tuple[int, int] | None
     description: str
 
     def records(self, src: Path) -> Iterator[Sample | BadRecord]:

@@ -32,7 +32,8 @@ class _Table:
 
 class RsvqaCorpus:
     """An RSVQA-style corpus: `prefix` of its JSON files, `image_dir` of `<id>.<ext>` images.
-    `splits` must all be present; `optional_splits` are read when their files exist."""
+    `splits` must all be present; `optional_splits` are read when their files exist; `image_size`: see
+    `base.Adapter`."""
 
     classes = None  # no land-use labels
 
@@ -46,6 +47,7 @@ class RsvqaCorpus:
         splits: tuple[str, ...] = ("train", "val", "test"),
         optional_splits: tuple[str, ...] = (),
         bands: int = 3,
+        image_size: tuple[int, int] | None = None,
     ):
         self.name = name
         self.description = description
@@ -55,6 +57,7 @@ class RsvqaCorpus:
         self.splits = splits
         self.optional_splits = optional_splits
         self.bands = bands
+        self.image_size = image_size
 
     def _path(self, src: Path, split: str, kind: str) -> Path:
         return src / f"{self.prefix}_{split}_{kind}.json"
@@ -132,6 +135,7 @@ RSVQA_LR = RsvqaCorpus(
     "RSVQA-LR: 772 Sentinel-2 RGB tiles of the Netherlands; count, presence, comp, rural_urban questions",
     prefix="LR_split",
     image_dir="Images_LR",
+    image_size=(256, 256),
 )
 # RSVQA-HR (zenodo 6344367): USGS_split_* files beside Data/; the second test set (Philadelphia,
 # another sensor) is the optional split `test_phili`. Releases differ on .tif / .png images.

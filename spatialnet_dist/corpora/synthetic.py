@@ -813,11 +813,13 @@ def generate(images: int, seed: int) -> Iterator[Sample]:
     return (make_sample(index, seed) for index in range(images))
 
 
-def write_synthetic(out: str, images: int = 600, seed: int = 0, shard_size: int = 100) -> dict:
-    """Generate the corpus and write it as `synthetic` under the store root `out` (local or s3://); -> its manifest."""
+def write_synthetic(out: str, images: int = 600, seed: int = 0, shard_size: int | None = None) -> dict:
+    """Generate the corpus and write it as `synthetic` under the store root `out` (local or s3://); -> its manifest.
+    Shards as the writer cuts them (at least MIN_SHARDS per split), shuffled with `seed`, at most
+    `shard_size` samples each (None: no cap)."""
     _check_args(images, seed)
     source = f"procedural: spatialnet_dist.corpora.synthetic, images={images}, seed={seed}"
-    with ShardWriter(out, CORPUS, source=source, classes=CLASSES, shard_size=shard_size) as writer:
+    with ShardWriter(out, CORPUS, source=source, classes=CLASSES, shard_size=shard_size, shuffle_seed=seed) as writer:
         for sample in generate(images, seed):
             writer.write(sample)
     return read_manifest(out, CORPUS)

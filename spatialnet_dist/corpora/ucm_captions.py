@@ -6,7 +6,9 @@ siblings RSICD and Sydney-captions.
     SRC/imgs/<filename>
 
 Splits come from the file. UCM-captions numbers its images class by class, 100 per class, so the
-land-use label is `imgid // 100` over the 21 UC Merced classes in alphabetical order.
+land-use label is `imgid // 100` over the 21 UC Merced classes in alphabetical order. Its images are
+nominally 256x256; the published release also holds 44 of other sizes (247x247, 257x257, 242x256, ...),
+which the writer fits to 256x256 (the adapter's `image_size`).
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ UCM_IMAGES_PER_CLASS = 100
 
 class KarpathyCaptions:
     """A Karpathy-style captioning corpus. `classes` given: label = imgid // images_per_class.
-    `json_names` / `image_dirs`: the names releases use, tried in order."""
+    `json_names` / `image_dirs`: the names releases use, tried in order; `image_size`: see `base.Adapter`."""
 
     def __init__(
         self,
@@ -39,6 +41,7 @@ class KarpathyCaptions:
         json_names: tuple[str, ...] = ("dataset.json",),
         image_dirs: tuple[str, ...] = ("imgs",),
         bands: int = 3,
+        image_size: tuple[int, int] | None = None,
     ):
         self.name = name
         self.description = description
@@ -47,6 +50,7 @@ class KarpathyCaptions:
         self.json_names = json_names
         self.image_dirs = image_dirs
         self.bands = bands
+        self.image_size = image_size
 
     def records(self, src: Path) -> Iterator[Sample | BadRecord]:
         src = require_dir(Path(src), "corpus folder")
@@ -114,6 +118,7 @@ UCM_CAPTIONS = KarpathyCaptions(
     "ucm-captions",
     "UCM-captions: 2100 UC Merced land-use images, 5 captions each, 21 classes (dataset.json + imgs/)",
     classes=UCM_CLASSES,
+    image_size=(256, 256),
 )
 RSICD = KarpathyCaptions(
     "rsicd",

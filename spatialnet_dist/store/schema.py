@@ -85,6 +85,37 @@ def as_hwc(image: np.ndarray) -> np.ndarray:
     return image
 
 
+# How an image of another size than its corpus's nominal size is stored (named in the manifest).
+FIT_RULE = "center-crop-resize"
+
+
+def fit_image(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """FIT_RULE: (H, W, C) -> (size[0], size[1], C), same dtype. The centre is cropped to the target's
+    aspect ratio (no distortion; 242x256 loses 7 columns a side), then resized bicubic, antialiased
+    when shrinking (PIL). 8-bit 1/3/4-band images resize as they are, anything else band by band."""
+    image = as_hwc(image)
+    (h, w), (th, tw) = image.shape[:2], size
+    if min(h, w) < 1:
+        raise SchemaError(f"image with shape {image.shape}: nothing to resize")
+    if h * tw > w * th:  # taller than the target: crop rows
+        keep = max(1, round(w * th / tw))
+        image = image[(h - keep) // 2 : (h - keep) // 2 + keep]
+    elif h * tw < w * th:  # wider: crop columns
+        keep = max(1, round(h * tw / th))
+        image = image[:, (w - keep) // 2 : (w - keep) // 2 + keep]
+    if image.shape[:2] == (th, tw):
+        return np.ascontiguousarray(image)
+    if image_ext(image) == "png":
+        pil = Image.fromarray(np.ascontiguousarray(image[:, :, 0] if image.shape[2] == 1 else image))
+        return as_hwc(np.asarray(pil.resize((tw, th), Image.BICUBIC)))
+    bands = [Image.fromarray(np.ascontiguousarray(image[:, :, c], np.float32), mode="F") for c in range(image.shape[2])]
+    out = np.stack([np.asarray(b.resize((tw, th), Image.BICUBIC)) for b in bands], axis=-1)  # (th, tw, C) float32
+    if np.issubdtype(image.dtype, np.integer):
+        info = np.iinfo(image.dtype)
+        out = np.clip(np.rint(out), info.min, info.max)
+    return out.astype(image.dtype)
+
+
 def image_ext(image: np.ndarray) -> str:
     image = as_hwc(image)
     return "png" if image.dtype == np.uint8 and image.shape[2] in (1, 3, 4) else "npy"
