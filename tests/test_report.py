@@ -73,15 +73,11 @@ def full_report(tmp_path_factory):
         {"qid": "2", "type": "presence", "answer": "yes", "prediction": "no"},
         {"qid": "3", "type": "comp", "answer": "no", "prediction": "no"},
     ]
+    third = {k: v / 3 for k, v in CAPTIONS.items()}
+    majority = score_vqa([{**r, "prediction": "no"} for r in vqa_rows])
     metrics = {
-        "captions": {
-            **CAPTIONS,
-            "baselines": {"fixed_caption": {**{k: v / 3 for k, v in CAPTIONS.items()}, "name": "most frequent caption"}},
-        },
-        "vqa": {
-            **score_vqa(vqa_rows),
-            "baselines": {"majority": {**score_vqa([{**r, "prediction": "no"} for r in vqa_rows]), "name": "majority answer"}},
-        },
+        "captions": {**CAPTIONS, "baselines": {"fixed_caption": {**third, "name": "most frequent caption"}}},
+        "vqa": {**score_vqa(vqa_rows), "baselines": {"majority": {**majority, "name": "majority answer"}}},
         "classification": {
             **score_classification([0, 1, 2, 2], [0, 1, 1, 2], CLASSES),
             "baselines": {"majority": {"accuracy": 0.5, "n": 4}},

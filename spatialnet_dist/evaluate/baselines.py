@@ -20,11 +20,12 @@ from __future__ import annotations
 import logging
 import statistics
 from collections import Counter
+from dataclasses import dataclass, field
 
 from spatialnet_dist.errors import UserError
 from spatialnet_dist.evaluate.captions import score_captions
 from spatialnet_dist.evaluate.vqa import count_errors, score_vqa
-from spatialnet_dist.text import TextVocabs, as_number, map_answer
+from spatialnet_dist.text import TextVocabs, as_number, map_answer, words
 
 log = logging.getLogger(__name__)
 
@@ -35,8 +36,9 @@ def most_frequent(counts: Counter):
 
 
 def caption_text(caption: str) -> str:
-    """A caption as the baselines compare and count it: lower case, single spaces."""
-    return " ".join(caption.lower().split())
+    """A caption as the baselines count it: its words as the vocabulary reads them ('Sand and sea.' ->
+    'sand and sea'), so that spellings of one caption are counted together."""
+    return " ".join(words(caption))
 
 
 def question_text(question: str, vocabs: TextVocabs, max_len: int) -> str:
@@ -45,105 +47,103 @@ def question_text(question: str, vocabs: TextVocabs, max_len: int) -> str:
     return vocabs.words.decode(vocabs.words.encode(question, max_len, bos_eos=False))
 
 
-def _train_answer_counts(cfg) -> dict[str, Counter]:
-    """{question type: {raw answer: n}} of the training split of the vqa corpora (from their manifests)."""
-    from spatialnet_dist.data.vocab import task_corpora, train_split
+@dataclass
+class TrainingText:
+    """What the baselines learn from the training split of the evaluated tasks' corpora."""
+
+    answers_by_type: dict[str, Counter] = field(default_factory=dict)  # {type: {answer class: n}}
+    answers_by_question: dict[tuple[str, str], Counter] = field(default_factory=dict)  # {(type, question text): ...}
+    captions_by_class: dict[str, Counter] = field(default_factory=dict)  # {class name: {caption text: n}}
+    counts: list[float] = field(default_factory=list)  # the raw answers of count questions
+
+
+def read_training_text(cfg, vocabs: TextVocabs, tasks: list[str]) -> TrainingText:
+    """Answer counts per type from the manifests of the vqa and regression corpora; questions (vqa in
+    `tasks`) and captions by class (captioning in `tasks`) from one pass over the training records."""
+    from spatialnet_dist.data.vocab import TRAIN_SPLIT, task_corpora, train_split
     from spatialnet_dist.store.manifest import read_manifest
-
-    counts: dict[str, Counter] = {}
-    for corpus in task_corpora(cfg, ["vqa", "regression"]):
-        split = train_split(read_manifest(cfg.data.root, corpus), corpus, cfg.data.root)
-        for qtype, by_answer in split.get("answer_counts", {}).items():
-            counts.setdefault(qtype, Counter()).update(by_answer)
-    return counts
-
-
-def _train_texts(cfg, vocabs: TextVocabs, tasks: list[str]) -> tuple[dict[tuple, Counter], dict[str, Counter]]:
-    """One pass over the training records of the corpora feeding `tasks` ("captioning", "vqa") ->
-    ({(type, question text): {answer class: n}}, {class name: {caption text: n}})."""
-    from spatialnet_dist.data.vocab import TRAIN_SPLIT, task_corpora
     from spatialnet_dist.store.records import split_records
 
-    answers: dict[tuple, Counter] = {}
-    captions: dict[str, Counter] = {}
+    rule, root, text = cfg.eval.count_rule, cfg.data.root, TrainingText()
+    for corpus in task_corpora(cfg, ["vqa", "regression"]):
+        for qtype, by_answer in train_split(read_manifest(root, corpus), corpus, root).get("answer_counts", {}).items():
+            for raw, n in by_answer.items():
+                text.answers_by_type.setdefault(qtype, Counter())[map_answer(raw, qtype, rule)] += n
+                if qtype == "count" and as_number(raw) is not None:
+                    text.counts += [as_number(raw)] * n
     vqa_corpora = task_corpora(cfg, ["vqa"]) if "vqa" in tasks else []
     caption_corpora = task_corpora(cfg, ["captioning"]) if "captioning" in tasks else []
     for corpus in dict.fromkeys([*vqa_corpora, *caption_corpora]):
-        for record in split_records(cfg.data.root, corpus, TRAIN_SPLIT):
+        for record in split_records(root, corpus, TRAIN_SPLIT):
             if corpus in vqa_corpora:
                 for q in record["qa"]:
                     asked = (q["type"], question_text(q["question"], vocabs, cfg.model.question_max_len))
-                    answers.setdefault(asked, Counter())[map_answer(q["answer"], q["type"], cfg.eval.count_rule)] += 1
+                    text.answers_by_question.setdefault(asked, Counter())[map_answer(q["answer"], q["type"], rule)] += 1
             if corpus in caption_corpora and record["label_name"] is not None:
-                captions.setdefault(record["label_name"], Counter()).update(map(caption_text, record["captions"]))
-    return answers, captions
+                by_class = text.captions_by_class.setdefault(record["label_name"], Counter())
+                by_class.update(map(caption_text, record["captions"]))
+    return text
 
 
-def _caption_baselines(rows: list[dict], by_class: dict[str, Counter]) -> dict:
-    refs = {r["image_id"]: r["references"] for r in rows}
-    fixed = most_frequent(Counter(caption_text(ref) for r in rows for ref in r["references"]))
-    out = {
-        "fixed_caption": {
-            **score_captions([{"image_id": r["image_id"], "caption": fixed} for r in rows], refs),
-            "name": f"one fixed caption: {fixed!r}",
-        }
-    }
-    if by_class:
-        # An image whose class has no training caption gets the most frequent training caption of all.
-        anywhere = most_frequent(sum(by_class.values(), Counter()))
-        oracle = {name: most_frequent(counts) for name, counts in by_class.items()}
-        guessed = [{"image_id": r["image_id"], "caption": oracle.get(r.get("label_name"), anywhere)} for r in rows]
-        out["class_oracle"] = {
-            **score_captions(guessed, refs),
-            "name": "most frequent training caption of the true class",
-        }
-    return out
+def majority_answers(rows: list[dict], text: TrainingText) -> list[str]:
+    """The training split's most frequent answer of each row's question type ("" for a type never seen)."""
+    majority = {qtype: most_frequent(counts) for qtype, counts in text.answers_by_type.items()}
+    return [majority.get(r["type"], "") for r in rows]
 
 
-def _vqa_baselines(rows: list[dict], cfg, vocabs: TextVocabs, by_type: dict[str, Counter],
-                   by_question: dict[tuple, Counter]) -> dict:
-    rule = cfg.eval.count_rule
-    majority = {}
-    for qtype, by_answer in by_type.items():
-        mapped: Counter = Counter()
-        for raw, n in by_answer.items():
-            mapped[map_answer(raw, qtype, rule)] += n
-        majority[qtype] = most_frequent(mapped)
-    out = {}
-    if majority:
-        guessed = [{**r, "prediction": majority.get(r["type"], "")} for r in rows]
-        out["majority"] = {**score_vqa(guessed, rule), "name": "most frequent training answer per type"}
-    if by_question:
-        answer_of = {asked: most_frequent(counts) for asked, counts in by_question.items()}
-        guessed = [
-            {**r, "prediction": answer_of.get((r["type"], question_text(r["question"], vocabs, cfg.model.question_max_len)),
-                                              majority.get(r["type"], ""))}
-            for r in rows
-        ]
-        out["question_only"] = {**score_vqa(guessed, rule), "name": "most frequent training answer to the question"}
-    return out
+def question_only_answers(rows: list[dict], text: TrainingText, vocabs: TextVocabs, max_len: int) -> list[str]:
+    """The most frequent training answer to each row's question, else the majority answer of its type."""
+    answer_of = {asked: most_frequent(counts) for asked, counts in text.answers_by_question.items()}
+    return [
+        answer_of.get((r["type"], question_text(r["question"], vocabs, max_len)), fallback)
+        for r, fallback in zip(rows, majority_answers(rows, text))
+    ]
+
+
+def class_oracle_captions(rows: list[dict], text: TrainingText) -> list[dict]:
+    """[{"image_id", "caption"}]: the most frequent training caption of each image's true class
+    (row "label_name"); the most frequent of all for an image whose class has no training caption."""
+    anywhere = most_frequent(sum(text.captions_by_class.values(), Counter()))
+    oracle = {name: most_frequent(counts) for name, counts in text.captions_by_class.items()}
+    return [{"image_id": r["image_id"], "caption": oracle.get(r.get("label_name"), anywhere)} for r in rows]
 
 
 def trivial_baselines(rows: dict[str, list[dict]], cfg, vocabs: TextVocabs) -> dict:
     """{task: prediction rows} -> {"captions", "vqa", "classification", "regression": {baseline key: its
     scores (the task scorer's shape) and a "name"}} for the tasks with rows (see the module docstring).
     A store without a training split leaves out the baselines that need one, with a warning."""
-    baselines: dict[str, dict] = {}
-    text_tasks = [t for t in ("captioning", "vqa") if rows.get(t)]
     try:
-        by_type = _train_answer_counts(cfg)
-        by_question, by_class = _train_texts(cfg, vocabs, text_tasks) if text_tasks else ({}, {})
+        text = read_training_text(cfg, vocabs, [t for t in ("captioning", "vqa") if rows.get(t)])
     except UserError as e:
         log.warning("no baselines from the training split: %s", e)
-        by_type, by_question, by_class = {}, {}, {}
+        text = TrainingText()
+    rule = cfg.eval.count_rule
+    baselines: dict[str, dict] = {}
     if rows.get("captioning"):
-        baselines["captions"] = _caption_baselines(rows["captioning"], by_class)
-    if rows.get("vqa"):
-        baselines["vqa"] = _vqa_baselines(rows["vqa"], cfg, vocabs, by_type, by_question)
-    train_counts = [as_number(a) for a, n in by_type.get("count", {}).items() if as_number(a) is not None
-                    for _ in range(n)]
-    if rows.get("regression") and train_counts:
-        median = statistics.median(train_counts)
+        captions = rows["captioning"]
+        refs = {r["image_id"]: r["references"] for r in captions}
+        fixed = most_frequent(Counter(caption_text(ref) for r in captions for ref in r["references"]))
+        baselines["captions"] = {"fixed_caption": {
+            **score_captions([{"image_id": r["image_id"], "caption": fixed} for r in captions], refs),
+            "name": f"one fixed caption: {fixed!r}",
+        }}
+        if text.captions_by_class:
+            baselines["captions"]["class_oracle"] = {
+                **score_captions(class_oracle_captions(captions, text), refs),
+                "name": "most frequent training caption of the true class",
+            }
+    if rows.get("vqa") and text.answers_by_type:
+        questions = rows["vqa"]
+        guesses = {"majority": (majority_answers(questions, text), "most frequent training answer per type")}
+        if text.answers_by_question:
+            answers = question_only_answers(questions, text, vocabs, cfg.model.question_max_len)
+            guesses["question_only"] = (answers, "most frequent training answer to the question")
+        baselines["vqa"] = {
+            key: {**score_vqa([{**r, "prediction": a} for r, a in zip(questions, answers)], rule), "name": name}
+            for key, (answers, name) in guesses.items()
+        }
+    if rows.get("regression") and text.counts:
+        median = statistics.median(text.counts)
         truth = [r["count"] for r in rows["regression"]]
         baselines["regression"] = {
             "median": {**count_errors([median] * len(truth), truth), "name": f"training median count ({median:g})"}
@@ -154,4 +154,4 @@ def trivial_baselines(rows: dict[str, list[dict]], cfg, vocabs: TextVocabs) -> d
         baselines["classification"] = {
             "majority": {"accuracy": share, "n": len(labels), "name": "most frequent class of this split"}
         }
-    return {task: b for task, b in baselines.items() if b}
+    return baselines

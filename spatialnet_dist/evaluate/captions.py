@@ -168,5 +168,5 @@ def format_caption_table(scores: dict) -> str:
         table = markdown_table(columns, [cells(scores)], numbers_from=0)
     else:
         table = markdown_table(["captions", *columns], [[name, *cells(s)] for name, s in named])
-    note = "Scores in percent, CIDEr x100, as the paper prints them"
-    return table + "\n\n" + note + ("; [lo, hi]: 95% bootstrap interval over the images." if "CIDEr_ci" in scores else ".")
+    interval = "; [lo, hi]: 95% bootstrap interval over the images" if "CIDEr_ci" in scores else ""
+    return f"{table}\n\nScores in percent, CIDEr x100, as the paper prints them{interval}."

@@ -227,7 +227,8 @@ def finish(
     metrics_jsonl: str | None = None,
     title: str = "Evaluation report",
 ) -> dict:
-    """Score gathered predictions, each task beside its baselines, and write metrics.json, predictions/ and the report."""
+    """Score gathered predictions, each task beside its baselines (in its "baselines"), and write
+    metrics.json, predictions/ and the report."""
     if cfg.eval.max_samples:
         pred = SplitPredictions({t: r[: cfg.eval.max_samples] for t, r in pred.rows.items()}, pred.images)
     empty = [t for t, r in pred.rows.items() if not r]

@@ -10,7 +10,7 @@ import json
 import tarfile
 from collections.abc import Iterator
 
-from spatialnet_dist.store.manifest import shard_urls
+from spatialnet_dist.store.manifest import read_manifest, shard_urls
 from spatialnet_dist.store.schema import SchemaError, validate_record
 from spatialnet_dist.store.storage import StoreError, open_stream
 
@@ -35,6 +35,13 @@ def shard_records(url: str) -> Iterator[dict]:
 
 
 def split_records(root: str, corpus: str, split: str) -> Iterator[dict]:
-    """The records of every shard the manifest lists for `split` of `corpus`, in manifest order."""
-    for url in shard_urls(root, corpus, split):
-        yield from shard_records(url)
+    """The records of every shard the manifest lists for `split` of `corpus`, in manifest order; a shard
+    with another number of records than listed (a tar cut at a member boundary reads cleanly) is refused."""
+    manifest = read_manifest(root, corpus)
+    for url, listed in zip(shard_urls(root, corpus, split, manifest), manifest["splits"][split]["shards"]):
+        read = 0
+        for record in shard_records(url):
+            read += 1
+            yield record
+        if read != listed["samples"]:
+            raise StoreError(f"shard {url}: {read} records, the manifest lists {listed['samples']}")
