@@ -109,12 +109,12 @@ def score_vqa(rows: list[dict], count_rule: str = "rsvqa-lr") -> dict:
     per_type = {t: float(right[i] / asked[i]) for i, t in enumerate(types)}
 
     def mean_of_types(idx: np.ndarray) -> np.ndarray:  # (R, n) resampled questions -> (R,) AA
-        picked, hit = type_of[idx], correct[idx]  # (R, n)
-        accuracy = np.stack([
-            (hit & (picked == i)).sum(1) / np.maximum((picked == i).sum(1), 1) for i in range(len(types))
-        ], axis=1)  # (R, T)
-        present = np.stack([(picked == i).any(1) for i in range(len(types))], axis=1)  # (R, T)
-        return (accuracy * present).sum(1) / present.sum(1)  # a type a resample missed is left out, as here
+        cell = (np.arange(len(idx))[:, None] * len(types) + type_of[idx]).ravel()  # (R * n,) resample x type
+        size = len(idx) * len(types)
+        asked = np.bincount(cell, minlength=size).reshape(-1, len(types))  # (R, T)
+        right = np.bincount(cell, weights=correct[idx].ravel(), minlength=size).reshape(-1, len(types))
+        present = asked > 0  # a type a resample missed is left out of its mean, as score_vqa does
+        return (right / np.maximum(asked, 1)).sum(1) / present.sum(1)
 
     return {
         "per_type": per_type,
