@@ -91,9 +91,13 @@ def test_eval_run_scores_every_sample_of_the_split(store, bundle, tmp_path):
 
     # The written predictions are the `spatialnet eval vqa` input and give the same scores.
     rows = load_vqa_predictions(out / "predictions" / "vqa.json")
-    assert score_vqa(rows) == metrics["vqa"]
-    baselines = json.loads((out / "baselines.json").read_text())
-    assert {"vqa", "classification", "regression"} == set(baselines)
+    assert score_vqa(rows) == {k: v for k, v in metrics["vqa"].items() if k != "baselines"}
+    assert set(metrics["vqa"]["baselines"]) == {"majority", "question_only"}
+    assert set(metrics["classification"]["baselines"]) == {"majority"}
+    assert set(metrics["regression"]["baselines"]) == {"median"}
+    for scores, key in ((metrics["vqa"], "OA"), (metrics["vqa"], "AA"), (metrics["classification"], "accuracy")):
+        lo, hi = scores[f"{key}_ci"]
+        assert lo <= scores[key] <= hi
 
     report = out / "report.md"
     assert_report_links_resolve(report)
@@ -151,7 +155,10 @@ def test_eval_run_over_ray_workers_matches_one_process(store, tmp_path):
     )
     assert rc == 0, stderr
     over_ray = json.loads(stdout)
-    assert set(over_ray["captions"]) == {"BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr"}
+    assert set(over_ray["captions"]) == {
+        "BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr", "CIDEr_ci", "baselines"
+    }
+    assert set(over_ray["captions"]["baselines"]) == {"fixed_caption", "class_oracle"}
     caption_rows = json.loads((tmp_path / "ray" / "predictions" / "captions.json").read_text())
     assert len(caption_rows) == read_manifest(store, "synthetic")["splits"]["test"]["samples"]
 
@@ -161,4 +168,6 @@ def test_eval_run_over_ray_workers_matches_one_process(store, tmp_path):
     model, cfg, vocabs = load_model(bundle)
     one_process = predict_split(model, cfg, vocabs, "test").rows
     one_process.pop("captioning")  # scored above; java once is enough
-    assert score_predictions(one_process, cfg, vocabs) == {k: v for k, v in over_ray.items() if k != "captions"}
+    without_baselines = {task: {k: v for k, v in s.items() if k != "baselines"} for task, s in over_ray.items()}
+    without_baselines.pop("captions")
+    assert score_predictions(one_process, cfg, vocabs) == without_baselines

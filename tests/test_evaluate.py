@@ -104,7 +104,8 @@ def test_caption_scores_equal_pycocoevalcap(caption_scores):
     rc, out, err, reference = caption_scores
     assert rc == 0, err
     ours = json.loads(out)  # stdout is the JSON alone: no scorer chatter
-    assert list(ours) == list(CAPTION_METRICS)
+    assert list(ours) == [*CAPTION_METRICS, "CIDEr_ci"]
+    assert ours["CIDEr_ci"][0] <= ours["CIDEr"] <= ours["CIDEr_ci"][1]
     for name in CAPTION_METRICS:
         assert ours[name] == pytest.approx(reference[name], abs=1e-9), name
     assert 0 < ours["BLEU-4"] < ours["BLEU-1"] < 1  # a real, partly matching case
@@ -133,8 +134,10 @@ def test_caption_table_is_paper_order_in_percent():
         "70.00",
         "250.34",
     ]
-    with_baseline = format_caption_table(scores, {**{k: 0.1 for k in scores}, "name": "most frequent caption"})
+    baseline = {**{k: 0.1 for k in scores}, "name": "most frequent caption"}
+    with_baseline = format_caption_table({**scores, "CIDEr_ci": [2.4, 2.6], "baselines": {"fixed_caption": baseline}})
     assert "most frequent caption" in with_baseline and "this run" in with_baseline
+    assert "250.34 [240.00, 260.00]" in with_baseline and "95% bootstrap interval" in with_baseline
 
 
 def test_captions_without_java_say_how_to_install(monkeypatch, tmp_path):
@@ -341,11 +344,17 @@ def test_cli_eval_vqa_json_and_table(tmp_path):
     pred = write_json(tmp_path / "pred.json", rows)
     rc, out, _ = run_cli(["eval", "vqa", "--pred", pred, "--json"])
     assert rc == 0
-    assert json.loads(out) == {"per_type": {"count": 0.5, "presence": 1.0}, "AA": 0.75, "OA": 2 / 3, "n": 3}
+    # Three questions: a resample may hold only wrong ones or only right ones, so the intervals span 0..1.
+    assert json.loads(out) == {
+        "per_type": {"count": 0.5, "presence": 1.0}, "AA": 0.75, "OA": 2 / 3, "n": 3,
+        "AA_ci": [0.0, 1.0], "OA_ci": [0.0, 1.0],
+    }
     rc, out, _ = run_cli(["eval", "vqa", "--pred", pred, "--count-rule", "exact"])
     assert rc == 0
     row = out.splitlines()[2]
-    assert [c.strip() for c in row.strip("|").split("|")] == ["0.00", "100.00", "50.00", "33.33"]
+    assert [c.strip() for c in row.strip("|").split("|")] == [
+        "0.00", "100.00", "50.00 [0.00, 100.00]", "33.33 [0.00, 100.00]"
+    ]
 
 
 @pytest.mark.parametrize("command", ["captions", "vqa"])

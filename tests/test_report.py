@@ -73,16 +73,16 @@ def full_report(tmp_path_factory):
         {"qid": "2", "type": "presence", "answer": "yes", "prediction": "no"},
         {"qid": "3", "type": "comp", "answer": "no", "prediction": "no"},
     ]
+    third = {k: v / 3 for k, v in CAPTIONS.items()}
+    majority = score_vqa([{**r, "prediction": "no"} for r in vqa_rows])
     metrics = {
-        "captions": CAPTIONS,
-        "vqa": score_vqa(vqa_rows),
-        "classification": score_classification([0, 1, 2, 2], [0, 1, 1, 2], CLASSES),
+        "captions": {**CAPTIONS, "baselines": {"fixed_caption": {**third, "name": "most frequent caption"}}},
+        "vqa": {**score_vqa(vqa_rows), "baselines": {"majority": {**majority, "name": "majority answer"}}},
+        "classification": {
+            **score_classification([0, 1, 2, 2], [0, 1, 1, 2], CLASSES),
+            "baselines": {"majority": {"accuracy": 0.5, "n": 4}},
+        },
         "regression": count_errors([3.5, 10], [4, 12]),
-    }
-    baselines = {
-        "captions": {**{k: v / 3 for k, v in CAPTIONS.items()}, "name": "most frequent caption"},
-        "vqa": {**score_vqa([{**r, "prediction": "no"} for r in vqa_rows]), "name": "majority answer"},
-        "classification": {"accuracy": 0.5, "n": 4},
     }
     photo = tmp_path / "port_3.png"
     Image.fromarray(np.full((20, 24, 3), 200, np.uint8)).save(photo)
@@ -106,7 +106,6 @@ def full_report(tmp_path_factory):
         metrics_jsonl,
         predictions={"captioning": "predictions/captions.json"},
         samples=samples,
-        baselines=baselines,
         title="Evaluation of run demo, split test",
     )
     return report
@@ -132,7 +131,7 @@ def test_full_report_tables_put_baselines_beside_the_run(full_report):
 
 def test_report_with_only_vqa_and_no_training_metrics(tmp_path):
     scores = score_vqa([{"qid": "1", "type": "presence", "answer": "yes", "prediction": "yes"}])
-    report = write_report(tmp_path / "eval", {"vqa": scores}, None, {}, [], None)
+    report = write_report(tmp_path / "eval", {"vqa": scores}, None, {}, [])
     text = assert_renders(report)
     assert links(text) == []
     assert "No metrics.jsonl was given." in text and "100.00" in text

@@ -309,7 +309,7 @@ class TaskSamples:
                 return []
             caption = map_sides(self._pick(s.captions, rng)[0], symmetry)
             row = {"tokens": torch.tensor(self.vocabs.words.encode(caption, self.caption_max_len))}
-            return [row if self.train else {**row, "references": list(s.captions)}]
+            return [row if self.train else {**row, "references": list(s.captions), "label_name": s.label_name}]
         if self.task == "vqa":
             return [
                 {

@@ -7,11 +7,17 @@ line; the `format_*_table` functions print them as the paper's tables do (percen
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
+
+import numpy as np
 
 from spatialnet_dist.errors import UserError
 
 _SHOWN = 3  # ids named in an error message before "... and N more"
+BOOTSTRAP_RESAMPLES = 1000
+BOOTSTRAP_SEED = 0
+_BOOTSTRAP_CHUNK = 2**22  # resampled item indices held at once (32 MiB of int64), whatever the split's size
 
 
 def read_json(path: str | Path):
@@ -26,6 +32,38 @@ def read_json(path: str | Path):
         return json.loads(text)
     except json.JSONDecodeError as e:
         raise UserError(f"{path}: not valid JSON ({e.msg} at line {e.lineno} column {e.colno})") from None
+
+
+def bootstrap_interval(
+    statistic: Callable[[np.ndarray], np.ndarray], n: int, level: float = 0.95,
+    resamples: int = BOOTSTRAP_RESAMPLES, seed: int = BOOTSTRAP_SEED,
+) -> list[float]:
+    """The percentile bootstrap interval [lo, hi] of a statistic of n test items (questions, images).
+
+    statistic: (R, n) item indices, each row one resample drawn with replacement -> (R,) values, e.g.
+    `lambda idx: correct[idx].mean(1)`. The same seed and n give the same resamples, so intervals of
+    several statistics of one split are paired and the same on every run.
+    """
+    rng = np.random.default_rng(seed)
+    per_chunk = max(1, _BOOTSTRAP_CHUNK // n)
+    values = np.concatenate([
+        statistic(rng.integers(0, n, size=(min(per_chunk, resamples - start), n)))
+        for start in range(0, resamples, per_chunk)
+    ])  # (resamples,)
+    lo, hi = np.percentile(values, [50 * (1 - level), 50 * (1 + level)])
+    return [float(lo), float(hi)]
+
+
+def with_interval(value: float | None, interval: list[float] | None = None) -> str:
+    """0.45, [0.41, 0.49] -> '45.00 [41.00, 49.00]': a score in percent and its 95% interval when known."""
+    shown = percent(value)
+    return shown if interval is None else f"{shown} [{percent(interval[0])}, {percent(interval[1])}]"
+
+
+def run_and_baselines(scores: dict) -> list[tuple[str, dict]]:
+    """The rows of a table: ("this run", scores), then (name, its scores) for each of scores["baselines"]."""
+    baselines = (scores.get("baselines") or {}).values()
+    return [("this run", scores), *((b.get("name", "trivial baseline"), b) for b in baselines)]
 
 
 def name_some(ids) -> str:

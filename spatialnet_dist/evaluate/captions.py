@@ -13,8 +13,17 @@ import socket
 from contextlib import contextmanager
 from pathlib import Path
 
+import numpy as np
+
 from spatialnet_dist.errors import UserError
-from spatialnet_dist.evaluate import markdown_table, name_some, percent, read_json
+from spatialnet_dist.evaluate import (
+    bootstrap_interval,
+    markdown_table,
+    name_some,
+    read_json,
+    run_and_baselines,
+    with_interval,
+)
 
 CAPTION_METRICS = ("BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr")
 
@@ -110,8 +119,9 @@ def _meteor():
         meteor.meteor_p.wait()
 
 
-def score_captions(preds: list[dict], refs: dict[str, list[str]], spice: bool = False) -> dict[str, float]:
-    """-> {"BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr"} (+ "SPICE" when asked).
+def score_captions(preds: list[dict], refs: dict[str, list[str]], spice: bool = False) -> dict:
+    """-> {"BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr"} (+ "SPICE" when asked),
+    then "CIDEr_ci": the 95% bootstrap interval [lo, hi] of CIDEr over the images.
 
     preds: [{"image_id": str, "caption": str}], one per image; refs: {image_id: [reference captions]}
     for exactly the predicted images. Each scorer is created once per call (METEOR starts java, ~10 s).
@@ -135,25 +145,28 @@ def score_captions(preds: list[dict], refs: dict[str, list[str]], spice: bool = 
     scores = dict(zip(CAPTION_METRICS[:4], bleu))
     scores["METEOR"] = meteor_score
     scores["ROUGE-L"], _ = Rouge().compute_score(gts, res)
-    scores["CIDEr"], _ = Cider().compute_score(gts, res)
+    # Corpus CIDEr is the mean of the per-image scores (the IDF comes from all references, kept fixed here).
+    scores["CIDEr"], per_image = Cider().compute_score(gts, res)  # per_image: (n,)
     if spice_scorer is not None:
         scores["SPICE"], _ = spice_scorer.compute_score(gts, res)
-    return {name: float(value) for name, value in scores.items()}  # numpy floats -> JSON-ready floats
+    scores = {name: float(value) for name, value in scores.items()}  # numpy floats -> JSON-ready floats
+    per_image = np.asarray(per_image, dtype=float)
+    return {**scores, "CIDEr_ci": bootstrap_interval(lambda idx: per_image[idx].mean(1), len(per_image))}
 
 
-def format_caption_table(scores: dict, baseline: dict | None = None) -> str:
-    """The paper's Table I columns (BLEU-1..4, METEOR, ROUGE-L, CIDEr) in percent, CIDEr x100.
-
-    With `baseline` (the same keys, plus an optional "name"), a second row sits under this run's.
-    """
+def format_caption_table(scores: dict) -> str:
+    """The paper's Table I columns (BLEU-1..4, METEOR, ROUGE-L, CIDEr) in percent, CIDEr x100 with its
+    95% interval when known. Each of scores["baselines"] ({key: the same keys plus a "name"}) is a row
+    under this run's."""
     columns = [*CAPTION_METRICS, *(["SPICE"] if "SPICE" in scores else [])]
+    named = run_and_baselines(scores)
 
     def cells(s: dict) -> list[str]:
-        return [percent(s.get(c)) for c in columns]
+        return [with_interval(s.get(c), s.get(f"{c}_ci")) for c in columns]
 
-    if baseline is None:
+    if len(named) == 1:
         table = markdown_table(columns, [cells(scores)], numbers_from=0)
     else:
-        rows = [["this run", *cells(scores)], [baseline.get("name", "trivial baseline"), *cells(baseline)]]
-        table = markdown_table(["captions", *columns], rows)
-    return table + "\n\nScores in percent, CIDEr x100, as the paper prints them."
+        table = markdown_table(["captions", *columns], [[name, *cells(s)] for name, s in named])
+    interval = "; [lo, hi]: 95% bootstrap interval over the images" if "CIDEr_ci" in scores else ""
+    return f"{table}\n\nScores in percent, CIDEr x100, as the paper prints them{interval}."

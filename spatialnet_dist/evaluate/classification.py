@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
-from spatialnet_dist.evaluate import markdown_table, percent
+import numpy as np
+
+from spatialnet_dist.evaluate import bootstrap_interval, markdown_table, percent, run_and_baselines, with_interval
 
 
 def score_classification(pred: list[int], true: list[int], classes: list[str]) -> dict:
-    """-> {"accuracy", "n", "per_class": {class name: accuracy or None}, "confusion": [[count]]}.
+    """-> {"accuracy", "accuracy_ci": its 95% bootstrap interval [lo, hi] over the images, "n",
+    "per_class": {class name: accuracy or None}, "confusion": [[count]]}.
 
     pred, true: class indices into `classes` (callers drop unlabelled samples, label -1, first).
     per_class[c] is the fraction of class-c images predicted as c (None when the split has none);
@@ -26,21 +29,23 @@ def score_classification(pred: list[int], true: list[int], classes: list[str]) -
     per_class = {
         name: (confusion[i][i] / sum(confusion[i]) if sum(confusion[i]) else None) for i, name in enumerate(classes)
     }
+    correct = np.array(pred) == np.array(true)  # (n,)
     return {
         "accuracy": sum(confusion[i][i] for i in range(k)) / len(true),
+        "accuracy_ci": bootstrap_interval(lambda idx: correct[idx].mean(1), len(true)),
         "n": len(true),
         "per_class": per_class,
         "confusion": confusion,
     }
 
 
-def format_classification_table(scores: dict, baseline: dict | None = None) -> str:
-    """Overall accuracy (with the baseline's beside it when given) and the per-class accuracies, in percent."""
-    rows = [["this run", percent(scores["accuracy"])]]
-    if baseline is not None:
-        rows.append([baseline.get("name", "trivial baseline"), percent(baseline.get("accuracy"))])
+def format_classification_table(scores: dict) -> str:
+    """Overall accuracy with its 95% interval (each of scores["baselines"] a row under it) and the
+    per-class accuracies, in percent."""
+    rows = [[name, with_interval(s.get("accuracy"), s.get("accuracy_ci"))] for name, s in run_and_baselines(scores)]
     overall = markdown_table(["classification", "accuracy"], rows)
     per_class = markdown_table(
         ["class", "accuracy"], [[name, percent(acc)] for name, acc in scores["per_class"].items()]
     )
-    return f"{overall}\n\n{per_class}\n\nAccuracy in percent over {scores['n']} images."
+    interval = "; [lo, hi]: 95% bootstrap interval over the images" if "accuracy_ci" in scores else ""
+    return f"{overall}\n\n{per_class}\n\nAccuracy in percent over {scores['n']} images{interval}."

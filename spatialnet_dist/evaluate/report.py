@@ -193,26 +193,24 @@ def write_report(
     metrics_jsonl: str | Path | None = None,
     predictions: dict[str, str | Path] | None = None,
     samples: list[dict] | None = None,
-    baselines: dict | None = None,
     title: str = "Evaluation report",
 ) -> Path:
     """Write `<out_dir>/report.md` and its PNG figures (a local folder); -> the report's path.
 
     metrics: {task: scores} for the tasks evaluated, each as its scorer returns it:
         "captions": score_captions(...), "vqa": score_vqa(...), "classification": score_classification(...)
-        (its "per_class" keys, in order, name the confusion matrix rows), "regression": count_errors(...).
+        (its "per_class" keys, in order, name the confusion matrix rows), "regression": count_errors(...);
+        each may hold "baselines": {key: scores of the same shape with a "name"} (evaluate.baselines),
+        shown as rows under this run's in its table, and 95% intervals ("OA_ci", ...) shown in brackets.
     metrics_jsonl: the run's local metrics.jsonl or None; lines {"step", "loss", "<task>_loss",
         "val/<task>_loss", ...}, any of them may be missing (see read_loss_curves).
     predictions: {task: path of its prediction file}, absolute or relative to out_dir; linked, not read.
     samples: a few test images, each {"image": (H, W, C) array (uint8, or any dtype: stretched) or an
         image/NPY path, "image_id": str, and optionally "caption": generated str, "references": [str],
         "label": true class name, "predicted_label": str, "qa": [{"question", "answer", "prediction"}]}.
-    baselines: trivial baselines in the shape of `metrics` (any subset of its tasks), each optionally
-        with a "name" (e.g. "majority answer"); shown as a row under this run's in each table.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    baselines = baselines or {}
     md = [f"# {title}", ""]
 
     md += ["## Test metrics", ""]
@@ -225,7 +223,7 @@ def write_report(
     for task, heading, format_table in tables:
         if not metrics.get(task):
             continue
-        md += [f"### {heading}", "", format_table(metrics[task], baselines.get(task)), ""]
+        md += [f"### {heading}", "", format_table(metrics[task]), ""]
         if task == "classification":
             scores = metrics[task]
             plot_confusion(scores["confusion"], list(scores["per_class"]), out_dir / CONFUSION_PNG)

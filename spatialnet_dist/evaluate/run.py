@@ -7,8 +7,8 @@ Two callers, one path:
   scores and writes the same files.
 
 The output folder (local or s3://):
-  metrics.json      {"captions", "vqa", "classification", "regression"}: the tasks evaluated (written last)
-  baselines.json    trivial baselines in the same shape
+  metrics.json      {"captions", "vqa", "classification", "regression"}: the tasks evaluated, each with
+                    its "baselines" (spatialnet_dist.evaluate.baselines) (written last)
   predictions/      captions.json + captions_references.json (the `spatialnet eval captions` inputs),
                     vqa.json (the `spatialnet eval vqa` input), classification.json, regression.json
   report.md         and its PNG figures (spatialnet_dist.evaluate.report)
@@ -19,9 +19,7 @@ from __future__ import annotations
 import json
 import logging
 import math
-import statistics
 import tempfile
-from collections import Counter
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,13 +28,13 @@ import numpy as np
 import torch
 
 from spatialnet_dist.config import TASKS
-from spatialnet_dist.errors import UserError
+from spatialnet_dist.evaluate.baselines import trivial_baselines
 from spatialnet_dist.evaluate.captions import score_captions
 from spatialnet_dist.evaluate.classification import score_classification
 from spatialnet_dist.evaluate.report import write_report
 from spatialnet_dist.evaluate.vqa import count_errors, score_vqa
 from spatialnet_dist.store import storage
-from spatialnet_dist.text import TextVocabs, as_number, map_answer
+from spatialnet_dist.text import TextVocabs
 
 log = logging.getLogger(__name__)
 
@@ -60,8 +58,8 @@ def _predict_rows(model, cfg, vocabs: TextVocabs, task: str, sub: dict, images: 
     if task == "captioning":
         words = model.caption(images, cfg.eval.beam_size, cfg.eval.length_penalty, cfg.model.caption_max_len)
         return [
-            {"image_id": i, "caption": vocabs.words.decode(w), "references": refs}
-            for i, w, refs in zip(ids, words, sub["references"])
+            {"image_id": i, "caption": vocabs.words.decode(w), "references": refs, "label_name": label}
+            for i, w, refs, label in zip(ids, words, sub["references"], sub["label_name"])
         ]
     if task == "classification":
         probs = model.class_logits(images).float().softmax(-1)  # (B, K)
@@ -157,63 +155,6 @@ def score_predictions(rows: dict[str, list[dict]], cfg, vocabs: TextVocabs) -> d
     return metrics
 
 
-def _train_answer_counts(cfg) -> dict[str, Counter]:
-    """{question type: {raw answer: n}} of the training split of the vqa corpora (from their manifests)."""
-    from spatialnet_dist.data.vocab import task_corpora, train_split
-    from spatialnet_dist.store.manifest import read_manifest
-
-    counts: dict[str, Counter] = {}
-    for corpus in task_corpora(cfg, ["vqa", "regression"]):
-        split = train_split(read_manifest(cfg.data.root, corpus), corpus, cfg.data.root)
-        for qtype, by_answer in split.get("answer_counts", {}).items():
-            counts.setdefault(qtype, Counter()).update(by_answer)
-    return counts
-
-
-def trivial_baselines(rows: dict[str, list[dict]], cfg) -> dict:
-    """What guessing scores, for the report: the training split's most frequent answer per question type
-    (VQA), its median count (count regression), this split's most frequent class (classification), and
-    one fixed caption for every image, this split's most frequent reference (captions)."""
-    baselines = {}
-    if rows.get("captioning"):
-        captions = rows["captioning"]
-        fixed = Counter(" ".join(ref.lower().split()) for r in captions for ref in r["references"]).most_common(1)[0][0]
-        baselines["captions"] = {
-            **score_captions([{"image_id": r["image_id"], "caption": fixed} for r in captions],
-                             {r["image_id"]: r["references"] for r in captions}),
-            "name": f"one fixed caption: {fixed!r}",
-        }
-    try:
-        answers = _train_answer_counts(cfg)
-    except UserError as e:  # a store without the training split: no VQA or count baseline
-        log.warning("no trivial VQA/count baselines: %s", e)
-        answers = {}
-    rule = cfg.eval.count_rule
-    if rows.get("vqa") and answers:
-        majority = {}
-        for qtype, by_answer in answers.items():
-            mapped: Counter = Counter()
-            for raw, n in by_answer.items():
-                mapped[map_answer(raw, qtype, rule)] += n
-            majority[qtype] = mapped.most_common(1)[0][0]
-        guessed = [{**r, "prediction": majority.get(r["type"], "")} for r in rows["vqa"]]
-        baselines["vqa"] = {**score_vqa(guessed, rule), "name": "most frequent training answer per type"}
-    train_counts = [as_number(a) for a, n in answers.get("count", {}).items() if as_number(a) is not None
-                    for _ in range(n)]
-    if rows.get("regression") and train_counts:
-        median = statistics.median(train_counts)
-        truth = [r["count"] for r in rows["regression"]]
-        baselines["regression"] = {
-            **count_errors([median] * len(truth), truth),
-            "name": f"training median count ({median:g})",
-        }
-    labels = [r["label"] for r in rows.get("classification", []) if r["label"] >= 0]
-    if labels:
-        share = Counter(labels).most_common(1)[0][1] / len(labels)
-        baselines["classification"] = {"accuracy": share, "n": len(labels), "name": "most frequent class of this split"}
-    return baselines
-
-
 # ---- writing ----
 
 
@@ -286,26 +227,27 @@ def finish(
     metrics_jsonl: str | None = None,
     title: str = "Evaluation report",
 ) -> dict:
-    """Score gathered predictions and write metrics.json, baselines.json, predictions/ and the report."""
+    """Score gathered predictions, each task beside its baselines (in its "baselines"), and write
+    metrics.json, predictions/ and the report."""
     if cfg.eval.max_samples:
         pred = SplitPredictions({t: r[: cfg.eval.max_samples] for t, r in pred.rows.items()}, pred.images)
     empty = [t for t, r in pred.rows.items() if not r]
     if empty:
         log.warning("evaluation: no samples for %s in the split; not scored", ", ".join(empty))
     metrics = score_predictions(pred.rows, cfg, vocabs)
-    baselines = trivial_baselines(pred.rows, cfg)
+    for task, baselines in trivial_baselines(pred.rows, cfg, vocabs).items():
+        metrics[task]["baselines"] = baselines
     with _staging(out_dir) as local, tempfile.TemporaryDirectory(prefix="spatialnet-metrics-") as tmp:
         files = _prediction_files(pred, vocabs)
         (local / "predictions").mkdir(exist_ok=True)
         for name, content in files.items():
             (local / "predictions" / name).write_text(json.dumps(content, indent=1))
-        (local / "baselines.json").write_text(json.dumps(baselines, indent=1))
         history = None
         if metrics_jsonl and storage.exists(metrics_jsonl):
             history = Path(tmp) / "metrics.jsonl"
             history.write_bytes(storage.read_bytes(metrics_jsonl))
         predictions = {name.removesuffix(".json"): f"predictions/{name}" for name in files}
-        write_report(local, metrics, history, predictions, _report_samples(pred, vocabs), baselines, title)
+        write_report(local, metrics, history, predictions, _report_samples(pred, vocabs), title)
         (local / "metrics.json").write_text(json.dumps(metrics, indent=1))
     return metrics
 

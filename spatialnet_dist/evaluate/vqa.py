@@ -13,8 +13,18 @@ import math
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
+
 from spatialnet_dist.errors import UserError
-from spatialnet_dist.evaluate import markdown_table, name_some, percent, read_json
+from spatialnet_dist.evaluate import (
+    bootstrap_interval,
+    markdown_table,
+    name_some,
+    percent,
+    read_json,
+    run_and_baselines,
+    with_interval,
+)
 from spatialnet_dist.store.schema import QA_TYPES_KNOWN
 from spatialnet_dist.text import ANSWER_RULES, map_answer
 
@@ -72,7 +82,8 @@ def ordered_types(types) -> list[str]:
 
 
 def score_vqa(rows: list[dict], count_rule: str = "rsvqa-lr") -> dict:
-    """-> {"per_type": {type: accuracy}, "AA": mean of the per-type accuracies, "OA": accuracy over all, "n"}.
+    """-> {"per_type": {type: accuracy}, "AA": mean of the per-type accuracies, "OA": accuracy over all,
+    "AA_ci", "OA_ci": their 95% bootstrap intervals [lo, hi] over the questions, "n"}.
 
     rows: [{"qid", "type", "answer", "prediction"}]. A type outside the schema's known types is scored as
     a type of its own and named in a warning, never merged into another.
@@ -80,45 +91,62 @@ def score_vqa(rows: list[dict], count_rule: str = "rsvqa-lr") -> dict:
     if count_rule not in ANSWER_RULES:
         raise UserError(f"count rule {count_rule!r} is not one of {', '.join(ANSWER_RULES)}")
     check_vqa_rows(rows)
-    right: Counter = Counter()
-    asked: Counter = Counter()
-    for row in rows:
-        qtype = row["type"]
-        asked[qtype] += 1
-        right[qtype] += map_answer(row["answer"], qtype, count_rule) == map_answer(row["prediction"], qtype, count_rule)
-    unknown = [t for t in ordered_types(asked) if t not in QA_TYPES_KNOWN]
+    types = ordered_types(row["type"] for row in rows)
+    unknown = [t for t in types if t not in QA_TYPES_KNOWN]
     if unknown:
         log.warning(
             "vqa: question type(s) %s are not among the known %s; each is scored as a type of its own",
             name_some(unknown),
             ", ".join(QA_TYPES_KNOWN),
         )
-    per_type = {t: right[t] / asked[t] for t in ordered_types(asked)}
+    correct = np.array([
+        map_answer(row["answer"], row["type"], count_rule) == map_answer(row["prediction"], row["type"], count_rule)
+        for row in rows
+    ])  # (n,)
+    type_of = np.array([types.index(row["type"]) for row in rows])  # (n,) index into `types`
+    asked = np.bincount(type_of, minlength=len(types))  # (T,)
+    right = np.bincount(type_of, weights=correct, minlength=len(types))  # (T,)
+    per_type = {t: float(right[i] / asked[i]) for i, t in enumerate(types)}
+
+    def mean_of_types(idx: np.ndarray) -> np.ndarray:  # (R, n) resampled questions -> (R,) AA
+        cell = (np.arange(len(idx))[:, None] * len(types) + type_of[idx]).ravel()  # (R * n,) resample x type
+        size = len(idx) * len(types)
+        asked = np.bincount(cell, minlength=size).reshape(-1, len(types))  # (R, T)
+        right = np.bincount(cell, weights=correct[idx].ravel(), minlength=size).reshape(-1, len(types))
+        present = asked > 0  # a type a resample missed is left out of its mean, as score_vqa does
+        return (right / np.maximum(asked, 1)).sum(1) / present.sum(1)
+
     return {
         "per_type": per_type,
         "AA": sum(per_type.values()) / len(per_type),
-        "OA": sum(right.values()) / len(rows),
+        "OA": float(correct.mean()),
         "n": len(rows),
+        "AA_ci": bootstrap_interval(mean_of_types, len(rows)),
+        "OA_ci": bootstrap_interval(lambda idx: correct[idx].mean(1), len(rows)),
     }
 
 
-def format_vqa_table(scores: dict, baseline: dict | None = None) -> str:
-    """The paper's Table II columns: accuracy per question type, AA, OA, in percent.
+def format_vqa_table(scores: dict) -> str:
+    """The paper's Table II columns: accuracy per question type, AA, OA, in percent (with 95% intervals).
 
-    With `baseline` (the same shape, plus an optional "name"), a second row sits under this run's.
+    Each of scores["baselines"] ({key: the same shape plus a "name"}) is a row under this run's.
     """
-    types = ordered_types([*scores["per_type"], *((baseline or {}).get("per_type") or {})])
+    named = run_and_baselines(scores)
+    types = ordered_types(t for _, s in named for t in s.get("per_type", {}))
     columns = [TYPE_TITLES.get(t, f"{t}*") for t in types] + ["AA", "OA"]
 
     def cells(s: dict) -> list[str]:
-        return [percent(s["per_type"].get(t)) for t in types] + [percent(s.get("AA")), percent(s.get("OA"))]
+        return [percent(s["per_type"].get(t)) for t in types] + [
+            with_interval(s.get("AA"), s.get("AA_ci")), with_interval(s.get("OA"), s.get("OA_ci"))
+        ]
 
-    if baseline is None:
+    if len(named) == 1:
         table = markdown_table(columns, [cells(scores)], numbers_from=0)
     else:
-        rows = [["this run", *cells(scores)], [baseline.get("name", "trivial baseline"), *cells(baseline)]]
-        table = markdown_table(["VQA", *columns], rows)
+        table = markdown_table(["VQA", *columns], [[name, *cells(s)] for name, s in named])
     notes = [f"Accuracy in percent over {scores['n']} questions; AA: mean of the per-type accuracies, OA: over all."]
+    if "OA_ci" in scores:
+        notes.append("[lo, hi]: 95% bootstrap interval over the questions.")
     unknown = [t for t in types if t not in TYPE_TITLES]
     if unknown:
         notes.append(f"*: question type not in the RSVQA schema ({', '.join(unknown)}).")
@@ -140,10 +168,8 @@ def count_errors(pred_counts, true_counts) -> dict:
     }
 
 
-def format_count_table(scores: dict, baseline: dict | None = None) -> str:
-    """MAE and RMSE of the count regression head on raw counts (baseline row under this run's when given)."""
-    rows = [["this run", f"{scores['MAE']:.3f}", f"{scores['RMSE']:.3f}"]]
-    if baseline is not None:
-        rows.append([baseline.get("name", "trivial baseline"), f"{baseline['MAE']:.3f}", f"{baseline['RMSE']:.3f}"])
+def format_count_table(scores: dict) -> str:
+    """MAE and RMSE of the count regression head on raw counts (each of scores["baselines"] a row under it)."""
+    rows = [[name, f"{s['MAE']:.3f}", f"{s['RMSE']:.3f}"] for name, s in run_and_baselines(scores)]
     table = markdown_table(["count regression", "MAE", "RMSE"], rows)
     return f"{table}\n\nErrors in objects, on raw counts of {scores['n']} count questions."

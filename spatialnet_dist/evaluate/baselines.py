@@ -1,0 +1,157 @@
+"""The baselines each evaluated task is shown beside: what guessing, the question alone or the image's
+class alone score, with the same scorers as the model.
+
+  captions        "fixed_caption": one caption for every image, the split's most frequent reference;
+                  "class_oracle": each image gets the most frequent training caption of its true class
+                  (what recognising the class alone reaches)
+  vqa             "majority": the training split's most frequent answer per question type;
+                  "question_only": the most frequent training answer to the same question (as the model
+                  reads it), the type's majority for a question not asked in training
+  classification  "majority": the split's most frequent class
+  regression      "median": the training split's median count
+
+Answers are counted as the metric compares them (eval.count_rule); ties go to the alphabetically first.
+Per-type answer counts come from the manifests; questions and captions from the training shards' JSON
+records, read once per evaluation (store.records: no image is decoded).
+"""
+
+from __future__ import annotations
+
+import logging
+import statistics
+from collections import Counter
+from dataclasses import dataclass, field
+
+from spatialnet_dist.errors import UserError
+from spatialnet_dist.evaluate.captions import score_captions
+from spatialnet_dist.evaluate.vqa import count_errors, score_vqa
+from spatialnet_dist.text import TextVocabs, as_number, map_answer, words
+
+log = logging.getLogger(__name__)
+
+
+def most_frequent(counts: Counter):
+    """The most counted key; a tie goes to the smallest key, so that the answer never depends on read order."""
+    return min(counts, key=lambda k: (-counts[k], k))
+
+
+def caption_text(caption: str) -> str:
+    """A caption as the baselines count it: its words as the vocabulary reads them ('Sand and sea.' ->
+    'sand and sea'), so that spellings of one caption are counted together."""
+    return " ".join(words(caption))
+
+
+def question_text(question: str, vocabs: TextVocabs, max_len: int) -> str:
+    """A question as the model reads it: its vocabulary words, rare ones as <unk>, cut at max_len.
+    Idempotent, so that prediction rows (which hold this text) and raw training questions meet."""
+    return vocabs.words.decode(vocabs.words.encode(question, max_len, bos_eos=False))
+
+
+@dataclass
+class TrainingText:
+    """What the baselines learn from the training split of the evaluated tasks' corpora."""
+
+    answers_by_type: dict[str, Counter] = field(default_factory=dict)  # {type: {answer class: n}}
+    answers_by_question: dict[tuple[str, str], Counter] = field(default_factory=dict)  # {(type, question text): ...}
+    captions_by_class: dict[str, Counter] = field(default_factory=dict)  # {class name: {caption text: n}}
+    counts: list[float] = field(default_factory=list)  # the raw answers of count questions
+
+
+def read_training_text(cfg, vocabs: TextVocabs, tasks: list[str]) -> TrainingText:
+    """Answer counts per type from the manifests of the vqa and regression corpora; questions (vqa in
+    `tasks`) and captions by class (captioning in `tasks`) from one pass over the training records."""
+    from spatialnet_dist.data.vocab import TRAIN_SPLIT, task_corpora, train_split
+    from spatialnet_dist.store.manifest import read_manifest
+    from spatialnet_dist.store.records import split_records
+
+    rule, root, text = cfg.eval.count_rule, cfg.data.root, TrainingText()
+    for corpus in task_corpora(cfg, ["vqa", "regression"]):
+        for qtype, by_answer in train_split(read_manifest(root, corpus), corpus, root).get("answer_counts", {}).items():
+            for raw, n in by_answer.items():
+                text.answers_by_type.setdefault(qtype, Counter())[map_answer(raw, qtype, rule)] += n
+                if qtype == "count" and as_number(raw) is not None:
+                    text.counts += [as_number(raw)] * n
+    vqa_corpora = task_corpora(cfg, ["vqa"]) if "vqa" in tasks else []
+    caption_corpora = task_corpora(cfg, ["captioning"]) if "captioning" in tasks else []
+    for corpus in dict.fromkeys([*vqa_corpora, *caption_corpora]):
+        for record in split_records(root, corpus, TRAIN_SPLIT):
+            if corpus in vqa_corpora:
+                for q in record["qa"]:
+                    asked = (q["type"], question_text(q["question"], vocabs, cfg.model.question_max_len))
+                    text.answers_by_question.setdefault(asked, Counter())[map_answer(q["answer"], q["type"], rule)] += 1
+            if corpus in caption_corpora and record["label_name"] is not None:
+                by_class = text.captions_by_class.setdefault(record["label_name"], Counter())
+                by_class.update(map(caption_text, record["captions"]))
+    return text
+
+
+def majority_answers(rows: list[dict], text: TrainingText) -> list[str]:
+    """The training split's most frequent answer of each row's question type ("" for a type never seen)."""
+    majority = {qtype: most_frequent(counts) for qtype, counts in text.answers_by_type.items()}
+    return [majority.get(r["type"], "") for r in rows]
+
+
+def question_only_answers(rows: list[dict], text: TrainingText, vocabs: TextVocabs, max_len: int) -> list[str]:
+    """The most frequent training answer to each row's question, else the majority answer of its type."""
+    answer_of = {asked: most_frequent(counts) for asked, counts in text.answers_by_question.items()}
+    return [
+        answer_of.get((r["type"], question_text(r["question"], vocabs, max_len)), fallback)
+        for r, fallback in zip(rows, majority_answers(rows, text))
+    ]
+
+
+def class_oracle_captions(rows: list[dict], text: TrainingText) -> list[dict]:
+    """[{"image_id", "caption"}]: the most frequent training caption of each image's true class
+    (row "label_name"); the most frequent of all for an image whose class has no training caption."""
+    anywhere = most_frequent(sum(text.captions_by_class.values(), Counter()))
+    oracle = {name: most_frequent(counts) for name, counts in text.captions_by_class.items()}
+    return [{"image_id": r["image_id"], "caption": oracle.get(r.get("label_name"), anywhere)} for r in rows]
+
+
+def trivial_baselines(rows: dict[str, list[dict]], cfg, vocabs: TextVocabs) -> dict:
+    """{task: prediction rows} -> {"captions", "vqa", "classification", "regression": {baseline key: its
+    scores (the task scorer's shape) and a "name"}} for the tasks with rows (see the module docstring).
+    A store without a training split leaves out the baselines that need one, with a warning."""
+    try:
+        text = read_training_text(cfg, vocabs, [t for t in ("captioning", "vqa") if rows.get(t)])
+    except UserError as e:
+        log.warning("no baselines from the training split: %s", e)
+        text = TrainingText()
+    rule = cfg.eval.count_rule
+    baselines: dict[str, dict] = {}
+    if rows.get("captioning"):
+        captions = rows["captioning"]
+        refs = {r["image_id"]: r["references"] for r in captions}
+        fixed = most_frequent(Counter(caption_text(ref) for r in captions for ref in r["references"]))
+        baselines["captions"] = {"fixed_caption": {
+            **score_captions([{"image_id": r["image_id"], "caption": fixed} for r in captions], refs),
+            "name": f"one fixed caption: {fixed!r}",
+        }}
+        if text.captions_by_class:
+            baselines["captions"]["class_oracle"] = {
+                **score_captions(class_oracle_captions(captions, text), refs),
+                "name": "most frequent training caption of the true class",
+            }
+    if rows.get("vqa") and text.answers_by_type:
+        questions = rows["vqa"]
+        guesses = {"majority": (majority_answers(questions, text), "most frequent training answer per type")}
+        if text.answers_by_question:
+            answers = question_only_answers(questions, text, vocabs, cfg.model.question_max_len)
+            guesses["question_only"] = (answers, "most frequent training answer to the question")
+        baselines["vqa"] = {
+            key: {**score_vqa([{**r, "prediction": a} for r, a in zip(questions, answers)], rule), "name": name}
+            for key, (answers, name) in guesses.items()
+        }
+    if rows.get("regression") and text.counts:
+        median = statistics.median(text.counts)
+        truth = [r["count"] for r in rows["regression"]]
+        baselines["regression"] = {
+            "median": {**count_errors([median] * len(truth), truth), "name": f"training median count ({median:g})"}
+        }
+    labels = [r["label"] for r in rows.get("classification", []) if r["label"] >= 0]
+    if labels:
+        share = Counter(labels).most_common(1)[0][1] / len(labels)
+        baselines["classification"] = {
+            "majority": {"accuracy": share, "n": len(labels), "name": "most frequent class of this split"}
+        }
+    return baselines
