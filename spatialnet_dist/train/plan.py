@@ -61,8 +61,9 @@ def per_worker_batch(cfg: Config, task: str, world_size: int) -> int:
 def epoch_steps(cfg: Config, world_size: int) -> tuple[int, dict[str, int], dict[str, float]]:
     """-> (max_steps for train.epochs, training rows per epoch per task, global rows per step per task).
 
-    The largest enabled task (most rows) sets the length: every task sees at least train.epochs passes.
-    In `alternate` mode a step trains one task out of the enabled ones, on average 1/n of the steps.
+    The enabled task with the most rows sets the length (DESIGN: passes over the largest task's rows); the
+    others pass over theirs as often as their batches take them. In `alternate` mode a step trains one of
+    the n enabled tasks, so each task gets 1/n of the steps on average.
     """
     tasks = cfg.tasks.enabled()
     share = 1 / len(tasks) if cfg.train.mode == "alternate" else 1.0
