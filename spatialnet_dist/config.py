@@ -18,7 +18,7 @@ import yaml
 from spatialnet_dist.errors import UserError
 
 TASKS = ("captioning", "vqa", "classification", "regression")
-PRESETS = ("tiny", "small", "paper", "large", "giant")
+PRESETS = ("tiny", "small", "paper", "base", "large", "giant")
 # Training image augmentation per task (data/transforms.py): none | the 8 symmetries of the square, texts mapped
 # to match | strong: crop, colour jitter and symmetries, which can change counts and what texts say.
 AUGMENT_POLICIES = ("none", "symmetry", "strong")
@@ -54,7 +54,10 @@ class DataConfig:
 class TaskConfig:
     enabled: bool = True
     corpora: list[str] = field(default_factory=lambda: ["synthetic"])
-    batch_size: int = 8
+    batch_size: int = 8  # sub-batch per worker per micro-step (derived when global_batch_size is set)
+    # 0: off. Else the task's samples per optimizer step over all workers, whatever train.num_workers:
+    # batch_size = global_batch_size / (train.num_workers x optim.grad_accum), resolved before workers start.
+    global_batch_size: int = 0
     corpus_weights: dict[str, float] = field(default_factory=dict)
     augment: str = "symmetry"  # one of AUGMENT_POLICIES
 
@@ -77,6 +80,9 @@ class ModelConfig:
     in_chans: int = 3
     activation: str = ""  # "": the preset's FFN activation (gelu, relu)
     pretrained: str = ""  # "": none; a local .pth/.safetensors file; "hub": timm's hub weights
+    # Fine-tuning: patch embedding, position/class tokens and the first N encoder blocks stay fixed
+    # (N = the preset's depth: the whole trunk but its final norm). 0: everything trains.
+    freeze_encoder_blocks: int = 0
     drop_path: float = 0.0
     caption_max_len: int = 24  # tokens, BOS/EOS included
     question_max_len: int = 20
@@ -102,11 +108,17 @@ class OptimConfig:
     min_lr_ratio: float = 0.1
     grad_clip: float = 1.0
     grad_accum: int = 1
+    # Layer-wise lr decay (BEiT/MAE fine-tuning): encoder block i (0-based) gets lr x decay^(depth - i),
+    # the embeddings decay^(depth + 1), the final norm and the heads lr. 1.0: off.
+    layer_decay: float = 1.0
 
 
 @dataclass
 class TrainConfig:
-    max_steps: int = 200
+    max_steps: int = 200  # optimizer steps of the whole run; 0: from train.epochs
+    # Alternative to max_steps: passes over the largest enabled task's training rows (train.plan turns it
+    # into max_steps before workers start; the resolved config carries both). Giving both is an error.
+    epochs: float = 0.0
     checkpoint_every: int = 50
     log_every: int = 10
     num_workers: int = 2
@@ -192,7 +204,10 @@ _CHECKS: dict[str, tuple[typing.Callable, str]] = {
     "optim.min_lr_ratio": (lambda v: 0 <= v <= 1, "between 0 and 1"),
     "optim.grad_clip": (lambda v: v >= 0, ">= 0 (0: off)"),
     "optim.grad_accum": (lambda v: v >= 1, ">= 1"),
-    "train.max_steps": (lambda v: v >= 1, ">= 1"),
+    "optim.layer_decay": (lambda v: 0 < v <= 1, "in (0, 1] (1: off)"),
+    "model.freeze_encoder_blocks": (lambda v: v >= 0, ">= 0 (0: none)"),
+    "train.max_steps": (lambda v: v >= 0, ">= 1, or 0 with train.epochs"),
+    "train.epochs": (lambda v: v >= 0, "> 0, or 0 with train.max_steps"),
     "train.checkpoint_every": (lambda v: v >= 1, ">= 1"),
     "train.log_every": (lambda v: v >= 1, ">= 1"),
     "train.num_workers": (lambda v: v >= 1, ">= 1"),
@@ -333,6 +348,9 @@ def validate(cfg: Config) -> Config:
         if tc.augment == "strong" and task not in STRONG_AUGMENT_TASKS:
             raise ConfigError(f"config key tasks.{task}.augment: strong crops and recolours images, which can change "
                               f"counts and what texts say; only {', '.join(STRONG_AUGMENT_TASKS)} may use it")
+        if tc.global_batch_size < 0:
+            raise ConfigError(f"config key tasks.{task}.global_batch_size: {tc.global_batch_size!r} is not allowed "
+                              "(expected >= 1, or 0: off)")
         if tc.enabled and not tc.corpora:
             raise ConfigError(f"config key tasks.{task}.corpora: an enabled task needs at least one corpus")
         for name, w in tc.corpus_weights.items():
@@ -344,6 +362,8 @@ def validate(cfg: Config) -> Config:
                           "(use decoupled weight decay)")
     if not cfg.tasks.enabled():
         raise ConfigError("config key tasks: at least one task must be enabled")
+    if cfg.train.max_steps == 0 and cfg.train.epochs == 0:
+        raise ConfigError("config keys train.max_steps and train.epochs: both 0; set one of them")
     for task, w in cfg.loss.weights.items():
         if task not in TASKS:
             raise ConfigError(f"unknown config key loss.weights.{task}{_suggest(task, '', {t: 0 for t in TASKS})}")
@@ -390,12 +410,37 @@ def load(path: str | Path | None = None, overrides: list[str] | None = None) -> 
             raise ConfigError(f"config file {p}{where}: not valid YAML") from None
         try:
             _merge(cfg, data)
+            _choose_run_length(cfg, set(_dotted_keys(data)))
         except ConfigError as e:
             raise ConfigError(f"{p}: {e}") from None
+    given = set()
     for text in overrides or []:
         key, value = parse_override(text)
         _merge(cfg, _nest(key, value))
+        given.update(_dotted_keys(_nest(key, value)))
+    _choose_run_length(cfg, given, "--set: ")
     return validate(cfg)
+
+
+def _dotted_keys(data, prefix: str = ""):
+    """{"train": {"max_steps": 5}} -> "train.max_steps"."""
+    for key, value in data.items() if isinstance(data, dict) else ():
+        yield f"{prefix}{key}"
+        yield from _dotted_keys(value, f"{prefix}{key}.")
+
+
+def _choose_run_length(cfg: Config, given: set[str], where: str = "") -> None:
+    """train.max_steps and train.epochs are two ways to say how long a run is. A level (the YAML file,
+    then the --set overrides) that gives one replaces what an earlier level (or the default) said with
+    the other, so `--set train.epochs=3` works on a file that sets max_steps; one level giving both is an error."""
+    steps = "train.max_steps" in given and cfg.train.max_steps > 0
+    epochs = "train.epochs" in given and cfg.train.epochs > 0
+    if steps and epochs:
+        raise ConfigError(f"{where}config keys train.max_steps and train.epochs are both set; give one of them")
+    if epochs:
+        cfg.train.max_steps = 0  # train.plan.resolve computes it from the manifests
+    elif steps:
+        cfg.train.epochs = 0.0
 
 
 def from_dict(data: dict) -> Config:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pytest
@@ -9,6 +10,7 @@ import pytest
 from spatialnet_dist import config as config_mod
 from spatialnet_dist.config import ConfigError
 from spatialnet_dist.text import Vocab, map_answer, rsvqa_lr_count_bin
+from spatialnet_dist.train.plan import resolve
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -24,7 +26,28 @@ def test_paper_config_is_the_seed_paper():
     assert cfg.model.preset == "paper" and cfg.model.image_size == 256
     assert all(w == 1.0 for w in cfg.loss.weights.values())
     assert cfg.loss.regularization == "l2" and cfg.loss.l2 > 0
-    assert {getattr(cfg.tasks, t).batch_size for t in cfg.tasks.enabled()} == {32}
+    assert {getattr(cfg.tasks, t).global_batch_size for t in cfg.tasks.enabled()} == {32}
+    assert cfg.train.epochs == 50 and cfg.train.max_steps == 0  # resolved from the manifests at start
+
+
+@pytest.mark.parametrize(("workers", "accum", "per_worker"), [(1, 1, 32), (4, 1, 8), (8, 2, 2), (32, 1, 1)])
+def test_paper_global_batch_is_32_on_any_number_of_workers(workers, accum, per_worker):
+    cfg = config_mod.load(REPO / "configs" / "paper.yaml",
+                          ["train.max_steps=10", f"train.num_workers={workers}", f"optim.grad_accum={accum}"])
+    resolved, line = resolve(cfg, workers)
+    for task in resolved.tasks.enabled():
+        assert getattr(resolved.tasks, task).batch_size == per_worker
+        assert per_worker * workers * accum == 32
+    assert f"{workers} workers x {accum} accum" in line
+    assert resolved.train.max_steps == 10 and cfg.tasks.vqa.batch_size == 8  # the input config is left as it was
+
+
+@pytest.mark.parametrize(("workers", "accum"), [(64, 1), (3, 1), (16, 4)])
+def test_an_impossible_global_batch_is_one_line_naming_the_key(workers, accum):
+    cfg = config_mod.load(REPO / "configs" / "paper.yaml", ["train.max_steps=10", f"optim.grad_accum={accum}"])
+    with pytest.raises(ConfigError, match=r"tasks\.captioning\.global_batch_size: 32 is not a multiple") as e:
+        resolve(cfg, workers)
+    assert "\n" not in str(e.value)
 
 
 def test_overrides_are_yaml_values():
@@ -50,6 +73,11 @@ def test_a_mapping_override_changes_one_entry():
         ("model.preset=huge", "model.preset"),
         ("model.image_size=100", "model.image_size"),
         ("tasks.vqa.batch_size=0", "tasks.vqa.batch_size"),
+        ("tasks.vqa.global_batch_size=-32", "tasks.vqa.global_batch_size"),
+        ("train.epochs=-1", "train.epochs"),
+        ("optim.layer_decay=0", "optim.layer_decay"),
+        ("optim.layer_decay=1.5", "optim.layer_decay"),
+        ("model.freeze_encoder_blocks=-1", "model.freeze_encoder_blocks"),
         ("loss.weights.vqa=-1", "loss.weights.vqa"),
         ("loss.weights.segmentation=1", "loss.weights.segmentation"),
     ],
@@ -81,6 +109,65 @@ def test_yaml_file_errors_name_the_file(tmp_path):
 def test_l2_with_zero3_is_refused():
     with pytest.raises(ConfigError, match="loss.regularization"):
         config_mod.load(None, ["loss.regularization=l2", "train.zero_stage=3"])
+
+
+def test_max_steps_or_epochs_one_per_level(tmp_path):
+    """A level (file, then --set) that gives one length key replaces the other; one level giving both is an error."""
+    file = tmp_path / "run.yaml"
+    file.write_text("train:\n  max_steps: 300\n")
+    cfg = config_mod.load(file, ["train.epochs=2.5"])
+    assert (cfg.train.epochs, cfg.train.max_steps) == (2.5, 0)
+    cfg = config_mod.load(REPO / "configs" / "paper.yaml", ["train.max_steps=7"])
+    assert (cfg.train.epochs, cfg.train.max_steps) == (0, 7)
+    with pytest.raises(ConfigError, match=r"--set: config keys train\.max_steps and train\.epochs are both set"):
+        config_mod.load(None, ["train.max_steps=5", "train.epochs=1"])
+    file.write_text("train:\n  max_steps: 300\n  epochs: 3\n")
+    with pytest.raises(ConfigError, match=r"run\.yaml: config keys train\.max_steps and train\.epochs"):
+        config_mod.load(file)
+    with pytest.raises(ConfigError, match="train.max_steps and train.epochs: both 0"):
+        config_mod.load(None, ["train.max_steps=0"])
+
+
+@pytest.fixture(scope="module")
+def synth_root(tmp_path_factory) -> str:
+    from spatialnet_dist.corpora.synthetic import write_synthetic
+
+    root = tmp_path_factory.mktemp("store") / "shards"
+    write_synthetic(str(root), images=40, seed=0, shard_size=10)
+    return str(root)
+
+
+def test_epochs_become_max_steps_from_the_manifest(synth_root):
+    from spatialnet_dist.store.manifest import read_manifest
+
+    train = read_manifest(synth_root, "synthetic")["splits"]["train"]
+    rows = {"captioning": train["samples"], "vqa": train["questions"], "classification": train["samples"],
+            "regression": train["questions_by_type"]["count"]}
+    assert rows["vqa"] > rows["captioning"] > 0 and rows["regression"] > 0
+    cfg = config_mod.load(None, [f"data.root={synth_root}", "train.epochs=3", "tasks.vqa.batch_size=5",
+                                 "optim.grad_accum=2", "train.num_workers=2"])
+    resolved, line = resolve(cfg, 2)
+    steps = math.ceil(3 * rows["vqa"] / (5 * 2 * 2))  # vqa has the most rows: every question 3 times
+    assert resolved.train.max_steps == steps
+    assert line == (f"train.epochs=3 -> train.max_steps={steps}; rows per epoch: "
+                    + ", ".join(f"{t} {rows[t]}" for t in config_mod.TASKS)
+                    + "; global rows per step: captioning 32, vqa 20, classification 32, regression 32")
+    # The resolved config (saved with the run, sent to the workers) keeps the steps; resolving it again is a no-op.
+    saved = config_mod.from_dict(resolved.to_dict())
+    assert saved.train.max_steps == steps and resolve(saved, 2)[0] == saved
+    # One task per step in alternate mode: each task gets a step in 4 on average.
+    alternate, _ = resolve(config_mod.load(None, [f"data.root={synth_root}", "train.epochs=1",
+                                                  "train.mode=alternate", "tasks.vqa.batch_size=8"]), 1)
+    assert alternate.train.max_steps == math.ceil(rows["vqa"] / 2)
+    only_captions = config_mod.load(None, [f"data.root={synth_root}", "train.epochs=1"]
+                                    + [f"tasks.{t}.enabled=false" for t in ("vqa", "classification", "regression")])
+    assert resolve(only_captions, 1)[0].train.max_steps == math.ceil(rows["captioning"] / 8)
+
+
+def test_freezing_more_blocks_than_the_preset_has_is_a_config_error():
+    with pytest.raises(ConfigError, match="model.freeze_encoder_blocks: 5 exceeds the 4 blocks of preset tiny"):
+        resolve(config_mod.load(None, ["model.freeze_encoder_blocks=5"]), 1)
+    assert resolve(config_mod.load(None, ["model.preset=base", "model.freeze_encoder_blocks=12"]), 1)[1] == ""
 
 
 def test_round_trip_through_dict():

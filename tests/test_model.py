@@ -246,6 +246,62 @@ def test_pretrained_local_file_loads_into_the_encoder(tmp_path, suffix):
     torch.testing.assert_close(resized.encoder.blocks[3].mlp.fc2.weight, source.encoder.blocks[3].mlp.fc2.weight)
 
 
+def test_base_preset_is_timm_vit_b16_and_loads_its_weights_as_they_are(tmp_path):
+    """A timm vit_base_patch16_224 state dict (random weights, ImageNet head included), written as
+    .safetensors and .pth, loads through model.pretrained: at 224 px every encoder weight equals the
+    file's and the features equal timm's; at the preset's 256 px pos_embed is resampled 14x14 -> 16x16."""
+    import timm
+    from safetensors.torch import save_file
+    from timm.layers import resample_abs_pos_embed
+
+    assert PRESETS["base"].hub_name.split(".")[0] == "vit_base_patch16_224"
+    assert PRESETS["base"].hub_name in timm.list_pretrained("vit_base_patch16_224*")
+    torch.manual_seed(3)
+    vit_b = timm.create_model("vit_base_patch16_224", pretrained=False).eval()
+    state = vit_b.state_dict()
+    save_file({k: v.contiguous() for k, v in state.items()}, str(tmp_path / "vit_b16.safetensors"))
+    torch.save(state, tmp_path / "vit_b16.pth")
+    encoder_keys = set(state) - {"head.weight", "head.bias"}
+    encoder = tiny_model(["classification"], preset="base", image_size=224,
+                         pretrained=str(tmp_path / "vit_b16.safetensors")).encoder.eval()
+    loaded = encoder.state_dict()
+    assert set(loaded) == encoder_keys
+    assert all(torch.equal(loaded[k], state[k]) for k in encoder_keys)
+    image = torch.randn(1, 3, 224, 224)
+    with torch.no_grad():
+        torch.testing.assert_close(encoder.forward_features(image), vit_b.forward_features(image))
+
+    at_256 = tiny_model(["classification"], preset="base", image_size=0, pretrained=str(tmp_path / "vit_b16.pth"))
+    assert at_256.encoder.patch_embed.grid_size == (16, 16)
+    resized = at_256.encoder.state_dict()
+    torch.testing.assert_close(resized["pos_embed"], resample_abs_pos_embed(state["pos_embed"], (16, 16)))
+    assert all(torch.equal(resized[k], state[k]) for k in encoder_keys - {"pos_embed"})
+
+
+def test_freeze_encoder_blocks_fixes_the_stem_and_the_first_blocks():
+    def frozen(n: int) -> set[str]:
+        return {name for name, p in tiny_model(freeze_encoder_blocks=n).named_parameters() if not p.requires_grad}
+
+    names = [name for name, _ in tiny_model().named_parameters()]
+    stem = ("encoder.patch_embed.", "encoder.pos_embed", "encoder.cls_token")
+    assert frozen(0) == set()
+    assert frozen(2) == {n for n in names if n.startswith((*stem, "encoder.blocks.0.", "encoder.blocks.1."))}
+    depth = PRESETS["tiny"].depth
+    trainable_encoder = {n for n in names if n.startswith("encoder.")} - frozen(depth)
+    assert trainable_encoder == {"encoder.norm.weight", "encoder.norm.bias"}  # the whole trunk but its final norm
+    with pytest.raises(ValueError, match=f"{depth + 1} of {depth}"):
+        tiny_model(freeze_encoder_blocks=depth + 1)
+
+
+def test_layer_decay_scales_follow_the_depth():
+    scales = tiny_model().lr_scales(0.5)  # tiny: 4 blocks
+    assert scales["encoder.blocks.3.mlp.fc1.weight"] == 0.5 and scales["encoder.blocks.0.attn.qkv.bias"] == 0.5**4
+    assert scales["encoder.pos_embed"] == scales["encoder.cls_token"] == scales["encoder.patch_embed.proj.weight"] == 0.5**5
+    assert scales["encoder.norm.weight"] == 1.0
+    assert all(v == 1.0 for k, v in scales.items() if k.startswith("heads."))
+    assert set(tiny_model().lr_scales(1.0).values()) == {1.0}
+
+
 def test_pretrained_accepts_a_spatialnet_state_dict(tmp_path):
     source = tiny_model(seed=1)
     torch.save(source.state_dict(), tmp_path / "spatialnet.pt")

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from spatialnet_dist.store import storage
 from spatialnet_dist.train import launch
@@ -82,6 +83,36 @@ def test_missing_bucket_is_one_clear_line(synth_root, s3_endpoint, capsys):
     assert len(err.splitlines()) == 1 and "no-such-bucket" in err and "Traceback" not in err
 
 
+def test_driver_resolves_epochs_and_global_batch_before_workers_start(synth_root, tmp_path, monkeypatch, capsys):
+    """The Ray driver prints the plan line, saves the resolved config (max_steps from train.epochs, the
+    per-worker batch from the global one) and hands that config to the workers."""
+    from types import SimpleNamespace
+
+    from spatialnet_dist import config as config_mod
+    from spatialnet_dist.store.manifest import read_manifest
+
+    handed = {}
+
+    def fake_training(cfg, vocab, run_dir):
+        handed["config"] = cfg
+        return SimpleNamespace(error=None, checkpoint=None)
+
+    monkeypatch.setattr(launch, "connect_ray", lambda cfg: False)
+    monkeypatch.setattr(launch, "run_training", fake_training)
+    code = launch.main(sets(f"data.root={synth_root}", f"run.storage={tmp_path}", "eval.at_end=false",
+                            "train.epochs=2", "train.num_workers=2", "tasks.captioning.global_batch_size=8",
+                            "tasks.vqa.batch_size=3"))
+    assert code == 0
+    questions = read_manifest(synth_root, "synthetic")["splits"]["train"]["questions"]
+    steps = -(-2 * questions // (3 * 2))
+    out = capsys.readouterr().out
+    assert f"train.epochs=2 -> train.max_steps={steps}; rows per epoch: " in out
+    assert "batch_size per worker = global_batch_size / (2 workers x 1 accum): captioning 4" in out
+    saved = config_mod.from_dict(yaml.safe_load((tmp_path / "demo" / "config.yaml").read_text()))
+    assert handed["config"] == saved
+    assert saved.train.max_steps == steps and saved.tasks.captioning.batch_size == 4
+
+
 # ---- the Trainer under torch.distributed, without Ray ----
 
 
@@ -146,6 +177,70 @@ def test_checkpoint_restore_reproduces_parameters(synth_root, tmp_path, free_por
     # Same data, seeds and optimizer: only the order of the gradient reductions differs between stages.
     for name, weight in trained[2].items():
         torch.testing.assert_close(trained[3][name], weight, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def _fine_tune_worker(rank: int, port: int, out: str):
+    """One rank under gloo: for ZeRO-2 and ZeRO-3, one step of a tiny model with 2 of 4 blocks frozen and
+    layer_decay 0.5 -> what the engine's optimizer holds and what the step changed."""
+    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
+                      DS_ACCELERATOR="cpu")
+    from spatialnet_dist import config as config_mod
+    from spatialnet_dist.model.heads import VocabSizes
+    from spatialnet_dist.model.spatialnet import assemble_model
+    from spatialnet_dist.objective import MultiTaskObjective
+    from spatialnet_dist.train import engine as ds
+
+    torch.set_num_threads(1)
+    ds.init_distributed(False)
+    report = {}
+    for stage in (2, 3):
+        cfg = config_mod.load(None, ["model.image_size=32", f"train.zero_stage={stage}", "optim.layer_decay=0.5",
+                                     "model.freeze_encoder_blocks=2", "optim.warmup_steps=0", "optim.lr=1e-3",
+                                     "train.max_steps=10"])
+
+        def build(model_cfg=cfg.model):
+            torch.manual_seed(0)
+            return assemble_model(model_cfg, ["classification"], VocabSizes(words=20, answers=4, classes=5))
+
+        model = build()
+        before = {k: v.detach().clone() for k, v in model.named_parameters()}
+        frozen = {k for k, v in model.named_parameters() if not v.requires_grad}
+        trainable = sum(v.numel() for v in model.parameters() if v.requires_grad)
+        engine = ds.create_engine(cfg, model, 1)
+        batch = {"classification": {"image": torch.randn(4, 3, 32, 32), "label": torch.tensor([0, 1, 2, 3])}}
+        engine.backward(MultiTaskObjective(cfg.loss)(engine(batch), batch, engine.module)["loss"])
+        engine.step()
+        optimizer = engine.optimizer
+        handed = optimizer.fp16_groups if stage == 3 else optimizer.bit16_groups
+        after = dict(ds.full_model(engine, build).named_parameters())
+        report[stage] = {
+            "lr": [[g["lr"], g["lr_scale"]] for g in optimizer.param_groups],
+            "expected_peak": cfg.optim.lr * ds.lr_lambda(cfg)(1),
+            "handed": sum(getattr(p, "ds_numel", p.numel()) for group in handed for p in group),
+            "trainable": trainable,
+            "frozen_kept": bool(frozen) and all(torch.equal(after[k], before[k]) for k in frozen),
+            "trained_changed": sorted(k for k in before if k not in frozen and not torch.equal(after[k], before[k])),
+        }
+    Path(out, "report.json").write_text(json.dumps(report))
+
+
+def test_freeze_and_layer_decay_under_zero2_and_zero3(tmp_path, free_ports):
+    """The real DeepSpeed engine (one rank, gloo): frozen parameters are not handed to the optimizer and
+    stay as they were; after one step each param group's lr is the peak lr x its layer-decay factor."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(_fine_tune_worker, args=(free_ports(1)[0], str(tmp_path)), nprocs=1)
+    report = json.loads((tmp_path / "report.json").read_text())
+    for stage, r in report.items():
+        assert r["handed"] == r["trainable"], stage
+        assert r["frozen_kept"], stage
+        assert {"encoder.blocks.3.mlp.fc1.weight", "encoder.blocks.2.attn.qkv.weight", "encoder.norm.weight",
+                "heads.classification.fc.weight"} <= set(r["trained_changed"]), stage
+        # tiny has 4 blocks; blocks 0-1 and the stem are frozen: block 3 x0.5, block 2 x0.25, norm and head x1.
+        assert sorted({scale for _, scale in r["lr"]}) == [0.25, 0.5, 1.0], stage
+        assert r["lr"][0][1] == 1.0
+        for lr, scale in r["lr"]:
+            assert lr == pytest.approx(r["expected_peak"] * scale, rel=1e-9), stage
 
 
 # ---- Ray Train: 2 workers, failures, S3 ----

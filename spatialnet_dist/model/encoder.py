@@ -53,6 +53,29 @@ def build_encoder(
     )
 
 
+# Parameters before the first block (timm's names): patch embedding, position/class/register tokens.
+_STEM = ("patch_embed.", "pos_embed", "cls_token", "reg_token", "norm_pre.")
+
+
+def layer_id(name: str, depth: int) -> int:
+    """Depth of an encoder parameter: 0 the stem, i + 1 block i, depth + 1 what follows (the final norm)."""
+    if name.startswith(_STEM):
+        return 0
+    if name.startswith("blocks."):
+        return int(name.split(".")[1]) + 1
+    return depth + 1
+
+
+def freeze_blocks(encoder: ViTEncoder, n: int) -> None:
+    """Fine-tuning: the stem and the first `n` blocks stop training (n = depth: all but the final norm)."""
+    depth = len(encoder.blocks)
+    if not 0 <= n <= depth:
+        raise ValueError(f"cannot freeze {n} of {depth} blocks")
+    for name, p in encoder.named_parameters():
+        if n and layer_id(name, depth) <= n:
+            p.requires_grad_(False)
+
+
 def read_state_dict(path: str) -> dict[str, torch.Tensor]:
     """A .pth/.pt (torch.save) or .safetensors file -> state dict. Errors name the file."""
     p = Path(path)

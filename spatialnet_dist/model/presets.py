@@ -52,11 +52,20 @@ PRESETS: dict[str, Preset] = {
             head_dropout=0.1, grad_checkpointing=False, hub_name="vit_small_patch16_224.augreg_in21k_ft_in1k",
         ),
         # The seed's encoder: 12 layers, 8 heads, patch 16, 256 px, ReLU FFN (its Eq. 5); ~86M parameters.
-        # 8 heads and ReLU differ from every published ViT-B, so no hub weights match it.
+        # 8 heads and ReLU differ from every published ViT-B, so no hub weights match it: it trains from
+        # scratch. `base` is the same size with timm's ViT-B/16 layout, for pretrained weights.
         Preset(
             "paper", image_size=256, patch_size=16, embed_dim=768, depth=12, num_heads=8, mlp_ratio=4.0,
             activation="relu", text_dim=512, text_heads=8, decoder_depth=4, question_depth=2, fusion_depth=2,
             head_dropout=0.1, grad_checkpointing=False, hub_name="",
+        ),
+        # timm's ViT-B/16 (vit_base_patch16_224: 12 heads, GELU) at 256 px, for transfer learning: published
+        # ImageNet and remote-sensing ViT-B/16 weights load as they are (`model.pretrained: FILE` or hub),
+        # pos_embed resampled from their grid. The text heads are the paper preset's.
+        Preset(
+            "base", image_size=256, patch_size=16, embed_dim=768, depth=12, num_heads=12, mlp_ratio=4.0,
+            activation="gelu", text_dim=512, text_heads=8, decoder_depth=4, question_depth=2, fusion_depth=2,
+            head_dropout=0.1, grad_checkpointing=False, hub_name="vit_base_patch16_224.augreg2_in21k_ft_in1k",
         ),
         # ViT-L/16, ~300M parameters.
         Preset(

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from spatialnet_dist.config import TASKS, ModelConfig
-from spatialnet_dist.model.encoder import ViTEncoder, build_encoder, load_pretrained
+from spatialnet_dist.model.encoder import ViTEncoder, build_encoder, freeze_blocks, layer_id, load_pretrained
 from spatialnet_dist.model.heads import HEADS, VocabSizes
 from spatialnet_dist.model.presets import Preset, get_preset
 from spatialnet_dist.text import TextVocabs
@@ -91,6 +91,16 @@ class SpatialNetViT(nn.Module):
         skip = self.no_weight_decay_names()
         return [p for n, p in self.named_parameters() if p.requires_grad and n not in skip]
 
+    def lr_scales(self, layer_decay: float) -> dict[str, float]:
+        """Layer-wise lr decay (BEiT, MAE): parameter name -> lr factor. Encoder block i gets
+        decay^(depth - i), the stem decay^(depth + 1); the final norm and the heads 1."""
+        depth = len(self.encoder.blocks)
+        return {
+            name: layer_decay ** (depth + 1 - layer_id(name.removeprefix("encoder."), depth))
+            if name.startswith("encoder.") else 1.0
+            for name, _ in self.named_parameters()
+        }
+
 
 def assemble_model(model_cfg: ModelConfig, tasks: list[str], sizes: VocabSizes) -> SpatialNetViT:
     """Encoder from the preset (with the config's overrides) + one head per task, sized by `sizes`."""
@@ -98,6 +108,7 @@ def assemble_model(model_cfg: ModelConfig, tasks: list[str], sizes: VocabSizes) 
     encoder = build_encoder(preset, model_cfg.image_size, model_cfg.in_chans, model_cfg.activation, model_cfg.drop_path)
     if model_cfg.pretrained:
         load_pretrained(encoder, model_cfg.pretrained, preset)
+    freeze_blocks(encoder, model_cfg.freeze_encoder_blocks)
     heads = {t: HEADS[t].build(encoder.embed_dim, preset, sizes, model_cfg) for t in tasks}
     model = SpatialNetViT(encoder, heads, preset)
     model.set_grad_checkpointing(preset.grad_checkpointing)

@@ -66,15 +66,23 @@ def deepspeed_config(cfg: Config, world_size: int, model: torch.nn.Module) -> di
     }
 
 
-def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """AdamW groups: no decay on norms, biases, position/class tokens and embeddings."""
+def param_groups(model: torch.nn.Module, lr: float, weight_decay: float, layer_decay: float = 1.0) -> list[dict]:
+    """AdamW groups: no decay on norms, biases, position/class tokens and embeddings; with layer_decay < 1
+    one group per lr factor as well (model.lr_scales), each group's lr = lr x its `lr_scale`. LambdaLR
+    multiplies every group's own initial lr, so the schedule keeps the ratios. Frozen parameters stay out.
+    The scale-1 groups (heads) come first: the logged lr (group 0's) is the peak one."""
     no_decay = set(model.no_weight_decay_names()) if hasattr(model, "no_weight_decay_names") else set()
-    decay, keep = [], []
+    scales = model.lr_scales(layer_decay) if layer_decay != 1.0 else {}
+    groups: dict[tuple[float, bool], list] = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        (keep if p.ndim <= 1 or name in no_decay else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": keep, "weight_decay": 0.0}]
+        decayed = not (p.ndim <= 1 or name in no_decay)
+        groups.setdefault((scales.get(name, 1.0), decayed), []).append(p)
+    return [
+        {"params": params, "weight_decay": weight_decay if decayed else 0.0, "lr": lr * scale, "lr_scale": scale}
+        for (scale, decayed), params in sorted(groups.items(), key=lambda kv: (-kv[0][0], not kv[0][1]))
+    ]
 
 
 def lr_lambda(cfg: Config):
@@ -99,7 +107,7 @@ def create_engine(cfg: Config, model: torch.nn.Module, world_size: int):
     """-> DeepSpeed engine with AdamW, the LR schedule and ZeRO from cfg."""
     if cfg.train.activation_checkpointing and hasattr(model, "set_grad_checkpointing"):
         model.set_grad_checkpointing(True)
-    groups = param_groups(model, cfg.optim.weight_decay)
+    groups = param_groups(model, cfg.optim.lr, cfg.optim.weight_decay, cfg.optim.layer_decay)
     ds_config = deepspeed_config(cfg, world_size, model)
     adam = {"lr": cfg.optim.lr, "betas": list(cfg.optim.betas), "eps": 1e-8, "weight_decay": cfg.optim.weight_decay}
     if cfg.loss.regularization == "l2":

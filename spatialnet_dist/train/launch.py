@@ -149,7 +149,12 @@ def main(argv: list[str] | None = None) -> int:
             require_java()  # refuse now rather than after training
         prepare_data(cfg)
         from spatialnet_dist.data.vocab import build_vocabs
+        from spatialnet_dist.train.plan import resolve
         from spatialnet_dist.train.rundir import RunDir
+
+        cfg, plan = resolve(cfg, cfg.train.num_workers)
+        if plan:
+            print(plan, flush=True)
 
         vocabs = build_vocabs(cfg)
         run = RunDir(storage.join(cfg.run.storage, cfg.run.name))

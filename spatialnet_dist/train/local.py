@@ -18,6 +18,7 @@ from spatialnet_dist.errors import UserError
 from spatialnet_dist.text import TextVocabs
 from spatialnet_dist.train import engine as ds
 from spatialnet_dist.train.launch import load_config, parse_args, prepare_data
+from spatialnet_dist.train.plan import resolve
 from spatialnet_dist.train.rundir import RunDir
 from spatialnet_dist.train.trainer import Trainer
 
@@ -84,6 +85,13 @@ def main(argv: list[str] | None = None) -> int:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
     ds.init_distributed(cfg.train.use_gpu)
     dist.barrier()  # rank 0 may have generated the demo corpus
+    try:
+        cfg, plan = resolve(cfg, world_size)
+    except UserError as e:
+        print(f"spatialnet: error: {e}", file=sys.stderr)
+        return 2
+    if plan and rank == 0:
+        print(plan, flush=True)
     from spatialnet_dist.data.vocab import build_vocabs
 
     vocabs = build_vocabs(cfg)

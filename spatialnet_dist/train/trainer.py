@@ -74,6 +74,8 @@ class Trainer:
                  fault_marker=None):
         self.cfg, self.vocabs, self.rank, self.world_size, self.reporter = cfg, vocabs, rank, world_size, reporter
         self.fault_marker = fault_marker  # callable -> bool: claims the one-time fault (faults.fail_at_step)
+        if not cfg.train.max_steps:
+            raise ValueError("train.max_steps is 0: resolve train.epochs first (spatialnet_dist.train.plan.resolve)")
         self.tasks = cfg.tasks.enabled()
         if cfg.train.use_gpu:
             self.device = torch.device("cuda", torch.cuda.current_device())

@@ -1,0 +1,112 @@
+"""What a config means on a given number of workers, resolved before any worker starts.
+
+- `tasks.<task>.global_batch_size` -> the per-worker `batch_size` (the global batch stays what the config
+  says on 1 or 64 workers);
+- `train.epochs` -> `train.max_steps`, from the training rows the manifests count;
+- `model.freeze_encoder_blocks` checked against the preset's depth.
+
+The Ray driver calls `resolve` with `train.num_workers`, the torchrun/local path with its world size;
+the resolved config (the one saved with the run and sent to the workers) carries the results, so a
+restarted worker group trains the same steps with the same batches.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+
+from spatialnet_dist.config import Config, ConfigError
+from spatialnet_dist.data.vocab import TRAIN_SPLIT
+from spatialnet_dist.errors import UserError
+from spatialnet_dist.store.manifest import manifest_url, read_manifest
+
+
+def task_rows(task: str, manifest: dict, split: str) -> tuple[int, int]:
+    """(training rows of `task` in one corpus split, rows one visit consumes).
+
+    A visit is one slot of the task's sub-batch: one image read, decoded and encoded once. Today every
+    visit is one row: captioning rows are the images with captions, classification rows the labelled
+    images, vqa rows the questions, regression rows the count questions. The manifest counts images,
+    captions and questions (by type) per split, not captioned or labelled images: a corpus with captions
+    (classes) captions (labels) every image, as every convert adapter writes it. When a vqa/regression
+    visit answers several questions of its image (`tasks.<task>.questions_per_image`), an epoch still
+    means every question once: rows stay questions and rows per visit becomes the questions a visit answers.
+    """
+    info = manifest["splits"].get(split)
+    if info is None:
+        raise UserError(f"no split {split!r} (splits: {', '.join(sorted(manifest['splits'])) or 'none'})")
+    if task == "captioning":
+        rows = info["samples"] if info["captions"] else 0
+    elif task == "classification":
+        rows = info["samples"] if manifest.get("classes") else 0
+    elif task == "vqa":
+        rows = info["questions"]
+    else:
+        rows = info["questions_by_type"].get("count", 0)
+    return rows, 1
+
+
+def per_worker_batch(cfg: Config, task: str, world_size: int) -> int:
+    """The task's sub-batch per worker per micro-step: `batch_size`, or the share of its global batch."""
+    tc = getattr(cfg.tasks, task)
+    if not tc.global_batch_size:
+        return tc.batch_size
+    slots = world_size * cfg.optim.grad_accum
+    if tc.global_batch_size % slots:
+        raise ConfigError(f"config key tasks.{task}.global_batch_size: {tc.global_batch_size} is not a multiple of "
+                          f"{world_size} workers x optim.grad_accum {cfg.optim.grad_accum} = {slots}")
+    return tc.global_batch_size // slots
+
+
+def epoch_steps(cfg: Config, world_size: int) -> tuple[int, dict[str, int], dict[str, float]]:
+    """-> (max_steps for train.epochs, training rows per epoch per task, global rows per step per task).
+
+    The enabled task with the most rows sets the length (DESIGN: passes over the largest task's rows); the
+    others pass over theirs as often as their batches take them. In `alternate` mode a step trains one of
+    the n enabled tasks, so each task gets 1/n of the steps on average.
+    """
+    tasks = cfg.tasks.enabled()
+    share = 1 / len(tasks) if cfg.train.mode == "alternate" else 1.0
+    rows, per_step = {}, {}
+    manifests: dict[str, dict] = {}
+    for task in tasks:
+        total, per_visit = 0, 1
+        for corpus in getattr(cfg.tasks, task).corpora:
+            if corpus not in manifests:
+                manifests[corpus] = read_manifest(cfg.data.root, corpus)
+            try:
+                n, per_visit = task_rows(task, manifests[corpus], TRAIN_SPLIT)
+            except UserError as e:
+                raise UserError(f"{manifest_url(cfg.data.root, corpus)}: {e}") from None
+            total += n
+        rows[task] = total
+        per_step[task] = getattr(cfg.tasks, task).batch_size * world_size * cfg.optim.grad_accum * per_visit * share
+    largest = max(tasks, key=lambda t: rows[t])
+    if rows[largest] == 0:
+        raise UserError(f"config key train.epochs: the {TRAIN_SPLIT} splits of the enabled tasks' corpora hold no rows")
+    return math.ceil(cfg.train.epochs * rows[largest] / per_step[largest]), rows, per_step
+
+
+def resolve(cfg: Config, world_size: int) -> tuple[Config, str]:
+    """-> (the config to train with, a one-line summary for the log; "" when nothing was derived)."""
+    from spatialnet_dist.model.presets import get_preset
+
+    depth = get_preset(cfg.model.preset).depth
+    if cfg.model.freeze_encoder_blocks > depth:
+        raise ConfigError(f"config key model.freeze_encoder_blocks: {cfg.model.freeze_encoder_blocks} exceeds the "
+                          f"{depth} blocks of preset {cfg.model.preset}")
+    cfg = copy.deepcopy(cfg)
+    notes = []
+    derived = [t for t in cfg.tasks.enabled() if getattr(cfg.tasks, t).global_batch_size]
+    for task in derived:
+        getattr(cfg.tasks, task).batch_size = per_worker_batch(cfg, task, world_size)
+    if derived:
+        batches = ", ".join(f"{t} {getattr(cfg.tasks, t).batch_size}" for t in derived)
+        notes.append(f"batch_size per worker = global_batch_size / ({world_size} workers x "
+                     f"{cfg.optim.grad_accum} accum): {batches}")
+    if cfg.train.epochs:
+        cfg.train.max_steps, rows, per_step = epoch_steps(cfg, world_size)
+        notes.append(f"train.epochs={cfg.train.epochs:g} -> train.max_steps={cfg.train.max_steps}; rows per epoch: "
+                     + ", ".join(f"{t} {n}" for t, n in rows.items()) + "; global rows per step: "
+                     + ", ".join(f"{t} {n:g}" for t, n in per_step.items()))
+    return cfg, "; ".join(notes)
