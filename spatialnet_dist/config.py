@@ -18,6 +18,7 @@ import yaml
 from spatialnet_dist.errors import UserError
 
 TASKS = ("captioning", "vqa", "classification", "regression")
+QUESTION_TASKS = ("vqa", "regression")  # tasks whose rows are questions about an image (questions_per_image)
 PRESETS = ("tiny", "small", "paper", "large", "giant")
 
 
@@ -50,8 +51,9 @@ class DataConfig:
 class TaskConfig:
     enabled: bool = True
     corpora: list[str] = field(default_factory=lambda: ["synthetic"])
-    batch_size: int = 8
+    batch_size: int = 8  # rows per worker per step; a vqa/regression row is one image visit with its questions
     corpus_weights: dict[str, float] = field(default_factory=dict)
+    questions_per_image: int = 0  # vqa/regression: questions one visit answers; 0: all, up to a cap (data code)
 
 
 @dataclass
@@ -322,6 +324,12 @@ def validate(cfg: Config) -> Config:
         tc: TaskConfig = getattr(cfg.tasks, task)
         if tc.batch_size < 1:
             raise ConfigError(f"config key tasks.{task}.batch_size: {tc.batch_size!r} is not allowed (expected >= 1)")
+        if tc.questions_per_image < 0:
+            raise ConfigError(f"config key tasks.{task}.questions_per_image: {tc.questions_per_image!r} is not "
+                              "allowed (expected >= 0; 0: all of an image's questions)")
+        if tc.questions_per_image and task not in QUESTION_TASKS:
+            raise ConfigError(f"config key tasks.{task}.questions_per_image: only {' and '.join(QUESTION_TASKS)} "
+                              "answer questions about an image")
         if tc.enabled and not tc.corpora:
             raise ConfigError(f"config key tasks.{task}.corpora: an enabled task needs at least one corpus")
         for name, w in tc.corpus_weights.items():

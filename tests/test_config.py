@@ -50,6 +50,8 @@ def test_a_mapping_override_changes_one_entry():
         ("model.preset=huge", "model.preset"),
         ("model.image_size=100", "model.image_size"),
         ("tasks.vqa.batch_size=0", "tasks.vqa.batch_size"),
+        ("tasks.vqa.questions_per_image=-1", "tasks.vqa.questions_per_image"),
+        ("tasks.captioning.questions_per_image=4", "tasks.captioning.questions_per_image"),
         ("loss.weights.vqa=-1", "loss.weights.vqa"),
         ("loss.weights.segmentation=1", "loss.weights.segmentation"),
     ],
