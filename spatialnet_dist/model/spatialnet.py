@@ -32,6 +32,8 @@ class SpatialNetViT(nn.Module):
 
         The encoder runs once over all sub-batches' images (one large matmul per layer beats four
         small ones), then its tokens are split back per task. Keys that name no task are ignored.
+        vqa and regression sub-batches pass each image once, however many of their questions ask
+        about it (data/batch_format.py "Batch format"); their outputs have one row per question.
         """
         tasks = [t for t in batch if t in TASKS]
         unknown = [t for t in tasks if t not in self.heads]
