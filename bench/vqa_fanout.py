@@ -11,9 +11,11 @@ questions per step, forward + backward + AdamW step through the objective:
 Questions are full length (model.question_max_len random words): a worst case for the head's share.
 Same threads, image size and questions for both; one warm-up step each is excluded, and the timed steps
 alternate between the arms (pooled over --repeats), so both see the same load on a shared machine.
-Nothing is asserted.
+One thread by default: on the 2-core reference machine, shared with other jobs, two OpenMP threads wait
+on each other whenever another process holds a core (fan-out measured 10 questions/s with 2 threads
+against 270 with 1 under a load average of 8). Nothing is asserted.
 
-    python bench/vqa_fanout.py [--questions-per-image 16] [--images 4] [--preset tiny] [--threads 2] [--repeats 5] [--json]
+    python bench/vqa_fanout.py [--questions-per-image 16] [--images 4] [--preset tiny] [--threads 1] [--repeats 10] [--json]
 """
 
 from __future__ import annotations
@@ -101,8 +103,8 @@ def main() -> None:
     p.add_argument("--images", type=int, default=4, help="images per fan-out step (the single arm has images x K)")
     p.add_argument("--preset", default="tiny")
     p.add_argument("--image-size", type=int, default=0, help="0: the preset's")
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--repeats", type=int, default=5, help="timed steps per arm")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--repeats", type=int, default=10, help="timed steps per arm")
     p.add_argument("--json", action="store_true", help="print only the JSON object")
     a = p.parse_args()
     if a.questions_per_image < 1 or a.images < 1 or a.repeats < 1:
