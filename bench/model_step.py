@@ -46,8 +46,9 @@ def multitask_batch(images: torch.Tensor, cfg: ModelConfig) -> dict:
             tokens = torch.randint(4, words, (n, cfg.caption_max_len), generator=g)
             tokens[:, 0], tokens[:, -1] = BOS_ID, EOS_ID
             sub["tokens"] = tokens
-        if task in ("vqa", "regression"):
+        if task in ("vqa", "regression"):  # one question per image
             sub["question"] = torch.randint(4, words, (n, cfg.question_max_len), generator=g)
+            sub["image_index"] = torch.arange(n)
         if task == "vqa":
             sub["answer"] = torch.randint(0, REPRESENTATIVE_SIZES.answers, (n,), generator=g)
         if task == "classification":

@@ -18,6 +18,7 @@ import yaml
 from spatialnet_dist.errors import UserError
 
 TASKS = ("captioning", "vqa", "classification", "regression")
+QUESTION_TASKS = ("vqa", "regression")  # tasks whose rows are questions about an image (questions_per_image)
 PRESETS = ("tiny", "small", "paper", "base", "large", "giant")
 # Training image augmentation per task (data/transforms.py): none | the 8 symmetries of the square, texts mapped
 # to match | strong: crop, colour jitter and symmetries, which can change counts and what texts say.
@@ -60,6 +61,7 @@ class TaskConfig:
     global_batch_size: int = 0
     corpus_weights: dict[str, float] = field(default_factory=dict)
     augment: str = "symmetry"  # one of AUGMENT_POLICIES
+    questions_per_image: int = 0  # vqa/regression: questions one visit answers; 0: all, up to a cap (data code)
 
 
 @dataclass
@@ -351,6 +353,12 @@ def validate(cfg: Config) -> Config:
         if tc.global_batch_size < 0:
             raise ConfigError(f"config key tasks.{task}.global_batch_size: {tc.global_batch_size!r} is not allowed "
                               "(expected >= 1, or 0: off)")
+        if tc.questions_per_image < 0:
+            raise ConfigError(f"config key tasks.{task}.questions_per_image: {tc.questions_per_image!r} is not "
+                              "allowed (expected >= 0; 0: all of an image's questions)")
+        if tc.questions_per_image and task not in QUESTION_TASKS:
+            raise ConfigError(f"config key tasks.{task}.questions_per_image: only {' and '.join(QUESTION_TASKS)} "
+                              "answer questions about an image")
         if tc.enabled and not tc.corpora:
             raise ConfigError(f"config key tasks.{task}.corpora: an enabled task needs at least one corpus")
         for name, w in tc.corpus_weights.items():

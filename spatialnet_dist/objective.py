@@ -31,11 +31,14 @@ def captioning_loss(out: dict, sub: dict, cfg: LossConfig) -> torch.Tensor:
 
 
 def vqa_loss(out: dict, sub: dict, cfg: LossConfig) -> torch.Tensor:
-    return _cross_entropy(out["logits"], sub["answer"], ignore=-1)  # -1: answer outside the vocabulary
+    # A mean over the sub-batch's Q questions, not its images: loss.weights.vqa weighs a question's loss
+    # the same however many questions each image visit answers.
+    return _cross_entropy(out["logits"], sub["answer"], ignore=-1)  # (Q, A) vs (Q,); -1: outside the vocabulary
 
 
 def regression_loss(out: dict, sub: dict, cfg: LossConfig) -> torch.Tensor:
-    # log1p: counts span 0..thousands; on the raw scale the large ones would swamp every other loss
+    # log1p: counts span 0..thousands; on the raw scale the large ones would swamp every other loss.
+    # A mean over the Q count questions, as for vqa.
     return F.mse_loss(out["count_log1p"].float(), torch.log1p(sub["count"].float()))
 
 

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from spatialnet_dist.config import TASKS, ConfigError, load
+from spatialnet_dist.data.batch_format import QUESTIONS
 from spatialnet_dist.data.sides import SIDE_WORDS, map_sides, mappable
 from spatialnet_dist.data.streams import TaskSamples
 from spatialnet_dist.data.transforms import IDENTITY, SYMMETRIES, ImageTransform, Symmetry, task_transform
@@ -93,15 +94,16 @@ def test_one_symmetry_per_visit_moves_the_image_and_every_text_alike():
         rows = TaskSamples(task, vocabs, SYMMETRY, 24, 20, train=True)
         rng = np.random.default_rng(0)
         for _ in range(40):
-            (row,) = rows(sample, rng)
+            row = rows(sample, rng)
             where = marker_direction(row["image"])
             seen.add(where)
-            side = _side_of(row["tokens"] if task == "captioning" else row["question"], vocabs)
-            if task == "vqa" and row["qid"] == "q1":  # the answer names the side
-                assert side is None
-                side = SIDE_WORDS[vocabs.answers.decode(row["answer"])].direction
-                assert SIDE_WORDS[row["answer_raw"]].direction == side
-            assert side == where
+            for text in [row] if task == "captioning" else row[QUESTIONS]:  # a visit answers all its questions
+                side = _side_of(text["tokens"] if task == "captioning" else text["question"], vocabs)
+                if task == "vqa" and text["qid"] == "q1":  # the answer names the side
+                    assert side is None
+                    side = SIDE_WORDS[vocabs.answers.decode(text["answer"])].direction
+                    assert SIDE_WORDS[text["answer_raw"]].direction == side
+                assert side == where
         assert rows.unaugmented == 0
     assert seen == {(-1, 0), (1, 0), (0, -1), (0, 1)}
 
@@ -124,10 +126,11 @@ def test_a_side_word_that_names_no_side_keeps_the_visit_unaugmented():
     vocabs = _vocabs([q["question"] for q in qa], ["yes", "no"])
     rows = TaskSamples("vqa", vocabs, SYMMETRY, 24, 20, train=True)
     rng, plain = np.random.default_rng(0), SYMMETRY(sample.image)
-    visits = [rows(sample, rng)[0] for _ in range(40)]
+    visits = [rows(sample, rng) for _ in range(40)]
     assert all(torch.equal(row["image"], plain) for row in visits)  # even for the clear question q1
     left = torch.tensor(vocabs.words.encode(qa[1]["question"], 20, bos_eos=False))
-    assert all(torch.equal(row["question"], left) for row in visits if row["qid"] == "q1")
+    asked = [q for row in visits for q in row[QUESTIONS] if q["qid"] == "q1"]
+    assert len(asked) == 40 and all(torch.equal(q["question"], left) for q in asked)
     assert 30 <= rows.unaugmented < 40  # every visit that drew a symmetry other than the identity (7 in 8)
 
 
@@ -170,5 +173,5 @@ def test_evaluation_never_augments():
                          "type": "presence"}])
     vocabs = TextVocabs(_vocabs([sample.qa[0]["question"]], ["yes"]).words, AnswerVocab(["yes"], "exact"), ["water"])
     for task in ("classification", "vqa"):
-        (row,) = TaskSamples(task, vocabs, task_transform(cfg, task, train=False), 24, 20, train=False)(sample, None)
+        row = TaskSamples(task, vocabs, task_transform(cfg, task, train=False), 24, 20, train=False)(sample, None)
         assert torch.equal(row["image"], ImageTransform(32, 3)(sample.image))

@@ -78,6 +78,8 @@ def test_a_mapping_override_changes_one_entry():
         ("optim.layer_decay=0", "optim.layer_decay"),
         ("optim.layer_decay=1.5", "optim.layer_decay"),
         ("model.freeze_encoder_blocks=-1", "model.freeze_encoder_blocks"),
+        ("tasks.vqa.questions_per_image=-1", "tasks.vqa.questions_per_image"),
+        ("tasks.captioning.questions_per_image=4", "tasks.captioning.questions_per_image"),
         ("loss.weights.vqa=-1", "loss.weights.vqa"),
         ("loss.weights.segmentation=1", "loss.weights.segmentation"),
     ],

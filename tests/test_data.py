@@ -16,10 +16,13 @@ import torch
 
 from spatialnet_dist.config import TASKS, Config
 from spatialnet_dist.data import ImageTransform, StreamState, build_vocabs, make_eval_loader, make_train_loader, streams
+from spatialnet_dist.data.batch_format import QUESTIONS, collate
 from spatialnet_dist.data.batches import alternate_task
 from spatialnet_dist.data.streams import (
+    MAX_QUESTIONS_PER_VISIT,
     ImageCache,
     StreamCounts,
+    TaskSamples,
     WeightedShardSource,
     decode_samples,
     read_shards,
@@ -205,7 +208,10 @@ def test_two_ranks_two_workers_fewer_shards_get_full_batches(store, vocabs):
                 n = 5 if task == "vqa" else 3
                 assert sub["image"].shape == (n, 3, SIZE, SIZE) and len(sub["image_id"]) == n
             assert batch["captioning"]["tokens"].shape == (3, cfg.model.caption_max_len)
-            assert batch["vqa"]["question"].shape == (5, cfg.model.question_max_len)
+            # every toy image has 2 questions, one of them a count question: all answered in one visit
+            assert batch["vqa"]["question"].shape == (10, cfg.model.question_max_len)
+            assert batch["vqa"]["image_index"].tolist() == [0, 0, 1, 1, 2, 2, 3, 3, 4, 4]
+            assert batch["regression"]["image_index"].tolist() == [0, 1, 2]
             assert batch["vqa"]["answer"].dtype == torch.int64 and batch["regression"]["count"].dtype == torch.float32
             labels = [int(i.rsplit("_", 1)[1]) % 3 for i in batch["classification"]["image_id"]]  # as make_samples
             assert batch["classification"]["label"].tolist() == labels
@@ -267,7 +273,7 @@ def test_image_cache_decodes_each_image_once_and_changes_no_row(store, vocabs, m
     images = ImageCache(2**30)
     cached = rows(images)
     assert decodes.total() == len(images) == 16  # toy's train split: 16 images, each decoded once
-    assert all(a["qid"] == b["qid"] and torch.equal(a["image"], b["image"]) for a, b in zip(plain, cached, strict=True))
+    assert all(_qids(a) == _qids(b) and torch.equal(a["image"], b["image"]) for a, b in zip(plain, cached, strict=True))
     with pytest.raises(ValueError, match="read-only"):
         next(iter(images._images.values()))[0, 0, 0] = 1
 
@@ -277,12 +283,59 @@ def test_image_cache_decodes_each_image_once_and_changes_no_row(store, vocabs, m
     assert len(small) == 3 and small.bytes <= small.max_bytes
 
 
+def _qids(row: dict) -> list[str]:
+    return [q["qid"] for q in row[QUESTIONS]]
+
+
 def test_vqa_visits_draw_every_pair_and_captions_vary(store, vocabs):
     cfg = make_cfg(store, ["toy"])
-    qids = {row["qid"] for row in _rows(cfg, vocabs, "vqa", 400)}
-    assert qids == {f"toy_train_{i}_q{k}" for i in range(16) for k in range(2)}
+    cfg.tasks.vqa.questions_per_image = 1  # one of the 2 questions per visit: the visits still reach all
+    rows = _rows(cfg, vocabs, "vqa", 400)
+    assert all(len(row[QUESTIONS]) == 1 for row in rows)
+    assert {q for row in rows for q in _qids(row)} == {f"toy_train_{i}_q{k}" for i in range(16) for k in range(2)}
     drawn = {(row["image_id"], tuple(row["tokens"].tolist())) for row in _rows(cfg, vocabs, "captioning", 200)}
     assert len(drawn) == 32  # both captions of every image
+
+
+def _many_questions(image_id: str, n: int) -> Sample:
+    """An image with n questions, counts 0..n-1 (qid <image_id>_q<k>, answer k), every other one a count question."""
+    qa = [{"qid": f"{image_id}_q{k}", "question": "How many cars are there?" if k % 2 else "Is there a river?",
+           "answer": k if k % 2 else "yes", "type": "count" if k % 2 else "presence"} for k in range(n)]
+    return Sample("toy", image_id, "train", np.zeros((16, 16, 3), np.uint8), qa=qa)
+
+
+@pytest.mark.parametrize("per_image", [0, 1, 4, 16])
+def test_a_visit_answers_min_k_n_distinct_questions_each_mapped_to_its_image(vocabs, per_image):
+    make_row = TaskSamples("vqa", vocabs, ImageTransform(SIZE, 3, augment="symmetry"), 24, 8, train=True,
+                           questions_per_image=per_image)
+    rng = np.random.default_rng(0)
+    samples = [_many_questions("a", 10), _many_questions("b", 3), _many_questions("c", MAX_QUESTIONS_PER_VISIT + 6)]
+    rows = [make_row(s, rng) for s in samples]
+    k = per_image or MAX_QUESTIONS_PER_VISIT
+    assert [len(set(_qids(row))) for row in rows] == [min(k, 10), min(k, 3), min(k, MAX_QUESTIONS_PER_VISIT + 6)]
+    sub = collate(rows)
+    assert sub["image"].shape == (3, 3, SIZE, SIZE) and sub["image_id"] == ["a", "b", "c"]
+    Q = sum(len(row[QUESTIONS]) for row in rows)
+    assert sub["question"].shape == (Q, 8) and sub["answer"].shape == sub["image_index"].shape == (Q,)
+    assert sub["image_index"].dtype == torch.int64 and len(sub["qid"]) == len(sub["answer_raw"]) == Q
+    for qid, image, raw in zip(sub["qid"], sub["image_index"].tolist(), sub["answer_raw"]):
+        owner, number = qid.rsplit("_q", 1)
+        assert owner == sub["image_id"][image] and raw == (number if int(number) % 2 else "yes")
+
+    count_rows = TaskSamples("regression", vocabs, ImageTransform(SIZE, 3), 24, 8, train=False)
+    sub = collate([count_rows(s, None) for s in samples[:2]])  # evaluation: every count question, once
+    assert sub["count"].tolist() == [1, 3, 5, 7, 9, 1] and sub["image_index"].tolist() == [0] * 5 + [1]
+
+
+def test_fan_out_visits_of_an_image_cover_its_questions(vocabs):
+    make_row = TaskSamples("vqa", vocabs, ImageTransform(SIZE, 3, augment="symmetry"), 24, 8, train=True,
+                           questions_per_image=4)
+    rng = np.random.default_rng(1)
+    sample = _many_questions("a", 12)
+    visits = [_qids(make_row(sample, rng)) for _ in range(30)]  # a question is missed with p = (2/3) ** 30
+    assert all(len(set(v)) == 4 for v in visits)
+    assert {q for v in visits for q in v} == {f"a_q{k}" for k in range(12)}
+    assert len({tuple(v) for v in visits}) > 1  # a random subset per visit, not the same one
 
 
 def test_stream_state_round_trip_and_resume_uses_a_fresh_offset(store, vocabs):
@@ -291,6 +344,7 @@ def test_stream_state_round_trip_and_resume_uses_a_fresh_offset(store, vocabs):
     before = take(loader, 2)
     saved = StreamState.from_dict(loader.state.to_dict())
     assert saved.batches == 2 and saved.samples_seen == dict.fromkeys(TASKS, 8)
+    assert saved.questions_seen == {"vqa": 16, "regression": 8}  # toy: 2 questions per image, 1 of them a count
     resumed = make_train_loader(cfg, vocabs, 0, 1, seed_offset=0, state=saved)  # offset 0 was used: take 1
     assert resumed.state.seed_offset == 1 and resumed.state.used_offsets == [0, 1]
     after = take(resumed, 2)

@@ -29,7 +29,7 @@ def tiny_model(tasks=TASKS, seed: int = 0, **overrides):
 
 
 def make_batch(n: int = 3, seed: int = 0, tasks=TASKS) -> dict:
-    """A multi-task batch in the loader's format: captions [BOS w.. EOS PAD..], PAD-padded questions."""
+    """A multi-task batch in the loader's format: captions [BOS w.. EOS PAD..], PAD-padded questions, one per image."""
     g = torch.Generator().manual_seed(seed)
     L, Lq = CFG.caption_max_len, CFG.question_max_len
 
@@ -44,9 +44,11 @@ def make_batch(n: int = 3, seed: int = 0, tasks=TASKS) -> dict:
         question[i, : 2 + i % 3] = torch.randint(4, SIZES.words, (2 + i % 3,), generator=g)
     batch = {
         "captioning": {"image": image(), "tokens": tokens},
-        "vqa": {"image": image(), "question": question, "answer": torch.randint(0, SIZES.answers, (n,), generator=g)},
+        "vqa": {"image": image(), "question": question, "answer": torch.randint(0, SIZES.answers, (n,), generator=g),
+                "image_index": torch.arange(n)},
         "classification": {"image": image(), "label": torch.randint(0, SIZES.classes, (n,), generator=g)},
-        "regression": {"image": image(), "question": question.flip(0), "count": torch.randint(0, 30, (n,), generator=g).float()},
+        "regression": {"image": image(), "question": question.flip(0), "count": torch.randint(0, 30, (n,), generator=g).float(),
+                       "image_index": torch.arange(n)},
     }
     return {t: batch[t] for t in tasks}
 
@@ -75,6 +77,35 @@ def test_forward_encodes_once_and_matches_per_task_forwards():
         alone = model({task: batch[task]})[task]
         for key, value in alone.items():
             torch.testing.assert_close(joint[task][key], value, rtol=1e-4, atol=1e-5)
+
+
+def test_fan_out_gives_the_loss_and_gradients_of_one_question_per_image_row():
+    """5 questions about 2 images against one encoder pass == the 5 questions each with its own copy of the image."""
+    g = torch.Generator().manual_seed(1)
+    images = torch.randn(2, 3, 32, 32, generator=g)
+    index = torch.tensor([0, 0, 0, 1, 1])  # (Q,)
+    question = torch.randint(4, SIZES.words, (5, CFG.question_max_len), generator=g)
+    question[:, 3:] = PAD_ID
+    fan_out = {
+        "vqa": {"image": images, "question": question, "image_index": index,
+                "answer": torch.randint(0, SIZES.answers, (5,), generator=g)},
+        "regression": {"image": images, "question": question.flip(0), "image_index": index,
+                       "count": torch.randint(0, 30, (5,), generator=g).float()},
+    }
+    single = {t: {**sub, "image": images[index], "image_index": torch.arange(5)} for t, sub in fan_out.items()}
+    objective = MultiTaskObjective(LossConfig(weights={"vqa": 2.0, "regression": 0.5}))
+    results = []
+    for batch in (fan_out, single):
+        model = tiny_model(("vqa", "regression")).eval()  # eval: no dropout, the same function twice
+        losses = objective(model(batch), batch, model)
+        losses["loss"].backward()
+        grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+        results.append(({k: v.item() for k, v in losses.items()}, grads))
+    (fan_losses, fan_grads), (single_losses, single_grads) = results
+    assert fan_losses == pytest.approx(single_losses, rel=1e-5)
+    assert fan_grads.keys() == single_grads.keys() and "encoder.patch_embed.proj.weight" in fan_grads
+    for name in fan_grads:
+        torch.testing.assert_close(fan_grads[name], single_grads[name], rtol=1e-4, atol=1e-6)
 
 
 def test_build_model_sizes_heads_from_the_vocabularies():

@@ -1,6 +1,6 @@
 """Loaders: multi-task training batches (endless) and per-task evaluation sub-batches (finite).
 
-Training batch, one per step (DESIGN.md "Batch format"):
+Training batch, one per step (sub-batches as in data/batch_format.py "Batch format"):
     {"captioning": sub-batch, "vqa": sub-batch, ..., "stats": {"skipped": {task: n, ...}}}
 Every enabled task has a sub-batch of `tasks.<task>.batch_size` rows each step, or, with
 `train.mode: alternate`, only the task drawn for that batch index from an RNG seeded by
@@ -28,11 +28,11 @@ from itertools import islice
 import torch
 from torch.utils.data import DataLoader, IterableDataset
 
+from spatialnet_dist.data.batch_format import collate, question_count
 from spatialnet_dist.data.streams import (
     ImageCache,
     StreamCounts,
     TaskStreamSpec,
-    collate,
     eval_stream,
     split_shards,
     task_stream_spec,
@@ -82,7 +82,8 @@ class StreamState:
     seed_offset: int = 0
     used_offsets: list[int] = field(default_factory=list)
     batches: int = 0  # batches delivered = the next batch's index
-    samples_seen: dict[str, int] = field(default_factory=dict)  # rows per task, this rank
+    samples_seen: dict[str, int] = field(default_factory=dict)  # rows (images) per task, this rank
+    questions_seen: dict[str, int] = field(default_factory=dict)  # questions per vqa/regression task, this rank
     skipped: dict[str, int] = field(default_factory=dict)  # bad-input samples per task, this rank
 
     def to_dict(self) -> dict:
@@ -104,6 +105,8 @@ class StreamState:
         for task, sub in batch.items():
             if task != STATS_KEY:
                 self.samples_seen[task] = self.samples_seen.get(task, 0) + len(sub["image_id"])
+                if questions := question_count(sub):
+                    self.questions_seen[task] = self.questions_seen.get(task, 0) + questions
         for task, n in batch[STATS_KEY]["skipped"].items():
             self.skipped[task] = self.skipped.get(task, 0) + n
 
@@ -238,8 +241,8 @@ class EvalLoader:
 def make_eval_loader(cfg, vocabs: TextVocabs, task: str, split: str, rank: int, world_size: int,
                      batch_size: int | None = None) -> EvalLoader:
     """Every sample of `split` for `task`, each exactly once across ranks (a rank whose share of
-    the shards is empty gets no batches). vqa and regression: one row per question/answer pair;
-    captioning: one row per image with "references". Bad input raises, naming the shard."""
+    the shards is empty gets no batches). One row per image: vqa and regression with all its
+    questions, captioning with "references". Bad input raises, naming the shard."""
     _check_rank(rank, world_size)
     spec = task_stream_spec(cfg, vocabs, task, split, task_transform(cfg, task, train=False), train=False)
     dataset = EvalBatches(spec, rank, world_size, batch_size or getattr(cfg.tasks, task).batch_size)

@@ -32,6 +32,7 @@ import webdataset as wds
 from torch.utils.data import IterableDataset
 from webdataset.tariterators import group_by_keys, tar_file_expander
 
+from spatialnet_dist.data.batch_format import QUESTIONS
 from spatialnet_dist.data.sides import map_sides, mappable
 from spatialnet_dist.data.transforms import IDENTITY, ImageTransform, Symmetry
 from spatialnet_dist.errors import UserError
@@ -240,31 +241,40 @@ class WeightedShardSource(IterableDataset):
 
 # ---- task samples ----
 
+# Questions one training visit answers when tasks.<task>.questions_per_image is 0 ("all"). RSVQA-LR has
+# ~100 questions per image; the encoder pass is shared by all of them, but the question encoder and the
+# fusion run once per question, so an uncapped visit would make a step's head work and memory follow
+# the most-asked image in it. 64 takes most of the saving and bounds a sub-batch at batch_size x 64.
+MAX_QUESTIONS_PER_VISIT = 64
+
 
 class TaskSamples:
-    """Sample -> the task's samples (dicts of one batch row, see DESIGN.md "Batch format").
+    """Sample -> at most one row of the task (data/batch_format.py "Batch format"), or None.
 
-    Training: ONE per visit: a random caption, a random question/answer pair, a random count question.
-    Evaluation: captioning one per image with all references; vqa and regression one per pair.
-    Images the task has nothing for (no captions, no label, no numeric count question) give none.
+    Training: a random caption; vqa and regression: a random subset (without replacement) of at most
+    `questions_per_image` of the image's questions (0: all, up to MAX_QUESTIONS_PER_VISIT), answered
+    against one encoder pass. Evaluation: captioning with all references; vqa and regression with all
+    the image's questions, so every question is scored exactly once.
+    Images the task has nothing for (no captions, no label, no numeric count question) give None.
     Each visit draws one symmetry for its image and every text it reads (data/sides.py); `unaugmented`
     counts the visits that kept the identity because a text the task reads names a side unclearly.
     """
 
     def __init__(self, task: str, vocabs: TextVocabs, transform: ImageTransform, caption_max_len: int,
-                 question_max_len: int, train: bool):
+                 question_max_len: int, train: bool, questions_per_image: int = 0):
         self.task, self.vocabs, self.transform, self.train = task, vocabs, transform, train
         self.caption_max_len, self.question_max_len = caption_max_len, question_max_len
+        self.questions_per_visit = questions_per_image or MAX_QUESTIONS_PER_VISIT
         self.class_index = {name: i for i, name in enumerate(vocabs.classes)}
         self.unaugmented = 0
 
-    def __call__(self, sample: Sample, rng: np.random.Generator | None) -> list[dict]:
+    def __call__(self, sample: Sample, rng: np.random.Generator | None) -> dict | None:
         symmetry = self._symmetry(sample, rng)
-        rows = self._targets(sample, rng, symmetry)
-        if not rows:
-            return []
+        targets = self._targets(sample, rng, symmetry)
+        if targets is None:
+            return None
         image = self.transform(sample.image, rng, symmetry)  # (C, S, S)
-        return [{"image": image, "image_id": sample.image_id, **row} for row in rows]
+        return {"image": image, "image_id": sample.image_id, **targets}
 
     def _symmetry(self, s: Sample, rng) -> Symmetry:
         """The visit's symmetry; the identity when any text the task may read of this image is not mappable,
@@ -297,21 +307,26 @@ class TaskSamples:
         answer = map_sides(q["answer"], symmetry) if isinstance(q["answer"], str) else q["answer"]
         return {**q, "question": map_sides(q["question"], symmetry), "answer": answer}
 
-    def _pick(self, items: list, rng) -> list:
-        return [items[int(rng.integers(len(items)))]] if self.train and items else items
+    def _answered(self, pairs: list[dict], rng) -> list[dict]:
+        """The questions this visit answers: all in evaluation, else a random subset in the stored order."""
+        if not self.train or len(pairs) <= self.questions_per_visit:
+            return pairs
+        return [pairs[i] for i in sorted(rng.choice(len(pairs), self.questions_per_visit, replace=False))]
 
     def _question(self, text: str) -> torch.Tensor:
         return torch.tensor(self.vocabs.words.encode(text, self.question_max_len, bos_eos=False))
 
-    def _targets(self, s: Sample, rng, symmetry: Symmetry) -> list[dict]:
+    def _targets(self, s: Sample, rng, symmetry: Symmetry) -> dict | None:
         if self.task == "captioning":
             if not s.captions:
-                return []
-            caption = map_sides(self._pick(s.captions, rng)[0], symmetry)
-            row = {"tokens": torch.tensor(self.vocabs.words.encode(caption, self.caption_max_len))}
-            return [row if self.train else {**row, "references": list(s.captions), "label_name": s.label_name}]
+                return None
+            caption = s.captions[int(rng.integers(len(s.captions)))] if self.train else s.captions[0]
+            row = {"tokens": torch.tensor(self.vocabs.words.encode(map_sides(caption, symmetry), self.caption_max_len))}
+            return row if self.train else {**row, "references": list(s.captions), "label_name": s.label_name}
+        if self.task == "classification":
+            return None if s.label_name is None else {"label": self.class_index.get(s.label_name, -1)}
         if self.task == "vqa":
-            return [
+            questions = [
                 {
                     "question": self._question(q["question"]),
                     "answer": self.vocabs.answers.encode(q["answer"], q["type"]),
@@ -319,40 +334,25 @@ class TaskSamples:
                     "qid": str(q["qid"]),
                     "answer_raw": str(q["answer"]),
                 }
-                for q in (self._seen(q, symmetry) for q in self._pick(s.qa, rng))
+                for q in (self._seen(q, symmetry) for q in self._answered(s.qa, rng))
             ]
-        if self.task == "classification":
-            return [] if s.label_name is None else [{"label": self.class_index.get(s.label_name, -1)}]
-        counts = [q for q in s.qa if q["type"] == "count" and as_number(q["answer"]) is not None]
-        return [{"question": self._question(map_sides(q["question"], symmetry)), "count": as_number(q["answer"])}
-                for q in self._pick(counts, rng)]
+        else:
+            counts = [q for q in s.qa if q["type"] == "count" and as_number(q["answer"]) is not None]
+            questions = [{"question": self._question(map_sides(q["question"], symmetry)), "count": as_number(q["answer"])}
+                         for q in self._answered(counts, rng)]
+        return {QUESTIONS: questions} if questions else None
 
 
-def task_rows(samples: Iterable[Sample], make_rows: TaskSamples, rng: np.random.Generator | None) -> Iterator[dict]:
+def task_rows(samples: Iterable[Sample], make_row: TaskSamples, rng: np.random.Generator | None) -> Iterator[dict]:
     useless = 0  # decoded samples in a row that gave the task nothing
     for sample in samples:
-        rows = make_rows(sample, rng)
-        useless = 0 if rows else useless + 1
-        if make_rows.train and useless == USELESS_RUN_LIMIT:  # the endless stream would spin here forever
-            raise UserError(f"task {make_rows.task}: {useless} samples in a row with nothing for it (last {sample.image_id} "
-                            f"of corpus {sample.corpus}); check tasks.{make_rows.task}.corpora")
-        yield from rows
-
-
-def collate(rows: list[dict]) -> dict:
-    """Rows -> sub-batch: tensors stacked, ints int64, floats float32, strings and lists kept as lists."""
-    out = {}
-    for key, first in rows[0].items():
-        values = [r[key] for r in rows]
-        if isinstance(first, torch.Tensor):
-            out[key] = torch.stack(values)
-        elif isinstance(first, int):
-            out[key] = torch.tensor(values, dtype=torch.int64)
-        elif isinstance(first, float):
-            out[key] = torch.tensor(values, dtype=torch.float32)
-        else:
-            out[key] = values
-    return out
+        row = make_row(sample, rng)
+        useless = 0 if row is not None else useless + 1
+        if make_row.train and useless == USELESS_RUN_LIMIT:  # the endless stream would spin here forever
+            raise UserError(f"task {make_row.task}: {useless} samples in a row with nothing for it (last {sample.image_id} "
+                            f"of corpus {sample.corpus}); check tasks.{make_row.task}.corpora")
+        if row is not None:
+            yield row
 
 
 # ---- the two pipelines ----
@@ -374,15 +374,17 @@ class TaskStreamSpec:
 
 def task_stream_spec(cfg, vocabs: TextVocabs, task: str, split: str, transform: ImageTransform,
                      train: bool) -> TaskStreamSpec:
-    corpora = [corpus_shards(cfg.data.root, c, split, task) for c in getattr(cfg.tasks, task).corpora]
-    rows = TaskSamples(task, vocabs, transform, cfg.model.caption_max_len, cfg.model.question_max_len, train)
+    task_cfg = getattr(cfg.tasks, task)
+    corpora = [corpus_shards(cfg.data.root, c, split, task) for c in task_cfg.corpora]
+    rows = TaskSamples(task, vocabs, transform, cfg.model.caption_max_len, cfg.model.question_max_len, train,
+                       task_cfg.questions_per_image)
     weights = corpus_weights(cfg, task, corpora) if train else [1.0] * len(corpora)
     return TaskStreamSpec(task, corpora, weights, rows, cfg.data.max_bad_fraction)
 
 
 def train_stream(spec: TaskStreamSpec, seed: int, counts: StreamCounts, images: ImageCache | None = None
                  ) -> wds.DataPipeline:
-    """Endless task rows; all randomness (shards, shuffle, caption/pair choice, augmentation) from `seed`.
+    """Endless task rows; all randomness (shards, shuffle, caption/question choice, augmentation) from `seed`.
     `images`: the loader worker's decoded-image cache, shared by its task streams."""
     shard_seed, shuffle_seed, row_seed = (int(s) for s in np.random.SeedSequence(seed).generate_state(3))
     return wds.DataPipeline(

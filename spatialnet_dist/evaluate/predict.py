@@ -70,10 +70,14 @@ def predict_images(checkpoint: str, images: list[str], questions: list[str] | No
                 r.update({"class": vocabs.classes[b], "probability": p})
         for r in chunk:
             r["answers"] = []
-        for question, tokens in zip(questions, encoded):
-            probs, best = model.answer_logits(batch, tokens.expand(len(batch), -1)).float().softmax(-1).max(-1)
-            for r, p, b in zip(chunk, probs.tolist(), best.tolist()):
-                r["answers"].append({"question": question, "answer": vocabs.answers.decode(b), "probability": p})
+        if questions:  # every question about every image of the chunk, against one encoder pass
+            B, Qn = len(batch), len(questions)
+            index = torch.arange(B).repeat_interleave(Qn)  # (B*Qn,) image-major
+            logits = model.answer_logits(batch, encoded.repeat(B, 1), index)  # (B*Qn, A)
+            probs, best = logits.float().softmax(-1).max(-1)
+            for r, ps, bs in zip(chunk, probs.view(B, Qn).tolist(), best.view(B, Qn).tolist()):
+                r["answers"] = [{"question": q, "answer": vocabs.answers.decode(b), "probability": p}
+                                for q, p, b in zip(questions, ps, bs)]
     return results
 
 

@@ -68,26 +68,29 @@ def _predict_rows(model, cfg, vocabs: TextVocabs, task: str, sub: dict, images: 
             {"image_id": i, "label": int(t), "prediction": int(b), "probability": float(p)}
             for i, t, b, p in zip(ids, sub["label"], best, best_p)
         ]
-    question = sub["question"].to(images.device)  # (B, Lq)
+    # vqa and regression: one row per question, with the id of the image it asks about
+    question, index = sub["question"].to(images.device), sub["image_index"].to(images.device)  # (Q, Lq), (Q,)
+    ids = [sub["image_id"][i] for i in sub["image_index"].tolist()]  # [Q]
     if task == "vqa":
-        best = model.answer_logits(images, question).argmax(-1).tolist()
+        best = model.answer_logits(images, question, index).argmax(-1).tolist()
         # The question as the model read it (vocabulary words; the raw text is not in the batch).
         asked = [vocabs.words.decode(q) for q in sub["question"].tolist()]
         return [
             {"qid": q, "type": t, "answer": a, "prediction": vocabs.answers.decode(b), "image_id": i, "question": text}
             for q, t, a, b, i, text in zip(sub["qid"], sub["qtype"], sub["answer_raw"], best, ids, asked)
         ]
-    counts = model.count(images, question).float().tolist()
+    counts = model.count(images, question, index).float().tolist()
     return [{"image_id": i, "count": float(c), "prediction": p} for i, c, p in zip(ids, sub["count"], counts)]
 
 
 @torch.no_grad()
 def predict_split(
     model, cfg, vocabs: TextVocabs, split: str, rank: int = 0, world_size: int = 1, max_rows: int = 0,
-    tasks: list[str] | None = None,
+    tasks: list[str] | None = None, max_batches: int = 0,
 ) -> SplitPredictions:
-    """This rank's share of `split`: prediction rows for every task the model has a head for (or those of
-    `tasks`), at most `max_rows` per task when > 0. Captions by beam search (eval.beam_size)."""
+    """This rank's share of `split`: prediction rows (one per image, per question for vqa and regression)
+    for every task the model has a head for (or those of `tasks`), at most `max_rows` per task and from
+    at most `max_batches` sub-batches when > 0. Captions by beam search (eval.beam_size)."""
     from spatialnet_dist.data import make_eval_loader
 
     model.eval()
@@ -95,13 +98,13 @@ def predict_split(
     out = SplitPredictions()
     for task in [t for t in (tasks or cfg.tasks.enabled()) if t in model.heads]:
         rows: list[dict] = []
-        for sub in make_eval_loader(cfg, vocabs, task, split, rank, world_size):
+        for n, sub in enumerate(make_eval_loader(cfg, vocabs, task, split, rank, world_size), 1):
             images = sub["image"].to(param.device, param.dtype)  # (B, C, H, W)
             rows += _predict_rows(model, cfg, vocabs, task, sub, images)
             for image_id, image in zip(sub["image_id"], sub["image"]):
                 if len(out.images) < REPORT_IMAGES and image_id not in out.images:
                     out.images[image_id] = image.permute(1, 2, 0).float().numpy()  # (H, W, C)
-            if max_rows and len(rows) >= max_rows:
+            if (max_rows and len(rows) >= max_rows) or n == max_batches:
                 break
         out.rows[task] = rows[:max_rows] if max_rows else rows
     return out
@@ -263,8 +266,8 @@ def validation_metrics(model, cfg, vocabs: TextVocabs, rank: int, world_size: in
     tasks = [t for t in ("vqa", "classification", "regression") if t in cfg.tasks.enabled()]
     if not tasks:
         return {}
-    rows = cfg.eval.val_batches * max(getattr(cfg.tasks, t).batch_size for t in tasks)
-    pred = _gather(predict_split(model, cfg, vocabs, "val", rank, world_size, rows, tasks), rank, world_size)
+    mine = predict_split(model, cfg, vocabs, "val", rank, world_size, tasks=tasks, max_batches=cfg.eval.val_batches)
+    pred = _gather(mine, rank, world_size)
     if pred is None:
         return {}
     scores = score_predictions(pred.rows, cfg, vocabs)

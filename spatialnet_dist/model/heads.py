@@ -1,10 +1,12 @@
 """Task heads on top of the shared encoder. A new head is one class in HEADS.
 
 Every head is built by `Head.build(encoder_dim, preset, sizes, model_cfg)` and called as
-`head(tokens, pooled, sub_batch) -> dict` with tokens (B, N, D) patch tokens, pooled (B, D) and the
-task's sub-batch (see the batch format in the project brief). Outputs:
-  captioning {"logits": (B, Lc-1, V)}, vqa {"logits": (B, A)}, classification {"logits": (B, K)},
-  regression {"count_log1p": (B,)}.
+`head(tokens, pooled, sub_batch) -> dict` with tokens (B, N, D) patch tokens, pooled (B, D) per image
+and the task's sub-batch (spatialnet_dist/data/batch_format.py "Batch format"). vqa and regression
+answer Q questions about the B images: they do their per-image work once, then gather each question's
+image by sub_batch["image_index"] (Q,). Outputs:
+  captioning {"logits": (B, Lc-1, V)}, vqa {"logits": (Q, A)}, classification {"logits": (B, K)},
+  regression {"count_log1p": (Q,)}.
 """
 
 from __future__ import annotations
@@ -92,10 +94,11 @@ class CountRegressionHead(nn.Module):
         return cls(encoder_dim, sizes.words, question_dim=preset.text_dim // 2, hidden=preset.text_dim)
 
     def forward(self, tokens, pooled, sub_batch) -> dict:
-        question = sub_batch["question"]  # (B, Lq), PAD-padded
-        words = (question != PAD_ID).unsqueeze(-1).to(pooled.dtype)  # (B, Lq, 1)
-        bag = (self.embed(question) * words).sum(1) / words.sum(1).clamp(min=1)  # (B, Dq) mean over real words
-        return {"count_log1p": self.mlp(torch.cat([pooled, bag], -1)).squeeze(-1)}  # (B,)
+        question = sub_batch["question"]  # (Q, Lq), PAD-padded
+        words = (question != PAD_ID).unsqueeze(-1).to(pooled.dtype)  # (Q, Lq, 1)
+        bag = (self.embed(question) * words).sum(1) / words.sum(1).clamp(min=1)  # (Q, Dq) mean over real words
+        image = pooled[sub_batch["image_index"]]  # (Q, D): each question's image
+        return {"count_log1p": self.mlp(torch.cat([image, bag], -1)).squeeze(-1)}  # (Q,)
 
 
 @register("captioning")
@@ -249,13 +252,14 @@ class VQAHead(nn.Module):
         return cls(encoder_dim, preset, sizes.words, sizes.answers, model_cfg.question_max_len)
 
     def forward(self, tokens, pooled, sub_batch) -> dict:
-        question = sub_batch["question"]  # (B, Lq), PAD-padded
+        question = sub_batch["question"]  # (Q, Lq), PAD-padded
+        index = sub_batch["image_index"]  # (Q,): each question's image row
         pad = question == PAD_ID
         pad[:, 0] = False  # an empty question would mask every key and make attention NaN
-        x = self.embed(question) + self.pos(torch.arange(question.size(1), device=question.device))  # (B, Lq, d)
+        x = self.embed(question) + self.pos(torch.arange(question.size(1), device=question.device))  # (Q, Lq, d)
         x = self.question_encoder(x, src_key_padding_mask=pad)
-        image = self.project(tokens)  # (B, N, d)
-        x = self.fusion(x, image, tgt_key_padding_mask=pad)  # (B, Lq, d)
+        image = self.project(tokens)  # (B, N, d): once per image, however many questions ask about it
+        x = self.fusion(x, image[index], tgt_key_padding_mask=pad)  # (Q, Lq, d)
         keep = (~pad).unsqueeze(-1).to(x.dtype)
-        fused = (x * keep).sum(1) / keep.sum(1)  # (B, d) mean over the question's words
-        return {"logits": self.classifier(torch.cat([fused, image.mean(1)], -1))}  # (B, A)
+        fused = (x * keep).sum(1) / keep.sum(1)  # (Q, d) mean over the question's words
+        return {"logits": self.classifier(torch.cat([fused, image.mean(1)[index]], -1))}  # (Q, A)

@@ -32,6 +32,8 @@ class SpatialNetViT(nn.Module):
 
         The encoder runs once over all sub-batches' images (one large matmul per layer beats four
         small ones), then its tokens are split back per task. Keys that name no task are ignored.
+        vqa and regression sub-batches pass each image once, however many of their questions ask
+        about it (data/batch_format.py "Batch format"); their outputs have one row per question.
         """
         tasks = [t for t in batch if t in TASKS]
         unknown = [t for t in tasks if t not in self.heads]
@@ -55,9 +57,10 @@ class SpatialNetViT(nn.Module):
         return self.heads["captioning"].generate(tokens, max_len, beam_size, length_penalty)
 
     @torch.no_grad()
-    def answer_logits(self, images: torch.Tensor, question: torch.Tensor) -> torch.Tensor:
-        """images (B, C, H, W), question (B, Lq) -> (B, A)."""
-        return self.forward({"vqa": {"image": images, "question": question}})["vqa"]["logits"]
+    def answer_logits(self, images: torch.Tensor, question: torch.Tensor, image_index: torch.Tensor) -> torch.Tensor:
+        """images (B, C, H, W), question (Q, Lq), image_index (Q,) in [0, B) -> (Q, A); one encoder pass per image."""
+        sub = {"image": images, "question": question, "image_index": image_index}
+        return self.forward({"vqa": sub})["vqa"]["logits"]
 
     @torch.no_grad()
     def class_logits(self, images: torch.Tensor) -> torch.Tensor:
@@ -65,10 +68,10 @@ class SpatialNetViT(nn.Module):
         return self.forward({"classification": {"image": images}})["classification"]["logits"]
 
     @torch.no_grad()
-    def count(self, images: torch.Tensor, question: torch.Tensor) -> torch.Tensor:
-        """-> (B,) predicted raw counts (the head regresses log1p(count))."""
-        log1p = self.forward({"regression": {"image": images, "question": question}})["regression"]["count_log1p"]
-        return torch.expm1(log1p).clamp(min=0)
+    def count(self, images: torch.Tensor, question: torch.Tensor, image_index: torch.Tensor) -> torch.Tensor:
+        """As answer_logits -> (Q,) predicted raw counts (the head regresses log1p(count))."""
+        sub = {"image": images, "question": question, "image_index": image_index}
+        return torch.expm1(self.forward({"regression": sub})["regression"]["count_log1p"]).clamp(min=0)
 
     # ---- training helpers, used by the engine ----
 

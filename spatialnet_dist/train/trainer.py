@@ -21,7 +21,8 @@ from typing import Protocol
 import torch
 import torch.distributed as dist
 
-from spatialnet_dist.config import Config
+from spatialnet_dist.config import QUESTION_TASKS, Config
+from spatialnet_dist.data.batch_format import question_count
 from spatialnet_dist.data.batches import STATS_KEY, StreamState, make_eval_loader, make_train_loader
 from spatialnet_dist.model import build_model
 from spatialnet_dist.objective import MultiTaskObjective
@@ -89,7 +90,8 @@ class Trainer:
         self.objective = MultiTaskObjective(cfg.loss)
         self.step = 0
         self.stream_state: StreamState | None = None
-        self.samples_seen = dict.fromkeys(self.tasks, 0)  # all ranks, whole run
+        self.samples_seen = dict.fromkeys(self.tasks, 0)  # images per task, all ranks, whole run
+        self.questions_seen = dict.fromkeys([t for t in self.tasks if t in QUESTION_TASKS], 0)  # vqa, regression
 
     # ---- checkpoints ----
 
@@ -102,6 +104,7 @@ class Trainer:
             return self.step
         self.step = int(meta["step"])
         self.samples_seen.update(meta.get("samples_seen", {}))
+        self.questions_seen.update(meta.get("questions_seen", {}))
         stream_file = directory / "streams" / f"rank-{self.rank}.json"
         if stream_file.is_file():
             self.stream_state = StreamState.from_dict(json.loads(stream_file.read_text()))
@@ -113,8 +116,8 @@ class Trainer:
         (directory / "streams").mkdir(exist_ok=True)
         (directory / "streams" / f"rank-{self.rank}.json").write_text(json.dumps(self.loader.state.to_dict()))
         if self.rank == 0:
-            meta = {"step": self.step, "samples_seen": self.samples_seen, "seed": self.cfg.run.seed,
-                    "world_size": self.world_size}
+            meta = {"step": self.step, "samples_seen": self.samples_seen, "questions_seen": self.questions_seen,
+                    "seed": self.cfg.run.seed, "world_size": self.world_size}
             ckpt.write_common(directory, meta, self.cfg, self.vocabs)
 
     # ---- the loop ----
@@ -132,7 +135,7 @@ class Trainer:
                     batch = next(self.loader)
                     batch.pop(STATS_KEY)
                     losses = self._micro_step(to_device(batch, self.device, self.dtype))
-                    window.add(losses, {t: len(sub["image_id"]) for t, sub in batch.items()})
+                    window.add(losses, batch)
                 self.step += 1
                 window.time += time.perf_counter() - t0
                 self._maybe_fail()
@@ -200,7 +203,7 @@ class Trainer:
                     break
                 sub = to_device({task: sub}, self.device, next(model.parameters()).dtype)
                 losses = self.objective(model(sub), sub)
-                size = len(sub[task]["image_id"])
+                size = question_count(sub[task]) or len(sub[task]["image_id"])  # what the task's loss averages
                 sums[2 * i] += losses[f"{task}_loss"].item() * size
                 sums[2 * i + 1] += size
         sums = _reduce_sum(sums)
@@ -212,10 +215,11 @@ class Trainer:
 
 
 class _Window:
-    """Loss sums and sample counts since the last report."""
+    """Loss sums, sample (image) counts and vqa/regression question counts since the last report."""
 
     def __init__(self, tasks: list[str], device: torch.device, start_step: int):
         self.tasks, self.device = tasks, device
+        self.question_tasks = [t for t in tasks if t in QUESTION_TASKS]
         self.keys = ["loss"] + [f"{t}_loss" for t in tasks]
         self.last_step = start_step
         self._reset()
@@ -224,16 +228,19 @@ class _Window:
         self.sums = torch.zeros(len(self.keys), dtype=torch.float64, device=self.device)
         self.counts = torch.zeros(len(self.keys), dtype=torch.float64, device=self.device)
         self.samples = dict.fromkeys(self.tasks, 0)
+        self.questions = dict.fromkeys(self.question_tasks, 0)
         self.time = 0.0
 
-    def add(self, losses: dict, sizes: dict[str, int]) -> None:
+    def add(self, losses: dict, batch: dict) -> None:
         # Accumulate on the device without a host sync: the report step reads them once.
         for i, key in enumerate(self.keys):
             if key in losses:
                 self.sums[i] += losses[key].detach().double()
                 self.counts[i] += 1
-        for task, n in sizes.items():
-            self.samples[task] += n
+        for task, sub in batch.items():
+            self.samples[task] += len(sub["image_id"])
+            if task in self.questions:
+                self.questions[task] += question_count(sub)
 
     def flush(self, step: int, trainer: Trainer) -> dict:
         steps, self.last_step = max(1, step - self.last_step), step
@@ -243,12 +250,14 @@ class _Window:
             self.sums.cpu(), self.counts.cpu(),
             torch.tensor([self.samples[t] for t in self.tasks], dtype=torch.float64),
             torch.tensor([state.skipped.get(t, 0) for t in self.tasks], dtype=torch.float64),
+            torch.tensor([self.questions[t] for t in self.question_tasks], dtype=torch.float64),
             torch.tensor([seconds], dtype=torch.float64),
         ])
         total = _reduce_sum(local)
         k, n = len(self.keys), len(self.tasks)
         sums, counts = total[:k], total[k: 2 * k]
         samples, skipped = total[2 * k: 2 * k + n], total[2 * k + n: 2 * k + 2 * n]
+        questions = total[2 * k + 2 * n: -1]
         elapsed = total[-1].item() / trainer.world_size  # the ranks' mean
         metrics = {"step": step}
         for i, key in enumerate(self.keys):
@@ -258,6 +267,9 @@ class _Window:
             trainer.samples_seen[task] += int(samples[i])
             metrics[f"samples_per_s/{task}"] = samples[i].item() / elapsed
             metrics[f"skipped/{task}"] = int(skipped[i])
+        for i, task in enumerate(self.question_tasks):
+            trainer.questions_seen[task] += int(questions[i])
+            metrics[f"questions_per_s/{task}"] = questions[i].item() / elapsed
         metrics["samples_per_s"] = samples.sum().item() / elapsed
         metrics["step_time_s"] = elapsed / steps
         metrics["lr"] = trainer.engine.get_lr()[0]
