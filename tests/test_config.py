@@ -147,7 +147,8 @@ def test_epochs_become_max_steps_from_the_manifest(synth_root):
             "regression": train["questions_by_type"]["count"]}
     assert rows["vqa"] > rows["captioning"] > 0 and rows["regression"] > 0
     cfg = config_mod.load(None, [f"data.root={synth_root}", "train.epochs=3", "tasks.vqa.batch_size=5",
-                                 "optim.grad_accum=2", "train.num_workers=2"])
+                                 "tasks.vqa.questions_per_image=1", "tasks.regression.questions_per_image=1", "optim.grad_accum=2",
+                                 "train.num_workers=2"])
     resolved, line = resolve(cfg, 2)
     steps = math.ceil(3 * rows["vqa"] / (5 * 2 * 2))  # vqa has the most rows: every question 3 times
     assert resolved.train.max_steps == steps
@@ -157,9 +158,15 @@ def test_epochs_become_max_steps_from_the_manifest(synth_root):
     # The resolved config (saved with the run, sent to the workers) keeps the steps; resolving it again is a no-op.
     saved = config_mod.from_dict(resolved.to_dict())
     assert saved.train.max_steps == steps and resolve(saved, 2)[0] == saved
+    # Fan-out (the default: all of an image's questions per visit): a visit answers the mean questions per image.
+    fanout, _ = resolve(config_mod.load(None, [f"data.root={synth_root}", "train.epochs=3", "tasks.vqa.batch_size=5",
+                                               "optim.grad_accum=2", "train.num_workers=2"]), 2)
+    assert fanout.train.max_steps == math.ceil(3 * rows["vqa"] / (5 * 2 * 2 * (rows["vqa"] / train["samples"])))
+    assert fanout.train.max_steps < steps
     # One task per step in alternate mode: each task gets a step in 4 on average.
     alternate, _ = resolve(config_mod.load(None, [f"data.root={synth_root}", "train.epochs=1",
-                                                  "train.mode=alternate", "tasks.vqa.batch_size=8"]), 1)
+                                                  "train.mode=alternate", "tasks.vqa.batch_size=8",
+                                                  "tasks.vqa.questions_per_image=1"]), 1)
     assert alternate.train.max_steps == math.ceil(rows["vqa"] / 2)
     only_captions = config_mod.load(None, [f"data.root={synth_root}", "train.epochs=1"]
                                     + [f"tasks.{t}.enabled=false" for t in ("vqa", "classification", "regression")])

@@ -16,34 +16,34 @@ import copy
 import math
 
 from spatialnet_dist.config import Config, ConfigError
+from spatialnet_dist.data.streams import MAX_QUESTIONS_PER_VISIT
 from spatialnet_dist.data.vocab import TRAIN_SPLIT
 from spatialnet_dist.errors import UserError
 from spatialnet_dist.store.manifest import manifest_url, read_manifest
 
 
-def task_rows(task: str, manifest: dict, split: str) -> tuple[int, int]:
-    """(training rows of `task` in one corpus split, rows one visit consumes).
+def task_rows(task: str, manifest: dict, split: str, questions_per_image: int = 0) -> tuple[int, float]:
+    """(training rows of `task` in one corpus split, rows one visit consumes on average).
 
-    A visit is one slot of the task's sub-batch: one image read, decoded and encoded once. Today every
-    visit is one row: captioning rows are the images with captions, classification rows the labelled
-    images, vqa rows the questions, regression rows the count questions. The manifest counts images,
-    captions and questions (by type) per split, not captioned or labelled images: a corpus with captions
-    (classes) captions (labels) every image, as every convert adapter writes it. When a vqa/regression
-    visit answers several questions of its image (`tasks.<task>.questions_per_image`), an epoch still
-    means every question once: rows stay questions and rows per visit becomes the questions a visit answers.
+    A visit is one slot of the task's sub-batch: one image read, decoded and encoded once. Captioning rows
+    are the images with captions and classification rows the labelled images, one per visit. The manifest
+    counts images, captions and questions (by type) per split, not captioned or labelled images: a corpus
+    with captions (classes) captions (labels) every image, as every convert adapter writes it.
+    vqa rows are the questions and regression rows the count questions, so an epoch means every question
+    once; a visit answers up to `questions_per_image` of its image's questions (0: all, up to the data
+    code's cap), so rows per visit is that number or the split's mean questions per image, whichever is
+    smaller (the mean stands in for the per-image counts the manifest does not keep).
     """
     info = manifest["splits"].get(split)
     if info is None:
         raise UserError(f"no split {split!r} (splits: {', '.join(sorted(manifest['splits'])) or 'none'})")
     if task == "captioning":
-        rows = info["samples"] if info["captions"] else 0
-    elif task == "classification":
-        rows = info["samples"] if manifest.get("classes") else 0
-    elif task == "vqa":
-        rows = info["questions"]
-    else:
-        rows = info["questions_by_type"].get("count", 0)
-    return rows, 1
+        return (info["samples"] if info["captions"] else 0), 1
+    if task == "classification":
+        return (info["samples"] if manifest.get("classes") else 0), 1
+    rows = info["questions"] if task == "vqa" else info["questions_by_type"].get("count", 0)
+    per_visit = min(questions_per_image or MAX_QUESTIONS_PER_VISIT, rows / max(info["samples"], 1))
+    return rows, max(per_visit, 1.0)
 
 
 def per_worker_batch(cfg: Config, task: str, world_size: int) -> int:
@@ -70,16 +70,17 @@ def epoch_steps(cfg: Config, world_size: int) -> tuple[int, dict[str, int], dict
     rows, per_step = {}, {}
     manifests: dict[str, dict] = {}
     for task in tasks:
-        total, per_visit = 0, 1
+        total, visits = 0, 0.0
         for corpus in getattr(cfg.tasks, task).corpora:
             if corpus not in manifests:
                 manifests[corpus] = read_manifest(cfg.data.root, corpus)
             try:
-                n, per_visit = task_rows(task, manifests[corpus], TRAIN_SPLIT)
+                n, per_visit = task_rows(task, manifests[corpus], TRAIN_SPLIT, getattr(cfg.tasks, task).questions_per_image)
             except UserError as e:
                 raise UserError(f"{manifest_url(cfg.data.root, corpus)}: {e}") from None
-            total += n
+            total, visits = total + n, visits + n / per_visit
         rows[task] = total
+        per_visit = total / visits if visits else 1.0  # over the task's corpora, weighted by their rows
         per_step[task] = getattr(cfg.tasks, task).batch_size * world_size * cfg.optim.grad_accum * per_visit * share
     largest = max(tasks, key=lambda t: rows[t])
     if rows[largest] == 0:
