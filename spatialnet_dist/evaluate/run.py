@@ -136,7 +136,11 @@ def _gather(mine: SplitPredictions, rank: int, world_size: int) -> SplitPredicti
 
 
 def score_predictions(rows: dict[str, list[dict]], cfg, vocabs: TextVocabs) -> dict:
-    """{task: rows} -> {"captions", "vqa", "classification", "regression"} for the tasks with rows."""
+    """{task: rows} -> {"captions", "vqa", "classification", "regression"} for the tasks with rows.
+
+    Rows are put in one order first (by qid or image_id): ranks return them in any order, and the
+    bootstrap intervals resample by position, so the same predictions must give the same intervals."""
+    rows = {task: sorted(rs, key=lambda r: (str(r.get("qid", "")), str(r.get("image_id", "")))) for task, rs in rows.items()}
     metrics = {}
     if rows.get("captioning"):
         captions = rows["captioning"]
