@@ -25,6 +25,7 @@ TYPE_TITLES = {
     "comp": "Comparison",
     "rural_urban": "Rural/Urban",
     "area": "Area",
+    "position": "Position",
 }
 log = logging.getLogger(__name__)
 
