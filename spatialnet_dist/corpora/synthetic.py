@@ -93,7 +93,7 @@ class _Scene:
         self.ops: list[tuple] = []  # PIL calls (method, xy, kwargs) drawn in order over the ground
         self.counts = dict.fromkeys(OBJECTS, 0)
         self.has = dict.fromkeys(SURFACES, False)
-        self.footprint = {k: np.zeros((SIZE, SIZE), bool) for k in ("building", "tree", "road")}  # (H, W) each
+        self.footprint = {k: np.zeros((SIZE, SIZE), bool) for k in ("building", "road")}  # (H, W) each
         self.facts: dict = {}  # what captions may say beyond counts: roof colour, field colours, ...
 
     # ---- ground ----
@@ -223,7 +223,6 @@ class _Scene:
         if not self.fits(x, y, d + 2, d + 2, _GROUND, margin):
             return False
         self.taken[y : y + d + 2, x : x + d + 2] = True
-        self.footprint["tree"][y : y + d, x : x + d] = True  # the crown's box
         crown = self.colour((40, 88, 38) if dark else (58, 112, 48), 14)
         light = tuple(int(min(255, c * 1.3)) for c in crown)
         k = r // 3
@@ -298,7 +297,7 @@ class _Scene:
         return len(slots)
 
     def mask(self, kind: str) -> np.ndarray:
-        """(H, W) bool: where `kind` (building, tree, road or water) is in the picture."""
+        """(H, W) bool: where `kind` (building, road or water) is in the picture."""
         return self.surface == _WATER if kind == "water" else self.footprint[kind]
 
     # ---- finishing ----
