@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 
@@ -378,3 +379,39 @@ def test_tiny_model_overfits_one_multitask_batch():
         losses["loss"].backward()
         optimizer.step()
     assert all(current[t] <= 0.1 * first[t] for t in TASKS), (first, current)
+
+
+def test_vqa_fusion_ties_side_words_to_image_positions():
+    """The VQA head alone learns "is the bright square on the <side>?" from 8 x 8 token grids that differ only
+    in where a 3 x 3 square lies (wholly in one half): only the grid positions on its image memory say where."""
+    from spatialnet_dist.model.heads import VQAHead
+
+    torch.manual_seed(0)
+    sides = {4: (1, 0), 5: (1, 1), 6: (0, 0), 7: (0, 1)}  # word id -> (axis: 0 rows 1 columns, which half)
+    preset = dataclasses.replace(PRESETS["tiny"], text_dim=32, text_heads=2)  # small: seconds on one core
+    head = VQAHead(16, preset, vocab_size=8, num_answers=2, max_len=2)
+    ground, square = torch.randn(2, 16)  # (D,) each: how ground and the bright square look to the encoder
+
+    def batch(n: int):
+        starts = torch.tensor([0, 1, 4, 5])  # top-left corner: the square stays inside one half
+        row, col = starts[torch.randint(0, 4, (n,))], starts[torch.randint(0, 4, (n,))]
+        tokens = ground + 0.1 * torch.randn(n, 8, 8, 16)  # (n, rows, cols, D)
+        for i in range(n):
+            tokens[i, row[i] : row[i] + 3, col[i] : col[i] + 3] = square
+        word = torch.randint(4, 8, (n,))
+        axis, half = (torch.tensor([sides[int(w)][i] for w in word]) for i in (0, 1))
+        answer = (torch.where(axis == 0, row, col) >= 4).long() == half
+        question = torch.stack([word, torch.full_like(word, PAD_ID)], 1)  # (n, 2)
+        return tokens.view(n, 64, 16), question, answer.long()
+
+    opt = torch.optim.AdamW(head.parameters(), lr=3e-3)
+    for _ in range(200):
+        tokens, question, answer = batch(32)
+        loss = F.cross_entropy(head.answer(head.image_memory(tokens), question), answer)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    tokens, question, answer = batch(512)
+    with torch.no_grad():
+        accuracy = (head.answer(head.image_memory(tokens), question).argmax(-1) == answer).float().mean()
+    assert accuracy >= 0.95, accuracy

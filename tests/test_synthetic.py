@@ -14,11 +14,13 @@ import numpy as np
 import pytest
 
 from spatialnet_dist.corpora.synthetic import CLASSES, URBAN_SCENES, generate, write_synthetic
+from spatialnet_dist.corpora.synthetic_qa import PER_IMAGE
 from spatialnet_dist.errors import UserError
 from spatialnet_dist.store.schema import decode_sample, validate_record
 from spatialnet_dist.text import rsvqa_lr_count_bin, words
 
-QTYPES = ("presence", "count", "comp", "rural_urban")
+QTYPES = ("presence", "count", "comp", "rural_urban", "position")
+SIDES = {"left": (0, 2), "right": (0, 2), "top": (1, 3), "bottom": (1, 3)}  # side -> extent indices (lo, hi)
 SCENE_WORDS = {
     "agricultural": {"farmland", "fields", "agricultural"},
     "forest": {"forest", "woodland", "woods"},
@@ -68,7 +70,7 @@ def object_in(text: str) -> list[str]:
 
 @pytest.fixture(scope="module")
 def corpus():
-    return list(generate(200, seed=0))
+    return list(generate(600, seed=0))
 
 
 def test_deterministic_for_a_seed():
@@ -89,7 +91,7 @@ def test_bad_arguments_are_user_errors():
 
 def test_splits_and_classes_are_balanced(corpus):
     splits = Counter(s.split for s in corpus)
-    assert splits == {"train": 160, "val": 20, "test": 20}
+    assert splits == {"train": 480, "val": 60, "test": 60}
     assert {s.split for s in generate(10, 5)} == {"train", "val", "test"}
     classes = Counter(s.label_name for s in corpus)
     assert set(classes) == set(CLASSES)
@@ -104,11 +106,12 @@ def test_records_are_valid(corpus):
         assert s.image.shape == (256, 256, 3) and s.image.dtype == np.uint8
         assert s.label == CLASSES.index(s.label_name) == CLASSES.index(s.meta["scene"])
         assert len(s.captions) == len(set(s.captions)) == 5
-        assert 4 <= len(s.qa) <= 8 and {q["type"] for q in s.qa} == set(QTYPES)
+        assert 1 <= len(s.qa) <= sum(PER_IMAGE.values())
         for k, q in enumerate(s.qa):
             assert q["qid"] == f"{s.image_id}-q{k}" and q["qid"] not in qids
             qids.add(q["qid"])
         assert set(s.meta["counts"]) == {"building", "car", "tree"}
+    assert {q["type"] for s in corpus for q in s.qa} == set(QTYPES)
 
 
 def test_answers_are_true_of_the_picture(corpus):
@@ -125,6 +128,14 @@ def test_answers_are_true_of_the_picture(corpus):
                 a, b = (counts[o] for o in named)
                 more = bool({"more", "greater"} & set(words(q["question"])))
                 assert answer == ("yes" if (a > b if more else a < b) else "no"), (q, s.meta)
+                assert max(a, b) >= min(a, b) + 2, (q, s.meta)  # asked only where the difference is plain to see
+            elif q["type"] == "position":
+                side = (set(words(q["question"])) & set(SIDES)).pop()
+                extent, (lo, hi) = s.meta["extent"][named[0]], SIDES[side]
+                on_first_half = extent[hi] <= 128  # left or top half, all of it
+                on_second_half = extent[lo] >= 128
+                assert on_first_half or on_second_half, (q, s.meta)  # only what lies on one side is asked
+                assert answer == ("yes" if on_first_half == (side in ("left", "top")) else "no"), (q, s.meta)
             else:
                 assert answer == ("urban" if s.meta["scene"] in URBAN_SCENES else "rural"), q
 
@@ -148,10 +159,41 @@ def test_majority_answer_is_a_poor_guess(corpus):
             a = rsvqa_lr_count_bin(q["answer"]) if q["type"] == "count" else q["answer"]
             answers[q["type"]][a] += 1
     majority = {t: max(c.values()) / sum(c.values()) for t, c in answers.items()}
-    for qtype in ("presence", "comp", "rural_urban"):
+    for qtype in ("presence", "comp", "rural_urban", "position"):
         assert majority[qtype] <= 0.65, (qtype, answers[qtype])
     assert majority["count"] <= 0.5 and len(answers["count"]) == 3, answers["count"]  # 0, 1-10, 11-100
     assert Counter(s.label_name for s in corpus).most_common(1)[0][1] / len(corpus) <= 0.2  # majority class
+
+
+def test_question_text_gives_no_answer_away(corpus):
+    """Per type, guessing the most frequent answer that other images got for the same question text (the type's
+    when the text is new) scores within 0.05 of guessing the type's most frequent answer. Scored over five folds
+    of images, each guessed from the other four: val + test alone (120 images) put ~0.05 of noise on the gap."""
+    folds = 5
+    answer = {}  # qid -> answer class
+    for s in corpus:
+        for q in s.qa:
+            answer[q["qid"]] = rsvqa_lr_count_bin(q["answer"]) if q["type"] == "count" else q["answer"]
+    majority, question_only, asked = Counter(), Counter(), Counter()
+    for fold in range(folds):
+        by_text, by_type = defaultdict(Counter), defaultdict(Counter)
+        for i, s in enumerate(corpus):
+            if i % folds != fold:
+                for q in s.qa:
+                    by_text[q["question"]][answer[q["qid"]]] += 1
+                    by_type[q["type"]][answer[q["qid"]]] += 1
+        for i, s in enumerate(corpus):
+            if i % folds == fold:
+                for q in s.qa:
+                    type_guess = by_type[q["type"]].most_common(1)[0][0]
+                    text_guess = by_text[q["question"]].most_common(1)[0][0] if q["question"] in by_text else type_guess
+                    asked[q["type"]] += 1
+                    majority[q["type"]] += answer[q["qid"]] == type_guess
+                    question_only[q["type"]] += answer[q["qid"]] == text_guess
+    for qtype in QTYPES:
+        assert asked[qtype] >= 300, asked
+        gap = (question_only[qtype] - majority[qtype]) / asked[qtype]
+        assert abs(gap) <= 0.05, (qtype, majority[qtype] / asked[qtype], question_only[qtype] / asked[qtype])
 
 
 def test_write_synthetic_round_trip(tmp_path):

@@ -101,7 +101,7 @@ def test_driver_resolves_epochs_and_global_batch_before_workers_start(synth_root
     monkeypatch.setattr(launch, "run_training", fake_training)
     code = launch.main(sets(f"data.root={synth_root}", f"run.storage={tmp_path}", "eval.at_end=false",
                             "train.epochs=2", "train.num_workers=2", "tasks.captioning.global_batch_size=8",
-                            "tasks.vqa.batch_size=3"))
+                            "tasks.vqa.batch_size=3", "tasks.vqa.questions_per_image=1"))
     assert code == 0
     questions = read_manifest(synth_root, "synthetic")["splits"]["train"]["questions"]
     steps = -(-2 * questions // (3 * 2))

@@ -3,24 +3,28 @@ question/answer pairs are true of the picture.
 
 Each image is one of eight land-use scenes (CLASSES) drawn from textured ground, roads, water and countable
 objects: buildings, cars and trees that never overlap and always lie whole inside the frame, so the number the
-drawing placed is the number a viewer can count. Those counts (kept in `meta`) are the ground truth for the
-five captions and the RSVQA-LR-style questions (presence, count, comp, rural_urban). Questions are picked so
-that each type's answers are balanced (presence and comp ~50/50 yes/no, counts spread over the RSVQA-LR bins
-0 / 1-10 / 11-100), hence guessing the majority answer scores clearly lower than looking.
+drawing placed is the number a viewer can count. Those counts and the masks of what was drawn (kept in `meta`)
+are the ground truth for the five captions and the questions (corpora/synthetic_qa.py): RSVQA-LR's presence,
+count, comp and rural_urban, and `position` ("is there a road in the top part of the image?"). Questions are
+kept so that every question text's answers are balanced (yes/no ~50/50, counts spread over the RSVQA-LR bins
+0 / 1-10 / 11-100): neither the type's majority answer nor the text alone tells the answer; the picture does.
 
 Deterministic for a seed: image i depends only on (seed, i). Classes are balanced (each block of 8 images holds
 every class once) and splits are 80/10/10 (each block of 10 images holds 8 train, 1 val, 1 test). Captions
-never say where things are (left, top, ...), so flips and 90-degree rotations keep them true.
+never say where things are (left, top, ...), so flips and 90-degree rotations keep them true; position
+questions do, so an augmentation that flips or rotates must leave their images alone or fix their words.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Iterator
 
 import numpy as np
 from PIL import Image, ImageDraw
 
+from spatialnet_dist.corpora import synthetic_qa as qa
 from spatialnet_dist.errors import UserError
 from spatialnet_dist.store.manifest import read_manifest
 from spatialnet_dist.store.schema import Sample
@@ -33,7 +37,7 @@ URBAN_SCENES = frozenset({"residential", "industrial", "highway", "parkinglot"})
 OBJECTS = ("building", "car", "tree")  # counted; meta["counts"]
 SURFACES = ("road", "water")  # present or not; meta["surfaces"]
 SPLIT_PATTERN = ("train",) * 8 + ("val", "test")
-QUESTIONS_PER_IMAGE = (4, 8)
+CALIBRATION_IMAGES = 800  # scenes that set how often each question is kept (synthetic_qa.acceptance)
 
 _GROUND, _ASPHALT, _WATER = 0, 1, 2  # what a pixel is: buildings and trees stand on ground, cars on asphalt
 _YY, _XX = np.mgrid[0:SIZE, 0:SIZE].astype(np.float32)  # (H, W) pixel coordinates for stripes
@@ -89,6 +93,7 @@ class _Scene:
         self.ops: list[tuple] = []  # PIL calls (method, xy, kwargs) drawn in order over the ground
         self.counts = dict.fromkeys(OBJECTS, 0)
         self.has = dict.fromkeys(SURFACES, False)
+        self.footprint = {k: np.zeros((SIZE, SIZE), bool) for k in ("building", "road")}  # (H, W) each
         self.facts: dict = {}  # what captions may say beyond counts: roof colour, field colours, ...
 
     # ---- ground ----
@@ -139,6 +144,7 @@ class _Scene:
             return False
         self.paint(mask, rgb, blotch=0.05)
         self.surface[mask] = _ASPHALT
+        self.footprint["road"] |= mask
         self.has["road"] = True
         if dashes:
             start = int(self.rng.integers(0, 16))
@@ -193,6 +199,7 @@ class _Scene:
         if not self.fits(x, y, w + s, h + s, _GROUND, margin):
             return False
         self.taken[y : y + h + s, x : x + w + s] = True
+        self.footprint["building"][y : y + h, x : x + w] = True
         fill = tuple(int(c) for c in self.colour(roof, 10))
         dark = tuple(int(c * 0.78) for c in fill)
         self.ops.append(("rectangle", (x + s, y + s, x + w + s - 1, y + h + s - 1), {"fill": _SHADOW}))
@@ -288,6 +295,10 @@ class _Scene:
         for k in self.rng.permutation(len(slots))[:cars]:
             self.car(*slots[k], horizontal=axis == "v", margin=0)
         return len(slots)
+
+    def mask(self, kind: str) -> np.ndarray:
+        """(H, W) bool: where `kind` (building, road or water) is in the picture."""
+        return self.surface == _WATER if kind == "water" else self.footprint[kind]
 
     # ---- finishing ----
 
@@ -686,84 +697,6 @@ def _captions(rng: np.random.Generator, scene: str, s: _Scene, n: int = 5) -> li
     return out
 
 
-# ---- questions: RSVQA-LR types, answers balanced per type ----
-
-_QA_NOUNS = {
-    "building": ("building", "buildings"),
-    "car": ("car", "cars"),
-    "tree": ("tree", "trees"),
-    "road": ("road", "roads"),
-    "water": ("water area", "water areas"),
-}
-PRESENCE_TEMPLATES = ("is there a {sg}?", "are there {pl}?", "is a {sg} present in the image?")
-COUNT_TEMPLATES = ("how many {pl} are there?", "what is the number of {pl}?", "how many {pl} are in the image?")
-MORE_TEMPLATES = ("are there more {a} than {b}?", "is the number of {a} greater than the number of {b}?")
-FEWER_TEMPLATES = ("are there fewer {a} than {b}?", "is the number of {a} smaller than the number of {b}?")
-RURAL_URBAN_TEMPLATES = ("is it a rural or an urban area?", "is this a rural or an urban area?")
-
-
-def _count_bin(n: int) -> int:
-    return 0 if n == 0 else 1 if n <= 10 else 2  # the RSVQA-LR bins this corpus reaches
-
-
-def _question(rng: np.random.Generator, qtype: str, scene: str, s: _Scene, asked: set) -> tuple[str, str] | None:
-    """One (question, answer) of `qtype` not asked yet, or None when the type has nothing left to ask."""
-    counts = s.counts
-    if qtype == "presence":
-        present = {**{o: counts[o] > 0 for o in OBJECTS}, **s.has}
-        free = [o for o in present if ("presence", o) not in asked]
-        want = bool(rng.random() < 0.5)  # pick the answer first, then an object that has it: yes/no ~50/50
-        pool = [o for o in free if present[o] == want] or free
-        if not pool:
-            return None
-        obj = _pick(rng, pool)
-        asked.add(("presence", obj))
-        sg, pl = _QA_NOUNS[obj]
-        return _pick(rng, PRESENCE_TEMPLATES).format(sg=sg, pl=pl), "yes" if present[obj] else "no"
-    if qtype == "count":
-        free = [o for o in OBJECTS if ("count", o) not in asked]
-        if not free:
-            return None
-        bins = sorted({_count_bin(counts[o]) for o in free})  # pick the bin first: spreads answers over bins
-        want = _pick(rng, bins)
-        obj = _pick(rng, [o for o in free if _count_bin(counts[o]) == want])
-        asked.add(("count", obj))
-        return _pick(rng, COUNT_TEMPLATES).format(pl=_QA_NOUNS[obj][1]), str(counts[obj])
-    if qtype == "comp":
-        pairs = [(a, b) for i, a in enumerate(OBJECTS) for b in OBJECTS[i + 1 :] if ("comp", a, b) not in asked]
-        if not pairs:
-            return None
-        a, b = _pick(rng, [p for p in pairs if counts[p[0]] != counts[p[1]]] or pairs)
-        asked.add(("comp", a, b))
-        big, small = (a, b) if counts[a] >= counts[b] else (b, a)
-        want = bool(rng.random() < 0.5)
-        # "more X than Y" is true when X is the larger; "fewer X than Y" when X is the smaller; ties are "no"
-        more = bool(rng.random() < 0.5)
-        first, second = (big, small) if more == want else (small, big)
-        template = _pick(rng, MORE_TEMPLATES if more else FEWER_TEMPLATES)
-        question = template.format(a=_QA_NOUNS[first][1], b=_QA_NOUNS[second][1])
-        truth = counts[first] > counts[second] if more else counts[first] < counts[second]
-        return question, "yes" if truth else "no"
-    if qtype == "rural_urban":
-        if "rural_urban" in asked:
-            return None
-        asked.add("rural_urban")
-        return _pick(rng, RURAL_URBAN_TEMPLATES), "urban" if scene in URBAN_SCENES else "rural"
-    raise ValueError(f"unknown question type {qtype!r}")
-
-
-def _questions(rng: np.random.Generator, image_id: str, scene: str, s: _Scene) -> list[dict]:
-    lo, hi = QUESTIONS_PER_IMAGE
-    extra = [_pick(rng, ("presence", "count", "comp")) for _ in range(int(rng.integers(0, hi - lo + 1)))]
-    asked: set = set()
-    qa = []
-    for qtype in ["presence", "count", "comp", "rural_urban", *extra]:
-        pair = _question(rng, qtype, scene, s, asked)
-        if pair is not None:
-            qa.append({"qid": f"{image_id}-q{len(qa)}", "question": pair[0], "answer": pair[1], "type": qtype})
-    return qa
-
-
 # ---- the corpus ----
 
 
@@ -777,6 +710,30 @@ def split_of(index: int, seed: int) -> str:
     """Split of image `index`: each block of 10 images holds 8 train, 1 val, 1 test, in a seeded order."""
     order = np.random.default_rng([seed, index // len(SPLIT_PATTERN), 2]).permutation(len(SPLIT_PATTERN))
     return SPLIT_PATTERN[int(order[index % len(SPLIT_PATTERN)])]
+
+
+def _candidates(rng: np.random.Generator, scene: str, s: _Scene) -> list[qa.Candidate]:
+    masks = {kind: s.mask(kind) for kind in qa.POSITION_MIN_PIXELS}
+    return qa.candidates(rng, scene in URBAN_SCENES, s.counts, s.has, masks)
+
+
+@functools.cache
+def _acceptance() -> dict[tuple, float]:
+    """synthetic_qa.acceptance over CALIBRATION_IMAGES scenes of a generator stream no corpus seed uses."""
+    samples = []
+    for index in range(CALIBRATION_IMAGES):
+        rng = np.random.default_rng([index, 0, 3])  # corpus images use [seed, index, 0]
+        scene = CLASSES[index % len(CLASSES)]
+        s = _Scene(rng)
+        _DRAW[scene](s)
+        samples.append(_candidates(rng, scene, s))
+    return qa.acceptance(samples)
+
+
+def _extent(mask: np.ndarray) -> list[int] | None:
+    """[x0, y0, x1, y1) bounding box of a (H, W) mask, None when empty."""
+    rows, cols = np.flatnonzero(mask.any(1)), np.flatnonzero(mask.any(0))
+    return [int(cols[0]), int(rows[0]), int(cols[-1]) + 1, int(rows[-1]) + 1] if rows.size else None
 
 
 def make_sample(index: int, seed: int) -> Sample:
@@ -795,8 +752,13 @@ def make_sample(index: int, seed: int) -> Sample:
         label=CLASSES.index(scene),
         label_name=scene,
         captions=_captions(rng, scene, s),
-        qa=_questions(rng, image_id, scene, s),
-        meta={"scene": scene, "counts": dict(s.counts), "surfaces": dict(s.has)},
+        qa=qa.questions(rng, image_id, _candidates(rng, scene, s), _acceptance()),
+        meta={
+            "scene": scene,
+            "counts": dict(s.counts),
+            "surfaces": dict(s.has),
+            "extent": {kind: _extent(s.mask(kind)) for kind in qa.POSITION_MIN_PIXELS},
+        },
     )
 
 

@@ -35,6 +35,7 @@ TYPE_TITLES = {
     "comp": "Comparison",
     "rural_urban": "Rural/Urban",
     "area": "Area",
+    "position": "Position",
 }
 log = logging.getLogger(__name__)
 

@@ -11,6 +11,8 @@ image by sub_batch["image_index"] (Q,). Outputs:
 
 from __future__ import annotations
 
+import functools
+import math
 from dataclasses import dataclass
 
 import torch
@@ -228,10 +230,33 @@ def _strip(ids: list[int]) -> list[int]:
     return out
 
 
+@functools.lru_cache(maxsize=8)
+def grid_positions(num_tokens: int, dim: int) -> torch.Tensor:
+    """(N, dim) fixed 2-D Fourier features of a square grid of N patch tokens, row-major as timm flattens
+    them: the first half of the channels encode the row, the second the column, each as sin/cos of the
+    patch centre's coordinate u in (-1, 1) at frequencies from half a cycle across the image (sin then rises
+    from one side to the other: "left" is one direction) up to the grid's Nyquist. Coordinates are relative,
+    so a channel means the same place on any grid."""
+    side = math.isqrt(num_tokens)
+    if side * side != num_tokens or dim % 4:
+        raise ValueError(f"grid positions need a square number of tokens and dim divisible by 4, got {num_tokens}, {dim}")
+    cycles = 0.5 * max(side, 2) ** torch.linspace(0, 1, dim // 4)  # (dim/4,) cycles per image width
+    u = (torch.arange(side, dtype=torch.float32) + 0.5) / side * 2 - 1  # (side,) patch centres
+    angles = math.pi * u[:, None] * cycles  # (side, dim/4)
+    axis = torch.cat([angles.sin(), angles.cos()], -1)  # (side, dim/2): one coordinate
+    rows = axis[:, None].expand(side, side, dim // 2)
+    cols = axis[None, :].expand(side, side, dim // 2)
+    return torch.cat([rows, cols], -1).reshape(num_tokens, dim)
+
+
 @register("vqa")
 class VQAHead(nn.Module):
     """Question encoder (word + position embeddings, a small transformer), fusion in which the question
-    words cross-attend to the image tokens, and an answer classifier over the answer vocabulary."""
+    words cross-attend to the image tokens, and an answer classifier over the answer vocabulary.
+
+    The image tokens the words attend to carry explicit grid positions (`grid_positions`), so that a side
+    word ("left", "top") can pick out the tokens of that side; the encoder's own position embedding is
+    added at its input and mixed away by its layers."""
 
     def __init__(self, encoder_dim: int, preset: Preset, vocab_size: int, num_answers: int, max_len: int):
         super().__init__()
@@ -251,15 +276,22 @@ class VQAHead(nn.Module):
     def build(cls, encoder_dim: int, preset: Preset, sizes: VocabSizes, model_cfg: ModelConfig):
         return cls(encoder_dim, preset, sizes.words, sizes.answers, model_cfg.question_max_len)
 
-    def forward(self, tokens, pooled, sub_batch) -> dict:
-        question = sub_batch["question"]  # (Q, Lq), PAD-padded
-        index = sub_batch["image_index"]  # (Q,): each question's image row
+    def image_memory(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Per image, once however many questions it gets: tokens (B, N, D) -> (B, N, d) with grid positions."""
+        image = self.project(tokens)  # (B, N, d)
+        return image + grid_positions(image.size(1), image.size(2)).to(image)
+
+    def answer(self, memory: torch.Tensor, question: torch.Tensor) -> torch.Tensor:
+        """Per question: memory (Q, N, d) of its image, question (Q, Lq) PAD-padded -> logits (Q, A)."""
         pad = question == PAD_ID
         pad[:, 0] = False  # an empty question would mask every key and make attention NaN
         x = self.embed(question) + self.pos(torch.arange(question.size(1), device=question.device))  # (Q, Lq, d)
         x = self.question_encoder(x, src_key_padding_mask=pad)
-        image = self.project(tokens)  # (B, N, d): once per image, however many questions ask about it
-        x = self.fusion(x, image[index], tgt_key_padding_mask=pad)  # (Q, Lq, d)
+        x = self.fusion(x, memory, tgt_key_padding_mask=pad)  # (Q, Lq, d)
         keep = (~pad).unsqueeze(-1).to(x.dtype)
         fused = (x * keep).sum(1) / keep.sum(1)  # (Q, d) mean over the question's words
-        return {"logits": self.classifier(torch.cat([fused, image.mean(1)[index]], -1))}  # (Q, A)
+        return self.classifier(torch.cat([fused, memory.mean(1)], -1))  # (Q, A)
+
+    def forward(self, tokens, pooled, sub_batch) -> dict:
+        memory = self.image_memory(tokens)  # (B, N, d): once per image
+        return {"logits": self.answer(memory[sub_batch["image_index"]], sub_batch["question"])}  # (Q, A)

@@ -20,7 +20,7 @@ from PIL import Image
 from spatialnet_dist.errors import UserError
 
 SCHEMA_VERSION = 1
-QA_TYPES_KNOWN = ("count", "presence", "comp", "rural_urban", "area")
+QA_TYPES_KNOWN = ("count", "presence", "comp", "rural_urban", "area", "position")
 _KEY_RE = re.compile(r"^[A-Za-z0-9_\-]+$")
 
 

@@ -1,0 +1,158 @@
+"""Questions of the synthetic corpus: RSVQA-LR types (presence, count, comp, rural_urban) and `position`
+("is there a road in the top part of the image?"), each true of its picture and none guessable from its words.
+
+Every image offers candidates (qtype, key, answer): `key` fixes the question's words up to the template
+(presence ("tree",), comp ("building", "tree", "more"), position ("water", "left"), ...). A text whose answer
+is nearly always the same ("is there a tree?": yes) would let a model answer without looking, so a candidate
+is kept with a probability set per (qtype, key, answer class) from how often each class turns up for that key
+over a calibration sample of scenes (`acceptance`): the kept answers of every key spread evenly over the
+classes its type takes, so a question-only guess does no better than the type's majority answer.
+
+What may be asked, so that the picture answers it at 128 px:
+  comp      two of buildings, cars and trees, only when one count is clearly larger (by 2 and by half the other);
+  position  a building, road or water area that lies on one side of the image only, at least
+            POSITION_MARGIN px (of 256) clear of the midline: "left" is then yes and "right" no.
+"""
+
+from __future__ import annotations
+
+from collections import Counter, defaultdict
+
+import numpy as np
+
+from spatialnet_dist.text import rsvqa_lr_count_bin
+
+QA_NOUNS = {
+    "building": ("building", "buildings"),
+    "car": ("car", "cars"),
+    "tree": ("tree", "trees"),
+    "road": ("road", "roads"),
+    "water": ("water area", "water areas"),
+}
+PRESENCE_TEMPLATES = ("is there a {sg}?", "are there {pl}?", "is a {sg} present in the image?")
+COUNT_TEMPLATES = ("how many {pl} are there?", "what is the number of {pl}?", "how many {pl} are in the image?")
+COMP_TEMPLATES = {
+    "more": ("are there more {a} than {b}?", "is the number of {a} greater than the number of {b}?"),
+    "fewer": ("are there fewer {a} than {b}?", "is the number of {a} smaller than the number of {b}?"),
+}
+RURAL_URBAN_TEMPLATES = ("is it a rural or an urban area?", "is this a rural or an urban area?")
+POSITION_TEMPLATES = {
+    "side": ("is there a {sg} on the {side} side of the image?", "are there {pl} in the {side} half of the image?"),
+    "part": ("is there a {sg} in the {side} part of the image?", "are there {pl} in the {side} half of the image?"),
+}
+POSITION_MARGIN = 16
+# Trees are left out: green crowns on green ground hardly stand out at 128 px.
+POSITION_MIN_PIXELS = {"building": 150, "road": 400, "water": 400}  # about one whole object
+COMP_OBJECTS = ("building", "car", "tree")
+PER_IMAGE = {"presence": 2, "count": 2, "comp": 2, "rural_urban": 1, "position": 2}  # most kept per type
+MIN_SEEN = 4  # a key is asked only if calibration saw each of its type's answer classes this often
+
+Candidate = tuple[str, tuple, str]  # (qtype, key, answer)
+
+
+def _pick(rng: np.random.Generator, seq):
+    return seq[int(rng.integers(len(seq)))]
+
+
+def answer_class(qtype: str, answer: str) -> str:
+    """What balancing and scoring compare: the RSVQA-LR bin for counts, the answer itself otherwise."""
+    return rsvqa_lr_count_bin(answer) if qtype == "count" else answer
+
+
+def clearly_more(n: int, m: int) -> bool:
+    return n - m >= max(2, m / 2)
+
+
+def lone_sides(mask: np.ndarray, min_pixels: int) -> list[str]:
+    """Sides that mask (H, W) lies on alone: all its pixels over POSITION_MARGIN px beyond the midline, and at
+    least min_pixels of them."""
+    out = []
+    for first, second, axis in (("left", "right", 0), ("top", "bottom", 1)):
+        profile = mask.sum(axis)  # (W,) pixels per column, or (H,) per row
+        mid = profile.size // 2
+        near, far = profile[: mid - POSITION_MARGIN].sum(), profile[mid + POSITION_MARGIN :].sum()
+        total = profile.sum()
+        if total >= min_pixels and near == total:
+            out.append(first)
+        elif total >= min_pixels and far == total:
+            out.append(second)
+    return out
+
+
+def _other(side: str) -> str:
+    return {"left": "right", "right": "left", "top": "bottom", "bottom": "top"}[side]
+
+
+def candidates(
+    rng: np.random.Generator, urban: bool, counts: dict[str, int], surfaces: dict[str, bool], masks: dict[str, np.ndarray]
+) -> list[Candidate]:
+    """Everything the picture answers: counts of objects, presence of objects and surfaces, (H, W) masks by kind."""
+    present = {**{o: n > 0 for o, n in counts.items()}, **surfaces}
+    out: list[Candidate] = [("presence", (o,), "yes" if p else "no") for o, p in present.items()]
+    out += [("count", (o,), str(n)) for o, n in counts.items()]
+    for i, a in enumerate(COMP_OBJECTS):
+        for b in COMP_OBJECTS[i + 1 :]:
+            if not (clearly_more(counts[a], counts[b]) or clearly_more(counts[b], counts[a])):
+                continue
+            first, second = (a, b) if rng.random() < 0.5 else (b, a)
+            more = bool(rng.random() < 0.5)
+            truth = counts[first] > counts[second] if more else counts[first] < counts[second]
+            out.append(("comp", (first, second, "more" if more else "fewer"), "yes" if truth else "no"))
+    out.append(("rural_urban", (), "urban" if urban else "rural"))
+    for kind, mask in masks.items():
+        for side in lone_sides(mask, POSITION_MIN_PIXELS[kind]):
+            out += [("position", (kind, side), "yes"), ("position", (kind, _other(side)), "no")]
+    return out
+
+
+def acceptance(samples: list[list[Candidate]]) -> dict[tuple, float]:
+    """(qtype, key, answer class) -> probability of keeping such a candidate, from the candidates of a
+    calibration sample: each key's rarest class is always kept and the others as often as the rarest turns up.
+    A key that lacks one of its type's classes (or saw it under MIN_SEEN times) is never asked."""
+    seen: dict[tuple, Counter] = defaultdict(Counter)  # (qtype, key) -> answer class counts
+    for cands in samples:
+        for qtype, key, answer in cands:
+            seen[qtype, key][answer_class(qtype, answer)] += 1
+    classes: dict[str, set] = defaultdict(set)
+    for (qtype, _), n in seen.items():
+        classes[qtype] |= set(n)
+    out = {}
+    for (qtype, key), n in seen.items():
+        rarest = min(n[c] for c in classes[qtype])
+        if rarest >= MIN_SEEN:
+            out.update({(qtype, key, c): rarest / n[c] for c in classes[qtype]})
+    return out
+
+
+def phrase(rng: np.random.Generator, qtype: str, key: tuple) -> str:
+    if qtype == "presence":
+        sg, pl = QA_NOUNS[key[0]]
+        return _pick(rng, PRESENCE_TEMPLATES).format(sg=sg, pl=pl)
+    if qtype == "count":
+        return _pick(rng, COUNT_TEMPLATES).format(pl=QA_NOUNS[key[0]][1])
+    if qtype == "comp":
+        first, second, relation = key
+        return _pick(rng, COMP_TEMPLATES[relation]).format(a=QA_NOUNS[first][1], b=QA_NOUNS[second][1])
+    if qtype == "rural_urban":
+        return _pick(rng, RURAL_URBAN_TEMPLATES)
+    if qtype == "position":
+        kind, side = key
+        sg, pl = QA_NOUNS[kind]
+        templates = POSITION_TEMPLATES["side" if side in ("left", "right") else "part"]
+        return _pick(rng, templates).format(sg=sg, pl=pl, side=side)
+    raise ValueError(f"unknown question type {qtype!r}")
+
+
+def questions(rng: np.random.Generator, image_id: str, cands: list[Candidate], accept: dict[tuple, float]) -> list[dict]:
+    """The image's questions: candidates kept by `accept`, at most PER_IMAGE of each type, in PER_IMAGE's order."""
+    kept: dict[str, list[Candidate]] = defaultdict(list)
+    for cand in cands:
+        qtype, key, answer = cand
+        if rng.random() < accept.get((qtype, key, answer_class(qtype, answer)), 0.0):
+            kept[qtype].append(cand)
+    qa = []
+    for qtype, most in PER_IMAGE.items():
+        for k in rng.permutation(len(kept[qtype]))[:most]:
+            _, key, answer = kept[qtype][k]
+            qa.append({"qid": f"{image_id}-q{len(qa)}", "question": phrase(rng, qtype, key), "answer": answer, "type": qtype})
+    return qa
