@@ -37,10 +37,31 @@ OBJECT_WORDS = {
     "car": {"car", "cars", "vehicle", "vehicles"},
     "tree": {"tree", "trees"},
 }
+ROOF_COLOURS = ("red", "grey", "brown", "white", "blue")
 QUANTITY = re.compile(
-    r"\b(a few|a lot of|lots of|a|one|two|three|four|some|several|many) (?:green |red |grey |brown |white |blue )?"
+    r"\b(a few|lots of|a|one|two|three|four|some|several|many) (?:(?:red|grey|brown|white|blue) roofed )?"
     r"(house|building|warehouse|car|vehicle|tree)s?\b"
 )
+ROOF = re.compile(r"\b(red|grey|brown|white|blue) (?:roofed|roofs?)\b")
+SIDE = re.compile(r"\b(road|pond|sea|lake)\b[a-z ]*? (?:along|at|on|in) the (top|bottom|left|right)(?: (left|right))? "
+                  r"(?:edge |side |part |corner )?of the image")
+WORD_FACTS = {  # per scene: {words in a caption: (fact kind, the value the words claim)}
+    "agricultural": {},
+    "forest": {"dense": ("density", "dense"), "thick": ("density", "dense"), "hidden": ("density", "dense"),
+               "sparse": ("density", "sparse"), "open": ("density", "sparse"), "shows": ("density", "sparse"),
+               "dark green": ("crown", "dark green"), "light green": ("crown", "light green"), "brown": ("crown", "brown")},
+    "residential": {"dense residential": ("density", "dense"), "medium density": ("density", "medium"),
+                    "sparse residential": ("density", "sparse")},
+    "industrial": {},
+    "water": {"lake": ("water", "lake"), "sea": ("water", "sea")},
+    "highway": {"horizontal": ("axis", "h"), "horizontally": ("axis", "h"), "vertical": ("axis", "v"),
+                "vertically": ("axis", "v"), "green grass": ("ground", "green"), "dry": ("ground", "dry"),
+                "grass median": ("median", "grass"), "green median": ("median", "grass"),
+                "concrete median": ("median", "concrete"), "grey median": ("median", "concrete")},
+    "parkinglot": {},
+    "meadow": {"light green": ("grass", "light green"), "dry yellow": ("grass", "dry yellow")},
+}
+FULLNESS = {"nearly full": "full", "half empty": "half", "half full": "half", "mostly empty": "empty"}
 
 
 def quantity_holds(word: str, n: int) -> bool:
@@ -150,6 +171,126 @@ def test_captions_are_true_of_the_picture(corpus):
             for quantity, noun in QUANTITY.findall(caption.lower()):
                 obj = {"house": "building", "warehouse": "building", "vehicle": "car"}.get(noun, noun)
                 assert quantity_holds(quantity, counts[obj]), (caption, s.meta)
+
+
+def quantity_bin(n: int) -> str:
+    return "none" if n == 0 else "one" if n == 1 else "a few" if n <= 4 else "some" if n <= 10 else "many"
+
+
+def fact_values(meta: dict) -> dict:
+    """What the picture shows, per fact kind a caption may state (the truth the claims are checked against)."""
+    counts, facts, extent = meta["counts"], meta["facts"], meta["extent"]
+    out = {f"count {o}": quantity_bin(n) for o, n in counts.items()}
+    out["roof"] = facts.get("roof") if counts["building"] else None
+    out["has road"], out["has water"], out["has path"] = meta["surfaces"]["road"], meta["surfaces"]["water"], "path" in facts
+    b, trees = counts["building"], counts["tree"]
+    if meta["scene"] == "residential":
+        out["density"] = "dense" if b >= 25 else "medium" if b >= 13 else "sparse"
+        out["streets"] = facts["streets"]
+    if meta["scene"] == "forest":
+        out["density"] = "dense" if trees >= 36 else "sparse"
+    if "stalls" in facts:
+        share = facts["parked"] / facts["stalls"]
+        out["fullness"] = "full" if share > 0.6 else "half" if share > 0.3 else "empty"
+    for kind in ("crown", "water", "axis", "ground", "median", "grass", "parcels"):
+        out[kind] = facts.get(kind)
+    out["fields"] = tuple(facts.get("fields", ()))
+    for thing in ("road", "water"):
+        box = extent[thing]
+        out[f"{thing} at"] = None if box is None else ((box[0] + box[2]) / 2, (box[1] + box[3]) / 2)  # (x, y) centre
+    return out
+
+
+def claims(caption: str, scene: str, meta: dict) -> list[tuple[str, bool]]:
+    """(fact kind, whether the picture bears it out) for every fact of the picture the caption states."""
+    text, counts, facts = caption.lower().rstrip("."), meta["counts"], meta["facts"]
+    truth = fact_values(meta)
+    out = []
+    for quantity, noun in QUANTITY.findall(text):
+        obj = {"house": "building", "warehouse": "building", "vehicle": "car"}.get(noun, noun)
+        out.append((f"count {obj}", quantity_holds(quantity, counts[obj])))
+    for colour in ROOF.findall(text):
+        out.append(("roof", colour == truth["roof"]))
+    text_wo_roofs = ROOF.sub("", text)
+    for words_, (kind, value) in WORD_FACTS[scene].items():
+        if re.search(rf"\b{words_}\b", text_wo_roofs):
+            out.append((kind, value == truth[kind]))
+    for phrase, value in FULLNESS.items():
+        if phrase in text:
+            out.append(("fullness", value == truth["fullness"]))
+    if scene == "residential":
+        for number in re.findall(r"\b(two|three|four) streets\b", text):
+            out.append(("streets", ("two", "three", "four").index(number) + 2 == truth["streets"]))
+    if scene == "agricultural":
+        named = tuple(sorted(re.findall(r"\b(light green|green|yellow|brown)\b", text_wo_roofs)))
+        if named:
+            out.append(("fields", named == tuple(sorted(facts["fields"]))))
+        without_counts = QUANTITY.sub("", text)
+        for number in re.findall(r"\b(two|three|four)\b", without_counts):
+            out.append(("parcels", ("two", "three", "four").index(number) + 2 == truth["parcels"]))
+    for thing, present in (("road", "has road"), ("pond", "has water"), ("path", "has path")):
+        if re.search(rf"\b{thing}\b", text) and not (scene in ("industrial", "parkinglot") and thing == "road"):
+            out.append((present, truth[present]))
+    for thing, first, second in SIDE.findall(text):
+        centre = truth["road at" if thing == "road" else "water at"]
+        ok = centre is not None
+        for side in (first, second):
+            if ok and side:  # the drawn thing's box centre lies well beyond the midline on that side
+                x_or_y = centre[0] if side in ("left", "right") else centre[1]
+                ok = x_or_y <= 128 - 24 if side in ("left", "top") else x_or_y >= 128 + 24
+        out.append((f"{thing} at", ok))
+    if "middle of the image" in text or "centre of the image" in text:
+        centre = truth["water at"]
+        out.append(("water at", abs(centre[0] - 128) <= 48 and abs(centre[1] - 128) <= 48))
+    return out
+
+
+def test_captions_state_facts_that_vary_within_the_class(corpus):
+    """Every caption states at least one fact of its picture that differs between pictures of its class, and
+    every fact it states is true; the five references share a fact, so they agree on what the picture shows."""
+    values = defaultdict(lambda: defaultdict(set))  # scene -> kind -> values over the class's pictures
+    for s in corpus:
+        for kind, value in fact_values(s.meta).items():
+            values[s.label_name][kind].add(value)
+    varying = {scene: {k for k, v in kinds.items() if len(v) > 1} for scene, kinds in values.items()}
+    for s in corpus:
+        stated = Counter()
+        for caption in s.captions:
+            assert caption[0].isupper() and caption.endswith(".") and "  " not in caption, caption
+            found = claims(caption, s.label_name, s.meta)
+            assert all(ok for _, ok in found), (caption, found, s.meta)
+            kinds = {kind for kind, _ in found} & varying[s.label_name]
+            assert kinds, (caption, found)
+            stated.update(kinds)
+        assert max(stated.values()) >= 3, (s.captions, stated)
+
+
+def test_caption_side_words_are_mappable(corpus):
+    sides = pytest.importorskip("spatialnet_dist.data.sides")  # the augmentation's side-word mapper
+    named = [c for s in corpus for c in s.captions if SIDE.search(c.lower())]
+    assert len(named) >= 100
+    for caption in {c for s in corpus for c in s.captions}:
+        assert sides.mappable(caption), caption
+
+
+def test_class_oracle_is_clearly_below_reading_the_picture(corpus):
+    """The class oracle (each test image gets the most frequent training caption of its class) scores clearly
+    below one of the image's own references scored against the other four: the captions need the picture."""
+    from pycocoevalcap.cider.cider import Cider
+
+    def tokens(caption: str) -> str:
+        return " ".join(words(caption))
+
+    by_class = defaultdict(Counter)
+    for s in corpus:
+        if s.split == "train":
+            by_class[s.label_name].update(map(tokens, s.captions))
+    oracle = {name: min(c, key=lambda k: (-c[k], k)) for name, c in by_class.items()}
+    test = [s for s in corpus if s.split == "test"]
+    others = {s.image_id: [tokens(c) for c in s.captions[1:]] for s in test}
+    oracle_score, _ = Cider().compute_score(others, {s.image_id: [oracle[s.label_name]] for s in test})
+    own_score, _ = Cider().compute_score(others, {s.image_id: [tokens(s.captions[0])] for s in test})
+    assert own_score >= 1.15 * oracle_score, (own_score, oracle_score)
 
 
 def test_majority_answer_is_a_poor_guess(corpus):

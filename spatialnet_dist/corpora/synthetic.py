@@ -9,10 +9,14 @@ count, comp and rural_urban, and `position` ("is there a road in the top part of
 kept so that every question text's answers are balanced (yes/no ~50/50, counts spread over the RSVQA-LR bins
 0 / 1-10 / 11-100): neither the type's majority answer nor the text alone tells the answer; the picture does.
 
+Captions (corpora/synthetic_captions.py) state facts of the picture that vary within its class (how many
+houses, roof and field colours, how full a parking lot is, where a road or water lies), so that a model must
+read the picture to match them; one caption per class cannot.
+
 Deterministic for a seed: image i depends only on (seed, i). Classes are balanced (each block of 8 images holds
 every class once) and splits are 80/10/10 (each block of 10 images holds 8 train, 1 val, 1 test). Captions
-never say where things are (left, top, ...), so flips and 90-degree rotations keep them true; position
-questions do, so an augmentation that flips or rotates must leave their images alone or fix their words.
+and position questions may name sides (left, top, ...) in words that data/sides.py maps under flips and
+rotations, so an augmentation that moves the pixels maps their words along.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from collections.abc import Callable, Iterator
 import numpy as np
 from PIL import Image, ImageDraw
 
+from spatialnet_dist.corpora import synthetic_captions as cap
 from spatialnet_dist.corpora import synthetic_qa as qa
 from spatialnet_dist.errors import UserError
 from spatialnet_dist.store.manifest import read_manifest
@@ -53,8 +58,12 @@ _ROOFS = {
     "blue": (74, 104, 160),
 }
 _CAR_COLOURS = ((235, 235, 235), (190, 190, 198), (200, 40, 40), (40, 80, 190), (225, 200, 40), (40, 140, 150))
+_GROUNDS = {"green": (100, 132, 64), "dry": (150, 148, 96)}  # highway verges
+_MEDIANS = {"grass": (92, 128, 60), "concrete": (160, 158, 150)}
+_CROWNS = {"green": (58, 112, 48), "dark green": (40, 88, 38), "light green": (104, 146, 58), "brown": (128, 92, 50)}
+_GRASSES = {"light green": (136, 166, 78), "dry yellow": (184, 172, 104)}  # meadows
+_LOT_SHARES = ((0.08, 0.22), (0.38, 0.52), (0.7, 0.88))  # mostly empty, half full, nearly full (see captions)
 _FIELDS = {"green": (82, 140, 55), "yellow": (204, 182, 96), "brown": (138, 102, 66), "light green": (142, 178, 86)}
-_NUMBER_WORDS = ("zero", "one", "two", "three", "four")
 
 
 def _pick(rng: np.random.Generator, seq):
@@ -93,8 +102,8 @@ class _Scene:
         self.ops: list[tuple] = []  # PIL calls (method, xy, kwargs) drawn in order over the ground
         self.counts = dict.fromkeys(OBJECTS, 0)
         self.has = dict.fromkeys(SURFACES, False)
-        self.footprint = {k: np.zeros((SIZE, SIZE), bool) for k in ("building", "road")}  # (H, W) each
-        self.facts: dict = {}  # what captions may say beyond counts: roof colour, field colours, ...
+        self.footprint = {k: np.zeros((SIZE, SIZE), bool) for k in ("building", "tree", "road")}  # (H, W) each
+        self.facts: dict = {}  # what captions may say beyond counts: roof colour, field colours, ... (meta["facts"])
 
     # ---- ground ----
 
@@ -217,13 +226,14 @@ class _Scene:
         self.counts["building"] += 1
         return True
 
-    def tree(self, x, y, r, dark: bool = False, margin: int = 1) -> bool:
+    def tree(self, x, y, r, crown: str = "green", margin: int = 1) -> bool:
         x, y, r = int(x), int(y), int(r)
         d = 2 * r + 1
         if not self.fits(x, y, d + 2, d + 2, _GROUND, margin):
             return False
         self.taken[y : y + d + 2, x : x + d + 2] = True
-        crown = self.colour((40, 88, 38) if dark else (58, 112, 48), 14)
+        self.footprint["tree"][y : y + d, x : x + d] = True  # the crown's box
+        crown = self.colour(_CROWNS[crown], 14)
         light = tuple(int(min(255, c * 1.3)) for c in crown)
         k = r // 3
         self.ops.append(("ellipse", (x + 2, y + 2, x + d + 1, y + d + 1), {"fill": _SHADOW}))
@@ -253,9 +263,9 @@ class _Scene:
                 return
             placed += put()
 
-    def trees(self, n: int, r=(5, 9), dark: bool = False) -> None:
+    def trees(self, n: int, r=(5, 9), crown: str = "green") -> None:
         rng = self.rng
-        self.scatter(n, lambda: self.tree(*rng.integers(0, SIZE, 2), rng.integers(*r), dark=dark))
+        self.scatter(n, lambda: self.tree(*rng.integers(0, SIZE, 2), rng.integers(*r), crown=crown))
 
     def houses(self, n: int, roof, size=(13, 22)) -> None:
         rng = self.rng
@@ -271,8 +281,10 @@ class _Scene:
 
         self.scatter(n, put)
 
-    def parking(self, x0: int, y0: int, w: int, h: int, axis: str, cars: int) -> int:
-        """An asphalt lot with rows of marked stalls, `cars` of them taken at random; -> number of stalls."""
+    def parking(self, x0: int, y0: int, w: int, h: int, axis: str) -> None:
+        """An asphalt lot with rows of marked stalls, a share of them taken at random (facts "stalls", "parked"):
+        a share from one of _LOT_SHARES, so that how full the lot is can be told, and at most 100 cars (the
+        count questions' bins stop there)."""
         mask = np.zeros((SIZE, SIZE), bool)
         mask[y0 : y0 + h, x0 : x0 + w] = True
         self.paint(mask, (84, 84, 88), blotch=0.05)
@@ -292,12 +304,12 @@ class _Scene:
                 a, b = to_xy(3 + j * stall_w, v), to_xy(3 + j * stall_w, v + stall_d - 1)
                 self.ops.append(("line", (*a, *b), {"fill": _MARKING, "width": 1}))
             slots += [to_xy(3 + j * stall_w + 2, v + 2) for j in range(per_row)]
-        for k in self.rng.permutation(len(slots))[:cars]:
-            self.car(*slots[k], horizontal=axis == "v", margin=0)
-        return len(slots)
+        cars = min(round(self.rng.uniform(*_pick(self.rng, _LOT_SHARES)) * len(slots)), 100)
+        parked = sum(self.car(*slots[k], horizontal=axis == "v", margin=0) for k in self.rng.permutation(len(slots))[:cars])
+        self.facts.update(stalls=len(slots), parked=parked)
 
     def mask(self, kind: str) -> np.ndarray:
-        """(H, W) bool: where `kind` (building, road or water) is in the picture."""
+        """(H, W) bool: where `kind` (building, tree, road or water) is in the picture."""
         return self.surface == _WATER if kind == "water" else self.footprint[kind]
 
     # ---- finishing ----
@@ -359,7 +371,14 @@ def _agricultural(s: _Scene) -> None:
 def _forest(s: _Scene) -> None:
     rng = s.rng
     s.paint(None, (50, 68, 38), blotch=0.25, cells=10, fine=0.1)
-    s.trees(int(rng.integers(18, 56)), r=(7, 12), dark=True)
+    if rng.random() < 0.35:  # a dirt road through the woods, first so that the trees and the pond keep off it
+        s.road(_pick(rng, ("h", "v")), int(rng.integers(20, 236)), int(rng.integers(8, 12)), rgb=(112, 100, 80), dashes=False)
+    if rng.random() < 0.25:
+        s.pond()
+    crown = _pick(rng, ("dark green", "light green", "brown"))
+    # sparse or dense, well apart (synthetic_captions.DENSE_FOREST lies between), so that captions can tell
+    s.trees(int(rng.integers(44, 64)) if rng.random() < 0.5 else int(rng.integers(14, 27)), r=(7, 12), crown=crown)
+    s.facts.update(crown=crown)
 
 
 def _residential(s: _Scene) -> None:
@@ -411,7 +430,7 @@ def _industrial(s: _Scene) -> None:
     near = centre + width // 2 + 3 if centre < SIZE // 2 else centre - width // 2 - 3 - lot_h
     x0, y0 = (along, near) if axis == "h" else (near, along)
     w, h = (lot_w, lot_h) if axis == "h" else (lot_h, lot_w)
-    s.parking(x0, y0, w, h, "h" if axis == "h" else "v", int(rng.integers(3, 21)))
+    s.parking(x0, y0, w, h, "h" if axis == "h" else "v")
     roof = _pick(rng, ("white", "grey", "blue"))
     target, scale = int(rng.integers(2, 7)), 1.0
     for attempt in range(200):
@@ -461,7 +480,8 @@ def _water(s: _Scene) -> None:
 
 def _highway(s: _Scene) -> None:
     rng = s.rng
-    s.paint(None, _pick(rng, ((100, 132, 64), (150, 148, 96))), blotch=0.12)
+    ground = _pick(rng, list(_GROUNDS))
+    s.paint(None, _GROUNDS[ground], blotch=0.12)
     axis = _pick(rng, ("h", "v"))
     lane, median = int(rng.integers(12, 16)), int(rng.integers(6, 13))
     top = int(rng.integers(70, 186 - 4 * lane - median))
@@ -472,14 +492,18 @@ def _highway(s: _Scene) -> None:
             xy = (0, edge, SIZE, edge) if axis == "h" else (edge, 0, edge, SIZE)
             s.ops.append(("line", xy, {"fill": _MARKING, "width": 1}))
     strip = _band(axis, carriageways[0][1], carriageways[1][0])
-    s.paint(strip, _pick(rng, ((92, 128, 60), (160, 158, 150))), blotch=0.05)
+    median_kind = _pick(rng, list(_MEDIANS))
+    s.paint(strip, _MEDIANS[median_kind], blotch=0.05)
     s.taken |= strip
     cars = int(rng.integers(3, 26))
     for i, (lo, hi) in enumerate(carriageways):
         s.cars_on_road(cars // 2 + (i == 0) * (cars % 2), axis, lo + 3, hi - 3)
+    roof = None
     if rng.random() < 0.35:
-        s.houses(int(rng.integers(1, 4)), _ROOFS[_pick(rng, ("red", "grey", "brown"))])
+        roof = _pick(rng, ("red", "grey", "brown"))
+        s.houses(int(rng.integers(1, 4)), _ROOFS[roof])
     s.trees(int(rng.integers(0, 16)))
+    s.facts.update(ground=ground, median=median_kind, axis=axis, roof=roof)
 
 
 def _parkinglot(s: _Scene) -> None:
@@ -495,16 +519,17 @@ def _parkinglot(s: _Scene) -> None:
         y0, y1 = (max(y0, road_at + road_w // 2 + 4), y1) if road_at < 128 else (y0, min(y1, road_at - road_w // 2 - 4))
     else:
         x0, x1 = (max(x0, road_at + road_w // 2 + 4), x1) if road_at < 128 else (x0, min(x1, road_at - road_w // 2 - 4))
-    stalls = s.parking(x0, y0, x1 - x0, y1 - y0, _pick(rng, ("h", "v")), int(rng.integers(8, 41)))
+    s.parking(x0, y0, x1 - x0, y1 - y0, _pick(rng, ("h", "v")))
     s.trees(int(rng.integers(0, 9)), r=(4, 7))
     if rng.random() < 0.25:
         s.houses(1, _ROOFS["grey"], size=(13, 18))
-    s.facts.update(stalls=stalls)
+    s.facts.update(roof="grey")
 
 
 def _meadow(s: _Scene) -> None:
     rng = s.rng
-    s.paint(None, (136, 166, 78), blotch=0.16, cells=5, fine=0.08)
+    grass = _pick(rng, list(_GRASSES))
+    s.paint(None, _GRASSES[grass], blotch=0.16, cells=5, fine=0.08)
     if rng.random() < 0.5:  # a winding dirt path (not a road), first so that the pond keeps clear of it
         path = [(SIZE * k / 3, float(rng.uniform(0, SIZE))) for k in range(4)]
         if rng.random() < 0.5:
@@ -521,7 +546,7 @@ def _meadow(s: _Scene) -> None:
     if rng.random() < 0.4:
         s.houses(int(rng.integers(1, 4)), _ROOFS[roof], size=(14, 24))
     s.trees(int(rng.integers(3, 15)))
-    s.facts.update(roof=roof)
+    s.facts.update(roof=roof, grass=grass)
 
 
 _DRAW = {
@@ -534,167 +559,6 @@ _DRAW = {
     "parkinglot": _parkinglot,
     "meadow": _meadow,
 }
-
-
-# ---- captions: five per image, templated, true of the picture ----
-
-# Each template is (text, needs): `needs` names, space-separated, what must be in the picture for the text to be
-# true (B, C, T: buildings, cars, trees; road, water, path). Every template that names a counted object needs it,
-# and every class has at least five templates that need nothing, so each image gets five distinct captions.
-_CAPTIONS: dict[str, list[tuple[str, str]]] = {
-    "agricultural": [
-        ("{fields} fields with parallel crop lines", ""),
-        ("the farmland is divided into {parcels} fields", ""),
-        ("{parcels} pieces of farmland with neat rows of crops", ""),
-        ("it is an agricultural area with {fields} fields", ""),
-        ("a patchwork of {fields} farmland", ""),
-        ("the fields of the farmland are lined with {T}", "T"),
-        ("{B_there} next to the farmland", "B"),
-        ("a road runs between the crop fields", "road"),
-        ("a small pond lies among the fields", "water"),
-    ],
-    "forest": [
-        ("a dense dark green forest", ""),
-        ("a piece of thick woodland", ""),
-        ("this is a forest seen from above", ""),
-        ("the ground is hidden under a thick forest", ""),
-        ("a large dark green woodland", ""),
-        ("a dense forest with {T}", "T"),
-        ("{T_there} in the forest", "T"),
-        ("this is a forest covered by {T}", "T"),
-        ("{T_there} growing close together in the woods", "T"),
-        ("a forest of {T} with dark green crowns", "T"),
-    ],
-    "residential": [
-        ("this is a {density} residential area", ""),
-        ("{streets} grey streets cross the residential area", ""),
-        ("a {density} residential area with grey streets", ""),
-        ("a residential neighbourhood crossed by {streets} streets", ""),
-        ("an aerial view of a {density} residential area", ""),
-        ("{B} with {roof} roofs in a {density} residential area", "B"),
-        ("a {density} residential area with {B} along {streets} streets", "B"),
-        ("{B_there} along the streets of this residential area", "B"),
-        ("a residential area with {roof} roofed houses and grey streets", "B"),
-        ("{B} and {T} in a residential area", "B T"),
-        ("{C_there} on the streets of the residential area", "C"),
-    ],
-    "industrial": [
-        ("an industrial area with a road and a parking lot", ""),
-        ("an industrial zone with a parking lot beside a road", ""),
-        ("this is an industrial area", ""),
-        ("a grey industrial area seen from above", ""),
-        ("a road leads to the parking lot of an industrial area", ""),
-        ("an industrial area with {B} with {roof} roofs", "B"),
-        ("{B_there} in this industrial area", "B"),
-        ("large factory buildings with {roof} roofs in an industrial area", "B"),
-        ("big warehouses with flat {roof} roofs stand in the industrial zone", "B"),
-        ("a parking lot with {C} next to the factories of an industrial area", "B C"),
-        ("{T_there} around the industrial buildings", "B T"),
-    ],
-    "water": [
-        ("a blue {water} with a sandy beach", ""),
-        ("the {water} is bordered by yellow sand and green grass", ""),
-        ("a large area of blue water with a sandy shore", ""),
-        ("a beach lies between the {water} and the green land", ""),
-        ("the shore of a {water} with a strip of sand", ""),
-        ("{T_there} near the {water}", "T"),
-        ("{B_there} near the shore of the {water}", "B"),
-        ("a road runs near the {water}", "road"),
-    ],
-    "highway": [
-        ("a wide highway with two lanes in each direction", ""),
-        ("a freeway divided by a median strip", ""),
-        ("a highway runs straight across the grassland", ""),
-        ("a long straight highway with grey lanes", ""),
-        ("a four lane freeway crosses the area", ""),
-        ("{C_there} on the highway", "C"),
-        ("a freeway with {C} driving on it", "C"),
-        ("the highway is lined with {T}", "T"),
-        ("{B_there} beside the freeway", "B"),
-    ],
-    "parkinglot": [
-        ("white lines mark the spaces of the parking lot", ""),
-        ("a large parking lot that is {fullness}", ""),
-        ("a parking lot next to a road", ""),
-        ("a parking lot with many marked spaces", ""),
-        ("this is a large grey parking lot", ""),
-        ("a parking lot with {C} parked in rows", "C"),
-        ("{C_there} in the parking lot", "C"),
-        ("cars are parked in neat rows in a parking lot", "C"),
-        ("the parking lot is surrounded by grass and {T}", "T"),
-        ("{B_there} beside the parking lot", "B"),
-    ],
-    "meadow": [
-        ("a large meadow with light green grass", ""),
-        ("a piece of green meadow", ""),
-        ("the meadow is covered with light green grass", ""),
-        ("an open meadow seen from above", ""),
-        ("this is a green grassland", ""),
-        ("a green meadow with {T}", "T"),
-        ("{T_there} scattered over the meadow", "T"),
-        ("an open grassland with {T}", "T"),
-        ("{B_there} in the meadow", "B"),
-        ("a small pond in the meadow", "water"),
-        ("a dirt path crosses the meadow", "path"),
-        ("a road runs through the meadow", "road"),
-    ],
-}
-_NOUNS = {  # plural caption nouns per object, by scene where it matters
-    "building": {"industrial": ("building", "buildings", "warehouse", "warehouses"), "": ("house", "houses")},
-    "car": {"": ("car", "cars", "vehicle", "vehicles")},
-    "tree": {"": ("tree", "trees", "green tree", "green trees")},
-}
-
-
-def _quantity(rng: np.random.Generator, n: int, singular: str, plural: str) -> str:
-    """'a house', 'two houses', 'a few houses', 'some houses', 'many houses': true for n (n >= 1)."""
-    if n == 1:
-        return f"{_pick(rng, ('a', 'one'))} {singular}"
-    if n <= 4:
-        return f"{_pick(rng, ('a few', _NUMBER_WORDS[n]))} {plural}"
-    if n <= 10:
-        return f"{_pick(rng, ('some', 'several'))} {plural}"
-    return f"{_pick(rng, ('many', 'lots of', 'a lot of'))} {plural}"
-
-
-def _phrases(rng: np.random.Generator, scene: str, s: _Scene) -> dict[str, str]:
-    """Template slots: quantity phrases of the objects present, and the scene's facts in words."""
-    out = {}
-    for key, obj in (("B", "building"), ("C", "car"), ("T", "tree")):
-        n = s.counts[obj]
-        if n:
-            nouns = _NOUNS[obj].get(scene, _NOUNS[obj][""])
-            k = 2 * int(rng.integers(len(nouns) // 2))
-            out[key] = _quantity(rng, n, nouns[k], nouns[k + 1])
-            out[key + "_there"] = f"there {'is' if n == 1 else 'are'} {out[key]}"
-    b = s.counts["building"]
-    out["density"] = "dense" if b >= 25 else "medium" if b >= 13 else "sparse"
-    facts = s.facts
-    out["roof"] = facts.get("roof", "")
-    out["fields"] = " and ".join(facts.get("fields", []))
-    out["parcels"] = _NUMBER_WORDS[facts.get("parcels", 0)]
-    out["streets"] = _NUMBER_WORDS[facts.get("streets", 0)]
-    out["water"] = facts.get("water", "")
-    full = s.counts["car"] / max(facts.get("stalls", 1), 1)
-    out["fullness"] = "nearly full" if full > 0.6 else "half empty" if full > 0.3 else "mostly empty"
-    return out
-
-
-def _captions(rng: np.random.Generator, scene: str, s: _Scene, n: int = 5) -> list[str]:
-    present = {
-        "B": s.counts["building"] > 0,
-        "C": s.counts["car"] > 0,
-        "T": s.counts["tree"] > 0,
-        "road": s.has["road"],
-        "water": s.has["water"],
-        "path": bool(s.facts.get("path")),
-    }
-    usable = [text for text, needs in _CAPTIONS[scene] if all(present[k] for k in needs.split())]
-    out = []
-    for k in rng.permutation(len(usable))[:n]:
-        text = usable[k].format(**_phrases(rng, scene, s))
-        out.append(text[0].upper() + text[1:] + ".")  # UCM-style sentences: capitalised, full stop
-    return out
 
 
 # ---- the corpus ----
@@ -713,8 +577,9 @@ def split_of(index: int, seed: int) -> str:
 
 
 def _candidates(rng: np.random.Generator, scene: str, s: _Scene) -> list[qa.Candidate]:
+    """The image's shortlisted question candidates (synthetic_qa.shortlist), answers not yet balanced."""
     masks = {kind: s.mask(kind) for kind in qa.POSITION_MIN_PIXELS}
-    return qa.candidates(rng, scene in URBAN_SCENES, s.counts, s.has, masks)
+    return qa.shortlist(rng, qa.candidates(scene in URBAN_SCENES, s.counts, s.has, masks))
 
 
 @functools.cache
@@ -751,12 +616,13 @@ def make_sample(index: int, seed: int) -> Sample:
         image=image,
         label=CLASSES.index(scene),
         label_name=scene,
-        captions=_captions(rng, scene, s),
+        captions=cap.captions(rng, scene, cap.facts(scene, s.counts, s.has, s.facts, {k: s.mask(k) for k in SURFACES})),
         qa=qa.questions(rng, image_id, _candidates(rng, scene, s), _acceptance()),
         meta={
             "scene": scene,
             "counts": dict(s.counts),
             "surfaces": dict(s.has),
+            "facts": dict(s.facts),
             "extent": {kind: _extent(s.mask(kind)) for kind in qa.POSITION_MIN_PIXELS},
         },
     )

@@ -84,7 +84,7 @@ def _other(side: str) -> str:
 
 
 def candidates(
-    rng: np.random.Generator, urban: bool, counts: dict[str, int], surfaces: dict[str, bool], masks: dict[str, np.ndarray]
+    urban: bool, counts: dict[str, int], surfaces: dict[str, bool], masks: dict[str, np.ndarray]
 ) -> list[Candidate]:
     """Everything the picture answers: counts of objects, presence of objects and surfaces, (H, W) masks by kind."""
     present = {**{o: n > 0 for o, n in counts.items()}, **surfaces}
@@ -94,10 +94,11 @@ def candidates(
         for b in COMP_OBJECTS[i + 1 :]:
             if not (clearly_more(counts[a], counts[b]) or clearly_more(counts[b], counts[a])):
                 continue
-            first, second = (a, b) if rng.random() < 0.5 else (b, a)
-            more = bool(rng.random() < 0.5)
-            truth = counts[first] > counts[second] if more else counts[first] < counts[second]
-            out.append(("comp", (first, second, "more" if more else "fewer"), "yes" if truth else "no"))
+            # Every wording of the pair is a candidate (the shortlist draws among them): calibration then sees
+            # each wording in every scene that asks the pair, not in a coin-flipped quarter of them.
+            for first, second in ((a, b), (b, a)):
+                for relation, truth in (("more", counts[first] > counts[second]), ("fewer", counts[first] < counts[second])):
+                    out.append(("comp", (first, second, relation), "yes" if truth else "no"))
     out.append(("rural_urban", (), "urban" if urban else "rural"))
     for kind, mask in masks.items():
         for side in lone_sides(mask, POSITION_MIN_PIXELS[kind]):
@@ -105,9 +106,18 @@ def candidates(
     return out
 
 
+def shortlist(rng: np.random.Generator, cands: list[Candidate]) -> list[Candidate]:
+    """At most PER_IMAGE candidates of each type, drawn before any answer is looked at: a cap applied after
+    `acceptance` would keep an image's candidates by what the others answered, and undo the balance."""
+    by_type: dict[str, list[Candidate]] = defaultdict(list)
+    for cand in cands:
+        by_type[cand[0]].append(cand)
+    return [by_type[qtype][k] for qtype, most in PER_IMAGE.items() for k in rng.permutation(len(by_type[qtype]))[:most]]
+
+
 def acceptance(samples: list[list[Candidate]]) -> dict[tuple, float]:
-    """(qtype, key, answer class) -> probability of keeping such a candidate, from the candidates of a
-    calibration sample: each key's rarest class is always kept and the others as often as the rarest turns up.
+    """(qtype, key, answer class) -> probability of keeping such a candidate, from the shortlisted candidates of
+    a calibration sample: each key's rarest class is always kept and the others as often as the rarest turns up.
     A key that lacks one of its type's classes (or saw it under MIN_SEEN times) is never asked."""
     seen: dict[tuple, Counter] = defaultdict(Counter)  # (qtype, key) -> answer class counts
     for cands in samples:
@@ -144,15 +154,9 @@ def phrase(rng: np.random.Generator, qtype: str, key: tuple) -> str:
 
 
 def questions(rng: np.random.Generator, image_id: str, cands: list[Candidate], accept: dict[tuple, float]) -> list[dict]:
-    """The image's questions: candidates kept by `accept`, at most PER_IMAGE of each type, in PER_IMAGE's order."""
-    kept: dict[str, list[Candidate]] = defaultdict(list)
-    for cand in cands:
-        qtype, key, answer = cand
-        if rng.random() < accept.get((qtype, key, answer_class(qtype, answer)), 0.0):
-            kept[qtype].append(cand)
+    """The image's questions: its shortlisted candidates (already capped per type) that `accept` keeps."""
     qa = []
-    for qtype, most in PER_IMAGE.items():
-        for k in rng.permutation(len(kept[qtype]))[:most]:
-            _, key, answer = kept[qtype][k]
+    for qtype, key, answer in cands:
+        if rng.random() < accept.get((qtype, key, answer_class(qtype, answer)), 0.0):
             qa.append({"qid": f"{image_id}-q{len(qa)}", "question": phrase(rng, qtype, key), "answer": answer, "type": qtype})
     return qa
