@@ -5,6 +5,7 @@ A sub-batch is `collate` of B rows of one task, the same in training and evaluat
 
     every task       "image" (B, C, S, S), "image_id" [B]
     captioning       "tokens" (B, Lc) int64: BOS w.. EOS PAD..; evaluation adds "references" [B] lists of str
+                     and "label_name" [B] (str or None: the class oracle baseline's key)
     classification   "label" (B,) int64, -1 for a class outside the vocabulary
     vqa              per question (Q = the B images' questions together):
                      "question" (Q, Lq) int64 PAD-padded, "answer" (Q,) int64 (-1: outside the answer
