@@ -89,7 +89,8 @@ def main() -> None:
     def accuracy(part) -> float:
         model.eval()
         with torch.no_grad():
-            logits = torch.cat([model.answer_logits(x, q) for x, q in zip(part[0].split(128), part[1].split(128))])
+            logits = torch.cat([model.answer_logits(x, q, torch.arange(len(q)))  # one question per image row
+                                for x, q in zip(part[0].split(128), part[1].split(128))])
         model.train()
         return (logits.argmax(-1) == part[2]).float().mean().item()
 
@@ -98,7 +99,8 @@ def main() -> None:
         idx = torch.from_numpy(rng.choice(len(train[0]), args.batch, replace=False))
         for g in opt.param_groups:
             g["lr"] = args.lr * min(1.0, step / 20)
-        logits = model({"vqa": {"image": train[0][idx], "question": train[1][idx]}})["vqa"]["logits"]
+        sub = {"image": train[0][idx], "question": train[1][idx], "image_index": torch.arange(len(idx))}
+        logits = model({"vqa": sub})["vqa"]["logits"]
         loss = F.cross_entropy(logits, train[2][idx])
         opt.zero_grad()
         loss.backward()
