@@ -31,12 +31,18 @@ def _byte_size(text: str) -> int:
 
 
 def _shards_convert(a) -> int:
-    from spatialnet_dist.corpora import convert
+    from pathlib import Path
+
+    from spatialnet_dist.corpora import convert, get_adapter
+    from spatialnet_dist.corpora.base import parse_split_ratio
 
     # Options left out take the writer's defaults (store.writer: DEFAULT_SHARD_BYTES, MIN_SHARDS).
     given = {k: v for k, v in (("shard_bytes", a.shard_bytes), ("min_shards", a.min_shards)) if v is not None}
+    source_options = {k: v for k, v in (("split_ratio", a.split_ratio and parse_split_ratio(a.split_ratio)),
+                                        ("class_file", a.classes and Path(a.classes)),
+                                        ("split_seed", a.split_seed)) if v is not None}
     return convert(
-        a.adapter,
+        get_adapter(a.adapter, **source_options),
         a.src,
         a.out,
         shard_size=a.shard_size,
@@ -146,8 +152,9 @@ def build_parser() -> argparse.ArgumentParser:
     shards = sub.add_parser("shards", help="convert, generate, inspect and verify shard stores")
     ssub = shards.add_subparsers(dest="shards_command", required=True)
     conv = ssub.add_parser("convert", help="convert an original corpus into shards")
-    conv.add_argument("adapter", help="corpus adapter: ucm-captions, rsicd, sydney-captions, rsvqa-lr, rsvqa-hr")
-    conv.add_argument("src", help="folder of the corpus in its published layout")
+    conv.add_argument(
+        "adapter", help="corpus adapter: ucm-captions, rsicd, sydney-captions, rsvqa-lr, rsvqa-hr, imagefolder, jsonl, csv")
+    conv.add_argument("src", help="folder of the corpus in its published layout (jsonl, csv: the record file)")
     conv.add_argument("out", help="store root: a local dir or s3://bucket/prefix")
     conv.add_argument("--shard-size", type=int, default=None, help="at most N samples per shard (default: no cap)")
     conv.add_argument("--shard-bytes", type=_byte_size, help="target shard size: bytes, or with K/M/G (default 256M)")
@@ -155,6 +162,11 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("--shuffle-seed", type=int, default=0, help="seed of the shuffle across shards (default 0)")
     conv.add_argument("--name", default=None, help="corpus name in the store (default: the adapter's)")
     conv.add_argument("--strict", action="store_true", help="stop at the first bad record")
+    conv.add_argument("--split-ratio", help="imagefolder, jsonl, csv: train,val,test fractions for images without "
+                      "a split (default 0.8,0.1,0.1; imagefolder draws them per class)")
+    conv.add_argument("--split-seed", type=int, help="imagefolder, jsonl, csv: seed of that draw (default 0)")
+    conv.add_argument("--classes", metavar="FILE", help="imagefolder, jsonl, csv: class order, one name per line "
+                      "(default: the names sorted)")
     conv.add_argument("--max-bad-fraction", type=float, default=0.05, help="exit non-zero above this fraction of bad records")
     conv.set_defaults(fn=_shards_convert)
 

@@ -1,17 +1,22 @@
 """Corpus adapters by name, and `convert`: an original corpus -> a corpus in the shard store.
 
 Adding a corpus is one file (an object with `name`, `classes`, `description` and
-`records(src) -> Iterator[Sample | BadRecord]`, see `base.Adapter`) plus one line in `ADAPTERS`.
+`records(src) -> Iterator[Sample | BadRecord]`, see `base.Adapter`) plus one line in `ADAPTERS`;
+a corpus in the layouts of `imagefolder`, `jsonl` or `csv` needs no code at all.
 shards/README.md tells the whole story.
 """
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import sys
 from collections import Counter
 from pathlib import Path
 
 from spatialnet_dist.corpora.base import Adapter, BadRecord
+from spatialnet_dist.corpora.imagefolder import ImageFolder
+from spatialnet_dist.corpora.record_file import RecordFile
 from spatialnet_dist.corpora.rsvqa_lr import RSVQA_HR, RSVQA_LR
 from spatialnet_dist.corpora.ucm_captions import RSICD, SYDNEY_CAPTIONS, UCM_CAPTIONS
 from spatialnet_dist.errors import UserError
@@ -41,15 +46,29 @@ class SyntheticCorpus:
 
 
 ADAPTERS: dict[str, Adapter] = {
-    a.name: a for a in (UCM_CAPTIONS, RSICD, SYDNEY_CAPTIONS, RSVQA_LR, RSVQA_HR, SyntheticCorpus())
+    a.name: a
+    for a in (UCM_CAPTIONS, RSICD, SYDNEY_CAPTIONS, RSVQA_LR, RSVQA_HR, ImageFolder(), RecordFile("jsonl"),
+              RecordFile("csv"), SyntheticCorpus())
 }
+# Options of the adapters that read no splits or classes from their source (imagefolder, jsonl, csv).
+SOURCE_OPTIONS = {"split_ratio": "--split-ratio", "class_file": "--classes", "split_seed": "--split-seed"}
 
 
-def get_adapter(name: str) -> Adapter:
+def get_adapter(name: str, **options) -> Adapter:
+    """A copy of the adapter `name` for one conversion (adapters may learn their classes from the source),
+    with `options` (keys of SOURCE_OPTIONS) set; an adapter that takes no such option refuses it."""
     try:
-        return ADAPTERS[name]
+        adapter = ADAPTERS[name]
     except KeyError:
         raise UserError(f"unknown corpus adapter {name!r} (known: {', '.join(ADAPTERS)})") from None
+    if not options:
+        return copy.copy(adapter)
+    fields = {f.name for f in dataclasses.fields(adapter)} if dataclasses.is_dataclass(adapter) else set()
+    refused = [SOURCE_OPTIONS[k] for k in options if k not in fields]
+    if refused:
+        raise UserError(f"{refused[0]}: adapter {name} takes its splits and classes from its source "
+                        f"(only imagefolder, jsonl and csv take {refused[0]})")
+    return dataclasses.replace(adapter, **options)
 
 
 class _TooManyBad(Exception):

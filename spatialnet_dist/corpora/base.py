@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import re
 import warnings
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,7 +46,9 @@ class Adapter(Protocol):
     """One corpus in its published layout. `name` is the default corpus name in the store;
     `classes` the land-use class names that `Sample.label` indexes (None: the corpus has no labels);
     `image_size` the corpus's nominal (height, width): the writer fits images of another size to it
-    by `store.schema.FIT_RULE` and counts them (None: images are stored at the size they have)."""
+    by `store.schema.FIT_RULE` and counts them (None: images are stored at the size they have).
+    Adapters that learn their classes from the source (imagefolder, jsonl, csv) set `classes` in
+    `records` before it returns; `corpora.get_adapter` gives each conversion its own copy."""
 
     name: str
     classes: list[str] | None
@@ -91,44 +94,91 @@ def require_dir(path: Path, what: str) -> Path:
     return path
 
 
-def _read_tiff_fallback(path: Path, pil_error: Exception) -> np.ndarray:
-    """Multi-band or 16-bit TIFFs that PIL cannot open, through tifffile when it is installed."""
+def _read_tiff(path: Path) -> np.ndarray:
+    """Multi-band or 16-bit TIFFs (GeoTIFFs of Sentinel-2, Landsat, ...) that PIL cannot open, through
+    tifffile: a pure-Python wheel on numpy, where rasterio needs GDAL. The pixels are all we keep."""
+    import tifffile
+
     try:
-        import tifffile
-    except ImportError:
-        raise ImageError(
-            f"not readable by PIL ({pil_error}); multi-band or 16-bit TIFFs need the optional package tifffile"
-        ) from None
-    try:
-        image = np.asarray(tifffile.imread(path))
+        with tifffile.TiffFile(path) as tif:
+            series = tif.series[0]
+            image, axes = np.asarray(series.asarray()), series.axes
     except Exception as e:  # tifffile raises many types on corrupt files
-        raise ImageError(f"unreadable TIFF ({e.__class__.__name__}: {e})") from None
-    if image.ndim == 3 and image.shape[0] <= 16 < image.shape[2]:
-        image = np.moveaxis(image, 0, -1)  # planar (C, H, W) -> (H, W, C)
+        raise ImageError(f"unreadable TIFF (tifffile: {e.__class__.__name__}: {e})") from None
+    if image.ndim == 3 and axes[0] not in "YX":
+        # Bands first: samples stored plane by plane (S), or one band per page (Q, I): (C, H, W) -> (H, W, C)
+        image = np.moveaxis(image, 0, -1)
     return image
 
 
-def read_image(path: Path, bands: int) -> np.ndarray:
-    """-> (H, W, bands) array: uint8 for 8-bit pictures (stored as PNG), other dtypes as they are
-    (stored as NPY). Alpha and palettes become RGB. Raises ImageError naming the problem."""
+def read_image(path: Path, bands: int | None) -> np.ndarray:
+    """-> (H, W, bands) array (bands None: any number): uint8 for 8-bit pictures (stored as PNG), other
+    dtypes as they are (stored as NPY). Alpha and palettes become RGB. Raises ImageError naming the problem."""
     if not path.is_file():
         raise ImageError("image file missing")
+    tiff = path.suffix.lower() in (".tif", ".tiff")
     try:
         # PIL warns (e.g. "Corrupt EXIF data") on the files it then rejects; the ImageError says it once.
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             with Image.open(path) as im:
+                # A TIFF of several pages is a band stack (one band per page): PIL would read the first only.
+                if tiff and getattr(im, "n_frames", 1) > 1:
+                    raise ValueError("several pages")
                 im.load()
                 image = np.asarray(im.convert("RGB") if im.mode in _RGB_MODES else im)
     except Image.DecompressionBombError as e:
         raise ImageError(f"image too large for PIL ({e})") from None
     except (OSError, ValueError, SyntaxError) as e:  # PIL's errors for unknown formats and corrupt data
-        if path.suffix.lower() not in (".tif", ".tiff"):
+        if not tiff:
             raise ImageError(f"unreadable image ({e.__class__.__name__}: {e})") from None
-        image = _read_tiff_fallback(path, e)
+        image = _read_tiff(path)
     if image.ndim not in (2, 3):
         raise ImageError(f"image with shape {image.shape}, expected (H, W, bands)")
     image = as_hwc(image)
-    if image.shape[2] != bands:
+    if bands is not None and image.shape[2] != bands:
         raise ImageError(f"{image.shape[2]} band(s), expected {bands}")
     return image
+
+
+# ---- splits and class lists of corpora that do not come with them (imagefolder, jsonl, csv) ----
+
+SPLIT_NAMES = ("train", "val", "test")
+DEFAULT_SPLIT_RATIO = (0.8, 0.1, 0.1)
+
+
+def parse_split_ratio(text: str) -> tuple[float, float, float]:
+    """'0.8,0.1,0.1' -> the (train, val, test) fractions; a UserError names what is wrong."""
+    try:
+        ratio = tuple(float(part) for part in text.split(","))
+    except ValueError:
+        raise UserError(f"--split-ratio {text!r}: expected three numbers train,val,test such as 0.8,0.1,0.1") from None
+    if len(ratio) != 3 or min(ratio) < 0 or abs(sum(ratio) - 1) > 1e-6 or ratio[0] == 0:
+        raise UserError(f"--split-ratio {text!r}: expected three fractions train,val,test >= 0 summing to 1, train > 0")
+    return ratio
+
+
+def split_by_ratio(n: int, ratio: tuple[float, float, float], seed: int, group: str = "") -> list[str]:
+    """The split names of n items of one `group` (a class, or the whole corpus): a permutation seeded by
+    (seed, group) cut at the cumulative fractions, so every class is split in the same proportions and
+    the same items land in the same splits on every run."""
+    bounds = np.rint(np.cumsum(ratio) * n).astype(int)  # ends of train, val, test
+    by_position = np.searchsorted(bounds, np.arange(n), side="right")  # 0, 0, ..., 1, ..., 2
+    order = np.random.default_rng([seed, zlib.crc32(group.encode())]).permutation(n)
+    splits = [""] * n
+    for position, item in enumerate(order):
+        splits[item] = SPLIT_NAMES[by_position[position]]
+    return splits
+
+
+def read_class_file(path: Path) -> list[str]:
+    """A class-order file: one class name per line (blank lines skipped) -> the names; label i is line i."""
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"{path}: cannot read the class file ({e.__class__.__name__})") from None
+    classes = [line.strip() for line in lines if line.strip()]
+    repeated = sorted({c for c in classes if classes.count(c) > 1})
+    if not classes or repeated:
+        raise UserError(f"{path}: {'class ' + repr(repeated[0]) + ' listed twice' if repeated else 'no class names'}")
+    return classes

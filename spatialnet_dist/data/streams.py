@@ -34,8 +34,9 @@ from webdataset.tariterators import group_by_keys, tar_file_expander
 
 from spatialnet_dist.data.batch_format import QUESTIONS
 from spatialnet_dist.data.sides import map_sides, mappable
-from spatialnet_dist.data.transforms import IDENTITY, ImageTransform, Symmetry
+from spatialnet_dist.data.transforms import IDENTITY, BandNorm, ImageTransform, Symmetry
 from spatialnet_dist.errors import UserError
+from spatialnet_dist.store.band_stats import from_manifest
 from spatialnet_dist.store.manifest import read_manifest, shard_urls
 from spatialnet_dist.store.schema import Sample, decode_sample
 from spatialnet_dist.store.storage import StoreError, open_stream
@@ -67,6 +68,7 @@ class Shard:
 class CorpusShards:
     corpus: str
     shards: list[Shard]
+    band_norm: BandNorm | None = None  # the corpus's per-band (mean, std) for non-uint8 images, from its manifest
 
     @property
     def samples(self) -> int:
@@ -91,7 +93,8 @@ def corpus_shards(root: str, corpus: str, split: str, task: str) -> CorpusShards
     what, has = _TASK_CONTENT[task]
     if not urls or not has(manifest, info):
         raise UserError(f"tasks.{task}.corpora: corpus {corpus} under {root} has no {what} in split {split!r}")
-    return CorpusShards(corpus, [Shard(url, s["samples"]) for url, s in zip(urls, info["shards"])])
+    shards = [Shard(url, s["samples"]) for url, s in zip(urls, info["shards"])]
+    return CorpusShards(corpus, shards, from_manifest(manifest))
 
 
 def corpus_weights(cfg, task: str, corpora: list[CorpusShards]) -> list[float]:
@@ -261,8 +264,10 @@ class TaskSamples:
     """
 
     def __init__(self, task: str, vocabs: TextVocabs, transform: ImageTransform, caption_max_len: int,
-                 question_max_len: int, train: bool, questions_per_image: int = 0):
+                 question_max_len: int, train: bool, questions_per_image: int = 0,
+                 band_norms: dict[str, BandNorm] | None = None):
         self.task, self.vocabs, self.transform, self.train = task, vocabs, transform, train
+        self.band_norms = band_norms or {}  # corpus -> its per-band (mean, std); corpora without use none
         self.caption_max_len, self.question_max_len = caption_max_len, question_max_len
         self.questions_per_visit = questions_per_image or MAX_QUESTIONS_PER_VISIT
         self.class_index = {name: i for i, name in enumerate(vocabs.classes)}
@@ -273,7 +278,7 @@ class TaskSamples:
         targets = self._targets(sample, rng, symmetry)
         if targets is None:
             return None
-        image = self.transform(sample.image, rng, symmetry)  # (C, S, S)
+        image = self.transform(sample.image, rng, symmetry, self.band_norms.get(sample.corpus))  # (C, S, S)
         return {"image": image, "image_id": sample.image_id, **targets}
 
     def _symmetry(self, s: Sample, rng) -> Symmetry:
@@ -377,7 +382,7 @@ def task_stream_spec(cfg, vocabs: TextVocabs, task: str, split: str, transform: 
     task_cfg = getattr(cfg.tasks, task)
     corpora = [corpus_shards(cfg.data.root, c, split, task) for c in task_cfg.corpora]
     rows = TaskSamples(task, vocabs, transform, cfg.model.caption_max_len, cfg.model.question_max_len, train,
-                       task_cfg.questions_per_image)
+                       task_cfg.questions_per_image, {c.corpus: c.band_norm for c in corpora if c.band_norm is not None})
     weights = corpus_weights(cfg, task, corpora) if train else [1.0] * len(corpora)
     return TaskStreamSpec(task, corpora, weights, rows, cfg.data.max_bad_fraction)
 

@@ -42,6 +42,10 @@ def model_image_size(model_cfg) -> int:
     return get_preset(model_cfg.preset).image_size
 
 
+# A corpus's per-band (mean, std), each of shape (C,): store.band_stats.from_manifest.
+BandNorm = tuple[np.ndarray, np.ndarray]
+
+
 def adapt_bands(image: np.ndarray, in_chans: int) -> np.ndarray:
     """(H, W, C) -> (H, W, in_chans): the first in_chans bands, or bands repeated in turn (grey -> RGB)."""
     bands = image.shape[2]
@@ -98,11 +102,16 @@ def jitter_(x: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
     return x.sub_(mean).mul_(scale).add_(mean + rng.uniform(-STRONG_BRIGHTNESS, STRONG_BRIGHTNESS))
 
 
-def normalize(x: torch.Tensor) -> torch.Tensor:
-    """(C, H, W) of any dtype -> float32. uint8: fixed scaling; other dtypes (16-bit, float, many bands)
-    have no common range, so each band of each image is standardised on its own."""
+def normalize(x: torch.Tensor, band_norm: BandNorm | None = None) -> torch.Tensor:
+    """(C, H, W) of any dtype -> float32. uint8: fixed scaling. Other dtypes (16-bit, float, many bands)
+    have no common range: with `band_norm`, the corpus's per-band (mean, std) of its training split
+    (store/band_stats.py), nodata (NaN) pixels at the mean; without, each band of each image is
+    standardised on its own."""
     if x.dtype == torch.uint8:
         return x.float().div_(255.0).sub_(UINT8_MEAN).div_(UINT8_STD)
+    if band_norm is not None:
+        mean, std = (torch.from_numpy(np.ascontiguousarray(a, np.float32))[:, None, None] for a in band_norm)  # (C, 1, 1)
+        return torch.nan_to_num((x.float() - mean) / std, nan=0.0, posinf=0.0, neginf=0.0)
     x = torch.nan_to_num(x.float())  # nodata pixels of float rasters
     mean = x.mean(dim=(1, 2), keepdim=True)  # (C, 1, 1)
     std = x.std(dim=(1, 2), keepdim=True)
@@ -137,8 +146,11 @@ class ImageTransform:
         return IDENTITY if self.augment == "none" else draw_symmetry(rng)
 
     def __call__(self, image: np.ndarray, rng: np.random.Generator | None = None,
-                 symmetry: Symmetry = IDENTITY) -> torch.Tensor:
+                 symmetry: Symmetry = IDENTITY, band_norm: BandNorm | None = None) -> torch.Tensor:
+        """`band_norm`: the image's corpus's per-band (mean, std) for non-uint8 images (see `normalize`)."""
         image = adapt_bands(as_hwc(image), self.in_chans)
+        if band_norm is not None:  # the statistics' bands picked as the image's: (1, 1, C) -> (C,)
+            band_norm = tuple(adapt_bands(a[None, None], self.in_chans)[0, 0] for a in band_norm)
         x = torch.from_numpy(np.require(image, requirements=["C", "W"]))  # a copy when read-only (cached images)
         x = x.permute(2, 0, 1)  # (C, H, W)
         strong = self.augment == "strong"
@@ -148,7 +160,7 @@ class ImageTransform:
         if x.dtype == torch.uint8:
             x = normalize(resize(x, self.size))  # torch resizes uint8 ~4x faster than float32
         else:
-            x = resize(normalize(x), self.size)
+            x = resize(normalize(x, band_norm), self.size)
         if strong:
             x = jitter_(x, rng)  # x is new here: normalize() never returns its input
         # After the resize: fewer pixels to move, and resizing to a square commutes with the symmetries.

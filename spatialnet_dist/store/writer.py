@@ -38,6 +38,7 @@ import numpy as np
 from tqdm import tqdm
 
 from spatialnet_dist.store import storage
+from spatialnet_dist.store.band_stats import BandStats
 from spatialnet_dist.store.manifest import manifest_url
 from spatialnet_dist.store.schema import (
     FIT_RULE,
@@ -168,8 +169,10 @@ class _SplitCounts:
         self.answer_counts: defaultdict[str, Counter] = defaultdict(Counter)
         self.shards: list[dict] = []
         self.image_ids: set[str] = set()
+        self.band_stats = BandStats()  # partial sums: parallel writers merge them
 
     def add(self, sample: Sample) -> None:
+        self.band_stats.add(sample.image)
         self.samples += 1
         self.captions += len(sample.captions)
         self.questions += len(sample.qa)
@@ -191,6 +194,7 @@ class _SplitCounts:
             "questions": self.questions,
             "questions_by_type": dict(sorted(self.questions_by_type.items())),
             **resized,
+            **self.band_stats.manifest(),
             "shards": self.shards,
             "word_counts": by_count(self.word_counts),
             "answer_counts": {qtype: by_count(c) for qtype, c in sorted(self.answer_counts.items())},
