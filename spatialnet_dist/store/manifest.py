@@ -4,7 +4,8 @@ Manifest (DESIGN.md, CONTRACT: shards, plus the vocabulary counts per split):
   {"schema_version": 1, "corpus", "created", "source", "classes": [...] or null,
    "splits": {"<split>": {"samples", "captions", "questions", "questions_by_type": {type: n},
                           "shards": [{"name", "samples", "bytes", "sha256"}],
-                          "word_counts": {word: n}, "answer_counts": {qtype: {raw answer: n}}}}}
+                          "word_counts": {word: n}, "answer_counts": {qtype: {raw answer: n}},
+                          "band_stats": {"pixels", "mean", "std"} (rasters other than uint8: store/band_stats.py)}}}
 """
 
 from __future__ import annotations
