@@ -117,6 +117,9 @@ def test_imagefolder_split_folders_class_file_and_refusals(tmp_path):
     (src / "extra").mkdir()
     with pytest.raises(UserError, match="folder 'extra' beside the split folders"):
         get_adapter("imagefolder").records(src)
+    (tmp_path / "eurosat" / "2750" / "Forest").mkdir(parents=True)  # SRC one level too high
+    with pytest.raises(UserError, match="eurosat: no image files in its class folders"):
+        get_adapter("imagefolder").records(tmp_path / "eurosat")
     with pytest.raises(UserError, match="--split-ratio: adapter ucm-captions takes its splits"):
         get_adapter("ucm-captions", split_ratio=(0.8, 0.1, 0.1))
 

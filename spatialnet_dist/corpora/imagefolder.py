@@ -108,6 +108,9 @@ class ImageFolder:
                 len(files), self.split_ratio or DEFAULT_SPLIT_RATIO, self.split_seed, class_dir.name)
             label = self.classes.index(class_dir.name)
             items += [(s, label, f) for s, f in zip(splits, files)]
+        if not items:
+            raise UserError(f"{src}: no image files in its class folders ({' '.join(sorted(IMAGE_SUFFIXES))}; "
+                            "point SRC at the folder that holds the class folders)")
         return self._records(src, items)
 
     def _records(self, src: Path, items: list[tuple[str, int, Path]]) -> Iterator[Sample | BadRecord]:
