@@ -124,6 +124,21 @@ def test_imagefolder_split_folders_class_file_and_refusals(tmp_path):
         get_adapter("ucm-captions", split_ratio=(0.8, 0.1, 0.1))
 
 
+def test_cli_convert_imagefolder_with_class_file_and_split_seed(tmp_path, capsys):
+    src = class_folders(tmp_path / "src", {"river": 5, "beach": 5})
+    (tmp_path / "classes.txt").write_text("river\nbeach\n")
+    root = str(tmp_path / "store")
+    args = ["shards", "convert", "imagefolder", str(src), root, "--name", "rivers", "--classes",
+            str(tmp_path / "classes.txt"), "--split-ratio", "0.6,0.2,0.2", "--min-shards", "1"]
+    assert cli_main([*args, "--split-seed", "3"]) == 0
+    manifest = read_manifest(root, "rivers")
+    assert manifest["classes"] == ["river", "beach"]
+    assert {split: info["samples"] for split, info in manifest["splits"].items()} == {"train": 6, "val": 2, "test": 2}
+    assert "rivers: 10 samples" in capsys.readouterr().out
+    assert cli_main(["shards", "convert", "ucm-captions", str(src), root, "--classes", "x.txt"]) == 2
+    assert "--classes: adapter ucm-captions takes its splits" in capsys.readouterr().err
+
+
 def test_split_ratio_parsing_and_rounding():
     assert parse_split_ratio("0.8,0.1,0.1") == (0.8, 0.1, 0.1)
     for bad in ("0.8,0.2", "0.5,0.5,0.5", "a,b,c", "0,0.5,0.5"):
