@@ -39,10 +39,14 @@ class BandStats:
         image = as_hwc(image)
         if image.dtype == np.uint8:
             return
-        x = image.reshape(-1, image.shape[2]).astype(np.float64)  # (H*W, C)
-        finite = np.isfinite(x)  # nodata pixels of float rasters (NaN) do not count
-        x = np.where(finite, x, 0.0)
-        self._accumulate(finite.sum(axis=0), x.sum(axis=0), np.square(x).sum(axis=0))
+        bands = image.shape[2]
+        x = np.ascontiguousarray(image.reshape(-1, bands).T, dtype=np.float64)  # (C, H*W): rows reduce ~10x faster
+        if np.issubdtype(image.dtype, np.floating):  # nodata pixels of float rasters (NaN) do not count
+            finite = np.isfinite(x)
+            x, count = np.where(finite, x, 0.0), finite.sum(axis=1)
+        else:
+            count = np.full(bands, x.shape[1])
+        self._accumulate(count, x.sum(axis=1), np.einsum("ij,ij->i", x, x))
 
     def merge(self, other: BandStats) -> BandStats:
         """Add another part's counts to these (in place); -> self."""
