@@ -3,6 +3,7 @@ in the manifest, and training on each kind (shards/README.md "Bring your own cor
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import subprocess
@@ -159,9 +160,8 @@ def test_jsonl_fields_drawn_splits_and_bad_lines_named(tmp_path):
         f.write(json.dumps({"path": "tiles/t0.png", "caption": "typo"}) + "\n")
         f.write(json.dumps({"path": "tiles/t1.png", "qa": [{"question": "Any?", "answer": "yes"}]}) + "\n")
     tifffile.imwrite(tmp_path / "js" / "tiles" / "ms.tif", sentinel2(0), photometric="minisblack", planarconfig="separate")
-    f = path.open("a")
-    f.write(json.dumps({"path": "tiles/ms.tif", "id": "ms"}) + "\n")
-    f.close()
+    with path.open("a") as f:
+        f.write(json.dumps({"path": "tiles/ms.tif", "id": "ms"}) + "\n")
     adapter = get_adapter("jsonl")
     out = list(adapter.records(path))
     good, bad = by_id(out), {b.record: b for b in out if isinstance(b, BadRecord)}
@@ -184,8 +184,6 @@ def test_jsonl_fields_drawn_splits_and_bad_lines_named(tmp_path):
 def test_csv_gives_the_records_jsonl_gives(tmp_path):
     path = jsonl_corpus(tmp_path / "src")
     rows = [json.loads(line) for line in path.read_text().splitlines()]
-    import csv
-
     with (path.parent / "corpus.csv").open("w", newline="") as f:
         writer = csv.DictWriter(f, ["path", "split", "label", "captions", "tags", "qa"])
         writer.writeheader()
