@@ -53,3 +53,31 @@ def test_compiled_step_gives_the_eager_losses(tmp_path, free_ports):
     losses = json.loads((tmp_path / "losses.json").read_text())
     torch.testing.assert_close(torch.tensor(losses["true"]), torch.tensor(losses["false"]), rtol=1e-4, atol=1e-5)
     assert losses["false"][0] != losses["false"][-1]  # the steps trained
+
+
+def test_every_attention_goes_through_sdpa(monkeypatch):
+    """Encoder blocks (timm fused_attn), caption decoder, question encoder and VQA fusion: each attention
+    module of a training forward calls F.scaled_dot_product_attention (flash / memory-efficient kernels on
+    GPU) once, none computes softmax(QK^T)V by hand."""
+    import torch.nn.functional as F
+    from timm.models.vision_transformer import Attention
+
+    from tests.test_model import tiny_model
+
+    model = tiny_model()
+    model.train()
+    attentions = [m for m in model.modules() if isinstance(m, (Attention, torch.nn.MultiheadAttention))]
+    assert all(m.fused_attn for m in attentions if isinstance(m, Attention))
+    encoder_blocks = len(model.encoder.blocks)
+    assert encoder_blocks and len(attentions) > encoder_blocks  # the heads' attention counted too
+
+    calls = []
+    sdpa = F.scaled_dot_product_attention
+
+    def counting(*args, **kwargs):
+        calls.append(args[0].shape)
+        return sdpa(*args, **kwargs)
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", counting)
+    model(make_batch(n=3))
+    assert len(calls) == len(attentions)
