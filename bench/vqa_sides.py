@@ -59,7 +59,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.manual_seed(args.seed)
     if args.without_grid_positions:
-        heads.grid_positions = lambda n, d: torch.zeros(n, d)
+        heads.grid_positions = lambda n, d, device: torch.zeros(n, d, device=device)
     cfg = ModelConfig(preset="tiny")
     t0 = time.time()
     if args.cache and os.path.exists(args.cache):

@@ -129,6 +129,9 @@ class TrainConfig:
     torch_threads: int = 0  # 0: cpus_per_worker
     zero_stage: int = 2
     precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16
+    # torch.compile of the model inside the DeepSpeed engine: auto (on GPU yes, on CPU no) | true | false.
+    # The first steps pay the compile (about a minute for `paper`); a new batch shape recompiles once.
+    compile: str = "auto"
     offload_optimizer: bool = False
     offload_params: bool = False
     activation_checkpointing: bool = False
@@ -217,6 +220,7 @@ _CHECKS: dict[str, tuple[typing.Callable, str]] = {
     "train.torch_threads": (lambda v: v >= 0, ">= 0"),
     "train.zero_stage": (lambda v: v in (0, 1, 2, 3), "0, 1, 2 or 3"),
     "train.precision": (lambda v: v in ("auto", "fp32", "bf16"), "auto, fp32 or bf16"),
+    "train.compile": (lambda v: v in ("auto", "true", "false"), "auto, true or false"),
     "train.max_failures": (lambda v: v >= -1, ">= 0, or -1 for unlimited"),
     "train.mode": (lambda v: v in ("all", "alternate"), "all or alternate"),
     "eval.every": (lambda v: v >= 0, ">= 0"),
@@ -262,6 +266,8 @@ def _coerce(key: str, value, tp):
     if tp is str:
         if value is None:
             return ""
+        if isinstance(value, bool):
+            return str(value).lower()  # YAML reads `true` as a bool; a string key (train.compile) takes it as written
         if not isinstance(value, str):
             raise bad
         return value

@@ -231,17 +231,18 @@ def _strip(ids: list[int]) -> list[int]:
 
 
 @functools.lru_cache(maxsize=8)
-def grid_positions(num_tokens: int, dim: int) -> torch.Tensor:
+def grid_positions(num_tokens: int, dim: int, device: torch.device = torch.device("cpu")) -> torch.Tensor:
     """(N, dim) fixed 2-D Fourier features of a square grid of N patch tokens, row-major as timm flattens
     them: the first half of the channels encode the row, the second the column, each as sin/cos of the
     patch centre's coordinate u in (-1, 1) at frequencies from half a cycle across the image (sin then rises
     from one side to the other: "left" is one direction) up to the grid's Nyquist. Coordinates are relative,
-    so a channel means the same place on any grid."""
+    so a channel means the same place on any grid. Cached per device: made there once, so a training step
+    copies nothing from the host (and a meta-device FLOP count never hands a data-less tensor to training)."""
     side = math.isqrt(num_tokens)
     if side * side != num_tokens or dim % 4:
         raise ValueError(f"grid positions need a square number of tokens and dim divisible by 4, got {num_tokens}, {dim}")
-    cycles = 0.5 * max(side, 2) ** torch.linspace(0, 1, dim // 4)  # (dim/4,) cycles per image width
-    u = (torch.arange(side, dtype=torch.float32) + 0.5) / side * 2 - 1  # (side,) patch centres
+    cycles = 0.5 * max(side, 2) ** torch.linspace(0, 1, dim // 4, device=device)  # (dim/4,) cycles per image width
+    u = (torch.arange(side, dtype=torch.float32, device=device) + 0.5) / side * 2 - 1  # (side,) patch centres
     angles = math.pi * u[:, None] * cycles  # (side, dim/4)
     axis = torch.cat([angles.sin(), angles.cos()], -1)  # (side, dim/2): one coordinate
     rows = axis[:, None].expand(side, side, dim // 2)
@@ -279,7 +280,7 @@ class VQAHead(nn.Module):
     def image_memory(self, tokens: torch.Tensor) -> torch.Tensor:
         """Per image, once however many questions it gets: tokens (B, N, D) -> (B, N, d) with grid positions."""
         image = self.project(tokens)  # (B, N, d)
-        return image + grid_positions(image.size(1), image.size(2)).to(image)
+        return image + grid_positions(image.size(1), image.size(2), image.device).to(image.dtype)
 
     def answer(self, memory: torch.Tensor, question: torch.Tensor) -> torch.Tensor:
         """Per question: memory (Q, N, d) of its image, question (Q, Lq) PAD-padded -> logits (Q, A)."""

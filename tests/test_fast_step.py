@@ -1,0 +1,83 @@
+"""The training step near the hardware: train.compile gives the eager step's losses."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from spatialnet_dist.config import TASKS
+from tests.test_model import SIZES, make_batch
+
+
+def _compile_worker(rank: int, port: int, out: str):
+    """One rank under gloo, ZeRO-0: three steps of a tiny model on one batch, eager then compiled
+    (train.compile=true on CPU) -> the losses of each."""
+    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
+                      DS_ACCELERATOR="cpu")
+    from spatialnet_dist import config as config_mod
+    from spatialnet_dist.model.spatialnet import assemble_model
+    from spatialnet_dist.objective import MultiTaskObjective
+    from spatialnet_dist.train import engine as ds
+
+    torch.set_num_threads(1)
+    ds.init_distributed(False)
+    losses = {}
+    for switch in ("false", "true"):
+        cfg = config_mod.load(None, ["model.image_size=32", "model.caption_max_len=10", "model.question_max_len=8",
+                                     "train.zero_stage=0", f"train.compile={switch}", "optim.warmup_steps=0",
+                                     "optim.lr=1e-3", "train.max_steps=10"])
+        torch.manual_seed(0)
+        engine = ds.create_engine(cfg, assemble_model(cfg.model, list(TASKS), SIZES), 1)
+        objective = MultiTaskObjective(cfg.loss)
+        batch = make_batch(n=3)
+        losses[switch] = []
+        for _ in range(3):
+            loss = objective(engine(batch), batch, engine.module)["loss"]
+            engine.backward(loss)
+            engine.step()
+            losses[switch].append(loss.item())
+    Path(out, "losses.json").write_text(json.dumps(losses))
+
+
+@pytest.mark.slow  # inductor compiles forward and backward with a C++ compiler: minutes on 2 loaded cores
+def test_compiled_step_gives_the_eager_losses(tmp_path, free_ports):
+    """Same weights, batch and optimizer: the compiled model's losses over three steps (so its backward
+    and the updates it feeds count too) match the eager ones to float tolerance."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(_compile_worker, args=(free_ports(1)[0], str(tmp_path)), nprocs=1)
+    losses = json.loads((tmp_path / "losses.json").read_text())
+    torch.testing.assert_close(torch.tensor(losses["true"]), torch.tensor(losses["false"]), rtol=1e-4, atol=1e-5)
+    assert losses["false"][0] != losses["false"][-1]  # the steps trained
+
+
+def test_every_attention_goes_through_sdpa(monkeypatch):
+    """Encoder blocks (timm fused_attn), caption decoder, question encoder and VQA fusion: each attention
+    module of a training forward calls F.scaled_dot_product_attention (flash / memory-efficient kernels on
+    GPU) once, none computes softmax(QK^T)V by hand."""
+    import torch.nn.functional as F
+    from timm.models.vision_transformer import Attention
+
+    from tests.test_model import tiny_model
+
+    model = tiny_model()
+    model.train()
+    attentions = [m for m in model.modules() if isinstance(m, (Attention, torch.nn.MultiheadAttention))]
+    assert all(m.fused_attn for m in attentions if isinstance(m, Attention))
+    encoder_blocks = len(model.encoder.blocks)
+    assert encoder_blocks and len(attentions) > encoder_blocks  # the heads' attention counted too
+
+    calls = []
+    sdpa = F.scaled_dot_product_attention
+
+    def counting(*args, **kwargs):
+        calls.append(args[0].shape)
+        return sdpa(*args, **kwargs)
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", counting)
+    model(make_batch(n=3))
+    assert len(calls) == len(attentions)
