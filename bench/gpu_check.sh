@@ -32,7 +32,7 @@ START=$SECONDS
 
 if [ "$MODE" = gpu ]; then
   : "${PRESET:=paper}" "${IMAGES:=200}" "${ROWS:=512 128}" "${WARMUP:=3}" "${STEPS:=10}" "${LOADERS:=12}"
-  : "${CONFIGS:=0:true 0:false 3:false 3:true}" "${PRECISION:=bf16}" "${DEADLINE:=330}" "${CAP:=170}"
+  : "${CONFIGS:=0:true 0:false 3:false 3:true}" "${PRECISION:=auto}" "${DEADLINE:=330}" "${CAP:=170}"
   USE_GPU=true
   nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,temperature.gpu --format=csv | tee "$OUT/card.txt"
   # The image has torch and timm but no DeepSpeed or WebDataset: install what bench/gpu_wheels.sh fetched.

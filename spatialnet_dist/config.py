@@ -128,7 +128,11 @@ class TrainConfig:
     cpus_per_worker: int = 1
     torch_threads: int = 0  # 0: cpus_per_worker
     zero_stage: int = 2
-    precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16
+    # auto (bf16-autocast on GPU, fp32 on CPU) | fp32 | bf16 (DeepSpeed's: bf16 weights and gradients, fp32
+    # master copy) | bf16-autocast (torch.autocast through DeepSpeed: fp32 weights and optimizer, bf16 matmuls;
+    # on an H200 its step ran 34% faster at 128 rows than DeepSpeed's bf16 optimizer, whose step syncs the host
+    # ~300 times: bench/RESULTS.md, GPU)
+    precision: str = "auto"
     # torch.compile of the model inside the DeepSpeed engine: auto (on GPU yes, on CPU no) | true | false.
     # The first steps pay the compile (about a minute for `paper`); a new batch shape recompiles once.
     compile: str = "auto"
@@ -219,7 +223,7 @@ _CHECKS: dict[str, tuple[typing.Callable, str]] = {
     "train.cpus_per_worker": (lambda v: v >= 1, ">= 1"),
     "train.torch_threads": (lambda v: v >= 0, ">= 0"),
     "train.zero_stage": (lambda v: v in (0, 1, 2, 3), "0, 1, 2 or 3"),
-    "train.precision": (lambda v: v in ("auto", "fp32", "bf16"), "auto, fp32 or bf16"),
+    "train.precision": (lambda v: v in ("auto", "fp32", "bf16", "bf16-autocast"), "auto, fp32, bf16 or bf16-autocast"),
     "train.compile": (lambda v: v in ("auto", "true", "false"), "auto, true or false"),
     "train.max_failures": (lambda v: v >= -1, ">= 0, or -1 for unlimited"),
     "train.mode": (lambda v: v in ("all", "alternate"), "all or alternate"),

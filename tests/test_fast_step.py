@@ -13,9 +13,9 @@ from spatialnet_dist.config import TASKS
 from tests.test_model import SIZES, make_batch
 
 
-def _compile_worker(rank: int, port: int, out: str):
-    """One rank under gloo, ZeRO-0: three steps of a tiny model on one batch, eager then compiled
-    (train.compile=true on CPU) -> the losses of each."""
+def _losses_worker(rank: int, port: int, out: str, settings: dict[str, list[str]]):
+    """One rank under gloo, ZeRO-0: three steps of a tiny model on one batch per setting (config overrides),
+    the same weights each time -> the losses and the parameter dtype of each."""
     os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
                       DS_ACCELERATOR="cpu")
     from spatialnet_dist import config as config_mod
@@ -25,34 +25,52 @@ def _compile_worker(rank: int, port: int, out: str):
 
     torch.set_num_threads(1)
     ds.init_distributed(False)
-    losses = {}
-    for switch in ("false", "true"):
+    results = {}
+    for name, overrides in settings.items():
         cfg = config_mod.load(None, ["model.image_size=32", "model.caption_max_len=10", "model.question_max_len=8",
-                                     "train.zero_stage=0", f"train.compile={switch}", "optim.warmup_steps=0",
-                                     "optim.lr=1e-3", "train.max_steps=10"])
+                                     "train.zero_stage=0", "optim.warmup_steps=0", "optim.lr=1e-3",
+                                     "train.max_steps=10", *overrides])
         torch.manual_seed(0)
         engine = ds.create_engine(cfg, assemble_model(cfg.model, list(TASKS), SIZES), 1)
         objective = MultiTaskObjective(cfg.loss)
         batch = make_batch(n=3)
-        losses[switch] = []
+        losses = []
         for _ in range(3):
             loss = objective(engine(batch), batch, engine.module)["loss"]
             engine.backward(loss)
             engine.step()
-            losses[switch].append(loss.item())
-    Path(out, "losses.json").write_text(json.dumps(losses))
+            losses.append(loss.item())
+        results[name] = {"losses": losses, "dtype": str(next(engine.module.parameters()).dtype)}
+    Path(out, "results.json").write_text(json.dumps(results))
+
+
+def _run_settings(tmp_path, port: int, settings: dict[str, list[str]]) -> dict:
+    import torch.multiprocessing as mp
+
+    mp.spawn(_losses_worker, args=(port, str(tmp_path), settings), nprocs=1)
+    return json.loads((tmp_path / "results.json").read_text())
 
 
 @pytest.mark.slow  # inductor compiles forward and backward with a C++ compiler: minutes on 2 loaded cores
 def test_compiled_step_gives_the_eager_losses(tmp_path, free_ports):
     """Same weights, batch and optimizer: the compiled model's losses over three steps (so its backward
     and the updates it feeds count too) match the eager ones to float tolerance."""
-    import torch.multiprocessing as mp
+    results = _run_settings(tmp_path, free_ports(1)[0], {"eager": ["train.compile=false"],
+                                                         "compiled": ["train.compile=true"]})
+    eager, compiled = results["eager"]["losses"], results["compiled"]["losses"]
+    torch.testing.assert_close(torch.tensor(compiled), torch.tensor(eager), rtol=1e-4, atol=1e-5)
+    assert eager[0] != eager[-1]  # the steps trained
 
-    mp.spawn(_compile_worker, args=(free_ports(1)[0], str(tmp_path)), nprocs=1)
-    losses = json.loads((tmp_path / "losses.json").read_text())
-    torch.testing.assert_close(torch.tensor(losses["true"]), torch.tensor(losses["false"]), rtol=1e-4, atol=1e-5)
-    assert losses["false"][0] != losses["false"][-1]  # the steps trained
+
+def test_bf16_autocast_keeps_fp32_weights_and_the_fp32_losses(tmp_path, free_ports):
+    """train.precision=bf16-autocast (DeepSpeed's torch_autocast, the GPU default): the weights and the
+    optimizer stay fp32 and the losses follow the fp32 run's within bf16 matmul error."""
+    results = _run_settings(tmp_path, free_ports(1)[0], {"fp32": ["train.precision=fp32"],
+                                                         "autocast": ["train.precision=bf16-autocast"]})
+    assert results["autocast"]["dtype"] == "torch.float32"
+    fp32, autocast = results["fp32"]["losses"], results["autocast"]["losses"]
+    torch.testing.assert_close(torch.tensor(autocast), torch.tensor(fp32), rtol=3e-2, atol=3e-2)
+    assert autocast != fp32  # bf16 matmuls did run
 
 
 def test_every_attention_goes_through_sdpa(monkeypatch):

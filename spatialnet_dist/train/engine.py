@@ -22,10 +22,10 @@ from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoin
 
 
 def precision(cfg: Config) -> str:
-    """bf16 on GPU, fp32 on CPU, unless the config names one."""
+    """bf16-autocast on GPU, fp32 on CPU, unless the config names one."""
     if cfg.train.precision != "auto":
         return cfg.train.precision
-    return "bf16" if cfg.train.use_gpu else "fp32"
+    return "bf16-autocast" if cfg.train.use_gpu else "fp32"
 
 
 def compiled(cfg: Config) -> bool:
@@ -65,6 +65,7 @@ def deepspeed_config(cfg: Config, world_size: int, model: torch.nn.Module) -> di
         "gradient_clipping": cfg.optim.grad_clip,
         "zero_optimization": zero,
         "bf16": {"enabled": precision(cfg) == "bf16"},
+        "torch_autocast": {"enabled": precision(cfg) == "bf16-autocast", "dtype": "bfloat16"},
         "fp16": {"enabled": False},
         # Each node writes its own ranks' files; Ray Train merges them in run storage.
         "checkpoint": {"use_node_local_storage": True},
