@@ -152,6 +152,108 @@ def test_mlflow_on_s3_storage_needs_a_tracking_server(monkeypatch, capsys):
     assert len(err.splitlines()) == 1 and "MLFLOW_TRACKING_URI" in err and "log.mlflow" in err
 
 
+# ---- a short training run: what it leaves where people look ----
+
+
+def _train_worker(rank: int, port: int, root: str, storage_dir: str):
+    """3 steps on one rank (DeepSpeed under gloo), validation at step 2, then the end-of-run evaluation
+    as the Ray worker runs it (without captions: their scorers are java)."""
+    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    from test_train import TINY
+
+    from spatialnet_dist.data.vocab import build_vocabs
+    from spatialnet_dist.evaluate.run import evaluate_model
+    from spatialnet_dist.train import engine as ds
+    from spatialnet_dist.train.local import train
+
+    cfg = config_mod.load(None, [*TINY, f"data.root={root}", f"run.storage={storage_dir}", "train.max_steps=3",
+                                 "train.checkpoint_every=3", "eval.every=2", "eval.val_batches=1", "eval.beam_size=1",
+                                 "log.mlflow=true", "train.cpus_per_worker=1"])
+    ds.init_distributed(False)
+    vocabs = build_vocabs(cfg)
+    run = RunDir(str(Path(storage_dir) / cfg.run.name))
+    trainer = train(cfg, vocabs, Path(run.url), rank, 1)
+    eval_cfg = config_mod.from_dict(cfg.to_dict())
+    eval_cfg.tasks.captioning.enabled = False
+    eval_cfg.eval.max_samples = 4
+    tracker = RunTracker(cfg, run, trainer.step)
+    evaluate_model(trainer.inference_model(), eval_cfg, vocabs, "test", 0, 1, out_dir=run.path("eval"),
+                   metrics_jsonl=run.path("metrics.jsonl"), tracker=tracker)
+    tracker.close()
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory, free_ports):
+    import torch.multiprocessing as mp
+
+    from spatialnet_dist.corpora.synthetic import write_synthetic
+
+    base = tmp_path_factory.mktemp("observe")
+    root, storage_dir = str(base / "shards"), str(base / "runs")
+    write_synthetic(root, images=40, seed=0, shard_size=10)
+    saved = os.environ.pop("MLFLOW_TRACKING_URI", None)
+    try:
+        mp.spawn(_train_worker, args=(free_ports(1)[0], root, storage_dir), nprocs=1)
+    finally:
+        if saved is not None:
+            os.environ["MLFLOW_TRACKING_URI"] = saved
+    return {"shards": root, "storage": storage_dir, "run": Path(storage_dir) / "demo"}
+
+
+@pytest.mark.slow
+def test_training_run_in_tensorboard(trained_run):
+    run = trained_run["run"]
+    acc = events(run / TENSORBOARD_DIR)
+    records = RunDir(str(run)).metrics()
+    assert [r["step"] for r in records] == [1, 2, 3]
+    keys = {k for r in records for k in r if k != "step"}
+    assert "val/vqa_OA" in keys and "samples_per_s/captioning" in keys
+    for key in keys:  # every scalar of metrics.jsonl, at its steps, with its values (float32 in the file)
+        assert scalar_steps(acc, key) == {r["step"]: pytest.approx(r[key], rel=1e-6) for r in records if key in r}
+    assert "test/vqa/OA" in acc.Tags()["scalars"] and "test/classification/accuracy" in acc.Tags()["scalars"]
+    assert [e.step for e in acc.Images("val_samples/0")] == [2]
+    assert "Generated caption" in text_of(acc, "val_samples/0")  # captioned by beam search at validation
+    assert "| question" in text_of(acc, "test_samples/0")  # the test images' questions and answers
+
+
+@pytest.mark.slow
+def test_training_run_in_mlflow(trained_run):
+    from mlflow import MlflowClient
+
+    known = json.loads((trained_run["run"] / MLFLOW_RUN_FILE).read_text())
+    client = MlflowClient(known["tracking_uri"])
+    found = client.get_run(known["run_id"])
+    assert found.info.status == "FINISHED" and found.data.params["train.max_steps"] == "3"
+    assert [m.step for m in client.get_metric_history(known["run_id"], "loss")] == [1, 2, 3]
+    assert "val/vqa_OA" in found.data.metrics and "test/vqa/OA" in found.data.metrics
+    artifacts = {a.path for a in client.list_artifacts(known["run_id"], "eval")}
+    assert {"eval/report.md", "eval/metrics.json", "eval/losses.png", "eval/predictions"} <= artifacts
+
+
+def _cli(*argv: str) -> subprocess.CompletedProcess:
+    """The command line in its own process: stdout as a pipe, as `| jq` sees it."""
+    return subprocess.run([sys.executable, "-m", "spatialnet_dist.cli", *argv], capture_output=True, text=True,
+                          timeout=300, env={**os.environ, "PYTHONPATH": str(REPO), "DS_ACCELERATOR": "cpu"})
+
+
+@pytest.mark.slow
+def test_json_output_is_alone_on_stdout(trained_run, tmp_path):
+    from PIL import Image
+
+    image = tmp_path / "scene.png"
+    Image.fromarray(np.zeros((40, 40, 3), np.uint8)).save(image)
+    checkpoint = str(trained_run["run"] / "checkpoint-000003")
+    predicted = _cli("predict", checkpoint, str(image), "--question", "is there water?", "--json")
+    assert predicted.returncode == 0, predicted.stderr[-2000:]
+    assert json.loads(predicted.stdout)[0]["answers"][0]["question"] == "is there water?"
+    assert "Processing zero checkpoint" in predicted.stderr  # DeepSpeed's lines: still shown, on stderr
+    inspected = _cli("shards", "inspect", trained_run["shards"], "--json")
+    assert inspected.returncode == 0 and "synthetic" in json.dumps(json.loads(inspected.stdout))
+    vqa = str(trained_run["run"] / "eval" / "predictions" / "vqa.json")
+    scored = _cli("eval", "vqa", "--pred", vqa, "--json")
+    assert scored.returncode == 0 and set(json.loads(scored.stdout)) >= {"AA", "OA", "per_type"}
+
+
 # ---- spatialnet runs list / show ----
 
 

@@ -10,6 +10,7 @@ as metrics.jsonl drops those lines; MLflow keeps every value logged for a step a
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import shutil
@@ -42,7 +43,10 @@ def scalars(metrics: dict, prefix: str = "") -> dict[str, float]:
 
 def mlflow_tracking_uri(cfg: Config) -> str:
     """MLFLOW_TRACKING_URI, else a SQLite store beside the runs (MLflow 3 refuses its plain file store).
-    A run.storage on s3:// needs a tracking server: a store on a worker's disk would be lost with it."""
+    A run.storage on s3:// needs a tracking server: a store on a worker's disk would be lost with it.
+    The driver calls this before any worker starts, so that these errors stop the job at once."""
+    if importlib.util.find_spec("mlflow") is None:
+        raise UserError("config key log.mlflow: mlflow is not installed (pip install 'spatialnet-dist[mlflow]')")
     uri = os.environ.get("MLFLOW_TRACKING_URI")
     if uri:
         return uri
