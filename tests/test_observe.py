@@ -20,8 +20,8 @@ from spatialnet_dist.cli import build_parser
 from spatialnet_dist.cli import main as cli_main
 from spatialnet_dist.store import storage
 from spatialnet_dist.train import launch
-from spatialnet_dist.train.rundir import RunDir
-from spatialnet_dist.train.tracking import MLFLOW_RUN_FILE, TENSORBOARD_DIR, RunTracker
+from spatialnet_dist.train.rundir import MLFLOW_RUN_FILE, TENSORBOARD_DIR, RunDir
+from spatialnet_dist.train.tracking import RunTracker
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -106,7 +106,8 @@ def test_mlflow_run_has_the_config_metrics_and_report(tmp_path, monkeypatch):
     (report / "losses.png").write_bytes(b"png")
     resumed = RunTracker(cfg, run, start_step=1)  # a later attempt logs to the same MLflow run
     resumed.log_metrics(2, {"step": 2, "loss": 2.0})
-    resumed.log_evaluation({"classification": {"accuracy": 0.5}}, [], report, "test")
+    scores = {"accuracy": 0.5, "per_class": {"court (clay)": 1.0, "empty": None}}  # a name MLflow refuses as is
+    resumed.log_evaluation({"classification": scores}, [], report, "test")
     resumed.close()
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"  # the default store: beside the runs of run.storage
@@ -118,6 +119,7 @@ def test_mlflow_run_has_the_config_metrics_and_report(tmp_path, monkeypatch):
     assert found.data.params["train.max_steps"] == "7" and found.data.params["log.mlflow"] == "True"
     assert [(m.step, m.value) for m in client.get_metric_history(found.info.run_id, "loss")] == [(1, 3.0), (2, 2.0)]
     assert found.data.metrics["val/vqa_OA"] == 0.25 and found.data.metrics["test/classification/accuracy"] == 0.5
+    assert found.data.metrics["test/classification/per_class/court _clay_"] == 1.0
     artifacts = {a.path for a in client.list_artifacts(found.info.run_id, "eval")}
     assert {"eval/report.md", "eval/losses.png"} <= artifacts
     assert "config.yaml" in {a.path for a in client.list_artifacts(found.info.run_id)}

@@ -26,6 +26,8 @@ from spatialnet_dist.errors import UserError
 from spatialnet_dist.store import storage
 
 CHECKPOINT_NAME = re.compile(r"checkpoint-\d+")  # Ray's own checkpoint_tmp* folders are not checkpoints
+TENSORBOARD_DIR = "tensorboard"
+MLFLOW_RUN_FILE = "mlflow.json"  # {"tracking_uri", "run_id"}: the MLflow run this run directory logs to
 
 
 class RunDir:
@@ -123,7 +125,7 @@ class RunDir:
             "report": report if storage.exists(report) else None,
             "error": result.get("error") if state == "failed" else None,
             "attempts": len(attempts),
-            "tensorboard": self.path("tensorboard") if "tensorboard" in names else None,
+            "tensorboard": self.path(TENSORBOARD_DIR) if TENSORBOARD_DIR in names else None,
         }
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -22,10 +23,8 @@ from spatialnet_dist.config import Config
 from spatialnet_dist.errors import UserError
 from spatialnet_dist.evaluate.report import displayable, sample_markdown
 from spatialnet_dist.store import storage
-from spatialnet_dist.train.rundir import RunDir
+from spatialnet_dist.train.rundir import MLFLOW_RUN_FILE, TENSORBOARD_DIR, RunDir
 
-TENSORBOARD_DIR = "tensorboard"
-MLFLOW_RUN_FILE = "mlflow.json"  # {"tracking_uri", "run_id"}: the MLflow run this run directory logs to
 MLFLOW_DB = "mlflow.db"  # the default store, one per run.storage so that its runs compare in one MLflow UI
 
 
@@ -131,7 +130,9 @@ class _MLflow:
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
-        self.client.log_batch(self.run_id, metrics=[Metric(k, v, now, step) for k, v in values.items()])
+        # MLflow refuses keys with other characters than these; class names ("per_class/...") may hold them.
+        metrics = [Metric(re.sub(r"[^\w\-. /]", "_", k), v, now, step) for k, v in values.items()]
+        self.client.log_batch(self.run_id, metrics=metrics)
 
     def artifacts(self, local_dir: Path, artifact_path: str) -> None:
         self.client.log_artifacts(self.run_id, str(local_dir), artifact_path)
