@@ -1,21 +1,61 @@
 """The `spatialnet` command line. Thin: parse, call the package, print. Heavy imports stay lazy so
 that `spatialnet --help` and bad-input errors answer at once.
 
-Every command exits non-zero with one line on stderr for bad input (a `UserError`).
+Every command exits non-zero with one line on stderr for bad input (a `UserError`). A command whose
+output is JSON (`--json`, `eval run`) prints it alone on stdout: what libraries print meanwhile goes to
+stderr. Each command prints its own output to `args.stdout`.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import importlib.metadata
 import json
 import os
 import sys
 
 from spatialnet_dist.errors import UserError
 
+JSON_HELP = "print the result as one JSON object, alone on stdout (library messages go to stderr)"
 
-def _print_json(obj) -> None:
-    print(json.dumps(obj, indent=2, sort_keys=False))
+
+def _version() -> str:
+    try:
+        return importlib.metadata.version("spatialnet-dist")
+    except importlib.metadata.PackageNotFoundError:
+        return "(not installed: run `make setup`)"
+
+
+def _print_json(obj, stdout) -> None:
+    print(json.dumps(obj, indent=2, sort_keys=False), file=stdout)
+
+
+@contextlib.contextmanager
+def _library_output_to_stderr():
+    """-> a stream on stdout as it was; until the block ends, print() and anything else written to file
+    descriptor 1 (DeepSpeed's "Processing zero checkpoint ..." lines, Ray's worker logs, subprocesses) go
+    to stderr."""
+    stdout = sys.stdout
+    stdout.flush()
+    try:
+        saved = os.dup(1) if stdout.fileno() == 1 else None
+    except (AttributeError, OSError, ValueError):  # stdout is no file (a test's StringIO): Python-level only
+        saved = None
+    out = stdout
+    if saved is not None:
+        out = os.fdopen(os.dup(saved), "w")
+        os.dup2(2, 1)
+    try:
+        with contextlib.redirect_stdout(sys.stderr):
+            yield out
+    finally:
+        out.flush()
+        if saved is not None:
+            out.close()
+            stdout.flush()  # anything buffered meanwhile belongs to stderr, where fd 1 still points
+            os.dup2(saved, 1)
+            os.close(saved)
 
 
 # ---- shards ----
@@ -59,7 +99,7 @@ def _shards_synth(a) -> int:
 
     manifest = write_synthetic(a.out, images=a.images, seed=a.seed, shard_size=a.shard_size)
     counts = ", ".join(f"{split} {info['samples']}" for split, info in manifest["splits"].items())
-    print(f"synthetic: {counts} images -> {a.out}")
+    print(f"synthetic: {counts} images -> {a.out}", file=a.stdout)
     return 0
 
 
@@ -67,7 +107,7 @@ def _shards_inspect(a) -> int:
     from spatialnet_dist.store.inspect import format_inspect, inspect_store
 
     info = inspect_store(a.url)
-    _print_json(info) if a.json else print(format_inspect(info))
+    _print_json(info, a.stdout) if a.json else print(format_inspect(info), file=a.stdout)
     return 0
 
 
@@ -77,7 +117,7 @@ def _shards_verify(a) -> int:
     bad = verify_store(a.url)  # [(shard url, reason)]
     for url, reason in bad:
         print(f"BAD {url}: {reason}", file=sys.stderr)
-    print(f"verify {a.url}: {'ok' if not bad else f'{len(bad)} bad shard(s)'}")
+    print(f"verify {a.url}: {'ok' if not bad else f'{len(bad)} bad shard(s)'}", file=a.stdout)
     return 1 if bad else 0
 
 
@@ -98,7 +138,7 @@ def _eval_captions(a) -> int:
 
     preds, refs = load_caption_files(a.pred, a.refs)
     scores = score_captions(preds, refs, spice=a.spice)
-    _print_json(scores) if a.json else print(format_caption_table(scores))
+    _print_json(scores, a.stdout) if a.json else print(format_caption_table(scores), file=a.stdout)
     return 0
 
 
@@ -107,7 +147,7 @@ def _eval_vqa(a) -> int:
 
     rows = load_vqa_predictions(a.pred)
     scores = score_vqa(rows, count_rule=a.count_rule)
-    _print_json(scores) if a.json else print(format_vqa_table(scores))
+    _print_json(scores, a.stdout) if a.json else print(format_vqa_table(scores), file=a.stdout)
     return 0
 
 
@@ -117,7 +157,7 @@ def _eval_run(a) -> int:
     metrics = evaluate_checkpoint(
         a.checkpoint, data=a.data, split=a.split, out=a.out, workers=a.workers, max_samples=a.max_samples
     )
-    _print_json(metrics)
+    _print_json(metrics, a.stdout)
     return 0
 
 
@@ -125,7 +165,7 @@ def _predict(a) -> int:
     from spatialnet_dist.evaluate.predict import format_predictions, predict_images
 
     results = predict_images(a.checkpoint, a.images, questions=a.question or [])
-    _print_json(results) if a.json else print(format_predictions(results))
+    _print_json(results, a.stdout) if a.json else print(format_predictions(results), file=a.stdout)
     return 0
 
 
@@ -133,7 +173,7 @@ def _export(a) -> int:
     from spatialnet_dist.train.checkpoint import export_bundle
 
     out = export_bundle(a.checkpoint, a.out)
-    print(f"exported {a.checkpoint} -> {out} (model.safetensors, config.yaml, vocab.json)")
+    print(f"exported {a.checkpoint} -> {out} (model.safetensors, config.yaml, vocab.json)", file=a.stdout)
     return 0
 
 
@@ -141,12 +181,53 @@ def _model(a) -> int:
     from spatialnet_dist.model.summary import format_summary, model_summary
 
     info = model_summary(a.preset, image_size=a.image_size)
-    _print_json(info) if a.json else print(format_summary(info))
+    _print_json(info, a.stdout) if a.json else print(format_summary(info), file=a.stdout)
+    return 0
+
+
+# ---- runs ----
+
+
+def _run_row(run: dict) -> list[str]:
+    loss = run["last_metrics"].get("loss")
+    return [run["run_dir"].rstrip("/").rsplit("/", 1)[-1], run["state"], f"{run['last_step']}/{run['max_steps']}",
+            "-" if loss is None else f"{loss:.4g}", str(len(run["checkpoints"])), "yes" if run["report"] else "no"]
+
+
+def _runs_list(a) -> int:
+    from spatialnet_dist.evaluate import markdown_table
+    from spatialnet_dist.train.rundir import list_runs
+
+    runs = list_runs(a.storage)
+    if a.json:
+        _print_json(runs, a.stdout)
+    elif not runs:
+        print(f"no runs under {a.storage}", file=a.stdout)
+    else:
+        headers = ["run", "state", "step", "loss", "checkpoints", "report"]
+        print(markdown_table(headers, [_run_row(r) for r in runs], numbers_from=2), file=a.stdout)
+    return 0
+
+
+def _runs_show(a) -> int:
+    from spatialnet_dist.train.rundir import RunDir
+
+    run = RunDir(a.run.rstrip("/")).describe()
+    if a.json:
+        _print_json(run, a.stdout)
+        return 0
+    lines = [f"run:         {run['run_dir']}", f"state:       {run['state']}" + (f" ({run['error']})" if run["error"] else ""),
+             f"step:        {run['last_step']} of {run['max_steps']} ({run['attempts']} attempt(s))",
+             f"report:      {run['report'] or '-'}", f"tensorboard: {run['tensorboard'] or '-'}",
+             "checkpoints: " + (", ".join(run["checkpoints"]) or "-"), "last metrics:"]
+    lines += [f"  {k} = {v:.6g}" if isinstance(v, float) else f"  {k} = {v}" for k, v in run["last_metrics"].items()]
+    print("\n".join(lines), file=a.stdout)
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="spatialnet", description="Train and evaluate SpatialNet-ViT at scale.")
+    p.add_argument("--version", action="version", version=f"%(prog)s {_version()}", help="print the version and exit")
     sub = p.add_subparsers(dest="command", required=True)
 
     shards = sub.add_parser("shards", help="convert, generate, inspect and verify shard stores")
@@ -172,14 +253,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     syn = ssub.add_parser("synth", help="write the synthetic demo corpus `synthetic`")
     syn.add_argument("out", help="store root: a local dir or s3://bucket/prefix")
-    syn.add_argument("--images", type=int, default=600)
+    syn.add_argument("--images", type=int, default=600, metavar="N",
+                     help="number of scenes to generate, split 80/10/10 into train/val/test; each has captions, a "
+                          "class, counts and question/answer pairs (default 600, at least 10)")
     syn.add_argument("--seed", type=int, default=0, help="seed of the images and of the shuffle across shards")
     syn.add_argument("--shard-size", type=int, default=None, help="at most N samples per shard (default: no cap)")
     syn.set_defaults(fn=_shards_synth)
 
     ins = ssub.add_parser("inspect", help="counts per corpus/split/task from the manifests")
     ins.add_argument("url", help="store root, or one corpus under it")
-    ins.add_argument("--json", action="store_true")
+    ins.add_argument("--json", action="store_true", help=JSON_HELP)
     ins.set_defaults(fn=_shards_inspect)
 
     ver = ssub.add_parser("verify", help="re-read every shard: sizes, sha256, decodability")
@@ -195,17 +278,19 @@ def build_parser() -> argparse.ArgumentParser:
     cap.add_argument("--pred", required=True, help='[{"image_id", "caption"}]')
     cap.add_argument("--refs", required=True, help='{"<image_id>": [str, ...]}')
     cap.add_argument("--spice", action="store_true", help="also SPICE (downloads Stanford CoreNLP: needs network)")
-    cap.add_argument("--json", action="store_true")
+    cap.add_argument("--json", action="store_true", help=JSON_HELP)
     cap.set_defaults(fn=_eval_captions)
     vqa = esub.add_parser("vqa", help="per-type accuracy, AA, OA")
     vqa.add_argument("--pred", required=True, help='[{"qid", "type", "answer", "prediction"}]')
-    vqa.add_argument("--count-rule", choices=("rsvqa-lr", "exact"), default="rsvqa-lr")
-    vqa.add_argument("--json", action="store_true")
+    vqa.add_argument("--count-rule", choices=("rsvqa-lr", "exact"), default="rsvqa-lr",
+                     help="count answers: binned as the RSVQA-LR authors do (0, 1-10, 11-100, ...), or exact "
+                          "(default rsvqa-lr)")
+    vqa.add_argument("--json", action="store_true", help=JSON_HELP)
     vqa.set_defaults(fn=_eval_vqa)
     run = esub.add_parser("run", help="predict every sample of a split with a checkpoint, score, write a report")
     run.add_argument("checkpoint", help="checkpoint dir (or URL) or exported bundle")
     run.add_argument("--data", required=True, help="store root URL")
-    run.add_argument("--split", default="test")
+    run.add_argument("--split", default="test", help="split of the store to evaluate on (default test)")
     run.add_argument("--out", default=None, help="output dir (default: <checkpoint>/eval-<split>)")
     run.add_argument("--workers", type=int, default=0, help="Ray workers to spread prediction over (0: this process)")
     run.add_argument("--max-samples", type=int, default=0, help="stop after this many images per task (0: all)")
@@ -215,7 +300,7 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("checkpoint", help="checkpoint dir (or URL) or exported bundle")
     pr.add_argument("images", nargs="+", help="PNG, TIFF, JPEG or NPY files")
     pr.add_argument("--question", action="append", help="a question to answer for every image (repeatable)")
-    pr.add_argument("--json", action="store_true")
+    pr.add_argument("--json", action="store_true", help=JSON_HELP)
     pr.set_defaults(fn=_predict)
 
     ex = sub.add_parser("export", help="consolidate a checkpoint (any ZeRO stage) into an fp32 inference bundle")
@@ -224,10 +309,21 @@ def build_parser() -> argparse.ArgumentParser:
     ex.set_defaults(fn=_export)
 
     mo = sub.add_parser("model", help="parameter counts and GFLOPs of a preset")
-    mo.add_argument("--preset", required=True)
-    mo.add_argument("--image-size", type=int, default=0)
-    mo.add_argument("--json", action="store_true")
+    mo.add_argument("--preset", required=True, help="model preset: tiny, small, paper, base, large, giant")
+    mo.add_argument("--image-size", type=int, default=0, help="input side in pixels (default: the preset's)")
+    mo.add_argument("--json", action="store_true", help=JSON_HELP)
     mo.set_defaults(fn=_model)
+
+    runs = sub.add_parser("runs", help="list training runs and show one: state, step, metrics, checkpoints, report")
+    rsub = runs.add_subparsers(dest="runs_command", required=True)
+    rl = rsub.add_parser("list", help="every run directory under a run.storage root")
+    rl.add_argument("storage", help="run.storage root: a local dir or s3://bucket/prefix")
+    rl.add_argument("--json", action="store_true", help=JSON_HELP)
+    rl.set_defaults(fn=_runs_list)
+    rs = rsub.add_parser("show", help="one run: state, last step, last metrics, checkpoints, report path")
+    rs.add_argument("run", help="run directory: <run.storage>/<run.name>, local or s3://")
+    rs.add_argument("--json", action="store_true", help=JSON_HELP)
+    rs.set_defaults(fn=_runs_show)
     return p
 
 
@@ -237,6 +333,10 @@ def main(argv: list[str] | None = None) -> int:
         return _train(None, argv[1:])
     args = build_parser().parse_args(argv)
     try:
+        if getattr(args, "json", False) or args.fn is _eval_run:
+            with _library_output_to_stderr() as args.stdout:
+                return args.fn(args)
+        args.stdout = sys.stdout
         return args.fn(args)
     except UserError as e:
         print(f"spatialnet: error: {e}", file=sys.stderr)

@@ -159,6 +159,17 @@ class EvalConfig:
 
 
 @dataclass
+class LogConfig:
+    """Where rank 0 mirrors the run's metrics besides metrics.jsonl (train/tracking.py)."""
+
+    tensorboard: bool = True  # event files in <run dir>/tensorboard/: every metric, sample images at evaluations
+    # An MLflow run: the resolved config as params, the metrics, the report and plots as artifacts. The
+    # tracking URI is MLFLOW_TRACKING_URI, else sqlite:///<run.storage>/mlflow.db (a local run.storage only).
+    mlflow: bool = False
+    mlflow_experiment: str = "spatialnet"
+
+
+@dataclass
 class FaultsConfig:
     fail_at_step: int = 0  # 0: never
 
@@ -173,6 +184,7 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    log: LogConfig = field(default_factory=LogConfig)
     faults: FaultsConfig = field(default_factory=FaultsConfig)
 
     def to_dict(self) -> dict:
@@ -233,6 +245,7 @@ _CHECKS: dict[str, tuple[typing.Callable, str]] = {
     "eval.beam_size": (lambda v: v >= 1, ">= 1"),
     "eval.max_samples": (lambda v: v >= 0, ">= 0"),
     "eval.count_rule": (lambda v: v in ("rsvqa-lr", "exact"), "rsvqa-lr or exact"),
+    "log.mlflow_experiment": (lambda v: bool(v), "an experiment name"),
     "faults.fail_at_step": (lambda v: v >= 0, ">= 0 (0: never)"),
 }
 

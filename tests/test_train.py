@@ -251,7 +251,7 @@ def _steps(metrics: list[dict]) -> list[int]:
 
 
 @pytest.mark.slow
-def test_ray_zero2_on_s3_survives_a_worker_death(synth_root, s3_endpoint, s3_bucket, capsys):
+def test_ray_zero2_on_s3_survives_a_worker_death(synth_root, s3_endpoint, s3_bucket, capsys, tmp_path):
     """Shards and run storage on S3; rank 0 dies abruptly at step 5 -> Ray restarts the group ->
     resume from the step-4 checkpoint -> final_step == max_steps, no step counted twice."""
     from spatialnet_dist.corpora.synthetic import write_synthetic
@@ -274,6 +274,17 @@ def test_ray_zero2_on_s3_survives_a_worker_death(synth_root, s3_endpoint, s3_buc
     for rank in range(2):
         assert f"zero/ds/zero_pp_rank_{rank}_mp_rank_00_optim_states.pt" in shard_files
     assert {"meta.json", "vocab.json", "config.yaml"} <= set(shard_files)
+
+    # TensorBoard's reader over the event files both attempts uploaded: every step once, as metrics.jsonl.
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    tensorboard = f"{runs}/s3run/tensorboard"
+    for name in storage.list_dir(tensorboard):
+        (tmp_path / name).write_bytes(storage.read_bytes(f"{tensorboard}/{name}"))
+    events = EventAccumulator(str(tmp_path), size_guidance={"scalars": 0})
+    events.Reload()
+    assert {e.step: e.value for e in events.Scalars("loss")} == pytest.approx({m["step"]: m["loss"] for m in metrics})
+    assert RunDir(f"{runs}/s3run").describe()["state"] == "finished"
 
 
 def _kill_a_worker_after(checkpoint: Path, killed: list[int]) -> None:

@@ -160,7 +160,9 @@ def plot_samples(samples: list[dict], path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
-def _sample_text(sample: dict) -> list[str]:
+def sample_markdown(sample: dict) -> list[str]:
+    """Markdown lines for one sample (write_report's `samples` format): its generated caption, references,
+    class and questions; the report and TensorBoard's text panel show the same."""
     lines = [f"### {sample['image_id']}", ""]
     if sample.get("caption") is not None:
         lines += [f"Generated caption: *{sample['caption']}*", ""]
@@ -250,7 +252,7 @@ def write_report(
         plot_samples(samples, out_dir / SAMPLES_PNG)
         md += ["## Sample test images", "", f"![Sample test images with generated captions]({SAMPLES_PNG})", ""]
         for sample in samples:
-            md += _sample_text(sample)
+            md += sample_markdown(sample)
 
     if predictions:
         md += [

@@ -40,6 +40,7 @@ log = logging.getLogger(__name__)
 
 REPORT_IMAGES = 8  # sample images in the report's grid
 REPORT_QUESTIONS = 3  # questions shown per sample image
+VAL_SAMPLES = 4  # validation images shown with their generated captions and answers at each validation
 
 
 @dataclass
@@ -233,9 +234,12 @@ def finish(
     out_dir: str,
     metrics_jsonl: str | None = None,
     title: str = "Evaluation report",
+    tracker=None,
+    split: str = "test",
 ) -> dict:
     """Score gathered predictions, each task beside its baselines (in its "baselines"), and write
-    metrics.json, predictions/ and the report."""
+    metrics.json, predictions/ and the report; and to the run's `tracker` (train.tracking.RunTracker)
+    when given."""
     if cfg.eval.max_samples:
         pred = SplitPredictions({t: r[: cfg.eval.max_samples] for t, r in pred.rows.items()}, pred.images)
     empty = [t for t, r in pred.rows.items() if not r]
@@ -254,30 +258,43 @@ def finish(
             history = Path(tmp) / "metrics.jsonl"
             history.write_bytes(storage.read_bytes(metrics_jsonl))
         predictions = {name.removesuffix(".json"): f"predictions/{name}" for name in files}
-        write_report(local, metrics, history, predictions, _report_samples(pred, vocabs), title)
+        samples = _report_samples(pred, vocabs)
+        write_report(local, metrics, history, predictions, samples, title)
         (local / "metrics.json").write_text(json.dumps(metrics, indent=1))
+        if tracker is not None:
+            tracker.log_evaluation(metrics, samples, local, split)
     return metrics
 
 
 # ---- the callers ----
 
 
-def validation_metrics(model, cfg, vocabs: TextVocabs, rank: int, world_size: int) -> dict:
+def validation_metrics(model, cfg, vocabs: TextVocabs, rank: int, world_size: int) -> tuple[dict, list[dict]]:
     """Periodic validation during training, on up to eval.val_batches batches per task of the val split:
     VQA accuracy, classification accuracy and count MAE, scored once on rank 0 ({} on the others).
     Captions are left to their validation loss: beam search and the java scorers at every validation
-    would cost more than the training steps between them."""
-    tasks = [t for t in ("vqa", "classification", "regression") if t in cfg.tasks.enabled()]
-    if not tasks:
-        return {}
-    mine = predict_split(model, cfg, vocabs, "val", rank, world_size, tasks=tasks, max_batches=cfg.eval.val_batches)
-    pred = _gather(mine, rank, world_size)
-    if pred is None:
-        return {}
-    scores = score_predictions(pred.rows, cfg, vocabs)
-    picks = (("vqa", "OA"), ("vqa", "AA"), ("classification", "accuracy"), ("regression", "MAE"))
-    return {f"val/{task}_{key}": scores[task][key] for task, key in picks if key in scores.get(task, {})}
-
+    would cost more than the training steps between them; only the few sample images are captioned.
+    -> (metrics, samples): samples, on rank 0, are up to VAL_SAMPLES val images with their generated
+    captions and answers (write_report's format), for TensorBoard."""
+    enabled = cfg.tasks.enabled()
+    tasks = [t for t in ("vqa", "classification", "regression") if t in enabled]
+    pred, metrics = SplitPredictions(), {}
+    if tasks:
+        mine = predict_split(model, cfg, vocabs, "val", rank, world_size, tasks=tasks,
+                             max_batches=cfg.eval.val_batches)
+        pred = _gather(mine, rank, world_size)
+        if pred is None:
+            return {}, []
+        scores = score_predictions(pred.rows, cfg, vocabs)
+        picks = (("vqa", "OA"), ("vqa", "AA"), ("classification", "accuracy"), ("regression", "MAE"))
+        metrics = {f"val/{task}_{key}": scores[task][key] for task, key in picks if key in scores.get(task, {})}
+    if rank != 0:
+        return metrics, []
+    if "captioning" in enabled:  # rank 0 alone: its first val images, captioned by beam search
+        shown = predict_split(model, cfg, vocabs, "val", 0, 1, max_rows=VAL_SAMPLES, tasks=["captioning"],
+                              max_batches=1)
+        pred = SplitPredictions({**pred.rows, **shown.rows}, {**shown.images, **pred.images})
+    return metrics, _report_samples(pred, vocabs)[:VAL_SAMPLES]
 
 
 def evaluate_model(
@@ -289,13 +306,16 @@ def evaluate_model(
     world_size: int,
     out_dir: str,
     metrics_jsonl: str | None = None,
+    tracker=None,
 ) -> dict:
-    """Every rank calls this at the end of training; -> the metrics on rank 0, {} on the others."""
+    """Every rank calls this at the end of training; -> the metrics on rank 0, {} on the others.
+    tracker: rank 0's train.tracking.RunTracker, which gets the metrics, samples and report too."""
     per_rank = math.ceil(cfg.eval.max_samples / world_size) if cfg.eval.max_samples else 0
     pred = _gather(predict_split(model, cfg, vocabs, split, rank, world_size, per_rank), rank, world_size)
     if pred is None:
         return {}
-    return finish(pred, cfg, vocabs, out_dir, metrics_jsonl, title=f"{cfg.run.name}: evaluation on the {split} split")
+    return finish(pred, cfg, vocabs, out_dir, metrics_jsonl, title=f"{cfg.run.name}: evaluation on the {split} split",
+                  tracker=tracker, split=split)
 
 
 def _predict_with_ray(checkpoint: str, cfg, split: str, workers: int) -> SplitPredictions:

@@ -22,17 +22,21 @@ DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "demo.yaml"
 # Non-secret settings the workers need; credentials reach them through the node's environment or
 # instance roles, never through the job's config.
 WORKER_ENV = ("DS_ACCELERATOR", "HF_HUB_OFFLINE", "TORCH_EXTENSIONS_DIR", "AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION",
-              "AWS_REGION", "AWS_PROFILE", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S")
+              "AWS_REGION", "AWS_PROFILE", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "MLFLOW_TRACKING_URI")
 log = logging.getLogger("spatialnet.launch")
 
 
-def parse_args(argv: list[str]) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ray_job.py", description="Train SpatialNet-ViT with Ray Train + DeepSpeed.")
     p.add_argument("--config", default=None, help=f"YAML config (default: {DEFAULT_CONFIG.name}, the demo)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key, e.g. --set train.max_steps=100 (repeatable; values are YAML)")
     p.add_argument("--resume", default=None, help="start from this checkpoint URL (weights + optimizer state)")
-    return p.parse_args(argv)
+    return p
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    return build_parser().parse_args(argv)
 
 
 def load_config(args: argparse.Namespace) -> config_mod.Config:
@@ -143,6 +147,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     try:
         cfg = load_config(args)
+        if cfg.log.mlflow:
+            from spatialnet_dist.train.tracking import mlflow_tracking_uri
+
+            mlflow_tracking_uri(cfg)  # an S3 run.storage without a tracking server stops now
         if cfg.eval.at_end and cfg.tasks.captioning.enabled:
             from spatialnet_dist.evaluate.captions import require_java
 
@@ -193,5 +201,6 @@ def main(argv: list[str] | None = None) -> int:
     if error is not None:
         summary["error"] = str(error).strip().splitlines()[0][:500] if str(error).strip() else type(error).__name__
         print(f"spatialnet: training failed: {summary['error']}", file=sys.stderr)
+    run.write_result(summary)
     print("RESULT " + json.dumps(summary), flush=True)
     return 1 if error is not None else 0

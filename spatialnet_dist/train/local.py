@@ -20,16 +20,19 @@ from spatialnet_dist.train import engine as ds
 from spatialnet_dist.train.launch import load_config, parse_args, prepare_data
 from spatialnet_dist.train.plan import resolve
 from spatialnet_dist.train.rundir import RunDir
+from spatialnet_dist.train.tracking import RunTracker
 from spatialnet_dist.train.trainer import Trainer
 
 
 class LocalReporter:
-    """Rank 0 writes metrics.jsonl; every rank moves its checkpoint files into the shared run dir."""
+    """Rank 0 writes metrics.jsonl and its tracker (TensorBoard, MLflow); every rank moves its checkpoint
+    files into the shared run dir."""
 
     def __init__(self, run_dir: Path, rank: int):
         self.run_dir, self.rank = run_dir, rank
         self.run = RunDir(str(run_dir))
         self.last_checkpoint: Path | None = None
+        self.tracker: RunTracker | None = None  # rank 0's, opened once the run knows its start step
 
     def report(self, step: int, metrics: dict, checkpoint_dir: Path | None) -> None:
         if checkpoint_dir is not None:
@@ -38,9 +41,15 @@ class LocalReporter:
             self.last_checkpoint = target
         if self.rank == 0:
             self.run.append_metrics(metrics)
+            if self.tracker:
+                self.tracker.log_metrics(step, metrics)
             print(json.dumps(metrics), flush=True)
         if dist.is_initialized():
             dist.barrier()  # the checkpoint is complete once every rank has copied its files
+
+    def report_samples(self, step: int, samples: list[dict]) -> None:
+        if self.tracker:
+            self.tracker.log_samples(step, samples)
 
     def settle(self) -> None:
         """Nothing to wait for: a checkpoint is in the run dir when report() returns."""
@@ -61,7 +70,10 @@ def train(cfg, vocabs: TextVocabs, run_dir: Path, rank: int, world_size: int) ->
         trainer.restore(resume)
     if rank == 0:
         reporter.run.truncate_metrics(trainer.step)
+        reporter.tracker = RunTracker(cfg, reporter.run, trainer.step)
     trainer.fit()
+    if reporter.tracker:
+        reporter.tracker.close()
     return trainer
 
 

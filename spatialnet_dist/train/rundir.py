@@ -5,6 +5,9 @@
                   the lines past the step it resumes at
   attempts.json   one entry per worker-group start: the step it started at and whether it resumed
   faults/         markers of test faults already fired (faults.fail_at_step fires once per run)
+  result.json     the job's RESULT summary, written by the driver when the job ends (`error`: null or why it failed)
+  tensorboard/    TensorBoard event files, one per attempt (train/tracking.py; log.tensorboard)
+  mlflow.json     the MLflow run this run logs to (log.mlflow)
 Ray Train writes its own files beside these: checkpoint-NNNNNN/ (named by us) and
 checkpoint_manager_snapshot.json, the checkpoints it has registered (a restart resumes from those).
   eval/           metrics.json, predictions/, report.md and its figures
@@ -13,10 +16,18 @@ checkpoint_manager_snapshot.json, the checkpoints it has registered (a restart r
 from __future__ import annotations
 
 import json
+import re
 import time
 
+import yaml
+
 from spatialnet_dist.config import Config
+from spatialnet_dist.errors import UserError
 from spatialnet_dist.store import storage
+
+CHECKPOINT_NAME = re.compile(r"checkpoint-\d+")  # Ray's own checkpoint_tmp* folders are not checkpoints
+TENSORBOARD_DIR = "tensorboard"
+MLFLOW_RUN_FILE = "mlflow.json"  # {"tracking_uri", "run_id"}: the MLflow run this run directory logs to
 
 
 class RunDir:
@@ -68,6 +79,16 @@ class RunDir:
         """Whether Ray Train has registered the checkpoint directory `checkpoint_name` of this run."""
         return f'"{checkpoint_name}"' in self._read_text("checkpoint_manager_snapshot.json")
 
+    # ---- result.json ----
+
+    def write_result(self, summary: dict) -> None:
+        record = {"ended": time.time(), **summary}
+        storage.write_bytes_atomic(self.path("result.json"), json.dumps(record, indent=1).encode())
+
+    def result(self) -> dict | None:
+        text = self._read_text("result.json")
+        return json.loads(text) if text else None
+
     # ---- faults ----
 
     def claim_fault(self, step: int) -> bool:
@@ -77,3 +98,39 @@ class RunDir:
             return False
         storage.write_bytes_atomic(marker, str(time.time()).encode())
         return True
+
+    # ---- what `spatialnet runs` shows ----
+
+    def describe(self) -> dict:
+        """{"run_dir", "state", "last_step", "max_steps", "last_metrics", "checkpoints", "report", "error",
+        "attempts", "tensorboard"}. state: created (config only), running (started, no result since: running,
+        or its driver was killed), finished or failed (the job's result.json, newer than its last start)."""
+        names = storage.list_dir(self.url)
+        if "config.yaml" not in names:
+            raise UserError(f"{self.url}: not a run directory (no config.yaml)")
+        config = yaml.safe_load(self._read_text("config.yaml")) or {}
+        metrics, attempts, result = self.metrics(), self.attempts(), self.result()
+        if result is not None and (not attempts or result.get("ended", 0) >= attempts[-1]["time"]):
+            state = "failed" if result.get("error") else "finished"
+        else:
+            state = "running" if attempts else "created"
+        report = self.path("eval", "report.md")
+        return {
+            "run_dir": self.url,
+            "state": state,
+            "last_step": metrics[-1].get("step", 0) if metrics else 0,
+            "max_steps": config.get("train", {}).get("max_steps"),
+            "last_metrics": metrics[-1] if metrics else {},
+            "checkpoints": [self.path(n) for n in names if CHECKPOINT_NAME.fullmatch(n)],
+            "report": report if storage.exists(report) else None,
+            "error": result.get("error") if state == "failed" else None,
+            "attempts": len(attempts),
+            "tensorboard": self.path(TENSORBOARD_DIR) if TENSORBOARD_DIR in names else None,
+        }
+
+
+def list_runs(root: str) -> list[dict]:
+    """describe() of every run directory (a folder with a config.yaml) directly under a run.storage root."""
+    names = storage.list_dir(root)
+    runs = [RunDir(storage.join(root, name)) for name in names]
+    return [run.describe() for run in runs if storage.exists(run.path("config.yaml"))]

@@ -44,6 +44,9 @@ class Reporter(Protocol):
     def settle(self) -> None:
         """Return once the last reported checkpoint is one a restart would resume from."""
 
+    def report_samples(self, step: int, samples: list[dict]) -> None:
+        """Rank 0, at each validation: a few val images with their generated captions and answers."""
+
 
 def to_device(batch: dict, device: torch.device, dtype: torch.dtype = torch.float32) -> dict:
     """Tensors to the device; images to the model's dtype (bf16 runs). Targets keep theirs."""
@@ -190,7 +193,7 @@ class Trainer:
     @torch.no_grad()
     def validate(self) -> dict:
         """Teacher-forced loss on up to eval.val_batches batches per task of the val split, and the
-        task metrics that need no java (evaluate.run.validation_metrics)."""
+        task metrics that need no java (evaluate.run.validation_metrics); its sample images go to the reporter."""
         from spatialnet_dist.evaluate.run import validation_metrics
 
         model = self.inference_model()
@@ -209,7 +212,10 @@ class Trainer:
         sums = _reduce_sum(sums)
         metrics = {f"val/{t}_loss": (sums[2 * i] / sums[2 * i + 1]).item()
                    for i, t in enumerate(self.tasks) if sums[2 * i + 1] > 0}
-        metrics.update(validation_metrics(model, self.cfg, self.vocabs, self.rank, self.world_size))
+        scores, samples = validation_metrics(model, self.cfg, self.vocabs, self.rank, self.world_size)
+        metrics.update(scores)
+        if samples:
+            self.reporter.report_samples(self.step, samples)
         model.train()
         return metrics
 

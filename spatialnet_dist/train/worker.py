@@ -16,21 +16,25 @@ from spatialnet_dist.text import TextVocabs
 from spatialnet_dist.train import checkpoint as ckpt
 from spatialnet_dist.train import engine as ds
 from spatialnet_dist.train.rundir import RunDir
+from spatialnet_dist.train.tracking import RunTracker
 from spatialnet_dist.train.trainer import Trainer
 
 log = logging.getLogger("spatialnet.train")
 
 
 class RayReporter:
-    """Every rank reports (Ray merges the ranks' checkpoint files); rank 0 also writes metrics.jsonl."""
+    """Every rank reports (Ray merges the ranks' checkpoint files); rank 0 also writes metrics.jsonl
+    and its tracker (TensorBoard, MLflow)."""
 
     def __init__(self, run: RunDir, rank: int):
         self.run, self.rank = run, rank
         self.last_checkpoint: str | None = None  # its directory name in the run dir
+        self.tracker: RunTracker | None = None  # rank 0's, opened once the attempt knows its start step
 
     def report(self, step: int, metrics: dict, checkpoint_dir: Path | None) -> None:
         if self.rank == 0:
             self.run.append_metrics(metrics)
+            self.tracker.log_metrics(step, metrics)
             log.info("step %d %s", step, _brief(metrics))
         if checkpoint_dir is None:
             ray.train.report(metrics)
@@ -41,6 +45,9 @@ class RayReporter:
                 checkpoint=ray.train.Checkpoint.from_directory(str(checkpoint_dir)),
                 checkpoint_dir_name=self.last_checkpoint,
             )
+
+    def report_samples(self, step: int, samples: list[dict]) -> None:
+        self.tracker.log_samples(step, samples)
 
     def settle(self, timeout_s: float = 60.0) -> None:
         """Wait until Ray's controller has taken in the last reported checkpoint: it does so when it next
@@ -70,7 +77,8 @@ def train_loop_per_worker(config: dict) -> None:
     rank, world_size = ctx.get_world_rank(), ctx.get_world_size()
 
     ds.init_distributed(cfg.train.use_gpu)
-    trainer = Trainer(cfg, vocabs, rank, world_size, RayReporter(run, rank),
+    reporter = RayReporter(run, rank)
+    trainer = Trainer(cfg, vocabs, rank, world_size, reporter,
                       fault_marker=lambda: run.claim_fault(cfg.faults.fail_at_step))
 
     resumed = False
@@ -86,6 +94,7 @@ def train_loop_per_worker(config: dict) -> None:
     if rank == 0:
         run.truncate_metrics(trainer.step)
         run.record_attempt(trainer.step, resumed)
+        reporter.tracker = RunTracker(cfg, run, trainer.step)
         log.info("rank 0: %s at step %d of %d", "resuming" if resumed else "starting", trainer.step,
                  cfg.train.max_steps)
 
@@ -95,9 +104,12 @@ def train_loop_per_worker(config: dict) -> None:
         from spatialnet_dist.evaluate.run import evaluate_model
 
         metrics = evaluate_model(trainer.inference_model(), cfg, vocabs, cfg.eval.split, rank, world_size,
-                                 out_dir=run.path("eval"), metrics_jsonl=run.path("metrics.jsonl"))
+                                 out_dir=run.path("eval"), metrics_jsonl=run.path("metrics.jsonl"),
+                                 tracker=reporter.tracker)
         # The same number of reports on every rank: the evaluation's is the last.
         ray.train.report({"step": trainer.step, "eval_done": True, **_flat(metrics if rank == 0 else {})})
+    if rank == 0:
+        reporter.tracker.close()
 
 
 def _flat(metrics: dict) -> dict:
