@@ -29,8 +29,11 @@ class TaskPool:
             self.capacity = max(1, int(self._ray.cluster_resources().get("CPU", 1)))
         elif workers > 1:
             # forkserver: children start clean, not as copies of a parent that holds threads (tqdm, boto3).
+            # The fork server keeps the environment of its start; workers take this process's now (AWS settings).
             context = multiprocessing.get_context("forkserver")
-            self._processes = ProcessPoolExecutor(workers, mp_context=context)
+            self._processes = ProcessPoolExecutor(
+                workers, mp_context=context, initializer=_set_environment, initargs=(dict(os.environ),)
+            )
             self.capacity = workers
         else:
             self.capacity = 1
@@ -63,6 +66,11 @@ class TaskPool:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _set_environment(env: dict[str, str]) -> None:
+    os.environ.clear()
+    os.environ.update(env)
 
 
 def _connect_ray():
