@@ -31,6 +31,7 @@ class TaskPool:
             # forkserver: children start clean, not as copies of a parent that holds threads (tqdm, boto3).
             # The fork server keeps the environment of its start; workers take this process's now (AWS settings).
             context = multiprocessing.get_context("forkserver")
+            context.set_forkserver_preload(["spatialnet_dist.store.writer"])  # imported once, not per worker
             self._processes = ProcessPoolExecutor(
                 workers, mp_context=context, initializer=_set_environment, initargs=(dict(os.environ),)
             )
