@@ -76,6 +76,7 @@ MIN_SHARDS = 16
 # many image bytes (large rasters): the blocks in flight are what the writer holds in memory.
 BLOCK_SAMPLES = 32
 BLOCK_BYTES = 64 * 2**20
+PENDING_BYTES = 1 << 30  # image bytes of the blocks in flight at most (a Ray cluster's CPUs could ask for more)
 
 
 def _check_name(kind: str, name: str) -> str:
@@ -242,7 +243,7 @@ class ShardWriter:
         self._block: list[Sample] = []
         self._block_bytes = 0
         self._spools: list[str] = []  # spool URL of each encode task, by its index
-        self._pending: deque = deque()  # (spool index, task) of the encode tasks not yet collected, oldest first
+        self._pending: deque = deque()  # (spool index, task, image bytes) of encode tasks not collected, oldest first
         self._locations: dict[str, _Locations] = {}
         self._pool: TaskPool | None = None
         self._temp_spools: str | None = None
@@ -297,14 +298,15 @@ class ShardWriter:
         spool_folder = self._temp_spools or self.staging_url
         self._spools.append(storage.join(spool_folder, f"block-{index:06d}.bin"))
         task = self._pool.submit(encode_block, self._block, self.image_size, self._spools[index])
-        self._pending.append((index, task))
+        self._pending.append((index, task, self._block_bytes))
         self._block, self._block_bytes = [], 0
-        while len(self._pending) > 2 * self._pool.capacity:  # blocks in flight are held in memory: bound them
+        # Blocks in flight are held in memory: two per task that can run at once, within PENDING_BYTES.
+        while len(self._pending) > 2 * self._pool.capacity or sum(p[2] for p in self._pending) > PENDING_BYTES:
             self._collect()
 
     def _collect(self) -> None:
         """Take the oldest encode task's result: where its chunks lie, and its counts."""
-        index, task = self._pending.popleft()
+        index, task, _ = self._pending.popleft()
         entries, counts = self._pool.result(task)
         for split, offset, length in entries:
             self._locations.setdefault(split, _Locations()).add(index, offset, length)
