@@ -165,7 +165,7 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("--strict", action="store_true", help="stop at the first bad record")
     conv.add_argument("--max-bad-fraction", type=float, default=0.05, help="exit non-zero above this fraction of bad records")
     where = conv.add_mutually_exclusive_group()
-    where.add_argument("--workers", type=int, default=1,
+    where.add_argument("--workers", type=int, default=1, metavar="N",
                        help="encode images and write shards in N processes on this machine (default 1); "
                             "the shards are byte-identical whatever N")
     where.add_argument("--ray", action="store_true",

@@ -39,18 +39,28 @@ def test_workers_give_the_shards_of_one_process(store):
 
 
 @pytest.mark.slow
-def test_ray_tasks_give_the_shards_of_one_process(tmp_path):
+def test_ray_tasks_give_the_shards_of_one_process(store):
+    """Local and S3: Ray tasks spool blocks into the store's staging folder and read them back by range."""
     import ray
 
     samples = make_samples(70, split=two_splits)
-    one = write(str(tmp_path / "one"), samples, min_shards=3)
+    one = write(store("one"), samples, min_shards=3)
     try:
-        by_ray = write(str(tmp_path / "ray"), samples, min_shards=3, use_ray=True)
+        by_ray = write(store("ray"), samples, min_shards=3, use_ray=True)
     finally:
         ray.shutdown()
     for split in ("train", "test"):
         assert contents(by_ray, split) == contents(one, split)
-    assert verify_store(str(tmp_path / "ray")) == []
+    assert verify_store(store("ray")) == []
+    assert [rel for rel in storage.list_files(storage.join(store("ray"), "toy")) if ".staging-" in rel] == []
+
+
+def test_read_range(store):
+    url = storage.join(store("r"), "spool.bin")
+    storage.write_bytes_atomic(url, bytes(range(256)) * 4)
+    assert storage.read_range(url, 250, 10) == bytes([250, 251, 252, 253, 254, 255, 0, 1, 2, 3])
+    with pytest.raises(storage.NotFoundError, match="nothing.bin: not found"):
+        storage.read_range(storage.join(store("r"), "nothing.bin"), 0, 1)
 
 
 class Killed(BaseException):
