@@ -10,6 +10,7 @@ from test_store import CLASSES, contents, make_samples, read_samples, write
 from spatialnet_dist.cli import main
 from spatialnet_dist.store import sharding, storage
 from spatialnet_dist.store.manifest import read_manifest, shard_urls
+from spatialnet_dist.store.storage import StoreError
 from spatialnet_dist.store.verify import verify_store
 from spatialnet_dist.store.writer import ShardWriter
 
@@ -47,6 +48,12 @@ def test_ray_tasks_give_the_shards_of_one_process(store):
     one = write(store("one"), samples, min_shards=3)
     try:
         by_ray = write(store("ray"), samples, min_shards=3, use_ray=True)
+        if store("x").startswith("s3://"):  # a task's failure is the conversion's one-line error, not Ray's traceback
+            ray.init(_node_ip_address="127.0.0.1", include_dashboard=False)  # the writer joins it
+            with pytest.raises(StoreError) as failed:
+                write("s3://no-such-bucket-for-ray/store", samples[:3], use_ray=True)
+            assert str(failed.value).startswith("bucket no-such-bucket-for-ray does not exist")
+            assert "\n" not in str(failed.value)
     finally:
         ray.shutdown()
     for split in ("train", "test"):

@@ -51,7 +51,13 @@ class TaskPool:
         return done
 
     def result(self, handle):
-        return self._ray.get(handle) if self._ray is not None else handle.result()
+        """The task's return value; a task's exception is raised here as itself (one line, not Ray's traceback)."""
+        if self._ray is None:
+            return handle.result()
+        try:
+            return self._ray.get(handle)
+        except self._ray.exceptions.RayTaskError as e:
+            raise e.cause from None
 
     def close(self) -> None:
         """Stop: running tasks finish (processes) or end (a Ray this pool started); queued ones are dropped."""
