@@ -90,6 +90,8 @@ def _shards_convert(a) -> int:
         strict=a.strict,
         max_bad_fraction=a.max_bad_fraction,
         shuffle_seed=a.shuffle_seed,
+        workers=a.workers,
+        use_ray=a.ray,
         **given,
     )
 
@@ -232,9 +234,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     shards = sub.add_parser("shards", help="convert, generate, inspect and verify shard stores")
     ssub = shards.add_subparsers(dest="shards_command", required=True)
-    conv = ssub.add_parser("convert", help="convert an original corpus into shards")
-    conv.add_argument(
-        "adapter", help="corpus adapter: ucm-captions, rsicd, sydney-captions, rsvqa-lr, rsvqa-hr, imagefolder, jsonl, csv")
+    conv = ssub.add_parser(
+        "convert",
+        help="convert an original corpus into shards",
+        description="Convert an original corpus into shards under OUT/<corpus>/, shuffled across shards. The "
+        "shards get names unique to this conversion and the manifest is written last: a failed or killed "
+        "conversion leaves the corpus that was there (if any) as it was; the old shards are deleted after.",
+    )
+    conv.add_argument("adapter", help="corpus adapter: ucm-captions, rsicd, sydney-captions, rsvqa-lr, rsvqa-hr, imagefolder, jsonl, csv")
     conv.add_argument("src", help="folder of the corpus in its published layout (jsonl, csv: the record file)")
     conv.add_argument("out", help="store root: a local dir or s3://bucket/prefix")
     conv.add_argument("--shard-size", type=int, default=None, help="at most N samples per shard (default: no cap)")
@@ -249,6 +256,13 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("--classes", metavar="FILE", help="imagefolder, jsonl, csv: class order, one name per line "
                       "(default: the names sorted)")
     conv.add_argument("--max-bad-fraction", type=float, default=0.05, help="exit non-zero above this fraction of bad records")
+    where = conv.add_mutually_exclusive_group()
+    where.add_argument("--workers", type=int, default=1, metavar="N",
+                       help="encode images and write shards in N processes on this machine (default 1); "
+                            "the shards are byte-identical whatever N")
+    where.add_argument("--ray", action="store_true",
+                       help="run those tasks on the Ray cluster of RAY_ADDRESS (else a local Ray); each writes "
+                            "whole shards straight to OUT, which every node must reach (s3:// or a shared folder)")
     conv.set_defaults(fn=_shards_convert)
 
     syn = ssub.add_parser("synth", help="write the synthetic demo corpus `synthetic`")

@@ -86,17 +86,22 @@ def convert(
     shard_bytes: int = DEFAULT_SHARD_BYTES,
     min_shards: int = MIN_SHARDS,
     shuffle_seed: int = 0,
+    workers: int = 1,
+    use_ray: bool = False,
 ) -> int:
     """Convert the corpus at `src` (published layout) into corpus `name` (default: the adapter's)
     under the store root `out`. Returns the exit code: 0, or 1 when more than `max_bad_fraction` of
     the records are bad, in which case nothing is written and a corpus already there is kept.
     Bad records are skipped, named on stderr and counted; `strict` stops at the first (UserError).
     Each split is shuffled with `shuffle_seed` into shards of about `shard_bytes`, at least
-    `min_shards` of them, at most `shard_size` samples each (see `store.writer.shard_counts`)."""
+    `min_shards` of them, at most `shard_size` samples each (see `store.writer.shard_counts`).
+    Images are fitted and encoded, and shards written, by `workers` local processes or by Ray tasks
+    (`use_ray`); the shards are the same whichever (see `store.writer`)."""
     ad = get_adapter(adapter) if isinstance(adapter, str) else adapter
     corpus = name or ad.name
     cap = 1 if shard_size is None else shard_size
-    for flag, value in (("--shard-size", cap), ("--shard-bytes", shard_bytes), ("--min-shards", min_shards)):
+    sizes = (("--shard-size", cap), ("--shard-bytes", shard_bytes), ("--min-shards", min_shards), ("--workers", workers))
+    for flag, value in sizes:
         if value < 1:
             raise UserError(f"{flag} {value}: must be at least 1")
     if shuffle_seed < 0:
@@ -128,6 +133,8 @@ def convert(
             min_shards=min_shards,
             shuffle_seed=shuffle_seed,
             image_size=ad.image_size,
+            workers=workers,
+            use_ray=use_ray,
         )
         with writer:
             for rec in records:

@@ -56,13 +56,15 @@ class Sample:
         }
 
 
-def shard_name(corpus: str, split: str, index: int) -> str:
-    return f"{corpus}-{split}-{index:06d}.tar"
+def shard_name(corpus: str, split: str, generation: str, index: int) -> str:
+    """`generation`: the conversion's id, so that a re-conversion never writes over the shards that the
+    manifest it replaces lists (readers take names from the manifest only)."""
+    return f"{corpus}-{split}-{generation}-{index:06d}.tar"
 
 
-def shard_path(corpus: str, split: str, index: int) -> str:
+def shard_path(corpus: str, split: str, generation: str, index: int) -> str:
     """Path of a shard relative to the store root."""
-    return f"{corpus}/{split}/{shard_name(corpus, split, index)}"
+    return f"{corpus}/{split}/{shard_name(corpus, split, generation, index)}"
 
 
 def manifest_path(corpus: str) -> str:

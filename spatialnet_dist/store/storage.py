@@ -163,6 +163,22 @@ def read_bytes(url: str) -> bytes:
         return f.read()
 
 
+def read_range(url: str, offset: int, length: int) -> bytes:
+    """`length` bytes at `offset` of a file or object (S3: one ranged GET)."""
+    if is_s3(url):
+        bucket, key = split_s3(url)
+        with _s3_errors(url):
+            body = s3_client().get_object(Bucket=bucket, Key=key, Range=f"bytes={offset}-{offset + length - 1}")["Body"]
+            return body.read()
+    try:
+        with open(url, "rb") as f:
+            return os.pread(f.fileno(), length, offset)
+    except FileNotFoundError:
+        raise NotFoundError(f"{url}: not found") from None
+    except OSError as e:
+        raise StoreError(f"{url}: {e.strerror}") from None
+
+
 def open_stream(url: str) -> BinaryIO:
     """A binary readable: a local file, or the streaming body of an S3 GET (read in-process by WebDataset)."""
     if is_s3(url):

@@ -1,67 +1,83 @@
-"""ShardWriter: Samples -> tar shards + manifest under `<root>/<corpus>/`, local or S3.
+"""ShardWriter: Samples -> tar shards + manifest under `<root>/<corpus>/`, local or S3; its tasks run
+in this process, in worker processes or as Ray tasks (`store.pool`).
+
+Work: `write` checks a sample and adds it to a block; each full block goes to an encode task
+(`encode_block`) that fits and encodes its images (the cost of a conversion), writes their tar chunks
+to a spool file of its own and counts the block's captions, questions and words. The writer keeps
+where each chunk lies (three integers per sample), in the order the samples were written.
 
 Mixing (DESIGN.md: conversion shuffles records across shards with a seed recorded in the manifest):
 sources are often sorted (UCM-captions by class), and a reader's shuffle buffer only mixes within a
-few shards, so shards written in source order give near single-class batches. `write` encodes each
-sample into its tar bytes and appends them to a spool file of its split (memory: two integers per
-sample); the commit permutes each split with `numpy.random.default_rng(shuffle_seed)` and copies the
-samples into the shards in that order. The shard count is known then: see `shard_counts`.
+few shards, so shards written in source order give near single-class batches. At the commit each
+split is permuted with `numpy.random.default_rng(shuffle_seed)` over its samples in write order and
+cut into `shard_counts` shards; each shard is a task (`sharding.cut_shard`) that copies its samples'
+chunks out of the spools. Order, cut and bytes depend on the samples and the seed alone: any number
+of workers, processes or Ray tasks, gives the shards (and sha256s) of one.
 
-Visibility (DESIGN.md, CONTRACT: shards): a reader only ever follows the manifest. Shards are first
-written to a staging folder `<root>/<corpus>/.staging-<token>/` (S3: spooled to a local temp file,
-then uploaded there). Only when the `with` block ends without an exception are they moved to their
-final names (local: atomic rename; S3: server-side copy), then the manifest is written, then every
-shard the new manifest does not list is removed. An exception inside the block removes the staging
-folder and leaves the previous corpus (manifest and shards) untouched.
+Spools lie where every task can read them: `<root>/<corpus>/.staging-<generation>/` (a local store;
+S3 with Ray), or a local temp folder (S3 with this machine's processes).
 
-One writer per corpus at a time: a successful commit also removes staging folders left by killed runs.
+Visibility and re-conversion (DESIGN.md, CONTRACT: shards): readers follow the manifest only. A
+conversion names its shards with its own generation, `<split>/<corpus>-<split>-<generation>-000000.tar`,
+so it never writes over the shards of the corpus it replaces; tasks write them straight to the store.
+Then the manifest is replaced in one step (local: atomic rename; S3: one PUT), then every shard it does
+not list (older generations, leftovers of killed runs) and every staging folder is deleted. A crash at
+any step leaves the previous manifest over its complete shards, or the new one over its own. An
+exception inside the `with` block removes what this conversion wrote and leaves the previous corpus.
+
+One writer per corpus at a time: a successful commit deletes every shard and staging folder it does not list.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import os
 import re
+import shutil
 import sys
-import tarfile
 import tempfile
 import uuid
 from array import array
-from collections import Counter, defaultdict
-from collections.abc import Iterable, Iterator
+from collections import Counter, defaultdict, deque
 from contextlib import suppress
 from datetime import datetime, timezone
 
 import numpy as np
 from tqdm import tqdm
 
-from spatialnet_dist.store import storage
+from spatialnet_dist.store import sharding, storage
 from spatialnet_dist.store.band_stats import BandStats
 from spatialnet_dist.store.manifest import manifest_url
+from spatialnet_dist.store.pool import TaskPool
 from spatialnet_dist.store.schema import (
     FIT_RULE,
     SCHEMA_VERSION,
     Sample,
     SchemaError,
     as_hwc,
+    check_image_id,
     encode_sample,
     fit_image,
     shard_name,
+    validate_record,
 )
 from spatialnet_dist.store.storage import StoreError
 from spatialnet_dist.text import words
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9_\-]+$")
 _STAGING = ".staging-"
-_BLOCK = 512  # tar header and data block size
 # WebDataset's advice is 100 MB to 1 GB per shard: large sequential reads, few objects to list.
 DEFAULT_SHARD_BYTES = 256 * 2**20
 # Ranks x loader workers of a typical job (8 GPUs x 2 loader workers): every split has at least this
 # many shards (or one per sample), so that evaluation, which splits a split's shards by rank and then
 # by worker, keeps them all busy, and training draws from many mixed shards.
 MIN_SHARDS = 16
+# An encode task takes this many samples (enough to outweigh a task's overhead), or fewer holding this
+# many image bytes (large rasters): the blocks in flight are what the writer holds in memory.
+BLOCK_SAMPLES = 32
+BLOCK_BYTES = 64 * 2**20
+PENDING_BYTES = 1 << 30  # image bytes of the blocks in flight at most (a Ray cluster's CPUs could ask for more)
 
 
 def _check_name(kind: str, name: str) -> str:
@@ -70,22 +86,10 @@ def _check_name(kind: str, name: str) -> str:
     return name
 
 
-def _padded(tar_bytes: int) -> int:
-    """File size of a tar whose blocks (end blocks included) take `tar_bytes`: tarfile pads to whole records."""
-    return -(-tar_bytes // tarfile.RECORDSIZE) * tarfile.RECORDSIZE
-
-
-def _tar_chunk(members: dict[str, bytes]) -> bytes:
-    """One sample as it lies in a tar: per member (extensions sorted) a header block, then its data padded to blocks."""
-    key = members["__key__"]
-    parts = []
-    for ext in sorted(k for k in members if k != "__key__"):
-        data = members[ext]
-        info = tarfile.TarInfo(f"{key}.{ext}")
-        # Fixed metadata: the same samples and seed give byte-identical shards (and sha256s) on every run.
-        info.size, info.mtime, info.mode, info.uname, info.gname = len(data), 0, 0o444, "", ""
-        parts += [info.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape"), data, bytes(-len(data) % _BLOCK)]
-    return b"".join(parts)
+def _shard_re(corpus: str, generation: str = r"(?:[0-9a-f]{8}-)?") -> re.Pattern:
+    """`<split>/<corpus>-<split>-[<generation>-]<index>.tar` relative to the corpus folder: a shard of any
+    generation (the names before generations too), or of the one given."""
+    return re.compile(rf"^([A-Za-z0-9_\-]+)/{re.escape(corpus)}-\1-{generation}\d{{6}}\.tar$")
 
 
 def shard_counts(samples: int, tar_bytes: int, shard_bytes: int, min_shards: int, shard_size: int | None) -> list[int]:
@@ -100,65 +104,49 @@ def shard_counts(samples: int, tar_bytes: int, shard_bytes: int, min_shards: int
     return [base + 1] * extra + [base] * (shards - extra)
 
 
-class _Spool:
-    """One split's samples as tar chunks, appended to a local file in arrival order and read back in
-    any order. Memory: two integers per sample."""
 
-    def __init__(self, folder: str | None):
-        if folder is not None:
-            os.makedirs(folder, exist_ok=True)
-        fd, self.path = tempfile.mkstemp(prefix="spatialnet-spool-", suffix=".bin", dir=folder)
-        self.file = os.fdopen(fd, "w+b")
-        self.offsets, self.lengths = array("q"), array("q")
+class _Locations:
+    """Where a split's chunks lie, in write order: spool index, offset, length (three integers per sample)."""
+
+    def __init__(self):
+        self.spool, self.offset, self.length = array("q"), array("q"), array("q")
         self.bytes = 0
 
-    def append(self, chunk: bytes) -> None:
-        self.file.write(chunk)
-        self.offsets.append(self.bytes)
-        self.lengths.append(len(chunk))
-        self.bytes += len(chunk)
+    def add(self, spool: int, offset: int, length: int) -> None:
+        self.spool.append(spool)
+        self.offset.append(offset)
+        self.length.append(length)
+        self.bytes += length
 
-    def chunks(self, order) -> Iterator[bytes]:
-        """The chunks of the samples at the positions `order`, in that order."""
-        self.file.flush()
-        fd = self.file.fileno()
-        for i in order:
-            yield os.pread(fd, self.lengths[i], self.offsets[i])
-
-    def discard(self) -> None:
-        self.file.close()
-        with suppress(OSError):
-            os.remove(self.path)
+    def __len__(self) -> int:
+        return len(self.spool)
 
 
-def _write_shard(url: str, name: str, chunks: Iterable[bytes]) -> dict:
-    """One tar of sample chunks, ended as tarfile ends one (two zero blocks, padded to whole records);
-    a shard for S3 is spooled to a local temp file and uploaded. -> the manifest's shard entry."""
-    s3 = storage.is_s3(url)
-    if s3:
-        fd, path = tempfile.mkstemp(prefix="spatialnet-shard-", suffix=".tar")
-        file = os.fdopen(fd, "wb")
-    else:
-        os.makedirs(os.path.dirname(url), exist_ok=True)
-        path, file = url, open(url, "wb")
-    sha256, size, samples = hashlib.sha256(), 0, 0
-    try:
-        with file:
-            for chunk in chunks:
-                file.write(chunk)
-                sha256.update(chunk)
-                size, samples = size + len(chunk), samples + 1
-            end = bytes(_padded(size + 2 * _BLOCK) - size)
-            file.write(end)
-            sha256.update(end)
-            size += len(end)
-        if s3:
-            storage.put_file(path, url)
-    finally:
-        if s3:
-            with suppress(OSError):
-                os.remove(path)
-    return {"name": name, "samples": samples, "bytes": size, "sha256": sha256.hexdigest()}
+def fit_sample(sample: Sample, image_size: tuple[int, int] | None) -> tuple[Sample, bool]:
+    """-> (the sample with its image at `image_size` by FIT_RULE, whether it had another size)."""
+    if image_size is None:
+        return sample, False
+    image = as_hwc(sample.image)
+    if image.shape[:2] == tuple(image_size):
+        return sample, False
+    meta = {**sample.meta, "original_size": list(image.shape[:2])}
+    return dataclasses.replace(sample, image=fit_image(image, image_size), meta=meta), True
+
+
+def encode_block(
+    samples: list[Sample], image_size: tuple[int, int] | None, spool_url: str
+) -> tuple[list[tuple[str, int, int]], dict[str, _SplitCounts]]:
+    """A conversion task: fit and encode a block of samples, spool their tar chunks to `spool_url`.
+    -> ([(split, offset, length)] in block order, {split: the block's counts})."""
+    chunks, counts = [], {}
+    for sample in samples:
+        sample, resized = fit_sample(sample, image_size)
+        chunks.append(sharding.tar_chunk(encode_sample(sample)))
+        part = counts.setdefault(sample.split, _SplitCounts())
+        part.add(sample)
+        part.resized += resized
+    offsets = sharding.write_spool(spool_url, chunks)
+    return [(s.split, offset, len(c)) for s, offset, c in zip(samples, offsets, chunks)], counts
 
 
 class _SplitCounts:
@@ -168,7 +156,6 @@ class _SplitCounts:
         self.word_counts: Counter = Counter()
         self.answer_counts: defaultdict[str, Counter] = defaultdict(Counter)
         self.shards: list[dict] = []
-        self.image_ids: set[str] = set()
         self.band_stats = BandStats()  # partial sums: parallel writers merge them
 
     def add(self, sample: Sample) -> None:
@@ -182,6 +169,18 @@ class _SplitCounts:
             self.questions_by_type[q["type"]] += 1
             self.word_counts.update(words(q["question"]))
             self.answer_counts[q["type"]][str(q["answer"])] += 1
+
+    def merge(self, other: _SplitCounts) -> None:
+        """Add the counts of another part of the split (one encode task's block)."""
+        self.samples += other.samples
+        self.captions += other.captions
+        self.questions += other.questions
+        self.resized += other.resized
+        self.band_stats.merge(other.band_stats)
+        self.questions_by_type.update(other.questions_by_type)
+        self.word_counts.update(other.word_counts)
+        for qtype, answers in other.answer_counts.items():
+            self.answer_counts[qtype].update(answers)
 
     def manifest(self, fit_rule: str | None) -> dict:
         def by_count(counter: Counter) -> dict:
@@ -208,7 +207,8 @@ class ShardWriter:
     `shard_bytes` each, at least `min_shards` (or one per sample), at most `shard_size` samples
     (None: no cap). `image_size` (H, W): the corpus's nominal size; an image of another size is
     fitted to it by `schema.FIT_RULE`, keeps its size in `meta["original_size"]` and is counted per
-    split in the manifest (`"resized"`).
+    split in the manifest (`"resized"`). `workers` > 1: encode and shard in that many local processes;
+    `use_ray`: as Ray tasks on the cluster (RAY_ADDRESS, else a local instance).
     """
 
     def __init__(
@@ -222,9 +222,12 @@ class ShardWriter:
         min_shards: int = MIN_SHARDS,
         shuffle_seed: int = 0,
         image_size: tuple[int, int] | None = None,
+        workers: int = 1,
+        use_ray: bool = False,
     ):
         cap = 1 if shard_size is None else shard_size
-        for key, value in (("shard_size", cap), ("shard_bytes", shard_bytes), ("min_shards", min_shards)):
+        checked = (("shard_size", cap), ("shard_bytes", shard_bytes), ("min_shards", min_shards), ("workers", workers))
+        for key, value in checked:
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise StoreError(f"{key} {value!r}: must be a positive integer")
         if isinstance(shuffle_seed, bool) or not isinstance(shuffle_seed, int) or shuffle_seed < 0:
@@ -236,22 +239,40 @@ class ShardWriter:
         self.shard_size, self.shard_bytes, self.min_shards = shard_size, shard_bytes, min_shards
         self.shuffle_seed = shuffle_seed
         self.image_size = (int(image_size[0]), int(image_size[1])) if image_size is not None else None
+        self.workers, self.use_ray = workers, use_ray
+        self.generation = uuid.uuid4().hex[:8]  # this conversion's id, in its shard and staging names
         self.corpus_url = storage.join(self.root, corpus)
-        self.staging_url = storage.join(self.corpus_url, f"{_STAGING}{uuid.uuid4().hex[:12]}")
+        self.staging_url = storage.join(self.corpus_url, f"{_STAGING}{self.generation}")
         self.splits: dict[str, _SplitCounts] = {}
-        self._spools: dict[str, _Spool] = {}
+        self._image_ids: defaultdict[str, set[str]] = defaultdict(set)
+        self._block: list[Sample] = []
+        self._block_bytes = 0
+        self._spools: list[str] = []  # spool URL of each encode task, by its index
+        self._pending: deque = deque()  # (spool index, task, image bytes) of encode tasks not collected, oldest first
+        self._locations: dict[str, _Locations] = {}
+        self._pool: TaskPool | None = None
+        self._temp_spools: str | None = None
         self._progress = None
 
     def __enter__(self) -> ShardWriter:
-        self._progress = tqdm(desc=f"reading {self.corpus}", unit=" img", file=sys.stderr, disable=None)
+        self._pool = TaskPool(self.workers, self.use_ray)
+        if storage.is_s3(self.corpus_url) and not self.use_ray:
+            # This machine's processes spool on its disk; Ray tasks on other nodes read spools from the store.
+            self._temp_spools = tempfile.mkdtemp(prefix="spatialnet-spool-")
+        self._progress = tqdm(desc=f"converting {self.corpus}", unit=" img", file=sys.stderr, disable=None)
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        self._progress.close()
-        if exc_type is None:
-            self._commit()
-        else:
-            self._abort()
+        try:
+            if exc_type is None:
+                self._commit()
+            else:
+                self._abort()
+        finally:
+            self._progress.close()
+            self._pool.close()
+            if self._temp_spools is not None:
+                shutil.rmtree(self._temp_spools, ignore_errors=True)
 
     def write(self, sample: Sample) -> None:
         """Add one sample. A rejected sample (SchemaError/StoreError) leaves no trace: the caller may skip it."""
@@ -262,30 +283,41 @@ class ShardWriter:
         split = _check_name("split", sample.split)
         if self.classes is not None and sample.label is not None and not 0 <= sample.label < len(self.classes):
             raise SchemaError(f"sample {sample.image_id}: label {sample.label} outside the {len(self.classes)} classes")
-        if split in self.splits and sample.image_id in self.splits[split].image_ids:
+        if sample.image_id in self._image_ids[split]:
             # Two samples with one key in a split would be read back as one.
             raise SchemaError(f"sample {sample.image_id}: duplicate image_id in split {split!r}")
-        sample, resized = self._fit(sample)
-        chunk = _tar_chunk(encode_sample(sample))
-        if split not in self._spools:
-            # Local stores spool in the staging folder (the disk that takes the shards), S3 stores in the temp folder.
-            self._spools[split] = _Spool(None if storage.is_s3(self.staging_url) else self.staging_url)
-        self._spools[split].append(chunk)
-        counts = self.splits.setdefault(split, _SplitCounts())
-        counts.image_ids.add(sample.image_id)
-        counts.add(sample)
-        counts.resized += resized
-        self._progress.update(1)
-
-    def _fit(self, sample: Sample) -> tuple[Sample, bool]:
-        """-> (the sample with its image at `image_size`, whether it had another size)."""
-        if self.image_size is None:
-            return sample, False
+        # What encode_block would refuse, refused here: a task's failure ends the conversion.
+        check_image_id(sample.image_id)
+        validate_record(sample.record())
         image = as_hwc(sample.image)
-        if image.shape[:2] == self.image_size:
-            return sample, False
-        meta = {**sample.meta, "original_size": list(image.shape[:2])}
-        return dataclasses.replace(sample, image=fit_image(image, self.image_size), meta=meta), True
+        if min(image.shape[:2]) < 1:
+            raise SchemaError(f"sample {sample.image_id}: empty image of shape {image.shape}")
+        self._image_ids[split].add(sample.image_id)
+        self._block.append(sample)
+        self._block_bytes += image.nbytes
+        if len(self._block) >= BLOCK_SAMPLES or self._block_bytes >= BLOCK_BYTES:
+            self._submit_block()
+
+    def _submit_block(self) -> None:
+        index = len(self._spools)
+        spool_folder = self._temp_spools or self.staging_url
+        self._spools.append(storage.join(spool_folder, f"block-{index:06d}.bin"))
+        task = self._pool.submit(encode_block, self._block, self.image_size, self._spools[index])
+        self._pending.append((index, task, self._block_bytes))
+        self._block, self._block_bytes = [], 0
+        # Blocks in flight are held in memory: two per task that can run at once, within PENDING_BYTES.
+        while len(self._pending) > 2 * self._pool.capacity or sum(p[2] for p in self._pending) > PENDING_BYTES:
+            self._collect()
+
+    def _collect(self) -> None:
+        """Take the oldest encode task's result: where its chunks lie, and its counts."""
+        index, task, _ = self._pending.popleft()
+        entries, counts = self._pool.result(task)
+        for split, offset, length in entries:
+            self._locations.setdefault(split, _Locations()).add(index, offset, length)
+        for split, part in counts.items():
+            self.splits.setdefault(split, _SplitCounts()).merge(part)
+        self._progress.update(len(entries))
 
     def manifest(self) -> dict:
         fit_rule = FIT_RULE if self.image_size is not None else None
@@ -301,54 +333,55 @@ class ShardWriter:
         }
 
     def _commit(self) -> None:
-        if not self.splits:
-            self._abort()
-            raise StoreError(f"{self.corpus_url}: no samples written; the corpus is left as it was")
-        listed = set()
         try:
-            total = sum(counts.samples for counts in self.splits.values())
-            with tqdm(
-                desc=f"sharding {self.corpus}", unit=" img", total=total, file=sys.stderr, disable=None
-            ) as progress:
-                for split in sorted(self.splits):
-                    self.splits[split].shards = self._write_split(split, self._spools.pop(split), progress)
-            for split, counts in self.splits.items():
-                for shard in counts.shards:
-                    rel = f"{split}/{shard['name']}"
-                    storage.move(storage.join(self.staging_url, rel), storage.join(self.corpus_url, rel))
-                    listed.add(rel)
+            if self._block:
+                self._submit_block()
+            while self._pending:
+                self._collect()
+            if not self.splits:
+                raise StoreError(f"{self.corpus_url}: no samples written; the corpus is left as it was")
+            self._write_shards()
             manifest = json.dumps(self.manifest(), indent=1).encode()
-            storage.write_bytes_atomic(manifest_url(self.root, self.corpus), manifest)
+            storage.write_bytes_atomic(manifest_url(self.root, self.corpus), manifest)  # the swap
         except BaseException:
             self._abort()
             raise
-        self._remove_unlisted(listed)
+        self._remove_unlisted()
 
-    def _write_split(self, split: str, spool: _Spool, progress) -> list[dict]:
-        """Shuffle one split's spooled samples into its shards in the staging folder; -> their manifest entries."""
-        try:
-            order = np.random.default_rng(self.shuffle_seed).permutation(len(spool.offsets))
-            entries, start = [], 0
+    def _write_shards(self) -> None:
+        """Permute each split, cut it into shards, and run one task per shard."""
+        tasks = []
+        for split in sorted(self._locations):
+            where = self._locations[split]
+            order = np.random.default_rng(self.shuffle_seed).permutation(len(where))
+            start = 0
             for index, n in enumerate(
-                shard_counts(len(order), spool.bytes, self.shard_bytes, self.min_shards, self.shard_size)
+                shard_counts(len(where), where.bytes, self.shard_bytes, self.min_shards, self.shard_size)
             ):
-                name = shard_name(self.corpus, split, index)
-                url = storage.join(self.staging_url, split, name)
-                entries.append(_write_shard(url, name, spool.chunks(order[start : start + n])))
+                rows = order[start : start + n]
                 start += n
-                progress.update(n)
-            return entries
-        finally:
-            spool.discard()
+                used = sorted({where.spool[i] for i in rows})  # the spools this shard reads, renumbered
+                number = {spool: k for k, spool in enumerate(used)}
+                pieces = [(number[where.spool[i]], where.offset[i], where.length[i]) for i in rows]
+                name = shard_name(self.corpus, split, self.generation, index)
+                url = storage.join(self.corpus_url, split, name)
+                spools = [self._spools[spool] for spool in used]
+                tasks.append((split, n, self._pool.submit(sharding.cut_shard, url, name, spools, pieces)))
+        total = sum(n for _, n, _ in tasks)
+        with tqdm(desc=f"sharding {self.corpus}", unit=" img", total=total, file=sys.stderr, disable=None) as bar:
+            for split, n, task in tasks:
+                self.splits[split].shards.append(self._pool.result(task))
+                bar.update(n)
 
-    def _remove_unlisted(self, listed: set[str]) -> None:
-        """Remove the previous run's shards that the new manifest does not list, and any staging folder."""
-        shard_re = re.compile(rf"^([A-Za-z0-9_\-]+)/{re.escape(self.corpus)}-\1-\d{{6}}\.tar$")
-        staging = {storage.split_url(self.staging_url)[1]}
+    def _remove_unlisted(self) -> None:
+        """Delete the shards the new manifest does not list (older generations, leftovers of killed
+        runs) and every staging folder."""
+        listed = {f"{split}/{shard['name']}" for split, counts in self.splits.items() for shard in counts.shards}
+        any_shard, staging = _shard_re(self.corpus), set()
         for rel in storage.list_files(self.corpus_url):
             if rel.startswith(_STAGING):
                 staging.add(rel.split("/")[0])
-            elif shard_re.match(rel) and rel not in listed:
+            elif any_shard.match(rel) and rel not in listed:
                 storage.delete(storage.join(self.corpus_url, rel))
         for folder in sorted(staging):
             storage.delete_prefix(storage.join(self.corpus_url, folder))
@@ -358,10 +391,14 @@ class ShardWriter:
                     os.rmdir(os.path.join(self.corpus_url, split))
 
     def _abort(self) -> None:
-        for spool in self._spools.values():
-            spool.discard()
-        self._spools.clear()
-        # Best effort: the exception that brought us here matters more than a failed cleanup, and the
-        # next successful run of this corpus removes a leftover staging folder.
+        """Delete what this conversion wrote: its staging folder and its shards, after its tasks stopped.
+        Best effort: the exception that brought us here matters more than a failed cleanup, and the
+        next successful conversion of this corpus deletes a leftover."""
+        self._pool.close()
+        self._pending.clear()
         with suppress(StoreError):
             storage.delete_prefix(self.staging_url)
+            own = _shard_re(self.corpus, f"{self.generation}-")
+            for rel in storage.list_files(self.corpus_url):
+                if own.match(rel):
+                    storage.delete(storage.join(self.corpus_url, rel))
