@@ -1,7 +1,9 @@
-"""Launch a training job: config -> data check -> vocabularies -> Ray TorchTrainer -> RESULT line.
+"""Launch a training job: config -> preflight -> vocabularies -> Ray TorchTrainer -> RESULT line.
 
 `python ray_job.py` and `spatialnet train` both call `main(argv)`. Everything that can be wrong with
-the input (config, data, storage) is checked here, before any worker starts.
+the input (config, data, sources, storage, java: train.preflight) is checked here, before any worker
+starts. RESULT's "error" is null on success, else the failing worker's one-line reason, which is also
+the last line of stderr (train.failures says which failures end a run at once).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import time
 from pathlib import Path
 
 from spatialnet_dist import config as config_mod
+from spatialnet_dist import versions
 from spatialnet_dist.errors import UserError
 from spatialnet_dist.store import storage
 
@@ -23,6 +26,7 @@ DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "demo.yaml"
 # instance roles, never through the job's config.
 WORKER_ENV = ("DS_ACCELERATOR", "HF_HUB_OFFLINE", "TORCH_EXTENSIONS_DIR", "AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION",
               "AWS_REGION", "AWS_PROFILE", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S")
+DEFAULT_RAY_TOKEN = Path.home() / ".ray" / "auth_token"  # where Ray 2.60 keeps the token it generates
 log = logging.getLogger("spatialnet.launch")
 
 
@@ -48,16 +52,11 @@ def load_config(args: argparse.Namespace) -> config_mod.Config:
 
 
 def prepare_data(cfg: config_mod.Config) -> None:
-    """Generate the synthetic demo corpus on first use; any other corpus must already be converted."""
+    """Generate the synthetic demo corpus on first use (preflight refuses any other missing corpus)."""
     from spatialnet_dist.store.manifest import manifest_url
 
-    corpora = {c for t in cfg.tasks.enabled() for c in getattr(cfg.tasks, t).corpora}
-    for corpus in sorted(corpora):
-        if storage.exists(manifest_url(cfg.data.root, corpus)):
-            continue
-        if corpus != "synthetic":
-            raise UserError(f"corpus {corpus}: no {manifest_url(cfg.data.root, corpus)}; convert it first "
-                            f"(spatialnet shards convert ADAPTER SRC {cfg.data.root} --name {corpus})")
+    uses_synthetic = any("synthetic" in getattr(cfg.tasks, t).corpora for t in cfg.tasks.enabled())
+    if uses_synthetic and not storage.exists(manifest_url(cfg.data.root, "synthetic")):
         from spatialnet_dist.corpora.synthetic import write_synthetic
 
         print(f"generating the synthetic corpus ({cfg.data.synth_images} images) under {cfg.data.root} ...",
@@ -105,9 +104,18 @@ def connect_ray(cfg: config_mod.Config) -> bool:
     needed = cfg.train.num_workers * cfg.train.cpus_per_worker
     # Ray starts its workers at nice 15: on a shared machine anything else would starve the trainers.
     os.environ.setdefault("RAY_worker_niceness", "0")
-    # The dashboard also serves Ray's state API (Ray Train's controller polls it); loopback only.
+    # Token auth on: Ray 2.60 turns it on for a new local instance (and creates ~/.ray/auth_token) unless
+    # RAY_AUTH_MODE says otherwise, so an inherited RAY_AUTH_MODE=disabled must not reach it.
+    if os.environ.get("RAY_AUTH_MODE", "token").lower() != "token":
+        log.warning("RAY_AUTH_MODE=%s ignored: the local Ray instance always uses token auth",
+                    os.environ.pop("RAY_AUTH_MODE"))
+    # Loopback for every address Ray lets us choose: the node's (GCS, raylet and object manager advertise
+    # it) and the dashboard's, which also serves Ray's state API (Ray Train's controller polls it).
+    # cluster/README.md says what still listens elsewhere.
     ray.init(_node_ip_address="127.0.0.1", num_cpus=max(needed, os.cpu_count() or 1), include_dashboard=True,
              dashboard_host="127.0.0.1", runtime_env=runtime_env, log_to_driver=True)
+    if DEFAULT_RAY_TOKEN.is_file() and not (os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH")):
+        DEFAULT_RAY_TOKEN.chmod(0o600)  # Ray writes it with the default umask; it is a password
     return True
 
 
@@ -116,6 +124,7 @@ def run_training(cfg: config_mod.Config, vocab: dict, run_dir: str):
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
+    from spatialnet_dist.train.failures import FailureClassifier
     from spatialnet_dist.train.worker import train_loop_per_worker
 
     storage_path, filesystem = storage_for_ray(cfg.run.storage)
@@ -133,6 +142,7 @@ def run_training(cfg: config_mod.Config, vocab: dict, run_dir: str):
             storage_filesystem=filesystem,
             failure_config=FailureConfig(max_failures=cfg.train.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.run.keep_checkpoints or None),
+            callbacks=[FailureClassifier(run_dir)],  # permanent failures end the run on this attempt
         ),
     )
     return trainer.fit()
@@ -142,27 +152,28 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     args = parse_args(sys.argv[1:] if argv is None else argv)
     try:
+        versions.require_all()
         cfg = load_config(args)
-        if cfg.eval.at_end and cfg.tasks.captioning.enabled:
-            from spatialnet_dist.evaluate.captions import require_java
-
-            require_java()  # refuse now rather than after training
         prepare_data(cfg)
         from spatialnet_dist.data.vocab import build_vocabs
+        from spatialnet_dist.train import preflight
         from spatialnet_dist.train.plan import resolve
         from spatialnet_dist.train.rundir import RunDir
 
+        run = RunDir(storage.join(cfg.run.storage, cfg.run.name))
+        preflight.run_all(cfg, run.url)
         cfg, plan = resolve(cfg, cfg.train.num_workers)
         if plan:
             print(plan, flush=True)
 
         vocabs = build_vocabs(cfg)
-        run = RunDir(storage.join(cfg.run.storage, cfg.run.name))
-        run.write_config(cfg)  # also proves the run storage is writable (a missing bucket stops here)
+        run.write_config(cfg)
         attempts_before = len(run.attempts())
     except UserError as e:
         print(f"spatialnet: error: {e}", file=sys.stderr)
         return 2
+
+    from spatialnet_dist.train.failures import reason
 
     started = connect_ray(cfg)
     t0 = time.time()
@@ -170,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         result = run_training(cfg, vocabs.to_dict(), run.url)
         error = result.error
-    except Exception as e:  # Ray raises TrainingFailedError when the retries are spent
+    except Exception as e:  # TrainingFailedError: a permanent failure, or the retries are spent
         result, error = None, e
     finally:
         if started:
@@ -189,9 +200,10 @@ def main(argv: list[str] | None = None) -> int:
         "run_dir": run.url,
         "eval": json.loads(storage.read_bytes(eval_url)) if cfg.eval.at_end and storage.exists(eval_url) else None,
         "wall_s": round(time.time() - t0, 1),
+        "error": None if error is None else reason(error),
     }
     if error is not None:
-        summary["error"] = str(error).strip().splitlines()[0][:500] if str(error).strip() else type(error).__name__
-        print(f"spatialnet: training failed: {summary['error']}", file=sys.stderr)
+        sys.stdout.flush()
+        print(f"spatialnet: training failed: {summary['error']}", file=sys.stderr, flush=True)
     print("RESULT " + json.dumps(summary), flush=True)
     return 1 if error is not None else 0
