@@ -258,8 +258,8 @@ def test_ray_job_submit_to_a_token_protected_local_head(tmp_path, free_ports):
 
 @pytest.mark.slow
 def test_the_default_local_ray_instance_has_token_auth_on_loopback(monkeypatch):
-    """launch.connect_ray's own instance: token auth on even when RAY_AUTH_MODE=disabled is inherited, the
-    node's address and the dashboard (Jobs API, state API) on 127.0.0.1 only, the generated token private."""
+    """launch.connect_ray's own instance: token auth on even when RAY_AUTH_MODE=disabled is inherited, every
+    port it opens on loopback (the dashboard with the Jobs and state APIs too), the generated token private."""
     import psutil
     import ray
 
@@ -277,10 +277,12 @@ def test_the_default_local_ray_instance_has_token_auth_on_loopback(monkeypatch):
         token = launch.DEFAULT_RAY_TOKEN.read_text().strip()
         assert http_status(f"{dashboard}/api/jobs/") == 401
         assert http_status(f"{dashboard}/api/jobs/", token) == 200
-        port = int(dashboard.rpartition(":")[2])
-        listeners = {c.laddr.ip for c in psutil.net_connections("tcp")
-                     if c.status == psutil.CONN_LISTEN and c.laddr.port == port}
-        assert listeners == {"127.0.0.1"}, listeners
+        # Every port of every process Ray started here (GCS, raylet, workers, agents, metrics): loopback.
+        started = {p.pid for p in psutil.Process().children(recursive=True)}
+        listeners = {(c.laddr.ip, c.laddr.port) for c in psutil.net_connections("inet")
+                     if c.status == psutil.CONN_LISTEN and c.pid in started}
+        assert ("127.0.0.1", int(dashboard.rpartition(":")[2])) in listeners
+        assert {ip for ip, _ in listeners} <= {"127.0.0.1", "::ffff:127.0.0.1", "::1"}, listeners
         assert launch.DEFAULT_RAY_TOKEN.stat().st_mode & 0o077 == 0
     finally:
         ray.shutdown()

@@ -89,15 +89,24 @@ def checkpoint_url(result, run_storage: str) -> str | None:
 def connect_ray(cfg: config_mod.Config) -> bool:
     """Join RAY_ADDRESS or a cluster running here; else start a local instance bound to 127.0.0.1.
     -> True when this call started Ray (and so should shut it down)."""
+    # Ray 2.60 replaces _node_ip_address=127.0.0.1 by the host's routable address unless it is told the
+    # instance is single-machine: RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 (read by the Ray processes we start,
+    # and by ray_constants when first imported; set on the module too for a process that imported ray already).
+    local = not os.environ.get("RAY_ADDRESS")
+    if local:
+        os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
     import ray
+    from ray._private import ray_constants
 
     if ray.is_initialized():
         return False
+    if local:
+        ray_constants.ENABLE_RAY_CLUSTER = False
     env = {k: os.environ[k] for k in WORKER_ENV if k in os.environ}
     if not cfg.train.use_gpu:
         env.setdefault("DS_ACCELERATOR", "cpu")
     runtime_env = {"env_vars": env}
-    if os.environ.get("RAY_ADDRESS"):
+    if not local:
         os.environ.setdefault("RAY_OVERRIDE_JOB_RUNTIME_ENV", "1")  # a submitted job's env_vars: merge, don't refuse
         ray.init(address=os.environ["RAY_ADDRESS"], runtime_env=runtime_env, log_to_driver=True)
         return True
@@ -109,9 +118,9 @@ def connect_ray(cfg: config_mod.Config) -> bool:
     if os.environ.get("RAY_AUTH_MODE", "token").lower() != "token":
         log.warning("RAY_AUTH_MODE=%s ignored: the local Ray instance always uses token auth",
                     os.environ.pop("RAY_AUTH_MODE"))
-    # Loopback for every address Ray lets us choose: the node's (GCS, raylet and object manager advertise
-    # it) and the dashboard's, which also serves Ray's state API (Ray Train's controller polls it).
-    # cluster/README.md says what still listens elsewhere.
+    # Loopback for every address Ray lets us choose: the node's (GCS, raylet, object manager and agents
+    # advertise it; metrics servers bind it) and the dashboard's, which also serves Ray's state API (Ray Train's
+    # controller polls it). cluster/README.md says what still listens elsewhere.
     ray.init(_node_ip_address="127.0.0.1", num_cpus=max(needed, os.cpu_count() or 1), include_dashboard=True,
              dashboard_host="127.0.0.1", runtime_env=runtime_env, log_to_driver=True)
     if DEFAULT_RAY_TOKEN.is_file() and not (os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH")):
