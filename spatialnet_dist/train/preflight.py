@@ -62,6 +62,7 @@ def check_manifests(cfg: Config) -> None:
     from spatialnet_dist.data.streams import corpus_shards
 
     root = cfg.data.root
+    listed: dict[str, set[str]] = {}  # split folder -> its files, listed once
     for task in cfg.tasks.enabled():
         for corpus in getattr(cfg.tasks, task).corpora:
             url = manifest_url(root, corpus)
@@ -71,8 +72,9 @@ def check_manifests(cfg: Config) -> None:
             for split in splits_read(cfg):
                 shards = corpus_shards(root, corpus, split, task)  # names the manifest and the split
                 folder = storage.join(root, corpus, split)
-                present = set(storage.list_files(folder))
-                missing = [s.url for s in shards.shards if s.url.rpartition("/")[2] not in present]
+                if folder not in listed:
+                    listed[folder] = set(storage.list_files(folder))
+                missing = [s.url for s in shards.shards if s.url.rpartition("/")[2] not in listed[folder]]
                 if missing:
                     raise UserError(f"{missing[0]}: listed in {url} but missing"
                                     + (f" (and {len(missing) - 1} more in {folder})" if len(missing) > 1 else ""))
