@@ -104,3 +104,13 @@ def test_launch_stops_on_preflight_before_ray_starts(synth_root, tmp_path, monke
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "'tset'" in err[0]
     assert time.time() - t0 < 30
+
+
+def test_the_torchrun_path_runs_the_same_preflight(tmp_path, capsys):
+    from spatialnet_dist.train import local
+
+    only_vqa = [f"tasks.{t}.enabled=false" for t in ("captioning", "classification", "regression")]
+    code = local.main([arg for item in (*only_vqa, f"data.root={tmp_path}", "tasks.vqa.corpora=[rsvqa-lr]",
+                                        f"run.storage={tmp_path}/runs") for arg in ("--set", item)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "rsvqa-lr" in err[0] and "convert" in err[0]

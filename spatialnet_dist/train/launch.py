@@ -120,7 +120,7 @@ def connect_ray(cfg: config_mod.Config) -> bool:
                     os.environ.pop("RAY_AUTH_MODE"))
     # Loopback for every address Ray lets us choose: the node's (GCS, raylet, object manager and agents
     # advertise it; metrics servers bind it) and the dashboard's, which also serves Ray's state API (Ray Train's
-    # controller polls it). cluster/README.md says what still listens elsewhere.
+    # controller polls it). cluster/README.md says what remains open.
     ray.init(_node_ip_address="127.0.0.1", num_cpus=max(needed, os.cpu_count() or 1), include_dashboard=True,
              dashboard_host="127.0.0.1", runtime_env=runtime_env, log_to_driver=True)
     if DEFAULT_RAY_TOKEN.is_file() and not (os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH")):
