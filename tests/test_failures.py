@@ -54,3 +54,23 @@ def test_reason_is_the_workers_one_line_through_rays_wrappers():
     assert failures.reason(RuntimeError("first line\nsecond line")) == "RuntimeError: first line"
     assert failures.reason(RuntimeError()) == "RuntimeError"
     assert len(failures.reason(UserError("x" * 2000))) == failures.MAX_REASON_CHARS
+
+
+def test_a_store_that_does_not_answer_is_left_to_rays_restarts(tmp_path):
+    from botocore.exceptions import ClientError, EndpointConnectionError
+
+    from spatialnet_dist.store import storage
+
+    url = "s3://bucket/shards/x.tar"
+    unreachable = storage.s3_error(EndpointConnectionError(endpoint_url="http://127.0.0.1:9"), url)
+    busy = storage.s3_error(ClientError({"Error": {"Code": "SlowDown", "Message": "reduce your request rate"},
+                                         "ResponseMetadata": {"HTTPStatusCode": 503}}, "GetObject"), url)
+    missing_bucket = storage.s3_error(ClientError({"Error": {"Code": "NoSuchBucket"}}, "GetObject"), url)
+    assert isinstance(unreachable, storage.StoreUnavailable) and isinstance(busy, storage.StoreUnavailable)
+    assert failures.is_permanent(missing_bucket) and not isinstance(missing_bucket, storage.StoreUnavailable)
+
+    classifier = FailureClassifier(str(tmp_path))
+    classifier.after_exception(None, {0: marked(unreachable, 4)})  # retried by Ray
+    assert RunDir(str(tmp_path)).failures()[-1]["reason"] == str(unreachable)
+    with pytest.raises(PermanentFailure, match="failed twice in a row after step 4: cannot reach S3 endpoint"):
+        classifier.after_exception(None, {0: marked(unreachable, 4)})

@@ -3,7 +3,8 @@
 Permanent (the run ends on this attempt, no restart): a `UserError` or `NonFiniteLoss` from any worker,
 or the same step failing twice in a row. A restart from the same checkpoint meets those again.
 Transient (Ray Train restarts the worker group, up to `train.max_failures`): everything else, e.g. a
-killed process, a lost node, a network error that outlasts the storage retries.
+killed process, a lost node, a store that does not answer after its retries (`StoreUnavailable`, a
+UserError that may pass).
 
 Ray Train V2 (2.60) builds its FailurePolicy in a private factory from FailureConfig alone, which has
 no per-error setting. What it does offer: an exception raised by a `ray.train.UserCallback` on the
@@ -23,6 +24,7 @@ from __future__ import annotations
 from ray.train import ControllerError, UserCallback, WorkerGroupError
 
 from spatialnet_dist.errors import NonFiniteLoss, UserError
+from spatialnet_dist.store.storage import StoreUnavailable
 from spatialnet_dist.train.rundir import RunDir
 
 STEP_ATTRIBUTE = "spatialnet_failed_after_step"
@@ -34,6 +36,10 @@ class PermanentFailure(Exception):
 
 
 PERMANENT = (UserError, NonFiniteLoss, PermanentFailure)
+
+
+def is_permanent(error: BaseException) -> bool:
+    return isinstance(error, PERMANENT) and not isinstance(error, StoreUnavailable)
 
 
 def mark_step(error: BaseException, step: int) -> None:
@@ -48,7 +54,7 @@ def primary(worker_errors: dict[int, BaseException]) -> BaseException:
     """The error that explains a worker group's failure: the lowest rank's permanent one, else the lowest
     rank's (the other ranks usually fail in a collective because that one left)."""
     ranks = sorted(worker_errors)
-    permanent = [r for r in ranks if isinstance(worker_errors[r], PERMANENT)]
+    permanent = [r for r in ranks if is_permanent(worker_errors[r])]
     return worker_errors[(permanent or ranks)[0]]
 
 
@@ -79,7 +85,7 @@ class FailureClassifier(UserCallback):
         why = reason(error)
         previous = run.failures()
         run.record_failure(step, why)
-        if isinstance(error, PERMANENT):
+        if is_permanent(error):
             raise PermanentFailure(why)
         if step is not None and previous and previous[-1]["step"] == step:
             raise PermanentFailure(f"failed twice in a row after step {step}: {why}")
