@@ -158,6 +158,9 @@ class EvalConfig:
     spice: bool = False
 
 
+FAULT_KINDS = ("exit", "error", "user_error", "nan_loss")
+
+
 @dataclass
 class LogConfig:
     """Where rank 0 mirrors the run's metrics besides metrics.jsonl (train/tracking.py)."""
@@ -171,7 +174,12 @@ class LogConfig:
 
 @dataclass
 class FaultsConfig:
-    fail_at_step: int = 0  # 0: never
+    """Test faults, fired by rank 0 at `fail_at_step` (0: never). `kind`: exit: the process dies abruptly, once
+    per run (a transient failure: Ray restarts the group); error: a RuntimeError at that step on every attempt
+    (the same step fails twice); user_error: a UserError; nan_loss: that step's loss becomes NaN."""
+
+    fail_at_step: int = 0
+    kind: str = "exit"
 
 
 @dataclass
@@ -247,6 +255,7 @@ _CHECKS: dict[str, tuple[typing.Callable, str]] = {
     "eval.count_rule": (lambda v: v in ("rsvqa-lr", "exact"), "rsvqa-lr or exact"),
     "log.mlflow_experiment": (lambda v: bool(v), "an experiment name"),
     "faults.fail_at_step": (lambda v: v >= 0, ">= 0 (0: never)"),
+    "faults.kind": (lambda v: v in FAULT_KINDS, ", ".join(FAULT_KINDS)),
 }
 
 

@@ -238,7 +238,7 @@ def test_ray_job_submit_to_a_token_protected_local_head(tmp_path, free_ports):
         last = logs.strip().splitlines()[-1]
         assert last.startswith("RESULT "), logs[-4000:]
         result = json.loads(last[len("RESULT "):])
-        assert result["final_step"] == 2 and "error" not in result, result
+        assert result["final_step"] == 2 and result["error"] is None, result
         assert Path(result["checkpoint"]).is_dir()
         # The upload honoured .gitignore: the virtual environment stayed behind.
         packages = list(ray_tmp.glob("session_*/runtime_resources/working_dir_files/*"))
@@ -251,3 +251,38 @@ def test_ray_job_submit_to_a_token_protected_local_head(tmp_path, free_ports):
             head.kill()
         kill_leftovers(head.pid, ray_tmp)
         shutil.rmtree(ray_tmp, ignore_errors=True)
+
+
+# --- the default local instance (python ray_job.py without RAY_ADDRESS) -------------------------------------
+
+
+@pytest.mark.slow
+def test_the_default_local_ray_instance_has_token_auth_on_loopback(monkeypatch):
+    """launch.connect_ray's own instance: token auth on even when RAY_AUTH_MODE=disabled is inherited, every
+    port it opens on loopback (the dashboard with the Jobs and state APIs too), the generated token private."""
+    import psutil
+    import ray
+
+    from spatialnet_dist import config as config_mod
+    from spatialnet_dist.train import launch
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.delenv("RAY_AUTH_TOKEN", raising=False)
+    monkeypatch.delenv("RAY_AUTH_TOKEN_PATH", raising=False)
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
+    assert launch.connect_ray(config_mod.load(None, ["train.num_workers=1"]))
+    try:
+        assert {n["NodeManagerAddress"] for n in ray.nodes()} == {"127.0.0.1"}
+        dashboard = "http://" + ray._private.worker.global_worker.node.webui_url
+        token = launch.DEFAULT_RAY_TOKEN.read_text().strip()
+        assert http_status(f"{dashboard}/api/jobs/") == 401
+        assert http_status(f"{dashboard}/api/jobs/", token) == 200
+        # Every port of every process Ray started here (GCS, raylet, workers, agents, metrics): loopback.
+        started = {p.pid for p in psutil.Process().children(recursive=True)}
+        listeners = {(c.laddr.ip, c.laddr.port) for c in psutil.net_connections("inet")
+                     if c.status == psutil.CONN_LISTEN and c.pid in started}
+        assert ("127.0.0.1", int(dashboard.rpartition(":")[2])) in listeners
+        assert {ip for ip, _ in listeners} <= {"127.0.0.1", "::ffff:127.0.0.1", "::1"}, listeners
+        assert launch.DEFAULT_RAY_TOKEN.stat().st_mode & 0o077 == 0
+    finally:
+        ray.shutdown()

@@ -326,3 +326,42 @@ def test_ray_zero3_resumes_after_sigkill(synth_root, tmp_path, capsys):
     # Periodic validation, with ZeRO-3's parameters gathered for it, scored once on rank 0.
     for m in (metrics[4], metrics[9]):
         assert {"val/vqa_loss", "val/vqa_OA", "val/classification_accuracy", "val/regression_MAE"} <= set(m)
+
+
+# ---- failure classes: what a retry cannot fix ends the run on that attempt ----
+
+
+def _failed_run(tmp_path, capsys, name: str, *items: str) -> tuple[int, dict, str, RunDir]:
+    runs = tmp_path / "runs"
+    code = launch.main(sets(*TINY, f"run.storage={runs}", f"run.name={name}", "train.max_failures=2",
+                            "train.max_steps=6", "train.checkpoint_every=2", *items))
+    out, err = capsys.readouterr()
+    return code, result_line(out), err.strip().splitlines()[-1], RunDir(str(runs / name))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind,reason", [("user_error", "faults.fail_at_step=3: injected user error"),
+                                         ("nan_loss", "non-finite loss, ")])
+def test_ray_permanent_failure_ends_the_run_on_the_first_attempt(synth_root, tmp_path, capsys, kind, reason):
+    """A UserError or NonFiniteLoss in a worker: no restart although train.max_failures=2 allows two; the
+    worker's one line is RESULT's error and the last line of stderr; exit status 1."""
+    code, result, last_err, run = _failed_run(tmp_path, capsys, kind, f"data.root={synth_root}",
+                                              "faults.fail_at_step=3", f"faults.kind={kind}")
+    assert code == 1
+    assert result["error"].startswith(reason), result
+    assert last_err == f"spatialnet: training failed: {result['error']}"
+    assert result["restarts"] == 0 and len(run.attempts()) == 1
+    assert [f["step"] for f in run.failures()] == [3]
+
+
+@pytest.mark.slow
+def test_ray_same_step_failing_twice_ends_the_run(synth_root, tmp_path, capsys):
+    """An error no class names (a RuntimeError) is retried once; when the restart fails after the same step
+    the run ends, one restart spent of the two allowed."""
+    code, result, last_err, run = _failed_run(tmp_path, capsys, "twice", f"data.root={synth_root}",
+                                              "faults.fail_at_step=3", "faults.kind=error")
+    assert code == 1
+    assert result["error"] == "failed twice in a row after step 3: RuntimeError: faults.fail_at_step=3: injected error"
+    assert last_err.endswith(result["error"])
+    assert result["restarts"] == 1 and len(run.attempts()) == 2
+    assert [f["step"] for f in run.failures()] == [3, 3]

@@ -43,6 +43,11 @@ class NotFoundError(StoreError):
     """The object or file does not exist."""
 
 
+class StoreUnavailable(StoreError):
+    """The store did not answer (endpoint unreachable, timeouts, HTTP 5xx) after the retries. It may come
+    back, so a Ray run restarts its workers rather than ending (train.failures)."""
+
+
 # ---- URLs ----
 
 
@@ -124,6 +129,9 @@ def s3_error(e: Exception, url: str) -> StoreError:
             return NotFoundError(f"{url}: not found")
         if code in _DENIED:
             return StoreError(f"access denied to {url} ({code}): check AWS credentials")
+        status = e.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
+        if isinstance(status, int) and status >= 500:
+            return StoreUnavailable(f"{url}: S3 error {code} (HTTP {status}): {_one_line(err.get('Message', e))}")
         return StoreError(f"{url}: S3 error {code}: {_one_line(err.get('Message', e))}")
     if isinstance(e, (NoCredentialsError, PartialCredentialsError)):
         return StoreError(
@@ -134,7 +142,7 @@ def s3_error(e: Exception, url: str) -> StoreError:
     if isinstance(e, ConnectionError):  # endpoint unreachable, connect/read timeouts (after retries)
         parts = urlsplit(getattr(e, "kwargs", {}).get("endpoint_url", ""))  # scheme://host:port, not the key
         endpoint = f"{parts.scheme}://{parts.netloc}" if parts.netloc else "?"
-        return StoreError(f"cannot reach S3 endpoint {endpoint} for {url} ({e.__class__.__name__})")
+        return StoreUnavailable(f"cannot reach S3 endpoint {endpoint} for {url} ({e.__class__.__name__})")
     return StoreError(f"{url}: {e.__class__.__name__}: {_one_line(e)}")
 
 

@@ -11,8 +11,10 @@ import os
 
 import torch
 
+from spatialnet_dist import versions
 from spatialnet_dist.config import Config
 
+versions.require("deepspeed")  # the ZeRO-3 internals below are those of the versions it accepts
 # DeepSpeed reads DS_ACCELERATOR when it is first imported; a CPU-only process must say so first.
 if not torch.cuda.is_available():
     os.environ.setdefault("DS_ACCELERATOR", "cpu")

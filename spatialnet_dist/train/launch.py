@@ -1,7 +1,9 @@
-"""Launch a training job: config -> data check -> vocabularies -> Ray TorchTrainer -> RESULT line.
+"""Launch a training job: config -> preflight -> vocabularies -> Ray TorchTrainer -> RESULT line.
 
 `python ray_job.py` and `spatialnet train` both call `main(argv)`. Everything that can be wrong with
-the input (config, data, storage) is checked here, before any worker starts.
+the input (config, data, sources, storage, java: train.preflight) is checked here, before any worker
+starts. RESULT's "error" is null on success, else the failing worker's one-line reason, which is also
+the last line of stderr (train.failures says which failures end a run at once).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import time
 from pathlib import Path
 
 from spatialnet_dist import config as config_mod
+from spatialnet_dist import versions
 from spatialnet_dist.errors import UserError
 from spatialnet_dist.store import storage
 
@@ -23,6 +26,7 @@ DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "demo.yaml"
 # instance roles, never through the job's config.
 WORKER_ENV = ("DS_ACCELERATOR", "HF_HUB_OFFLINE", "TORCH_EXTENSIONS_DIR", "AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION",
               "AWS_REGION", "AWS_PROFILE", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "MLFLOW_TRACKING_URI")
+DEFAULT_RAY_TOKEN = Path.home() / ".ray" / "auth_token"  # where Ray 2.60 keeps the token it generates
 log = logging.getLogger("spatialnet.launch")
 
 
@@ -52,16 +56,11 @@ def load_config(args: argparse.Namespace) -> config_mod.Config:
 
 
 def prepare_data(cfg: config_mod.Config) -> None:
-    """Generate the synthetic demo corpus on first use; any other corpus must already be converted."""
+    """Generate the synthetic demo corpus on first use (preflight refuses any other missing corpus)."""
     from spatialnet_dist.store.manifest import manifest_url
 
-    corpora = {c for t in cfg.tasks.enabled() for c in getattr(cfg.tasks, t).corpora}
-    for corpus in sorted(corpora):
-        if storage.exists(manifest_url(cfg.data.root, corpus)):
-            continue
-        if corpus != "synthetic":
-            raise UserError(f"corpus {corpus}: no {manifest_url(cfg.data.root, corpus)}; convert it first "
-                            f"(spatialnet shards convert ADAPTER SRC {cfg.data.root} --name {corpus})")
+    uses_synthetic = any("synthetic" in getattr(cfg.tasks, t).corpora for t in cfg.tasks.enabled())
+    if uses_synthetic and not storage.exists(manifest_url(cfg.data.root, "synthetic")):
         from spatialnet_dist.corpora.synthetic import write_synthetic
 
         print(f"generating the synthetic corpus ({cfg.data.synth_images} images) under {cfg.data.root} ...",
@@ -94,24 +93,42 @@ def checkpoint_url(result, run_storage: str) -> str | None:
 def connect_ray(cfg: config_mod.Config) -> bool:
     """Join RAY_ADDRESS or a cluster running here; else start a local instance bound to 127.0.0.1.
     -> True when this call started Ray (and so should shut it down)."""
+    # Ray 2.60 replaces _node_ip_address=127.0.0.1 by the host's routable address unless it is told the
+    # instance is single-machine: RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 (read by the Ray processes we start,
+    # and by ray_constants when first imported; set on the module too for a process that imported ray already).
+    local = not os.environ.get("RAY_ADDRESS")
+    if local:
+        os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
     import ray
+    from ray._private import ray_constants
 
     if ray.is_initialized():
         return False
+    if local:
+        ray_constants.ENABLE_RAY_CLUSTER = False
     env = {k: os.environ[k] for k in WORKER_ENV if k in os.environ}
     if not cfg.train.use_gpu:
         env.setdefault("DS_ACCELERATOR", "cpu")
     runtime_env = {"env_vars": env}
-    if os.environ.get("RAY_ADDRESS"):
+    if not local:
         os.environ.setdefault("RAY_OVERRIDE_JOB_RUNTIME_ENV", "1")  # a submitted job's env_vars: merge, don't refuse
         ray.init(address=os.environ["RAY_ADDRESS"], runtime_env=runtime_env, log_to_driver=True)
         return True
     needed = cfg.train.num_workers * cfg.train.cpus_per_worker
     # Ray starts its workers at nice 15: on a shared machine anything else would starve the trainers.
     os.environ.setdefault("RAY_worker_niceness", "0")
-    # The dashboard also serves Ray's state API (Ray Train's controller polls it); loopback only.
+    # Token auth on: Ray 2.60 turns it on for a new local instance (and creates ~/.ray/auth_token) unless
+    # RAY_AUTH_MODE says otherwise, so an inherited RAY_AUTH_MODE=disabled must not reach it.
+    if os.environ.get("RAY_AUTH_MODE", "token").lower() != "token":
+        log.warning("RAY_AUTH_MODE=%s ignored: the local Ray instance always uses token auth",
+                    os.environ.pop("RAY_AUTH_MODE"))
+    # Loopback for every address Ray lets us choose: the node's (GCS, raylet, object manager and agents
+    # advertise it; metrics servers bind it) and the dashboard's, which also serves Ray's state API (Ray Train's
+    # controller polls it). cluster/README.md says what remains open.
     ray.init(_node_ip_address="127.0.0.1", num_cpus=max(needed, os.cpu_count() or 1), include_dashboard=True,
              dashboard_host="127.0.0.1", runtime_env=runtime_env, log_to_driver=True)
+    if DEFAULT_RAY_TOKEN.is_file() and not (os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH")):
+        DEFAULT_RAY_TOKEN.chmod(0o600)  # Ray writes it with the default umask; it is a password
     return True
 
 
@@ -120,6 +137,7 @@ def run_training(cfg: config_mod.Config, vocab: dict, run_dir: str):
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
+    from spatialnet_dist.train.failures import FailureClassifier
     from spatialnet_dist.train.worker import train_loop_per_worker
 
     storage_path, filesystem = storage_for_ray(cfg.run.storage)
@@ -137,6 +155,7 @@ def run_training(cfg: config_mod.Config, vocab: dict, run_dir: str):
             storage_filesystem=filesystem,
             failure_config=FailureConfig(max_failures=cfg.train.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.run.keep_checkpoints or None),
+            callbacks=[FailureClassifier(run_dir)],  # permanent failures end the run on this attempt
         ),
     )
     return trainer.fit()
@@ -146,31 +165,32 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     args = parse_args(sys.argv[1:] if argv is None else argv)
     try:
+        versions.require_all()
         cfg = load_config(args)
         if cfg.log.mlflow:
             from spatialnet_dist.train.tracking import mlflow_tracking_uri
 
             mlflow_tracking_uri(cfg)  # an S3 run.storage without a tracking server stops now
-        if cfg.eval.at_end and cfg.tasks.captioning.enabled:
-            from spatialnet_dist.evaluate.captions import require_java
-
-            require_java()  # refuse now rather than after training
         prepare_data(cfg)
         from spatialnet_dist.data.vocab import build_vocabs
+        from spatialnet_dist.train import preflight
         from spatialnet_dist.train.plan import resolve
         from spatialnet_dist.train.rundir import RunDir
 
+        run = RunDir(storage.join(cfg.run.storage, cfg.run.name))
+        preflight.run_all(cfg, run.url)
         cfg, plan = resolve(cfg, cfg.train.num_workers)
         if plan:
             print(plan, flush=True)
 
         vocabs = build_vocabs(cfg)
-        run = RunDir(storage.join(cfg.run.storage, cfg.run.name))
-        run.write_config(cfg)  # also proves the run storage is writable (a missing bucket stops here)
+        run.write_config(cfg)
         attempts_before = len(run.attempts())
     except UserError as e:
         print(f"spatialnet: error: {e}", file=sys.stderr)
         return 2
+
+    from spatialnet_dist.train.failures import reason
 
     started = connect_ray(cfg)
     t0 = time.time()
@@ -178,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         result = run_training(cfg, vocabs.to_dict(), run.url)
         error = result.error
-    except Exception as e:  # Ray raises TrainingFailedError when the retries are spent
+    except Exception as e:  # TrainingFailedError: a permanent failure, or the retries are spent
         result, error = None, e
     finally:
         if started:
@@ -197,10 +217,11 @@ def main(argv: list[str] | None = None) -> int:
         "run_dir": run.url,
         "eval": json.loads(storage.read_bytes(eval_url)) if cfg.eval.at_end and storage.exists(eval_url) else None,
         "wall_s": round(time.time() - t0, 1),
+        "error": None if error is None else reason(error),
     }
     if error is not None:
-        summary["error"] = str(error).strip().splitlines()[0][:500] if str(error).strip() else type(error).__name__
-        print(f"spatialnet: training failed: {summary['error']}", file=sys.stderr)
+        sys.stdout.flush()
+        print(f"spatialnet: training failed: {summary['error']}", file=sys.stderr, flush=True)
     run.write_result(summary)
     print("RESULT " + json.dumps(summary), flush=True)
     return 1 if error is not None else 0

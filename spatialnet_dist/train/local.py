@@ -17,6 +17,7 @@ import torch.distributed as dist
 from spatialnet_dist.errors import UserError
 from spatialnet_dist.text import TextVocabs
 from spatialnet_dist.train import engine as ds
+from spatialnet_dist.train import preflight
 from spatialnet_dist.train.launch import load_config, parse_args, prepare_data
 from spatialnet_dist.train.plan import resolve
 from spatialnet_dist.train.rundir import RunDir
@@ -88,6 +89,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(args)
         if rank == 0:
             prepare_data(cfg)
+            preflight.run_all(cfg, str(Path(cfg.run.storage) / cfg.run.name))
     except UserError as e:
         print(f"spatialnet: error: {e}", file=sys.stderr)
         return 2

@@ -4,6 +4,8 @@
   metrics.jsonl   one line per report (rank 0), never a step twice: a resumed attempt first drops
                   the lines past the step it resumes at
   attempts.json   one entry per worker-group start: the step it started at and whether it resumed
+  failures.json   one entry per failed worker group: the step it failed after (null: unknown, e.g. a killed
+                  process) and the one-line reason (train.failures decides from it whether a step failed twice)
   faults/         markers of test faults already fired (faults.fail_at_step fires once per run)
   result.json     the job's RESULT summary, written by the driver when the job ends (`error`: null or why it failed)
   tensorboard/    TensorBoard event files, one per attempt (train/tracking.py; log.tensorboard)
@@ -74,6 +76,16 @@ class RunDir:
     def record_attempt(self, start_step: int, resumed: bool) -> None:
         entries = [*self.attempts(), {"start_step": start_step, "resumed": resumed, "time": time.time()}]
         storage.write_bytes_atomic(self.path("attempts.json"), json.dumps(entries, indent=1).encode())
+
+    # ---- failures.json ----
+
+    def failures(self) -> list[dict]:
+        text = self._read_text("failures.json")
+        return json.loads(text) if text else []
+
+    def record_failure(self, step: int | None, reason: str) -> None:
+        entries = [*self.failures(), {"step": step, "reason": reason, "time": time.time()}]
+        storage.write_bytes_atomic(self.path("failures.json"), json.dumps(entries, indent=1).encode())
 
     def ray_registered(self, checkpoint_name: str) -> bool:
         """Whether Ray Train has registered the checkpoint directory `checkpoint_name` of this run."""

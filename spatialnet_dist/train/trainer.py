@@ -24,6 +24,7 @@ import torch.distributed as dist
 from spatialnet_dist.config import QUESTION_TASKS, Config
 from spatialnet_dist.data.batch_format import question_count
 from spatialnet_dist.data.batches import STATS_KEY, StreamState, make_eval_loader, make_train_loader
+from spatialnet_dist.errors import NonFiniteLoss, UserError
 from spatialnet_dist.model import build_model
 from spatialnet_dist.objective import MultiTaskObjective
 from spatialnet_dist.text import TextVocabs
@@ -31,10 +32,6 @@ from spatialnet_dist.train import checkpoint as ckpt
 from spatialnet_dist.train import engine as ds
 
 log = logging.getLogger("spatialnet.train")
-
-
-class NonFiniteLoss(FloatingPointError):
-    pass
 
 
 class Reporter(Protocol):
@@ -150,20 +147,30 @@ class Trainer:
     def _micro_step(self, batch: dict) -> dict[str, torch.Tensor]:
         outputs = self.engine(batch)
         losses = self.objective(outputs, batch, self.engine.module)
+        if self._fault_due("nan_loss", self.step + 1):  # the step in progress
+            losses = {key: value * float("nan") for key, value in losses.items()}
         # No finiteness check here: it would sync the host with the GPU every micro-step. The report
         # step checks the window's sums (a NaN anywhere in it stays NaN there) and stops the run.
         self.engine.backward(losses["loss"])
         self.engine.step()
         return losses
 
+    def _fault_due(self, kind: str, step: int) -> bool:
+        faults = self.cfg.faults
+        return self.rank == 0 and faults.kind == kind and step == faults.fail_at_step
+
     def _maybe_fail(self) -> None:
-        """faults.fail_at_step: rank 0 dies abruptly, once per run, to prove recovery."""
-        if self.rank != 0 or self.step != self.cfg.faults.fail_at_step or not self.fault_marker:
-            return
-        if self.fault_marker():
+        """faults.fail_at_step, to prove how each failure class ends (config.FaultsConfig): rank 0 dies
+        abruptly once per run, or raises on every attempt."""
+        where = f"faults.fail_at_step={self.step}"
+        if self._fault_due("exit", self.step) and self.fault_marker and self.fault_marker():
             self.reporter.settle()  # so that the restart shows a resume from the last checkpoint
-            log.warning("faults.fail_at_step=%d: rank 0 exits abruptly now", self.step)
+            log.warning("%s: rank 0 exits abruptly now", where)
             os._exit(17)
+        if self._fault_due("error", self.step):
+            raise RuntimeError(f"{where}: injected error")
+        if self._fault_due("user_error", self.step):
+            raise UserError(f"{where}: injected user error")
 
     def _report_if_due(self, window: _Window) -> dict | None:
         cfg, step = self.cfg, self.step

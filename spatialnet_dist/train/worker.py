@@ -8,16 +8,20 @@ import logging
 import time
 from pathlib import Path
 
-import ray.train
-from ray.train.v2._internal.execution import context as ray_train_context
-
 from spatialnet_dist import config as config_mod
+from spatialnet_dist import versions
 from spatialnet_dist.text import TextVocabs
 from spatialnet_dist.train import checkpoint as ckpt
 from spatialnet_dist.train import engine as ds
+from spatialnet_dist.train import failures
 from spatialnet_dist.train.rundir import RunDir
 from spatialnet_dist.train.tracking import RunTracker
 from spatialnet_dist.train.trainer import Trainer
+
+versions.require("ray")  # before importing Ray Train's private module, which other versions may lack
+
+import ray.train  # noqa: E402
+from ray.train.v2._internal.execution import context as ray_train_context  # noqa: E402
 
 log = logging.getLogger("spatialnet.train")
 
@@ -80,7 +84,16 @@ def train_loop_per_worker(config: dict) -> None:
     reporter = RayReporter(run, rank)
     trainer = Trainer(cfg, vocabs, rank, world_size, reporter,
                       fault_marker=lambda: run.claim_fault(cfg.faults.fail_at_step))
+    try:
+        _resume_train_evaluate(trainer, reporter, cfg, vocabs, run)
+    except Exception as e:
+        failures.mark_step(e, trainer.step)  # the controller ends a run whose same step fails twice
+        raise
 
+
+def _resume_train_evaluate(trainer: Trainer, reporter: RayReporter, cfg: config_mod.Config, vocabs: TextVocabs,
+                           run: RunDir) -> None:
+    rank, world_size = trainer.rank, trainer.world_size
     resumed = False
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:

@@ -1,0 +1,91 @@
+"""Driver-side checks before any worker starts: each raises a one-line UserError naming the key or file.
+
+The config itself is checked when it loads (config.load: keys, types, ranges) and when the plan resolves
+(train.plan.resolve: epochs, global batch sizes). What is left needs the world outside the config:
+  check_java        java on PATH when captions are scored at the end (pycocoevalcap)
+  check_sources     train.resume is a checkpoint; model.pretrained is a weights file
+  check_manifests   every enabled task's corpora have a manifest with every split the run reads
+                    (train; val when eval.every; eval.split when eval.at_end) and its shard files
+  check_run_storage the run directory can be written
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from spatialnet_dist.config import Config
+from spatialnet_dist.errors import UserError
+from spatialnet_dist.store import storage
+from spatialnet_dist.store.manifest import manifest_url
+from spatialnet_dist.train import checkpoint as ckpt
+
+WEIGHT_SUFFIXES = (".pth", ".pt", ".bin", ".safetensors")  # what model.encoder.read_state_dict reads
+
+
+def run_all(cfg: Config, run_url: str) -> None:
+    check_java(cfg)
+    check_sources(cfg)
+    check_manifests(cfg)
+    check_run_storage(run_url)
+
+
+def check_java(cfg: Config) -> None:
+    if cfg.eval.at_end and cfg.tasks.captioning.enabled:
+        from spatialnet_dist.evaluate.captions import require_java
+
+        require_java()
+
+
+def check_sources(cfg: Config) -> None:
+    resume = cfg.train.resume
+    if resume and not storage.exists(storage.join(resume, ckpt.META)):
+        raise UserError(f"train.resume: {resume}: not a spatialnet checkpoint (no {ckpt.META})")
+    pretrained = cfg.model.pretrained
+    if pretrained and pretrained != "hub":  # hub: timm downloads it in the workers; nothing to check offline
+        if storage.is_s3(pretrained) or not Path(pretrained).is_file():
+            raise UserError(f"model.pretrained: {pretrained}: no such local file")
+        if Path(pretrained).suffix not in WEIGHT_SUFFIXES:
+            raise UserError(f"model.pretrained: {pretrained}: expected a {', '.join(WEIGHT_SUFFIXES)} file")
+
+
+def splits_read(cfg: Config) -> list[str]:
+    """The splits a run reads: train, val for periodic validation, the evaluation split at the end."""
+    splits = ["train"]
+    if cfg.eval.every:
+        splits.append("val")
+    if cfg.eval.at_end:
+        splits.append(cfg.eval.split)
+    return list(dict.fromkeys(splits))
+
+
+def check_manifests(cfg: Config) -> None:
+    from spatialnet_dist.data.streams import corpus_shards
+
+    root = cfg.data.root
+    listed: dict[str, set[str]] = {}  # split folder -> its files, listed once
+    for task in cfg.tasks.enabled():
+        for corpus in getattr(cfg.tasks, task).corpora:
+            url = manifest_url(root, corpus)
+            if not storage.exists(url):
+                raise UserError(f"tasks.{task}.corpora: corpus {corpus}: no {url}; convert it first "
+                                f"(spatialnet shards convert ADAPTER SRC {root} --name {corpus})")
+            for split in splits_read(cfg):
+                shards = corpus_shards(root, corpus, split, task)  # names the manifest and the split
+                folder = storage.join(root, corpus, split)
+                if folder not in listed:
+                    listed[folder] = set(storage.list_files(folder))
+                missing = [s.url for s in shards.shards if s.url.rpartition("/")[2] not in listed[folder]]
+                if missing:
+                    raise UserError(f"{missing[0]}: listed in {url} but missing"
+                                    + (f" (and {len(missing) - 1} more in {folder})" if len(missing) > 1 else ""))
+
+
+def check_run_storage(run_url: str) -> None:
+    """Write and remove a probe: a missing bucket, a read-only folder or refused credentials stop here."""
+    probe = storage.join(run_url, ".preflight-probe")
+    try:
+        storage.write_bytes_atomic(probe, b"")
+        storage.delete(probe)
+    except (OSError, storage.StoreError) as e:
+        detail = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+        raise UserError(f"run.storage: cannot write {run_url} ({detail})") from None

@@ -1,0 +1,39 @@
+"""Installed dependency versions against the ranges of spatialnet_dist/requirements.txt (their one home;
+pyproject.toml reads it for pip). The code relies on private internals of ray and deepspeed, so a version
+outside its range is refused at startup with one line naming the package, not left to fail mid-run."""
+
+from __future__ import annotations
+
+import importlib.metadata
+from pathlib import Path
+
+from packaging.requirements import Requirement
+
+from spatialnet_dist.errors import UserError
+
+REQUIREMENTS = Path(__file__).with_name("requirements.txt")
+
+
+def requirements() -> dict[str, Requirement]:
+    """Package name -> its requirement, as requirements.txt lists them."""
+    lines = [line.split("#")[0].strip() for line in REQUIREMENTS.read_text().splitlines()]
+    return {req.name: req for req in map(Requirement, filter(None, lines))}
+
+
+def require(package: str, installed: str | None = None) -> None:
+    """Refuse an installed `package` outside its range (`installed`: the version to judge, default the
+    one importlib.metadata finds)."""
+    spec = requirements()[package].specifier
+    if installed is None:
+        try:
+            installed = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            raise UserError(f"{package} is not installed; spatialnet-dist needs {package}{spec}") from None
+    if not spec.contains(installed, prereleases=True):
+        raise UserError(f"{package} {installed} is installed, but spatialnet-dist supports {package}{spec} only "
+                        f"(spatialnet_dist/requirements.txt): install a version in that range")
+
+
+def require_all() -> None:
+    for package in requirements():
+        require(package)

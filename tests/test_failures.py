@@ -1,0 +1,76 @@
+"""Failure classes (train.failures), decided as Ray Train's controller decides them, without a cluster:
+permanent errors end the run, the same step failing twice ends it, a killed process is left to Ray."""
+
+from __future__ import annotations
+
+import pytest
+from ray import cloudpickle
+from ray.exceptions import ActorDiedError
+from ray.train import ControllerError, WorkerGroupError
+
+from spatialnet_dist.errors import NonFiniteLoss, UserError
+from spatialnet_dist.train import failures
+from spatialnet_dist.train.failures import FailureClassifier, PermanentFailure
+from spatialnet_dist.train.rundir import RunDir
+
+
+def marked(error: Exception, step: int) -> Exception:
+    failures.mark_step(error, step)
+    return cloudpickle.loads(cloudpickle.dumps(error))  # as Ray hands it to the controller
+
+
+@pytest.mark.parametrize("error", [UserError("shard s3://b/x.tar: not a tar file"),
+                                   NonFiniteLoss("non-finite loss between steps 3 and 3")])
+def test_a_permanent_error_ends_the_run_at_once_with_its_line(tmp_path, error):
+    classifier = FailureClassifier(str(tmp_path))
+    # Rank 1 fails in a collective because rank 0 left: rank 0's reason is the one that explains it.
+    with pytest.raises(PermanentFailure) as raised:
+        classifier.after_exception(None, {0: RuntimeError("gloo: connection closed"), 1: marked(error, 3)})
+    assert str(raised.value) == str(error)
+    assert RunDir(str(tmp_path)).failures()[-1]["step"] == 3
+
+
+def test_the_same_step_failing_twice_ends_the_run(tmp_path):
+    classifier = FailureClassifier(str(tmp_path))
+    classifier.after_exception(None, {0: marked(RuntimeError("boom"), 7)})  # first time: Ray retries
+    classifier.after_exception(None, {0: marked(RuntimeError("boom"), 9)})  # another step: retried too
+    with pytest.raises(PermanentFailure, match="failed twice in a row after step 9: RuntimeError: boom"):
+        classifier.after_exception(None, {0: marked(RuntimeError("boom"), 9), 1: marked(OSError("reset"), 9)})
+    assert [f["step"] for f in RunDir(str(tmp_path)).failures()] == [7, 9, 9]
+
+
+def test_killed_processes_are_left_to_rays_restarts(tmp_path):
+    classifier = FailureClassifier(str(tmp_path))
+    for _ in range(3):  # no step known: never "the same step"
+        classifier.after_exception(None, {0: ActorDiedError()})
+    assert [f["step"] for f in RunDir(str(tmp_path)).failures()] == [None] * 3
+
+
+def test_reason_is_the_workers_one_line_through_rays_wrappers():
+    assert failures.reason(ControllerError(PermanentFailure("tasks.vqa.corpora: no split 'val'"))) == \
+        "tasks.vqa.corpora: no split 'val'"
+    group = WorkerGroupError("Training failed due to worker errors:\n...", {1: OSError("x"), 0: UserError("bad key")})
+    assert failures.reason(group) == "bad key"
+    assert failures.reason(RuntimeError("first line\nsecond line")) == "RuntimeError: first line"
+    assert failures.reason(RuntimeError()) == "RuntimeError"
+    assert len(failures.reason(UserError("x" * 2000))) == failures.MAX_REASON_CHARS
+
+
+def test_a_store_that_does_not_answer_is_left_to_rays_restarts(tmp_path):
+    from botocore.exceptions import ClientError, EndpointConnectionError
+
+    from spatialnet_dist.store import storage
+
+    url = "s3://bucket/shards/x.tar"
+    unreachable = storage.s3_error(EndpointConnectionError(endpoint_url="http://127.0.0.1:9"), url)
+    busy = storage.s3_error(ClientError({"Error": {"Code": "SlowDown", "Message": "reduce your request rate"},
+                                         "ResponseMetadata": {"HTTPStatusCode": 503}}, "GetObject"), url)
+    missing_bucket = storage.s3_error(ClientError({"Error": {"Code": "NoSuchBucket"}}, "GetObject"), url)
+    assert isinstance(unreachable, storage.StoreUnavailable) and isinstance(busy, storage.StoreUnavailable)
+    assert failures.is_permanent(missing_bucket) and not isinstance(missing_bucket, storage.StoreUnavailable)
+
+    classifier = FailureClassifier(str(tmp_path))
+    classifier.after_exception(None, {0: marked(unreachable, 4)})  # retried by Ray
+    assert RunDir(str(tmp_path)).failures()[-1]["reason"] == str(unreachable)
+    with pytest.raises(PermanentFailure, match="failed twice in a row after step 4: cannot reach S3 endpoint"):
+        classifier.after_exception(None, {0: marked(unreachable, 4)})
