@@ -166,7 +166,9 @@ def read_shards(shards: Iterable[dict], counts: StreamCounts) -> Iterator[dict]:
                 yield raw
         except _CORRUPT_SHARD as e:
             reason = _reason(e)
-        except Exception as e:  # the storage failed mid-read (connection reset, timeout after retries)
+        except StoreError:  # the storage's retries are spent (its message names the endpoint)
+            raise
+        except Exception as e:  # any other failure of the stream mid-read
             raise StoreError(f"shard {url}: read failed after {read} samples ({_reason(e)})") from None
         finally:
             stream.close()

@@ -44,6 +44,7 @@ def load_config(args: argparse.Namespace) -> config_mod.Config:
         value = getattr(getattr(cfg, section), key)
         if value and value != "hub" and not storage.is_s3(value):
             setattr(getattr(cfg, section), key, str(Path(value).resolve()))
+    storage.set_retry_budget(cfg.data.s3_retry_seconds)
     return cfg
 
 
