@@ -150,6 +150,9 @@ class FlakyProxy:
         with self._lock:
             self.cut_bytes, self.cuts_left = n_bytes, connections
 
+    def listening(self) -> bool:
+        return self._listener.fileno() != -1
+
     def down(self) -> None:
         self._listener.shutdown(socket.SHUT_RDWR)  # wakes the accept() thread, which would hold the port
         self._listener.close()
@@ -187,4 +190,5 @@ def flaky_s3(s3_endpoint, monkeypatch):
     monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.url)
     monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")
     yield proxy
-    proxy.down()
+    if proxy.listening():
+        proxy.down()

@@ -35,18 +35,36 @@ def test_read_cut_mid_body_resumes_with_identical_bytes(s3_endpoint, s3_bucket, 
 
 
 def test_tar_read_through_cut_connections(s3_endpoint, s3_bucket, flaky_s3):
-    buf = io.BytesIO()
     members = {f"s{i:03d}.bin": os.urandom(5000 + i) for i in range(40)}
+    url = _put(s3_endpoint, s3_bucket, "c/train/c-train-000000.tar", _tar(members))
+    flaky_s3.cut_after(30_000, connections=4)
+    with storage.open_stream(url) as f, tarfile.open(fileobj=f, mode="r|") as tar:
+        read = {m.name: tar.extractfile(m).read() for m in tar}
+    assert read == members and flaky_s3.cuts == 4
+
+
+def _tar(members: dict[str, bytes]) -> bytes:
+    buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w") as tar:
         for name, payload in members.items():
             info = tarfile.TarInfo(name)
             info.size = len(payload)
             tar.addfile(info, io.BytesIO(payload))
-    url = _put(s3_endpoint, s3_bucket, "c/train/c-train-000000.tar", buf.getvalue())
-    flaky_s3.cut_after(30_000, connections=4)
-    with storage.open_stream(url) as f, tarfile.open(fileobj=f, mode="r|") as tar:
-        read = {m.name: tar.extractfile(m).read() for m in tar}
-    assert read == members and flaky_s3.cuts == 4
+    return buf.getvalue()
+
+
+def test_shard_stream_past_budget_stops_with_one_line(s3_endpoint, s3_bucket, flaky_s3, monkeypatch):
+    from spatialnet_dist.data.streams import StreamCounts, read_shards
+
+    monkeypatch.setattr(storage, "_retry_budget_s", 1.0)
+    url = _put(s3_endpoint, s3_bucket, "c-train-000000.tar", _tar({f"s{i:03d}.bin": os.urandom(100_000) for i in range(40)}))
+    raws = read_shards([{"url": url, "samples": 40}], StreamCounts("captioning", 0.5))
+    next(raws)
+    flaky_s3.down()  # mid-shard, for longer than the budget
+    with pytest.raises(EndpointUnreachable) as err:
+        list(raws)
+    assert str(err.value).startswith(f"S3 endpoint {flaky_s3.url} unreachable or failing for 1 s")
+    assert "\n" not in str(err.value) and " @ " not in str(err.value) and url in str(err.value)
 
 
 def test_outage_within_budget_is_survived(s3_endpoint, s3_bucket, flaky_s3, monkeypatch):

@@ -20,7 +20,7 @@ import numpy as np
 from PIL import Image
 
 from spatialnet_dist.errors import UserError
-from spatialnet_dist.store.schema import Sample, as_hwc
+from spatialnet_dist.store.schema import Sample, SchemaError, as_hwc, check_pixels
 
 _UNSAFE_KEY_CHARS = re.compile(r"[^A-Za-z0-9_\-]")
 
@@ -100,7 +100,12 @@ def _read_tiff_fallback(path: Path, pil_error: Exception) -> np.ndarray:
             f"not readable by PIL ({pil_error}); multi-band or 16-bit TIFFs need the optional package tifffile"
         ) from None
     try:
-        image = np.asarray(tifffile.imread(path))
+        with tifffile.TiffFile(path) as tif:
+            height, width = sorted(tif.series[0].shape)[-2:]  # planar or interleaved: bands are the short axis
+            check_pixels(height, width)
+            image = np.asarray(tif.asarray())
+    except SchemaError as e:
+        raise ImageError(str(e)) from None
     except Exception as e:  # tifffile raises many types on corrupt files
         raise ImageError(f"unreadable TIFF ({e.__class__.__name__}: {e})") from None
     if image.ndim == 3 and image.shape[0] <= 16 < image.shape[2]:
@@ -118,10 +123,13 @@ def read_image(path: Path, bands: int) -> np.ndarray:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             with Image.open(path) as im:
+                check_pixels(im.height, im.width)
                 im.load()
                 image = np.asarray(im.convert("RGB") if im.mode in _RGB_MODES else im)
-    except Image.DecompressionBombError as e:
-        raise ImageError(f"image too large for PIL ({e})") from None
+    except SchemaError as e:
+        raise ImageError(str(e)) from None
+    except Image.DecompressionBombError as e:  # from Image.open, at twice schema.MAX_IMAGE_PIXELS
+        raise ImageError(f"image too large ({e})") from None
     except (OSError, ValueError, SyntaxError) as e:  # PIL's errors for unknown formats and corrupt data
         if path.suffix.lower() not in (".tif", ".tiff"):
             raise ImageError(f"unreadable image ({e.__class__.__name__}: {e})") from None
