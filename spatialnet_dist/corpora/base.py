@@ -100,12 +100,7 @@ def _read_tiff_fallback(path: Path, pil_error: Exception) -> np.ndarray:
             f"not readable by PIL ({pil_error}); multi-band or 16-bit TIFFs need the optional package tifffile"
         ) from None
     try:
-        with tifffile.TiffFile(path) as tif:
-            height, width = sorted(tif.series[0].shape)[-2:]  # planar or interleaved: bands are the short axis
-            check_pixels(height, width)
-            image = np.asarray(tif.asarray())
-    except SchemaError as e:
-        raise ImageError(str(e)) from None
+        image = np.asarray(tifffile.imread(path))
     except Exception as e:  # tifffile raises many types on corrupt files
         raise ImageError(f"unreadable TIFF ({e.__class__.__name__}: {e})") from None
     if image.ndim == 3 and image.shape[0] <= 16 < image.shape[2]:
@@ -136,6 +131,10 @@ def read_image(path: Path, bands: int) -> np.ndarray:
         image = _read_tiff_fallback(path, e)
     if image.ndim not in (2, 3):
         raise ImageError(f"image with shape {image.shape}, expected (H, W, bands)")
+    try:  # again for tifffile's images, which it can only check decoded; PIL's were checked from their header
+        check_pixels(*image.shape[:2])
+    except SchemaError as e:
+        raise ImageError(str(e)) from None
     image = as_hwc(image)
     if image.shape[2] != bands:
         raise ImageError(f"{image.shape[2]} band(s), expected {bands}")
