@@ -49,6 +49,9 @@ class DataConfig:
     synth_images: int = 600  # size of the synthetic corpus generated on first use
     synth_seed: int = 0
     max_bad_fraction: float = 0.5  # stop when more than this fraction of a stream's samples fail
+    # How long one S3 operation (a shard read, a metrics write, an upload) keeps retrying, with backoff, through
+    # an outage of the endpoint before the run stops naming it; a read resumes at its byte offset (store/storage.py).
+    s3_retry_seconds: float = 120.0
 
 
 @dataclass
@@ -213,6 +216,7 @@ _CHECKS: dict[str, tuple[typing.Callable, str]] = {
     "data.mix_temperature": (lambda v: v > 0, "> 0"),
     "data.synth_images": (lambda v: v >= 10, ">= 10"),
     "data.max_bad_fraction": (lambda v: 0 <= v <= 1, "between 0 and 1"),
+    "data.s3_retry_seconds": (lambda v: v >= 0, ">= 0"),
     "model.preset": (lambda v: v in PRESETS, ", ".join(PRESETS)),
     "model.image_size": (lambda v: v == 0 or (v >= 32 and v % 16 == 0), "0 or a multiple of 16, >= 32"),
     "model.in_chans": (lambda v: v >= 1, ">= 1"),

@@ -496,3 +496,12 @@ def test_8bit_rgb_is_stored_as_png(ucm_src, tmp_path):
     assert convert("ucm-captions", ucm_src, str(out)) == 0
     names = [n for tar in (out / "ucm-captions").rglob("*.tar") for n in tarfile.open(tar).getnames()]
     assert sorted(names) == sorted(f"{k}.{ext}" for k in ("1", "150", "a_b_c", "2100") for ext in ("png", "json"))
+
+
+def test_images_above_the_pixel_limit_are_refused_by_name(ucm_src, tmp_path, monkeypatch):
+    from spatialnet_dist.store import schema
+
+    monkeypatch.setattr(schema, "MAX_IMAGE_PIXELS", 10)  # checked from the header, before decoding
+    with pytest.raises(UserError, match=r"bad record image '\w+\.tif' \(.*\.tif\): \d+x\d+ image: \d+ pixels, above "
+                                        r"the limit of 10 \(store/schema\.py MAX_IMAGE_PIXELS\) \(--strict"):
+        convert("ucm-captions", ucm_src, str(tmp_path / "store"), strict=True)

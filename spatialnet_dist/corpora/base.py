@@ -21,7 +21,7 @@ import numpy as np
 from PIL import Image
 
 from spatialnet_dist.errors import UserError
-from spatialnet_dist.store.schema import Sample, as_hwc
+from spatialnet_dist.store.schema import Sample, SchemaError, as_hwc, check_pixels
 
 _UNSAFE_KEY_CHARS = re.compile(r"[^A-Za-z0-9_\-]")
 
@@ -122,19 +122,26 @@ def read_image(path: Path, bands: int | None) -> np.ndarray:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             with Image.open(path) as im:
+                check_pixels(im.height, im.width)
                 # A TIFF of several pages is a band stack (one band per page): PIL would read the first only.
                 if tiff and getattr(im, "n_frames", 1) > 1:
                     raise ValueError("several pages")
                 im.load()
                 image = np.asarray(im.convert("RGB") if im.mode in _RGB_MODES else im)
-    except Image.DecompressionBombError as e:
-        raise ImageError(f"image too large for PIL ({e})") from None
+    except SchemaError as e:
+        raise ImageError(str(e)) from None
+    except Image.DecompressionBombError as e:  # from Image.open, at twice schema.MAX_IMAGE_PIXELS
+        raise ImageError(f"image too large ({e})") from None
     except (OSError, ValueError, SyntaxError) as e:  # PIL's errors for unknown formats and corrupt data
         if not tiff:
             raise ImageError(f"unreadable image ({e.__class__.__name__}: {e})") from None
         image = _read_tiff(path)
     if image.ndim not in (2, 3):
         raise ImageError(f"image with shape {image.shape}, expected (H, W, bands)")
+    try:  # again for tifffile's images, which it can only check decoded; PIL's were checked from their header
+        check_pixels(*image.shape[:2])
+    except SchemaError as e:
+        raise ImageError(str(e)) from None
     image = as_hwc(image)
     if bands is not None and image.shape[2] != bands:
         raise ImageError(f"{image.shape[2]} band(s), expected {bands}")

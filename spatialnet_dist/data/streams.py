@@ -169,7 +169,9 @@ def read_shards(shards: Iterable[dict], counts: StreamCounts) -> Iterator[dict]:
                 yield raw
         except _CORRUPT_SHARD as e:
             reason = _reason(e)
-        except Exception as e:  # the storage failed mid-read (connection reset, timeout after retries)
+        except StoreError as e:  # the storage's retries are spent; WebDataset appended " @ <stream>" to the message
+            raise type(e)(str(e.args[0]).split(" @ ")[0]) from None
+        except Exception as e:  # any other failure of the stream mid-read
             raise StoreError(f"shard {url}: read failed after {read} samples ({_reason(e)})") from None
         finally:
             stream.close()

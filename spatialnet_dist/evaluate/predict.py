@@ -9,16 +9,18 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 
 from spatialnet_dist.errors import UserError
-from spatialnet_dist.store.schema import as_hwc
+from spatialnet_dist.store.schema import SchemaError, as_hwc, check_pixels
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".npy")
 CHUNK = 16  # images per forward pass
 
 
 def load_image(path: str | Path) -> np.ndarray:
-    """-> (H, W, C) array; a missing, unsupported or unreadable file is a UserError naming it."""
+    """-> (H, W, C) array; a missing, unsupported or unreadable file, or one above the pixel limit, is a
+    UserError naming it."""
     p = Path(path)
     if p.suffix.lower() not in IMAGE_SUFFIXES:
         raise UserError(f"{p}: not an image this command reads ({', '.join(IMAGE_SUFFIXES)})")
@@ -26,14 +28,20 @@ def load_image(path: str | Path) -> np.ndarray:
         raise UserError(f"{p}: no such image")
     try:
         if p.suffix.lower() == ".npy":
-            return as_hwc(np.load(p, allow_pickle=False))
-        from PIL import Image
-
+            array = np.load(p, mmap_mode="r", allow_pickle=False)  # the header only, until checked
+            if array.ndim >= 2:
+                check_pixels(*array.shape[:2])
+            return as_hwc(np.array(array))
         with Image.open(p) as im:
+            check_pixels(im.height, im.width)
             # palettes and alpha become RGB, as the corpus adapters store them
             return as_hwc(
                 np.asarray(im.convert("RGB") if im.mode in ("P", "PA", "RGBA", "LA", "CMYK", "YCbCr") else im)
             )
+    except SchemaError as e:
+        raise UserError(f"{p}: {e}") from None
+    except Image.DecompressionBombError as e:  # from Image.open, at twice schema.MAX_IMAGE_PIXELS
+        raise UserError(f"{p}: image too large ({e})") from None
     except (OSError, ValueError, SyntaxError, UserError) as e:
         raise UserError(f"{p}: unreadable image ({e})") from None
 

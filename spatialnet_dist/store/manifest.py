@@ -32,7 +32,45 @@ def read_manifest(root: str, corpus: str) -> dict:
         raise StoreError(f"{url}: schema_version {found!r}, expected {SCHEMA_VERSION}")
     if not isinstance(manifest.get("splits"), dict):
         raise StoreError(f"{url}: no 'splits' object")
+    _check_fields(manifest, url)
     return manifest
+
+
+def _is_count(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _is_counts(value) -> bool:
+    return isinstance(value, dict) and all(isinstance(k, str) and _is_count(n) for k, n in value.items())
+
+
+def _expect(ok: bool, url: str, where: str, what: str) -> None:
+    if not ok:
+        raise StoreError(f"{url}: {where}: expected {what}")
+
+
+def _check_fields(manifest: dict, url: str) -> None:
+    """The fields readers use have their types, and shard names are plain file names (a damaged or hostile
+    manifest is refused here, naming the field, rather than failing somewhere in a reader)."""
+    classes = manifest.get("classes")
+    _expect(classes is None or isinstance(classes, list) and all(isinstance(c, str) for c in classes),
+            url, "classes", "a list of names or null")
+    for split, s in manifest["splits"].items():
+        where = f"splits.{split}"
+        _expect(isinstance(s, dict), url, where, "an object")
+        for key in ("samples", "captions", "questions"):
+            _expect(_is_count(s.get(key)), url, f"{where}.{key}", "a count")
+        for key in ("questions_by_type", "word_counts"):
+            _expect(_is_counts(s.get(key, {})), url, f"{where}.{key}", "{name: count}")
+        answers = s.get("answer_counts", {})
+        _expect(isinstance(answers, dict) and all(_is_counts(c) for c in answers.values()),
+                url, f"{where}.answer_counts", "{type: {answer: count}}")
+        _expect(isinstance(s.get("shards"), list), url, f"{where}.shards", "a list")
+        for i, shard in enumerate(s["shards"]):
+            _expect(isinstance(shard, dict) and isinstance(shard.get("sha256"), str) and _is_count(shard.get("samples"))
+                    and _is_count(shard.get("bytes")) and isinstance(shard.get("name"), str)
+                    and shard["name"] not in ("", ".", "..") and "/" not in shard["name"] and "\\" not in shard["name"],
+                    url, f"{where}.shards[{i}]", "{name: a file name, samples, bytes, sha256}")
 
 
 def shard_urls(root: str, corpus: str, split: str, manifest: dict | None = None) -> list[str]:

@@ -22,6 +22,11 @@ from spatialnet_dist.errors import UserError
 SCHEMA_VERSION = 1
 QA_TYPES_KNOWN = ("count", "presence", "comp", "rural_urban", "area", "position")
 _KEY_RE = re.compile(r"^[A-Za-z0-9_\-]+$")
+# The most pixels an image may have, at conversion, in a shard and at prediction: one above it is refused by
+# name from its header, before it is decoded (8-bit RGB at the limit is already 300 MB). PIL's own
+# decompression-bomb check, for every image this process opens, uses the same limit.
+MAX_IMAGE_PIXELS = 100_000_000
+Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
 
 
 class SchemaError(UserError):
@@ -76,6 +81,13 @@ def check_image_id(image_id: str) -> str:
     if not _KEY_RE.match(image_id):
         raise SchemaError(f"image_id {image_id!r}: use letters, digits, '_' and '-' only (no dots)")
     return image_id
+
+
+def check_pixels(height: int, width: int) -> None:
+    """Raises SchemaError when a height x width image is above MAX_IMAGE_PIXELS."""
+    if height * width > MAX_IMAGE_PIXELS:
+        raise SchemaError(f"{width}x{height} image: {height * width} pixels, above the limit of {MAX_IMAGE_PIXELS} "
+                          "(store/schema.py MAX_IMAGE_PIXELS)")
 
 
 def as_hwc(image: np.ndarray) -> np.ndarray:
@@ -136,27 +148,42 @@ def encode_image(image: np.ndarray) -> tuple[str, bytes]:
 
 
 def decode_image(ext: str, data: bytes) -> np.ndarray:
-    """-> (H, W, C) array; raises SchemaError on undecodable bytes."""
+    """-> (H, W, C) array; raises SchemaError on undecodable bytes or too many pixels (a .npy member holds
+    every byte of its array, so only a PNG can decode to far more than it weighs)."""
     try:
         if ext == "png":
             with Image.open(io.BytesIO(data)) as im:
+                check_pixels(im.height, im.width)
                 return as_hwc(np.asarray(im))
         if ext == "npy":
             return as_hwc(np.load(io.BytesIO(data), allow_pickle=False))
+    except SchemaError:
+        raise
     except Exception as e:  # PIL and numpy raise many types on corrupt bytes
         raise SchemaError(f"undecodable .{ext} image ({e.__class__.__name__}: {e})") from None
     raise SchemaError(f"unknown image member .{ext}")
 
 
+_RECORD_FIELDS = {"corpus", "image_id", "split", "label", "label_name", "captions", "qa", "meta"}
+
+
 def validate_record(rec: dict) -> dict:
+    if not isinstance(rec, dict) or set(rec) - _RECORD_FIELDS:
+        unknown = sorted(set(rec) - _RECORD_FIELDS) if isinstance(rec, dict) else None
+        raise SchemaError(f"record: expected an object with the fields {sorted(_RECORD_FIELDS)}, got {unknown or rec!r:.60}")
     for key, typ in (("corpus", str), ("image_id", str), ("split", str), ("captions", list), ("qa", list), ("meta", dict)):
         if not isinstance(rec.get(key), typ):
             raise SchemaError(f"record field {key!r}: expected {typ.__name__}, got {rec.get(key)!r:.60}")
     if rec.get("label") is not None and not isinstance(rec["label"], int):
         raise SchemaError(f"record field 'label': expected int or null, got {rec['label']!r}")
+    if rec.get("label_name") is not None and not isinstance(rec["label_name"], str):
+        raise SchemaError(f"record field 'label_name': expected a string or null, got {rec['label_name']!r:.60}")
+    if not all(isinstance(c, str) for c in rec["captions"]):
+        raise SchemaError(f"record field 'captions': expected strings, got {rec['captions']!r:.80}")
     for q in rec["qa"]:
-        if not isinstance(q, dict) or not {"qid", "question", "answer", "type"} <= set(q):
-            raise SchemaError(f"record qa entry {q!r:.80}: needs qid, question, answer, type")
+        if not (isinstance(q, dict) and {"qid", "question", "answer", "type"} <= set(q) and isinstance(q["question"], str)
+                and isinstance(q["type"], str) and isinstance(q["answer"], (str, int, float))):
+            raise SchemaError(f"record qa entry {q!r:.80}: needs qid, question (text), answer (text or number), type")
     return rec
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import sys
 import time
@@ -52,6 +53,7 @@ def load_config(args: argparse.Namespace) -> config_mod.Config:
         value = getattr(getattr(cfg, section), key)
         if value and value != "hub" and not storage.is_s3(value):
             setattr(getattr(cfg, section), key, str(Path(value).resolve()))
+    storage.set_retry_budget(cfg.data.s3_retry_seconds)
     return cfg
 
 
@@ -68,19 +70,24 @@ def prepare_data(cfg: config_mod.Config) -> None:
         write_synthetic(cfg.data.root, images=cfg.data.synth_images, seed=cfg.data.synth_seed)
 
 
-def storage_for_ray(url: str):
-    """(storage_path, storage_filesystem) for RunConfig; S3-compatible endpoints need an explicit filesystem."""
+def storage_for_ray(url: str, retry_seconds: float):
+    """(storage_path, storage_filesystem) for RunConfig. On S3, Ray's checkpoint uploads and snapshots retry
+    through an outage for about `retry_seconds` (data.s3_retry_seconds), as storage's operations do; the AWS
+    SDK's default strategy waits 25 ms x 2^k before retry k, so n retries wait 25 ms x (2^n - 2) in all."""
     if not storage.is_s3(url):
         return str(Path(url).resolve()), None
     import pyarrow.fs
 
-    endpoint = os.environ.get("AWS_ENDPOINT_URL")
-    if not endpoint:
-        return url, None
-    scheme, _, host = endpoint.partition("://")
-    fs = pyarrow.fs.S3FileSystem(endpoint_override=host, scheme=scheme,
-                                 region=os.environ.get("AWS_DEFAULT_REGION", "us-east-1"))
-    return url[len("s3://"):], fs
+    retries = max(3, math.ceil(math.log2(retry_seconds / 0.025 + 2)))
+    options = {"retry_strategy": pyarrow.fs.AwsDefaultS3RetryStrategy(max_attempts=retries)}
+    region = os.environ.get("AWS_DEFAULT_REGION") or os.environ.get("AWS_REGION")
+    if region:
+        options["region"] = region
+    endpoint = os.environ.get("AWS_ENDPOINT_URL")  # S3-compatible endpoints (MinIO, moto) are named explicitly
+    if endpoint:
+        scheme, _, host = endpoint.partition("://")
+        options.update(endpoint_override=host, scheme=scheme, region=region or "us-east-1")
+    return url[len("s3://"):], pyarrow.fs.S3FileSystem(**options)
 
 
 def checkpoint_url(result, run_storage: str) -> str | None:
@@ -140,7 +147,7 @@ def run_training(cfg: config_mod.Config, vocab: dict, run_dir: str):
     from spatialnet_dist.train.failures import FailureClassifier
     from spatialnet_dist.train.worker import train_loop_per_worker
 
-    storage_path, filesystem = storage_for_ray(cfg.run.storage)
+    storage_path, filesystem = storage_for_ray(cfg.run.storage, cfg.data.s3_retry_seconds)
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"config": cfg.to_dict(), "vocab": vocab, "run_dir": run_dir},

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from spatialnet_dist import config as config_mod
 from spatialnet_dist import versions
+from spatialnet_dist.store import storage
 from spatialnet_dist.text import TextVocabs
 from spatialnet_dist.train import checkpoint as ckpt
 from spatialnet_dist.train import engine as ds
@@ -75,6 +76,7 @@ def train_loop_per_worker(config: dict) -> None:
     # Ray Train logs every report's whole metrics dict (its logger is named after its file); ours is one line.
     logging.getLogger(ray_train_context.__file__).setLevel(logging.WARNING)
     cfg = config_mod.from_dict(config["config"])
+    storage.set_retry_budget(cfg.data.s3_retry_seconds)  # inherited by the forked loader workers
     vocabs = TextVocabs.from_dict(config["vocab"])
     run = RunDir(config["run_dir"])
     ctx = ray.train.get_context()
