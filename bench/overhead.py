@@ -327,7 +327,12 @@ def main(argv=None) -> int:
     sizes = [int(x) for x in a.image_sizes.split(",")]
 
     torch.set_num_threads(a.threads)
-    with tempfile.TemporaryDirectory(prefix="spatialnet-overhead-") as tmp:
+    # Linux groups CPU time by session (sched_autogroup): Ray's processes start sessions of their own, so
+    # under other jobs' load they would get a group's share while the bare loops shared this shell's. A
+    # session of our own puts the bare loops on the same footing.
+    with contextlib.suppress(PermissionError):  # already a session leader
+        os.setsid()
+    with tempfile.TemporaryDirectory(prefix="spatialnet-overhead-") as tmp, stdout_to_stderr():
         write_synthetic(f"{tmp}/shards", images=a.images, seed=0, shard_size=max(1, a.images // 8))
         speeds = [measure(a, tmp, size) for size in sizes]
         cfg = config.load(DEMO if DEMO.is_file() else None, overrides(a, tmp, 0, a.log_every))
