@@ -243,6 +243,65 @@ def test_freeze_and_layer_decay_under_zero2_and_zero3(tmp_path, free_ports):
             assert lr == pytest.approx(r["expected_peak"] * scale, rel=1e-9), stage
 
 
+def _engine_against_bare_worker(rank: int, port: int, out: str):
+    """One rank under gloo: the ZeRO-2 engine as create_engine builds it for CPU, and a bare torch loop
+    (same parameter groups, AdamW, clipping, schedule), 3 steps each on one batch -> their losses and the
+    largest parameter difference."""
+    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
+                      DS_ACCELERATOR="cpu")
+    from spatialnet_dist import config as config_mod
+    from spatialnet_dist.model.heads import VocabSizes
+    from spatialnet_dist.model.spatialnet import assemble_model
+    from spatialnet_dist.objective import MultiTaskObjective
+    from spatialnet_dist.train import engine as ds
+
+    torch.set_num_threads(1)
+    ds.init_distributed(False)
+    cfg = config_mod.load(None, ["model.image_size=32", "train.zero_stage=2", "optim.warmup_steps=1",
+                                 "optim.lr=1e-3", "optim.grad_clip=0.05", "train.max_steps=3"])
+
+    def build():
+        torch.manual_seed(0)
+        return assemble_model(cfg.model, ["classification"], VocabSizes(words=20, answers=4, classes=5))
+
+    objective = MultiTaskObjective(cfg.loss)
+    batch = {"classification": {"image": torch.randn(4, 3, 32, 32), "label": torch.tensor([0, 1, 2, 3])}}
+    engine = ds.create_engine(cfg, build(), 1)
+    bare = build()
+    groups = ds.param_groups(bare, cfg.optim.lr, cfg.optim.weight_decay)
+    optimizer = torch.optim.AdamW(groups, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), eps=1e-8)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, ds.lr_lambda(cfg))
+    losses = {"engine": [], "bare": []}
+    for _ in range(3):
+        loss = objective(engine(batch), batch, engine.module)["loss"]
+        engine.backward(loss)
+        engine.step()
+        losses["engine"].append(loss.item())
+        optimizer.zero_grad(set_to_none=True)
+        loss = objective(bare(batch), batch, bare)["loss"]
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(bare.parameters(), cfg.optim.grad_clip)
+        optimizer.step()
+        schedule.step()
+        losses["bare"].append(loss.item())
+    trained = dict(engine.module.named_parameters())
+    diff = max((trained[k] - v).abs().max().item() for k, v in bare.named_parameters())
+    moved = max((trained[k] - v).abs().max().item() for k, v in build().named_parameters())
+    Path(out, "report.json").write_text(json.dumps({"losses": losses, "max_diff": diff, "max_moved": moved}))
+
+
+def test_zero2_engine_on_cpu_steps_like_a_bare_torch_loop(tmp_path, free_ports):
+    """The CPU engine config (ZeRO-2 without contiguous gradients, bench/overhead.py) changes cost, not
+    training: the same losses and parameters as torch's AdamW + clipping + schedule, step by step."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(_engine_against_bare_worker, args=(free_ports(1)[0], str(tmp_path)), nprocs=1)
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["losses"]["engine"] == pytest.approx(report["losses"]["bare"], rel=1e-5)
+    assert report["max_moved"] > 1e-4  # the steps did change the weights
+    assert report["max_diff"] < 1e-5
+
+
 # ---- Ray Train: 2 workers, failures, S3 ----
 
 

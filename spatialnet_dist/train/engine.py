@@ -49,7 +49,11 @@ def deepspeed_config(cfg: Config, world_size: int, model: torch.nn.Module) -> di
         # outweigh a small model's whole partition (bench/zero_memory.py), so scale it with the model.
         n_params = sum(p.numel() for p in model.parameters())
         bucket = int(min(5e7, max(1e6, n_params // 8)))
-        zero.update(overlap_comm=cfg.train.use_gpu, contiguous_gradients=True, reduce_bucket_size=bucket)
+        # contiguous_gradients copies every gradient into one buffer as backward makes it, to spare a GPU's
+        # allocator fragmentation; on CPU ZeRO-1/2 that copy is pure cost (a world of one at 64 px: 0.72-0.75 of
+        # a bare step with it, 0.79-0.87 without; bench/RESULTS.md, fixed per-step costs). ZeRO-3 keeps it.
+        contiguous = cfg.train.use_gpu or cfg.train.zero_stage == 3
+        zero.update(overlap_comm=cfg.train.use_gpu, contiguous_gradients=contiguous, reduce_bucket_size=bucket)
     if cfg.train.zero_stage == 3:
         # ZeRO-3 keeps parameters under this many elements whole on every rank, to spare their gathers.
         # DeepSpeed's 1e5 keeps a narrow model's projection matrices whole too (tiny: 4.9 of 24 MiB);
