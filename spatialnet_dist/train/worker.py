@@ -1,4 +1,4 @@
-"""Ray Train glue: the function every worker runs. Resume from `ray.train.get_checkpoint()` (or
+"""Ray Train glue: the function every worker runs. Resume from the run's last complete checkpoint (or
 `train.resume`), run the Trainer, report metrics and checkpoints from every rank, evaluate at the end.
 """
 
@@ -22,10 +22,11 @@ log = logging.getLogger("spatialnet.train")
 
 
 class RayReporter:
-    """Every rank reports (Ray merges the ranks' checkpoint files); rank 0 also writes metrics.jsonl."""
+    """Every rank reports; rank 0 also writes metrics.jsonl. Checkpoints are published complete by
+    `ckpt.publish` (files, then the manifest) and only then reported to Ray, which registers them as they are."""
 
-    def __init__(self, run: RunDir, rank: int):
-        self.run, self.rank = run, rank
+    def __init__(self, run: RunDir, rank: int, keep_checkpoints: int):
+        self.run, self.rank, self.keep_checkpoints = run, rank, keep_checkpoints
         self.last_checkpoint: str | None = None  # its directory name in the run dir
 
     def report(self, step: int, metrics: dict, checkpoint_dir: Path | None) -> None:
@@ -34,13 +35,17 @@ class RayReporter:
             log.info("step %d %s", step, _brief(metrics))
         if checkpoint_dir is None:
             ray.train.report(metrics)
-        else:
-            self.last_checkpoint = f"checkpoint-{step:06d}"
-            ray.train.report(
-                metrics,
-                checkpoint=ray.train.Checkpoint.from_directory(str(checkpoint_dir)),
-                checkpoint_dir_name=self.last_checkpoint,
-            )
+            return
+        self.last_checkpoint = ckpt.checkpoint_name(step)
+        ckpt.publish(checkpoint_dir, self.run.url, step, self.rank, self.keep_checkpoints)
+        ray_storage = ray.train.get_context().get_storage()  # the same run dir, as Ray's filesystem sees it
+        ray.train.report(
+            metrics,
+            checkpoint=ray.train.Checkpoint(f"{ray_storage.experiment_fs_path}/{self.last_checkpoint}",
+                                            filesystem=ray_storage.storage_filesystem),
+            checkpoint_dir_name=self.last_checkpoint,
+            checkpoint_upload_mode=ray.train.CheckpointUploadMode.NO_UPLOAD,
+        )
 
     def settle(self, timeout_s: float = 60.0) -> None:
         """Wait until Ray's controller has taken in the last reported checkpoint: it does so when it next
@@ -70,20 +75,14 @@ def train_loop_per_worker(config: dict) -> None:
     rank, world_size = ctx.get_world_rank(), ctx.get_world_size()
 
     ds.init_distributed(cfg.train.use_gpu)
-    trainer = Trainer(cfg, vocabs, rank, world_size, RayReporter(run, rank),
+    trainer = Trainer(cfg, vocabs, rank, world_size, RayReporter(run, rank, cfg.run.keep_checkpoints),
                       fault_marker=lambda: run.claim_fault(cfg.faults.fail_at_step))
 
-    resumed = False
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None:
-        with checkpoint.as_directory() as directory:
-            trainer.restore(directory)
-        resumed = True
-    elif cfg.train.resume:
-        with ckpt.local_copy(cfg.train.resume) as directory:
-            trainer.restore(directory, weights_only=cfg.train.resume_weights_only)
-        resumed = not cfg.train.resume_weights_only
+    # The run's own last complete checkpoint rather than Ray's last registered one: the same on every
+    # path, and never one that keep_checkpoints has pruned since.
+    resumed = ckpt.resume(trainer, run.url, cfg.train.resume, cfg.train.resume_weights_only)
     if rank == 0:
+        ckpt.prune(run.url, cfg.run.keep_checkpoints)  # partial leftovers of the attempt before
         run.truncate_metrics(trainer.step)
         run.record_attempt(trainer.step, resumed)
         log.info("rank 0: %s at step %d of %d", "resuming" if resumed else "starting", trainer.step,
