@@ -247,7 +247,7 @@ def test_a_trainer_resumes_after_a_crash_at_every_step_of_a_save(where, tmp_path
     mp.spawn(_resume_after_every_crash, args=(free_ports(1)[0], data, runs, where, str(out)), nprocs=1)
     report = json.loads(out.read_text())
     n, commit = report["points"], report["commit"]
-    assert n >= 9  # 7 files (meta, config, vocab, stream state, DeepSpeed's latest + 2 .pt), manifest, pruning
+    assert n >= 10  # each of 7+ files put (local: written, renamed), the manifest, pruning
     assert report["resumed_from"] == [1] * (commit + 1) + [2] * (n - commit - 1)
     # Resumed from the step-2 checkpoint: the parameters of the run never crashed. From step 1: a resume
     # draws fresh data (streams.StreamState: no replay), so not those, but the same whatever the crash left.
