@@ -35,7 +35,7 @@ class RunConfig:
     name: str = "demo"
     storage: str = "runs"  # local dir or s3://bucket/prefix
     seed: int = 0
-    keep_checkpoints: int = 2  # Ray keeps this many; 0 keeps all
+    keep_checkpoints: int = 2  # complete checkpoints kept (partial ones are deleted); 0 keeps all
 
 
 @dataclass

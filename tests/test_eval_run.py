@@ -171,3 +171,25 @@ def test_eval_run_over_ray_workers_matches_one_process(store, tmp_path):
     without_baselines = {task: {k: v for k, v in s.items() if k != "baselines"} for task, s in over_ray.items()}
     without_baselines.pop("captions")
     assert score_predictions(one_process, cfg, vocabs) == without_baselines
+
+
+def test_an_exported_bundle_is_checked_and_one_from_elsewhere_loads(bundle, tmp_path):
+    """`bundle` stands for one from elsewhere: the three files, no manifest. Exporting it again writes
+    a manifest; `predict` then checks the weights against it and refuses them altered."""
+    png = tmp_path / "scene.png"
+    Image.fromarray(np.zeros((32, 32, 3), dtype=np.uint8)).save(png)
+    exported = tmp_path / "exported"
+    rc, _, stderr = run_cli(["export", bundle, str(exported)])
+    assert rc == 0, stderr
+    listed = json.loads((exported / ckpt.MANIFEST).read_text())["files"]
+    assert sorted(listed) == sorted(ckpt.BUNDLE_FILES)
+    for source in (bundle, str(exported)):
+        rc, stdout, stderr = run_cli(["predict", source, str(png), "--json"])
+        assert rc == 0, stderr
+        assert json.loads(stdout)[0]["class"]
+    weights = exported / ckpt.BUNDLE_WEIGHTS
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 1
+    weights.write_bytes(bytes(data))
+    rc, _, stderr = run_cli(["predict", str(exported), str(png)])
+    assert rc == 2 and stderr.count("\n") == 1 and f"{ckpt.BUNDLE_WEIGHTS} does not match the sha256" in stderr

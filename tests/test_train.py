@@ -121,6 +121,7 @@ def _restore_worker(rank: int, world_size: int, port: int, root: str, run_dir: s
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), DS_ACCELERATOR="cpu")
     from spatialnet_dist import config as config_mod
     from spatialnet_dist.data.vocab import build_vocabs
+    from spatialnet_dist.train import checkpoint as ckpt
     from spatialnet_dist.train import engine as ds
     from spatialnet_dist.train.local import LocalReporter, train
     from spatialnet_dist.train.trainer import Trainer
@@ -129,11 +130,12 @@ def _restore_worker(rank: int, world_size: int, port: int, root: str, run_dir: s
                                  "train.max_steps=3", "train.checkpoint_every=3", "train.cpus_per_worker=1"])
     ds.init_distributed(False)
     vocabs = build_vocabs(cfg)
-    trained = train(cfg, vocabs, Path(run_dir), rank, world_size)
+    trained = train(cfg, vocabs, run_dir, rank, world_size)
     saved = {k: v.detach().clone() for k, v in trained.inference_model().state_dict().items()}
 
-    fresh = Trainer(cfg, vocabs, rank, world_size, LocalReporter(Path(run_dir), rank))
-    step = fresh.restore(Path(run_dir) / "checkpoint-000003")
+    fresh = Trainer(cfg, vocabs, rank, world_size, LocalReporter(run_dir, rank, cfg.run.keep_checkpoints))
+    assert ckpt.resume(fresh, run_dir)  # the run's last complete checkpoint, its files checked first
+    step = fresh.step
     restored = fresh.inference_model().state_dict()
     same = step == 3 and all(torch.equal(saved[k], restored[k]) for k in saved)
     # fp32 ZeRO-3 holds one fp32 copy of its partition: the optimizer's masters are the partitions.

@@ -1,20 +1,33 @@
-"""Checkpoint layout, the inference bundle, and loading a model back for evaluation.
+"""Checkpoint layout, publishing a checkpoint complete or not at all, verified loading, the inference bundle.
 
-A checkpoint directory (what every rank hands to `ray.train.report`; Ray merges the ranks' files):
-  meta.json     step, samples seen per task, stream state, seeds, resolved config
-  config.yaml   the resolved config, readable
-  vocab.json    words, answers, classes (spatialnet_dist.text.TextVocabs)
-  zero/ds/      DeepSpeed's files: mp_rank_00_model_states.pt and one ZeRO shard per rank
-An inference bundle (`export_bundle`): model.safetensors (fp32, consolidated) + config.yaml + vocab.json.
+A checkpoint directory `<run dir>/checkpoint-NNNNNN/` (the same on the Ray and the torchrun paths,
+on a local dir or S3):
+  meta.json       step, samples seen per task, stream state, seeds, resolved config
+  config.yaml     the resolved config, readable
+  vocab.json      words, answers, classes (spatialnet_dist.text.TextVocabs)
+  streams/        each rank's stream state
+  zero/ds/        DeepSpeed's files: mp_rank_00_model_states.pt and one ZeRO shard per rank
+  manifest.json   written last, once every rank's files are in place: every file's sha256 and size.
+                  A checkpoint without it is partial (a save that died) and never resumed from.
+An inference bundle (`export_bundle`): model.safetensors (fp32, consolidated) + config.yaml + vocab.json
++ manifest.json. Nothing in a bundle is a pickle: it is the route for weights from elsewhere.
+
+Loading (`local_copy`: resume, `eval run`, `predict`, `export`) checks every listed file against its
+sha256 before anything reads it; DeepSpeed unpickles its .pt files (weights_only=False), so a
+checkpoint without a manifest is refused. The manifest catches corruption and partial writes, not a
+hostile author: take checkpoints from elsewhere only as bundles.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import re
 import tempfile
-from contextlib import contextmanager
-from pathlib import Path
+from contextlib import contextmanager, nullcontext
+from pathlib import Path, PurePosixPath
 
+import torch.distributed as dist
 import yaml
 
 from spatialnet_dist import config as config_mod
@@ -24,9 +37,168 @@ from spatialnet_dist.text import TextVocabs
 
 META = "meta.json"
 CONFIG = "config.yaml"
+MANIFEST = "manifest.json"
 ZERO_DIR = "zero"
 ZERO_TAG = "ds"
 BUNDLE_WEIGHTS = "model.safetensors"
+BUNDLE_FILES = (BUNDLE_WEIGHTS, CONFIG, TextVocabs.FILENAME)
+_NAME = re.compile(r"checkpoint-(\d+)")
+_CHUNK = 2**20
+
+
+def checkpoint_name(step: int) -> str:
+    return f"checkpoint-{step:06d}"
+
+
+# ---- publishing: staged files, then the manifest ----
+
+
+def file_digests(directory: str | Path, names: list[str] | None = None) -> dict[str, dict]:
+    """{relative path: {"sha256", "bytes"}} of every file below `directory` (or of `names` only)."""
+    d = Path(directory)
+    paths = [d / n for n in names] if names is not None else sorted(p for p in d.rglob("*") if p.is_file())
+    out = {}
+    for path in paths:
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            while chunk := f.read(_CHUNK):
+                h.update(chunk)
+        out[path.relative_to(d).as_posix()] = {"sha256": h.hexdigest(), "bytes": path.stat().st_size}
+    return out
+
+
+def _write_manifest(url: str, files: dict[str, dict], **fields) -> None:
+    storage.write_bytes_atomic(storage.join(url, MANIFEST), json.dumps({**fields, "files": files}, indent=1).encode())
+
+
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def publish(local_dir: str | Path, run_url: str, step: int, rank: int, keep: int) -> str:
+    """Every rank together: put this rank's checkpoint files (`local_dir`) into `<run_url>/checkpoint-N/`;
+    once all ranks' files are there rank 0 writes the manifest, which makes the checkpoint complete, and
+    prunes the run to `keep` complete checkpoints. -> the checkpoint's URL."""
+    url = storage.join(run_url, checkpoint_name(step))
+    mine = file_digests(local_dir)
+    by_rank = [mine]
+    if _distributed():
+        by_rank = [None] * dist.get_world_size()
+        dist.all_gather_object(by_rank, mine)
+    # One upload per path, by the lowest rank that has it: with node-local storage DeepSpeed writes the
+    # model states on each node's first rank.
+    owner: dict[str, int] = {}
+    for r, digests in enumerate(by_rank):
+        for rel in digests:
+            owner.setdefault(rel, r)
+    for rel in sorted(rel for rel, r in owner.items() if r == rank):
+        storage.put_file(str(Path(local_dir) / rel), storage.join(url, rel))
+    if _distributed():
+        dist.barrier()  # every rank's files are in place
+    if rank == 0:
+        _write_manifest(url, {rel: by_rank[r][rel] for rel, r in sorted(owner.items())}, step=step)
+        prune(run_url, keep)
+    return url
+
+
+def checkpoints(run_url: str) -> list[tuple[str, bool]]:
+    """(URL, complete) of every checkpoint directory of the run, oldest first."""
+    try:
+        names = [n for n in storage.list_dir(run_url) if _NAME.fullmatch(n)]
+    except storage.NotFoundError:
+        return []
+    names.sort(key=lambda n: int(_NAME.fullmatch(n).group(1)))
+    urls = [storage.join(run_url, n) for n in names]
+    return [(u, storage.exists(storage.join(u, MANIFEST))) for u in urls]
+
+
+def latest_complete(run_url: str) -> str | None:
+    """The URL of the run's last complete checkpoint (what a resume starts from), or None."""
+    complete = [u for u, ok in checkpoints(run_url) if ok]
+    return complete[-1] if complete else None
+
+
+def prune(run_url: str, keep: int) -> None:
+    """Delete partial checkpoints (saves that died; nothing writes one while this runs: rank 0 calls it
+    at the start of an attempt and after each save) and all but the last `keep` complete ones (0: all)."""
+    found = checkpoints(run_url)
+    complete = [u for u, ok in found if ok]
+    kept = set(complete[-keep:] if keep else complete)
+    for url, ok in found:
+        if url in kept:
+            continue
+        if ok:  # manifest first: a deletion cut short leaves a partial checkpoint, never a hollow complete one
+            storage.delete(storage.join(url, MANIFEST))
+        storage.delete_prefix(url)
+
+
+# ---- loading: every file checked before anything reads it ----
+
+
+def _listed_files(url: str) -> dict[str, dict | None]:
+    """{relative path: digest} from the manifest; a bundle without one: its files, digest None."""
+    manifest_url = storage.join(url, MANIFEST)
+    if storage.exists(manifest_url):
+        try:
+            files = json.loads(storage.read_bytes(manifest_url))["files"]
+            bad = [rel for rel in files if PurePosixPath(rel).is_absolute() or ".." in PurePosixPath(rel).parts
+                   or not isinstance(files[rel].get("sha256"), str)]
+        except (ValueError, KeyError, TypeError, AttributeError):
+            raise UserError(f"checkpoint {url}: {MANIFEST} is unreadable") from None
+        if bad:
+            raise UserError(f"checkpoint {url}: {MANIFEST} lists a bad entry: {bad[0]!r}")
+        return files
+    if storage.exists(storage.join(url, BUNDLE_WEIGHTS)):
+        return dict.fromkeys(BUNDLE_FILES)
+    if storage.exists(storage.join(url, META)):
+        raise UserError(f"checkpoint {url}: no {MANIFEST}: a partial save, or one whose files cannot be checked; "
+                        f"refusing to unpickle it (a model from elsewhere loads as an exported bundle)")
+    raise UserError(f"checkpoint {url}: not found (neither a checkpoint nor a bundle)")
+
+
+def _fetch_checked(url: str, rel: str, digest: dict | None, dst: Path) -> None:
+    """`url/rel` to `dst` (S3: a download; local: a link), refused unless its sha256 is the listed one."""
+    src = storage.join(url, rel)
+    h, size = hashlib.sha256(), 0
+    try:
+        with storage.open_stream(src) as f, open(dst, "wb") if storage.is_s3(url) else nullcontext() as out:
+            while chunk := f.read(_CHUNK):
+                h.update(chunk)
+                size += len(chunk)
+                if out is not None:
+                    out.write(chunk)
+    except storage.NotFoundError:
+        raise UserError(f"checkpoint {url}: {rel} is missing") from None
+    if digest is not None and (h.hexdigest() != digest["sha256"] or size != digest.get("bytes", size)):
+        raise UserError(f"checkpoint {url}: {rel} does not match the sha256 recorded at save (corrupt or altered); "
+                        "refusing to load it")
+    if not storage.is_s3(url):
+        dst.symlink_to(Path(src).resolve())
+
+
+@contextmanager
+def local_copy(url: str):
+    """A checkpoint or bundle URL (local dir or s3://) as a local directory for the block, holding exactly
+    the files its manifest lists, each checked against its sha256 first (local files are linked, not copied)."""
+    files = _listed_files(url)
+    with tempfile.TemporaryDirectory(prefix="spatialnet-ckpt-") as tmp:
+        for rel, digest in files.items():
+            dst = Path(tmp, *PurePosixPath(rel).parts)
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            _fetch_checked(url, rel, digest, dst)
+        yield Path(tmp)
+
+
+def resume(trainer, run_url: str, start_from: str = "", weights_only: bool = False) -> bool:
+    """Restore `trainer` (every rank) from the run's last complete checkpoint, else from `start_from`
+    (train.resume) when given; -> whether the run continues one (not a fresh start, nor weights only)."""
+    latest = latest_complete(run_url)
+    url = latest or start_from
+    if not url:
+        return False
+    with local_copy(url) as directory:
+        trainer.restore(directory, weights_only=weights_only and latest is None)
+    return latest is not None or not weights_only
 
 
 def write_common(directory: str | Path, meta: dict, cfg: config_mod.Config, vocabs: TextVocabs) -> None:
@@ -43,25 +215,6 @@ def read_meta(directory: str | Path) -> dict:
     if not path.is_file():
         raise UserError(f"{directory}: not a spatialnet checkpoint (no {META})")
     return json.loads(path.read_text())
-
-
-@contextmanager
-def local_copy(url: str):
-    """A checkpoint or bundle URL (local dir or s3://) as a local directory for the block."""
-    if not storage.is_s3(url):
-        if not Path(url).is_dir():
-            raise UserError(f"checkpoint {url}: not found")
-        yield Path(url)
-        return
-    with tempfile.TemporaryDirectory(prefix="spatialnet-ckpt-") as tmp:
-        names = storage.list_files(url)
-        if not names:
-            raise UserError(f"checkpoint {url}: not found")
-        for name in names:
-            dst = Path(tmp) / name
-            dst.parent.mkdir(parents=True, exist_ok=True)
-            dst.write_bytes(storage.read_bytes(storage.join(url, name)))
-        yield Path(tmp)
 
 
 def consolidated_weights(directory: str | Path) -> dict:
@@ -99,7 +252,8 @@ def load_model(url: str):
 
 
 def export_bundle(checkpoint_url: str, out_dir: str | Path) -> Path:
-    """Consolidate any checkpoint (ZeRO-3 included) into fp32 safetensors + config + vocab."""
+    """Consolidate any checkpoint (ZeRO-3 included) into fp32 safetensors + config + vocab, and their
+    manifest (written last)."""
     from safetensors.torch import save_file
 
     out = Path(out_dir)
@@ -111,4 +265,5 @@ def export_bundle(checkpoint_url: str, out_dir: str | Path) -> Path:
     save_file({k: v.detach().float().contiguous().clone() for k, v in state.items()}, str(out / BUNDLE_WEIGHTS))
     (out / CONFIG).write_text(cfg.to_yaml())
     vocabs.save(out)
+    _write_manifest(str(out), file_digests(out, list(BUNDLE_FILES)))
     return out

@@ -90,13 +90,6 @@ def storage_for_ray(url: str, retry_seconds: float):
     return url[len("s3://"):], pyarrow.fs.S3FileSystem(**options)
 
 
-def checkpoint_url(result, run_storage: str) -> str | None:
-    if result.checkpoint is None:
-        return None
-    path = result.checkpoint.path
-    return f"s3://{path}" if storage.is_s3(run_storage) else path
-
-
 def connect_ray(cfg: config_mod.Config) -> bool:
     """Join RAY_ADDRESS or a cluster running here; else start a local instance bound to 127.0.0.1.
     -> True when this call started Ray (and so should shut it down)."""
@@ -141,7 +134,7 @@ def connect_ray(cfg: config_mod.Config) -> bool:
 
 def run_training(cfg: config_mod.Config, vocab: dict, run_dir: str):
     """TorchTrainer.fit() -> Ray's Result."""
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     from spatialnet_dist.train.failures import FailureClassifier
@@ -161,7 +154,7 @@ def run_training(cfg: config_mod.Config, vocab: dict, run_dir: str):
             storage_path=storage_path,
             storage_filesystem=filesystem,
             failure_config=FailureConfig(max_failures=cfg.train.max_failures),
-            checkpoint_config=CheckpointConfig(num_to_keep=cfg.run.keep_checkpoints or None),
+            # No checkpoint_config: run.keep_checkpoints is applied by train.checkpoint.prune, on every path.
             callbacks=[FailureClassifier(run_dir)],  # permanent failures end the run on this attempt
         ),
     )
@@ -181,6 +174,7 @@ def main(argv: list[str] | None = None) -> int:
         prepare_data(cfg)
         from spatialnet_dist.data.vocab import build_vocabs
         from spatialnet_dist.train import preflight
+        from spatialnet_dist.train.checkpoint import latest_complete
         from spatialnet_dist.train.plan import resolve
         from spatialnet_dist.train.rundir import RunDir
 
@@ -220,7 +214,7 @@ def main(argv: list[str] | None = None) -> int:
         "final_step": metrics[-1]["step"] if metrics else 0,
         "restarts": max(0, len(attempts) - 1),
         "resumed_from": [a["start_step"] for a in attempts if a["resumed"]],
-        "checkpoint": checkpoint_url(result, cfg.run.storage) if result else None,
+        "checkpoint": latest_complete(run.url),
         "run_dir": run.url,
         "eval": json.loads(storage.read_bytes(eval_url)) if cfg.eval.at_end and storage.exists(eval_url) else None,
         "wall_s": round(time.time() - t0, 1),

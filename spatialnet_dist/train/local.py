@@ -1,5 +1,6 @@
-"""Training without Ray: one process, or one per GPU under torchrun. The same Trainer as the Ray path;
-checkpoints go straight into `<run_dir>/checkpoint-<step>/`, which must be shared by all ranks.
+"""Training without Ray: one process, or one per GPU under torchrun. The same Trainer as the Ray path,
+and the same checkpoints: published complete into `<run_dir>/checkpoint-<step>/` (a local dir shared by
+all ranks, or S3), resumed from the run's last complete one.
 
   torchrun --nproc-per-node 8 -m spatialnet_dist.train.local --config configs/paper.yaml
 """
@@ -8,14 +9,15 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import sys
 from pathlib import Path
 
 import torch.distributed as dist
 
 from spatialnet_dist.errors import UserError
+from spatialnet_dist.store import storage
 from spatialnet_dist.text import TextVocabs
+from spatialnet_dist.train import checkpoint as ckpt
 from spatialnet_dist.train import engine as ds
 from spatialnet_dist.train import preflight
 from spatialnet_dist.train.launch import load_config, parse_args, prepare_data
@@ -26,50 +28,40 @@ from spatialnet_dist.train.trainer import Trainer
 
 
 class LocalReporter:
-    """Rank 0 writes metrics.jsonl and its tracker (TensorBoard, MLflow); every rank moves its checkpoint
-    files into the shared run dir."""
+    """Rank 0 writes metrics.jsonl and its tracker (TensorBoard, MLflow); every rank publishes its checkpoint
+    files into the run dir."""
 
-    def __init__(self, run_dir: Path, rank: int):
-        self.run_dir, self.rank = run_dir, rank
-        self.run = RunDir(str(run_dir))
-        self.last_checkpoint: Path | None = None
+    def __init__(self, run_url: str, rank: int, keep_checkpoints: int):
+        self.run, self.rank, self.keep_checkpoints = RunDir(run_url), rank, keep_checkpoints
+        self.last_checkpoint: str | None = None  # its URL
         self.tracker: RunTracker | None = None  # rank 0's, opened once the run knows its start step
 
     def report(self, step: int, metrics: dict, checkpoint_dir: Path | None) -> None:
         if checkpoint_dir is not None:
-            target = self.run_dir / f"checkpoint-{step:06d}"
-            shutil.copytree(checkpoint_dir, target, dirs_exist_ok=True)
-            self.last_checkpoint = target
+            self.last_checkpoint = ckpt.publish(checkpoint_dir, self.run.url, step, self.rank, self.keep_checkpoints)
         if self.rank == 0:
             self.run.append_metrics(metrics)
             if self.tracker:
                 self.tracker.log_metrics(step, metrics)
             print(json.dumps(metrics), flush=True)
-        if dist.is_initialized():
-            dist.barrier()  # the checkpoint is complete once every rank has copied its files
 
     def report_samples(self, step: int, samples: list[dict]) -> None:
         if self.tracker:
             self.tracker.log_samples(step, samples)
 
     def settle(self) -> None:
-        """Nothing to wait for: a checkpoint is in the run dir when report() returns."""
+        """Nothing to wait for: a checkpoint is complete in the run dir when report() returns."""
 
 
-def latest_checkpoint(run_dir: Path) -> Path | None:
-    found = sorted(p for p in run_dir.glob("checkpoint-*") if (p / "meta.json").is_file())
-    return found[-1] if found else None
-
-
-def train(cfg, vocabs: TextVocabs, run_dir: Path, rank: int, world_size: int) -> Trainer:
-    """Run (or resume from the run dir's last checkpoint) to max_steps; -> the trainer."""
-    reporter = LocalReporter(run_dir, rank)
+def train(cfg, vocabs: TextVocabs, run_url: str, rank: int, world_size: int) -> Trainer:
+    """Run (or resume from the run dir's last complete checkpoint, else train.resume) to max_steps;
+    -> the trainer."""
+    reporter = LocalReporter(run_url, rank, cfg.run.keep_checkpoints)
     trainer = Trainer(cfg, vocabs, rank, world_size, reporter,
                       fault_marker=lambda: reporter.run.claim_fault(cfg.faults.fail_at_step))
-    resume = latest_checkpoint(run_dir)
-    if resume is not None:
-        trainer.restore(resume)
+    ckpt.resume(trainer, run_url, cfg.train.resume, cfg.train.resume_weights_only)
     if rank == 0:
+        ckpt.prune(run_url, cfg.run.keep_checkpoints)  # partial leftovers of the attempt before
         reporter.run.truncate_metrics(trainer.step)
         reporter.tracker = RunTracker(cfg, reporter.run, trainer.step)
     trainer.fit()
@@ -89,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(args)
         if rank == 0:
             prepare_data(cfg)
-            preflight.run_all(cfg, str(Path(cfg.run.storage) / cfg.run.name))
+            preflight.run_all(cfg, storage.join(cfg.run.storage, cfg.run.name))
     except UserError as e:
         print(f"spatialnet: error: {e}", file=sys.stderr)
         return 2
@@ -109,13 +101,12 @@ def main(argv: list[str] | None = None) -> int:
     from spatialnet_dist.data.vocab import build_vocabs
 
     vocabs = build_vocabs(cfg)
-    run_dir = Path(cfg.run.storage) / cfg.run.name
-    run_dir.mkdir(parents=True, exist_ok=True)
+    run_url = storage.join(cfg.run.storage, cfg.run.name)
     if rank == 0:
-        RunDir(str(run_dir)).write_config(cfg)
-    trainer = train(cfg, vocabs, run_dir, rank, world_size)
+        RunDir(run_url).write_config(cfg)
+    trainer = train(cfg, vocabs, run_url, rank, world_size)
     if rank == 0:
-        print("RESULT " + json.dumps({"final_step": trainer.step, "run_dir": str(run_dir)}), flush=True)
+        print("RESULT " + json.dumps({"final_step": trainer.step, "run_dir": run_url}), flush=True)
     return 0
 
 

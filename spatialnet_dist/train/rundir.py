@@ -1,4 +1,4 @@
-"""The run directory `<run.storage>/<run.name>/` (local or s3://), apart from Ray's checkpoints:
+"""The run directory `<run.storage>/<run.name>/` (local or s3://), apart from its checkpoints:
 
   config.yaml     the resolved config (written by the driver before any worker starts)
   metrics.jsonl   one line per report (rank 0), never a step twice: a resumed attempt first drops
@@ -10,9 +10,10 @@
   result.json     the job's RESULT summary, written by the driver when the job ends (`error`: null or why it failed)
   tensorboard/    TensorBoard event files, one per attempt (train/tracking.py; log.tensorboard)
   mlflow.json     the MLflow run this run logs to (log.mlflow)
-Ray Train writes its own files beside these: checkpoint-NNNNNN/ (named by us) and
-checkpoint_manager_snapshot.json, the checkpoints it has registered (a restart resumes from those).
   eval/           metrics.json, predictions/, report.md and its figures
+Beside these: checkpoint-NNNNNN/ (train.checkpoint: complete once its manifest.json is written; a
+restart resumes from the last complete one) and, on the Ray path, Ray Train's
+checkpoint_manager_snapshot.json (the checkpoints reported to it).
 """
 
 from __future__ import annotations

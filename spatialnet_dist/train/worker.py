@@ -1,4 +1,4 @@
-"""Ray Train glue: the function every worker runs. Resume from `ray.train.get_checkpoint()` (or
+"""Ray Train glue: the function every worker runs. Resume from the run's last complete checkpoint (or
 `train.resume`), run the Trainer, report metrics and checkpoints from every rank, evaluate at the end.
 """
 
@@ -28,11 +28,12 @@ log = logging.getLogger("spatialnet.train")
 
 
 class RayReporter:
-    """Every rank reports (Ray merges the ranks' checkpoint files); rank 0 also writes metrics.jsonl
-    and its tracker (TensorBoard, MLflow)."""
+    """Every rank reports; rank 0 also writes metrics.jsonl and its tracker (TensorBoard, MLflow). Checkpoints
+    are published complete by `ckpt.publish` (files, then the manifest) and only then reported to Ray, which
+    registers them as they are."""
 
-    def __init__(self, run: RunDir, rank: int):
-        self.run, self.rank = run, rank
+    def __init__(self, run: RunDir, rank: int, keep_checkpoints: int):
+        self.run, self.rank, self.keep_checkpoints = run, rank, keep_checkpoints
         self.last_checkpoint: str | None = None  # its directory name in the run dir
         self.tracker: RunTracker | None = None  # rank 0's, opened once the attempt knows its start step
 
@@ -43,13 +44,17 @@ class RayReporter:
             log.info("step %d %s", step, _brief(metrics))
         if checkpoint_dir is None:
             ray.train.report(metrics)
-        else:
-            self.last_checkpoint = f"checkpoint-{step:06d}"
-            ray.train.report(
-                metrics,
-                checkpoint=ray.train.Checkpoint.from_directory(str(checkpoint_dir)),
-                checkpoint_dir_name=self.last_checkpoint,
-            )
+            return
+        self.last_checkpoint = ckpt.checkpoint_name(step)
+        ckpt.publish(checkpoint_dir, self.run.url, step, self.rank, self.keep_checkpoints)
+        ray_storage = ray.train.get_context().get_storage()  # the same run dir, as Ray's filesystem sees it
+        ray.train.report(
+            metrics,
+            checkpoint=ray.train.Checkpoint(f"{ray_storage.experiment_fs_path}/{self.last_checkpoint}",
+                                            filesystem=ray_storage.storage_filesystem),
+            checkpoint_dir_name=self.last_checkpoint,
+            checkpoint_upload_mode=ray.train.CheckpointUploadMode.NO_UPLOAD,
+        )
 
     def report_samples(self, step: int, samples: list[dict]) -> None:
         self.tracker.log_samples(step, samples)
@@ -83,7 +88,7 @@ def train_loop_per_worker(config: dict) -> None:
     rank, world_size = ctx.get_world_rank(), ctx.get_world_size()
 
     ds.init_distributed(cfg.train.use_gpu)
-    reporter = RayReporter(run, rank)
+    reporter = RayReporter(run, rank, cfg.run.keep_checkpoints)
     trainer = Trainer(cfg, vocabs, rank, world_size, reporter,
                       fault_marker=lambda: run.claim_fault(cfg.faults.fail_at_step))
     try:
@@ -93,20 +98,15 @@ def train_loop_per_worker(config: dict) -> None:
         raise
 
 
+
 def _resume_train_evaluate(trainer: Trainer, reporter: RayReporter, cfg: config_mod.Config, vocabs: TextVocabs,
                            run: RunDir) -> None:
     rank, world_size = trainer.rank, trainer.world_size
-    resumed = False
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None:
-        with checkpoint.as_directory() as directory:
-            trainer.restore(directory)
-        resumed = True
-    elif cfg.train.resume:
-        with ckpt.local_copy(cfg.train.resume) as directory:
-            trainer.restore(directory, weights_only=cfg.train.resume_weights_only)
-        resumed = not cfg.train.resume_weights_only
+    # The run's own last complete checkpoint rather than Ray's last registered one: the same on every
+    # path, and never one that keep_checkpoints has pruned since.
+    resumed = ckpt.resume(trainer, run.url, cfg.train.resume, cfg.train.resume_weights_only)
     if rank == 0:
+        ckpt.prune(run.url, cfg.run.keep_checkpoints)  # partial leftovers of the attempt before
         run.truncate_metrics(trainer.step)
         run.record_attempt(trainer.step, resumed)
         reporter.tracker = RunTracker(cfg, run, trainer.step)
