@@ -174,7 +174,7 @@ def _train_worker(rank: int, port: int, root: str, storage_dir: str):
     ds.init_distributed(False)
     vocabs = build_vocabs(cfg)
     run = RunDir(str(Path(storage_dir) / cfg.run.name))
-    trainer = train(cfg, vocabs, Path(run.url), rank, 1)
+    trainer = train(cfg, vocabs, run.url, rank, 1)
     eval_cfg = config_mod.from_dict(cfg.to_dict())
     eval_cfg.tasks.captioning.enabled = False
     eval_cfg.eval.max_samples = 4
