@@ -4,6 +4,7 @@ and an outage past the budget is one line naming the endpoint. moto's server sit
 from __future__ import annotations
 
 import io
+import json
 import os
 import tarfile
 
@@ -113,8 +114,9 @@ def test_joined_parts_may_not_leave_the_root():
 def test_checkpoint_copy_refuses_keys_that_leave_its_folder(s3_endpoint, s3_bucket, key):
     from spatialnet_dist.train.checkpoint import local_copy
 
-    _put(s3_endpoint, s3_bucket, "ckpt/meta.json", b"{}")
-    boto3.client("s3", endpoint_url=s3_endpoint).put_object(Bucket=s3_bucket, Key=key, Body=b"x")
+    """A checkpoint's manifest naming a file outside its folder is refused before anything is fetched."""
+    files = {"meta.json": {"sha256": "0" * 64, "bytes": 2}, key.removeprefix("ckpt/"): {"sha256": "0" * 64, "bytes": 1}}
+    _put(s3_endpoint, s3_bucket, "ckpt/manifest.json", json.dumps({"step": 1, "files": files}).encode())
     with pytest.raises(StoreError, match="refused path"):
         with local_copy(f"s3://{s3_bucket}/ckpt"):
             pass

@@ -139,6 +139,7 @@ def s3_error(e: Exception, url: str) -> StoreError:
         PartialCredentialsError,
         ProfileNotFound,
     )
+    from botocore.exceptions import ConnectionError as BotoConnectionError
 
     if isinstance(e, S3UploadFailedError) and isinstance(e.__context__, ClientError):
         e = e.__context__  # boto3's transfer manager wraps the ClientError that says what went wrong
@@ -163,7 +164,7 @@ def s3_error(e: Exception, url: str) -> StoreError:
         )
     if isinstance(e, ProfileNotFound):
         return StoreError(f"{url}: {_one_line(e)}")
-    if isinstance(e, ConnectionError):  # endpoint unreachable, connect/read timeouts (after retries)
+    if isinstance(e, (BotoConnectionError, ConnectionError)):  # endpoint unreachable, connect/read timeouts
         parts = urlsplit(getattr(e, "kwargs", {}).get("endpoint_url", ""))  # scheme://host:port, not the key
         endpoint = f"{parts.scheme}://{parts.netloc}" if parts.netloc else "?"
         return StoreUnavailable(f"cannot reach S3 endpoint {endpoint} for {url} ({e.__class__.__name__})")

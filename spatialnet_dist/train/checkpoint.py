@@ -141,12 +141,13 @@ def _listed_files(url: str) -> dict[str, dict | None]:
     if storage.exists(manifest_url):
         try:
             files = json.loads(storage.read_bytes(manifest_url))["files"]
-            bad = [rel for rel in files if PurePosixPath(rel).is_absolute() or ".." in PurePosixPath(rel).parts
-                   or not isinstance(files[rel].get("sha256"), str)]
+            bad = [rel for rel in files if not isinstance(files[rel].get("sha256"), str)]
         except (ValueError, KeyError, TypeError, AttributeError):
             raise UserError(f"checkpoint {url}: {MANIFEST} is unreadable") from None
         if bad:
             raise UserError(f"checkpoint {url}: {MANIFEST} lists a bad entry: {bad[0]!r}")
+        for rel in files:
+            storage.check_relative(rel, f"checkpoint {url}: {MANIFEST}")
         return files
     if storage.exists(storage.join(url, BUNDLE_WEIGHTS)):
         return dict.fromkeys(BUNDLE_FILES)
