@@ -116,6 +116,7 @@ def stored_records(root: str) -> dict:
     }
 
 
+@pytest.mark.parametrize("store", ["local", pytest.param("s3", marks=pytest.mark.slow)], indirect=True)
 def test_a_kill_at_every_step_of_a_reconversion_leaves_a_complete_corpus(store, monkeypatch):
     old_samples = make_samples(6, split=lambda i: "train" if i % 3 else "val")  # another split than the new
     write(store("model-old"), old_samples, shard_size=1)

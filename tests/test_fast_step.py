@@ -62,6 +62,7 @@ def test_compiled_step_gives_the_eager_losses(tmp_path, free_ports):
     assert eager[0] != eager[-1]  # the steps trained
 
 
+@pytest.mark.slow  # two DeepSpeed engines in a spawned process: ~15 s
 def test_bf16_autocast_keeps_fp32_weights_and_the_fp32_losses(tmp_path, free_ports):
     """train.precision=bf16-autocast (DeepSpeed's torch_autocast, the GPU default): the weights and the
     optimizer stay fp32 and the losses follow the fp32 run's within bf16 matmul error."""

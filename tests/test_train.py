@@ -69,8 +69,8 @@ def test_unknown_key_names_the_closest(capsys):
     assert "train.max_steps" in capsys.readouterr().err
 
 
-def test_missing_corpus_names_it(tmp_path, capsys):
-    code = launch.main(sets(f"data.root={tmp_path}", "tasks.vqa.corpora=[rsvqa-lr]"))
+def test_missing_corpus_names_it(synth_root, capsys):
+    code = launch.main(sets(f"data.root={synth_root}", "tasks.vqa.corpora=[rsvqa-lr]"))
     assert code == 2
     err = capsys.readouterr().err
     assert "rsvqa-lr" in err and "convert" in err
@@ -292,6 +292,7 @@ def _engine_against_bare_worker(rank: int, port: int, out: str):
     Path(out, "report.json").write_text(json.dumps({"losses": losses, "max_diff": diff, "max_moved": moved}))
 
 
+@pytest.mark.slow  # a DeepSpeed engine and a bare loop in a spawned process: ~15 s
 def test_zero2_engine_on_cpu_steps_like_a_bare_torch_loop(tmp_path, free_ports):
     """The CPU engine config (ZeRO-2 without contiguous gradients, bench/overhead.py) changes cost, not
     training: the same losses and parameters as torch's AdamW + clipping + schedule, step by step."""
