@@ -3,9 +3,9 @@
 Every head is built by `Head.build(encoder_dim, preset, sizes, model_cfg)` and called as
 `head(tokens, pooled, sub_batch) -> dict` with tokens (B, N, D) patch tokens, pooled (B, D) per image
 and the task's sub-batch (spatialnet_dist/data/batch_format.py "Batch format"). vqa and regression
-answer Q questions about the B images: they do their per-image work once, then gather each question's
-image by sub_batch["image_index"] (Q,). Outputs:
-  captioning {"logits": (B, Lc-1, V)}, vqa {"logits": (Q, A)}, classification {"logits": (B, K)},
+answer Q questions and captioning trains C captions about the B images: they do their per-image work
+once, then gather each question's (caption's) image by sub_batch["image_index"] (Q,) or (C,). Outputs:
+  captioning {"logits": (C, Lc-1, V)}, vqa {"logits": (Q, A)}, classification {"logits": (B, K)},
   regression {"count_log1p": (Q,)}.
 """
 
@@ -77,19 +77,28 @@ class ClassificationHead(nn.Module):
         return {"logits": self.fc(self.drop(pooled))}  # (B, K)
 
 
+# Density a token starts with: 0.1 object each, ~6 over the tiny preset's 64 tokens, the order of the
+# synthetic corpus's median count, so the first steps do not spend themselves shrinking a huge sum.
+INITIAL_TOKEN_DENSITY = 0.1
+
+
 @register("regression")
 class CountRegressionHead(nn.Module):
-    """log1p(count) from the pooled image and a bag-of-words of the count question (which object to count)."""
+    """Counts add over the image: a non-negative density per patch token, conditioned on a bag-of-words of
+    the count question (which object to count), summed over the tokens; the output is log1p of that sum,
+    the scale the loss compares on. A pooled vector would have to learn addition; the sum has it built in."""
 
     def __init__(self, encoder_dim: int, vocab_size: int, question_dim: int, hidden: int):
         super().__init__()
         self.embed = nn.Embedding(vocab_size, question_dim, padding_idx=PAD_ID)
-        self.mlp = nn.Sequential(
+        self.density = nn.Sequential(
             nn.LayerNorm(encoder_dim + question_dim),
             nn.Linear(encoder_dim + question_dim, hidden),
             nn.GELU(),
-            nn.Linear(hidden, 1),  # identity output: a regression on the log1p scale
+            nn.Linear(hidden, 1),
+            nn.Softplus(),  # objects per token >= 0
         )
+        nn.init.constant_(self.density[3].bias, math.log(math.expm1(INITIAL_TOKEN_DENSITY)))  # softplus^-1
 
     @classmethod
     def build(cls, encoder_dim: int, preset: Preset, sizes: VocabSizes, model_cfg: ModelConfig):
@@ -97,10 +106,12 @@ class CountRegressionHead(nn.Module):
 
     def forward(self, tokens, pooled, sub_batch) -> dict:
         question = sub_batch["question"]  # (Q, Lq), PAD-padded
-        words = (question != PAD_ID).unsqueeze(-1).to(pooled.dtype)  # (Q, Lq, 1)
+        words = (question != PAD_ID).unsqueeze(-1).to(tokens.dtype)  # (Q, Lq, 1)
         bag = (self.embed(question) * words).sum(1) / words.sum(1).clamp(min=1)  # (Q, Dq) mean over real words
-        image = pooled[sub_batch["image_index"]]  # (Q, D): each question's image
-        return {"count_log1p": self.mlp(torch.cat([image, bag], -1)).squeeze(-1)}  # (Q,)
+        image = tokens[sub_batch["image_index"]]  # (Q, N, D): each question's image
+        bag = bag.unsqueeze(1).expand(-1, image.size(1), -1)  # (Q, N, Dq)
+        density = self.density(torch.cat([image, bag], -1)).squeeze(-1)  # (Q, N) objects per token
+        return {"count_log1p": torch.log1p(density.sum(1))}  # (Q,)
 
 
 @register("captioning")
@@ -145,8 +156,9 @@ class CaptionDecoder(nn.Module):
         return logits
 
     def forward(self, tokens, pooled, sub_batch) -> dict:
-        words = sub_batch["tokens"]  # (B, Lc): BOS w.. EOS PAD..
-        return {"logits": self._logits(words[:, :-1], self.project(tokens))}  # (B, Lc-1, V)
+        words = sub_batch["tokens"]  # (C, Lc): BOS w.. EOS PAD..
+        memory = self.project(tokens)[sub_batch["image_index"]]  # (C, N, Dt): projected once per image
+        return {"logits": self._logits(words[:, :-1], memory)}  # (C, Lc-1, V)
 
     @torch.no_grad()
     def generate(
@@ -249,14 +261,37 @@ def grid_positions(num_tokens: int, dim: int) -> torch.Tensor:
     return torch.cat([rows, cols], -1).reshape(num_tokens, dim)
 
 
+# Named regions of the token grid whose means join the VQA image memory (`region_pooling`).
+REGIONS = ("left", "right", "top", "bottom", "centre", "top left", "top right", "bottom left", "bottom right")
+
+
+@functools.lru_cache(maxsize=8)
+def region_pooling(num_tokens: int) -> torch.Tensor:
+    """(R, N) weights that average a square grid of N tokens (row-major) over each of REGIONS: the halves,
+    the centre (the middle half each way) and the quadrants; on an odd grid the middle row/column is in no half."""
+    side = math.isqrt(num_tokens)
+    if side * side != num_tokens:
+        raise ValueError(f"region pooling needs a square number of tokens, got {num_tokens}")
+    i = torch.arange(side)
+    first, last, middle = i < side // 2, i >= side - side // 2, (i >= side // 4) & (i < side - side // 4)
+    every = torch.ones(side, dtype=torch.bool)
+    rows_cols = {"left": (every, first), "right": (every, last), "top": (first, every), "bottom": (last, every),
+                 "centre": (middle, middle), "top left": (first, first), "top right": (first, last),
+                 "bottom left": (last, first), "bottom right": (last, last)}
+    masks = torch.stack([(rows_cols[r][0][:, None] & rows_cols[r][1][None, :]).flatten() for r in REGIONS]).float()
+    return masks / masks.sum(1, keepdim=True)  # (R, N)
+
+
 @register("vqa")
 class VQAHead(nn.Module):
     """Question encoder (word + position embeddings, a small transformer), fusion in which the question
-    words cross-attend to the image tokens, and an answer classifier over the answer vocabulary.
+    words cross-attend to the image memory, and an answer classifier over the answer vocabulary.
 
-    The image tokens the words attend to carry explicit grid positions (`grid_positions`), so that a side
-    word ("left", "top") can pick out the tokens of that side; the encoder's own position embedding is
-    added at its input and mixed away by its layers."""
+    The image memory is the image tokens with explicit grid positions (`grid_positions`), so that a side
+    word ("left", "top") can pick out the tokens of that side (the encoder's own position embedding is
+    added at its input and mixed away by its layers), followed by one token per named region (REGIONS):
+    the mean of its image tokens plus a learned region embedding, so that a side word can bind to one
+    token, learnt from few steps, instead of learning an attention pattern over the grid."""
 
     def __init__(self, encoder_dim: int, preset: Preset, vocab_size: int, num_answers: int, max_len: int):
         super().__init__()
@@ -267,6 +302,7 @@ class VQAHead(nn.Module):
             _text_layer(preset, cross=False), preset.question_depth, enable_nested_tensor=False
         )
         self.project = ImageProjection(encoder_dim, d)
+        self.region_embed = nn.Parameter(0.02 * torch.randn(len(REGIONS), d))  # (R, d)
         self.fusion = nn.TransformerDecoder(_text_layer(preset, cross=True), preset.fusion_depth)
         self.classifier = nn.Sequential(
             nn.LayerNorm(2 * d), nn.Linear(2 * d, d), nn.GELU(), nn.Dropout(preset.head_dropout), nn.Linear(d, num_answers)
@@ -277,12 +313,15 @@ class VQAHead(nn.Module):
         return cls(encoder_dim, preset, sizes.words, sizes.answers, model_cfg.question_max_len)
 
     def image_memory(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Per image, once however many questions it gets: tokens (B, N, D) -> (B, N, d) with grid positions."""
+        """Per image, once however many questions it gets: tokens (B, N, D) -> (B, N + R, d), the image tokens
+        with grid positions, then the region tokens."""
         image = self.project(tokens)  # (B, N, d)
-        return image + grid_positions(image.size(1), image.size(2)).to(image)
+        N, d = image.size(1), image.size(2)
+        regions = region_pooling(N).to(image) @ image + self.region_embed  # (R, N) @ (B, N, d) -> (B, R, d)
+        return torch.cat([image + grid_positions(N, d).to(image), regions], 1)
 
     def answer(self, memory: torch.Tensor, question: torch.Tensor) -> torch.Tensor:
-        """Per question: memory (Q, N, d) of its image, question (Q, Lq) PAD-padded -> logits (Q, A)."""
+        """Per question: memory (Q, N + R, d) of its image, question (Q, Lq) PAD-padded -> logits (Q, A)."""
         pad = question == PAD_ID
         pad[:, 0] = False  # an empty question would mask every key and make attention NaN
         x = self.embed(question) + self.pos(torch.arange(question.size(1), device=question.device))  # (Q, Lq, d)
