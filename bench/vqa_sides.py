@@ -4,7 +4,6 @@ and prints the accuracy on the questions of held-out images (val + test), where 
 
     PYTHONPATH=. python bench/vqa_sides.py --images 1200 --steps 300
     PYTHONPATH=. python bench/vqa_sides.py --without-grid-positions   # the fusion as it was before
-    PYTHONPATH=. python bench/vqa_sides.py --without-region-tokens    # image tokens only in the memory
 
 Prints the held-out accuracy every 50 steps; asserts nothing (the fast check is tests/test_model.py's
 test_vqa_fusion_ties_side_words_to_image_positions).
@@ -57,13 +56,10 @@ def main() -> None:
     ap.add_argument("--types", default="position", help="comma-separated question types to train on")
     ap.add_argument("--cache", default="", help="a .pt file keeping the prepared questions between runs")
     ap.add_argument("--without-grid-positions", action="store_true", help="zero the fusion's grid positions")
-    ap.add_argument("--without-region-tokens", action="store_true", help="no region tokens in the image memory")
     args = ap.parse_args()
     torch.manual_seed(args.seed)
     if args.without_grid_positions:
         heads.grid_positions = lambda n, d: torch.zeros(n, d)
-    if args.without_region_tokens:
-        heads.REGIONS, heads.region_pooling = (), lambda n: torch.zeros(0, n)
     cfg = ModelConfig(preset="tiny")
     t0 = time.time()
     if args.cache and os.path.exists(args.cache):

@@ -424,17 +424,6 @@ def test_vqa_fusion_ties_side_words_to_image_positions():
     assert accuracy >= 0.95, accuracy
 
 
-def test_region_tokens_average_their_part_of_the_grid():
-    from spatialnet_dist.model.heads import REGIONS, region_pooling
-
-    rows, cols = torch.meshgrid(torch.arange(4.0), torch.arange(4.0), indexing="ij")  # (4, 4) each
-    where = torch.stack([rows, cols], -1).view(16, 2)  # (N, 2): each token's row and column, row-major
-    mean = dict(zip(REGIONS, (region_pooling(16) @ where).tolist()))  # (R, 2): each region's centre
-    assert mean == {"left": [1.5, 0.5], "right": [1.5, 2.5], "top": [0.5, 1.5], "bottom": [2.5, 1.5],
-                    "centre": [1.5, 1.5], "top left": [0.5, 0.5], "top right": [0.5, 2.5],
-                    "bottom left": [2.5, 0.5], "bottom right": [2.5, 2.5]}
-
-
 def test_count_head_sums_a_density_over_the_tokens():
     """The head learns in 200 steps to count 0-40 tokens of the asked-for kind among 64, another kind mixed in:
     a per-token density summed, so it generalises to every count at once."""

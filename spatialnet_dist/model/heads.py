@@ -261,37 +261,14 @@ def grid_positions(num_tokens: int, dim: int) -> torch.Tensor:
     return torch.cat([rows, cols], -1).reshape(num_tokens, dim)
 
 
-# Named regions of the token grid whose means join the VQA image memory (`region_pooling`).
-REGIONS = ("left", "right", "top", "bottom", "centre", "top left", "top right", "bottom left", "bottom right")
-
-
-@functools.lru_cache(maxsize=8)
-def region_pooling(num_tokens: int) -> torch.Tensor:
-    """(R, N) weights that average a square grid of N tokens (row-major) over each of REGIONS: the halves,
-    the centre (the middle half each way) and the quadrants; on an odd grid the middle row/column is in no half."""
-    side = math.isqrt(num_tokens)
-    if side * side != num_tokens:
-        raise ValueError(f"region pooling needs a square number of tokens, got {num_tokens}")
-    i = torch.arange(side)
-    first, last, middle = i < side // 2, i >= side - side // 2, (i >= side // 4) & (i < side - side // 4)
-    every = torch.ones(side, dtype=torch.bool)
-    rows_cols = {"left": (every, first), "right": (every, last), "top": (first, every), "bottom": (last, every),
-                 "centre": (middle, middle), "top left": (first, first), "top right": (first, last),
-                 "bottom left": (last, first), "bottom right": (last, last)}
-    masks = torch.stack([(rows_cols[r][0][:, None] & rows_cols[r][1][None, :]).flatten() for r in REGIONS]).float()
-    return masks / masks.sum(1, keepdim=True)  # (R, N)
-
-
 @register("vqa")
 class VQAHead(nn.Module):
     """Question encoder (word + position embeddings, a small transformer), fusion in which the question
-    words cross-attend to the image memory, and an answer classifier over the answer vocabulary.
+    words cross-attend to the image tokens, and an answer classifier over the answer vocabulary.
 
-    The image memory is the image tokens with explicit grid positions (`grid_positions`), so that a side
-    word ("left", "top") can pick out the tokens of that side (the encoder's own position embedding is
-    added at its input and mixed away by its layers), followed by one token per named region (REGIONS):
-    the mean of its image tokens plus a learned region embedding, so that a side word can bind to one
-    token, learnt from few steps, instead of learning an attention pattern over the grid."""
+    The image tokens the words attend to carry explicit grid positions (`grid_positions`), so that a side
+    word ("left", "top") can pick out the tokens of that side; the encoder's own position embedding is
+    added at its input and mixed away by its layers."""
 
     def __init__(self, encoder_dim: int, preset: Preset, vocab_size: int, num_answers: int, max_len: int):
         super().__init__()
@@ -302,7 +279,6 @@ class VQAHead(nn.Module):
             _text_layer(preset, cross=False), preset.question_depth, enable_nested_tensor=False
         )
         self.project = ImageProjection(encoder_dim, d)
-        self.region_embed = nn.Parameter(0.02 * torch.randn(len(REGIONS), d))  # (R, d)
         self.fusion = nn.TransformerDecoder(_text_layer(preset, cross=True), preset.fusion_depth)
         self.classifier = nn.Sequential(
             nn.LayerNorm(2 * d), nn.Linear(2 * d, d), nn.GELU(), nn.Dropout(preset.head_dropout), nn.Linear(d, num_answers)
@@ -313,15 +289,12 @@ class VQAHead(nn.Module):
         return cls(encoder_dim, preset, sizes.words, sizes.answers, model_cfg.question_max_len)
 
     def image_memory(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Per image, once however many questions it gets: tokens (B, N, D) -> (B, N + R, d), the image tokens
-        with grid positions, then the region tokens."""
+        """Per image, once however many questions it gets: tokens (B, N, D) -> (B, N, d) with grid positions."""
         image = self.project(tokens)  # (B, N, d)
-        N, d = image.size(1), image.size(2)
-        regions = region_pooling(N).to(image) @ image + self.region_embed  # (R, N) @ (B, N, d) -> (B, R, d)
-        return torch.cat([image + grid_positions(N, d).to(image), regions], 1)
+        return image + grid_positions(image.size(1), image.size(2)).to(image)
 
     def answer(self, memory: torch.Tensor, question: torch.Tensor) -> torch.Tensor:
-        """Per question: memory (Q, N + R, d) of its image, question (Q, Lq) PAD-padded -> logits (Q, A)."""
+        """Per question: memory (Q, N, d) of its image, question (Q, Lq) PAD-padded -> logits (Q, A)."""
         pad = question == PAD_ID
         pad[:, 0] = False  # an empty question would mask every key and make attention NaN
         x = self.embed(question) + self.pos(torch.arange(question.size(1), device=question.device))  # (Q, Lq, d)
