@@ -48,6 +48,7 @@ def multitask_batch(images: torch.Tensor, cfg: ModelConfig) -> dict:
             sub["tokens"] = tokens
         if task in ("vqa", "regression"):  # one question per image
             sub["question"] = torch.randint(4, words, (n, cfg.question_max_len), generator=g)
+        if task != "classification":  # one caption (question) per image
             sub["image_index"] = torch.arange(n)
         if task == "vqa":
             sub["answer"] = torch.randint(0, REPRESENTATIVE_SIZES.answers, (n,), generator=g)

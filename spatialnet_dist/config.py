@@ -65,6 +65,7 @@ class TaskConfig:
     corpus_weights: dict[str, float] = field(default_factory=dict)
     augment: str = "symmetry"  # one of AUGMENT_POLICIES
     questions_per_image: int = 0  # vqa/regression: questions one visit answers; 0: all, up to a cap (data code)
+    captions_per_image: int = 0  # captioning: reference captions one visit trains; 0: all, up to the same cap
 
 
 @dataclass
@@ -395,6 +396,9 @@ def validate(cfg: Config) -> Config:
         if tc.questions_per_image and task not in QUESTION_TASKS:
             raise ConfigError(f"config key tasks.{task}.questions_per_image: only {' and '.join(QUESTION_TASKS)} "
                               "answer questions about an image")
+        if tc.captions_per_image < 0 or (tc.captions_per_image and task != "captioning"):
+            raise ConfigError(f"config key tasks.{task}.captions_per_image: {tc.captions_per_image!r} is not allowed "
+                              "(expected >= 0, 0: all of an image's captions; captioning only)")
         if tc.enabled and not tc.corpora:
             raise ConfigError(f"config key tasks.{task}.corpora: an enabled task needs at least one corpus")
         for name, w in tc.corpus_weights.items():

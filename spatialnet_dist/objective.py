@@ -25,8 +25,10 @@ def classification_loss(out: dict, sub: dict, cfg: LossConfig) -> torch.Tensor:
 
 
 def captioning_loss(out: dict, sub: dict, cfg: LossConfig) -> torch.Tensor:
-    logits = out["logits"]  # (B, Lc-1, V) predicting tokens[:, 1:]
-    target = sub["tokens"][:, 1:]  # (B, Lc-1)
+    # A mean over the words of the sub-batch's C captions: a visit that trains all references of its image
+    # weighs like the same captions each with its own copy of the image.
+    logits = out["logits"]  # (C, Lc-1, V) predicting tokens[:, 1:]
+    target = sub["tokens"][:, 1:]  # (C, Lc-1)
     return _cross_entropy(logits.flatten(0, 1), target.flatten(), ignore=PAD_ID)
 
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from spatialnet_dist.config import TASKS, ConfigError, load
-from spatialnet_dist.data.batch_format import QUESTIONS
+from spatialnet_dist.data.batch_format import CAPTIONS, QUESTIONS
 from spatialnet_dist.data.sides import SIDE_WORDS, map_sides, mappable
 from spatialnet_dist.data.streams import TaskSamples
 from spatialnet_dist.data.transforms import IDENTITY, SYMMETRIES, ImageTransform, Symmetry, task_transform
@@ -97,7 +97,7 @@ def test_one_symmetry_per_visit_moves_the_image_and_every_text_alike():
             row = rows(sample, rng)
             where = marker_direction(row["image"])
             seen.add(where)
-            for text in [row] if task == "captioning" else row[QUESTIONS]:  # a visit answers all its questions
+            for text in row[CAPTIONS if task == "captioning" else QUESTIONS]:  # a visit reads all its texts
                 side = _side_of(text["tokens"] if task == "captioning" else text["question"], vocabs)
                 if task == "vqa" and text["qid"] == "q1":  # the answer names the side
                     assert side is None

@@ -143,7 +143,7 @@ def test_epochs_become_max_steps_from_the_manifest(synth_root):
     from spatialnet_dist.store.manifest import read_manifest
 
     train = read_manifest(synth_root, "synthetic")["splits"]["train"]
-    rows = {"captioning": train["samples"], "vqa": train["questions"], "classification": train["samples"],
+    rows = {"captioning": train["captions"], "vqa": train["questions"], "classification": train["samples"],
             "regression": train["questions_by_type"]["count"]}
     assert rows["vqa"] > rows["captioning"] > 0 and rows["regression"] > 0
     cfg = config_mod.load(None, [f"data.root={synth_root}", "train.epochs=3", "tasks.vqa.batch_size=5",
@@ -154,7 +154,8 @@ def test_epochs_become_max_steps_from_the_manifest(synth_root):
     assert resolved.train.max_steps == steps
     assert line == (f"train.epochs=3 -> train.max_steps={steps}; rows per epoch: "
                     + ", ".join(f"{t} {rows[t]}" for t in config_mod.TASKS)
-                    + "; global rows per step: captioning 32, vqa 20, classification 32, regression 32")
+                    + f"; global rows per step: captioning {32 * train['captions'] / train['samples']:g}, vqa 20, "
+                    "classification 32, regression 32")  # a captioning visit trains all its image's captions
     # The resolved config (saved with the run, sent to the workers) keeps the steps; resolving it again is a no-op.
     saved = config_mod.from_dict(resolved.to_dict())
     assert saved.train.max_steps == steps and resolve(saved, 2)[0] == saved
@@ -170,7 +171,7 @@ def test_epochs_become_max_steps_from_the_manifest(synth_root):
     assert alternate.train.max_steps == math.ceil(rows["vqa"] / 2)
     only_captions = config_mod.load(None, [f"data.root={synth_root}", "train.epochs=1"]
                                     + [f"tasks.{t}.enabled=false" for t in ("vqa", "classification", "regression")])
-    assert resolve(only_captions, 1)[0].train.max_steps == math.ceil(rows["captioning"] / 8)
+    assert resolve(only_captions, 1)[0].train.max_steps == math.ceil(train["samples"] / 8)  # every caption once
 
 
 def test_freezing_more_blocks_than_the_preset_has_is_a_config_error():

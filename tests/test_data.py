@@ -16,7 +16,7 @@ import torch
 
 from spatialnet_dist.config import TASKS, Config
 from spatialnet_dist.data import ImageTransform, StreamState, build_vocabs, make_eval_loader, make_train_loader, streams
-from spatialnet_dist.data.batch_format import QUESTIONS, collate
+from spatialnet_dist.data.batch_format import CAPTIONS, QUESTIONS, collate
 from spatialnet_dist.data.batches import alternate_task
 from spatialnet_dist.data.streams import (
     MAX_QUESTIONS_PER_VISIT,
@@ -207,7 +207,9 @@ def test_two_ranks_two_workers_fewer_shards_get_full_batches(store, vocabs):
             for task, sub in batch.items():
                 n = 5 if task == "vqa" else 3
                 assert sub["image"].shape == (n, 3, SIZE, SIZE) and len(sub["image_id"]) == n
-            assert batch["captioning"]["tokens"].shape == (3, cfg.model.caption_max_len)
+            # every toy image has 2 captions: a visit trains both against its one image
+            assert batch["captioning"]["tokens"].shape == (6, cfg.model.caption_max_len)
+            assert batch["captioning"]["image_index"].tolist() == [0, 0, 1, 1, 2, 2]
             # every toy image has 2 questions, one of them a count question: all answered in one visit
             assert batch["vqa"]["question"].shape == (10, cfg.model.question_max_len)
             assert batch["vqa"]["image_index"].tolist() == [0, 0, 1, 1, 2, 2, 3, 3, 4, 4]
@@ -293,7 +295,10 @@ def test_vqa_visits_draw_every_pair_and_captions_vary(store, vocabs):
     rows = _rows(cfg, vocabs, "vqa", 400)
     assert all(len(row[QUESTIONS]) == 1 for row in rows)
     assert {q for row in rows for q in _qids(row)} == {f"toy_train_{i}_q{k}" for i in range(16) for k in range(2)}
-    drawn = {(row["image_id"], tuple(row["tokens"].tolist())) for row in _rows(cfg, vocabs, "captioning", 200)}
+    cfg.tasks.captioning.captions_per_image = 1  # likewise one of the 2 captions per visit
+    rows = _rows(cfg, vocabs, "captioning", 200)
+    assert all(len(row[CAPTIONS]) == 1 for row in rows)
+    drawn = {(row["image_id"], tuple(c["tokens"].tolist())) for row in rows for c in row[CAPTIONS]}
     assert len(drawn) == 32  # both captions of every image
 
 
@@ -307,7 +312,7 @@ def _many_questions(image_id: str, n: int) -> Sample:
 @pytest.mark.parametrize("per_image", [0, 1, 4, 16])
 def test_a_visit_answers_min_k_n_distinct_questions_each_mapped_to_its_image(vocabs, per_image):
     make_row = TaskSamples("vqa", vocabs, ImageTransform(SIZE, 3, augment="symmetry"), 24, 8, train=True,
-                           questions_per_image=per_image)
+                           per_visit=per_image)
     rng = np.random.default_rng(0)
     samples = [_many_questions("a", 10), _many_questions("b", 3), _many_questions("c", MAX_QUESTIONS_PER_VISIT + 6)]
     rows = [make_row(s, rng) for s in samples]
@@ -329,7 +334,7 @@ def test_a_visit_answers_min_k_n_distinct_questions_each_mapped_to_its_image(voc
 
 def test_fan_out_visits_of_an_image_cover_its_questions(vocabs):
     make_row = TaskSamples("vqa", vocabs, ImageTransform(SIZE, 3, augment="symmetry"), 24, 8, train=True,
-                           questions_per_image=4)
+                           per_visit=4)
     rng = np.random.default_rng(1)
     sample = _many_questions("a", 12)
     visits = [_qids(make_row(sample, rng)) for _ in range(30)]  # a question is missed with p = (2/3) ** 30

@@ -44,7 +44,7 @@ def make_batch(n: int = 3, seed: int = 0, tasks=TASKS) -> dict:
         tokens[i, : len(words) + 2] = torch.cat([torch.tensor([BOS_ID]), words, torch.tensor([EOS_ID])])
         question[i, : 2 + i % 3] = torch.randint(4, SIZES.words, (2 + i % 3,), generator=g)
     batch = {
-        "captioning": {"image": image(), "tokens": tokens},
+        "captioning": {"image": image(), "tokens": tokens, "image_index": torch.arange(n)},
         "vqa": {"image": image(), "question": question, "answer": torch.randint(0, SIZES.answers, (n,), generator=g),
                 "image_index": torch.arange(n)},
         "classification": {"image": image(), "label": torch.randint(0, SIZES.classes, (n,), generator=g)},
@@ -81,23 +81,30 @@ def test_forward_encodes_once_and_matches_per_task_forwards():
 
 
 def test_fan_out_gives_the_loss_and_gradients_of_one_question_per_image_row():
-    """5 questions about 2 images against one encoder pass == the 5 questions each with its own copy of the image."""
+    """5 questions (captions) about 2 images against one encoder pass == the 5 questions (captions) each with its
+    own copy of the image."""
     g = torch.Generator().manual_seed(1)
     images = torch.randn(2, 3, 32, 32, generator=g)
     index = torch.tensor([0, 0, 0, 1, 1])  # (Q,)
     question = torch.randint(4, SIZES.words, (5, CFG.question_max_len), generator=g)
     question[:, 3:] = PAD_ID
+    tokens = torch.randint(4, SIZES.words, (5, CFG.caption_max_len), generator=g)  # (C, Lc) captions of varied length
+    tokens[:, 0] = BOS_ID
+    for c, length in enumerate([3, 5, 4, 6, 2]):
+        tokens[c, length:] = PAD_ID
+        tokens[c, length] = EOS_ID
     fan_out = {
+        "captioning": {"image": images, "tokens": tokens, "image_index": index},
         "vqa": {"image": images, "question": question, "image_index": index,
                 "answer": torch.randint(0, SIZES.answers, (5,), generator=g)},
         "regression": {"image": images, "question": question.flip(0), "image_index": index,
                        "count": torch.randint(0, 30, (5,), generator=g).float()},
     }
     single = {t: {**sub, "image": images[index], "image_index": torch.arange(5)} for t, sub in fan_out.items()}
-    objective = MultiTaskObjective(LossConfig(weights={"vqa": 2.0, "regression": 0.5}))
+    objective = MultiTaskObjective(LossConfig(weights={"captioning": 1.5, "vqa": 2.0, "regression": 0.5}))
     results = []
     for batch in (fan_out, single):
-        model = tiny_model(("vqa", "regression")).eval()  # eval: no dropout, the same function twice
+        model = tiny_model(("captioning", "vqa", "regression")).eval()  # eval: no dropout, the same function twice
         losses = objective(model(batch), batch, model)
         losses["loss"].backward()
         grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
@@ -415,3 +422,35 @@ def test_vqa_fusion_ties_side_words_to_image_positions():
     with torch.no_grad():
         accuracy = (head.answer(head.image_memory(tokens), question).argmax(-1) == answer).float().mean()
     assert accuracy >= 0.95, accuracy
+
+
+def test_count_head_sums_a_density_over_the_tokens():
+    """The head learns in 200 steps to count 0-40 tokens of the asked-for kind among 64, another kind mixed in:
+    a per-token density summed, so it generalises to every count at once."""
+    from spatialnet_dist.model.heads import CountRegressionHead
+
+    torch.manual_seed(0)
+    head = CountRegressionHead(16, vocab_size=6, question_dim=8, hidden=32)
+    ground, cars, trees = torch.randn(3, 16)  # (D,) each: how they look to the encoder
+
+    def batch(n: int):
+        count = torch.randint(0, 41, (n,))
+        tokens = ground + 0.1 * torch.randn(n, 64, 16)  # (n, N, D)
+        for i in range(n):
+            where = torch.randperm(64)
+            tokens[i, where[: count[i]]] = cars
+            tokens[i, where[40:]] = trees  # up to 24 other things, never counted
+        question = torch.tensor([[4, 5]]).expand(n, 2)  # "how many cars"
+        return tokens, {"question": question, "image_index": torch.arange(n)}, count.float()
+
+    opt = torch.optim.AdamW(head.parameters(), lr=3e-3)
+    for _ in range(200):
+        tokens, sub, count = batch(32)
+        loss = F.mse_loss(head(tokens, None, sub)["count_log1p"], torch.log1p(count))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    tokens, sub, count = batch(256)
+    with torch.no_grad():
+        predicted = torch.expm1(head(tokens, None, sub)["count_log1p"])
+    assert (predicted - count).abs().mean() < 1.0

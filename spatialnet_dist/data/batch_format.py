@@ -4,8 +4,9 @@ A row is one visit of one image for one task: {"image": (C, S, S) float32, "imag
 A sub-batch is `collate` of B rows of one task, the same in training and evaluation:
 
     every task       "image" (B, C, S, S), "image_id" [B]
-    captioning       "tokens" (B, Lc) int64: BOS w.. EOS PAD..; evaluation adds "references" [B] lists of str
-                     and "label_name" [B] (str or None: the class oracle baseline's key)
+    captioning       per caption (C = the B images' captions together): "tokens" (C, Lc) int64:
+                     BOS w.. EOS PAD.., "image_index" (C,) int64 in [0, B); evaluation adds, per image,
+                     "references" [B] lists of str and "label_name" [B] (str or None: the class oracle's key)
     classification   "label" (B,) int64, -1 for a class outside the vocabulary
     vqa              per question (Q = the B images' questions together):
                      "question" (Q, Lq) int64 PAD-padded, "answer" (Q,) int64 (-1: outside the answer
@@ -13,9 +14,10 @@ A sub-batch is `collate` of B rows of one task, the same in training and evaluat
                      "image_index" (Q,) int64 in [0, B): the row of "image" the question is about
     regression       per count question: "question" (Q, Lq), "count" (Q,) float32, "image_index" (Q,)
 
-vqa and regression rows carry their questions as a list of per-question dicts under `QUESTIONS`;
-the encoder runs once per image and the heads gather each question's image by "image_index", so
-one encoder pass serves all the questions a visit answers. A training batch (data/batches.py) is
+vqa and regression rows carry their questions as a list of per-question dicts under `QUESTIONS`,
+captioning rows their captions under `CAPTIONS`; the encoder runs once per image and the heads gather
+each question's (caption's) image by "image_index", so one encoder pass serves all the questions
+(reference captions) a visit trains. A training batch (data/batches.py) is
 {task: sub-batch, ..., "stats": {...}}; `tasks.<task>.batch_size` counts rows, i.e. images.
 """
 
@@ -24,6 +26,8 @@ from __future__ import annotations
 import torch
 
 QUESTIONS = "questions"  # the row key of a vqa/regression visit's question dicts
+CAPTIONS = "captions"  # the row key of a captioning visit's caption dicts
+FAN_OUT = (QUESTIONS, CAPTIONS)  # row keys of per-image items that collate lays out with "image_index"
 
 
 def _stack(items: list[dict]) -> dict:
@@ -43,14 +47,14 @@ def _stack(items: list[dict]) -> dict:
 
 
 def collate(rows: list[dict]) -> dict:
-    """Rows of one task -> its sub-batch (image-level fields of length B, question-level ones of length Q)."""
-    out = _stack([{k: v for k, v in row.items() if k != QUESTIONS} for row in rows])
-    if QUESTIONS in rows[0]:
-        out.update(_stack([q for row in rows for q in row[QUESTIONS]]))
-        out["image_index"] = torch.tensor([i for i, row in enumerate(rows) for _ in row[QUESTIONS]], dtype=torch.int64)
+    """Rows of one task -> its sub-batch (image-level fields of length B, question/caption-level ones of length Q/C)."""
+    out = _stack([{k: v for k, v in row.items() if k not in FAN_OUT} for row in rows])
+    for key in (k for k in FAN_OUT if k in rows[0]):
+        out.update(_stack([item for row in rows for item in row[key]]))
+        out["image_index"] = torch.tensor([i for i, row in enumerate(rows) for _ in row[key]], dtype=torch.int64)
     return out
 
 
 def question_count(sub_batch: dict) -> int:
-    """Q, the questions of a vqa/regression sub-batch (0 for the other tasks)."""
-    return len(sub_batch["image_index"]) if "image_index" in sub_batch else 0
+    """Q, the questions of a vqa/regression sub-batch (0 for the other tasks, captioning's captions included)."""
+    return len(sub_batch["image_index"]) if "question" in sub_batch else 0

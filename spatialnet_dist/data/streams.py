@@ -32,7 +32,7 @@ import webdataset as wds
 from torch.utils.data import IterableDataset
 from webdataset.tariterators import group_by_keys, tar_file_expander
 
-from spatialnet_dist.data.batch_format import QUESTIONS
+from spatialnet_dist.data.batch_format import CAPTIONS, QUESTIONS
 from spatialnet_dist.data.sides import map_sides, mappable
 from spatialnet_dist.data.transforms import IDENTITY, BandNorm, ImageTransform, Symmetry
 from spatialnet_dist.errors import UserError
@@ -246,32 +246,33 @@ class WeightedShardSource(IterableDataset):
 
 # ---- task samples ----
 
-# Questions one training visit answers when tasks.<task>.questions_per_image is 0 ("all"). RSVQA-LR has
-# ~100 questions per image; the encoder pass is shared by all of them, but the question encoder and the
-# fusion run once per question, so an uncapped visit would make a step's head work and memory follow
-# the most-asked image in it. 64 takes most of the saving and bounds a sub-batch at batch_size x 64.
+# Questions (captions) one training visit trains when tasks.<task>.questions_per_image (captions_per_image)
+# is 0 ("all"). RSVQA-LR has ~100 questions per image; the encoder pass is shared by all of them, but the
+# question encoder and the fusion run once per question, so an uncapped visit would make a step's head work
+# and memory follow the most-asked image in it. 64 takes most of the saving and bounds a sub-batch at
+# batch_size x 64.
 MAX_QUESTIONS_PER_VISIT = 64
 
 
 class TaskSamples:
     """Sample -> at most one row of the task (data/batch_format.py "Batch format"), or None.
 
-    Training: a random caption; vqa and regression: a random subset (without replacement) of at most
-    `questions_per_image` of the image's questions (0: all, up to MAX_QUESTIONS_PER_VISIT), answered
-    against one encoder pass. Evaluation: captioning with all references; vqa and regression with all
-    the image's questions, so every question is scored exactly once.
+    Training: a random subset (without replacement) of at most `per_visit` of the image's captions
+    (captioning) or questions (vqa, regression; count questions only), 0: all, up to
+    MAX_QUESTIONS_PER_VISIT, all trained against one encoder pass. Evaluation: all of them, so every
+    question is scored exactly once, with the references of the image for captioning.
     Images the task has nothing for (no captions, no label, no numeric count question) give None.
     Each visit draws one symmetry for its image and every text it reads (data/sides.py); `unaugmented`
     counts the visits that kept the identity because a text the task reads names a side unclearly.
     """
 
     def __init__(self, task: str, vocabs: TextVocabs, transform: ImageTransform, caption_max_len: int,
-                 question_max_len: int, train: bool, questions_per_image: int = 0,
+                 question_max_len: int, train: bool, per_visit: int = 0,
                  band_norms: dict[str, BandNorm] | None = None):
         self.task, self.vocabs, self.transform, self.train = task, vocabs, transform, train
         self.band_norms = band_norms or {}  # corpus -> its per-band (mean, std); corpora without use none
         self.caption_max_len, self.question_max_len = caption_max_len, question_max_len
-        self.questions_per_visit = questions_per_image or MAX_QUESTIONS_PER_VISIT
+        self.per_visit = per_visit or MAX_QUESTIONS_PER_VISIT
         self.class_index = {name: i for i, name in enumerate(vocabs.classes)}
         self.unaugmented = 0
 
@@ -314,11 +315,11 @@ class TaskSamples:
         answer = map_sides(q["answer"], symmetry) if isinstance(q["answer"], str) else q["answer"]
         return {**q, "question": map_sides(q["question"], symmetry), "answer": answer}
 
-    def _answered(self, pairs: list[dict], rng) -> list[dict]:
-        """The questions this visit answers: all in evaluation, else a random subset in the stored order."""
-        if not self.train or len(pairs) <= self.questions_per_visit:
-            return pairs
-        return [pairs[i] for i in sorted(rng.choice(len(pairs), self.questions_per_visit, replace=False))]
+    def _picked(self, items: list, rng) -> list:
+        """The captions or questions this visit trains: all in evaluation, else a random subset in the stored order."""
+        if not self.train or len(items) <= self.per_visit:
+            return items
+        return [items[i] for i in sorted(rng.choice(len(items), self.per_visit, replace=False))]
 
     def _question(self, text: str) -> torch.Tensor:
         return torch.tensor(self.vocabs.words.encode(text, self.question_max_len, bos_eos=False))
@@ -327,8 +328,9 @@ class TaskSamples:
         if self.task == "captioning":
             if not s.captions:
                 return None
-            caption = s.captions[int(rng.integers(len(s.captions)))] if self.train else s.captions[0]
-            row = {"tokens": torch.tensor(self.vocabs.words.encode(map_sides(caption, symmetry), self.caption_max_len))}
+            captions = [{"tokens": torch.tensor(self.vocabs.words.encode(map_sides(c, symmetry), self.caption_max_len))}
+                        for c in self._picked(s.captions, rng)]
+            row = {CAPTIONS: captions}
             return row if self.train else {**row, "references": list(s.captions), "label_name": s.label_name}
         if self.task == "classification":
             return None if s.label_name is None else {"label": self.class_index.get(s.label_name, -1)}
@@ -341,12 +343,12 @@ class TaskSamples:
                     "qid": str(q["qid"]),
                     "answer_raw": str(q["answer"]),
                 }
-                for q in (self._seen(q, symmetry) for q in self._answered(s.qa, rng))
+                for q in (self._seen(q, symmetry) for q in self._picked(s.qa, rng))
             ]
         else:
             counts = [q for q in s.qa if q["type"] == "count" and as_number(q["answer"]) is not None]
             questions = [{"question": self._question(map_sides(q["question"], symmetry)), "count": as_number(q["answer"])}
-                         for q in self._answered(counts, rng)]
+                         for q in self._picked(counts, rng)]
         return {QUESTIONS: questions} if questions else None
 
 
@@ -383,8 +385,9 @@ def task_stream_spec(cfg, vocabs: TextVocabs, task: str, split: str, transform: 
                      train: bool) -> TaskStreamSpec:
     task_cfg = getattr(cfg.tasks, task)
     corpora = [corpus_shards(cfg.data.root, c, split, task) for c in task_cfg.corpora]
+    per_visit = task_cfg.captions_per_image if task == "captioning" else task_cfg.questions_per_image
     rows = TaskSamples(task, vocabs, transform, cfg.model.caption_max_len, cfg.model.question_max_len, train,
-                       task_cfg.questions_per_image, {c.corpus: c.band_norm for c in corpora if c.band_norm is not None})
+                       per_visit, {c.corpus: c.band_norm for c in corpora if c.band_norm is not None})
     weights = corpus_weights(cfg, task, corpora) if train else [1.0] * len(corpora)
     return TaskStreamSpec(task, corpora, weights, rows, cfg.data.max_bad_fraction)
 

@@ -3,9 +3,9 @@
 Every head is built by `Head.build(encoder_dim, preset, sizes, model_cfg)` and called as
 `head(tokens, pooled, sub_batch) -> dict` with tokens (B, N, D) patch tokens, pooled (B, D) per image
 and the task's sub-batch (spatialnet_dist/data/batch_format.py "Batch format"). vqa and regression
-answer Q questions about the B images: they do their per-image work once, then gather each question's
-image by sub_batch["image_index"] (Q,). Outputs:
-  captioning {"logits": (B, Lc-1, V)}, vqa {"logits": (Q, A)}, classification {"logits": (B, K)},
+answer Q questions and captioning trains C captions about the B images: they do their per-image work
+once, then gather each question's (caption's) image by sub_batch["image_index"] (Q,) or (C,). Outputs:
+  captioning {"logits": (C, Lc-1, V)}, vqa {"logits": (Q, A)}, classification {"logits": (B, K)},
   regression {"count_log1p": (Q,)}.
 """
 
@@ -77,19 +77,28 @@ class ClassificationHead(nn.Module):
         return {"logits": self.fc(self.drop(pooled))}  # (B, K)
 
 
+# Density a token starts with: 0.1 object each, ~6 over the tiny preset's 64 tokens, the order of the
+# synthetic corpus's median count, so the first steps do not spend themselves shrinking a huge sum.
+INITIAL_TOKEN_DENSITY = 0.1
+
+
 @register("regression")
 class CountRegressionHead(nn.Module):
-    """log1p(count) from the pooled image and a bag-of-words of the count question (which object to count)."""
+    """Counts add over the image: a non-negative density per patch token, conditioned on a bag-of-words of
+    the count question (which object to count), summed over the tokens; the output is log1p of that sum,
+    the scale the loss compares on. A pooled vector would have to learn addition; the sum has it built in."""
 
     def __init__(self, encoder_dim: int, vocab_size: int, question_dim: int, hidden: int):
         super().__init__()
         self.embed = nn.Embedding(vocab_size, question_dim, padding_idx=PAD_ID)
-        self.mlp = nn.Sequential(
+        self.density = nn.Sequential(
             nn.LayerNorm(encoder_dim + question_dim),
             nn.Linear(encoder_dim + question_dim, hidden),
             nn.GELU(),
-            nn.Linear(hidden, 1),  # identity output: a regression on the log1p scale
+            nn.Linear(hidden, 1),
+            nn.Softplus(),  # objects per token >= 0
         )
+        nn.init.constant_(self.density[3].bias, math.log(math.expm1(INITIAL_TOKEN_DENSITY)))  # softplus^-1
 
     @classmethod
     def build(cls, encoder_dim: int, preset: Preset, sizes: VocabSizes, model_cfg: ModelConfig):
@@ -97,10 +106,12 @@ class CountRegressionHead(nn.Module):
 
     def forward(self, tokens, pooled, sub_batch) -> dict:
         question = sub_batch["question"]  # (Q, Lq), PAD-padded
-        words = (question != PAD_ID).unsqueeze(-1).to(pooled.dtype)  # (Q, Lq, 1)
+        words = (question != PAD_ID).unsqueeze(-1).to(tokens.dtype)  # (Q, Lq, 1)
         bag = (self.embed(question) * words).sum(1) / words.sum(1).clamp(min=1)  # (Q, Dq) mean over real words
-        image = pooled[sub_batch["image_index"]]  # (Q, D): each question's image
-        return {"count_log1p": self.mlp(torch.cat([image, bag], -1)).squeeze(-1)}  # (Q,)
+        image = tokens[sub_batch["image_index"]]  # (Q, N, D): each question's image
+        bag = bag.unsqueeze(1).expand(-1, image.size(1), -1)  # (Q, N, Dq)
+        density = self.density(torch.cat([image, bag], -1)).squeeze(-1)  # (Q, N) objects per token
+        return {"count_log1p": torch.log1p(density.sum(1))}  # (Q,)
 
 
 @register("captioning")
@@ -145,8 +156,9 @@ class CaptionDecoder(nn.Module):
         return logits
 
     def forward(self, tokens, pooled, sub_batch) -> dict:
-        words = sub_batch["tokens"]  # (B, Lc): BOS w.. EOS PAD..
-        return {"logits": self._logits(words[:, :-1], self.project(tokens))}  # (B, Lc-1, V)
+        words = sub_batch["tokens"]  # (C, Lc): BOS w.. EOS PAD..
+        memory = self.project(tokens)[sub_batch["image_index"]]  # (C, N, Dt): projected once per image
+        return {"logits": self._logits(words[:, :-1], memory)}  # (C, Lc-1, V)
 
     @torch.no_grad()
     def generate(

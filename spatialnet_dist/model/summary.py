@@ -21,9 +21,10 @@ def _example_batch(cfg: ModelConfig, image_size: int, in_chans: int) -> dict:
     """One image per task with full-length captions and questions: a worst-case text length."""
     image = torch.zeros(1, in_chans, image_size, image_size)
     question = torch.ones(1, cfg.question_max_len, dtype=torch.long)
-    image_index = torch.zeros(1, dtype=torch.long)  # one question about the image
+    image_index = torch.zeros(1, dtype=torch.long)  # one question (caption) about the image
     return {
-        "captioning": {"image": image, "tokens": torch.ones(1, cfg.caption_max_len, dtype=torch.long)},
+        "captioning": {"image": image, "tokens": torch.ones(1, cfg.caption_max_len, dtype=torch.long),
+                       "image_index": image_index},
         "vqa": {"image": image, "question": question, "image_index": image_index},
         "classification": {"image": image},
         "regression": {"image": image, "question": question, "image_index": image_index},

@@ -22,27 +22,27 @@ from spatialnet_dist.errors import UserError
 from spatialnet_dist.store.manifest import manifest_url, read_manifest
 
 
-def task_rows(task: str, manifest: dict, split: str, questions_per_image: int = 0) -> tuple[int, float]:
+def task_rows(task: str, manifest: dict, split: str, per_image: int = 0) -> tuple[int, float]:
     """(training rows of `task` in one corpus split, rows one visit consumes on average).
 
-    A visit is one slot of the task's sub-batch: one image read, decoded and encoded once. Captioning rows
-    are the images with captions and classification rows the labelled images, one per visit. The manifest
-    counts images, captions and questions (by type) per split, not captioned or labelled images: a corpus
-    with captions (classes) captions (labels) every image, as every convert adapter writes it.
-    vqa rows are the questions and regression rows the count questions, so an epoch means every question
-    once; a visit answers up to `questions_per_image` of its image's questions (0: all, up to the data
-    code's cap), so rows per visit is that number or the split's mean questions per image, whichever is
+    A visit is one slot of the task's sub-batch: one image read, decoded and encoded once. Classification
+    rows are the labelled images, one per visit (the manifest counts images, not labelled images: a corpus
+    with classes labels every image, as every convert adapter writes it). Captioning rows are the captions,
+    vqa rows the questions and regression rows the count questions, so an epoch means every caption
+    (question) once; a visit trains up to `per_image` of its image's captions (questions) (0: all, up to
+    the data code's cap), so rows per visit is that number or the split's mean per image, whichever is
     smaller (the mean stands in for the per-image counts the manifest does not keep).
     """
     info = manifest["splits"].get(split)
     if info is None:
         raise UserError(f"no split {split!r} (splits: {', '.join(sorted(manifest['splits'])) or 'none'})")
-    if task == "captioning":
-        return (info["samples"] if info["captions"] else 0), 1
     if task == "classification":
         return (info["samples"] if manifest.get("classes") else 0), 1
-    rows = info["questions"] if task == "vqa" else info["questions_by_type"].get("count", 0)
-    per_visit = min(questions_per_image or MAX_QUESTIONS_PER_VISIT, rows / max(info["samples"], 1))
+    if task == "captioning":
+        rows = info["captions"]
+    else:
+        rows = info["questions"] if task == "vqa" else info["questions_by_type"].get("count", 0)
+    per_visit = min(per_image or MAX_QUESTIONS_PER_VISIT, rows / max(info["samples"], 1))
     return rows, max(per_visit, 1.0)
 
 
@@ -71,11 +71,13 @@ def epoch_steps(cfg: Config, world_size: int) -> tuple[int, dict[str, int], dict
     manifests: dict[str, dict] = {}
     for task in tasks:
         total, visits = 0, 0.0
+        tc = getattr(cfg.tasks, task)
+        per_image = tc.captions_per_image if task == "captioning" else tc.questions_per_image
         for corpus in getattr(cfg.tasks, task).corpora:
             if corpus not in manifests:
                 manifests[corpus] = read_manifest(cfg.data.root, corpus)
             try:
-                n, per_visit = task_rows(task, manifests[corpus], TRAIN_SPLIT, getattr(cfg.tasks, task).questions_per_image)
+                n, per_visit = task_rows(task, manifests[corpus], TRAIN_SPLIT, per_image)
             except UserError as e:
                 raise UserError(f"{manifest_url(cfg.data.root, corpus)}: {e}") from None
             total, visits = total + n, visits + n / per_visit
