@@ -79,6 +79,7 @@ def backend(request, tmp_path):
     return f"s3://{bucket}/runs", S3_STEPS
 
 
+@pytest.mark.parametrize("backend", ["local", pytest.param("s3", marks=pytest.mark.slow)], indirect=True)
 def test_a_crash_at_every_step_of_a_save_leaves_a_complete_latest(backend, tmp_path, monkeypatch):
     root, steps = backend
     saved = {step: rank_files(tmp_path / f"step{step}", step) for step in (1, 2)}

@@ -226,6 +226,7 @@ def _fine_tune_worker(rank: int, port: int, out: str):
     Path(out, "report.json").write_text(json.dumps(report))
 
 
+@pytest.mark.slow  # DeepSpeed ZeRO-2 and ZeRO-3 engines in spawned processes: ~15 s
 def test_freeze_and_layer_decay_under_zero2_and_zero3(tmp_path, free_ports):
     """The real DeepSpeed engine (one rank, gloo): frozen parameters are not handed to the optimizer and
     stay as they were; after one step each param group's lr is the peak lr x its layer-decay factor."""
