@@ -264,6 +264,7 @@ def test_the_default_local_ray_instance_has_token_auth_on_loopback(monkeypatch):
     import ray
 
     from spatialnet_dist import config as config_mod
+    from spatialnet_dist import ray_cluster
     from spatialnet_dist.train import launch
 
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
@@ -274,7 +275,7 @@ def test_the_default_local_ray_instance_has_token_auth_on_loopback(monkeypatch):
     try:
         assert {n["NodeManagerAddress"] for n in ray.nodes()} == {"127.0.0.1"}
         dashboard = "http://" + ray._private.worker.global_worker.node.webui_url
-        token = launch.DEFAULT_RAY_TOKEN.read_text().strip()
+        token = ray_cluster.DEFAULT_RAY_TOKEN.read_text().strip()
         assert http_status(f"{dashboard}/api/jobs/") == 401
         assert http_status(f"{dashboard}/api/jobs/", token) == 200
         # Every port of every process Ray started here (GCS, raylet, workers, agents, metrics): loopback.
@@ -283,6 +284,6 @@ def test_the_default_local_ray_instance_has_token_auth_on_loopback(monkeypatch):
                      if c.status == psutil.CONN_LISTEN and c.pid in started}
         assert ("127.0.0.1", int(dashboard.rpartition(":")[2])) in listeners
         assert {ip for ip, _ in listeners} <= {"127.0.0.1", "::ffff:127.0.0.1", "::1"}, listeners
-        assert launch.DEFAULT_RAY_TOKEN.stat().st_mode & 0o077 == 0
+        assert ray_cluster.DEFAULT_RAY_TOKEN.stat().st_mode & 0o077 == 0
     finally:
         ray.shutdown()

@@ -331,9 +331,9 @@ def _predict_with_ray(checkpoint: str, cfg, split: str, workers: int) -> SplitPr
         model, _, vocabs = load_model(checkpoint)
         return predict_split(model, cfg, vocabs, split, rank, workers, per_worker)
 
-    from spatialnet_dist.train.launch import connect_ray
+    from spatialnet_dist.ray_cluster import connect_ray
 
-    started = connect_ray(cfg)  # as training does: RAY_ADDRESS, else a local instance; AWS settings to workers
+    started = connect_ray(workers, cfg.train.use_gpu)  # as training does: RAY_ADDRESS, else a local instance; AWS settings to workers
     try:
         parts = ray.get([share.remote(r) for r in range(workers)])
         return _merge([p.rows for p in parts], parts[0].images)

@@ -81,18 +81,11 @@ def _set_environment(env: dict[str, str]) -> None:
 
 
 def _connect_ray():
-    """-> (ray, whether this call started it): join a running Ray, RAY_ADDRESS, or start a local
-    instance on 127.0.0.1. Tasks get the AWS endpoint settings training workers get (credentials come
-    from the nodes' own environment or instance roles)."""
+    """-> (ray, whether this call started it): the cluster training uses, or a local instance on loopback
+    (ray_cluster.connect_ray); tasks get the settings training workers get."""
+    from spatialnet_dist.ray_cluster import connect_ray
+
+    started = connect_ray()
     import ray
 
-    from spatialnet_dist.train.launch import WORKER_ENV
-
-    if ray.is_initialized():
-        return ray, False
-    runtime_env = {"env_vars": {k: os.environ[k] for k in WORKER_ENV if k in os.environ}}
-    if os.environ.get("RAY_ADDRESS"):
-        ray.init(address=os.environ["RAY_ADDRESS"], runtime_env=runtime_env, log_to_driver=True)
-    else:
-        ray.init(_node_ip_address="127.0.0.1", include_dashboard=False, runtime_env=runtime_env, log_to_driver=True)
-    return ray, True
+    return ray, started
