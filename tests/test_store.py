@@ -17,7 +17,15 @@ from spatialnet_dist.errors import UserError
 from spatialnet_dist.store import storage
 from spatialnet_dist.store.inspect import format_inspect, inspect_store
 from spatialnet_dist.store.manifest import list_corpora, read_manifest, shard_urls
-from spatialnet_dist.store.schema import FIT_RULE, Sample, as_hwc, decode_sample, fit_image
+from spatialnet_dist.store.schema import (
+    FIT_RULE,
+    Sample,
+    SchemaError,
+    as_hwc,
+    decode_sample,
+    fit_image,
+    validate_record,
+)
 from spatialnet_dist.store.storage import StoreError
 from spatialnet_dist.store.verify import verify_store
 from spatialnet_dist.store.writer import MIN_SHARDS, ShardWriter, shard_counts
@@ -91,7 +99,7 @@ def test_round_trip_manifest_and_inspect(root, capsys, tmp_path, monkeypatch):
     (tmp_path / "tmp").mkdir()
     samples = make_samples(7)
     manifest = write(root, samples, shard_size=2, min_shards=1)
-    assert manifest["schema_version"] == 1 and manifest["corpus"] == "toy" and manifest["classes"] == CLASSES
+    assert manifest["schema_version"] == 2 and manifest["corpus"] == "toy" and manifest["classes"] == CLASSES
     assert manifest["source"] == "unit test" and manifest["created"]
     assert manifest["shuffle_seed"] == 0 and manifest["image_size"] is None
     train = manifest["splits"]["train"]
@@ -270,8 +278,8 @@ def test_manifest_errors_name_the_url(tmp_path):
     path.write_text("{not json")
     with pytest.raises(StoreError, match=r"manifest.json: not valid JSON"):
         read_manifest(root, "toy")
-    path.write_text(json.dumps({"schema_version": 2, "splits": {}}))
-    with pytest.raises(StoreError, match=r"manifest.json: schema_version 2, expected 1"):
+    path.write_text(json.dumps({"schema_version": 3, "splits": {}}))
+    with pytest.raises(StoreError, match=r"manifest.json: schema_version 3, expected one of \[1, 2\]"):
         read_manifest(root, "toy")
     with pytest.raises(StoreError, match="no corpus here"):
         inspect_store(str(tmp_path / "toy" / "train"))
@@ -384,3 +392,26 @@ def test_local_writes_leave_no_temp_files(tmp_path):
     assert storage.read_bytes(url) == b"22" and os.listdir(tmp_path / "d") == ["f.json"]
     storage.delete_prefix(str(tmp_path / "d"))
     assert not (tmp_path / "d").exists() and storage.list_files(str(tmp_path)) == []
+
+
+def test_schema_2_tags_round_trip_and_schema_1_still_reads(tmp_path):
+    samples = make_samples(4)
+    for i, s in enumerate(samples):
+        s.tags = ["trees", "road"] if i % 2 else []
+    manifest = write(str(tmp_path), samples, min_shards=1)
+    assert manifest["tags"] == ["road", "trees"]
+    assert sum(s.get("tag_counts", {}).get("trees", 0) for s in manifest["splits"].values()) == 2
+    decoded = {s.image_id: s for s in read_samples([str(u) for u in (tmp_path / "toy").rglob("*.tar")])}
+    assert sorted(decoded[samples[1].image_id].tags) == ["road", "trees"]
+    # A schema-1 manifest and record (no tags anywhere) still read, as having no tags.
+    path = tmp_path / "toy" / "manifest.json"
+    old = json.loads(path.read_text())
+    old["schema_version"] = 1
+    del old["tags"]
+    path.write_text(json.dumps(old))
+    assert read_manifest(str(tmp_path), "toy")["schema_version"] == 1
+    record = samples[0].record()
+    del record["tags"]
+    assert validate_record(record) is record
+    with pytest.raises(SchemaError, match="record field 'tags'"):
+        validate_record({**record, "tags": "trees"})

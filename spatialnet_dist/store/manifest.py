@@ -1,8 +1,10 @@
 """Reading manifests: `<root>/<corpus>/manifest.json` is the one list of a corpus's complete shards.
 
 Manifest (DESIGN.md, CONTRACT: shards, plus the vocabulary counts per split):
-  {"schema_version": 1, "corpus", "created", "source", "classes": [...] or null,
+  {"schema_version": 1 or 2, "corpus", "created", "source", "classes": [...] or null,
+   "tags": [...] or null (schema 2: the multi-label tag set, sorted; absent in schema 1: no tags),
    "splits": {"<split>": {"samples", "captions", "questions", "questions_by_type": {type: n},
+                          "tag_counts": {tag: images} (schema 2),
                           "shards": [{"name", "samples", "bytes", "sha256"}],
                           "word_counts": {word: n}, "answer_counts": {qtype: {raw answer: n}},
                           "band_stats": {"pixels", "mean", "std"} (rasters other than uint8: store/band_stats.py)}}}
@@ -13,7 +15,7 @@ from __future__ import annotations
 import json
 
 from spatialnet_dist.store import storage
-from spatialnet_dist.store.schema import SCHEMA_VERSION, manifest_path
+from spatialnet_dist.store.schema import READABLE_SCHEMA_VERSIONS, manifest_path
 from spatialnet_dist.store.storage import StoreError
 
 
@@ -27,9 +29,9 @@ def read_manifest(root: str, corpus: str) -> dict:
         manifest = json.loads(storage.read_bytes(url))
     except (ValueError, UnicodeDecodeError):
         raise StoreError(f"{url}: not valid JSON") from None
-    if not isinstance(manifest, dict) or manifest.get("schema_version") != SCHEMA_VERSION:
+    if not isinstance(manifest, dict) or manifest.get("schema_version") not in READABLE_SCHEMA_VERSIONS:
         found = manifest.get("schema_version") if isinstance(manifest, dict) else None
-        raise StoreError(f"{url}: schema_version {found!r}, expected {SCHEMA_VERSION}")
+        raise StoreError(f"{url}: schema_version {found!r}, expected one of {list(READABLE_SCHEMA_VERSIONS)}")
     if not isinstance(manifest.get("splits"), dict):
         raise StoreError(f"{url}: no 'splits' object")
     _check_fields(manifest, url)
@@ -55,12 +57,15 @@ def _check_fields(manifest: dict, url: str) -> None:
     classes = manifest.get("classes")
     _expect(classes is None or isinstance(classes, list) and all(isinstance(c, str) for c in classes),
             url, "classes", "a list of names or null")
+    tags = manifest.get("tags")
+    _expect(tags is None or isinstance(tags, list) and all(isinstance(t, str) for t in tags),
+            url, "tags", "a list of names or null")
     for split, s in manifest["splits"].items():
         where = f"splits.{split}"
         _expect(isinstance(s, dict), url, where, "an object")
         for key in ("samples", "captions", "questions"):
             _expect(_is_count(s.get(key)), url, f"{where}.{key}", "a count")
-        for key in ("questions_by_type", "word_counts"):
+        for key in ("questions_by_type", "tag_counts", "word_counts"):
             _expect(_is_counts(s.get(key, {})), url, f"{where}.{key}", "{name: count}")
         answers = s.get("answer_counts", {})
         _expect(isinstance(answers, dict) and all(_is_counts(c) for c in answers.values()),

@@ -19,7 +19,8 @@ from PIL import Image
 
 from spatialnet_dist.errors import UserError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2 added the record's "tags" and the manifest's "tags"/"tag_counts"
+READABLE_SCHEMA_VERSIONS = (1, 2)  # version 1 shards and manifests read as having no tags
 QA_TYPES_KNOWN = ("count", "presence", "comp", "rural_urban", "area", "position")
 _KEY_RE = re.compile(r"^[A-Za-z0-9_\-]+$")
 # The most pixels an image may have, at conversion, in a shard and at prediction: one above it is refused by
@@ -45,6 +46,7 @@ class Sample:
     label_name: str | None = None
     captions: list[str] = field(default_factory=list)
     qa: list[dict] = field(default_factory=list)  # {"qid", "question", "answer", "type"}
+    tags: list[str] = field(default_factory=list)  # names of what the image shows (multi-label); [] when unknown
     meta: dict = field(default_factory=dict)
 
     def record(self) -> dict:
@@ -57,6 +59,7 @@ class Sample:
             "label_name": self.label_name,
             "captions": list(self.captions),
             "qa": [dict(q) for q in self.qa],
+            "tags": list(self.tags),
             "meta": dict(self.meta),
         }
 
@@ -164,7 +167,7 @@ def decode_image(ext: str, data: bytes) -> np.ndarray:
     raise SchemaError(f"unknown image member .{ext}")
 
 
-_RECORD_FIELDS = {"corpus", "image_id", "split", "label", "label_name", "captions", "qa", "meta"}
+_RECORD_FIELDS = {"corpus", "image_id", "split", "label", "label_name", "captions", "qa", "tags", "meta"}  # tags: schema 2
 
 
 def validate_record(rec: dict) -> dict:
@@ -180,6 +183,9 @@ def validate_record(rec: dict) -> dict:
         raise SchemaError(f"record field 'label_name': expected a string or null, got {rec['label_name']!r:.60}")
     if not all(isinstance(c, str) for c in rec["captions"]):
         raise SchemaError(f"record field 'captions': expected strings, got {rec['captions']!r:.80}")
+    tags = rec.get("tags", [])
+    if not (isinstance(tags, list) and all(isinstance(t, str) and t for t in tags)):
+        raise SchemaError(f"record field 'tags': expected a list of names, got {tags!r:.80}")
     for q in rec["qa"]:
         if not (isinstance(q, dict) and {"qid", "question", "answer", "type"} <= set(q) and isinstance(q["question"], str)
                 and isinstance(q["type"], str) and isinstance(q["answer"], (str, int, float))):

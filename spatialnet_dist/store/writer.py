@@ -153,6 +153,7 @@ class _SplitCounts:
     def __init__(self):
         self.samples = self.captions = self.questions = self.resized = 0
         self.questions_by_type: Counter = Counter()
+        self.tag_counts: Counter = Counter()  # images showing each tag
         self.word_counts: Counter = Counter()
         self.answer_counts: defaultdict[str, Counter] = defaultdict(Counter)
         self.shards: list[dict] = []
@@ -163,6 +164,7 @@ class _SplitCounts:
         self.samples += 1
         self.captions += len(sample.captions)
         self.questions += len(sample.qa)
+        self.tag_counts.update(set(sample.tags))
         for caption in sample.captions:
             self.word_counts.update(words(caption))
         for q in sample.qa:
@@ -178,6 +180,7 @@ class _SplitCounts:
         self.resized += other.resized
         self.band_stats.merge(other.band_stats)
         self.questions_by_type.update(other.questions_by_type)
+        self.tag_counts.update(other.tag_counts)
         self.word_counts.update(other.word_counts)
         for qtype, answers in other.answer_counts.items():
             self.answer_counts[qtype].update(answers)
@@ -192,6 +195,7 @@ class _SplitCounts:
             "captions": self.captions,
             "questions": self.questions,
             "questions_by_type": dict(sorted(self.questions_by_type.items())),
+            "tag_counts": dict(sorted(self.tag_counts.items())),
             **resized,
             **self.band_stats.manifest(),
             "shards": self.shards,
@@ -319,6 +323,12 @@ class ShardWriter:
             self.splits.setdefault(split, _SplitCounts()).merge(part)
         self._progress.update(len(entries))
 
+    def tag_names(self) -> list[str] | None:
+        """The corpus's label set for multi-label tagging: every tag any split's images carry, sorted; None
+        when no image has tags (the corpus does not tag)."""
+        names = sorted({t for counts in self.splits.values() for t in counts.tag_counts})
+        return names or None
+
     def manifest(self) -> dict:
         fit_rule = FIT_RULE if self.image_size is not None else None
         return {
@@ -327,6 +337,7 @@ class ShardWriter:
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "source": self.source,
             "classes": self.classes,
+            "tags": self.tag_names(),
             "shuffle_seed": self.shuffle_seed,
             "image_size": list(self.image_size) if self.image_size is not None else None,
             "splits": {split: counts.manifest(fit_rule) for split, counts in sorted(self.splits.items())},
