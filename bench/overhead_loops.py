@@ -29,13 +29,12 @@ from spatialnet_dist.text import TextVocabs
 
 
 def fixed_batch(cfg: config.Config, vocabs) -> dict:
-    """One training batch from the shards through the real loader (in this process), without its stats."""
+    """One training batch from the shards through the real loader (in this process)."""
     cfg = config.from_dict(cfg.to_dict())
     cfg.data.loader_workers = 0
     loader = make_train_loader(cfg, vocabs, rank=0, world_size=1)
     batch = next(loader)
     loader.close()
-    batch.pop("stats")
     return batch
 
 

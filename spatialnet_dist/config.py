@@ -44,6 +44,9 @@ class DataConfig:
     loader_workers: int = 1  # DataLoader worker processes per training worker
     prefetch: int = 2
     image_cache_mb: int = 256  # decoded training images each loader worker keeps (0: none)
+    # Node-local folder for S3 training shards, each downloaded once and then read by position; "": a folder
+    # under the system temp dir (data/indexed.py). Needs room for the training shards of the enabled tasks.
+    cache_dir: str = ""
     corpus_mix: str = "size"  # size | temperature | explicit (tasks.<t>.corpus_weights)
     mix_temperature: float = 2.0
     synth_images: int = 600  # size of the synthetic corpus generated on first use

@@ -15,20 +15,20 @@ import pytest
 import torch
 
 from spatialnet_dist.config import TASKS, Config
-from spatialnet_dist.data import ImageTransform, StreamState, build_vocabs, make_eval_loader, make_train_loader, streams
+from spatialnet_dist.data import ImageTransform, build_vocabs, make_eval_loader, make_train_loader, train_rows
 from spatialnet_dist.data.batch_format import CAPTIONS, QUESTIONS, collate
-from spatialnet_dist.data.batches import alternate_task
+from spatialnet_dist.data.indexed import ShardReader
+from spatialnet_dist.data.order import TaskOrder, alternate_task
 from spatialnet_dist.data.streams import (
     MAX_QUESTIONS_PER_VISIT,
     ImageCache,
     StreamCounts,
     TaskSamples,
-    WeightedShardSource,
     decode_samples,
     read_shards,
     task_stream_spec,
-    train_stream,
 )
+from spatialnet_dist.data.train_rows import TaskRows
 from spatialnet_dist.data.transforms import SYMMETRIES, adapt_bands, draw_symmetry
 from spatialnet_dist.errors import UserError
 from spatialnet_dist.store import schema
@@ -199,10 +199,10 @@ def test_two_ranks_two_workers_fewer_shards_get_full_batches(store, vocabs):
     cfg.tasks.vqa.batch_size = 5
     ids = {}
     for rank in range(2):
-        batches = take(make_train_loader(cfg, vocabs, rank, 2), 4)
+        loader = make_train_loader(cfg, vocabs, rank, 2)
+        batches = take(loader, 4)
+        assert loader.skipped == dict.fromkeys(TASKS, 0)
         for batch in batches:
-            stats = batch.pop("stats")
-            assert stats == {"skipped": dict.fromkeys(TASKS, 0)}
             assert set(batch) == set(TASKS)
             for task, sub in batch.items():
                 n = 5 if task == "vqa" else 3
@@ -218,21 +218,19 @@ def test_two_ranks_two_workers_fewer_shards_get_full_batches(store, vocabs):
             labels = [int(i.rsplit("_", 1)[1]) % 3 for i in batch["classification"]["image_id"]]  # as make_samples
             assert batch["classification"]["label"].tolist() == labels
         ids[rank] = [i for b in batches for i in b["vqa"]["image_id"]]
-    assert ids[0] != ids[1]  # ranks draw from their own seeds
+    assert not set(ids[0][:5]) & set(ids[1][:5])  # micro-batch 0: the ranks' slices of one permutation
 
 
 def _fingerprint(batches: list[dict]) -> list:
-    return [(t, sub["image_id"], sub["image"].sum().item()) for b in batches for t, sub in b.items() if t != "stats"]
+    return [(t, sub["image_id"], sub["image"].sum().item()) for b in batches for t, sub in b.items()]
 
 
-def test_batches_are_deterministic_for_a_seed_and_vary_with_seed_offset(store, vocabs):
+def test_batches_are_deterministic_for_a_seed_and_vary_with_it(store, vocabs):
     cfg = make_cfg(store, ["toy"], workers=0)
     first = _fingerprint(take(make_train_loader(cfg, vocabs, 0, 1), 3))
     assert first == _fingerprint(take(make_train_loader(cfg, vocabs, 0, 1), 3))
-    assert first != _fingerprint(take(make_train_loader(cfg, vocabs, 0, 1, seed_offset=1), 3))
-    cfg.data.loader_workers = 2
-    two = _fingerprint(take(make_train_loader(cfg, vocabs, 0, 1), 3))
-    assert two == _fingerprint(take(make_train_loader(cfg, vocabs, 0, 1), 3))
+    cfg.run.seed = 1
+    assert first != _fingerprint(take(make_train_loader(cfg, vocabs, 0, 1), 3))
 
 
 def test_only_classification_rows_are_cropped_and_evaluation_rows_are_plain(store, vocabs):
@@ -254,8 +252,8 @@ def test_only_classification_rows_are_cropped_and_evaluation_rows_are_plain(stor
 
 def _rows(cfg, vocabs, task: str, n: int, seed: int = 7) -> list[dict]:
     spec = task_stream_spec(cfg, vocabs, task, "train", ImageTransform(SIZE, 3, augment="symmetry"), train=True)
-    rows = iter(train_stream(spec, seed, StreamCounts(task, 0.5)))
-    return [next(rows) for _ in range(n)]
+    rows = TaskRows(spec, seed, ShardReader())
+    return [rows.row(g) for g in range(n)]
 
 
 def test_image_cache_decodes_each_image_once_and_changes_no_row(store, vocabs, monkeypatch):
@@ -266,8 +264,8 @@ def test_image_cache_decodes_each_image_once_and_changes_no_row(store, vocabs, m
     monkeypatch.setattr(schema, "decode_image", lambda ext, data: decodes.update([ext]) or decode_image(ext, data))
 
     def rows(images: ImageCache | None, n: int = 100) -> list[dict]:
-        stream = iter(train_stream(spec, 7, StreamCounts("vqa", 0.5), images))
-        return [next(stream) for _ in range(n)]
+        rows = TaskRows(spec, 7, ShardReader(), images)
+        return [rows.row(g) for g in range(n)]
 
     plain = rows(None)
     assert decodes.total() >= 100  # one decode per visit
@@ -343,20 +341,14 @@ def test_fan_out_visits_of_an_image_cover_its_questions(vocabs):
     assert len({tuple(v) for v in visits}) > 1  # a random subset per visit, not the same one
 
 
-def test_stream_state_round_trip_and_resume_uses_a_fresh_offset(store, vocabs):
+def test_position_counts_rows_and_a_loader_started_there_continues_the_run(store, vocabs):
     cfg = make_cfg(store, ["toy"])
-    loader = make_train_loader(cfg, vocabs, 0, 1)
+    loader = make_train_loader(cfg, vocabs, 0, 2)
     before = take(loader, 2)
-    saved = StreamState.from_dict(loader.state.to_dict())
-    assert saved.batches == 2 and saved.samples_seen == dict.fromkeys(TASKS, 8)
-    assert saved.questions_seen == {"vqa": 16, "regression": 8}  # toy: 2 questions per image, 1 of them a count
-    resumed = make_train_loader(cfg, vocabs, 0, 1, seed_offset=0, state=saved)  # offset 0 was used: take 1
-    assert resumed.state.seed_offset == 1 and resumed.state.used_offsets == [0, 1]
-    after = take(resumed, 2)
-    assert resumed.state.samples_seen == dict.fromkeys(TASKS, 16) and resumed.state.batches == 4
-    fresh = take(make_train_loader(cfg, vocabs, 0, 1), 4)
-    assert _fingerprint(after) != _fingerprint(fresh[2:])  # not the samples an uninterrupted run would replay
-    assert _fingerprint(before) == _fingerprint(fresh[:2])
+    position = loader.position()
+    assert position == {"seed": cfg.run.seed, "micro_batches": 2, "rows": dict.fromkeys(TASKS, 16)}  # 2 x 4 x 2 ranks
+    after = take(make_train_loader(cfg, vocabs, 0, 2, start=position["micro_batches"]), 2)
+    assert _fingerprint(before + after) == _fingerprint(take(make_train_loader(cfg, vocabs, 0, 2), 4))
 
 
 def test_alternate_mode_picks_one_task_per_step_the_same_on_every_rank(store, vocabs):
@@ -364,7 +356,7 @@ def test_alternate_mode_picks_one_task_per_step_the_same_on_every_rank(store, vo
     cfg.train.mode = "alternate"
     per_rank = []
     for rank in range(2):
-        per_rank.append([[t for t in b if t != "stats"] for b in take(make_train_loader(cfg, vocabs, rank, 2), 6)])
+        per_rank.append([list(b) for b in take(make_train_loader(cfg, vocabs, rank, 2), 6)])
     assert per_rank[0] == per_rank[1]
     assert all(len(tasks) == 1 for tasks in per_rank[0])
     assert [t[0] for t in per_rank[0]] == [alternate_task(cfg.run.seed, i, TASKS) for i in range(6)]
@@ -375,24 +367,20 @@ def test_corpus_mixing_follows_the_weights(store):
     cfg = make_cfg(store, ["toy", "big"])  # 16 train images in 2 shards, 64 in 4
     vocabs = build_vocabs(cfg)
 
-    def share_of_toy(draws: int = 4000) -> float:
-        """Share of the samples read that come from 'toy', as the shard source decides it."""
+    def share_of_toy(rows: int = 4000) -> float:
+        """Share of the rows that come from 'toy' (corpus 0), as the task's order decides it."""
         spec = task_stream_spec(cfg, vocabs, "classification", "train", ImageTransform(SIZE, 3), train=True)
-        shards = iter(WeightedShardSource(spec.corpora, spec.weights, seed=3))
-        read = Counter()
-        for _ in range(draws):
-            shard = next(shards)
-            read["toy" if "/toy/" in shard["url"] else "big"] += shard["samples"]
-        return read["toy"] / read.total()
+        order = TaskOrder(3, "classification", [c.samples for c in spec.corpora], spec.weights)
+        return sum(order.sample(g)[0] == 0 for g in range(rows)) / rows
 
-    assert share_of_toy() == pytest.approx(16 / 80, abs=0.03)  # size
+    assert share_of_toy() == pytest.approx(16 / 80, abs=0.001)  # size
     cfg.data.corpus_mix = "temperature"
     cfg.data.mix_temperature = 2.0
-    assert share_of_toy() == pytest.approx(4 / (4 + 8), abs=0.03)  # size ** (1 / T)
+    assert share_of_toy() == pytest.approx(4 / (4 + 8), abs=0.001)  # size ** (1 / T)
     cfg.tasks.classification.corpus_weights = {"toy": 3.0, "big": 1.0}
-    assert share_of_toy() == pytest.approx(0.75, abs=0.03)  # explicit
-    rows = _rows(cfg, vocabs, "classification", 960)  # and the stream reads what the source draws
-    assert sum(r["image_id"].startswith("toy") for r in rows) / len(rows) == pytest.approx(0.75, abs=0.1)
+    assert share_of_toy() == pytest.approx(0.75, abs=0.001)  # explicit
+    rows = _rows(cfg, vocabs, "classification", 960)  # and the rows are what the order says
+    assert sum(r["image_id"].startswith("toy") for r in rows) / len(rows) == pytest.approx(0.75, abs=0.01)
     cfg.tasks.classification.corpus_weights = {"toy": 1.0}
     with pytest.raises(UserError, match="corpus_weights.big"):
         share_of_toy()
@@ -436,10 +424,10 @@ def test_bad_shards_and_samples_are_skipped_counted_and_logged_once(tmp_path, ca
     cfg.tasks.vqa.batch_size = 8
     vocabs = build_vocabs(cfg)
     with caplog.at_level(logging.WARNING, logger="spatialnet_dist.data.streams"):
-        batches = take(make_train_loader(cfg, vocabs, 0, 1), 30)
-    skipped = Counter()
+        loader = make_train_loader(cfg, vocabs, 0, 1)
+        batches = take(loader, 30)
+    skipped = loader.skipped
     for b in batches:
-        skipped.update(b.pop("stats")["skipped"])
         assert all(len(sub["image_id"]) == getattr(cfg.tasks, t).batch_size for t, sub in b.items())
     assert all(skipped[t] > 0 for t in TASKS)
     seen = {i for b in batches for i in b["vqa"]["image_id"]}
@@ -454,7 +442,7 @@ def test_skipped_counts_reach_the_main_process_from_loader_workers(tmp_path):
     cfg.data.max_bad_fraction = 0.9
     loader = make_train_loader(cfg, build_vocabs(cfg), 0, 1)
     take(loader, 12)
-    assert loader.state.skipped["vqa"] > 0 and loader.state.samples_seen["vqa"] == 48
+    assert loader.skipped["vqa"] > 0 and loader.position()["rows"]["vqa"] == 48
 
 
 def test_too_many_bad_samples_stop_the_run_naming_the_task(tmp_path):
@@ -467,7 +455,7 @@ def test_too_many_bad_samples_stop_the_run_naming_the_task(tmp_path):
 
 
 def test_a_corpus_with_nothing_for_a_task_stops_training_instead_of_spinning(tmp_path, monkeypatch):
-    monkeypatch.setattr(streams, "USELESS_RUN_LIMIT", 50)
+    monkeypatch.setattr(train_rows, "USELESS_RUN_LIMIT", 50)
     with ShardWriter(str(tmp_path), "unlabelled", classes=CLASSES, shard_size=4) as w:
         for s in make_samples("unlabelled", "train", 8, classes=False):
             w.write(s)

@@ -1,34 +1,37 @@
 """Loaders: multi-task training batches (endless) and per-task evaluation sub-batches (finite).
 
-Training batch, one per step (sub-batches as in data/batch_format.py "Batch format"):
-    {"captioning": sub-batch, "vqa": sub-batch, ..., "stats": {"skipped": {task: n, ...}}}
-Every enabled task has a sub-batch of `tasks.<task>.batch_size` rows each step, or, with
-`train.mode: alternate`, only the task drawn for that batch index from an RNG seeded by
-(run seed, batch index): the same draw on every rank. "stats" carries, per enabled task, the
-samples that the loader worker producing this batch skipped as bad input since its previous
-batch: summing them over batches gives the total even with several loader workers. The trainer
-pops it (`batch.pop("stats")`) before the batch reaches the model and reports it as metrics.
+Training: the loader yields one multi-task micro-batch at a time (sub-batches as in
+data/batch_format.py "Batch format"): {"captioning": sub-batch, "vqa": sub-batch, ...}. Every
+enabled task has a sub-batch of `tasks.<task>.batch_size` rows each micro-batch, or, with
+`train.mode: alternate`, only the task of that micro-batch index (data/order.py): the same on
+every rank. Micro-batch m of rank r holds the task's global rows that data/order.py gives it, so
+the batches are a function of (seed, m, rank) only: the same for any number of loader workers,
+and their union over ranks the same for any number of ranks. The training order is a seeded
+permutation per epoch of each task's samples, not a resampling with replacement.
+
+Statistics travel beside the batches: each loader worker gives (batch, {"skipped": {task: n}}),
+the samples it replaced as bad input while making that batch, and `TrainLoader.skipped` sums them.
+A stream's position is the number of micro-batches done (`TrainLoader.position()`, saved in the
+checkpoint's meta.json); `make_train_loader(..., start=m)` resumes there with nothing to replay.
 
 Whole batches are assembled inside the loader workers (a DataLoader with batch_size=None over an
-IterableDataset), so worker w of W makes the batches of indices start + w, start + w + W, ...;
-the DataLoader returns them in that order, so batches are deterministic for a seed and a
-worker count. A `UserError` raised in a worker (a missing shard, too many bad samples) travels to
-the main process as a value and is raised there unchanged, keeping its one-line message.
+IterableDataset): worker w of L makes micro-batches start + w, start + w + L, ..., and the
+DataLoader returns them in that order. A `UserError` raised in a worker (a missing shard, too many
+bad samples) travels to the main process as a value and is raised there unchanged, keeping its
+one-line message.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import hashlib
-import random
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from itertools import islice
 
 import torch
 from torch.utils.data import DataLoader, IterableDataset
 
-from spatialnet_dist.data.batch_format import collate, question_count
+from spatialnet_dist.data.batch_format import collate
+from spatialnet_dist.data.indexed import ShardReader
+from spatialnet_dist.data.order import alternate_task, batches_before, rank_rows
 from spatialnet_dist.data.streams import (
     ImageCache,
     StreamCounts,
@@ -36,25 +39,14 @@ from spatialnet_dist.data.streams import (
     eval_stream,
     split_shards,
     task_stream_spec,
-    train_stream,
 )
+from spatialnet_dist.data.train_rows import TaskRows
 from spatialnet_dist.data.transforms import task_transform
 from spatialnet_dist.data.vocab import TRAIN_SPLIT
 from spatialnet_dist.errors import UserError
 from spatialnet_dist.text import TextVocabs
 
-STATS_KEY = "stats"
 _ERROR_KEY = "__error__"
-
-
-def stream_seed(*parts) -> int:
-    """A 64-bit seed from any tuple of ints and strings, identical in every process (unlike hash())."""
-    return int.from_bytes(hashlib.sha256(repr(parts).encode()).digest()[:8], "little")
-
-
-def alternate_task(seed: int, index: int, tasks: list[str]) -> str:
-    """The task of batch `index` in alternate mode: a function of (seed, index) only, so every rank agrees."""
-    return tasks[random.Random(stream_seed(seed, index)).randrange(len(tasks))]
 
 
 def _worker() -> tuple[int, int]:
@@ -63,92 +55,56 @@ def _worker() -> tuple[int, int]:
     return (0, 1) if info is None else (info.id, info.num_workers)
 
 
-def _raise_carried(item: dict) -> dict:
-    if _ERROR_KEY in item:
+def _raise_carried(item):
+    if isinstance(item, dict) and _ERROR_KEY in item:
         raise item[_ERROR_KEY]
     return item
 
 
-@dataclass
-class StreamState:
-    """What the training streams of one rank have delivered; saved in checkpoints as a dict.
-
-    A resumed run does not replay samples: it draws from streams seeded with a seed_offset that no
-    earlier segment of the run used (`used_offsets` records them all), and it continues the batch
-    index (`batches`) so alternate mode picks the same tasks it would have without the restart.
-    """
-
-    seed: int
-    seed_offset: int = 0
-    used_offsets: list[int] = field(default_factory=list)
-    batches: int = 0  # batches delivered = the next batch's index
-    samples_seen: dict[str, int] = field(default_factory=dict)  # rows (images) per task, this rank
-    questions_seen: dict[str, int] = field(default_factory=dict)  # questions per vqa/regression task, this rank
-    skipped: dict[str, int] = field(default_factory=dict)  # bad-input samples per task, this rank
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> StreamState:
-        return cls(**d)
-
-    def resumed(self, seed_offset: int) -> StreamState:
-        """The state of the next segment of the run: `seed_offset`, or the next unused one if it was used."""
-        offset = seed_offset if seed_offset not in self.used_offsets else max(self.used_offsets) + 1
-        state = StreamState.from_dict(self.to_dict())  # a deep copy: the counters go on from here
-        state.seed_offset, state.used_offsets = offset, [*self.used_offsets, offset]
-        return state
-
-    def record(self, batch: dict) -> None:
-        self.batches += 1
-        for task, sub in batch.items():
-            if task != STATS_KEY:
-                self.samples_seen[task] = self.samples_seen.get(task, 0) + len(sub["image_id"])
-                if questions := question_count(sub):
-                    self.questions_seen[task] = self.questions_seen.get(task, 0) + questions
-        for task, n in batch[STATS_KEY]["skipped"].items():
-            self.skipped[task] = self.skipped.get(task, 0) + n
-
-
 class MultiTaskBatches(IterableDataset):
-    """Endless multi-task batches of one rank; each loader worker runs its own seeded task streams."""
+    """Endless multi-task micro-batches of one rank from `start` on; each loader worker makes every L-th."""
 
     def __init__(self, specs: dict[str, TaskStreamSpec], batch_sizes: dict[str, int], seed: int, rank: int,
-                 seed_offset: int, start: int, alternate: bool, image_cache_bytes: int):
-        self.specs, self.batch_sizes = specs, batch_sizes
-        self.seed, self.rank, self.seed_offset, self.start, self.alternate = seed, rank, seed_offset, start, alternate
-        self.image_cache_bytes = image_cache_bytes
+                 world_size: int, start: int, alternate: bool, image_cache_bytes: int, cache_dir: str):
+        self.specs, self.batch_sizes, self.seed, self.alternate = specs, batch_sizes, seed, alternate
+        self.rank, self.world_size, self.start = rank, world_size, start
+        self.image_cache_bytes, self.cache_dir = image_cache_bytes, cache_dir
 
-    def __iter__(self) -> Iterator[dict]:
+    def __iter__(self) -> Iterator[tuple[dict, dict]]:
         try:
             yield from self._batches(*_worker())
         except UserError as e:
             yield {_ERROR_KEY: e}
 
-    def _batches(self, worker: int, workers: int) -> Iterator[dict]:
+    def rows_before(self, index: int) -> dict[str, int]:
+        """Global rows of each task (all ranks) in micro-batches 0 .. index-1: where micro-batch `index` begins."""
+        before = batches_before(self.seed, index, list(self.specs), self.alternate)
+        return {t: n * self.batch_sizes[t] * self.world_size for t, n in before.items()}
+
+    def _batches(self, worker: int, workers: int) -> Iterator[tuple[dict, dict]]:
         tasks = list(self.specs)
-        counts = {t: StreamCounts(t, spec.max_bad_fraction) for t, spec in self.specs.items()}
+        reader = ShardReader(self.cache_dir)
         images = ImageCache(self.image_cache_bytes)  # one per loader worker, shared by its task streams
-        streams = {
-            t: iter(train_stream(spec, stream_seed(self.seed, self.rank, worker, self.seed_offset, t), counts[t],
-                                 images))
-            for t, spec in self.specs.items()
-        }
-        reported = dict.fromkeys(tasks, 0)
-        for index in range(self.start + worker, 2**63, workers):
-            chosen = [alternate_task(self.seed, index, tasks)] if self.alternate else tasks
-            batch = {t: collate([next(streams[t]) for _ in range(self.batch_sizes[t])]) for t in chosen}
-            batch[STATS_KEY] = {"skipped": {t: counts[t].skipped - reported[t] for t in tasks}}
-            reported = {t: counts[t].skipped for t in tasks}
-            yield batch
+        rows = {t: TaskRows(spec, self.seed, reader, images) for t, spec in self.specs.items()}
+        try:
+            for index in range(self.start + worker, 2**63, workers):
+                chosen = [alternate_task(self.seed, index, tasks)] if self.alternate else tasks
+                start, skipped = self.rows_before(index), {t: rows[t].counts.skipped for t in tasks}
+                batch = {t: collate([rows[t].row(g) for g in rank_rows(start[t], self.batch_sizes[t], self.rank)])
+                         for t in chosen}
+                yield batch, {"skipped": {t: rows[t].counts.skipped - skipped[t] for t in tasks}}
+        finally:
+            reader.close()
 
 
 class TrainLoader:
-    """Endless iterator of multi-task batches of one rank; `.state` is what to checkpoint."""
+    """Endless iterator of one rank's multi-task micro-batches; `.position()` is what to checkpoint,
+    `.skipped` the samples per task replaced as bad input since the loader started."""
 
-    def __init__(self, dataset: MultiTaskBatches, state: StreamState, **loader_kwargs):
-        self.state = state
+    def __init__(self, dataset: MultiTaskBatches, **loader_kwargs):
+        self.dataset = dataset
+        self.micro_batches = dataset.start  # done: the next one's index
+        self.skipped = dict.fromkeys(dataset.specs, 0)
         self._loader = DataLoader(dataset, batch_size=None, **loader_kwargs)
         self._batches = None
 
@@ -160,12 +116,19 @@ class TrainLoader:
         if self._batches is None:
             self._batches = iter(self._loader)
         try:
-            batch = _raise_carried(next(self._batches))
+            batch, stats = _raise_carried(next(self._batches))
         except UserError:
             self.close()  # the streams are broken: free the workers now, not at garbage collection
             raise
-        self.state.record(batch)
+        self.micro_batches += 1
+        for task, n in stats["skipped"].items():
+            self.skipped[task] += n
         return batch
+
+    def position(self) -> dict:
+        """{"seed", "micro_batches": done, "rows": {task: global rows done, all ranks}}: the same on every rank."""
+        return {"seed": self.dataset.seed, "micro_batches": self.micro_batches,
+                "rows": self.dataset.rows_before(self.micro_batches)}
 
     def close(self) -> None:
         """Stop the loader workers (they also stop when the loader is garbage collected)."""
@@ -185,29 +148,25 @@ def _check_rank(rank: int, world_size: int) -> None:
         raise ValueError(f"rank {rank} outside world size {world_size}")
 
 
-def make_train_loader(cfg, vocabs: TextVocabs, rank: int, world_size: int, seed_offset: int = 0,
-                      state: StreamState | None = None) -> TrainLoader:
-    """Endless multi-task batches for `rank`. `seed_offset`: the restart counter (any value no earlier
-    segment used); `state`: a checkpoint's `StreamState` to continue from (its seed and counts)."""
+def make_train_loader(cfg, vocabs: TextVocabs, rank: int, world_size: int, start: int = 0) -> TrainLoader:
+    """Endless multi-task micro-batches for `rank`, from micro-batch `start` (a checkpoint's
+    position()["micro_batches"]; m = step * optim.grad_accum + micro)."""
     _check_rank(rank, world_size)
     tasks = cfg.tasks.enabled()
     specs = {t: task_stream_spec(cfg, vocabs, t, TRAIN_SPLIT, task_transform(cfg, t, train=True), train=True)
              for t in tasks}
-    if state is None:
-        state = StreamState(seed=cfg.run.seed, seed_offset=seed_offset, used_offsets=[seed_offset])
-    else:
-        state = state.resumed(seed_offset)
     dataset = MultiTaskBatches(
         specs,
         {t: getattr(cfg.tasks, t).batch_size for t in tasks},
-        state.seed,
+        cfg.run.seed,
         rank,
-        state.seed_offset,
-        state.batches,
+        world_size,
+        start,
         alternate=cfg.train.mode == "alternate",
         image_cache_bytes=cfg.data.image_cache_mb * 2**20,
+        cache_dir=cfg.data.cache_dir,
     )
-    return TrainLoader(dataset, state, **_loader_kwargs(cfg, persistent=True))
+    return TrainLoader(dataset, **_loader_kwargs(cfg, persistent=True))
 
 
 class EvalBatches(IterableDataset):

@@ -1,26 +1,22 @@
-"""Per-task sample streams: one WebDataset pipeline per task over the shards of its corpora.
+"""Per-task shard streams: what a task reads (its corpora, mix weights, row maker) and the evaluation pipeline.
 
-Training (endless, resampled):
-  weighted shard source -> read tar (in-process, storage.open_stream) -> shuffle raw samples
-  -> decode (schema.decode_sample; images from the worker's ImageCache when it holds them)
-  -> task samples (image transform + text ids)
-Every (rank, loader worker) draws shards with replacement from its own RNG, seeded by the run
-seed, rank, worker, restart counter (seed_offset) and task, so no rank runs dry, none waits on
-another, and a corpus with fewer shards than ranks x workers still feeds everyone.
+Training reads samples by position, in a seeded per-epoch order per task that is the same for any
+number of ranks and loader workers (data/order.py, data/indexed.py, data/train_rows.py); this
+module holds what both kinds of stream share: the task's corpora and weights (`TaskStreamSpec`),
+bad-input accounting (`StreamCounts`), the decoded-image cache and `TaskSamples`, the row maker.
 
 Evaluation (finite, exact): the shard list in manifest order, split by rank then by loader
 worker, read once, no shuffle: every sample is seen exactly once across ranks.
 
-Bad input: in training a truncated or corrupted shard, or an undecodable sample, is skipped and
-counted in `StreamCounts.skipped`, and the shard is logged once; a missing shard or a storage
-error raises `StoreError` naming the shard. Evaluation has to be exact, so there any bad input
-is an error that names the shard.
+Bad input: in training an undecodable sample, or one missing from a truncated or corrupted
+shard, is replaced (data/train_rows.py) and counted in `StreamCounts.skipped`, and the shard is
+logged once; a missing shard or a storage error raises `StoreError` naming the shard. Evaluation
+has to be exact, so there any bad input is an error that names the shard.
 """
 
 from __future__ import annotations
 
 import logging
-import random
 import tarfile
 import zlib
 from collections.abc import Iterable, Iterator
@@ -29,7 +25,6 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import webdataset as wds
-from torch.utils.data import IterableDataset
 from webdataset.tariterators import group_by_keys, tar_file_expander
 
 from spatialnet_dist.data.batch_format import CAPTIONS, QUESTIONS
@@ -46,14 +41,9 @@ log = logging.getLogger(__name__)
 _logged_shards: set[str] = set()  # bad shards this process has named in the log
 _logged_unmappable: set[str] = set()  # tasks whose unaugmented visits this process has logged
 
-# Raw (still encoded) samples held for shuffling: a few hundred PNGs, ~100 kB each, per task and worker.
-SHUFFLE_BUFFER = 256
-SHUFFLE_INITIAL = 64
 # The bad-fraction check waits for this much evidence, so one bad shard drawn first cannot stop a run.
 BAD_CHECK_MIN_SAMPLES = 200
 BAD_CHECK_MIN_SHARDS = 8
-# Training stops when this many decoded samples in a row have nothing for the task (e.g. no labels).
-USELESS_RUN_LIMIT = 1000
 # Errors that mean the bytes of a shard are not a well-formed tar (truncated, corrupted).
 _CORRUPT_SHARD = (tarfile.TarError, EOFError, zlib.error, ValueError)
 
@@ -120,11 +110,13 @@ def corpus_weights(cfg, task: str, corpora: list[CorpusShards]) -> list[float]:
 
 @dataclass
 class StreamCounts:
-    """Samples decoded and skipped by one task stream in this process. `strict`: any bad input raises."""
+    """Samples decoded and skipped by one task stream in this process. `strict`: any bad input raises.
+    The bad-fraction check waits for BAD_CHECK_MIN_SAMPLES samples from `min_shards` shards."""
 
     task: str
     max_bad_fraction: float
     strict: bool = False
+    min_shards: int = BAD_CHECK_MIN_SHARDS  # fewer when the task has fewer shards
     decoded: int = 0
     skipped: int = 0
     shards_opened: int = 0
@@ -137,7 +129,7 @@ class StreamCounts:
             _logged_shards.add(url)
             log.warning("shard %s: %s; skipping its bad samples (counted per task, logged once)", url, reason)
         total = self.decoded + self.skipped
-        if total < BAD_CHECK_MIN_SAMPLES or self.shards_opened < BAD_CHECK_MIN_SHARDS:
+        if total < BAD_CHECK_MIN_SAMPLES or self.shards_opened < self.min_shards:
             return
         if self.skipped > self.max_bad_fraction * total or self.decoded == 0:
             raise UserError(
@@ -183,11 +175,11 @@ def read_shards(shards: Iterable[dict], counts: StreamCounts) -> Iterator[dict]:
 class ImageCache:
     """Decoded training images of one loader worker, by (shard URL, sample key), up to a byte budget.
 
-    Training reads its shards again and again (drawn with replacement, for many epochs), and the
-    task streams of a worker often read the same corpora; without a cache every visit decodes the
-    image again, and at 256 px a PNG costs ~2.5 ms, half the loader's work per row. Images are kept
-    until the budget is full and then served as they are: shards are drawn uniformly, so a full
-    cache serves the same share of reads as an LRU would, without its churn. Cached arrays are
+    Training visits every sample once per epoch, for many epochs, and the task streams of a worker
+    often read the same corpora; without a cache every visit decodes the image again, and at 256 px
+    a PNG costs ~2.5 ms, half the loader's work per row. Images are kept until the budget is full and
+    then served as they are: each epoch is a new random order, so a full cache serves the same share
+    of reads as an LRU would, without its churn. Cached arrays are
     read-only, so no transform can change an image that later rows will share.
     """
 
@@ -209,39 +201,24 @@ class ImageCache:
         self.bytes += image.nbytes
 
 
-def decode_samples(raws: Iterable[dict], counts: StreamCounts, images: ImageCache | None = None) -> Iterator[Sample]:
+def decode_one(raw: dict, counts: StreamCounts, images: ImageCache | None = None) -> Sample | None:
+    """A raw sample decoded, or None (counted as bad) when it cannot be."""
+    key = (raw.get("__url__", "?"), raw.get("__key__", "?"))
+    try:
+        sample = decode_sample(raw, images.get(key) if images else None)
+    except Exception as e:  # PIL, numpy and json raise many types on corrupt bytes
+        counts.bad(key[0], 1, f"undecodable sample {key[1]} ({_reason(e)})")
+        return None
+    counts.decoded += 1
+    if images is not None:
+        images.add(key, sample.image)
+    return sample
+
+
+def decode_samples(raws: Iterable[dict], counts: StreamCounts) -> Iterator[Sample]:
     for raw in raws:
-        key = (raw.get("__url__", "?"), raw.get("__key__", "?"))
-        try:
-            sample = decode_sample(raw, images.get(key) if images else None)
-        except Exception as e:  # PIL, numpy and json raise many types on corrupt bytes
-            counts.bad(key[0], 1, f"undecodable sample {key[1]} ({_reason(e)})")
-            continue
-        counts.decoded += 1
-        if images is not None:
-            images.add(key, sample.image)
-        yield sample
-
-
-class WeightedShardSource(IterableDataset):
-    """Endless shards, so that each corpus's share of the SAMPLES read follows its weight.
-
-    A corpus is drawn, then one of its shards uniformly (every sample of a corpus equally likely).
-    Corpora have different shard sizes, so a corpus is drawn with probability proportional to its
-    weight divided by its mean shard size.
-    """
-
-    def __init__(self, corpora: list[CorpusShards], weights: list[float], seed: int):
-        self.corpora, self.seed = corpora, seed
-        self.draw_weights = [w * len(c.shards) / c.samples for c, w in zip(corpora, weights)]
-
-    def __iter__(self) -> Iterator[dict]:
-        rng = random.Random(self.seed)
-        indices = range(len(self.corpora))
-        while True:
-            shards = self.corpora[rng.choices(indices, weights=self.draw_weights)[0]].shards
-            shard = shards[rng.randrange(len(shards))]
-            yield {"url": shard.url, "samples": shard.samples}
+        if (sample := decode_one(raw, counts)) is not None:
+            yield sample
 
 
 # ---- task samples ----
@@ -353,18 +330,13 @@ class TaskSamples:
 
 
 def task_rows(samples: Iterable[Sample], make_row: TaskSamples, rng: np.random.Generator | None) -> Iterator[dict]:
-    useless = 0  # decoded samples in a row that gave the task nothing
+    """The rows of the samples that have something for the task."""
     for sample in samples:
-        row = make_row(sample, rng)
-        useless = 0 if row is not None else useless + 1
-        if make_row.train and useless == USELESS_RUN_LIMIT:  # the endless stream would spin here forever
-            raise UserError(f"task {make_row.task}: {useless} samples in a row with nothing for it (last {sample.image_id} "
-                            f"of corpus {sample.corpus}); check tasks.{make_row.task}.corpora")
-        if row is not None:
+        if (row := make_row(sample, rng)) is not None:
             yield row
 
 
-# ---- the two pipelines ----
+# ---- what a task reads; the evaluation pipeline ----
 
 
 @dataclass
@@ -390,20 +362,6 @@ def task_stream_spec(cfg, vocabs: TextVocabs, task: str, split: str, transform: 
                        per_visit, {c.corpus: c.band_norm for c in corpora if c.band_norm is not None})
     weights = corpus_weights(cfg, task, corpora) if train else [1.0] * len(corpora)
     return TaskStreamSpec(task, corpora, weights, rows, cfg.data.max_bad_fraction)
-
-
-def train_stream(spec: TaskStreamSpec, seed: int, counts: StreamCounts, images: ImageCache | None = None
-                 ) -> wds.DataPipeline:
-    """Endless task rows; all randomness (shards, shuffle, caption/question choice, augmentation) from `seed`.
-    `images`: the loader worker's decoded-image cache, shared by its task streams."""
-    shard_seed, shuffle_seed, row_seed = (int(s) for s in np.random.SeedSequence(seed).generate_state(3))
-    return wds.DataPipeline(
-        WeightedShardSource(spec.corpora, spec.weights, shard_seed),
-        lambda shards: read_shards(shards, counts),
-        wds.shuffle(SHUFFLE_BUFFER, initial=SHUFFLE_INITIAL, rng=random.Random(shuffle_seed)),
-        lambda raws: decode_samples(raws, counts, images),
-        lambda samples: task_rows(samples, spec.rows, np.random.default_rng(row_seed)),
-    )
 
 
 def split_shards(shards: list[Shard], rank: int, world_size: int, worker: int, num_workers: int) -> list[Shard]:

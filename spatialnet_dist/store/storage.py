@@ -309,6 +309,12 @@ def exists(url: str) -> bool:
     return os.path.isfile(url)
 
 
+def s3_etag(url: str) -> str:
+    """The ETag of an S3 object (it changes with the content): NotFoundError when there is none."""
+    bucket, key = split_s3(url)
+    return _s3_call(url, lambda: s3_client().head_object(Bucket=bucket, Key=key))["ETag"].strip('"')
+
+
 def _local_temp(path: str) -> str:
     # Same directory as the target, so os.replace is an atomic rename; hidden, so no reader lists it.
     folder, name = os.path.split(path)

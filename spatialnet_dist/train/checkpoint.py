@@ -2,10 +2,10 @@
 
 A checkpoint directory `<run dir>/checkpoint-NNNNNN/` (the same on the Ray and the torchrun paths,
 on a local dir or S3):
-  meta.json       step, samples seen per task, stream state, seeds, resolved config
+  meta.json       step, samples seen per task, the data position ("stream": seed, micro-batches done, rows
+                  per task; the same for every rank: data/batches.py), seeds, resolved config
   config.yaml     the resolved config, readable
   vocab.json      words, answers, classes (spatialnet_dist.text.TextVocabs)
-  streams/        each rank's stream state
   zero/ds/        DeepSpeed's files: mp_rank_00_model_states.pt and one ZeRO shard per rank
   manifest.json   written last, once every rank's files are in place: every file's sha256 and size.
                   A checkpoint without it is partial (a save that died) and never resumed from.

@@ -3,27 +3,32 @@ what it reports and where checkpoints go is the `Reporter`'s business.
 
 One step = `optim.grad_accum` multi-task micro-batches -> SpatialNet-ViT -> weighted loss ->
 DeepSpeed backward/step. Every rank runs the same schedule, so every rank reports the same number
-of times (Ray Train's report is a barrier).
+of times (Ray Train's report is a barrier). Every RNG is a function of the position: micro-batch m
+of the data is fixed by (seed, m, rank) (data/order.py), and torch, numpy and python's `random` are
+reseeded from (seed, rank, step) at the start of every step, so dropout after a resume is the
+dropout of the uninterrupted run.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
+import random
 import resource
 import tempfile
 import time
 from pathlib import Path
 from typing import Protocol
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
 from spatialnet_dist.config import QUESTION_TASKS, Config
 from spatialnet_dist.data.batch_format import question_count
-from spatialnet_dist.data.batches import STATS_KEY, StreamState, make_eval_loader, make_train_loader
+from spatialnet_dist.data.batches import make_eval_loader, make_train_loader
+from spatialnet_dist.data.order import stream_seed
 from spatialnet_dist.errors import NonFiniteLoss, UserError
 from spatialnet_dist.model import build_model
 from spatialnet_dist.objective import MultiTaskObjective
@@ -89,8 +94,8 @@ class Trainer:
         self.dtype = torch.bfloat16 if ds.precision(cfg) == "bf16" else torch.float32
         self.objective = MultiTaskObjective(cfg.loss)
         self.step = 0
-        self.stream_state: StreamState | None = None
-        self.samples_seen = dict.fromkeys(self.tasks, 0)  # images per task, all ranks, whole run
+        self.stream_start = 0  # the data position (micro-batches done) that fit() starts at
+        self.samples_seen = dict.fromkeys(self.tasks, 0)  # images per task, all ranks, whole run (from the position)
         self.questions_seen = dict.fromkeys([t for t in self.tasks if t in QUESTION_TASKS], 0)  # vqa, regression
 
     # ---- checkpoints ----
@@ -105,35 +110,31 @@ class Trainer:
         self.step = int(meta["step"])
         self.samples_seen.update(meta.get("samples_seen", {}))
         self.questions_seen.update(meta.get("questions_seen", {}))
-        stream_file = directory / "streams" / f"rank-{self.rank}.json"
-        if stream_file.is_file():
-            self.stream_state = StreamState.from_dict(json.loads(stream_file.read_text()))
+        self.stream_start = meta.get("stream", {}).get("micro_batches", self.step * self.cfg.optim.grad_accum)
         return self.step
 
     def save(self, directory: Path) -> None:
-        """This rank's part of a checkpoint: its ZeRO shard and stream state (+ meta on rank 0)."""
+        """This rank's part of a checkpoint: its ZeRO shard (+ meta with the data position, the same on every rank, on rank 0)."""
         ds.save_checkpoint(self.engine, str(directory / ckpt.ZERO_DIR), ckpt.ZERO_TAG, {"step": self.step})
-        (directory / "streams").mkdir(exist_ok=True)
-        (directory / "streams" / f"rank-{self.rank}.json").write_text(json.dumps(self.loader.state.to_dict()))
         if self.rank == 0:
-            meta = {"step": self.step, "samples_seen": self.samples_seen, "questions_seen": self.questions_seen,
-                    "seed": self.cfg.run.seed, "world_size": self.world_size}
+            position = self.loader.position()
+            meta = {"step": self.step, "samples_seen": position["rows"], "questions_seen": self.questions_seen,
+                    "seed": self.cfg.run.seed, "world_size": self.world_size, "stream": position}
             ckpt.write_common(directory, meta, self.cfg, self.vocabs)
 
     # ---- the loop ----
 
     def fit(self) -> dict:
         cfg = self.cfg
-        self.loader = make_train_loader(cfg, self.vocabs, self.rank, self.world_size,
-                                        seed_offset=self.step, state=self.stream_state)
+        self.loader = make_train_loader(cfg, self.vocabs, self.rank, self.world_size, start=self.stream_start)
         window = _Window(self.tasks, self.device, self.step)
         last_metrics: dict = {}
         try:
             while self.step < cfg.train.max_steps:
                 t0 = time.perf_counter()
+                self._seed_step()
                 for _ in range(cfg.optim.grad_accum):
                     batch = next(self.loader)
-                    batch.pop(STATS_KEY)
                     losses = self._micro_step(to_device(batch, self.device, self.dtype))
                     window.add(losses, batch)
                 self.step += 1
@@ -143,6 +144,13 @@ class Trainer:
         finally:
             self.loader.close()
         return last_metrics
+
+    def _seed_step(self) -> None:
+        """Every RNG of this process from (seed, rank, step): dropout is a function of the position, not of history."""
+        seed = stream_seed(self.cfg.run.seed, "step", self.rank, self.step)
+        torch.manual_seed(seed)  # CUDA's generators too
+        np.random.seed(seed % 2**32)
+        random.seed(seed)
 
     def _micro_step(self, batch: dict) -> dict[str, torch.Tensor]:
         outputs = self.engine(batch)
@@ -257,12 +265,12 @@ class _Window:
 
     def flush(self, step: int, trainer: Trainer) -> dict:
         steps, self.last_step = max(1, step - self.last_step), step
-        state = trainer.loader.state
+        skipped_by_rank = trainer.loader.skipped
         seconds = self.time if self.time > 0 else float("nan")
         local = torch.cat([  # one collective for everything the report sums over ranks
             self.sums.cpu(), self.counts.cpu(),
             torch.tensor([self.samples[t] for t in self.tasks], dtype=torch.float64),
-            torch.tensor([state.skipped.get(t, 0) for t in self.tasks], dtype=torch.float64),
+            torch.tensor([skipped_by_rank[t] for t in self.tasks], dtype=torch.float64),
             torch.tensor([self.questions[t] for t in self.question_tasks], dtype=torch.float64),
             torch.tensor([seconds], dtype=torch.float64),
         ])
@@ -276,8 +284,8 @@ class _Window:
         for i, key in enumerate(self.keys):
             if counts[i] > 0:
                 metrics[key] = (sums[i] / counts[i]).item()
+        trainer.samples_seen.update(trainer.loader.position()["rows"])
         for i, task in enumerate(self.tasks):
-            trainer.samples_seen[task] += int(samples[i])
             metrics[f"samples_per_s/{task}"] = samples[i].item() / elapsed
             metrics[f"skipped/{task}"] = int(skipped[i])
         for i, task in enumerate(self.question_tasks):
