@@ -106,15 +106,14 @@ class TrainLoader:
         self.micro_batches = dataset.start  # done: the next one's index
         self.skipped = dict.fromkeys(dataset.specs, 0)
         self._loader = DataLoader(dataset, batch_size=None, **loader_kwargs)
-        self._batches = None
+        # One DataLoader iterator for the loader's life (a second iter() would restart the streams), made now:
+        # making it draws from torch's global RNG, which must not shift the dropout of whichever step comes first.
+        self._batches = iter(self._loader)
 
     def __iter__(self) -> TrainLoader:
         return self
 
     def __next__(self) -> dict:
-        # One DataLoader iterator for the loader's life: a second iter() would restart the streams.
-        if self._batches is None:
-            self._batches = iter(self._loader)
         try:
             batch, stats = _raise_carried(next(self._batches))
         except UserError:
