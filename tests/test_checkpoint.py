@@ -250,8 +250,8 @@ def test_a_trainer_resumes_after_a_crash_at_every_step_of_a_save(where, tmp_path
     n, commit = report["points"], report["commit"]
     assert n >= 10  # each of 7+ files put (local: written, renamed), the manifest, pruning
     assert report["resumed_from"] == [1] * (commit + 1) + [2] * (n - commit - 1)
-    # Resumed from the step-2 checkpoint: the parameters of the run never crashed. From step 1: a resume
-    # draws fresh data (streams.StreamState: no replay), so not those, but the same whatever the crash left.
+    # Resumed from the step-2 checkpoint: the parameters of the run never crashed. From step 1: the same
+    # whatever the crash left (the data order is a function of the position: data/order.py).
     assert report["final"][commit + 1:] == [report["uninterrupted"]] * (n - commit - 1)
     assert len(set(report["final"][:commit + 1])) == 1
     assert report["left"] == [["checkpoint-000002"]] * n  # keep_checkpoints=1, no partial leftover
