@@ -62,8 +62,9 @@ class TaskConfig:
     enabled: bool = True
     corpora: list[str] = field(default_factory=lambda: ["synthetic"])
     batch_size: int = 8  # sub-batch per worker per micro-step (derived when global_batch_size is set)
-    # 0: off. Else the task's samples per optimizer step over all workers, whatever train.num_workers:
-    # batch_size = global_batch_size / (train.num_workers x optim.grad_accum), resolved before workers start.
+    # 0: batch_size x train.num_workers x optim.grad_accum (or the resumed checkpoint's). Else the task's samples
+    # per optimizer step over all workers, whatever their number: each worker's batch_size = global_batch_size /
+    # (its world size x optim.grad_accum) (train.plan: recorded by the driver, split in every worker).
     global_batch_size: int = 0
     corpus_weights: dict[str, float] = field(default_factory=dict)
     augment: str = "symmetry"  # one of AUGMENT_POLICIES

@@ -190,16 +190,64 @@ def local_copy(url: str):
         yield Path(tmp)
 
 
-def resume(trainer, run_url: str, start_from: str = "", weights_only: bool = False) -> bool:
+def resume(trainer, run_url: str, start_from: str = "", weights_only: bool = False) -> dict | None:
     """Restore `trainer` (every rank) from the run's last complete checkpoint, else from `start_from`
-    (train.resume) when given; -> whether the run continues one (not a fresh start, nor weights only)."""
+    (train.resume) when given. -> what it resumed (`describe_resume`), or None: a fresh start or weights only."""
     latest = latest_complete(run_url)
     url = latest or start_from
     if not url:
-        return False
+        return None
     with local_copy(url) as directory:
+        meta = read_meta(directory)
         trainer.restore(directory, weights_only=weights_only and latest is None)
-    return latest is not None or not weights_only
+    if latest is None and weights_only:
+        return None
+    written_by = int(meta.get("world_size", trainer.world_size))
+    return {"checkpoint": url, "step": trainer.step, "written_by": written_by,
+            "resharded": resharded(meta, trainer.world_size), "world_size": trainer.world_size,
+            "samples_seen": dict(trainer.samples_seen)}
+
+
+def resumed_meta(run_url: str, start_from: str = "") -> dict | None:
+    """The meta.json of the checkpoint a run would resume (`resume`), read before any worker starts; or None."""
+    url = latest_complete(run_url) or start_from
+    if not url or not storage.exists(storage.join(url, META)):
+        return None
+    return json.loads(storage.read_bytes(storage.join(url, META)))
+
+
+def describe_resume(resumed: dict) -> str:
+    """The one line rank 0 logs at the start of a resumed attempt."""
+    reshard = (f"resharded from {resumed['written_by']} to {resumed['world_size']} workers" if resumed["resharded"]
+               else f"not resharded ({resumed['world_size']} workers)")
+    seen = ", ".join(f"{t} {n}" for t, n in resumed["samples_seen"].items())
+    return (f"resumed from {resumed['checkpoint']} at step {resumed['step']}, written by {resumed['written_by']} "
+            f"workers, {reshard}; samples seen: {seen}")
+
+
+def resharded(meta: dict, world_size: int) -> bool:
+    """Whether a checkpoint must be resharded to load on `world_size` ranks: ZeRO 1-3 partition the optimizer
+    state by rank; ZeRO-0 saves it whole and loads on any number."""
+    stage = meta.get("config", {}).get("train", {}).get("zero_stage", 0)
+    return stage > 0 and int(meta.get("world_size", world_size)) != world_size
+
+
+@contextmanager
+def zero_files(directory: str | Path, world_size: int, weights_only: bool = False):
+    """-> (the DeepSpeed checkpoint folder to load on `world_size` ranks, whether it is universal) for the block.
+    A checkpoint written by as many ranks, or weights only below ZeRO-3 (the module states are whole), loads
+    as it is; else this rank converts it into DeepSpeed's universal
+    form in a temporary directory of its own (the checkpoint itself is only read)."""
+    d = Path(directory)
+    meta = read_meta(d)
+    if not resharded(meta, world_size) or (weights_only and meta["config"]["train"]["zero_stage"] < 3):
+        yield str(d / ZERO_DIR), False
+        return
+    from spatialnet_dist.train.engine import to_universal
+
+    with tempfile.TemporaryDirectory(prefix="spatialnet-universal-") as tmp:
+        to_universal(str(d / ZERO_DIR), ZERO_TAG, tmp)
+        yield tmp, True
 
 
 def write_common(directory: str | Path, meta: dict, cfg: config_mod.Config, vocabs: TextVocabs) -> None:

@@ -6,6 +6,9 @@ and wraps `deepspeed.initialize`, checkpoint save/load and ZeRO consolidation.
 
 from __future__ import annotations
 
+import argparse
+import contextlib
+import io
 import math
 import os
 
@@ -189,18 +192,51 @@ def save_checkpoint(engine, directory: str, tag: str, client_state: dict) -> Non
     engine.save_checkpoint(directory, tag=tag, client_state=client_state, save_latest=True)
 
 
-def load_checkpoint(engine, directory: str, tag: str, weights_only: bool = False) -> dict:
-    """-> the client_state saved with it. weights_only: fine-tuning start, fresh optimizer."""
-    path, client_state = engine.load_checkpoint(
-        directory,
-        tag=tag,
-        load_module_only=weights_only,
-        load_optimizer_states=not weights_only,
-        load_lr_scheduler_states=not weights_only,
-    )
+def load_checkpoint(engine, directory: str, tag: str, weights_only: bool = False, universal: bool = False) -> dict:
+    """-> the client_state saved with it. weights_only: fine-tuning start, fresh optimizer. universal: the
+    files are DeepSpeed's universal checkpoint (`to_universal`), which loads on any number of ranks."""
+    # DeepSpeed reads `checkpoint.load_universal` from the engine's config at load time only: set it for this
+    # load rather than build the engine (before anyone knows what it resumes from) with it.
+    engine._config.load_universal_checkpoint = universal
+    groups = [{k: v for k, v in g.items() if k != "params"} for g in engine.optimizer.param_groups] \
+        if universal and engine.zero_optimization_stage() == 3 else None
+    try:
+        path, client_state = engine.load_checkpoint(
+            directory,
+            tag=tag,
+            load_module_only=weights_only,
+            load_optimizer_states=not weights_only,
+            load_lr_scheduler_states=not weights_only,
+        )
+    finally:
+        engine._config.load_universal_checkpoint = False
     if path is None:
         raise FileNotFoundError(os.path.join(directory, tag))
+    if groups is not None:
+        # ZeRO-3's universal load gives every parameter group the first group's hyperparameters (stage3.py);
+        # ours differ (no weight decay on norms and biases, lr_scale per layer): put each group's back, with
+        # its lr as the restored schedule sets it.
+        lrs = engine.lr_scheduler.get_last_lr()
+        for group, saved, lr in zip(engine.optimizer.param_groups, groups, lrs, strict=True):
+            group.update({**saved, "lr": lr})
     return client_state or {}
+
+
+def to_universal(directory: str, tag: str, out_dir: str) -> None:
+    """DeepSpeed's universal checkpoint (one fp32 file per parameter and per Adam moment) of the ZeRO-1/2/3
+    checkpoint `directory/tag`, written to `out_dir/tag`: what loads on another number of ranks. Reads every
+    rank's shard and writes ~12 bytes per parameter; serial (no process pool inside a training worker)."""
+    from deepspeed.checkpoint import ds_to_universal
+
+    args = argparse.Namespace(input_folder=os.path.join(directory, tag), output_folder=os.path.join(out_dir, tag),
+                              num_extract_workers=1, num_merge_workers=1, keep_temp_folder=False, strict=True,
+                              # our engine records no universal_checkpoint_info (a Megatron notion); the
+                              # converter then needs its version key only
+                              inject_missing_state=True)
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):  # its progress bars
+        ds_to_universal.main(args)
+    with open(os.path.join(out_dir, "latest_universal"), "w") as f:
+        f.write(tag)
 
 
 def consolidated_state_dict(directory: str, tag: str) -> dict[str, torch.Tensor]:

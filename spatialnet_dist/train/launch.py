@@ -132,13 +132,14 @@ def main(argv: list[str] | None = None) -> int:
         prepare_data(cfg)
         from spatialnet_dist.data.vocab import build_vocabs
         from spatialnet_dist.train import preflight
-        from spatialnet_dist.train.checkpoint import latest_complete
+        from spatialnet_dist.train.checkpoint import latest_complete, resumed_meta
         from spatialnet_dist.train.plan import resolve
         from spatialnet_dist.train.rundir import RunDir
 
         run = RunDir(storage.join(cfg.run.storage, cfg.run.name))
         preflight.run_all(cfg, run.url)
-        cfg, plan = resolve(cfg, cfg.train.num_workers)
+        # a resumed run keeps the global batch its checkpoint recorded
+        cfg, plan = resolve(cfg, cfg.train.num_workers, resumed_meta(run.url, cfg.train.resume))
         if plan:
             print(plan, flush=True)
 
@@ -172,6 +173,7 @@ def main(argv: list[str] | None = None) -> int:
         "final_step": metrics[-1]["step"] if metrics else 0,
         "restarts": max(0, len(attempts) - 1),
         "resumed_from": [a["start_step"] for a in attempts if a["resumed"]],
+        "lost_steps": [a.get("lost_steps", 0) for a in attempts[1:]],  # one per restart
         "checkpoint": latest_complete(run.url),
         "run_dir": run.url,
         "eval": json.loads(storage.read_bytes(eval_url)) if cfg.eval.at_end and storage.exists(eval_url) else None,

@@ -21,7 +21,7 @@ from spatialnet_dist.train import checkpoint as ckpt
 from spatialnet_dist.train import engine as ds
 from spatialnet_dist.train import preflight
 from spatialnet_dist.train.launch import load_config, parse_args, prepare_data
-from spatialnet_dist.train.plan import resolve
+from spatialnet_dist.train.plan import for_world, resolve
 from spatialnet_dist.train.rundir import RunDir
 from spatialnet_dist.train.tracking import RunTracker
 from spatialnet_dist.train.trainer import Trainer
@@ -56,13 +56,16 @@ class LocalReporter:
 def train(cfg, vocabs: TextVocabs, run_url: str, rank: int, world_size: int) -> Trainer:
     """Run (or resume from the run dir's last complete checkpoint, else train.resume) to max_steps;
     -> the trainer."""
+    cfg = for_world(cfg, world_size)  # this world's share of each task's global batch
     reporter = LocalReporter(run_url, rank, cfg.run.keep_checkpoints)
     trainer = Trainer(cfg, vocabs, rank, world_size, reporter,
                       fault_marker=lambda: reporter.run.claim_fault(cfg.faults.fail_at_step))
-    ckpt.resume(trainer, run_url, cfg.train.resume, cfg.train.resume_weights_only)
+    resumed = ckpt.resume(trainer, run_url, cfg.train.resume, cfg.train.resume_weights_only)
     if rank == 0:
         ckpt.prune(run_url, cfg.run.keep_checkpoints)  # partial leftovers of the attempt before
-        reporter.run.truncate_metrics(trainer.step)
+        line = reporter.run.start_attempt(trainer.step, resumed)
+        if line:
+            print(line, flush=True)
         reporter.tracker = RunTracker(cfg, reporter.run, trainer.step)
     trainer.fit()
     if reporter.tracker:
@@ -92,7 +95,8 @@ def main(argv: list[str] | None = None) -> int:
     ds.init_distributed(cfg.train.use_gpu)
     dist.barrier()  # rank 0 may have generated the demo corpus
     try:
-        cfg, plan = resolve(cfg, world_size)
+        cfg, plan = resolve(cfg, world_size, ckpt.resumed_meta(storage.join(cfg.run.storage, cfg.run.name),
+                                                                cfg.train.resume))
     except UserError as e:
         print(f"spatialnet: error: {e}", file=sys.stderr)
         return 2

@@ -1,13 +1,17 @@
-"""What a config means on a given number of workers, resolved before any worker starts.
+"""What a config means on a given number of workers: the one place of the batch arithmetic.
 
-- `tasks.<task>.global_batch_size` -> the per-worker `batch_size` (the global batch stays what the config
-  says on 1 or 64 workers);
-- `train.epochs` -> `train.max_steps`, from the training rows the manifests count;
+- `tasks.<task>.global_batch_size`: the task's samples per optimizer step over all workers. The driver
+  (`resolve`) records it for every enabled task: as the config gives it, else as the run's checkpoint
+  recorded it (a resumed run keeps its global batch on any number of workers), else
+  `batch_size` x workers x `optim.grad_accum` (the config's batch is per worker on the planned workers);
+- the per-worker `batch_size` = global_batch_size / (world size x grad_accum): `for_world`, in every worker
+  with its actual world size (elastic runs: the driver does not know it), and at the driver for the
+  planned one, so that a world size that cannot keep the global batch stops before any worker starts;
+- `train.epochs` -> `train.max_steps`, from the training rows the manifests count and the global batch;
 - `model.freeze_encoder_blocks` checked against the preset's depth.
 
-The Ray driver calls `resolve` with `train.num_workers`, the torchrun/local path with its world size;
-the resolved config (the one saved with the run and sent to the workers) carries the results, so a
-restarted worker group trains the same steps with the same batches.
+The resolved config (the one saved with the run and sent to the workers) carries the results, so a
+restarted worker group trains the same steps with the same global batches.
 """
 
 from __future__ import annotations
@@ -58,8 +62,36 @@ def per_worker_batch(cfg: Config, task: str, world_size: int) -> int:
     return tc.global_batch_size // slots
 
 
-def epoch_steps(cfg: Config, world_size: int) -> tuple[int, dict[str, int], dict[str, float]]:
-    """-> (max_steps for train.epochs, training rows per epoch per task, global rows per step per task).
+def global_batch(cfg: Config, task: str, world_size: int, recorded: dict | None = None) -> int:
+    """The task's samples per optimizer step over all workers: the config's `global_batch_size`, else the
+    one `recorded` (the resumed checkpoint's meta.json: its resolved config and world_size), else
+    `batch_size` x `world_size` workers x `optim.grad_accum`."""
+    tc = getattr(cfg.tasks, task)
+    if tc.global_batch_size:
+        return tc.global_batch_size
+    if recorded:
+        saved = recorded["config"]
+        saved_task = saved.get("tasks", {}).get(task, {})
+        if saved_task.get("global_batch_size"):
+            return saved_task["global_batch_size"]
+        if "batch_size" in saved_task:  # written before the global batch was recorded
+            accum = saved.get("optim", {}).get("grad_accum", 1)
+            return saved_task["batch_size"] * int(recorded.get("world_size", 1)) * accum
+    return tc.batch_size * world_size * cfg.optim.grad_accum
+
+
+def for_world(cfg: Config, world_size: int) -> Config:
+    """A copy of a resolved config with every enabled task's per-worker `batch_size` for `world_size`
+    workers (one line naming the key when the global batch does not split evenly over them)."""
+    cfg = copy.deepcopy(cfg)
+    for task in cfg.tasks.enabled():
+        getattr(cfg.tasks, task).batch_size = per_worker_batch(cfg, task, world_size)
+    return cfg
+
+
+def epoch_steps(cfg: Config) -> tuple[int, dict[str, int], dict[str, float]]:
+    """-> (max_steps for train.epochs, training rows per epoch per task, global rows per step per task),
+    from a config whose global batches are recorded (`resolve`): the same on any number of workers.
 
     The enabled task with the most rows sets the length (DESIGN: passes over the largest task's rows); the
     others pass over theirs as often as their batches take them. In `alternate` mode a step trains one of
@@ -83,15 +115,17 @@ def epoch_steps(cfg: Config, world_size: int) -> tuple[int, dict[str, int], dict
             total, visits = total + n, visits + n / per_visit
         rows[task] = total
         per_visit = total / visits if visits else 1.0  # over the task's corpora, weighted by their rows
-        per_step[task] = getattr(cfg.tasks, task).batch_size * world_size * cfg.optim.grad_accum * per_visit * share
+        per_step[task] = getattr(cfg.tasks, task).global_batch_size * per_visit * share
     largest = max(tasks, key=lambda t: rows[t])
     if rows[largest] == 0:
         raise UserError(f"config key train.epochs: the {TRAIN_SPLIT} splits of the enabled tasks' corpora hold no rows")
     return math.ceil(cfg.train.epochs * rows[largest] / per_step[largest]), rows, per_step
 
 
-def resolve(cfg: Config, world_size: int) -> tuple[Config, str]:
-    """-> (the config to train with, a one-line summary for the log; "" when nothing was derived)."""
+def resolve(cfg: Config, world_size: int, recorded: dict | None = None) -> tuple[Config, str]:
+    """-> (the config to train with, a one-line summary for the log; "" when nothing was derived).
+    world_size: the workers the run is planned on; recorded: the meta.json of the checkpoint it resumes
+    (`global_batch`)."""
     from spatialnet_dist.model.presets import get_preset
 
     depth = get_preset(cfg.model.preset).depth
@@ -100,15 +134,17 @@ def resolve(cfg: Config, world_size: int) -> tuple[Config, str]:
                           f"{depth} blocks of preset {cfg.model.preset}")
     cfg = copy.deepcopy(cfg)
     notes = []
-    derived = [t for t in cfg.tasks.enabled() if getattr(cfg.tasks, t).global_batch_size]
-    for task in derived:
-        getattr(cfg.tasks, task).batch_size = per_worker_batch(cfg, task, world_size)
-    if derived:
-        batches = ", ".join(f"{t} {getattr(cfg.tasks, t).batch_size}" for t in derived)
+    given = [t for t in cfg.tasks.enabled() if getattr(cfg.tasks, t).global_batch_size]
+    for task in cfg.tasks.enabled():
+        getattr(cfg.tasks, task).global_batch_size = global_batch(cfg, task, world_size, recorded)
+    cfg = for_world(cfg, world_size)
+    shown = cfg.tasks.enabled() if recorded else given
+    if shown:
+        batches = ", ".join(f"{t} {getattr(cfg.tasks, t).batch_size}" for t in shown)
         notes.append(f"batch_size per worker = global_batch_size / ({world_size} workers x "
                      f"{cfg.optim.grad_accum} accum): {batches}")
     if cfg.train.epochs:
-        cfg.train.max_steps, rows, per_step = epoch_steps(cfg, world_size)
+        cfg.train.max_steps, rows, per_step = epoch_steps(cfg)
         notes.append(f"train.epochs={cfg.train.epochs:g} -> train.max_steps={cfg.train.max_steps}; rows per epoch: "
                      + ", ".join(f"{t} {n}" for t, n in rows.items()) + "; global rows per step: "
                      + ", ".join(f"{t} {n:g}" for t, n in per_step.items()))

@@ -3,7 +3,9 @@
   config.yaml     the resolved config (written by the driver before any worker starts)
   metrics.jsonl   one line per report (rank 0), never a step twice: a resumed attempt first drops
                   the lines past the step it resumes at
-  attempts.json   one entry per worker-group start: the step it started at and whether it resumed
+  attempts.json   one entry per worker-group start: the step it started at, whether it resumed, and
+                  when it resumed: the checkpoint, the workers that wrote it, the workers now, whether it
+                  was resharded, and lost_steps (steps the attempt before reached past that start, then lost)
   failures.json   one entry per failed worker group: the step it failed after (null: unknown, e.g. a killed
                   process) and the one-line reason (train.failures decides from it whether a step failed twice)
   faults/         markers of test faults already fired (faults.fail_at_step fires once per run)
@@ -74,8 +76,28 @@ class RunDir:
         text = self._read_text("attempts.json")
         return json.loads(text) if text else []
 
-    def record_attempt(self, start_step: int, resumed: bool) -> None:
-        entries = [*self.attempts(), {"start_step": start_step, "resumed": resumed, "time": time.time()}]
+    def last_step_reached(self) -> int:
+        """The last step the run's attempts so far are known to have trained: the last report in metrics.jsonl,
+        or a later failed step failures.json names. Read before a new attempt truncates metrics.jsonl."""
+        steps = [m.get("step", 0) for m in self.metrics()] + [f["step"] for f in self.failures() if f["step"]]
+        return max(steps, default=0)
+
+    def start_attempt(self, step: int, resumed: dict | None) -> str:
+        """Rank 0 at an attempt's start (`resumed`: what train.checkpoint.resume says it resumed): the attempt
+        record with the steps the attempt before lost, metrics.jsonl cut back to `step`. -> the resume line
+        to log ("" on a fresh start)."""
+        from spatialnet_dist.train.checkpoint import describe_resume
+
+        lost = max(0, self.last_step_reached() - step)
+        self.truncate_metrics(step)
+        facts = {k: resumed[k] for k in ("checkpoint", "written_by", "world_size", "resharded")} if resumed else {}
+        self.record_attempt(step, resumed is not None, lost, **facts)
+        return f"{describe_resume(resumed)}; {lost} steps lost since" if resumed else ""
+
+    def record_attempt(self, start_step: int, resumed: bool, lost_steps: int = 0, **facts) -> None:
+        """facts: what `checkpoint.resume` says it resumed (checkpoint, written_by, world_size, resharded)."""
+        entry = {"start_step": start_step, "resumed": resumed, "lost_steps": lost_steps, **facts, "time": time.time()}
+        entries = [*self.attempts(), entry]
         storage.write_bytes_atomic(self.path("attempts.json"), json.dumps(entries, indent=1).encode())
 
     # ---- failures.json ----

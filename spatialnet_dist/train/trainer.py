@@ -104,7 +104,9 @@ class Trainer:
         """Load a checkpoint directory (this rank's view of it); -> the step it resumes at."""
         directory = Path(directory)
         meta = ckpt.read_meta(directory)
-        ds.load_checkpoint(self.engine, str(directory / ckpt.ZERO_DIR), ckpt.ZERO_TAG, weights_only=weights_only)
+        # resharded when the checkpoint's world size differs
+        with ckpt.zero_files(directory, self.world_size, weights_only) as (zero_dir, universal):
+            ds.load_checkpoint(self.engine, zero_dir, ckpt.ZERO_TAG, weights_only=weights_only, universal=universal)
         if weights_only:
             return self.step
         self.step = int(meta["step"])

@@ -14,7 +14,7 @@ from spatialnet_dist.store import storage
 from spatialnet_dist.text import TextVocabs
 from spatialnet_dist.train import checkpoint as ckpt
 from spatialnet_dist.train import engine as ds
-from spatialnet_dist.train import failures
+from spatialnet_dist.train import failures, plan
 from spatialnet_dist.train.rundir import RunDir
 from spatialnet_dist.train.tracking import RunTracker
 from spatialnet_dist.train.trainer import Trainer
@@ -80,12 +80,13 @@ def train_loop_per_worker(config: dict) -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     # Ray Train logs every report's whole metrics dict (its logger is named after its file); ours is one line.
     logging.getLogger(ray_train_context.__file__).setLevel(logging.WARNING)
-    cfg = config_mod.from_dict(config["config"])
+    ctx = ray.train.get_context()
+    rank, world_size = ctx.get_world_rank(), ctx.get_world_size()
+    # The driver recorded each task's global batch; this worker's share depends on the world size it got.
+    cfg = plan.for_world(config_mod.from_dict(config["config"]), world_size)
     storage.set_retry_budget(cfg.data.s3_retry_seconds)  # inherited by the forked loader workers
     vocabs = TextVocabs.from_dict(config["vocab"])
     run = RunDir(config["run_dir"])
-    ctx = ray.train.get_context()
-    rank, world_size = ctx.get_world_rank(), ctx.get_world_size()
 
     ds.init_distributed(cfg.train.use_gpu)
     reporter = RayReporter(run, rank, cfg.run.keep_checkpoints)
@@ -107,8 +108,9 @@ def _resume_train_evaluate(trainer: Trainer, reporter: RayReporter, cfg: config_
     resumed = ckpt.resume(trainer, run.url, cfg.train.resume, cfg.train.resume_weights_only)
     if rank == 0:
         ckpt.prune(run.url, cfg.run.keep_checkpoints)  # partial leftovers of the attempt before
-        run.truncate_metrics(trainer.step)
-        run.record_attempt(trainer.step, resumed)
+        line = run.start_attempt(trainer.step, resumed)
+        if line:
+            log.info("rank 0: %s", line)
         reporter.tracker = RunTracker(cfg, run, trainer.step)
         log.info("rank 0: %s at step %d of %d", "resuming" if resumed else "starting", trainer.step,
                  cfg.train.max_steps)
