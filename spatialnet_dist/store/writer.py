@@ -211,7 +211,8 @@ class ShardWriter:
     `shard_bytes` each, at least `min_shards` (or one per sample), at most `shard_size` samples
     (None: no cap). `image_size` (H, W): the corpus's nominal size; an image of another size is
     fitted to it by `schema.FIT_RULE`, keeps its size in `meta["original_size"]` and is counted per
-    split in the manifest (`"resized"`). `workers` > 1: encode and shard in that many local processes;
+    split in the manifest (`"resized"`). `tags_source`: where the tags came from when a table beside the
+    corpus gave them (corpora.base.tags_source_note), the manifest's "tags_source". `workers` > 1: encode and shard in that many local processes;
     `use_ray`: as Ray tasks on the cluster (RAY_ADDRESS, else a local instance).
     """
 
@@ -226,6 +227,7 @@ class ShardWriter:
         min_shards: int = MIN_SHARDS,
         shuffle_seed: int = 0,
         image_size: tuple[int, int] | None = None,
+        tags_source: dict | None = None,
         workers: int = 1,
         use_ray: bool = False,
     ):
@@ -243,6 +245,7 @@ class ShardWriter:
         self.shard_size, self.shard_bytes, self.min_shards = shard_size, shard_bytes, min_shards
         self.shuffle_seed = shuffle_seed
         self.image_size = (int(image_size[0]), int(image_size[1])) if image_size is not None else None
+        self.tags_source = tags_source
         self.workers, self.use_ray = workers, use_ray
         self.generation = uuid.uuid4().hex[:8]  # this conversion's id, in its shard and staging names
         self.corpus_url = storage.join(self.root, corpus)
@@ -338,6 +341,7 @@ class ShardWriter:
             "source": self.source,
             "classes": self.classes,
             "tags": self.tag_names(),
+            **({"tags_source": self.tags_source} if self.tags_source is not None else {}),
             "shuffle_seed": self.shuffle_seed,
             "image_size": list(self.image_size) if self.image_size is not None else None,
             "splits": {split: counts.manifest(fit_rule) for split, counts in sorted(self.splits.items())},
