@@ -27,7 +27,7 @@ BAD_RECORDS_SHOWN = 20  # printed one by one; the rest are counted
 
 
 class SyntheticCorpus:
-    """The procedural demo corpus of corpora/synthetic.py. It is generated, not converted, so it
+    """The procedural demo corpus of corpora/synthetic/. It is generated, not converted, so it
     has no source folder: `spatialnet shards synth OUT` writes it. The module is imported only when
     its classes are asked for."""
 
