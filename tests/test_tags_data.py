@@ -100,6 +100,9 @@ def test_ucm_tags_merge_into_the_shards_and_the_manifest(ucm_with_table, tmp_pat
         "rows_without_image": {"count": 1, "first": ["beach07"]},
     }
 
+    assert cli_main(["shards", "inspect", str(out)]) == 0
+    assert "ucm-captions: 21 classes, 10 tags" in capsys.readouterr().out
+
     # Without --tags the same corpus has no tags and no tags_source.
     assert cli_main(["shards", "convert", "ucm-captions", str(src), str(tmp_path / "plain")]) == 0
     plain = read_manifest(str(tmp_path / "plain"), "ucm-captions")
