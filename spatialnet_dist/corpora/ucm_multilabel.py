@@ -46,14 +46,14 @@ def read_multilabel(path: Path, classes: list[str]) -> MultiLabelTable:
     if not lines:
         raise UserError(f"{path}: empty, expected the header {HEADER} and one row of 0/1 per image")
     header_line, header = lines[0]
-    labels = [cell.strip() for cell in header.split("\t")]
+    labels = [cell.strip() for cell in header.strip().split("\t")]  # a trailing tab adds no column
     if labels[0] != HEADER or len(labels) < 2 or not all(labels[1:]) or len(set(labels[1:])) != len(labels) - 1:
         raise UserError(f"{path}: line {header_line}: expected the header {HEADER} then distinct label names, "
                         f"tab-separated; got {header.strip()[:60]!r}")
     labels = labels[1:]
     rows: dict[str, list[str]] = {}
     for n, line in lines[1:]:
-        cells = [cell.strip() for cell in line.split("\t")]
+        cells = [cell.strip() for cell in line.strip().split("\t")]
         match = _ROW_NAME.match(cells[0])
         if not match or match[1] not in classes:
             raise UserError(f"{path}: line {n}: image {cells[0][:40]!r}: expected a UC Merced class name and a "
