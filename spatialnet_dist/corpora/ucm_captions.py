@@ -115,7 +115,8 @@ class KarpathyCaptions:
 @dataclass
 class UCMCaptions(KarpathyCaptions):
     """UCM-captions, with `tags_file` (--tags) the UC Merced multi-label table merged in by image
-    (corpora/ucm_multilabel.py); `tags_source` then notes the merge for the manifest (set by `records`)."""
+    (corpora/ucm_multilabel.py); `tags_source` then notes the merge for the manifest (set by `records`),
+    counted over dataset.json's entries (an entry that turns out a bad record still counts as matched)."""
 
     tags_file: Path | None = None
     tags_source: dict | None = field(default=None, init=False)
