@@ -80,7 +80,8 @@ def _shards_convert(a) -> int:
     given = {k: v for k, v in (("shard_bytes", a.shard_bytes), ("min_shards", a.min_shards)) if v is not None}
     source_options = {k: v for k, v in (("split_ratio", a.split_ratio and parse_split_ratio(a.split_ratio)),
                                         ("class_file", a.classes and Path(a.classes)),
-                                        ("split_seed", a.split_seed)) if v is not None}
+                                        ("split_seed", a.split_seed),
+                                        ("tags_file", a.tags and Path(a.tags))) if v is not None}
     return convert(
         get_adapter(a.adapter, **source_options),
         a.src,
@@ -255,6 +256,8 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("--split-seed", type=int, help="imagefolder, jsonl, csv: seed of that draw (default 0)")
     conv.add_argument("--classes", metavar="FILE", help="imagefolder, jsonl, csv: class order, one name per line "
                       "(default: the names sorted)")
+    conv.add_argument("--tags", metavar="FILE", help="ucm-captions: the UC Merced multi-label table "
+                      "(LandUse_Multilabeled.txt) to merge in by image as each sample's tags")
     conv.add_argument("--max-bad-fraction", type=float, default=0.05, help="exit non-zero above this fraction of bad records")
     where = conv.add_mutually_exclusive_group()
     where.add_argument("--workers", type=int, default=1, metavar="N",

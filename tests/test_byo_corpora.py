@@ -121,7 +121,8 @@ def test_imagefolder_split_folders_class_file_and_refusals(tmp_path):
     (tmp_path / "eurosat" / "2750" / "Forest").mkdir(parents=True)  # SRC one level too high
     with pytest.raises(UserError, match="eurosat: no image files in its class folders"):
         get_adapter("imagefolder").records(tmp_path / "eurosat")
-    with pytest.raises(UserError, match="--split-ratio: adapter ucm-captions takes its splits"):
+    with pytest.raises(UserError, match=r"--split-ratio: adapter ucm-captions does not take --split-ratio "
+                                        r"\(only imagefolder, jsonl, csv do\)"):
         get_adapter("ucm-captions", split_ratio=(0.8, 0.1, 0.1))
 
 
@@ -137,7 +138,7 @@ def test_cli_convert_imagefolder_with_class_file_and_split_seed(tmp_path, capsys
     assert {split: info["samples"] for split, info in manifest["splits"].items()} == {"train": 6, "val": 2, "test": 2}
     assert "rivers: 10 samples" in capsys.readouterr().out
     assert cli_main(["shards", "convert", "ucm-captions", str(src), root, "--classes", "x.txt"]) == 2
-    assert "--classes: adapter ucm-captions takes its splits" in capsys.readouterr().err
+    assert "--classes: adapter ucm-captions does not take --classes" in capsys.readouterr().err
 
 
 def test_split_ratio_parsing_and_rounding():
@@ -167,8 +168,8 @@ def test_jsonl_fields_drawn_splits_and_bad_lines_named(tmp_path):
     good, bad = by_id(out), {b.record: b for b in out if isinstance(b, BadRecord)}
     assert adapter.classes == ["farm", "lake"] and len(good) == 12
     t3 = good["t3"]
-    assert (t3.label, t3.label_name, t3.captions, t3.meta) == (1, "lake", ["A lake."], {"path": "tiles/t3.png",
-                                                                                       "tags": ["water", "shore"]})
+    assert (t3.label, t3.label_name, t3.captions, t3.meta) == (1, "lake", ["A lake."], {"path": "tiles/t3.png"})
+    assert t3.tags == ["water", "shore"] and good["t2"].tags == ["field"]
     assert t3.qa[1] == {"qid": "t3-1", "question": "How many houses are there?", "answer": 3, "type": "count"}
     assert all(good[f"t{i}"].split == "train" for i in range(4)) and {r.split for r in good.values()} <= {"train", "val", "test"}
     assert bad["line 13"].problem.startswith("malformed JSON at column 2") and bad["line 13"].path == str(path)
@@ -194,7 +195,7 @@ def test_csv_gives_the_records_jsonl_gives(tmp_path):
     assert from_jsonl.keys() == from_csv.keys()
     for key, a in from_jsonl.items():
         b = from_csv[key]
-        assert (a.split, a.label, a.captions, a.meta) == (b.split, b.label, b.captions, b.meta)
+        assert (a.split, a.label, a.captions, a.tags, a.meta) == (b.split, b.label, b.captions, b.tags, b.meta)
         assert [{**q, "answer": str(q["answer"])} for q in a.qa] == [{**q, "answer": str(q["answer"])} for q in b.qa]
     (path.parent / "bad.csv").write_text("file,label\nx.png,a\n")
     with pytest.raises(UserError, match=r"bad.csv: unknown column 'file' in the header"):

@@ -134,7 +134,7 @@ def test_round_trip_manifest_and_inspect(root, capsys, tmp_path, monkeypatch):
     train_info = info["corpora"]["toy"]["splits"]["train"]
     assert train_info["shards"] == 3 and train_info["samples"] == 5
     assert train_info["bytes"] == sum(s["bytes"] for s in train["shards"])
-    assert info["corpora"]["toy"]["classes"] == 3
+    assert info["corpora"]["toy"]["classes"] == 3 and info["corpora"]["toy"]["tags"] is None
     assert "toy" in format_inspect(info) and "presence 3" in format_inspect(info)
 
 

@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 
 from spatialnet_dist.corpora.synthetic import CLASSES, URBAN_SCENES, generate, write_synthetic
-from spatialnet_dist.corpora.synthetic_qa import PER_IMAGE
+from spatialnet_dist.corpora.synthetic.qa import PER_IMAGE
+from spatialnet_dist.corpora.synthetic.scene import TAGS
 from spatialnet_dist.errors import UserError
 from spatialnet_dist.store.schema import decode_sample, validate_record
 from spatialnet_dist.text import rsvqa_lr_count_bin, words
@@ -133,6 +134,30 @@ def test_records_are_valid(corpus):
             qids.add(q["qid"])
         assert set(s.meta["counts"]) == {"building", "car", "tree"}
     assert {q["type"] for s in corpus for q in s.qa} == set(QTYPES)
+
+
+def test_tags_are_the_elements_the_picture_shows(corpus):
+    for s in corpus:
+        tags, scene, meta = set(s.tags), s.meta["scene"], s.meta
+        assert s.tags == sorted(tags) and tags <= set(TAGS), s.tags
+        for kind, n in meta["counts"].items():  # an object is tagged when one fitted, and then it is counted
+            assert (kind in tags) == (n > 0), (s.image_id, kind, n, s.tags)
+        for kind, present in meta["surfaces"].items():
+            assert (kind in tags) == present, (s.image_id, kind, s.tags)
+        for kind, extent in meta["extent"].items():  # and where it is tagged, its pixels are in the picture
+            assert (kind in tags) == (extent is not None), (s.image_id, kind, s.tags)
+        assert ("field" in tags) == (scene == "agricultural") and ("beach" in tags) == (scene == "water")
+        assert ("parking-lot" in tags) == ("stalls" in meta["facts"])
+        assert "track" not in tags or scene in ("agricultural", "meadow")
+        if scene == "meadow":
+            assert ("track" in tags) == bool(meta["facts"].get("path"))
+    # Tags are not the class under another name: most of them come and go within a class.
+    by_class = defaultdict(list)
+    for s in corpus:
+        by_class[s.meta["scene"]].append(set(s.tags))
+    varying = {t for sets in by_class.values() for t in TAGS if 0 < sum(t in tags for tags in sets) < len(sets)}
+    assert {"building", "road", "track", "tree", "water"} <= varying
+    assert {t for s in corpus for t in s.tags} == set(TAGS)
 
 
 def test_answers_are_true_of_the_picture(corpus):
@@ -342,7 +367,11 @@ def test_write_synthetic_round_trip(tmp_path):
     manifest = write_synthetic(root, images=20, seed=1)
     assert manifest["corpus"] == "synthetic" and manifest["classes"] == CLASSES and manifest["shuffle_seed"] == 1
     expected = {s.image_id: s for s in generate(20, 1)}
+    assert manifest["tags"] == sorted({t for s in expected.values() for t in s.tags})
     splits = manifest["splits"]
+    for split, info in splits.items():
+        assert info["tag_counts"] == dict(sorted(Counter(t for s in expected.values() if s.split == split
+                                                         for t in s.tags).items()))
     assert sum(sp["samples"] for sp in splits.values()) == 20
     assert [sh["samples"] for sh in splits["train"]["shards"]] == [1] * 16  # under MIN_SHARDS: one each
     seen = 0

@@ -14,7 +14,7 @@ import sys
 from collections import Counter
 from pathlib import Path
 
-from spatialnet_dist.corpora.base import Adapter, BadRecord
+from spatialnet_dist.corpora.base import Adapter, BadRecord, describe_tags_source
 from spatialnet_dist.corpora.imagefolder import ImageFolder
 from spatialnet_dist.corpora.record_file import RecordFile
 from spatialnet_dist.corpora.rsvqa_lr import RSVQA_HR, RSVQA_LR
@@ -27,7 +27,7 @@ BAD_RECORDS_SHOWN = 20  # printed one by one; the rest are counted
 
 
 class SyntheticCorpus:
-    """The procedural demo corpus of corpora/synthetic.py. It is generated, not converted, so it
+    """The procedural demo corpus of corpora/synthetic/. It is generated, not converted, so it
     has no source folder: `spatialnet shards synth OUT` writes it. The module is imported only when
     its classes are asked for."""
 
@@ -50,8 +50,14 @@ ADAPTERS: dict[str, Adapter] = {
     for a in (UCM_CAPTIONS, RSICD, SYDNEY_CAPTIONS, RSVQA_LR, RSVQA_HR, ImageFolder(), RecordFile("jsonl"),
               RecordFile("csv"), SyntheticCorpus())
 }
-# Options of the adapters that read no splits or classes from their source (imagefolder, jsonl, csv).
-SOURCE_OPTIONS = {"split_ratio": "--split-ratio", "class_file": "--classes", "split_seed": "--split-seed"}
+# Options of some adapters, by their field name: the flag that sets it. imagefolder, jsonl and csv read no
+# splits or classes from their source; ucm-captions merges the UC Merced multi-label table.
+SOURCE_OPTIONS = {"split_ratio": "--split-ratio", "class_file": "--classes", "split_seed": "--split-seed",
+                  "tags_file": "--tags"}
+
+
+def _takes(adapter: Adapter, option: str) -> bool:
+    return dataclasses.is_dataclass(adapter) and option in {f.name for f in dataclasses.fields(adapter) if f.init}
 
 
 def get_adapter(name: str, **options) -> Adapter:
@@ -61,14 +67,12 @@ def get_adapter(name: str, **options) -> Adapter:
         adapter = ADAPTERS[name]
     except KeyError:
         raise UserError(f"unknown corpus adapter {name!r} (known: {', '.join(ADAPTERS)})") from None
-    if not options:
-        return copy.copy(adapter)
-    fields = {f.name for f in dataclasses.fields(adapter)} if dataclasses.is_dataclass(adapter) else set()
-    refused = [SOURCE_OPTIONS[k] for k in options if k not in fields]
+    refused = [option for option in options if not _takes(adapter, option)]
     if refused:
-        raise UserError(f"{refused[0]}: adapter {name} takes its splits and classes from its source "
-                        f"(only imagefolder, jsonl and csv take {refused[0]})")
-    return dataclasses.replace(adapter, **options)
+        flag = SOURCE_OPTIONS[refused[0]]
+        takers = ", ".join(n for n, a in ADAPTERS.items() if _takes(a, refused[0]))
+        raise UserError(f"{flag}: adapter {name} does not take {flag} (only {takers} do)")
+    return dataclasses.replace(adapter, **options) if options else copy.copy(adapter)
 
 
 class _TooManyBad(Exception):
@@ -109,6 +113,7 @@ def convert(
     if not 0.0 <= max_bad_fraction <= 1.0:
         raise UserError(f"--max-bad-fraction {max_bad_fraction}: must be between 0 and 1")
     records = ad.records(Path(src))  # a missing or malformed source file fails here, before any writing
+    tags_source = getattr(ad, "tags_source", None)  # set by records when tags came from a table beside the corpus
 
     samples_per_split: Counter = Counter()
     seen_ids: set[str] = set()
@@ -133,6 +138,7 @@ def convert(
             min_shards=min_shards,
             shuffle_seed=shuffle_seed,
             image_size=ad.image_size,
+            tags_source=tags_source,
             workers=workers,
             use_ray=use_ray,
         )
@@ -163,6 +169,8 @@ def convert(
     splits = ", ".join(f"{split} {n}" for split, n in samples_per_split.items())
     shards = sum(len(counts.shards) for counts in writer.splits.values())
     print(f"convert {corpus}: {n_good} samples ({splits}) in {shards} shards -> {out}; {n_bad} bad records skipped")
+    if tags_source is not None:
+        print(f"convert {corpus}: {describe_tags_source(tags_source)}")
     resized = sum(counts.resized for counts in writer.splits.values())
     if resized:
         h, w = ad.image_size

@@ -48,7 +48,9 @@ class Adapter(Protocol):
     `image_size` the corpus's nominal (height, width): the writer fits images of another size to it
     by `store.schema.FIT_RULE` and counts them (None: images are stored at the size they have).
     Adapters that learn their classes from the source (imagefolder, jsonl, csv) set `classes` in
-    `records` before it returns; `corpora.get_adapter` gives each conversion its own copy."""
+    `records` before it returns; `corpora.get_adapter` gives each conversion its own copy. An adapter that
+    merges tags from a table beside its source (ucm-captions --tags) sets `tags_source` in `records` too
+    (`tags_source_note`): convert writes it into the manifest and summarises it."""
 
     name: str
     classes: list[str] | None
@@ -189,3 +191,34 @@ def read_class_file(path: Path) -> list[str]:
     if not classes or repeated:
         raise UserError(f"{path}: {'class ' + repr(repeated[0]) + ' listed twice' if repeated else 'no class names'}")
     return classes
+
+
+# ---- tags merged from a table beside the corpus (UCM-captions --tags) ----
+
+TAGS_SOURCE_NAMES_KEPT = 10  # names of unmatched images and rows kept in the note; the rest are counted
+
+
+def tags_source_note(path: Path, labels: list[str], tagged: int, images_without_row: list[str],
+                     rows_without_image: list[str]) -> dict:
+    """The manifest's top-level "tags_source": which table the tags came from, its labels, how many of the
+    corpus's images it tagged, and the images it has no row for and its rows with no image (counted, the
+    first TAGS_SOURCE_NAMES_KEPT named). An image without a row keeps `tags` [] (unknown)."""
+
+    def unmatched(names: list[str]) -> dict:
+        return {"count": len(names), "first": names[:TAGS_SOURCE_NAMES_KEPT]}
+
+    return {"file": str(path), "labels": list(labels), "images_tagged": tagged,
+            "images_without_row": unmatched(images_without_row), "rows_without_image": unmatched(rows_without_image)}
+
+
+def describe_tags_source(note: dict) -> str:
+    """The conversion's summary of a tags_source note, in one line."""
+
+    def unmatched(key: str, what: str) -> str:
+        part = note[key]
+        names = ", ".join(part["first"]) + (", ..." if part["count"] > len(part["first"]) else "")
+        return f"{part['count']} {what}" + (f" ({names})" if names else "")
+
+    return (f"tags from {note['file']} ({len(note['labels'])} labels): {note['images_tagged']} images tagged, "
+            f"{unmatched('images_without_row', 'images without a row')}, "
+            f"{unmatched('rows_without_image', 'rows without an image')}")

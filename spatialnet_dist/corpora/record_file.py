@@ -9,7 +9,7 @@ JSONL, one object per line (blank lines skipped); every field but `path` is opti
      "captions": ["A forest.", ...],         or one string
      "qa": [{"question": "Is there a road?", "answer": "yes", "type": "presence", "qid": "7"}, ...],
                                              type is required (count answers are numbers); qid defaults to <id>-<n>
-     "tags": ["trees", "road"],              kept in meta["tags"] (the record has no tags field in schema 1)
+     "tags": ["trees", "road"],              names of what the image shows (multi-label), or one string
      "meta": {...}}                          anything JSON, kept in the record's meta
 
 CSV: a header row, then one row per image, with the same names as columns (`path` required, the
@@ -169,7 +169,7 @@ class RecordFile:
             raise RecordError(f"label {row['label']!r}: expected a class name (or a number)")
         captions = _strings(row.get("captions", []), "captions")
         qa = _qa(row.get("qa", []), image_id)
-        tags = _strings(row.get("tags", []), "tags")
+        tags = list(dict.fromkeys(_strings(row.get("tags", []), "tags")))  # each name once, in order
         image = reader.read(src.parent / row["path"])  # ImageError
         return Sample(
             corpus=self.name,
@@ -180,5 +180,6 @@ class RecordFile:
             label_name=label_name,
             captions=captions,
             qa=qa,
-            meta={**meta, "path": row["path"], **({"tags": tags} if tags else {})},
+            tags=tags,
+            meta={**meta, "path": row["path"]},
         )

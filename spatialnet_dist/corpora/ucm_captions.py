@@ -8,15 +8,18 @@ siblings RSICD and Sydney-captions.
 Splits come from the file. UCM-captions numbers its images class by class, 100 per class, so the
 land-use label is `imgid // 100` over the 21 UC Merced classes in alphabetical order. Its images are
 nominally 256x256; the published release also holds 44 of other sizes (247x247, 257x257, 242x256, ...),
-which the writer fits to 256x256 (the adapter's `image_size`).
+which the writer fits to 256x256 (the adapter's `image_size`). `--tags FILE` merges the UC Merced
+multi-label release into UCM-captions as each image's tags (corpora/ucm_multilabel.py).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from spatialnet_dist.corpora.base import BadRecord, ImageError, load_json, read_image, require_dir, safe_key
+from spatialnet_dist.corpora.ucm_multilabel import merge, read_multilabel
 from spatialnet_dist.errors import UserError
 from spatialnet_dist.store.schema import Sample
 
@@ -28,31 +31,26 @@ UCM_CLASSES = [
 UCM_IMAGES_PER_CLASS = 100
 
 
+@dataclass
 class KarpathyCaptions:
     """A Karpathy-style captioning corpus. `classes` given: label = imgid // images_per_class.
     `json_names` / `image_dirs`: the names releases use, tried in order; `image_size`: see `base.Adapter`."""
 
-    def __init__(
-        self,
-        name: str,
-        description: str,
-        classes: list[str] | None = None,
-        images_per_class: int = UCM_IMAGES_PER_CLASS,
-        json_names: tuple[str, ...] = ("dataset.json",),
-        image_dirs: tuple[str, ...] = ("imgs",),
-        bands: int = 3,
-        image_size: tuple[int, int] | None = None,
-    ):
-        self.name = name
-        self.description = description
-        self.classes = classes
-        self.images_per_class = images_per_class
-        self.json_names = json_names
-        self.image_dirs = image_dirs
-        self.bands = bands
-        self.image_size = image_size
+    name: str
+    description: str
+    classes: list[str] | None = None
+    images_per_class: int = UCM_IMAGES_PER_CLASS
+    json_names: tuple[str, ...] = ("dataset.json",)
+    image_dirs: tuple[str, ...] = ("imgs",)
+    bands: int = 3
+    image_size: tuple[int, int] | None = None
 
     def records(self, src: Path) -> Iterator[Sample | BadRecord]:
+        json_path, images, image_dir = self._source(src)
+        return (self._record(i, entry, json_path, image_dir) for i, entry in enumerate(images))
+
+    def _source(self, src: Path) -> tuple[Path, list, Path]:
+        """-> (the caption file, its 'images' list, the image folder); a missing or malformed one is a UserError."""
         src = require_dir(Path(src), "corpus folder")
         json_path = next((src / n for n in self.json_names if (src / n).exists()), src / self.json_names[0])
         doc = load_json(json_path, f"{self.name} caption file")
@@ -61,7 +59,7 @@ class KarpathyCaptions:
             raise UserError(f"{json_path}: expected an object with an 'images' list (Karpathy dataset.json)")
         image_dir = next((src / d for d in self.image_dirs if (src / d).is_dir()), src / self.image_dirs[0])
         require_dir(image_dir, "image folder")
-        return (self._record(i, entry, json_path, image_dir) for i, entry in enumerate(images))
+        return json_path, images, image_dir
 
     def _record(self, i: int, entry, json_path: Path, image_dir: Path) -> Sample | BadRecord:
         if not isinstance(entry, dict) or not isinstance(entry.get("filename"), str):
@@ -114,7 +112,32 @@ class KarpathyCaptions:
         )
 
 
-UCM_CAPTIONS = KarpathyCaptions(
+@dataclass
+class UCMCaptions(KarpathyCaptions):
+    """UCM-captions, with `tags_file` (--tags) the UC Merced multi-label table merged in by image
+    (corpora/ucm_multilabel.py); `tags_source` then notes the merge for the manifest (set by `records`),
+    counted over dataset.json's entries (an entry that turns out a bad record still counts as matched)."""
+
+    tags_file: Path | None = None
+    tags_source: dict | None = field(default=None, init=False)
+
+    def records(self, src: Path) -> Iterator[Sample | BadRecord]:
+        if self.tags_file is None:
+            return super().records(src)
+        json_path, images, image_dir = self._source(src)
+        table = read_multilabel(self.tags_file, self.classes)
+        filenames = [e["filename"] for e in images if isinstance(e, dict) and isinstance(e.get("filename"), str)]
+        tags, self.tags_source = merge(table, filenames, self.classes, self.images_per_class)
+        return (self._tagged(self._record(i, entry, json_path, image_dir), tags) for i, entry in enumerate(images))
+
+    @staticmethod
+    def _tagged(record: Sample | BadRecord, tags: dict[str, list[str]]) -> Sample | BadRecord:
+        if isinstance(record, Sample):
+            record.tags = list(tags.get(record.meta["filename"], []))
+        return record
+
+
+UCM_CAPTIONS = UCMCaptions(
     "ucm-captions",
     "UCM-captions: 2100 UC Merced land-use images, 5 captions each, 21 classes (dataset.json + imgs/)",
     classes=UCM_CLASSES,

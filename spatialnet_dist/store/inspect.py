@@ -6,7 +6,8 @@ from spatialnet_dist.store.manifest import read_manifest, resolve_corpora
 
 
 def inspect_store(url: str) -> dict:
-    """A store root (every corpus) or one corpus folder -> {"root", "corpora": {corpus: {"splits", "classes"}}}."""
+    """A store root (every corpus) or one corpus folder -> {"root", "corpora": {corpus: {"splits", "classes", "tags"}}}
+    ("classes", "tags": how many, None when the corpus has none)."""
     root, corpora = resolve_corpora(url)
     info = {"root": root, "corpora": {}}
     for corpus in corpora:
@@ -21,8 +22,9 @@ def inspect_store(url: str) -> dict:
                 "shards": len(s["shards"]),
                 "bytes": sum(shard["bytes"] for shard in s["shards"]),
             }
-        classes = manifest.get("classes")
-        info["corpora"][corpus] = {"splits": splits, "classes": len(classes) if classes is not None else None}
+        classes, tags = manifest.get("classes"), manifest.get("tags")  # schema 1 manifests have no "tags"
+        info["corpora"][corpus] = {"splits": splits, "classes": len(classes) if classes is not None else None,
+                                   "tags": len(tags) if tags else None}
     return info
 
 
@@ -48,5 +50,6 @@ def format_inspect(info: dict) -> str:
         cells = [v.rjust(w) if i in numeric else v.ljust(w) for i, (v, w) in enumerate(zip(r, widths))]
         lines.append("  ".join(cells).rstrip())
     for corpus, c in info["corpora"].items():
-        lines.append(f"{corpus}: {c['classes'] if c['classes'] is not None else 'no'} classes")
+        lines.append(f"{corpus}: {c['classes'] if c['classes'] is not None else 'no'} classes, "
+                     f"{c['tags'] if c['tags'] is not None else 'no'} tags")
     return "\n".join(lines)

@@ -3,6 +3,9 @@
 Manifest (DESIGN.md, CONTRACT: shards, plus the vocabulary counts per split):
   {"schema_version": 1 or 2, "corpus", "created", "source", "classes": [...] or null,
    "tags": [...] or null (schema 2: the multi-label tag set, sorted; absent in schema 1: no tags),
+   "tags_source": {"file", "labels", "images_tagged", "images_without_row": {"count", "first"},
+                   "rows_without_image": {"count", "first"}} (only when a table beside the corpus gave the tags:
+                   ucm-captions --tags; corpora.base.tags_source_note),
    "splits": {"<split>": {"samples", "captions", "questions", "questions_by_type": {type: n},
                           "tag_counts": {tag: images} (schema 2),
                           "shards": [{"name", "samples", "bytes", "sha256"}],
@@ -60,6 +63,7 @@ def _check_fields(manifest: dict, url: str) -> None:
     tags = manifest.get("tags")
     _expect(tags is None or isinstance(tags, list) and all(isinstance(t, str) for t in tags),
             url, "tags", "a list of names or null")
+    _expect(isinstance(manifest.get("tags_source", {}), dict), url, "tags_source", "an object")
     for split, s in manifest["splits"].items():
         where = f"splits.{split}"
         _expect(isinstance(s, dict), url, where, "an object")

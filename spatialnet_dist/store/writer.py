@@ -26,6 +26,9 @@ any step leaves the previous manifest over its complete shards, or the new one o
 exception inside the `with` block removes what this conversion wrote and leaves the previous corpus.
 
 One writer per corpus at a time: a successful commit deletes every shard and staging folder it does not list.
+
+The per-split counts and the manifest document are store/split_counts.py; this file is the scheduling
+(blocks, spools, shards, the commit), one story from `write` to `_remove_unlisted` (about 340 lines).
 """
 
 from __future__ import annotations
@@ -39,20 +42,16 @@ import sys
 import tempfile
 import uuid
 from array import array
-from collections import Counter, defaultdict, deque
+from collections import defaultdict, deque
 from contextlib import suppress
-from datetime import datetime, timezone
 
 import numpy as np
 from tqdm import tqdm
 
 from spatialnet_dist.store import sharding, storage
-from spatialnet_dist.store.band_stats import BandStats
 from spatialnet_dist.store.manifest import manifest_url
 from spatialnet_dist.store.pool import TaskPool
 from spatialnet_dist.store.schema import (
-    FIT_RULE,
-    SCHEMA_VERSION,
     Sample,
     SchemaError,
     as_hwc,
@@ -62,8 +61,8 @@ from spatialnet_dist.store.schema import (
     shard_name,
     validate_record,
 )
+from spatialnet_dist.store.split_counts import SplitCounts, corpus_manifest
 from spatialnet_dist.store.storage import StoreError
-from spatialnet_dist.text import words
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9_\-]+$")
 _STAGING = ".staging-"
@@ -135,73 +134,18 @@ def fit_sample(sample: Sample, image_size: tuple[int, int] | None) -> tuple[Samp
 
 def encode_block(
     samples: list[Sample], image_size: tuple[int, int] | None, spool_url: str
-) -> tuple[list[tuple[str, int, int]], dict[str, _SplitCounts]]:
+) -> tuple[list[tuple[str, int, int]], dict[str, SplitCounts]]:
     """A conversion task: fit and encode a block of samples, spool their tar chunks to `spool_url`.
     -> ([(split, offset, length)] in block order, {split: the block's counts})."""
     chunks, counts = [], {}
     for sample in samples:
         sample, resized = fit_sample(sample, image_size)
         chunks.append(sharding.tar_chunk(encode_sample(sample)))
-        part = counts.setdefault(sample.split, _SplitCounts())
+        part = counts.setdefault(sample.split, SplitCounts())
         part.add(sample)
         part.resized += resized
     offsets = sharding.write_spool(spool_url, chunks)
     return [(s.split, offset, len(c)) for s, offset, c in zip(samples, offsets, chunks)], counts
-
-
-class _SplitCounts:
-    def __init__(self):
-        self.samples = self.captions = self.questions = self.resized = 0
-        self.questions_by_type: Counter = Counter()
-        self.tag_counts: Counter = Counter()  # images showing each tag
-        self.word_counts: Counter = Counter()
-        self.answer_counts: defaultdict[str, Counter] = defaultdict(Counter)
-        self.shards: list[dict] = []
-        self.band_stats = BandStats()  # partial sums: parallel writers merge them
-
-    def add(self, sample: Sample) -> None:
-        self.band_stats.add(sample.image)
-        self.samples += 1
-        self.captions += len(sample.captions)
-        self.questions += len(sample.qa)
-        self.tag_counts.update(set(sample.tags))
-        for caption in sample.captions:
-            self.word_counts.update(words(caption))
-        for q in sample.qa:
-            self.questions_by_type[q["type"]] += 1
-            self.word_counts.update(words(q["question"]))
-            self.answer_counts[q["type"]][str(q["answer"])] += 1
-
-    def merge(self, other: _SplitCounts) -> None:
-        """Add the counts of another part of the split (one encode task's block)."""
-        self.samples += other.samples
-        self.captions += other.captions
-        self.questions += other.questions
-        self.resized += other.resized
-        self.band_stats.merge(other.band_stats)
-        self.questions_by_type.update(other.questions_by_type)
-        self.tag_counts.update(other.tag_counts)
-        self.word_counts.update(other.word_counts)
-        for qtype, answers in other.answer_counts.items():
-            self.answer_counts[qtype].update(answers)
-
-    def manifest(self, fit_rule: str | None) -> dict:
-        def by_count(counter: Counter) -> dict:
-            return dict(sorted(counter.items(), key=lambda kv: (-kv[1], kv[0])))
-
-        resized = {"resized": {"rule": fit_rule, "count": self.resized}} if fit_rule else {}
-        return {
-            "samples": self.samples,
-            "captions": self.captions,
-            "questions": self.questions,
-            "questions_by_type": dict(sorted(self.questions_by_type.items())),
-            "tag_counts": dict(sorted(self.tag_counts.items())),
-            **resized,
-            **self.band_stats.manifest(),
-            "shards": self.shards,
-            "word_counts": by_count(self.word_counts),
-            "answer_counts": {qtype: by_count(c) for qtype, c in sorted(self.answer_counts.items())},
-        }
 
 
 class ShardWriter:
@@ -211,7 +155,8 @@ class ShardWriter:
     `shard_bytes` each, at least `min_shards` (or one per sample), at most `shard_size` samples
     (None: no cap). `image_size` (H, W): the corpus's nominal size; an image of another size is
     fitted to it by `schema.FIT_RULE`, keeps its size in `meta["original_size"]` and is counted per
-    split in the manifest (`"resized"`). `workers` > 1: encode and shard in that many local processes;
+    split in the manifest (`"resized"`). `tags_source`: where the tags came from when a table beside the
+    corpus gave them (corpora.base.tags_source_note), the manifest's "tags_source". `workers` > 1: encode and shard in that many local processes;
     `use_ray`: as Ray tasks on the cluster (RAY_ADDRESS, else a local instance).
     """
 
@@ -226,6 +171,7 @@ class ShardWriter:
         min_shards: int = MIN_SHARDS,
         shuffle_seed: int = 0,
         image_size: tuple[int, int] | None = None,
+        tags_source: dict | None = None,
         workers: int = 1,
         use_ray: bool = False,
     ):
@@ -243,11 +189,12 @@ class ShardWriter:
         self.shard_size, self.shard_bytes, self.min_shards = shard_size, shard_bytes, min_shards
         self.shuffle_seed = shuffle_seed
         self.image_size = (int(image_size[0]), int(image_size[1])) if image_size is not None else None
+        self.tags_source = tags_source
         self.workers, self.use_ray = workers, use_ray
         self.generation = uuid.uuid4().hex[:8]  # this conversion's id, in its shard and staging names
         self.corpus_url = storage.join(self.root, corpus)
         self.staging_url = storage.join(self.corpus_url, f"{_STAGING}{self.generation}")
-        self.splits: dict[str, _SplitCounts] = {}
+        self.splits: dict[str, SplitCounts] = {}
         self._image_ids: defaultdict[str, set[str]] = defaultdict(set)
         self._block: list[Sample] = []
         self._block_bytes = 0
@@ -320,28 +267,12 @@ class ShardWriter:
         for split, offset, length in entries:
             self._locations.setdefault(split, _Locations()).add(index, offset, length)
         for split, part in counts.items():
-            self.splits.setdefault(split, _SplitCounts()).merge(part)
+            self.splits.setdefault(split, SplitCounts()).merge(part)
         self._progress.update(len(entries))
 
-    def tag_names(self) -> list[str] | None:
-        """The corpus's label set for multi-label tagging: every tag any split's images carry, sorted; None
-        when no image has tags (the corpus does not tag)."""
-        names = sorted({t for counts in self.splits.values() for t in counts.tag_counts})
-        return names or None
-
     def manifest(self) -> dict:
-        fit_rule = FIT_RULE if self.image_size is not None else None
-        return {
-            "schema_version": SCHEMA_VERSION,
-            "corpus": self.corpus,
-            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "source": self.source,
-            "classes": self.classes,
-            "tags": self.tag_names(),
-            "shuffle_seed": self.shuffle_seed,
-            "image_size": list(self.image_size) if self.image_size is not None else None,
-            "splits": {split: counts.manifest(fit_rule) for split, counts in sorted(self.splits.items())},
-        }
+        return corpus_manifest(self.corpus, self.source, self.classes, self.tags_source, self.shuffle_seed,
+                               self.image_size, self.splits)
 
     def _commit(self) -> None:
         try:
