@@ -282,6 +282,16 @@ def http_status(url: str, token: str | None = None) -> int:
         return 0
 
 
+def pytest_collection_modifyitems(items):
+    """The tests of `shared_ray` run last, one after another: its head starts before the first of them and
+    stops at the end of the session, so that its idle processes (GCS, raylet, dashboard, agents) do not slow
+    the other tests on the 2-core machine. Otherwise in file order."""
+    items.sort(key=lambda item: "shared_ray" in getattr(item, "fixturenames", ()))
+
+
+SHARED_RAY_CPUS = 4  # logical CPUs of the shared head: room for 3 training workers of 1 CPU (2 -> 3 resharding)
+
+
 @pytest.fixture(scope="session")
 def _shared_ray_head(s3_endpoint):
     """The head behind `shared_ray`, started on first use and stopped at the end of the session. Started
@@ -296,8 +306,6 @@ def _shared_ray_head(s3_endpoint):
         head.stop()
 
 
-SHARED_RAY_CPUS = 4  # logical CPUs of the shared head: room for 3 training workers of 1 CPU (2 -> 3 resharding)
-
 
 @pytest.fixture
 def shared_ray(_shared_ray_head, monkeypatch):
@@ -311,8 +319,9 @@ def shared_ray(_shared_ray_head, monkeypatch):
     Environment variables a test sets reach Ray workers only through ray_cluster.WORKER_ENV (the job's
     runtime env), not through the node's environment as they do for a local instance started in the test:
     a test that needs another variable in its workers (e.g. AWS_MAX_ATTEMPTS), another number of CPUs or nodes,
-    or that kills Ray's own processes, starts its own (RayHead, or a local instance without this fixture).
-    Yields the RayHead (address, dashboard, token_file, temp_dir)."""
+    or that kills Ray's own processes (raylet, GCS), starts its own (RayHead, or a local instance without this
+    fixture). Yields the RayHead (address, dashboard, token_file, temp_dir, env; its Ray workers are descendants
+    of head.process: kill those, not every Ray process on the machine, which other test runs share)."""
     from ray._private import ray_constants
     from ray._private.authentication_test_utils import reset_auth_token_state
 
