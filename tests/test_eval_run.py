@@ -148,7 +148,7 @@ def test_predict_images_of_any_size_and_format(bundle, tmp_path):
 
 
 @pytest.mark.slow  # starts Ray, and scores captions with java (METEOR)
-def test_eval_run_over_ray_workers_matches_one_process(store, tmp_path):
+def test_eval_run_over_ray_workers_matches_one_process(store, shared_ray, tmp_path):
     bundle = bundle_for(store, tmp_path / "model", captioning=True)
     rc, stdout, stderr = run_cli(
         ["eval", "run", bundle, "--data", store, "--out", str(tmp_path / "ray"), "--workers", "2"]

@@ -314,7 +314,7 @@ def _steps(metrics: list[dict]) -> list[int]:
 
 
 @pytest.mark.slow
-def test_ray_zero2_on_s3_survives_a_worker_death(synth_root, s3_endpoint, s3_bucket, capsys, tmp_path):
+def test_ray_zero2_on_s3_survives_a_worker_death(synth_root, s3_endpoint, s3_bucket, shared_ray, capsys, tmp_path):
     """Shards and run storage on S3; rank 0 dies abruptly at step 5 -> Ray restarts the group ->
     resume from the step-4 checkpoint -> final_step == max_steps, no step counted twice."""
     from spatialnet_dist.corpora.synthetic import write_synthetic
@@ -353,7 +353,9 @@ def test_ray_zero2_on_s3_survives_a_worker_death(synth_root, s3_endpoint, s3_buc
 @pytest.mark.slow
 def test_ray_run_rides_out_an_s3_outage_without_a_restart(s3_endpoint, s3_bucket, flaky_s3, capsys):
     """Shards, metrics and checkpoints on S3 behind a proxy that goes down for OUTAGE_S seconds mid-run (every
-    open connection reset, new ones refused): reads resume, writes retry, the run ends with 0 restarts."""
+    open connection reset, new ones refused): reads resume, writes retry, the run ends with 0 restarts.
+    Its own local Ray, not `shared_ray`: flaky_s3's AWS_MAX_ATTEMPTS=1 reaches the workers through the
+    environment of the Ray this test starts, not through ray_cluster.WORKER_ENV."""
     import boto3
 
     from spatialnet_dist.corpora.synthetic import write_synthetic
@@ -393,8 +395,9 @@ def test_ray_run_rides_out_an_s3_outage_without_a_restart(s3_endpoint, s3_bucket
               f"{result['restarts']} restarts")
 
 
-def _kill_a_worker_after(checkpoint: Path, killed: list[int]) -> None:
-    """Once Ray has registered `checkpoint`, SIGKILL one Ray Train worker process from outside.
+def _kill_a_worker_after(checkpoint: Path, head_pid: int, killed: list[int]) -> None:
+    """Once Ray has registered `checkpoint`, SIGKILL one Ray Train worker process of the Ray head `head_pid`
+    from outside (not one of another Ray instance on this machine).
 
     Registered, not just written: Ray's controller takes a reported checkpoint in when it next polls the
     workers; a worker killed before that restarts from the checkpoint before (here: from scratch), which
@@ -405,20 +408,24 @@ def _kill_a_worker_after(checkpoint: Path, killed: list[int]) -> None:
     deadline = time.time() + 600
     while time.time() < deadline and not killed:
         if run.ray_registered(checkpoint.name):
-            for proc in psutil.process_iter(["pid", "cmdline"]):
-                if "RayTrainWorker" in " ".join(proc.info["cmdline"] or []):
-                    os.kill(proc.info["pid"], signal.SIGKILL)
-                    killed.append(proc.info["pid"])
+            for proc in psutil.Process(head_pid).children(recursive=True):
+                try:
+                    is_worker = "RayTrainWorker" in " ".join(proc.cmdline())
+                except psutil.NoSuchProcess:  # ended since the listing
+                    continue
+                if is_worker:
+                    os.kill(proc.pid, signal.SIGKILL)
+                    killed.append(proc.pid)
                     return
         time.sleep(0.2)
 
 
 @pytest.mark.slow
-def test_ray_zero3_resumes_after_sigkill(synth_root, tmp_path, capsys):
+def test_ray_zero3_resumes_after_sigkill(synth_root, shared_ray, tmp_path, capsys):
     runs = tmp_path / "runs"
     killed: list[int] = []
-    watcher = threading.Thread(target=_kill_a_worker_after, args=(runs / "z3" / "checkpoint-000004", killed),
-                               daemon=True)
+    watcher = threading.Thread(target=_kill_a_worker_after,
+                               args=(runs / "z3" / "checkpoint-000004", shared_ray.process.pid, killed), daemon=True)
     watcher.start()
     code = launch.main(sets(*TINY, f"data.root={synth_root}", f"run.storage={runs}", "run.name=z3",
                             "train.zero_stage=3", "train.max_steps=10", "train.checkpoint_every=4", "eval.every=5"))
@@ -448,7 +455,8 @@ def _failed_run(tmp_path, capsys, name: str, *items: str) -> tuple[int, dict, st
 @pytest.mark.slow
 @pytest.mark.parametrize("kind,reason", [("user_error", "faults.fail_at_step=3: injected user error"),
                                          ("nan_loss", "non-finite loss, ")])
-def test_ray_permanent_failure_ends_the_run_on_the_first_attempt(synth_root, tmp_path, capsys, kind, reason):
+def test_ray_permanent_failure_ends_the_run_on_the_first_attempt(synth_root, shared_ray, tmp_path, capsys, kind,
+                                                                 reason):
     """A UserError or NonFiniteLoss in a worker: no restart although train.max_failures=2 allows two; the
     worker's one line is RESULT's error and the last line of stderr; exit status 1."""
     code, result, last_err, run = _failed_run(tmp_path, capsys, kind, f"data.root={synth_root}",
@@ -461,7 +469,7 @@ def test_ray_permanent_failure_ends_the_run_on_the_first_attempt(synth_root, tmp
 
 
 @pytest.mark.slow
-def test_ray_same_step_failing_twice_ends_the_run(synth_root, tmp_path, capsys):
+def test_ray_same_step_failing_twice_ends_the_run(synth_root, shared_ray, tmp_path, capsys):
     """An error no class names (a RuntimeError) is retried once; when the restart fails after the same step
     the run ends, one restart spent of the two allowed."""
     code, result, last_err, run = _failed_run(tmp_path, capsys, "twice", f"data.root={synth_root}",
