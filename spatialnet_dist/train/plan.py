@@ -58,6 +58,16 @@ def per_worker_batch(cfg: Config, task: str, world_size: int) -> int:
     return tc.global_batch_size // slots
 
 
+def per_worker_batches(cfg: Config, world_size: int) -> Config:
+    """A copy of `cfg` whose tasks with a global_batch_size have their per-worker share on `world_size` workers
+    (a Ray worker calls it again with the size its elastic group has)."""
+    cfg = copy.deepcopy(cfg)
+    for task in cfg.tasks.enabled():
+        if getattr(cfg.tasks, task).global_batch_size:
+            getattr(cfg.tasks, task).batch_size = per_worker_batch(cfg, task, world_size)
+    return cfg
+
+
 def epoch_steps(cfg: Config, world_size: int) -> tuple[int, dict[str, int], dict[str, float]]:
     """-> (max_steps for train.epochs, training rows per epoch per task, global rows per step per task).
 
@@ -98,11 +108,9 @@ def resolve(cfg: Config, world_size: int) -> tuple[Config, str]:
     if cfg.model.freeze_encoder_blocks > depth:
         raise ConfigError(f"config key model.freeze_encoder_blocks: {cfg.model.freeze_encoder_blocks} exceeds the "
                           f"{depth} blocks of preset {cfg.model.preset}")
-    cfg = copy.deepcopy(cfg)
+    cfg = per_worker_batches(cfg, world_size)
     notes = []
     derived = [t for t in cfg.tasks.enabled() if getattr(cfg.tasks, t).global_batch_size]
-    for task in derived:
-        getattr(cfg.tasks, task).batch_size = per_worker_batch(cfg, task, world_size)
     if derived:
         batches = ", ".join(f"{t} {getattr(cfg.tasks, t).batch_size}" for t in derived)
         notes.append(f"batch_size per worker = global_batch_size / ({world_size} workers x "

@@ -3,7 +3,10 @@
   config.yaml     the resolved config (written by the driver before any worker starts)
   metrics.jsonl   one line per report (rank 0), never a step twice: a resumed attempt first drops
                   the lines past the step it resumes at
-  attempts.json   one entry per worker-group start: the step it started at and whether it resumed
+  attempts.json   one entry per worker-group start: the step it started at, whether it resumed, its number of
+                  workers and the cause of the restart when it can be told: failure (failures.json has one since
+                  the attempt before), preemption (the attempt before checkpointed on a SIGTERM and handed over),
+                  resize (an elastic group changed size with no failure), start (the run dir's first attempt)
   failures.json   one entry per failed worker group: the step it failed after (null: unknown, e.g. a killed
                   process) and the one-line reason (train.failures decides from it whether a step failed twice)
   faults/         markers of test faults already fired (faults.fail_at_step fires once per run)
@@ -74,8 +77,30 @@ class RunDir:
         text = self._read_text("attempts.json")
         return json.loads(text) if text else []
 
-    def record_attempt(self, start_step: int, resumed: bool) -> None:
-        entries = [*self.attempts(), {"start_step": start_step, "resumed": resumed, "time": time.time()}]
+    def record_attempt(self, start_step: int, resumed: bool, world_size: int) -> None:
+        entries = self.attempts()
+        cause = "start"
+        if entries:
+            before = entries[-1]
+            if before.get("ended") == "preemption":
+                cause = "preemption"
+            elif any(f["time"] >= before["time"] for f in self.failures()):
+                cause = "failure"
+            elif before.get("world_size") != world_size:
+                cause = "resize"
+            else:
+                cause = None  # e.g. a new job in this run directory
+        entries.append({"start_step": start_step, "resumed": resumed, "world_size": world_size, "cause": cause,
+                        "time": time.time()})
+        self._write_attempts(entries)
+
+    def end_attempt(self, how: str, step: int) -> None:
+        """The running attempt ends `how` (preemption) after checkpointing `step`."""
+        entries = self.attempts()
+        entries[-1].update(ended=how, end_step=step)
+        self._write_attempts(entries)
+
+    def _write_attempts(self, entries: list[dict]) -> None:
         storage.write_bytes_atomic(self.path("attempts.json"), json.dumps(entries, indent=1).encode())
 
     # ---- failures.json ----
