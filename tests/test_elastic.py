@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import secrets
 import signal
 import subprocess
@@ -23,6 +24,8 @@ from spatialnet_dist import config as config_mod
 from spatialnet_dist.config import ConfigError
 from spatialnet_dist.train import launch, preemption
 from spatialnet_dist.train.rundir import RunDir
+
+REPO = Path(__file__).resolve().parents[1]
 
 # ---- config: train.num_workers ----
 
@@ -162,7 +165,7 @@ def _node_ports(free_ports) -> list[str]:
     return [f"--node-manager-port={node_manager}", f"--object-manager-port={object_manager}",
             f"--metrics-export-port={metrics}", f"--dashboard-agent-listen-port={agent_http}",
             f"--dashboard-agent-grpc-port={agent_grpc}", f"--runtime-env-agent-port={runtime_env}",
-            "--min-worker-port=0", "--max-worker-port=0", "--num-cpus=1", "--node-ip-address=127.0.0.1"]
+            "--min-worker-port=0", "--max-worker-port=0", "--num-cpus=1"]
 
 
 class TwoNodes:
@@ -175,9 +178,15 @@ class TwoNodes:
         token.chmod(0o600)
         gcs, dashboard, client = free_ports(3)
         self.address = f"127.0.0.1:{gcs}"
-        self.env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_AUTH_TOKEN")}
-        self.env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token), RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0",
-                        RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S="0", RAY_worker_niceness="0")
+        # No RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 (what launch sets for its own one-node instance): it refuses a
+        # second node. A dead raylet is noticed after 2 failed health checks 1 s apart (Ray's default: 5 x 3 s).
+        self.env = {k: v for k, v in os.environ.items()
+                    if k not in ("RAY_ADDRESS", "RAY_AUTH_TOKEN", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER")}
+        self.env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token), RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S="0",
+                        RAY_worker_niceness="0", RAY_health_check_period_ms="1000",
+                        RAY_health_check_failure_threshold="2",
+                        # A raylet whose agents start slowly on a loaded machine gives up after 30 s by default.
+                        RAY_agent_register_timeout_ms="180000", RAY_raylet_start_wait_time_s="180")
         self.head = Node(["--head", f"--port={gcs}", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
                           f"--ray-client-server-port={client}", f"--temp-dir={self.ray_tmp}",
                           *_node_ports(free_ports)], self.env, tmp / "head.log")
@@ -215,29 +224,43 @@ class TwoNodes:
 @pytest.fixture(scope="module")
 def two_nodes(tmp_path_factory, free_ports):
     cluster = TwoNodes(tmp_path_factory.mktemp("cluster"), free_ports)
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("RAY_ADDRESS", cluster.address)  # launch.connect_ray joins it
-        for key in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN_PATH", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"):
-            mp.setenv(key, cluster.env[key])
-        mp.delenv("RAY_AUTH_TOKEN", raising=False)
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+class Job:
+    """`python ray_job.py ARGS` submitted to the cluster as its driver, in a process of its own: Ray reads the
+    auth mode once per process, and this one imported Ray before the cluster existed. `pid(rank)`: the process
+    of Ray Train worker `rank` in the latest worker group, from the driver's log."""
+
+    WORKER = re.compile(r"RayTrainWorker pid=(\d+)\).*Setting up process group .*\[rank=(\d+), world_size=(\d+)\]")
+
+    def __init__(self, cluster: TwoNodes, args: list[str]):
+        env = {**cluster.env, "RAY_ADDRESS": cluster.address, "PYTHONPATH": str(REPO), "RAY_DEDUP_LOGS": "0"}
+        self.proc = subprocess.Popen([sys.executable, str(REPO / "ray_job.py"), *args], cwd=REPO, env=env,
+                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        self.lines: list[str] = []
+        self.reader = threading.Thread(target=lambda: self.lines.extend(self.proc.stdout), daemon=True)
+        self.reader.start()
+
+    def pid(self, rank: int) -> int | None:
+        pids = [int(m[1]) for line in self.lines if (m := self.WORKER.search(line)) and int(m[2]) == rank]
+        return pids[-1] if pids else None
+
+    def result(self, timeout_s: float = 900) -> tuple[int, dict]:
         try:
-            yield cluster
+            code = self.proc.wait(timeout=timeout_s)
         finally:
-            cluster.stop()
+            self.proc.kill()
+        self.reader.join(timeout=30)
+        out = "".join(self.lines)
+        return code, result_line(out) if out.strip().splitlines()[-1].startswith("RESULT ") else {"log": out[-6000:]}
 
 
 def _metrics(runs: Path, name: str) -> list[dict]:
     return RunDir(str(runs / name)).metrics()
-
-
-def _worker_pid(rank: int) -> int:
-    """The process of Ray Train worker `rank` in the latest attempt (Ray Train's state actor knows the ranks)."""
-    import ray
-    from ray.train.v2._internal.state.state_actor import get_state_actor
-
-    attempts = ray.get(get_state_actor().get_train_run_attempts.remote())
-    latest = max((a for by_id in attempts.values() for a in by_id.values()), key=lambda a: a.start_time_ns)
-    return next(w.pid for w in latest.workers if w.world_rank == rank)
 
 
 def _when(condition, then, timeout_s: float = 600) -> threading.Thread:
@@ -255,22 +278,22 @@ def _when(condition, then, timeout_s: float = 600) -> threading.Thread:
 
 
 @pytest.mark.slow
-def test_sigterm_to_a_worker_checkpoints_and_resumes_losing_no_step(synth_root, two_nodes, tmp_path, capsys):  # noqa: F811
+def test_sigterm_to_a_worker_checkpoints_and_resumes_losing_no_step(synth_root, two_nodes, tmp_path):  # noqa: F811
     """SIGTERM to rank 1 after step 3: every rank checkpoints at the next step boundary, the group restarts from
     that checkpoint (not from step 0: no periodic checkpoint before max_steps), and max_failures=0 allows it."""
     two_nodes.add_second()
     runs = tmp_path / "runs"
     signalled: list[int] = []
+    job = Job(two_nodes, sets(*TINY, f"data.root={synth_root}", f"run.storage={runs}", "run.name=pre",
+                              "train.num_workers=2", "train.max_steps=8", "train.checkpoint_every=100",
+                              "train.max_failures=0", "train.zero_stage=2"))
 
     def sigterm_rank_1():
         signalled.append(_metrics(runs, "pre")[-1]["step"])
-        os.kill(_worker_pid(1), signal.SIGTERM)
+        os.kill(job.pid(1), signal.SIGTERM)
 
-    _when(lambda: len(_metrics(runs, "pre")) >= 3, sigterm_rank_1)
-    code = launch.main(sets(*TINY, f"data.root={synth_root}", f"run.storage={runs}", "run.name=pre",
-                            "train.num_workers=2", "train.max_steps=8", "train.checkpoint_every=100",
-                            "train.max_failures=0", "train.zero_stage=2"))
-    result = result_line(capsys.readouterr().out)
+    _when(lambda: len(_metrics(runs, "pre")) >= 3 and job.pid(1), sigterm_rank_1)
+    code, result = job.result()
     assert signalled and code == 0, result
     attempts = RunDir(result["run_dir"]).attempts()
     assert result["final_step"] == 8 and result["restart_causes"] == ["preemption"], result
@@ -282,7 +305,7 @@ def test_sigterm_to_a_worker_checkpoints_and_resumes_losing_no_step(synth_root, 
 
 
 @pytest.mark.slow
-def test_a_lost_node_leaves_an_elastic_run_on_one_worker(synth_root, two_nodes, tmp_path, capsys):  # noqa: F811
+def test_a_lost_node_leaves_an_elastic_run_on_one_worker(synth_root, two_nodes, tmp_path):  # noqa: F811
     """num_workers [1, 2] on two 1-CPU nodes: the second node is killed whole after checkpoint 2; the run resumes
     from it on the one worker that fits and finishes, with the same global batch per task (its config gives
     tasks.<t>.global_batch_size; the workers derive their share from the size of their group). ZeRO-0: its
@@ -298,10 +321,10 @@ def test_a_lost_node_leaves_an_elastic_run_on_one_worker(synth_root, two_nodes, 
 
     _when(lambda: run.ray_registered("checkpoint-000002"), kill_second_node)
     batches = [f"tasks.{t}.global_batch_size=4" for t in config_mod.TASKS]
-    code = launch.main(sets(*TINY, *batches, f"data.root={synth_root}", f"run.storage={runs}", "run.name=elastic",
-                            "train.num_workers=[1, 2]", "train.max_steps=6", "train.checkpoint_every=2",
-                            "train.max_failures=1", "train.zero_stage=0"))
-    result = result_line(capsys.readouterr().out)
+    code, result = Job(two_nodes, sets(*TINY, *batches, f"data.root={synth_root}", f"run.storage={runs}",
+                                       "run.name=elastic", "train.num_workers=[1, 2]", "train.max_steps=6",
+                                       "train.checkpoint_every=2", "train.max_failures=1",
+                                       "train.zero_stage=0")).result()
     assert killed and code == 0, result
     assert result["final_step"] == 6 and result["world_sizes"] == [2, 1], result
     assert result["restart_causes"] == ["failure"] and result["resumed_from"] in ([2], [4]), result
