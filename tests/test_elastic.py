@@ -233,9 +233,9 @@ def two_nodes(tmp_path_factory, free_ports):
 class Job:
     """`python ray_job.py ARGS` submitted to the cluster as its driver, in a process of its own: Ray reads the
     auth mode once per process, and this one imported Ray before the cluster existed. `pid(rank)`: the process
-    of Ray Train worker `rank` in the latest worker group, from the driver's log."""
+    of Ray Train worker `rank` in the latest worker group, from the controller's lines in the driver's log."""
 
-    WORKER = re.compile(r"RayTrainWorker pid=(\d+)\).*Setting up process group .*\[rank=(\d+), world_size=(\d+)\]")
+    WORKER = re.compile(r"\(ip=[^,]+, pid=(\d+)\) world_rank=(\d+),")  # the controller's line per worker
 
     def __init__(self, cluster: TwoNodes, args: list[str]):
         env = {**cluster.env, "RAY_ADDRESS": cluster.address, "PYTHONPATH": str(REPO), "RAY_DEDUP_LOGS": "0"}
@@ -297,9 +297,10 @@ def test_sigterm_to_a_worker_checkpoints_and_resumes_losing_no_step(synth_root, 
     assert signalled and code == 0, result
     attempts = RunDir(result["run_dir"]).attempts()
     assert result["final_step"] == 8 and result["restart_causes"] == ["preemption"], result
-    # The checkpoint is the step boundary after the signal, and the restart starts there: no step trained twice.
+    # The checkpoint is a step boundary soon after the signal (the worker's main thread runs the handler when Ray
+    # next polls it, within 2 s), and the restart starts there: no step lost, none trained twice.
     checkpointed = attempts[0]["end_step"]
-    assert signalled[0] <= checkpointed <= signalled[0] + 2 and result["resumed_from"] == [checkpointed]
+    assert signalled[0] <= checkpointed <= signalled[0] + 3 and result["resumed_from"] == [checkpointed]
     assert [m["step"] for m in _metrics(runs, "pre")] == list(range(1, 9))
     assert RunDir(result["run_dir"]).failures() == []
 
