@@ -131,7 +131,11 @@ class TrainConfig:
     epochs: float = 0.0
     checkpoint_every: int = 50
     log_every: int = 10
-    num_workers: int = 2
+    # Ray Train workers: a number, or [min, max] for an elastic run (Ray Train V2's elastic scaling): it starts
+    # with as many as fit, at least min, continues on fewer from the last checkpoint when workers are lost and
+    # cannot be replaced, and grows back when resources return (checked every elastic_resize_check_s).
+    num_workers: int | list[int] = 2
+    elastic_resize_check_s: float = 60.0
     use_gpu: bool = False
     cpus_per_worker: int = 1
     torch_threads: int = 0  # 0: cpus_per_worker
@@ -148,9 +152,23 @@ class TrainConfig:
     offload_params: bool = False
     activation_checkpointing: bool = False
     max_failures: int = 2
+    # SIGTERM to a worker (spot reclaim, Kubernetes eviction): every rank checkpoints at the next step boundary
+    # and the group restarts from there, within this many seconds (else Ray restarts it from the checkpoint
+    # before). Neither counts against max_failures (train/preemption.py).
+    preemption_grace_s: float = 30.0
     resume: str = ""  # checkpoint URL to start a new run from
     resume_weights_only: bool = False
     mode: str = "all"  # all: every task every step | alternate: one task per step
+
+    @property
+    def elastic(self) -> bool:
+        return isinstance(self.num_workers, list)
+
+    @property
+    def worker_range(self) -> tuple[int, int]:
+        """(min, max) Ray Train workers; the same number twice for a fixed train.num_workers."""
+        workers = self.num_workers
+        return (workers[0], workers[1]) if isinstance(workers, list) else (workers, workers)
 
 
 @dataclass
@@ -248,7 +266,8 @@ _CHECKS: dict[str, tuple[typing.Callable, str]] = {
     "train.epochs": (lambda v: v >= 0, "> 0, or 0 with train.max_steps"),
     "train.checkpoint_every": (lambda v: v >= 1, ">= 1"),
     "train.log_every": (lambda v: v >= 1, ">= 1"),
-    "train.num_workers": (lambda v: v >= 1, ">= 1"),
+    "train.elastic_resize_check_s": (lambda v: v > 0, "> 0"),
+    "train.preemption_grace_s": (lambda v: v > 0, "> 0"),
     "train.cpus_per_worker": (lambda v: v >= 1, ">= 1"),
     "train.torch_threads": (lambda v: v >= 0, ">= 0"),
     "train.zero_stage": (lambda v: v in (0, 1, 2, 3), "0, 1, 2 or 3"),
@@ -320,12 +339,19 @@ def _coerce(key: str, value, tp):
         if not isinstance(value, dict):
             raise bad
         return {str(k): _coerce(f"{key}.{k}", v, vt) for k, v in value.items()}
-    if isinstance(tp, types.UnionType):
-        raise AssertionError("unions are not used in config")
+    if isinstance(tp, types.UnionType):  # the first member that takes the value (train.num_workers: int | list)
+        for member in typing.get_args(tp):
+            try:
+                return _coerce(key, value, member)
+            except ConfigError:
+                pass
+        raise bad
     raise AssertionError(f"unhandled config type {tp}")
 
 
 def _describe(tp) -> str:
+    if isinstance(tp, types.UnionType):
+        return " or ".join(_describe(member) for member in typing.get_args(tp))
     origin = typing.get_origin(tp)
     if origin is list:
         return f"a list of {_type_name(typing.get_args(tp)[0])}"
@@ -381,6 +407,11 @@ def validate(cfg: Config) -> Config:
         value = _get(cfg, key)
         if not ok(value):
             raise ConfigError(f"config key {key}: {value!r} is not allowed (expected {allowed})")
+    workers = cfg.train.num_workers
+    if isinstance(workers, int) and workers < 1 or isinstance(workers, list) and (
+            len(workers) != 2 or not 1 <= workers[0] <= workers[1]):
+        raise ConfigError(f"config key train.num_workers: {workers!r} is not allowed "
+                          "(expected a number >= 1, or [min, max] with 1 <= min <= max)")
     for task in TASKS:
         tc: TaskConfig = getattr(cfg.tasks, task)
         if tc.batch_size < 1:

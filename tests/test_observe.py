@@ -265,7 +265,7 @@ def _make_run(root: str, name: str, steps: int, error: str | None = None, finish
     run.write_config(cfg)
     if steps == 0:
         return run
-    run.record_attempt(0, False)
+    run.record_attempt(0, False, 1)
     for step in range(1, steps + 1):
         run.append_metrics({"step": step, "loss": 1.0 / step})
     storage.write_bytes_atomic(run.path(f"checkpoint-{steps:06d}", "meta.json"), b"{}")

@@ -63,7 +63,7 @@ def train(cfg, vocabs: TextVocabs, run_url: str, rank: int, world_size: int) -> 
     resumed = ckpt.resume(trainer, run_url, cfg.train.resume, cfg.train.resume_weights_only)
     if rank == 0:
         ckpt.prune(run_url, cfg.run.keep_checkpoints)  # partial leftovers of the attempt before
-        line = reporter.run.start_attempt(trainer.step, resumed)
+        line = reporter.run.start_attempt(trainer.step, resumed, world_size)
         if line:
             print(line, flush=True)
         reporter.tracker = RunTracker(cfg, reporter.run, trainer.step)

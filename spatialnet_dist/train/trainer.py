@@ -77,9 +77,12 @@ def peak_memory_mb(device: torch.device) -> float:
 
 class Trainer:
     def __init__(self, cfg: Config, vocabs: TextVocabs, rank: int, world_size: int, reporter: Reporter,
-                 fault_marker=None):
+                 fault_marker=None, stop_requested=None):
         self.cfg, self.vocabs, self.rank, self.world_size, self.reporter = cfg, vocabs, rank, world_size, reporter
         self.fault_marker = fault_marker  # callable -> bool: claims the one-time fault (faults.fail_at_step)
+        # callable -> bool at each step boundary, the same on every rank (a pre-emption: train/preemption.py):
+        # True checkpoints this step and ends fit() there.
+        self.stop_requested = stop_requested or (lambda: False)
         if not cfg.train.max_steps:
             raise ValueError("train.max_steps is 0: resolve train.epochs first (spatialnet_dist.train.plan.resolve)")
         self.tasks = cfg.tasks.enabled()
@@ -142,7 +145,11 @@ class Trainer:
                 self.step += 1
                 window.time += time.perf_counter() - t0
                 self._maybe_fail()
-                last_metrics = self._report_if_due(window) or last_metrics
+                stop = self.stop_requested()
+                last_metrics = self._report_if_due(window, checkpoint_now=stop) or last_metrics
+                if stop:
+                    self.reporter.settle()  # Ray has the checkpoint before the group goes
+                    break
         finally:
             self.loader.close()
         return last_metrics
@@ -182,11 +189,11 @@ class Trainer:
         if self._fault_due("user_error", self.step):
             raise UserError(f"{where}: injected user error")
 
-    def _report_if_due(self, window: _Window) -> dict | None:
+    def _report_if_due(self, window: _Window, checkpoint_now: bool = False) -> dict | None:
         cfg, step = self.cfg, self.step
         last = step == cfg.train.max_steps
         log_due = step % cfg.train.log_every == 0 or last
-        ckpt_due = step % cfg.train.checkpoint_every == 0 or last
+        ckpt_due = step % cfg.train.checkpoint_every == 0 or last or checkpoint_now
         val_due = cfg.eval.every and step % cfg.eval.every == 0
         if not (log_due or ckpt_due or val_due):
             return None

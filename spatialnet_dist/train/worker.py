@@ -24,6 +24,8 @@ versions.require("ray")  # before importing Ray Train's private module, which ot
 import ray.train  # noqa: E402
 from ray.train.v2._internal.execution import context as ray_train_context  # noqa: E402
 
+from spatialnet_dist.train import preemption  # noqa: E402  (Ray Train internals too)
+
 log = logging.getLogger("spatialnet.train")
 
 
@@ -90,25 +92,25 @@ def train_loop_per_worker(config: dict) -> None:
 
     ds.init_distributed(cfg.train.use_gpu)
     reporter = RayReporter(run, rank, cfg.run.keep_checkpoints)
+    stop_check = preemption.StopCheck()
     trainer = Trainer(cfg, vocabs, rank, world_size, reporter,
-                      fault_marker=lambda: run.claim_fault(cfg.faults.fail_at_step))
+                      fault_marker=lambda: run.claim_fault(cfg.faults.fail_at_step), stop_requested=stop_check.check)
     try:
-        _resume_train_evaluate(trainer, reporter, cfg, vocabs, run)
+        _resume_train_evaluate(trainer, reporter, cfg, vocabs, run, stop_check)
     except Exception as e:
         failures.mark_step(e, trainer.step)  # the controller ends a run whose same step fails twice
         raise
 
 
-
 def _resume_train_evaluate(trainer: Trainer, reporter: RayReporter, cfg: config_mod.Config, vocabs: TextVocabs,
-                           run: RunDir) -> None:
+                           run: RunDir, stop_check: preemption.StopCheck) -> None:
     rank, world_size = trainer.rank, trainer.world_size
     # The run's own last complete checkpoint rather than Ray's last registered one: the same on every
     # path, and never one that keep_checkpoints has pruned since.
     resumed = ckpt.resume(trainer, run.url, cfg.train.resume, cfg.train.resume_weights_only)
     if rank == 0:
         ckpt.prune(run.url, cfg.run.keep_checkpoints)  # partial leftovers of the attempt before
-        line = run.start_attempt(trainer.step, resumed)
+        line = run.start_attempt(trainer.step, resumed, world_size)
         if line:
             log.info("rank 0: %s", line)
         reporter.tracker = RunTracker(cfg, run, trainer.step)
@@ -116,6 +118,11 @@ def _resume_train_evaluate(trainer: Trainer, reporter: RayReporter, cfg: config_
                  cfg.train.max_steps)
 
     trainer.fit()
+    if stop_check.stopped and trainer.step < cfg.train.max_steps:
+        if rank == 0:
+            run.end_attempt("preemption", trainer.step)
+            log.info("rank 0: pre-empted; checkpointed at step %d, handing over", trainer.step)
+        preemption.hand_over()
 
     if cfg.eval.at_end:
         from spatialnet_dist.evaluate.run import evaluate_model
