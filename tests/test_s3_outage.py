@@ -112,7 +112,7 @@ def test_joined_parts_may_not_leave_the_root():
 
 @pytest.mark.parametrize("key", ["ckpt//etc/evil", "ckpt/zero/../../evil"])
 def test_checkpoint_copy_refuses_keys_that_leave_its_folder(s3_endpoint, s3_bucket, key):
-    from spatialnet_dist.train.checkpoint import local_copy
+    from spatialnet_dist.checkpoint import local_copy
 
     """A checkpoint's manifest naming a file outside its folder is refused before anything is fetched."""
     files = {"meta.json": {"sha256": "0" * 64, "bytes": 2}, key.removeprefix("ckpt/"): {"sha256": "0" * 64, "bytes": 1}}
