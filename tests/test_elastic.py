@@ -313,14 +313,13 @@ def test_a_lost_node_leaves_an_elastic_run_on_one_worker(synth_root, two_nodes, 
     checkpoint holds the whole optimizer state, loadable on any number of workers."""
     two_nodes.add_second()
     runs = tmp_path / "runs"
-    run = RunDir(str(runs / "elastic"))
     killed: list[int] = []
 
     def kill_second_node():
         killed.append(_metrics(runs, "elastic")[-1]["step"])
         two_nodes.second.kill()
 
-    _when(lambda: run.ray_registered("checkpoint-000002"), kill_second_node)
+    _when(lambda: (runs / "elastic" / "checkpoint-000002" / "manifest.json").is_file(), kill_second_node)
     batches = [f"tasks.{t}.global_batch_size=4" for t in config_mod.TASKS]
     code, result = Job(two_nodes, sets(*TINY, *batches, f"data.root={synth_root}", f"run.storage={runs}",
                                        "run.name=elastic", "train.num_workers=[1, 2]", "train.max_steps=6",

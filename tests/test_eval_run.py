@@ -15,6 +15,7 @@ import pytest
 import torch
 from PIL import Image
 
+from spatialnet_dist import checkpoint as ckpt
 from spatialnet_dist import config as config_mod
 from spatialnet_dist.cli import main
 from spatialnet_dist.corpora.synthetic import write_synthetic
@@ -22,7 +23,6 @@ from spatialnet_dist.data import build_vocabs
 from spatialnet_dist.evaluate.vqa import load_vqa_predictions, score_vqa
 from spatialnet_dist.model import build_model
 from spatialnet_dist.store.manifest import read_manifest
-from spatialnet_dist.train import checkpoint as ckpt
 
 
 def run_cli(argv: list[str]) -> tuple[int, str, str]:
@@ -162,8 +162,8 @@ def test_eval_run_over_ray_workers_matches_one_process(store, shared_ray, tmp_pa
     caption_rows = json.loads((tmp_path / "ray" / "predictions" / "captions.json").read_text())
     assert len(caption_rows) == read_manifest(store, "synthetic")["splits"]["test"]["samples"]
 
+    from spatialnet_dist.checkpoint import load_model
     from spatialnet_dist.evaluate.run import predict_split, score_predictions
-    from spatialnet_dist.train.checkpoint import load_model
 
     model, cfg, vocabs = load_model(bundle)
     one_process = predict_split(model, cfg, vocabs, "test").rows

@@ -19,9 +19,9 @@ def _losses_worker(rank: int, port: int, out: str, settings: dict[str, list[str]
     os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
                       DS_ACCELERATOR="cpu")
     from spatialnet_dist import config as config_mod
+    from spatialnet_dist import engine as ds
     from spatialnet_dist.model.spatialnet import assemble_model
     from spatialnet_dist.objective import MultiTaskObjective
-    from spatialnet_dist.train import engine as ds
 
     torch.set_num_threads(1)
     ds.init_distributed(False)

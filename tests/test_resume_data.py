@@ -146,13 +146,13 @@ def _e2e_worker(rank: int, port: int, root: str, out: str, stage: int, loader_wo
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port), DS_ACCELERATOR="cpu")
     from spatialnet_dist import config as config_mod
-    from spatialnet_dist.train import engine as ds
+    from spatialnet_dist import engine as ds
     from spatialnet_dist.train.local import train
 
     def run(name: str, *extra: str) -> dict:
         cfg = config_mod.load(None, [*E2E, f"data.root={root}", f"run.storage={out}", f"run.name={name}",
                                      f"train.zero_stage={stage}", f"data.loader_workers={loader_workers}", *extra])
-        trainer = train(cfg, build_vocabs(cfg), str(Path(out, name)), rank, 2)
+        trainer = train(cfg, build_vocabs(cfg), str(Path(out, name)), rank, 2, None)
         return {k: v.detach().clone() for k, v in trainer.inference_model().state_dict().items()}
 
     ds.init_distributed(False)

@@ -14,6 +14,8 @@ import pytest
 import torch
 import yaml
 
+from spatialnet_dist import checkpoint as ckpt
+from spatialnet_dist import jobs
 from spatialnet_dist.store import storage
 from spatialnet_dist.train import launch
 from spatialnet_dist.train.rundir import RunDir
@@ -58,26 +60,26 @@ def result_line(out: str) -> dict:
 
 def test_bad_config_is_one_line_and_fast(capsys):
     t0 = time.time()
-    assert launch.main(["--set", "train.zero_stage=7"]) == 2
+    assert jobs.train_with_ray(["--set", "train.zero_stage=7"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "zero_stage" in err
     assert time.time() - t0 < 30
 
 
 def test_unknown_key_names_the_closest(capsys):
-    assert launch.main(["--set", "train.max_step=5"]) == 2
+    assert jobs.train_with_ray(["--set", "train.max_step=5"]) == 2
     assert "train.max_steps" in capsys.readouterr().err
 
 
 def test_missing_corpus_names_it(synth_root, capsys):
-    code = launch.main(sets(f"data.root={synth_root}", "tasks.vqa.corpora=[rsvqa-lr]"))
+    code = jobs.train_with_ray(sets(f"data.root={synth_root}", "tasks.vqa.corpora=[rsvqa-lr]"))
     assert code == 2
     err = capsys.readouterr().err
     assert "rsvqa-lr" in err and "convert" in err
 
 
 def test_missing_bucket_is_one_clear_line(synth_root, s3_endpoint, capsys):
-    code = launch.main(sets(f"data.root={synth_root}", "run.storage=s3://no-such-bucket/runs"))
+    code = jobs.train_with_ray(sets(f"data.root={synth_root}", "run.storage=s3://no-such-bucket/runs"))
     assert code == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "no-such-bucket" in err and "Traceback" not in err
@@ -93,13 +95,13 @@ def test_driver_resolves_epochs_and_global_batch_before_workers_start(synth_root
 
     handed = {}
 
-    def fake_training(cfg, vocab, run_dir):
+    def fake_training(cfg, vocab, run_dir, train_loop):
         handed["config"] = cfg
         return SimpleNamespace(error=None, checkpoint=None)
 
     monkeypatch.setattr(launch, "connect_ray", lambda cfg: False)
     monkeypatch.setattr(launch, "run_training", fake_training)
-    code = launch.main(sets(f"data.root={synth_root}", f"run.storage={tmp_path}", "eval.at_end=false",
+    code = jobs.train_with_ray(sets(f"data.root={synth_root}", f"run.storage={tmp_path}", "eval.at_end=false",
                             "train.epochs=2", "train.num_workers=2", "tasks.captioning.global_batch_size=8",
                             "tasks.vqa.batch_size=3", "tasks.vqa.questions_per_image=1"))
     assert code == 0
@@ -120,9 +122,9 @@ def _restore_worker(rank: int, world_size: int, port: int, root: str, run_dir: s
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), DS_ACCELERATOR="cpu")
     from spatialnet_dist import config as config_mod
+    from spatialnet_dist import engine as ds
     from spatialnet_dist.data.vocab import build_vocabs
-    from spatialnet_dist.train import checkpoint as ckpt
-    from spatialnet_dist.train import engine as ds
+    from spatialnet_dist.evaluate.run import validation_metrics
     from spatialnet_dist.train.local import LocalReporter, train
     from spatialnet_dist.train.trainer import Trainer
 
@@ -130,10 +132,10 @@ def _restore_worker(rank: int, world_size: int, port: int, root: str, run_dir: s
                                  "train.max_steps=3", "train.checkpoint_every=3", "train.cpus_per_worker=1"])
     ds.init_distributed(False)
     vocabs = build_vocabs(cfg)
-    trained = train(cfg, vocabs, run_dir, rank, world_size)
+    trained = train(cfg, vocabs, run_dir, rank, world_size, validation_metrics)
     saved = {k: v.detach().clone() for k, v in trained.inference_model().state_dict().items()}
 
-    fresh = Trainer(cfg, vocabs, rank, world_size, LocalReporter(run_dir, rank, cfg.run.keep_checkpoints))
+    fresh = Trainer(cfg, vocabs, rank, world_size, LocalReporter(run_dir, rank, cfg.run.keep_checkpoints), None)
     assert ckpt.resume(fresh, run_dir)  # the run's last complete checkpoint, its files checked first
     step = fresh.step
     restored = fresh.inference_model().state_dict()
@@ -155,8 +157,8 @@ def test_checkpoint_restore_reproduces_parameters(synth_root, tmp_path, free_por
     shards holds them too, and both stages train to the same parameters."""
     import torch.multiprocessing as mp
 
+    from spatialnet_dist.checkpoint import load_model
     from spatialnet_dist.cli import main as cli_main
-    from spatialnet_dist.train.checkpoint import load_model
 
     trained = {}
     for stage in (2, 3):
@@ -187,10 +189,10 @@ def _fine_tune_worker(rank: int, port: int, out: str):
     os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
                       DS_ACCELERATOR="cpu")
     from spatialnet_dist import config as config_mod
+    from spatialnet_dist import engine as ds
     from spatialnet_dist.model.heads import VocabSizes
     from spatialnet_dist.model.spatialnet import assemble_model
     from spatialnet_dist.objective import MultiTaskObjective
-    from spatialnet_dist.train import engine as ds
 
     torch.set_num_threads(1)
     ds.init_distributed(False)
@@ -253,10 +255,10 @@ def _engine_against_bare_worker(rank: int, port: int, out: str):
     os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
                       DS_ACCELERATOR="cpu")
     from spatialnet_dist import config as config_mod
+    from spatialnet_dist import engine as ds
     from spatialnet_dist.model.heads import VocabSizes
     from spatialnet_dist.model.spatialnet import assemble_model
     from spatialnet_dist.objective import MultiTaskObjective
-    from spatialnet_dist.train import engine as ds
 
     torch.set_num_threads(1)
     ds.init_distributed(False)
@@ -322,7 +324,7 @@ def test_ray_zero2_on_s3_survives_a_worker_death(synth_root, s3_endpoint, s3_buc
     data = f"s3://{s3_bucket}/shards"
     write_synthetic(data, images=40, seed=0, shard_size=10)
     runs = f"s3://{s3_bucket}/runs"
-    code = launch.main(sets(*TINY, f"data.root={data}", f"run.storage={runs}", "run.name=s3run", "train.zero_stage=2",
+    code = jobs.train_with_ray(sets(*TINY, f"data.root={data}", f"run.storage={runs}", "run.name=s3run", "train.zero_stage=2",
                             "train.max_steps=8", "train.checkpoint_every=4", "faults.fail_at_step=5"))
     result = result_line(capsys.readouterr().out)
     assert code == 0, result
@@ -382,7 +384,7 @@ def test_ray_run_rides_out_an_s3_outage_without_a_restart(s3_endpoint, s3_bucket
 
     threading.Thread(target=start_outage_mid_run, daemon=True).start()
     t0 = time.time()
-    code = launch.main(sets(*TINY, f"data.root={data}", f"run.storage={runs}", "run.name=outage", "train.zero_stage=2",
+    code = jobs.train_with_ray(sets(*TINY, f"data.root={data}", f"run.storage={runs}", "run.name=outage", "train.zero_stage=2",
                             "train.max_steps=16", "train.checkpoint_every=8", "data.s3_retry_seconds=60"))
     result = result_line(capsys.readouterr().out)
     assert code == 0, result
@@ -396,18 +398,14 @@ def test_ray_run_rides_out_an_s3_outage_without_a_restart(s3_endpoint, s3_bucket
 
 
 def _kill_a_worker_after(checkpoint: Path, head_pid: int, killed: list[int]) -> None:
-    """Once Ray has registered `checkpoint`, SIGKILL one Ray Train worker process of the Ray head `head_pid`
-    from outside (not one of another Ray instance on this machine).
-
-    Registered, not just written: Ray's controller takes a reported checkpoint in when it next polls the
-    workers; a worker killed before that restarts from the checkpoint before (here: from scratch), which
-    is right but not what this tests."""
+    """Once `checkpoint` is complete (its manifest written), SIGKILL one Ray Train worker process of the Ray
+    head `head_pid` from outside (not one of another Ray instance on this machine). The restarted workers
+    resume from the run's own last complete checkpoint, whether or not Ray's controller had taken the report in."""
     import psutil
 
-    run = RunDir(str(checkpoint.parent))
     deadline = time.time() + 600
     while time.time() < deadline and not killed:
-        if run.ray_registered(checkpoint.name):
+        if (checkpoint / ckpt.MANIFEST).is_file():
             for proc in psutil.Process(head_pid).children(recursive=True):
                 try:
                     is_worker = "RayTrainWorker" in " ".join(proc.cmdline())
@@ -427,7 +425,7 @@ def test_ray_zero3_resumes_after_sigkill(synth_root, shared_ray, tmp_path, capsy
     watcher = threading.Thread(target=_kill_a_worker_after,
                                args=(runs / "z3" / "checkpoint-000004", shared_ray.process.pid, killed), daemon=True)
     watcher.start()
-    code = launch.main(sets(*TINY, f"data.root={synth_root}", f"run.storage={runs}", "run.name=z3",
+    code = jobs.train_with_ray(sets(*TINY, f"data.root={synth_root}", f"run.storage={runs}", "run.name=z3",
                             "train.zero_stage=3", "train.max_steps=10", "train.checkpoint_every=4", "eval.every=5"))
     result = result_line(capsys.readouterr().out)
     assert killed, "no Ray Train worker was found to kill"
@@ -446,7 +444,7 @@ def test_ray_zero3_resumes_after_sigkill(synth_root, shared_ray, tmp_path, capsy
 
 def _failed_run(tmp_path, capsys, name: str, *items: str) -> tuple[int, dict, str, RunDir]:
     runs = tmp_path / "runs"
-    code = launch.main(sets(*TINY, f"run.storage={runs}", f"run.name={name}", "train.max_failures=2",
+    code = jobs.train_with_ray(sets(*TINY, f"run.storage={runs}", f"run.name={name}", "train.max_failures=2",
                             "train.max_steps=6", "train.checkpoint_every=2", *items))
     out, err = capsys.readouterr()
     return code, result_line(out), err.strip().splitlines()[-1], RunDir(str(runs / name))

@@ -16,7 +16,7 @@ from urllib.parse import quote
 
 import numpy as np
 
-from spatialnet_dist.evaluate import markdown_table
+from spatialnet_dist.display import displayable, sample_markdown
 from spatialnet_dist.evaluate.captions import format_caption_table
 from spatialnet_dist.evaluate.classification import format_classification_table
 from spatialnet_dist.evaluate.vqa import format_count_table, format_vqa_table
@@ -119,27 +119,6 @@ def plot_confusion(confusion: list[list[int]], classes: list[str], path: Path) -
 # ---- sample images ----
 
 
-def displayable(image) -> np.ndarray:
-    """(H, W, C) array of any dtype and band count, or an image/NPY file path -> what imshow can draw:
-    (H, W) or (H, W, 3), uint8 as is, anything else stretched to [0, 1] per image."""
-    if isinstance(image, (str, Path)):
-        if str(image).lower().endswith(".npy"):
-            image = np.load(image, allow_pickle=False)
-        else:
-            from PIL import Image
-
-            with Image.open(image) as im:
-                image = np.asarray(im)
-    image = np.asarray(image)
-    if image.ndim == 3:
-        image = image[..., :3] if image.shape[-1] >= 3 else image[..., 0]  # extra bands are not drawn
-    if image.dtype == np.uint8:
-        return image
-    image = image.astype(np.float64)
-    low, high = np.nanmin(image), np.nanmax(image)
-    return (image - low) / (high - low) if high > low else np.zeros_like(image)
-
-
 def plot_samples(samples: list[dict], path: Path) -> None:
     """A grid of the sample images, each titled with its id and the generated caption under it."""
     from matplotlib.figure import Figure
@@ -158,25 +137,6 @@ def plot_samples(samples: list[dict], path: Path) -> None:
         if sample.get("caption") is not None:
             ax.set_xlabel(textwrap.fill(sample["caption"], 34), fontsize="small")
     fig.savefig(path, dpi=110)
-
-
-def sample_markdown(sample: dict) -> list[str]:
-    """Markdown lines for one sample (write_report's `samples` format): its generated caption, references,
-    class and questions; the report and TensorBoard's text panel show the same."""
-    lines = [f"### {sample['image_id']}", ""]
-    if sample.get("caption") is not None:
-        lines += [f"Generated caption: *{sample['caption']}*", ""]
-    if sample.get("references"):
-        lines += ["References:", "", *(f"- {r}" for r in sample["references"]), ""]
-    if sample.get("label") is not None or sample.get("predicted_label") is not None:
-        lines += [
-            f"Land use: predicted **{sample.get('predicted_label', '-')}**, true **{sample.get('label', '-')}**",
-            "",
-        ]
-    if sample.get("qa"):
-        rows = [[qa["question"], str(qa["prediction"]), str(qa["answer"])] for qa in sample["qa"]]
-        lines += [markdown_table(["question", "predicted", "true"], rows, numbers_from=3), ""]
-    return lines
 
 
 # ---- the report ----

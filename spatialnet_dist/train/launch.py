@@ -1,9 +1,10 @@
 """Launch a training job: config -> preflight -> vocabularies -> Ray TorchTrainer -> RESULT line.
 
-`python ray_job.py` and `spatialnet train` both call `main(argv)`. Everything that can be wrong with
-the input (config, data, sources, storage, java: train.preflight) is checked here, before any worker
-starts. RESULT's "error" is null on success, else the failing worker's one-line reason, which is also
-the last line of stderr (train.failures says which failures end a run at once).
+`python ray_job.py` and `spatialnet train` both call `main(argv, train_loop)` through spatialnet_dist.jobs,
+which binds evaluate/'s validation and end-of-run evaluation into Ray Train's per-worker function.
+Everything that can be wrong with the input (config, data, sources, storage, java: train.preflight) is
+checked here, before any worker starts. RESULT's "error" is null on success, else the failing worker's
+one-line reason, which is also the last line of stderr (train.failures says which failures end a run at once).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import math
 import os
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from spatialnet_dist import config as config_mod
@@ -101,18 +103,18 @@ def check_world_sizes(cfg: config_mod.Config) -> None:
         for_world(cfg, world_size)
 
 
-def run_training(cfg: config_mod.Config, vocab: dict, run_dir: str):
-    """TorchTrainer.fit() -> Ray's Result."""
+def run_training(cfg: config_mod.Config, vocab: dict, run_dir: str, train_loop: Callable[[dict], None]):
+    """TorchTrainer.fit() -> Ray's Result. `train_loop`: train.worker.train_loop_per_worker with its
+    validation and evaluation bound, a module-level function (Ray pickles it by reference)."""
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     from spatialnet_dist.train.failures import FailureClassifier
     from spatialnet_dist.train.preemption import SigtermHandler
-    from spatialnet_dist.train.worker import train_loop_per_worker
 
     storage_path, filesystem = storage_for_ray(cfg.run.storage, cfg.data.s3_retry_seconds)
     trainer = TorchTrainer(
-        train_loop_per_worker,
+        train_loop,
         train_loop_config={"config": cfg.to_dict(), "vocab": vocab, "run_dir": run_dir},
         scaling_config=ScalingConfig(
             num_workers=tuple(cfg.train.worker_range) if cfg.train.elastic else cfg.train.num_workers,
@@ -126,7 +128,7 @@ def run_training(cfg: config_mod.Config, vocab: dict, run_dir: str):
             storage_filesystem=filesystem,
             # Pre-emptions (a drained node, a SIGTERM: train.preemption) have their own budget, unlimited.
             failure_config=FailureConfig(max_failures=cfg.train.max_failures),
-            # No checkpoint_config: run.keep_checkpoints is applied by train.checkpoint.prune, on every path.
+            # No checkpoint_config: run.keep_checkpoints is applied by checkpoint.prune, on every path.
             callbacks=[FailureClassifier(run_dir),  # permanent failures end the run on this attempt
                        SigtermHandler(cfg.train.preemption_grace_s)],
         ),
@@ -134,7 +136,7 @@ def run_training(cfg: config_mod.Config, vocab: dict, run_dir: str):
     return trainer.fit()
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None, train_loop: Callable[[dict], None]) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     args = parse_args(sys.argv[1:] if argv is None else argv)
     try:
@@ -145,9 +147,9 @@ def main(argv: list[str] | None = None) -> int:
 
             mlflow_tracking_uri(cfg)  # an S3 run.storage without a tracking server stops now
         prepare_data(cfg)
+        from spatialnet_dist.checkpoint import latest_complete, resumed_meta
         from spatialnet_dist.data.vocab import build_vocabs
         from spatialnet_dist.train import preflight
-        from spatialnet_dist.train.checkpoint import latest_complete, resumed_meta
         from spatialnet_dist.train.plan import resolve
         from spatialnet_dist.train.rundir import RunDir
 
@@ -173,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.time()
     error = None
     try:
-        result = run_training(cfg, vocabs.to_dict(), run.url)
+        result = run_training(cfg, vocabs.to_dict(), run.url, train_loop)
         error = result.error
     except Exception as e:  # TrainingFailedError: a permanent failure, or the retries are spent
         result, error = None, e

@@ -16,9 +16,9 @@
   tensorboard/    TensorBoard event files, one per attempt (train/tracking.py; log.tensorboard)
   mlflow.json     the MLflow run this run logs to (log.mlflow)
   eval/           metrics.json, predictions/, report.md and its figures
-Beside these: checkpoint-NNNNNN/ (train.checkpoint: complete once its manifest.json is written; a
-restart resumes from the last complete one) and, on the Ray path, Ray Train's
-checkpoint_manager_snapshot.json (the checkpoints reported to it).
+Beside these: checkpoint-NNNNNN/ (spatialnet_dist.checkpoint: complete once its manifest.json is written; a
+restart resumes from the last complete one, whatever Ray Train's checkpoint_manager_snapshot.json on the
+Ray path says).
 """
 
 from __future__ import annotations
@@ -89,7 +89,7 @@ class RunDir:
         """Rank 0 at an attempt's start (`resumed`: what checkpoint.resume says it resumed): the attempt
         record with the steps the attempt before lost, metrics.jsonl cut back to `step`. -> the resume line
         to log ("" on a fresh start)."""
-        from spatialnet_dist.train.checkpoint import describe_resume
+        from spatialnet_dist.checkpoint import describe_resume
 
         lost = max(0, self.last_step_reached() - step)
         self.truncate_metrics(step)
@@ -133,10 +133,6 @@ class RunDir:
     def record_failure(self, step: int | None, reason: str) -> None:
         entries = [*self.failures(), {"step": step, "reason": reason, "time": time.time()}]
         storage.write_bytes_atomic(self.path("failures.json"), json.dumps(entries, indent=1).encode())
-
-    def ray_registered(self, checkpoint_name: str) -> bool:
-        """Whether Ray Train has registered the checkpoint directory `checkpoint_name` of this run."""
-        return f'"{checkpoint_name}"' in self._read_text("checkpoint_manager_snapshot.json")
 
     # ---- result.json ----
 
