@@ -128,10 +128,11 @@ def measure_rank(rank: int, world_size: int, port: int, stage: int, preset: str,
     torch.set_num_threads(1)
     from model_step import multitask_batch  # bench/model_step.py: the multi-task batch of the step benches
 
-    from spatialnet_dist.config import TASKS, Config
+    from spatialnet_dist.config import Config
     from spatialnet_dist.model.spatialnet import assemble_model
     from spatialnet_dist.model.summary import REPRESENTATIVE_SIZES
     from spatialnet_dist.objective import MultiTaskObjective
+    from spatialnet_dist.tasks import DEFAULT_TASKS as TASKS
     from spatialnet_dist.train import engine as ds
 
     cfg = Config()

@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 from spatialnet_dist import config as config_mod
+from spatialnet_dist import tasks as registry
 from spatialnet_dist import versions
 from spatialnet_dist.store import storage
 from spatialnet_dist.text import TextVocabs
@@ -128,10 +129,6 @@ def _resume_train_evaluate(trainer: Trainer, reporter: RayReporter, cfg: config_
 
 
 def _flat(metrics: dict) -> dict:
-    """Headline test metrics for Ray's result (the full set is in eval/metrics.json)."""
-    out = {}
-    for task, key in (("captions", "CIDEr"), ("captions", "BLEU-4"), ("vqa", "OA"), ("vqa", "AA"),
-                      ("classification", "accuracy")):
-        if key in metrics.get(task, {}):
-            out[f"test/{task}_{key}"] = metrics[task][key]
-    return out
+    """Headline test metrics for Ray's result (each task's `headline_keys`; the full set is in eval/metrics.json)."""
+    return {f"test/{task}_{key}": metrics[task][key] for task in metrics
+            for key in registry.get(task).headline_keys if key in metrics[task]}
