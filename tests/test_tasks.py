@@ -133,6 +133,7 @@ def _toy_worker(rank: int, port: int, root: str, run_dir: str, out: str):
     Path(out, "result.json").write_text(json.dumps({"tags": vocabs.tags, "metrics": metrics}))
 
 
+@pytest.mark.slow  # a spawned DeepSpeed rank trains, validates and evaluates: minutes on 2 loaded cores
 def test_a_task_defined_in_a_test_trains_validates_evaluates_and_reports(tmp_path, free_ports):
     import torch.multiprocessing as mp
 
