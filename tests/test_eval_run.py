@@ -169,7 +169,7 @@ def test_eval_run_over_ray_workers_matches_one_process(store, tmp_path):
     one_process = predict_split(model, cfg, vocabs, "test").rows
     one_process.pop("captioning")  # scored above; java once is enough
     without_baselines = {task: {k: v for k, v in s.items() if k != "baselines"} for task, s in over_ray.items()}
-    without_baselines.pop("captions")
+    without_baselines.pop("captioning")
     assert score_predictions(one_process, cfg, vocabs) == without_baselines
 
 
