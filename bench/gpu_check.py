@@ -35,11 +35,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from overhead import fixed_batch  # noqa: E402
 
 from spatialnet_dist import engine as ds  # noqa: E402
-from spatialnet_dist.config import TASKS  # noqa: E402
 from spatialnet_dist.data import build_vocabs, make_train_loader, model_image_size  # noqa: E402
 from spatialnet_dist.model import build_model  # noqa: E402
 from spatialnet_dist.model.summary import model_summary  # noqa: E402
 from spatialnet_dist.objective import MultiTaskObjective  # noqa: E402
+from spatialnet_dist.tasks import DEFAULT_TASKS as TASKS  # noqa: E402
 from spatialnet_dist.train.launch import load_config, parse_args  # noqa: E402
 from spatialnet_dist.train.trainer import peak_memory_mb, to_device  # noqa: E402
 

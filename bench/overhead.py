@@ -66,9 +66,9 @@ import torch  # noqa: E402
 from overhead_loops import BareDDP, BareLoop, EngineLoop, fixed_batch  # noqa: E402, F401 (gpu_check.sh imports fixed_batch)
 
 from spatialnet_dist import config  # noqa: E402
-from spatialnet_dist.config import TASKS  # noqa: E402
 from spatialnet_dist.corpora.synthetic import write_synthetic  # noqa: E402
 from spatialnet_dist.data import build_vocabs, model_image_size  # noqa: E402
+from spatialnet_dist.tasks import DEFAULT_TASKS as TASKS  # noqa: E402
 from spatialnet_dist.train.rundir import RunDir  # noqa: E402
 
 DEMO = REPO / "configs" / "demo.yaml"

@@ -129,10 +129,11 @@ def measure_rank(rank: int, world_size: int, port: int, stage: int, preset: str,
     from model_step import multitask_batch  # bench/model_step.py: the multi-task batch of the step benches
 
     from spatialnet_dist import engine as ds
-    from spatialnet_dist.config import TASKS, Config
+    from spatialnet_dist.config import Config
     from spatialnet_dist.model.spatialnet import assemble_model
     from spatialnet_dist.model.summary import REPRESENTATIVE_SIZES
     from spatialnet_dist.objective import MultiTaskObjective
+    from spatialnet_dist.tasks import DEFAULT_TASKS as TASKS
 
     cfg = Config()
     cfg.model.preset, cfg.train.zero_stage, cfg.train.precision = preset, stage, precision

@@ -2,6 +2,11 @@
 
 The one config module. Errors are `ConfigError` with a one-line message that names the key
 (and the closest valid key for a typo) so the CLI can print it and exit before any worker starts.
+`tasks.<task>` has one section per registered task (spatialnet_dist/tasks): the section's class is made
+from the registry when a Config is made, with the task's own options beside the common TaskConfig keys.
+
+Over 300 lines: the dataclasses of every section, their range checks and the loader that checks every
+key are one concept (what a valid config is); split, each part would need the others to be read.
 """
 
 from __future__ import annotations
@@ -17,13 +22,10 @@ import yaml
 
 from spatialnet_dist.errors import UserError
 
-TASKS = ("captioning", "vqa", "classification", "regression")
-QUESTION_TASKS = ("vqa", "regression")  # tasks whose rows are questions about an image (questions_per_image)
 PRESETS = ("tiny", "small", "paper", "base", "large", "giant")
 # Training image augmentation per task (data/transforms.py): none | the 8 symmetries of the square, texts mapped
 # to match | strong: crop, colour jitter and symmetries, which can change counts and what texts say.
 AUGMENT_POLICIES = ("none", "symmetry", "strong")
-STRONG_AUGMENT_TASKS = ("classification",)
 
 
 class ConfigError(UserError):
@@ -72,15 +74,52 @@ class TaskConfig:
     captions_per_image: int = 0  # captioning: reference captions one visit trains; 0: all, up to the same cap
 
 
+def _registry():
+    from spatialnet_dist import tasks  # lazily: the task modules import the model, which imports this module
+
+    return tasks
+
+
 @dataclass
 class TasksConfig:
-    captioning: TaskConfig = field(default_factory=TaskConfig)
-    vqa: TaskConfig = field(default_factory=TaskConfig)
-    classification: TaskConfig = field(default_factory=lambda: TaskConfig(augment="strong"))
-    regression: TaskConfig = field(default_factory=TaskConfig)
+    """One TaskConfig field per registered task, in registry order (the class is made by tasks_config_class)."""
 
     def enabled(self) -> list[str]:
-        return [t for t in TASKS if getattr(self, t).enabled]
+        return [f.name for f in dataclasses.fields(self) if getattr(self, f.name).enabled]
+
+    def __reduce__(self):  # the made class is not importable by name: pickle (Ray, copies) rebuilds it from values
+        return _tasks_config_from_dict, (dataclasses.asdict(self),)
+
+
+def _tasks_config_from_dict(data: dict) -> TasksConfig:
+    tasks = tasks_config_class()()
+    _merge(tasks, data, "tasks.")
+    return tasks
+
+
+_TASKS_CONFIG_CLASSES: dict[tuple, type] = {}
+
+
+def _task_config_class(task) -> type:
+    """TaskConfig with the task's own options (`Task.options`, e.g. tagging's pos_weight) as extra keys."""
+    if not task.options:
+        return TaskConfig
+    return dataclasses.make_dataclass(f"{task.name.title()}TaskConfig",
+                                      [(k, type(v), field(default=v)) for k, v in task.options.items()],
+                                      bases=(TaskConfig,))
+
+
+def tasks_config_class() -> type:
+    """The TasksConfig class of the registered tasks (made once per set of tasks)."""
+    tasks = _registry().all_tasks()
+    key = tuple(id(t) for t in tasks)
+    if key not in _TASKS_CONFIG_CLASSES:
+        fields = []
+        for t in tasks:
+            cls, defaults = _task_config_class(t), {"enabled": t.default_enabled, "augment": t.augment}
+            fields.append((t.name, cls, field(default_factory=lambda cls=cls, d=defaults: cls(**d))))
+        _TASKS_CONFIG_CLASSES[key] = dataclasses.make_dataclass("TasksConfig", fields, bases=(TasksConfig,))
+    return _TASKS_CONFIG_CLASSES[key]
 
 
 @dataclass
@@ -103,7 +142,7 @@ class ModelConfig:
 
 @dataclass
 class LossConfig:
-    weights: dict[str, float] = field(default_factory=lambda: {t: 1.0 for t in TASKS})
+    weights: dict[str, float] = field(default_factory=lambda: {t: 1.0 for t in _registry().names()})
     regularization: str = "decoupled"  # decoupled (AdamW weight decay) | l2 (explicit lambda_reg term)
     l2: float = 0.0  # lambda_reg when regularization == l2
     label_smoothing: float = 0.0
@@ -212,7 +251,7 @@ class FaultsConfig:
 class Config:
     run: RunConfig = field(default_factory=RunConfig)
     data: DataConfig = field(default_factory=DataConfig)
-    tasks: TasksConfig = field(default_factory=TasksConfig)
+    tasks: TasksConfig = field(default_factory=lambda: tasks_config_class()())
     model: ModelConfig = field(default_factory=ModelConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -370,6 +409,7 @@ def _merge(obj, data: dict, prefix: str = "") -> None:
     for key, value in data.items():
         full = f"{prefix}{key}"
         if key not in hints:
+            _check_renamed(prefix, key)
             raise ConfigError(f"unknown config key {full}{_suggest(full, prefix, hints)}")
         tp = hints[key]
         if _is_dataclass_type(tp):
@@ -381,18 +421,26 @@ def _merge(obj, data: dict, prefix: str = "") -> None:
             setattr(obj, key, _coerce(full, value, tp))
 
 
+def _check_renamed(prefix: str, key: str) -> None:
+    """A task's former name under tasks. or loss.weights. is an error naming the name it has now."""
+    new = _registry().renamed().get(key) if prefix in ("tasks.", "loss.weights.") else None
+    if new:
+        raise ConfigError(f"config key {prefix}{key}: the task is now named {new!r}; use {prefix}{new}")
+
+
 def _suggest(full: str, prefix: str, hints: dict) -> str:
-    candidates = [f"{prefix}{k}" for k in hints] + list(_all_keys())
+    candidates = [f"{prefix}{k}" for k in hints] + list(_all_keys(Config()))
     close = difflib.get_close_matches(full, candidates, n=1, cutoff=0.6)
     return f" (did you mean {close[0]}?)" if close else ""
 
 
-def _all_keys(cls=Config, prefix: str = ""):
-    for name, tp in typing.get_type_hints(cls).items():
-        if _is_dataclass_type(tp):
-            yield from _all_keys(tp, f"{prefix}{name}.")
+def _all_keys(obj, prefix: str = ""):
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if dataclasses.is_dataclass(value):
+            yield from _all_keys(value, f"{prefix}{f.name}.")
         else:
-            yield f"{prefix}{name}"
+            yield f"{prefix}{f.name}"
 
 
 def _get(cfg: Config, dotted: str):
@@ -412,33 +460,10 @@ def validate(cfg: Config) -> Config:
             len(workers) != 2 or not 1 <= workers[0] <= workers[1]):
         raise ConfigError(f"config key train.num_workers: {workers!r} is not allowed "
                           "(expected a number >= 1, or [min, max] with 1 <= min <= max)")
-    for task in TASKS:
-        tc: TaskConfig = getattr(cfg.tasks, task)
-        if tc.batch_size < 1:
-            raise ConfigError(f"config key tasks.{task}.batch_size: {tc.batch_size!r} is not allowed (expected >= 1)")
-        if tc.augment not in AUGMENT_POLICIES:
-            raise ConfigError(f"config key tasks.{task}.augment: {tc.augment!r} is not allowed "
-                              f"(expected {', '.join(AUGMENT_POLICIES)})")
-        if tc.augment == "strong" and task not in STRONG_AUGMENT_TASKS:
-            raise ConfigError(f"config key tasks.{task}.augment: strong crops and recolours images, which can change "
-                              f"counts and what texts say; only {', '.join(STRONG_AUGMENT_TASKS)} may use it")
-        if tc.global_batch_size < 0:
-            raise ConfigError(f"config key tasks.{task}.global_batch_size: {tc.global_batch_size!r} is not allowed "
-                              "(expected >= 1, or 0: off)")
-        if tc.questions_per_image < 0:
-            raise ConfigError(f"config key tasks.{task}.questions_per_image: {tc.questions_per_image!r} is not "
-                              "allowed (expected >= 0; 0: all of an image's questions)")
-        if tc.questions_per_image and task not in QUESTION_TASKS:
-            raise ConfigError(f"config key tasks.{task}.questions_per_image: only {' and '.join(QUESTION_TASKS)} "
-                              "answer questions about an image")
-        if tc.captions_per_image < 0 or (tc.captions_per_image and task != "captioning"):
-            raise ConfigError(f"config key tasks.{task}.captions_per_image: {tc.captions_per_image!r} is not allowed "
-                              "(expected >= 0, 0: all of an image's captions; captioning only)")
-        if tc.enabled and not tc.corpora:
-            raise ConfigError(f"config key tasks.{task}.corpora: an enabled task needs at least one corpus")
-        for name, w in tc.corpus_weights.items():
-            if name not in tc.corpora or w < 0:
-                raise ConfigError(f"config key tasks.{task}.corpus_weights.{name}: must name a listed corpus, weight >= 0")
+    registry = _registry()
+    strong = [t.name for t in registry.all_tasks() if t.strong_augment]
+    for task in registry.all_tasks():
+        _validate_task(getattr(cfg.tasks, task.name), task, strong)
     if cfg.loss.regularization == "l2" and cfg.train.zero_stage == 3:
         # ZeRO-3 partitions the parameters outside forward: the explicit L2 term would read placeholders.
         raise ConfigError("config key loss.regularization: l2 is not supported with train.zero_stage=3 "
@@ -448,11 +473,40 @@ def validate(cfg: Config) -> Config:
     if cfg.train.max_steps == 0 and cfg.train.epochs == 0:
         raise ConfigError("config keys train.max_steps and train.epochs: both 0; set one of them")
     for task, w in cfg.loss.weights.items():
-        if task not in TASKS:
-            raise ConfigError(f"unknown config key loss.weights.{task}{_suggest(task, '', {t: 0 for t in TASKS})}")
+        if task not in registry.names():
+            _check_renamed("loss.weights.", task)
+            raise ConfigError(f"unknown config key loss.weights.{task}{_suggest(task, '', dict.fromkeys(registry.names()))}")
         if w < 0:
             raise ConfigError(f"config key loss.weights.{task}: {w!r} is not allowed (expected >= 0)")
     return cfg
+
+
+def _validate_task(tc: TaskConfig, task, strong: list[str]) -> None:
+    name = task.name
+    if tc.batch_size < 1:
+        raise ConfigError(f"config key tasks.{name}.batch_size: {tc.batch_size!r} is not allowed (expected >= 1)")
+    if tc.augment not in AUGMENT_POLICIES:
+        raise ConfigError(f"config key tasks.{name}.augment: {tc.augment!r} is not allowed "
+                          f"(expected {', '.join(AUGMENT_POLICIES)})")
+    if tc.augment == "strong" and not task.strong_augment:
+        raise ConfigError(f"config key tasks.{name}.augment: strong crops and recolours images, which can change "
+                          f"counts and what texts say; only {', '.join(strong)} may use it")
+    if tc.global_batch_size < 0:
+        raise ConfigError(f"config key tasks.{name}.global_batch_size: {tc.global_batch_size!r} is not allowed "
+                          "(expected >= 1, or 0: off)")
+    for key in ("questions_per_image", "captions_per_image"):  # a cap on the items one visit trains
+        value = getattr(tc, key)
+        if value < 0:
+            raise ConfigError(f"config key tasks.{name}.{key}: {value!r} is not allowed (expected >= 0; 0: all "
+                              "of an image's items)")
+        if value and key != task.per_visit_key:
+            users = [t.name for t in _registry().all_tasks() if t.per_visit_key == key]
+            raise ConfigError(f"config key tasks.{name}.{key}: only {' and '.join(users)} take it")
+    if tc.enabled and not tc.corpora:
+        raise ConfigError(f"config key tasks.{name}.corpora: an enabled task needs at least one corpus")
+    for corpus, w in tc.corpus_weights.items():
+        if corpus not in tc.corpora or w < 0:
+            raise ConfigError(f"config key tasks.{name}.corpus_weights.{corpus}: must name a listed corpus, weight >= 0")
 
 
 def parse_override(text: str) -> tuple[str, object]:

@@ -69,6 +69,9 @@ def sample_markdown(sample: dict) -> list[str]:
             f"Land use: predicted **{sample.get('predicted_label', '-')}**, true **{sample.get('label', '-')}**",
             "",
         ]
+    if sample.get("tags") is not None:
+        lines += [f"Tags: predicted **{', '.join(sample.get('predicted_tags', [])) or '-'}**, "
+                  f"true **{', '.join(sample['tags']) or '-'}**", ""]
     if sample.get("qa"):
         rows = [[qa["question"], str(qa["prediction"]), str(qa["answer"])] for qa in sample["qa"]]
         lines += [markdown_table(["question", "predicted", "true"], rows, numbers_from=3), ""]

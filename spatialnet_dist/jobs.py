@@ -13,18 +13,19 @@ from __future__ import annotations
 import os
 import sys
 
+from spatialnet_dist import tasks as registry
 from spatialnet_dist.evaluate.run import evaluate_model, validation_metrics
 from spatialnet_dist.train import launch
 
+
 # Ray's result carries these headline test metrics (the full set is in <run dir>/eval/metrics.json).
-HEADLINE = (("captions", "CIDEr"), ("captions", "BLEU-4"), ("vqa", "OA"), ("vqa", "AA"), ("classification", "accuracy"))
-
-
 def evaluate_at_end(model, cfg, vocabs, rank: int, world_size: int, run, tracker) -> dict:
     """train.worker's Evaluation: eval.split into <run dir>/eval/ -> the headline metrics on rank 0, {} elsewhere."""
     metrics = evaluate_model(model, cfg, vocabs, cfg.eval.split, rank, world_size, out_dir=run.path("eval"),
                              metrics_jsonl=run.path("metrics.jsonl"), tracker=tracker)
-    return {f"test/{task}_{key}": metrics[task][key] for task, key in HEADLINE if key in metrics.get(task, {})}
+    # Each task's headline_keys (the full set is in eval/metrics.json).
+    return {f"test/{task}_{key}": metrics[task][key] for task in metrics if task in registry.names()
+            for key in registry.get(task).headline_keys if key in metrics[task]}
 
 
 def ray_train_loop(config: dict) -> None:

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from spatialnet_dist.config import TASKS, Config
+from spatialnet_dist.config import Config
 from spatialnet_dist.data import ImageTransform, build_vocabs, make_eval_loader, make_train_loader, train_rows
 from spatialnet_dist.data.batch_format import CAPTIONS, QUESTIONS, collate
 from spatialnet_dist.data.indexed import ShardReader
@@ -36,6 +36,7 @@ from spatialnet_dist.store.manifest import shard_urls
 from spatialnet_dist.store.schema import Sample
 from spatialnet_dist.store.storage import StoreError
 from spatialnet_dist.store.writer import ShardWriter
+from spatialnet_dist.tasks import DEFAULT_TASKS as TASKS
 from spatialnet_dist.text import rsvqa_lr_count_bin
 
 CLASSES = ["field", "forest", "water"]

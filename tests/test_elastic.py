@@ -22,6 +22,7 @@ from test_train import TINY, result_line, sets, synth_root  # noqa: F401  (synth
 
 from spatialnet_dist import config as config_mod
 from spatialnet_dist.config import ConfigError
+from spatialnet_dist.tasks import DEFAULT_TASKS
 from spatialnet_dist.train import launch, preemption
 from spatialnet_dist.train.rundir import RunDir
 
@@ -320,7 +321,7 @@ def test_a_lost_node_leaves_an_elastic_run_on_one_worker(synth_root, two_nodes, 
         two_nodes.second.kill()
 
     _when(lambda: (runs / "elastic" / "checkpoint-000002" / "manifest.json").is_file(), kill_second_node)
-    batches = [f"tasks.{t}.global_batch_size=4" for t in config_mod.TASKS]
+    batches = [f"tasks.{t}.global_batch_size=4" for t in DEFAULT_TASKS]
     code, result = Job(two_nodes, sets(*TINY, *batches, f"data.root={synth_root}", f"run.storage={runs}",
                                        "run.name=elastic", "train.num_workers=[1, 2]", "train.max_steps=6",
                                        "train.checkpoint_every=2", "train.max_failures=1",
@@ -331,5 +332,5 @@ def test_a_lost_node_leaves_an_elastic_run_on_one_worker(synth_root, two_nodes, 
     metrics = _metrics(runs, "elastic")
     assert [m["step"] for m in metrics] == list(range(1, 7))
     for m in metrics:  # images per step over all workers: the global batch, on 2 workers and on 1
-        for task in config_mod.TASKS:
+        for task in DEFAULT_TASKS:
             assert m[f"samples_per_s/{task}"] * m["step_time_s"] == pytest.approx(4), (task, m)

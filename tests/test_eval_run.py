@@ -155,10 +155,10 @@ def test_eval_run_over_ray_workers_matches_one_process(store, shared_ray, tmp_pa
     )
     assert rc == 0, stderr
     over_ray = json.loads(stdout)
-    assert set(over_ray["captions"]) == {
+    assert set(over_ray["captioning"]) == {
         "BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr", "CIDEr_ci", "baselines"
     }
-    assert set(over_ray["captions"]["baselines"]) == {"fixed_caption", "class_oracle"}
+    assert set(over_ray["captioning"]["baselines"]) == {"fixed_caption", "class_oracle"}
     caption_rows = json.loads((tmp_path / "ray" / "predictions" / "captions.json").read_text())
     assert len(caption_rows) == read_manifest(store, "synthetic")["splits"]["test"]["samples"]
 
@@ -169,7 +169,7 @@ def test_eval_run_over_ray_workers_matches_one_process(store, shared_ray, tmp_pa
     one_process = predict_split(model, cfg, vocabs, "test").rows
     one_process.pop("captioning")  # scored above; java once is enough
     without_baselines = {task: {k: v for k, v in s.items() if k != "baselines"} for task, s in over_ray.items()}
-    without_baselines.pop("captions")
+    without_baselines.pop("captioning")
     assert score_predictions(one_process, cfg, vocabs) == without_baselines
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from spatialnet_dist.config import TASKS
+from spatialnet_dist.tasks import DEFAULT_TASKS as TASKS
 from tests.test_model import SIZES, make_batch
 
 

@@ -16,14 +16,14 @@ def test_end_of_run_evaluation_writes_into_the_run_and_gives_rays_headline(monke
 
     def evaluate_model(model, cfg, vocabs, split, rank, world_size, out_dir, metrics_jsonl, tracker):
         called.update(split=split, out_dir=out_dir, metrics_jsonl=metrics_jsonl, tracker=tracker)
-        return {"captions": {"CIDEr": 0.5, "BLEU-4": 0.2, "METEOR": 0.1}, "vqa": {"OA": 0.7},
+        return {"captioning": {"CIDEr": 0.5, "BLEU-4": 0.2, "METEOR": 0.1}, "vqa": {"OA": 0.7},
                 "regression": {"MAE": 1.5}}
 
     monkeypatch.setattr(jobs, "evaluate_model", evaluate_model)
     run = RunDir(str(tmp_path / "run"))
     cfg = config_mod.load(None, ["eval.split=val"])
     headline = jobs.evaluate_at_end(None, cfg, None, 0, 1, run, "rank 0's tracker")
-    assert headline == {"test/captions_CIDEr": 0.5, "test/captions_BLEU-4": 0.2, "test/vqa_OA": 0.7}
+    assert headline == {"test/captioning_CIDEr": 0.5, "test/captioning_BLEU-4": 0.2, "test/vqa_OA": 0.7}
     assert called == {"split": "val", "out_dir": run.path("eval"), "metrics_jsonl": run.path("metrics.jsonl"),
                       "tracker": "rank 0's tracker"}
 

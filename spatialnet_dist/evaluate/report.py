@@ -17,12 +17,9 @@ from urllib.parse import quote
 import numpy as np
 
 from spatialnet_dist.display import displayable, sample_markdown
-from spatialnet_dist.evaluate.captions import format_caption_table
-from spatialnet_dist.evaluate.classification import format_classification_table
-from spatialnet_dist.evaluate.vqa import format_count_table, format_vqa_table
 
 REPORT_NAME = "report.md"
-LOSSES_PNG, CONFUSION_PNG, SAMPLES_PNG = "losses.png", "confusion.png", "samples.png"
+LOSSES_PNG, SAMPLES_PNG = "losses.png", "samples.png"
 
 
 # ---- loss curves ----
@@ -159,10 +156,10 @@ def write_report(
 ) -> Path:
     """Write `<out_dir>/report.md` and its PNG figures (a local folder); -> the report's path.
 
-    metrics: {task: scores} for the tasks evaluated, each as its scorer returns it:
-        "captions": score_captions(...), "vqa": score_vqa(...), "classification": score_classification(...)
-        (its "per_class" keys, in order, name the confusion matrix rows), "regression": count_errors(...);
-        each may hold "baselines": {key: scores of the same shape with a "name"} (evaluate.baselines),
+    metrics: {task: scores} for the tasks evaluated, each as its task's `score` returns it (a section per
+        task, in registry order, drawn by the task's `report_section`: e.g. "captioning": score_captions(...),
+        "vqa": score_vqa(...), "classification": score_classification(...) with a confusion matrix);
+        each may hold "baselines": {key: scores of the same shape with a "name"} (the task's `baselines`),
         shown as rows under this run's in its table, and 95% intervals ("OA_ci", ...) shown in brackets.
     metrics_jsonl: the run's local metrics.jsonl or None; lines {"step", "loss", "<task>_loss",
         "val/<task>_loss", ...}, any of them may be missing (see read_loss_curves).
@@ -176,21 +173,12 @@ def write_report(
     md = [f"# {title}", ""]
 
     md += ["## Test metrics", ""]
-    tables = (
-        ("captions", "Captioning (Table I columns)", format_caption_table),
-        ("vqa", "Visual question answering (Table II columns)", format_vqa_table),
-        ("classification", "Land-use classification", format_classification_table),
-        ("regression", "Count regression", format_count_table),
-    )
-    for task, heading, format_table in tables:
-        if not metrics.get(task):
-            continue
-        md += [f"### {heading}", "", format_table(metrics[task]), ""]
-        if task == "classification":
-            scores = metrics[task]
-            plot_confusion(scores["confusion"], list(scores["per_class"]), out_dir / CONFUSION_PNG)
-            md += [f"![Confusion matrix: true class by predicted class]({CONFUSION_PNG})", ""]
-    if not any(metrics.get(task) for task, _, _ in tables):
+    from spatialnet_dist import tasks as registry  # lazily: the tasks' report sections use this module's figures
+
+    evaluated = [t for t in registry.all_tasks() if metrics.get(t.name)]
+    for task in evaluated:
+        md += [f"### {task.report_heading or task.name}", "", *task.report_section(metrics[task.name], out_dir)]
+    if not evaluated:
         md += ["No task was evaluated.", ""]
 
     md += ["## Training", ""]

@@ -29,13 +29,14 @@ import torch.distributed as dist
 
 from spatialnet_dist import checkpoint as ckpt
 from spatialnet_dist import engine as ds
-from spatialnet_dist.config import QUESTION_TASKS, Config
+from spatialnet_dist import tasks as registry
+from spatialnet_dist.config import Config
 from spatialnet_dist.data.batch_format import question_count
 from spatialnet_dist.data.batches import make_eval_loader, make_train_loader
 from spatialnet_dist.data.order import stream_seed
 from spatialnet_dist.errors import NonFiniteLoss, UserError
 from spatialnet_dist.model import build_model
-from spatialnet_dist.objective import MultiTaskObjective
+from spatialnet_dist.objective import MultiTaskObjective, loss_states
 from spatialnet_dist.text import TextVocabs
 
 log = logging.getLogger("spatialnet.train")
@@ -104,10 +105,10 @@ class Trainer:
         model = build_model(cfg.model, self.tasks, vocabs)
         self.engine = ds.create_engine(cfg, model, world_size)
         self.dtype = torch.bfloat16 if ds.precision(cfg) == "bf16" else torch.float32
-        self.objective = MultiTaskObjective(cfg.loss)
+        self.objective = MultiTaskObjective(cfg.loss, loss_states(cfg, vocabs, self.tasks))
         self.step = 0
         self.samples_seen = dict.fromkeys(self.tasks, 0)  # images per task, all ranks, whole run (the loader's position)
-        self.questions_seen = dict.fromkeys([t for t in self.tasks if t in QUESTION_TASKS], 0)  # vqa, regression
+        self.questions_seen = dict.fromkeys(registry.question_tasks(self.tasks), 0)  # vqa, regression
         self.loader = make_train_loader(cfg, vocabs, rank, world_size)  # lazy: its workers start at the first batch
 
     # ---- checkpoints ----
@@ -253,7 +254,7 @@ class Trainer:
                     break
                 sub = to_device({task: sub}, self.device, next(model.parameters()).dtype)
                 losses = self.objective(model(sub), sub)
-                size = question_count(sub[task]) or len(sub[task]["image_id"])  # what the task's loss averages
+                size = registry.get(task).loss_size(sub[task])  # what the task's loss averages
                 sums[2 * i] += losses[f"{task}_loss"].item() * size
                 sums[2 * i + 1] += size
         sums = _reduce_sum(sums)
@@ -287,7 +288,7 @@ class _Window:
     def __init__(self, tasks: list[str], device: torch.device, world_size: int, start_step: int,
                  rows: dict[str, int]):
         self.tasks, self.device, self.world_size = tasks, device, world_size
-        self.question_tasks = [t for t in tasks if t in QUESTION_TASKS]
+        self.question_tasks = registry.question_tasks(tasks)
         self.keys = ["loss"] + [f"{t}_loss" for t in tasks]
         self._reset(start_step, rows)
 
