@@ -39,8 +39,10 @@ import torch  # noqa: E402
 
 from spatialnet_dist import config  # noqa: E402
 from spatialnet_dist.corpora.synthetic import CLASSES, CORPUS, generate  # noqa: E402
-from spatialnet_dist.data import ImageTransform, build_vocabs, make_train_loader, model_image_size  # noqa: E402
-from spatialnet_dist.model import build_model  # noqa: E402
+from spatialnet_dist.data.batches import make_train_loader  # noqa: E402
+from spatialnet_dist.data.transforms import ImageTransform, model_image_size  # noqa: E402
+from spatialnet_dist.data.vocab import build_vocabs  # noqa: E402
+from spatialnet_dist.model.spatialnet import build_model  # noqa: E402
 from spatialnet_dist.objective import MultiTaskObjective  # noqa: E402
 from spatialnet_dist.store import s3, storage  # noqa: E402
 from spatialnet_dist.store.schema import decode_image, encode_image  # noqa: E402

@@ -35,8 +35,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from overhead import fixed_batch  # noqa: E402
 
 from spatialnet_dist import engine as ds  # noqa: E402
-from spatialnet_dist.data import build_vocabs, make_train_loader, model_image_size  # noqa: E402
-from spatialnet_dist.model import build_model  # noqa: E402
+from spatialnet_dist.data.batches import make_train_loader  # noqa: E402
+from spatialnet_dist.data.transforms import model_image_size  # noqa: E402
+from spatialnet_dist.data.vocab import build_vocabs  # noqa: E402
+from spatialnet_dist.model.spatialnet import build_model  # noqa: E402
 from spatialnet_dist.model.summary import model_summary  # noqa: E402
 from spatialnet_dist.objective import MultiTaskObjective  # noqa: E402
 from spatialnet_dist.tasks import DEFAULT_TASKS as TASKS  # noqa: E402

@@ -67,7 +67,8 @@ from overhead_loops import BareDDP, BareLoop, EngineLoop, fixed_batch  # noqa: E
 
 from spatialnet_dist import config  # noqa: E402
 from spatialnet_dist.corpora.synthetic import write_synthetic  # noqa: E402
-from spatialnet_dist.data import build_vocabs, model_image_size  # noqa: E402
+from spatialnet_dist.data.transforms import model_image_size  # noqa: E402
+from spatialnet_dist.data.vocab import build_vocabs  # noqa: E402
 from spatialnet_dist.tasks import DEFAULT_TASKS as TASKS  # noqa: E402
 from spatialnet_dist.train.rundir import RunDir  # noqa: E402
 

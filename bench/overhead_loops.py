@@ -22,8 +22,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from spatialnet_dist import config
-from spatialnet_dist.data import make_train_loader
-from spatialnet_dist.model import build_model
+from spatialnet_dist.data.batches import make_train_loader
+from spatialnet_dist.model.spatialnet import build_model
 from spatialnet_dist.objective import MultiTaskObjective
 from spatialnet_dist.text import TextVocabs
 

@@ -294,7 +294,7 @@ def load_config_and_vocabs(directory: str | Path) -> tuple[config_mod.Config, Te
 
 def load_model(url: str):
     """-> (model in eval mode on CPU, cfg, vocabs) from a checkpoint or a bundle URL."""
-    from spatialnet_dist.model import build_model
+    from spatialnet_dist.model.spatialnet import build_model
 
     with local_copy(url) as d:
         cfg, vocabs = load_config_and_vocabs(d)

@@ -20,12 +20,12 @@ from pathlib import Path
 
 import yaml
 
+from spatialnet_dist import tasks as registry
+from spatialnet_dist.data.transforms import AUGMENT_POLICIES
 from spatialnet_dist.errors import UserError
+from spatialnet_dist.store.s3 import DEFAULT_RETRY_SECONDS
 
 PRESETS = ("tiny", "small", "paper", "base", "large", "giant")
-# Training image augmentation per task (data/transforms.py): none | the 8 symmetries of the square, texts mapped
-# to match | strong: crop, colour jitter and symmetries, which can change counts and what texts say.
-AUGMENT_POLICIES = ("none", "symmetry", "strong")
 
 
 class ConfigError(UserError):
@@ -56,7 +56,7 @@ class DataConfig:
     max_bad_fraction: float = 0.5  # stop when more than this fraction of a stream's samples fail
     # How long one S3 operation (a shard read, a metrics write, an upload) keeps retrying, with backoff, through
     # an outage of the endpoint before the run stops naming it; a read resumes at its byte offset (store/storage.py).
-    s3_retry_seconds: float = 120.0
+    s3_retry_seconds: float = DEFAULT_RETRY_SECONDS
 
 
 @dataclass
@@ -72,12 +72,6 @@ class TaskConfig:
     augment: str = "symmetry"  # one of AUGMENT_POLICIES
     questions_per_image: int = 0  # vqa/regression: questions one visit answers; 0: all, up to a cap (data code)
     captions_per_image: int = 0  # captioning: reference captions one visit trains; 0: all, up to the same cap
-
-
-def _registry():
-    from spatialnet_dist import tasks  # lazily: the task modules import the model, which imports this module
-
-    return tasks
 
 
 @dataclass
@@ -111,7 +105,7 @@ def _task_config_class(task) -> type:
 
 def tasks_config_class() -> type:
     """The TasksConfig class of the registered tasks (made once per set of tasks)."""
-    tasks = _registry().all_tasks()
+    tasks = registry.all_tasks()
     key = tuple(id(t) for t in tasks)
     if key not in _TASKS_CONFIG_CLASSES:
         fields = []
@@ -142,7 +136,7 @@ class ModelConfig:
 
 @dataclass
 class LossConfig:
-    weights: dict[str, float] = field(default_factory=lambda: {t: 1.0 for t in _registry().names()})
+    weights: dict[str, float] = field(default_factory=lambda: {t: 1.0 for t in registry.names()})
     regularization: str = "decoupled"  # decoupled (AdamW weight decay) | l2 (explicit lambda_reg term)
     l2: float = 0.0  # lambda_reg when regularization == l2
     label_smoothing: float = 0.0
@@ -423,7 +417,7 @@ def _merge(obj, data: dict, prefix: str = "") -> None:
 
 def _check_renamed(prefix: str, key: str) -> None:
     """A task's former name under tasks. or loss.weights. is an error naming the name it has now."""
-    new = _registry().renamed().get(key) if prefix in ("tasks.", "loss.weights.") else None
+    new = registry.renamed().get(key) if prefix in ("tasks.", "loss.weights.") else None
     if new:
         raise ConfigError(f"config key {prefix}{key}: the task is now named {new!r}; use {prefix}{new}")
 
@@ -460,7 +454,6 @@ def validate(cfg: Config) -> Config:
             len(workers) != 2 or not 1 <= workers[0] <= workers[1]):
         raise ConfigError(f"config key train.num_workers: {workers!r} is not allowed "
                           "(expected a number >= 1, or [min, max] with 1 <= min <= max)")
-    registry = _registry()
     strong = [t.name for t in registry.all_tasks() if t.strong_augment]
     for task in registry.all_tasks():
         _validate_task(getattr(cfg.tasks, task.name), task, strong)
@@ -500,7 +493,7 @@ def _validate_task(tc: TaskConfig, task, strong: list[str]) -> None:
             raise ConfigError(f"config key tasks.{name}.{key}: {value!r} is not allowed (expected >= 0; 0: all "
                               "of an image's items)")
         if value and key != task.per_visit_key:
-            users = [t.name for t in _registry().all_tasks() if t.per_visit_key == key]
+            users = [t.name for t in registry.all_tasks() if t.per_visit_key == key]
             raise ConfigError(f"config key tasks.{name}.{key}: only {' and '.join(users)} take it")
     if tc.enabled and not tc.corpora:
         raise ConfigError(f"config key tasks.{name}.corpora: an enabled task needs at least one corpus")

@@ -32,11 +32,25 @@ def _known(name: str) -> str:
     return name
 
 
+def _run_time_nodes(tree: ast.AST):
+    """ast.walk, less the bodies of `if TYPE_CHECKING:`: an import only a type checker runs orders nothing at
+    run time (tasks/base.py names the config and data types its methods take that way)."""
+    todo = [tree]
+    while todo:
+        node = todo.pop()
+        if isinstance(node, ast.If) and ast.unparse(node.test) in ("TYPE_CHECKING", "typing.TYPE_CHECKING"):
+            todo += node.orelse
+            continue
+        yield node
+        todo += ast.iter_child_nodes(node)
+
+
 def imported_names(module: str, source: str) -> set[str]:
-    """Every name an import statement in `source` brings in, absolute (`from . import x`: the package's x)."""
+    """Every name an import statement in `source` brings in at run time, absolute (`from . import x`: the
+    package's x)."""
     package = module if MODULES.get(module, Path()).name == "__init__.py" else module.rpartition(".")[0]
     names = set()
-    for node in ast.walk(ast.parse(source)):
+    for node in _run_time_nodes(ast.parse(source)):
         if isinstance(node, ast.Import):
             names |= {alias.name for alias in node.names}
         elif isinstance(node, ast.ImportFrom):
@@ -48,12 +62,21 @@ def imported_names(module: str, source: str) -> set[str]:
     return names
 
 
+def _with_packages(module: str, importer: str) -> set[str]:
+    """`module` and the packages Python initialises to import it (a.b.c -> {a.b.c, a.b}), less the root and
+    the importer's own packages, which are initialised before the importer runs."""
+    parts = module.split(".")
+    packages = {".".join(parts[:i]) for i in range(2, len(parts))}
+    return {module} | {p for p in packages if not importer.startswith(p + ".")} & MODULES.keys()
+
+
 def import_graph() -> dict[str, set[str]]:
-    """{module: the package's modules it imports}, self-imports of a package's own names left out."""
+    """{module: the package's modules it imports}, with the package inits those imports run (an init that
+    re-exports is an edge to what it re-exports), self-imports of a package's own names left out."""
     graph = {}
     for module, path in MODULES.items():
         inside = {_known(n) for n in imported_names(module, path.read_text()) if n.split(".")[0] == ROOT}
-        graph[module] = inside - {module}
+        graph[module] = set().union(*(_with_packages(n, module) for n in inside)) - {module}
     return graph
 
 
@@ -93,8 +116,11 @@ def test_the_walk_sees_function_local_imports_and_finds_cycles():
     graph = import_graph()
     assert "spatialnet_dist.engine" in graph["spatialnet_dist.checkpoint"]  # imported inside a function
     assert "spatialnet_dist.checkpoint" in graph["spatialnet_dist.evaluate.run"]  # likewise
+    assert "spatialnet_dist.store" in graph["spatialnet_dist.evaluate.run"]  # the package init storage's import runs
     assert imported_names("spatialnet_dist.evaluate.run", "from . import report\nfrom ..store import storage") \
         == {"spatialnet_dist.evaluate.report", "spatialnet_dist.store.storage"}
+    assert imported_names("spatialnet_dist.x", "if TYPE_CHECKING:\n    import spatialnet_dist.config\nelse:\n"
+                          "    import spatialnet_dist.text") == {"spatialnet_dist.text"}
     assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
     assert cycles({"a": {"b"}, "b": set()}) == []
 

@@ -12,10 +12,10 @@ import torch.nn.functional as F
 
 from spatialnet_dist.config import LossConfig, ModelConfig
 from spatialnet_dist.errors import UserError
-from spatialnet_dist.model import PRESETS, build_model
 from spatialnet_dist.model.encoder import build_encoder
 from spatialnet_dist.model.heads import VocabSizes
-from spatialnet_dist.model.spatialnet import assemble_model
+from spatialnet_dist.model.presets import PRESETS
+from spatialnet_dist.model.spatialnet import assemble_model, build_model
 from spatialnet_dist.objective import MultiTaskObjective
 from spatialnet_dist.tasks import DEFAULT_TASKS as TASKS
 from spatialnet_dist.tasks.captioning import generate

@@ -12,8 +12,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from spatialnet_dist.data import build_vocabs, make_train_loader
+from spatialnet_dist.data.batches import make_train_loader
 from spatialnet_dist.data.order import TaskOrder, slot_pattern
+from spatialnet_dist.data.vocab import build_vocabs
 from spatialnet_dist.store.manifest import shard_urls
 from spatialnet_dist.store.storage import StoreError
 from spatialnet_dist.tasks import DEFAULT_TASKS as TASKS

@@ -13,27 +13,8 @@ from collections import Counter
 
 from spatialnet_dist import tasks as registry
 from spatialnet_dist.errors import UserError
-from spatialnet_dist.store.manifest import read_manifest
+from spatialnet_dist.store.manifest import read_manifest, task_corpora, train_split
 from spatialnet_dist.text import AnswerVocab, TextVocabs, Vocab
-
-TRAIN_SPLIT = "train"
-
-
-def task_corpora(cfg, tasks) -> list[str]:
-    """Corpora feeding any of `tasks` (enabled ones only), each once, in config order."""
-    out: list[str] = []
-    for task in tasks:
-        tc = getattr(cfg.tasks, task)
-        if tc.enabled:
-            out += [c for c in tc.corpora if c not in out]
-    return out
-
-
-def train_split(manifest: dict, corpus: str, root: str) -> dict:
-    splits = manifest.get("splits", {})
-    if TRAIN_SPLIT not in splits:
-        raise UserError(f"corpus {corpus} under {root}: manifest has no '{TRAIN_SPLIT}' split (has: {', '.join(splits) or 'none'})")
-    return splits[TRAIN_SPLIT]
 
 
 def build_vocabs(cfg) -> TextVocabs:

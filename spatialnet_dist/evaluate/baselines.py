@@ -1,7 +1,7 @@
 """The baselines each evaluated task is shown beside: what guessing, the question alone or the image's
 class alone score, with the same scorers as the model. Each task declares its own (tasks/<task>.py
-`baselines`); this module holds what they learn from the training split, and `trivial_baselines` asks
-every evaluated task.
+`baselines`); this module holds what they learn from the training split, and evaluate/run.py's
+`trivial_baselines` asks every evaluated task.
 
 Answers are counted as the metric compares them (eval.count_rule); ties go to the alphabetically first.
 Per-type answer counts come from the manifests; questions and captions from the training shards' JSON
@@ -15,6 +15,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 from spatialnet_dist.errors import UserError
+from spatialnet_dist.store.manifest import TRAIN_SPLIT, read_manifest, task_corpora, train_split
+from spatialnet_dist.store.records import split_records
 from spatialnet_dist.text import TextVocabs, as_number, map_answer, words
 
 log = logging.getLogger(__name__)
@@ -51,10 +53,6 @@ def read_training_text(cfg, vocabs: TextVocabs, tasks: list[str]) -> TrainingTex
     """Answer counts per type from the manifests of the vqa and regression corpora (of those in `tasks`);
     questions (vqa in `tasks`) and captions by class (captioning in `tasks`) from one pass over the
     training records."""
-    from spatialnet_dist.data.vocab import TRAIN_SPLIT, task_corpora, train_split
-    from spatialnet_dist.store.manifest import read_manifest
-    from spatialnet_dist.store.records import split_records
-
     rule, root, text = cfg.eval.count_rule, cfg.data.root, TrainingText()
     for corpus in task_corpora(cfg, [t for t in ("vqa", "regression") if t in tasks]):
         for qtype, by_answer in train_split(read_manifest(root, corpus), corpus, root).get("answer_counts", {}).items():
@@ -106,12 +104,3 @@ def training_text(cfg, vocabs: TextVocabs, tasks: list[str]) -> TrainingText:
     except UserError as e:
         log.warning("no baselines from the training split: %s", e)
         return TrainingText()
-
-
-def trivial_baselines(rows: dict[str, list[dict]], cfg, vocabs: TextVocabs) -> dict:
-    """{task: prediction rows} -> {task: {baseline key: its scores (the task scorer's shape) and a "name"}}
-    for the tasks with rows and baselines (each task's `baselines`)."""
-    from spatialnet_dist import tasks as registry
-
-    out = {task: registry.get(task).baselines(task_rows, cfg, vocabs) for task, task_rows in rows.items() if task_rows}
-    return {task: baselines for task, baselines in out.items() if baselines}

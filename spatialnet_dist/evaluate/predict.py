@@ -54,7 +54,7 @@ def predict_images(checkpoint: str, images: list[str], questions: list[str] | No
     """-> per image {"image": path, "caption", "class", "probability", "answers": [{"question", "answer",
     "probability"}]}, each key present when the model has that head (answers: the vqa head and questions)."""
     from spatialnet_dist.checkpoint import load_model
-    from spatialnet_dist.data import ImageTransform, model_image_size
+    from spatialnet_dist.data.transforms import ImageTransform, model_image_size
 
     questions = list(questions or [])
     arrays = [load_image(p) for p in images]  # bad files fail before the model loads

@@ -16,6 +16,7 @@ from urllib.parse import quote
 
 import numpy as np
 
+from spatialnet_dist import tasks as registry
 from spatialnet_dist.display import displayable, sample_markdown
 
 REPORT_NAME = "report.md"
@@ -81,38 +82,6 @@ def plot_loss_curves(curves: dict, path: Path) -> None:
 # ---- confusion matrix ----
 
 
-def plot_confusion(confusion: list[list[int]], classes: list[str], path: Path) -> None:
-    """Rows: true class, columns: predicted; colour = row-normalised rate, numbers = counts (up to 25 classes)."""
-    from matplotlib.figure import Figure
-
-    counts = np.asarray(confusion, dtype=float)  # (K, K)
-    rates = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)
-    k = len(classes)
-    side = max(4.0, 0.4 * k + 2.5)
-    fig = Figure(figsize=(side + 1, side), layout="constrained")
-    ax = fig.add_subplot()
-    shown = ax.imshow(rates, cmap="Blues", vmin=0, vmax=1)
-    fig.colorbar(shown, ax=ax, label="fraction of the true class", shrink=0.8)
-    ax.set_xticks(range(k), classes, rotation=90, fontsize="small")
-    ax.set_yticks(range(k), classes, fontsize="small")
-    ax.set_xlabel("predicted class")
-    ax.set_ylabel("true class")
-    if k <= 25:
-        for i in range(k):
-            for j in range(k):
-                if counts[i, j]:
-                    ax.text(
-                        j,
-                        i,
-                        int(counts[i, j]),
-                        ha="center",
-                        va="center",
-                        fontsize="x-small",
-                        color="white" if rates[i, j] > 0.5 else "black",
-                    )
-    fig.savefig(path, dpi=110)
-
-
 # ---- sample images ----
 
 
@@ -173,8 +142,6 @@ def write_report(
     md = [f"# {title}", ""]
 
     md += ["## Test metrics", ""]
-    from spatialnet_dist import tasks as registry  # lazily: the tasks' report sections use this module's figures
-
     evaluated = [t for t in registry.all_tasks() if metrics.get(t.name)]
     for task in evaluated:
         md += [f"### {task.report_heading or task.name}", "", *task.report_section(metrics[task.name], out_dir)]

@@ -30,7 +30,6 @@ import numpy as np
 import torch
 
 from spatialnet_dist import tasks as registry
-from spatialnet_dist.evaluate.baselines import trivial_baselines
 from spatialnet_dist.evaluate.report import write_report
 from spatialnet_dist.store import storage
 from spatialnet_dist.text import TextVocabs
@@ -60,7 +59,7 @@ def predict_split(
     """This rank's share of `split`: prediction rows (one per image, per question for vqa and regression)
     for every task the model has a head for (or those of `tasks`), at most `max_rows` per task and from
     at most `max_batches` sub-batches when > 0. Captions by beam search (eval.beam_size)."""
-    from spatialnet_dist.data import make_eval_loader
+    from spatialnet_dist.data.batches import make_eval_loader
 
     model.eval()
     param = next(model.parameters())
@@ -116,6 +115,13 @@ def score_predictions(rows: dict[str, list[dict]], cfg, vocabs: TextVocabs) -> d
 
 
 # ---- writing ----
+
+
+def trivial_baselines(rows: dict[str, list[dict]], cfg, vocabs: TextVocabs) -> dict:
+    """{task: prediction rows} -> {task: {baseline key: its scores (the task scorer's shape) and a "name"}}
+    for the tasks with rows and baselines (each task's `baselines`, learnt through evaluate/baselines.py)."""
+    out = {task: registry.get(task).baselines(task_rows, cfg, vocabs) for task, task_rows in rows.items() if task_rows}
+    return {task: baselines for task, baselines in out.items() if baselines}
 
 
 @contextmanager

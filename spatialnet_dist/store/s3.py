@@ -19,7 +19,6 @@ from collections.abc import Callable
 from typing import TypeVar
 from urllib.parse import urlsplit
 
-from spatialnet_dist.config import DataConfig
 from spatialnet_dist.store.location import NotFoundError, StoreError, StoreUnavailable, check_relative, join, split_s3
 
 MULTIPART_BYTES = 64 * 2**20  # uploads above this go in parts of this size (S3's 5 GiB single-PUT limit is far off)
@@ -39,7 +38,8 @@ _MISSING = {"NoSuchKey", "404", "NotFound"}
 _TRANSIENT_CODES = {"RequestTimeout", "SlowDown", "InternalError", "ServiceUnavailable", "500", "502", "503", "504"}
 READ_PART_BYTES = 2**20  # what a read to the end of an object asks for at a time
 BACKOFF_FIRST_S, BACKOFF_MAX_S = 0.25, 8.0  # waits between tries during an outage: doubling, capped
-_retry_budget_s = DataConfig.s3_retry_seconds  # set_retry_budget(cfg.data.s3_retry_seconds) where a run starts
+DEFAULT_RETRY_SECONDS = 120.0  # config key data.s3_retry_seconds
+_retry_budget_s = DEFAULT_RETRY_SECONDS  # set_retry_budget(cfg.data.s3_retry_seconds) where a run starts
 T = TypeVar("T")
 
 

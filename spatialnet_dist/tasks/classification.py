@@ -9,7 +9,7 @@ from typing import TypedDict
 import torch
 from torch import nn
 
-from spatialnet_dist.evaluate.classification import format_classification_table, score_classification
+from spatialnet_dist.evaluate.classification import format_classification_table, plot_confusion, score_classification
 from spatialnet_dist.tasks.base import Task, cross_entropy
 
 CONFUSION_PNG = "confusion.png"
@@ -98,7 +98,6 @@ class Classification(Task):
                 "predicted_label": vocabs.classes[c["prediction"]]}
 
     def report_section(self, scores, out_dir):
-        from spatialnet_dist.evaluate.report import plot_confusion
 
         plot_confusion(scores["confusion"], list(scores["per_class"]), out_dir / CONFUSION_PNG)
         return [format_classification_table(scores), "",

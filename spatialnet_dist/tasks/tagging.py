@@ -25,6 +25,7 @@ from torch import nn
 
 from spatialnet_dist.errors import UserError
 from spatialnet_dist.evaluate import markdown_table, run_and_baselines
+from spatialnet_dist.store.manifest import TRAIN_SPLIT, read_manifest, task_corpora, train_split
 from spatialnet_dist.tasks.base import Task
 
 log = logging.getLogger(__name__)
@@ -110,9 +111,6 @@ def format_tagging_table(scores: dict) -> str:
 
 def tag_frequencies(cfg, tags: list[str]) -> tuple[np.ndarray, int]:
     """-> ((T,) share of the training images showing each tag, training images) over the tagging corpora."""
-    from spatialnet_dist.data.vocab import TRAIN_SPLIT, task_corpora, train_split
-    from spatialnet_dist.store.manifest import read_manifest
-
     positives, images = np.zeros(len(tags)), 0
     index = {t: i for i, t in enumerate(tags)}
     for corpus in task_corpora(cfg, ["tagging"]):

@@ -22,9 +22,8 @@ import math
 from spatialnet_dist import tasks as registry
 from spatialnet_dist.config import Config, ConfigError
 from spatialnet_dist.data.streams import MAX_QUESTIONS_PER_VISIT
-from spatialnet_dist.data.vocab import TRAIN_SPLIT
 from spatialnet_dist.errors import UserError
-from spatialnet_dist.store.manifest import manifest_url, read_manifest
+from spatialnet_dist.store.manifest import TRAIN_SPLIT, manifest_url, read_manifest
 
 
 def task_rows(task: str, manifest: dict, split: str, per_image: int = 0) -> tuple[int, float]:

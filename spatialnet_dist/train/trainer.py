@@ -35,7 +35,7 @@ from spatialnet_dist.data.batch_format import question_count
 from spatialnet_dist.data.batches import make_eval_loader, make_train_loader
 from spatialnet_dist.data.order import stream_seed
 from spatialnet_dist.errors import NonFiniteLoss, UserError
-from spatialnet_dist.model import build_model
+from spatialnet_dist.model.spatialnet import build_model
 from spatialnet_dist.objective import MultiTaskObjective, loss_states
 from spatialnet_dist.text import TextVocabs
 
