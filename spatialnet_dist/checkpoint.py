@@ -20,6 +20,9 @@ Loading (`local_copy`: resume, `eval run`, `predict`, `export`) checks every lis
 sha256 before anything reads it; DeepSpeed unpickles its .pt files (weights_only=False), so a
 checkpoint without a manifest is refused. The manifest catches corruption and partial writes, not a
 hostile author: take checkpoints from elsewhere only as bundles.
+
+Over 300 lines: the layout, its publishing and its verified reading are one contract; a writer and a reader
+of a checkpoint kept apart would drift.
 """
 
 from __future__ import annotations

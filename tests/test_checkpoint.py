@@ -235,7 +235,7 @@ def _resume_after_every_crash(rank: int, port: int, data_root: str, runs: str, b
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("where", ["local", "s3"])
+@pytest.mark.parametrize("where", ["s3"])  # local: the storage-level test above crashes every local write
 def test_a_trainer_resumes_after_a_crash_at_every_step_of_a_save(where, tmp_path, free_ports, request):
     import torch.multiprocessing as mp
 

@@ -187,7 +187,10 @@ class TwoNodes:
                         RAY_worker_niceness="0", RAY_health_check_period_ms="1000",
                         RAY_health_check_failure_threshold="2",
                         # A raylet whose agents start slowly on a loaded machine gives up after 30 s by default.
-                        RAY_agent_register_timeout_ms="180000", RAY_raylet_start_wait_time_s="180")
+                        RAY_agent_register_timeout_ms="180000", RAY_raylet_start_wait_time_s="180",
+                        # Ray Train waits this long for a group of the size it asked for before it asks for fewer
+                        # (60 s by default): the lost-node test spends it once.
+                        RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S="30")
         self.head = Node(["--head", f"--port={gcs}", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
                           f"--ray-client-server-port={client}", f"--temp-dir={self.ray_tmp}",
                           *_node_ports(free_ports)], self.env, tmp / "head.log")
@@ -332,5 +335,44 @@ def test_a_lost_node_leaves_an_elastic_run_on_one_worker(synth_root, two_nodes, 
     metrics = _metrics(runs, "elastic")
     assert [m["step"] for m in metrics] == list(range(1, 7))
     for m in metrics:  # images per step over all workers: the global batch, on 2 workers and on 1
+        for task in DEFAULT_TASKS:
+            assert m[f"samples_per_s/{task}"] * m["step_time_s"] == pytest.approx(4), (task, m)
+
+
+@pytest.mark.slow
+def test_an_elastic_run_grows_back_when_a_node_returns(synth_root, two_nodes, tmp_path):  # noqa: F811
+    """num_workers [1, 2] with one 1-CPU node up (the previous test killed the second): the run starts on one
+    worker; a node joins; within train.elastic_resize_check_s Ray Train's resize restarts the group on two
+    workers from the last checkpoint, each now taking half of the same global batch per task. The run is long
+    (max_steps far away) so that the node's start cannot lose a race with its end; the driver is stopped once
+    the two-worker group has trained."""
+    if two_nodes.second is not None and two_nodes.second.proc.poll() is None:
+        two_nodes.second.kill()
+        two_nodes.wait_for_nodes(1)
+    runs = tmp_path / "runs"
+    run = RunDir(str(runs / "grow"))
+    batches = [f"tasks.{t}.global_batch_size=4" for t in DEFAULT_TASKS]
+    job = Job(two_nodes, sets(*TINY, *batches, f"data.root={synth_root}", f"run.storage={runs}", "run.name=grow",
+                              "train.num_workers=[1, 2]", "train.max_steps=100000", "train.checkpoint_every=2",
+                              "train.elastic_resize_check_s=2", "train.zero_stage=0"))
+    try:
+        _when(lambda: len(_metrics(runs, "grow")) >= 3, two_nodes.add_second).join(timeout=600)
+
+        def grown() -> bool:
+            attempts = run.attempts() if (runs / "grow").is_dir() else []
+            return (len(attempts) >= 2 and attempts[-1]["world_size"] == 2
+                    and _metrics(runs, "grow")[-1]["step"] >= attempts[-1]["start_step"] + 3)
+
+        _when(grown, lambda: None).join(timeout=600)
+        assert grown(), "".join(job.lines)[-6000:]
+    finally:
+        job.proc.kill()
+        job.proc.wait(timeout=60)
+    attempts = run.attempts()
+    assert [a["world_size"] for a in attempts] == [1, 2] and attempts[1]["cause"] == "resize", attempts
+    assert attempts[1]["resumed"] and attempts[1]["start_step"] >= 2, attempts
+    metrics = _metrics(runs, "grow")
+    assert [m["step"] for m in metrics] == list(range(1, len(metrics) + 1))
+    for m in metrics:  # images per step over all workers: the global batch, on 1 worker and on 2
         for task in DEFAULT_TASKS:
             assert m[f"samples_per_s/{task}"] * m["step_time_s"] == pytest.approx(4), (task, m)

@@ -1,5 +1,5 @@
 """A checkpoint resumes on another number of workers: the global batch per task is kept (train.plan), and
-ZeRO-1/2/3 partitions are resharded through DeepSpeed's universal checkpoint (train.checkpoint.zero_files)."""
+ZeRO-1/2/3 partitions are resharded through DeepSpeed's universal checkpoint (checkpoint.zero_files)."""
 
 from __future__ import annotations
 

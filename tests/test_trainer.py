@@ -111,3 +111,19 @@ def test_train_save_restore_continue(world_of_one, tmp_path):
     assert resumed.samples_seen == trainer.samples_seen
     assert any(not torch.equal(second.weights[STEPS][k], restored_weights) for k, restored_weights in
                first.weights[CHECKPOINT_AT].items())  # it trained on
+
+
+def test_a_non_finite_loss_stops_the_loop_with_a_named_error(world_of_one, tmp_path):
+    """faults.kind=nan_loss at step 2: the Trainer raises NonFiniteLoss (which ends a Ray run on that attempt,
+    tests/test_failures.py) before the step's update, with no checkpoint after it."""
+    from spatialnet_dist.data.vocab import build_vocabs
+    from spatialnet_dist.errors import NonFiniteLoss
+
+    cfg = config_mod.load(None, [
+        f"data.root={world_of_one}", "model.image_size=32", "data.loader_workers=0", "train.cpus_per_worker=1",
+        "train.max_steps=3", "train.checkpoint_every=1", "train.log_every=1", "eval.every=0", "eval.at_end=false",
+        "faults.fail_at_step=2", "faults.kind=nan_loss", *(f"tasks.{t}.batch_size={BATCH}" for t in TASKS)])
+    reporter = RecordingReporter(tmp_path)
+    with pytest.raises(NonFiniteLoss, match="^non-finite loss"):
+        _trainer(cfg, build_vocabs(cfg), reporter).fit()
+    assert [m["step"] for m in reporter.metrics] == [1] and sorted(reporter.weights) == [1]

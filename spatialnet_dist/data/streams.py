@@ -12,6 +12,9 @@ Bad input: in training an undecodable sample, or one missing from a truncated or
 shard, is replaced (data/train_rows.py) and counted in `StreamCounts.skipped`, and the shard is
 logged once; a missing shard or a storage error raises `StoreError` naming the shard. Evaluation
 has to be exact, so there any bad input is an error that names the shard.
+
+Over 300 lines: the training and evaluation streams share the corpus resolution, the bad-input accounting
+and the image cache; one file keeps those shared parts next to both of their users.
 """
 
 from __future__ import annotations

@@ -14,6 +14,8 @@ The output folder (local or s3://):
   report.md         and its PNG figures (spatialnet_dist.evaluate.report, a section per task)
 
 What is done per task is the task's (spatialnet_dist/tasks/<task>.py); this module runs the tasks.
+Just over 300 lines: both callers' paths (in a Ray Train worker, and `eval run` over Ray tasks) end in the
+same `finish`, which is why they share this file.
 """
 
 from __future__ import annotations

@@ -7,6 +7,9 @@ of times (Ray Train's report is a barrier). Every RNG is a function of the posit
 of the data is fixed by (seed, m, rank) (data/order.py), and torch, numpy and python's `random` are
 reseeded from (seed, rank, step) at the start of every step, so dropout after a resume is the
 dropout of the uninterrupted run.
+
+Over 300 lines: the loop, its report window and the state it saves and restores (step, data position,
+samples seen, RNG) are one object; apart, a reader would check the save against the loop in two files.
 """
 
 from __future__ import annotations
