@@ -39,10 +39,12 @@ import torch  # noqa: E402
 
 from spatialnet_dist import config  # noqa: E402
 from spatialnet_dist.corpora.synthetic import CLASSES, CORPUS, generate  # noqa: E402
-from spatialnet_dist.data import ImageTransform, build_vocabs, make_train_loader, model_image_size  # noqa: E402
-from spatialnet_dist.model import build_model  # noqa: E402
+from spatialnet_dist.data.batches import make_train_loader  # noqa: E402
+from spatialnet_dist.data.transforms import ImageTransform, model_image_size  # noqa: E402
+from spatialnet_dist.data.vocab import build_vocabs  # noqa: E402
+from spatialnet_dist.model.spatialnet import build_model  # noqa: E402
 from spatialnet_dist.objective import MultiTaskObjective  # noqa: E402
-from spatialnet_dist.store import storage  # noqa: E402
+from spatialnet_dist.store import s3, storage  # noqa: E402
 from spatialnet_dist.store.schema import decode_image, encode_image  # noqa: E402
 from spatialnet_dist.store.writer import ShardWriter  # noqa: E402
 
@@ -151,7 +153,7 @@ def moto_server():
             time.sleep(0.2)
         os.environ.update(AWS_ENDPOINT_URL=f"http://127.0.0.1:{port}", AWS_ACCESS_KEY_ID="bench",
                           AWS_SECRET_ACCESS_KEY="bench", AWS_DEFAULT_REGION="us-east-1")
-        storage.s3_client().create_bucket(Bucket="bench")
+        s3.s3_client().create_bucket(Bucket="bench")
         yield
     finally:
         server.terminate()

@@ -34,12 +34,14 @@ from torch.utils.flop_counter import FlopCounterMode
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from overhead import fixed_batch  # noqa: E402
 
-from spatialnet_dist.config import TASKS  # noqa: E402
-from spatialnet_dist.data import build_vocabs, make_train_loader, model_image_size  # noqa: E402
-from spatialnet_dist.model import build_model  # noqa: E402
+from spatialnet_dist import engine as ds  # noqa: E402
+from spatialnet_dist.data.batches import make_train_loader  # noqa: E402
+from spatialnet_dist.data.transforms import model_image_size  # noqa: E402
+from spatialnet_dist.data.vocab import build_vocabs  # noqa: E402
+from spatialnet_dist.model.spatialnet import build_model  # noqa: E402
 from spatialnet_dist.model.summary import model_summary  # noqa: E402
 from spatialnet_dist.objective import MultiTaskObjective  # noqa: E402
-from spatialnet_dist.train import engine as ds  # noqa: E402
+from spatialnet_dist.tasks import DEFAULT_TASKS as TASKS  # noqa: E402
 from spatialnet_dist.train.launch import load_config, parse_args  # noqa: E402
 from spatialnet_dist.train.trainer import peak_memory_mb, to_device  # noqa: E402
 
@@ -144,7 +146,7 @@ def main() -> None:
     p.add_argument("--data-rate", action="store_true")
     p.add_argument("--data-batches", type=int, default=10)
     a, config_args = p.parse_known_args()
-    # A world of one, as `python -m spatialnet_dist.train.local` makes it.
+    # A world of one, as `python -m spatialnet_dist.jobs` makes it.
     for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1"),
                        ("MASTER_PORT", "29517")):
         os.environ.setdefault(key, value)

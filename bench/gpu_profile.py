@@ -21,10 +21,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from gpu_check import release, sync  # noqa: E402
 from overhead import fixed_batch  # noqa: E402
 
-from spatialnet_dist.data import build_vocabs  # noqa: E402
-from spatialnet_dist.model import build_model  # noqa: E402
+from spatialnet_dist import engine as ds  # noqa: E402
+from spatialnet_dist.data.vocab import build_vocabs  # noqa: E402
+from spatialnet_dist.model.spatialnet import build_model  # noqa: E402
 from spatialnet_dist.objective import MultiTaskObjective  # noqa: E402
-from spatialnet_dist.train import engine as ds  # noqa: E402
 from spatialnet_dist.train.launch import load_config, parse_args  # noqa: E402
 from spatialnet_dist.train.trainer import to_device  # noqa: E402
 

@@ -8,7 +8,7 @@ of --image-sizes (a faster model step makes a fixed per-step cost weigh more). A
   bare_ddp     the same under torch DDP (gloo) in --workers processes: adds the gradient all-reduce
   engine       the Trainer's micro-step (DeepSpeed engine at --zero-stage) on the fixed batch, in this
                process (a world of one): adds DeepSpeed's step and bookkeeping
-  system       `spatialnet_dist.train.launch.main`: a local Ray instance, --workers Ray Train workers
+  system       `spatialnet_dist.jobs.train_with_ray`: a local Ray instance, --workers Ray Train workers
                (cpus_per_worker = torch_threads = --threads), the DeepSpeed engine, batches streamed from the
                shards by the training loader; read from the run's metrics.jsonl, the --warmup steps left out:
                adds the loader hand-off, the step loop's bookkeeping, Ray Train's reporting, Ray's processes
@@ -66,9 +66,10 @@ import torch  # noqa: E402
 from overhead_loops import BareDDP, BareLoop, EngineLoop, fixed_batch  # noqa: E402, F401 (gpu_check.sh imports fixed_batch)
 
 from spatialnet_dist import config  # noqa: E402
-from spatialnet_dist.config import TASKS  # noqa: E402
 from spatialnet_dist.corpora.synthetic import write_synthetic  # noqa: E402
-from spatialnet_dist.data import build_vocabs, model_image_size  # noqa: E402
+from spatialnet_dist.data.transforms import model_image_size  # noqa: E402
+from spatialnet_dist.data.vocab import build_vocabs  # noqa: E402
+from spatialnet_dist.tasks import DEFAULT_TASKS as TASKS  # noqa: E402
 from spatialnet_dist.train.rundir import RunDir  # noqa: E402
 
 DEMO = REPO / "configs" / "demo.yaml"
@@ -189,7 +190,7 @@ def metrics_rate(run_dir: str, warmup: int, until: int | None = None) -> tuple[f
 def system_run(a: argparse.Namespace, tmp: str, sets: list[str], name: str, steps: int) -> dict:
     """One run of the full stack -> rows, seconds and steps of its timed steps, and CPU seconds per role,
     wall seconds and rows of its CpuWatch window."""
-    from spatialnet_dist.train import launch
+    from spatialnet_dist import jobs
 
     argv = ["--config", str(DEMO)] if DEMO.is_file() else []
     for s in [*sets, f"run.name={name}"]:
@@ -198,7 +199,7 @@ def system_run(a: argparse.Namespace, tmp: str, sets: list[str], name: str, step
     watch = CpuWatch(run_dir, a.warmup, a.warmup + steps - a.log_every)
     watch.start()
     with stdout_to_stderr():
-        code = launch.main(argv)
+        code = jobs.train_with_ray(argv)
     watch.done.set()
     if code != 0:
         raise SystemExit(f"overhead: the system run failed (exit {code}); its log is above")

@@ -22,8 +22,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from spatialnet_dist import config
-from spatialnet_dist.data import make_train_loader
-from spatialnet_dist.model import build_model
+from spatialnet_dist.data.batches import make_train_loader
+from spatialnet_dist.model.spatialnet import build_model
 from spatialnet_dist.objective import MultiTaskObjective
 from spatialnet_dist.text import TextVocabs
 
@@ -80,14 +80,14 @@ class EngineLoop:
     """The Trainer's micro-step on the fixed batch: what DeepSpeed adds to the bare loop's step."""
 
     def __init__(self, cfg: config.Config, vocabs, batch: dict):
-        from spatialnet_dist.train import engine as ds
+        from spatialnet_dist import engine as ds
         from spatialnet_dist.train.trainer import Trainer, to_device
 
         if not dist.is_initialized():
             os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0", LOCAL_RANK="0",
                               WORLD_SIZE="1")
             ds.init_distributed(use_gpu=False)
-        self.trainer = Trainer(cfg, vocabs, rank=0, world_size=1, reporter=None)
+        self.trainer = Trainer(cfg, vocabs, rank=0, world_size=1, reporter=None, validation=None)
         self.batch = to_device(batch, self.trainer.device, self.trainer.dtype)
         self.rows = batch_rows(batch)
 

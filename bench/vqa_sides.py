@@ -25,6 +25,7 @@ from spatialnet_dist.corpora.synthetic import generate
 from spatialnet_dist.data.transforms import ImageTransform
 from spatialnet_dist.model import heads
 from spatialnet_dist.model.spatialnet import build_model
+from spatialnet_dist.tasks.vqa import answer_logits
 from spatialnet_dist.text import AnswerVocab, TextVocabs, Vocab, words
 
 
@@ -89,7 +90,7 @@ def main() -> None:
     def accuracy(part) -> float:
         model.eval()
         with torch.no_grad():
-            logits = torch.cat([model.answer_logits(x, q, torch.arange(len(q)))  # one question per image row
+            logits = torch.cat([answer_logits(model, x, q, torch.arange(len(q)))  # one question per image row
                                 for x, q in zip(part[0].split(128), part[1].split(128))])
         model.train()
         return (logits.argmax(-1) == part[2]).float().mean().item()

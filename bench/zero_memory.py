@@ -2,7 +2,7 @@
 DeepSpeed engine really holds. (DESIGN.md, CONTRACT: benchmarks)
 
 For each stage, `--world-size` processes (gloo, CPU) build the engine with
-`spatialnet_dist.train.engine.create_engine` for SpatialNet-ViT with all four heads (vocabulary sizes of
+`spatialnet_dist.engine.create_engine` for SpatialNet-ViT with all four heads (vocabulary sizes of
 a representative run), and run two training steps on a tiny multi-task batch. Right after the second
 backward, before its optimizer step, every piece of persistent training state exists at once (the Adam
 moments from the first step, this step's gradients): rank 0 then walks the engine's tensors and adds up
@@ -128,11 +128,12 @@ def measure_rank(rank: int, world_size: int, port: int, stage: int, preset: str,
     torch.set_num_threads(1)
     from model_step import multitask_batch  # bench/model_step.py: the multi-task batch of the step benches
 
-    from spatialnet_dist.config import TASKS, Config
+    from spatialnet_dist import engine as ds
+    from spatialnet_dist.config import Config
     from spatialnet_dist.model.spatialnet import assemble_model
     from spatialnet_dist.model.summary import REPRESENTATIVE_SIZES
     from spatialnet_dist.objective import MultiTaskObjective
-    from spatialnet_dist.train import engine as ds
+    from spatialnet_dist.tasks import DEFAULT_TASKS as TASKS
 
     cfg = Config()
     cfg.model.preset, cfg.train.zero_stage, cfg.train.precision = preset, stage, precision

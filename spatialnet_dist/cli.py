@@ -4,6 +4,10 @@ that `spatialnet --help` and bad-input errors answer at once.
 Every command exits non-zero with one line on stderr for bad input (a `UserError`). A command whose
 output is JSON (`--json`, `eval run`) prints it alone on stdout: what libraries print meanwhile goes to
 stderr. Each command prints its own output to `args.stdout`.
+
+One file of about 370 lines, not one per command group: each command is a few lines that call the package,
+and `build_parser` reads as the whole command reference in one place; split by group, a command's
+arguments would sit in one file and the reference in several.
 """
 
 from __future__ import annotations
@@ -128,9 +132,9 @@ def _shards_verify(a) -> int:
 
 
 def _train(a, rest: list[str]) -> int:
-    from spatialnet_dist.train.launch import main as launch_main
+    from spatialnet_dist.jobs import train_with_ray
 
-    return launch_main(rest)
+    return train_with_ray(rest)
 
 
 # ---- eval / predict / model ----
@@ -173,7 +177,7 @@ def _predict(a) -> int:
 
 
 def _export(a) -> int:
-    from spatialnet_dist.train.checkpoint import export_bundle
+    from spatialnet_dist.checkpoint import export_bundle
 
     out = export_bundle(a.checkpoint, a.out)
     print(f"exported {a.checkpoint} -> {out} (model.safetensors, config.yaml, vocab.json)", file=a.stdout)

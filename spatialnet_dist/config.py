@@ -2,6 +2,11 @@
 
 The one config module. Errors are `ConfigError` with a one-line message that names the key
 (and the closest valid key for a typo) so the CLI can print it and exit before any worker starts.
+`tasks.<task>` has one section per registered task (spatialnet_dist/tasks): the section's class is made
+from the registry when a Config is made, with the task's own options beside the common TaskConfig keys.
+
+Over 300 lines: the dataclasses of every section, their range checks and the loader that checks every
+key are one concept (what a valid config is); split, each part would need the others to be read.
 """
 
 from __future__ import annotations
@@ -15,15 +20,12 @@ from pathlib import Path
 
 import yaml
 
+from spatialnet_dist import tasks as registry
+from spatialnet_dist.data.transforms import AUGMENT_POLICIES
 from spatialnet_dist.errors import UserError
+from spatialnet_dist.store.s3 import DEFAULT_RETRY_SECONDS
 
-TASKS = ("captioning", "vqa", "classification", "regression")
-QUESTION_TASKS = ("vqa", "regression")  # tasks whose rows are questions about an image (questions_per_image)
 PRESETS = ("tiny", "small", "paper", "base", "large", "giant")
-# Training image augmentation per task (data/transforms.py): none | the 8 symmetries of the square, texts mapped
-# to match | strong: crop, colour jitter and symmetries, which can change counts and what texts say.
-AUGMENT_POLICIES = ("none", "symmetry", "strong")
-STRONG_AUGMENT_TASKS = ("classification",)
 
 
 class ConfigError(UserError):
@@ -54,7 +56,7 @@ class DataConfig:
     max_bad_fraction: float = 0.5  # stop when more than this fraction of a stream's samples fail
     # How long one S3 operation (a shard read, a metrics write, an upload) keeps retrying, with backoff, through
     # an outage of the endpoint before the run stops naming it; a read resumes at its byte offset (store/storage.py).
-    s3_retry_seconds: float = 120.0
+    s3_retry_seconds: float = DEFAULT_RETRY_SECONDS
 
 
 @dataclass
@@ -74,13 +76,44 @@ class TaskConfig:
 
 @dataclass
 class TasksConfig:
-    captioning: TaskConfig = field(default_factory=TaskConfig)
-    vqa: TaskConfig = field(default_factory=TaskConfig)
-    classification: TaskConfig = field(default_factory=lambda: TaskConfig(augment="strong"))
-    regression: TaskConfig = field(default_factory=TaskConfig)
+    """One TaskConfig field per registered task, in registry order (the class is made by tasks_config_class)."""
 
     def enabled(self) -> list[str]:
-        return [t for t in TASKS if getattr(self, t).enabled]
+        return [f.name for f in dataclasses.fields(self) if getattr(self, f.name).enabled]
+
+    def __reduce__(self):  # the made class is not importable by name: pickle (Ray, copies) rebuilds it from values
+        return _tasks_config_from_dict, (dataclasses.asdict(self),)
+
+
+def _tasks_config_from_dict(data: dict) -> TasksConfig:
+    tasks = tasks_config_class()()
+    _merge(tasks, data, "tasks.")
+    return tasks
+
+
+_TASKS_CONFIG_CLASSES: dict[tuple, type] = {}
+
+
+def _task_config_class(task) -> type:
+    """TaskConfig with the task's own options (`Task.options`, e.g. tagging's pos_weight) as extra keys."""
+    if not task.options:
+        return TaskConfig
+    return dataclasses.make_dataclass(f"{task.name.title()}TaskConfig",
+                                      [(k, type(v), field(default=v)) for k, v in task.options.items()],
+                                      bases=(TaskConfig,))
+
+
+def tasks_config_class() -> type:
+    """The TasksConfig class of the registered tasks (made once per set of tasks)."""
+    tasks = registry.all_tasks()
+    key = tuple(id(t) for t in tasks)
+    if key not in _TASKS_CONFIG_CLASSES:
+        fields = []
+        for t in tasks:
+            cls, defaults = _task_config_class(t), {"enabled": t.default_enabled, "augment": t.augment}
+            fields.append((t.name, cls, field(default_factory=lambda cls=cls, d=defaults: cls(**d))))
+        _TASKS_CONFIG_CLASSES[key] = dataclasses.make_dataclass("TasksConfig", fields, bases=(TasksConfig,))
+    return _TASKS_CONFIG_CLASSES[key]
 
 
 @dataclass
@@ -103,7 +136,7 @@ class ModelConfig:
 
 @dataclass
 class LossConfig:
-    weights: dict[str, float] = field(default_factory=lambda: {t: 1.0 for t in TASKS})
+    weights: dict[str, float] = field(default_factory=lambda: {t: 1.0 for t in registry.names()})
     regularization: str = "decoupled"  # decoupled (AdamW weight decay) | l2 (explicit lambda_reg term)
     l2: float = 0.0  # lambda_reg when regularization == l2
     label_smoothing: float = 0.0
@@ -131,7 +164,11 @@ class TrainConfig:
     epochs: float = 0.0
     checkpoint_every: int = 50
     log_every: int = 10
-    num_workers: int = 2
+    # Ray Train workers: a number, or [min, max] for an elastic run (Ray Train V2's elastic scaling): it starts
+    # with as many as fit, at least min, continues on fewer from the last checkpoint when workers are lost and
+    # cannot be replaced, and grows back when resources return (checked every elastic_resize_check_s).
+    num_workers: int | list[int] = 2
+    elastic_resize_check_s: float = 60.0
     use_gpu: bool = False
     cpus_per_worker: int = 1
     torch_threads: int = 0  # 0: cpus_per_worker
@@ -148,9 +185,23 @@ class TrainConfig:
     offload_params: bool = False
     activation_checkpointing: bool = False
     max_failures: int = 2
+    # SIGTERM to a worker (spot reclaim, Kubernetes eviction): every rank checkpoints at the next step boundary
+    # and the group restarts from there, within this many seconds (else Ray restarts it from the checkpoint
+    # before). Neither counts against max_failures (train/preemption.py).
+    preemption_grace_s: float = 30.0
     resume: str = ""  # checkpoint URL to start a new run from
     resume_weights_only: bool = False
     mode: str = "all"  # all: every task every step | alternate: one task per step
+
+    @property
+    def elastic(self) -> bool:
+        return isinstance(self.num_workers, list)
+
+    @property
+    def worker_range(self) -> tuple[int, int]:
+        """(min, max) Ray Train workers; the same number twice for a fixed train.num_workers."""
+        workers = self.num_workers
+        return (workers[0], workers[1]) if isinstance(workers, list) else (workers, workers)
 
 
 @dataclass
@@ -194,7 +245,7 @@ class FaultsConfig:
 class Config:
     run: RunConfig = field(default_factory=RunConfig)
     data: DataConfig = field(default_factory=DataConfig)
-    tasks: TasksConfig = field(default_factory=TasksConfig)
+    tasks: TasksConfig = field(default_factory=lambda: tasks_config_class()())
     model: ModelConfig = field(default_factory=ModelConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -248,7 +299,8 @@ _CHECKS: dict[str, tuple[typing.Callable, str]] = {
     "train.epochs": (lambda v: v >= 0, "> 0, or 0 with train.max_steps"),
     "train.checkpoint_every": (lambda v: v >= 1, ">= 1"),
     "train.log_every": (lambda v: v >= 1, ">= 1"),
-    "train.num_workers": (lambda v: v >= 1, ">= 1"),
+    "train.elastic_resize_check_s": (lambda v: v > 0, "> 0"),
+    "train.preemption_grace_s": (lambda v: v > 0, "> 0"),
     "train.cpus_per_worker": (lambda v: v >= 1, ">= 1"),
     "train.torch_threads": (lambda v: v >= 0, ">= 0"),
     "train.zero_stage": (lambda v: v in (0, 1, 2, 3), "0, 1, 2 or 3"),
@@ -320,12 +372,19 @@ def _coerce(key: str, value, tp):
         if not isinstance(value, dict):
             raise bad
         return {str(k): _coerce(f"{key}.{k}", v, vt) for k, v in value.items()}
-    if isinstance(tp, types.UnionType):
-        raise AssertionError("unions are not used in config")
+    if isinstance(tp, types.UnionType):  # the first member that takes the value (train.num_workers: int | list)
+        for member in typing.get_args(tp):
+            try:
+                return _coerce(key, value, member)
+            except ConfigError:
+                pass
+        raise bad
     raise AssertionError(f"unhandled config type {tp}")
 
 
 def _describe(tp) -> str:
+    if isinstance(tp, types.UnionType):
+        return " or ".join(_describe(member) for member in typing.get_args(tp))
     origin = typing.get_origin(tp)
     if origin is list:
         return f"a list of {_type_name(typing.get_args(tp)[0])}"
@@ -344,6 +403,7 @@ def _merge(obj, data: dict, prefix: str = "") -> None:
     for key, value in data.items():
         full = f"{prefix}{key}"
         if key not in hints:
+            _check_renamed(prefix, key)
             raise ConfigError(f"unknown config key {full}{_suggest(full, prefix, hints)}")
         tp = hints[key]
         if _is_dataclass_type(tp):
@@ -355,18 +415,26 @@ def _merge(obj, data: dict, prefix: str = "") -> None:
             setattr(obj, key, _coerce(full, value, tp))
 
 
+def _check_renamed(prefix: str, key: str) -> None:
+    """A task's former name under tasks. or loss.weights. is an error naming the name it has now."""
+    new = registry.renamed().get(key) if prefix in ("tasks.", "loss.weights.") else None
+    if new:
+        raise ConfigError(f"config key {prefix}{key}: the task is now named {new!r}; use {prefix}{new}")
+
+
 def _suggest(full: str, prefix: str, hints: dict) -> str:
-    candidates = [f"{prefix}{k}" for k in hints] + list(_all_keys())
+    candidates = [f"{prefix}{k}" for k in hints] + list(_all_keys(Config()))
     close = difflib.get_close_matches(full, candidates, n=1, cutoff=0.6)
     return f" (did you mean {close[0]}?)" if close else ""
 
 
-def _all_keys(cls=Config, prefix: str = ""):
-    for name, tp in typing.get_type_hints(cls).items():
-        if _is_dataclass_type(tp):
-            yield from _all_keys(tp, f"{prefix}{name}.")
+def _all_keys(obj, prefix: str = ""):
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if dataclasses.is_dataclass(value):
+            yield from _all_keys(value, f"{prefix}{f.name}.")
         else:
-            yield f"{prefix}{name}"
+            yield f"{prefix}{f.name}"
 
 
 def _get(cfg: Config, dotted: str):
@@ -381,33 +449,14 @@ def validate(cfg: Config) -> Config:
         value = _get(cfg, key)
         if not ok(value):
             raise ConfigError(f"config key {key}: {value!r} is not allowed (expected {allowed})")
-    for task in TASKS:
-        tc: TaskConfig = getattr(cfg.tasks, task)
-        if tc.batch_size < 1:
-            raise ConfigError(f"config key tasks.{task}.batch_size: {tc.batch_size!r} is not allowed (expected >= 1)")
-        if tc.augment not in AUGMENT_POLICIES:
-            raise ConfigError(f"config key tasks.{task}.augment: {tc.augment!r} is not allowed "
-                              f"(expected {', '.join(AUGMENT_POLICIES)})")
-        if tc.augment == "strong" and task not in STRONG_AUGMENT_TASKS:
-            raise ConfigError(f"config key tasks.{task}.augment: strong crops and recolours images, which can change "
-                              f"counts and what texts say; only {', '.join(STRONG_AUGMENT_TASKS)} may use it")
-        if tc.global_batch_size < 0:
-            raise ConfigError(f"config key tasks.{task}.global_batch_size: {tc.global_batch_size!r} is not allowed "
-                              "(expected >= 1, or 0: off)")
-        if tc.questions_per_image < 0:
-            raise ConfigError(f"config key tasks.{task}.questions_per_image: {tc.questions_per_image!r} is not "
-                              "allowed (expected >= 0; 0: all of an image's questions)")
-        if tc.questions_per_image and task not in QUESTION_TASKS:
-            raise ConfigError(f"config key tasks.{task}.questions_per_image: only {' and '.join(QUESTION_TASKS)} "
-                              "answer questions about an image")
-        if tc.captions_per_image < 0 or (tc.captions_per_image and task != "captioning"):
-            raise ConfigError(f"config key tasks.{task}.captions_per_image: {tc.captions_per_image!r} is not allowed "
-                              "(expected >= 0, 0: all of an image's captions; captioning only)")
-        if tc.enabled and not tc.corpora:
-            raise ConfigError(f"config key tasks.{task}.corpora: an enabled task needs at least one corpus")
-        for name, w in tc.corpus_weights.items():
-            if name not in tc.corpora or w < 0:
-                raise ConfigError(f"config key tasks.{task}.corpus_weights.{name}: must name a listed corpus, weight >= 0")
+    workers = cfg.train.num_workers
+    if isinstance(workers, int) and workers < 1 or isinstance(workers, list) and (
+            len(workers) != 2 or not 1 <= workers[0] <= workers[1]):
+        raise ConfigError(f"config key train.num_workers: {workers!r} is not allowed "
+                          "(expected a number >= 1, or [min, max] with 1 <= min <= max)")
+    strong = [t.name for t in registry.all_tasks() if t.strong_augment]
+    for task in registry.all_tasks():
+        _validate_task(getattr(cfg.tasks, task.name), task, strong)
     if cfg.loss.regularization == "l2" and cfg.train.zero_stage == 3:
         # ZeRO-3 partitions the parameters outside forward: the explicit L2 term would read placeholders.
         raise ConfigError("config key loss.regularization: l2 is not supported with train.zero_stage=3 "
@@ -417,11 +466,40 @@ def validate(cfg: Config) -> Config:
     if cfg.train.max_steps == 0 and cfg.train.epochs == 0:
         raise ConfigError("config keys train.max_steps and train.epochs: both 0; set one of them")
     for task, w in cfg.loss.weights.items():
-        if task not in TASKS:
-            raise ConfigError(f"unknown config key loss.weights.{task}{_suggest(task, '', {t: 0 for t in TASKS})}")
+        if task not in registry.names():
+            _check_renamed("loss.weights.", task)
+            raise ConfigError(f"unknown config key loss.weights.{task}{_suggest(task, '', dict.fromkeys(registry.names()))}")
         if w < 0:
             raise ConfigError(f"config key loss.weights.{task}: {w!r} is not allowed (expected >= 0)")
     return cfg
+
+
+def _validate_task(tc: TaskConfig, task, strong: list[str]) -> None:
+    name = task.name
+    if tc.batch_size < 1:
+        raise ConfigError(f"config key tasks.{name}.batch_size: {tc.batch_size!r} is not allowed (expected >= 1)")
+    if tc.augment not in AUGMENT_POLICIES:
+        raise ConfigError(f"config key tasks.{name}.augment: {tc.augment!r} is not allowed "
+                          f"(expected {', '.join(AUGMENT_POLICIES)})")
+    if tc.augment == "strong" and not task.strong_augment:
+        raise ConfigError(f"config key tasks.{name}.augment: strong crops and recolours images, which can change "
+                          f"counts and what texts say; only {', '.join(strong)} may use it")
+    if tc.global_batch_size < 0:
+        raise ConfigError(f"config key tasks.{name}.global_batch_size: {tc.global_batch_size!r} is not allowed "
+                          "(expected >= 1, or 0: off)")
+    for key in ("questions_per_image", "captions_per_image"):  # a cap on the items one visit trains
+        value = getattr(tc, key)
+        if value < 0:
+            raise ConfigError(f"config key tasks.{name}.{key}: {value!r} is not allowed (expected >= 0; 0: all "
+                              "of an image's items)")
+        if value and key != task.per_visit_key:
+            users = [t.name for t in registry.all_tasks() if t.per_visit_key == key]
+            raise ConfigError(f"config key tasks.{name}.{key}: only {' and '.join(users)} take it")
+    if tc.enabled and not tc.corpora:
+        raise ConfigError(f"config key tasks.{name}.corpora: an enabled task needs at least one corpus")
+    for corpus, w in tc.corpus_weights.items():
+        if corpus not in tc.corpora or w < 0:
+            raise ConfigError(f"config key tasks.{name}.corpus_weights.{corpus}: must name a listed corpus, weight >= 0")
 
 
 def parse_override(text: str) -> tuple[str, object]:

@@ -145,17 +145,19 @@ class AnswerVocab:
 
 
 class TextVocabs:
-    """Everything a model's inputs and outputs are indexed by: words, answers, land-use classes.
+    """Everything a model's inputs and outputs are indexed by: words, answers, land-use classes, tags.
 
-    Saved together as `vocab.json` beside every checkpoint and export.
+    Saved together as `vocab.json` beside every checkpoint and export; one written before tags existed
+    reads as no tags.
     """
 
     FILENAME = "vocab.json"
 
-    def __init__(self, words: Vocab, answers: AnswerVocab, classes: list[str]):
+    def __init__(self, words: Vocab, answers: AnswerVocab, classes: list[str], tags: list[str] = ()):
         self.words = words
         self.answers = answers
         self.classes = list(classes)
+        self.tags = list(tags)  # multi-label tag names, the tagging head's outputs in order
 
     def to_dict(self) -> dict:
         return {
@@ -163,11 +165,12 @@ class TextVocabs:
             "answers": self.answers.itos,
             "answer_rule": self.answers.rule,
             "classes": self.classes,
+            "tags": self.tags,
         }
 
     @classmethod
     def from_dict(cls, d: dict) -> TextVocabs:
-        return cls(Vocab(d["words"]), AnswerVocab(d["answers"], d["answer_rule"]), d["classes"])
+        return cls(Vocab(d["words"]), AnswerVocab(d["answers"], d["answer_rule"]), d["classes"], d.get("tags", []))
 
     def save(self, directory: str | Path) -> Path:
         path = Path(directory) / self.FILENAME

@@ -1,10 +1,13 @@
 """Installed dependency versions against the ranges of spatialnet_dist/requirements.txt (their one home;
 pyproject.toml reads it for pip). The code relies on private internals of ray and deepspeed, so a version
-outside its range is refused at startup with one line naming the package, not left to fail mid-run."""
+outside its range is refused at startup with one line naming the package, not left to fail mid-run.
+Java, which caption scoring runs (pycocoevalcap), is checked here too: the driver's preflight asks before
+any worker starts, and the scorer when it starts."""
 
 from __future__ import annotations
 
 import importlib.metadata
+import shutil
 from pathlib import Path
 
 from packaging.requirements import Requirement
@@ -37,3 +40,12 @@ def require(package: str, installed: str | None = None) -> None:
 def require_all() -> None:
     for package in requirements():
         require(package)
+
+
+def require_java() -> None:
+    """Refuse at once, with the install command, where java is missing (callers may check before long work)."""
+    if shutil.which("java") is None:
+        raise UserError(
+            "java not found on PATH: pycocoevalcap's PTB tokenizer and METEOR run on Java; "
+            "install a runtime, e.g. `apt-get install -y openjdk-17-jre-headless`"
+        )

@@ -1,12 +1,22 @@
-"""Shared fixtures: an offline, CPU-only environment and moto's S3 server on 127.0.0.1."""
+"""Shared fixtures: an offline, CPU-only environment, moto's S3 server on 127.0.0.1, and Ray heads on this
+machine (`shared_ray`: one cluster for the tests that can share it)."""
 
 from __future__ import annotations
 
+import contextlib
 import os
+import secrets
+import shutil
+import signal
 import socket
 import struct
+import subprocess
+import sys
+import tempfile
 import threading
 import time
+import urllib.error
+import urllib.request
 import uuid
 from pathlib import Path
 
@@ -192,3 +202,142 @@ def flaky_s3(s3_endpoint, monkeypatch):
     yield proxy
     if proxy.listening():
         proxy.down()
+
+
+# --- Ray heads ------------------------------------------------------------------------------------------
+
+RAY_BIN = Path(sys.executable).parent / "ray"
+
+
+class RayHead:
+    """A Ray head started by cluster/start-local-head.sh --block (token auth on, dashboard on 127.0.0.1), every
+    port chosen free beforehand: other Ray instances may run on this machine at the same time."""
+
+    def __init__(self, ports: list[int], *flags: str, env: dict[str, str] | None = None):
+        # A short temp dir: Ray's unix sockets live under it and their paths are limited to 107 bytes.
+        self.temp_dir = Path(tempfile.mkdtemp(prefix="snray-", dir="/tmp"))
+        self.token_file = self.temp_dir / "auth_token"
+        self.token_file.write_text(secrets.token_hex(32))
+        self.token_file.chmod(0o600)
+        gcs, dashboard, client, agent_http, agent_grpc, runtime_env, metrics, node_manager, object_manager = ports
+        self.address, self.dashboard = f"127.0.0.1:{gcs}", f"http://127.0.0.1:{dashboard}"
+        self.dashboard_port = dashboard
+        self.env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN")}
+        self.env.update(PATH=f"{RAY_BIN.parent}:{self.env['PATH']}", RAY_AUTH_TOKEN_PATH=str(self.token_file),
+                        RAY_PORT=str(gcs), RAY_DASHBOARD_PORT=str(dashboard), RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S="0",
+                        **(env or {}))
+        self.log = self.temp_dir / "head.log"
+        self.process = subprocess.Popen(
+            ["bash", str(REPO / "cluster" / "start-local-head.sh"), "--block", f"--temp-dir={self.temp_dir}",
+             f"--ray-client-server-port={client}", f"--dashboard-agent-listen-port={agent_http}",
+             f"--dashboard-agent-grpc-port={agent_grpc}", f"--runtime-env-agent-port={runtime_env}",
+             f"--metrics-export-port={metrics}", f"--node-manager-port={node_manager}",
+             f"--object-manager-port={object_manager}", "--min-worker-port=0", "--max-worker-port=0", *flags],
+            env=self.env, stdout=self.log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
+
+    PORTS = 9  # how many free ports the constructor takes
+
+    def wait_until_up(self, timeout_s: float = 180) -> None:
+        """Until the Jobs API answers with the token; skips the test when Ray itself cannot start here (a bad
+        flag of ours or a later crash fails it)."""
+        deadline = time.time() + timeout_s
+        while http_status(f"{self.dashboard}/api/jobs/", self.token_file.read_text()) != 200:
+            if self.process.poll() is not None:
+                log = self.log.read_text()
+                assert "No such option" not in log and "Ray runtime started" not in log, log
+                pytest.skip(f"`ray start --head` cannot run here: {log.strip().splitlines()[-1:]}")
+            assert time.time() < deadline, self.log.read_text()
+            time.sleep(1)
+
+    def stop(self) -> None:
+        """SIGTERM (`ray start --block` stops every process it started), then SIGKILL to whatever of this head
+        is left: its process group, and anything running in or naming its temp dir (job drivers and Ray
+        workers run with cwd in the uploaded working dir)."""
+        import psutil
+
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            self.process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+        for proc in psutil.process_iter(["pid", "cmdline", "cwd"]):
+            cmdline, cwd = " ".join(proc.info["cmdline"] or []), proc.info["cwd"] or ""
+            if proc.pid != os.getpid() and (str(self.temp_dir) in cmdline or cwd.startswith(str(self.temp_dir))):
+                with contextlib.suppress(psutil.NoSuchProcess):
+                    proc.kill()
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.process.pid, signal.SIGKILL)
+        shutil.rmtree(self.temp_dir, ignore_errors=True)
+
+
+def http_status(url: str, token: str | None = None) -> int:
+    """The HTTP status of a GET (0: no answer), with the token as a bearer when given."""
+    request = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"} if token else {})
+    try:
+        with urllib.request.urlopen(request, timeout=5) as response:
+            return response.status
+    except urllib.error.HTTPError as e:
+        return e.code
+    except OSError:
+        return 0
+
+
+def pytest_collection_modifyitems(items):
+    """The tests of `shared_ray` run last, one after another: its head starts before the first of them and
+    stops at the end of the session, so that its idle processes (GCS, raylet, dashboard, agents) do not slow
+    the other tests on the 2-core machine. Otherwise in file order."""
+    items.sort(key=lambda item: "shared_ray" in getattr(item, "fixturenames", ()))
+
+
+SHARED_RAY_CPUS = 4  # logical CPUs of the shared head: room for 3 training workers of 1 CPU (2 -> 3 resharding)
+
+
+@pytest.fixture(scope="session")
+def _shared_ray_head(s3_endpoint):
+    """The head behind `shared_ray`, started on first use and stopped at the end of the session. Started
+    after moto's AWS variables are set: Ray workers take the credentials from their node's environment."""
+    head = RayHead(_free_ports(RayHead.PORTS), f"--num-cpus={SHARED_RAY_CPUS}", "--node-ip-address=127.0.0.1",
+                   env={"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_worker_niceness": "0",
+                        "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))})
+    try:
+        head.wait_until_up()
+        yield head
+    finally:
+        head.stop()
+
+
+
+@pytest.fixture
+def shared_ray(_shared_ray_head, monkeypatch):
+    """One Ray cluster for the session, joined instead of started: RAY_ADDRESS and the token for this test, so
+    that ray_cluster.connect_ray (training through launch.main, `eval run --workers`, conversion's --ray) joins
+    it, and its ray.shutdown() disconnects without stopping it. Starting a local instance costs 15-50 s on the
+    loaded 2-core test machine; joining costs 1-3 s.
+
+    The head: cluster/start-local-head.sh (token auth, dashboard on 127.0.0.1) with its node on 127.0.0.1,
+    SHARED_RAY_CPUS logical CPUs, the worktree on PYTHONPATH, moto's AWS credentials in its environment.
+    Environment variables a test sets reach Ray workers only through ray_cluster.WORKER_ENV (the job's
+    runtime env), not through the node's environment as they do for a local instance started in the test:
+    a test that needs another variable in its workers (e.g. AWS_MAX_ATTEMPTS), another number of CPUs or nodes,
+    or that kills Ray's own processes (raylet, GCS), starts its own (RayHead, or a local instance without this
+    fixture). Yields the RayHead (address, dashboard, token_file, temp_dir, env; its Ray workers are descendants
+    of head.process: kill those, not every Ray process on the machine, which other test runs share)."""
+    from ray._private import ray_constants
+    from ray._private.authentication_test_utils import reset_auth_token_state
+
+    # The head's node is 127.0.0.1: without this a driver resolves 127.0.0.1 in RAY_ADDRESS to the host's
+    # routable address, where the GCS does not listen (read when ray is first imported, and on the module).
+    monkeypatch.setenv("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    monkeypatch.setattr(ray_constants, "ENABLE_RAY_CLUSTER", False)
+    monkeypatch.setenv("RAY_ADDRESS", _shared_ray_head.address)
+    monkeypatch.setenv("RAY_AUTH_MODE", "token")
+    monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", str(_shared_ray_head.token_file))
+    monkeypatch.delenv("RAY_AUTH_TOKEN", raising=False)
+    monkeypatch.setenv("RAY_OVERRIDE_JOB_RUNTIME_ENV", "1")  # connect_ray sets it when joining; undone after
+    reset_auth_token_state()  # this process may hold another instance's token (read once, then cached)
+    yield _shared_ray_head
+    import ray
+
+    assert not ray.is_initialized(), "the test left its driver connected to the shared Ray cluster"
+    monkeypatch.undo()
+    reset_auth_token_state()  # the token of whatever instance a later test starts or joins

@@ -10,16 +10,16 @@ import numpy as np
 import pytest
 
 from spatialnet_dist.config import Config
-from spatialnet_dist.data import build_vocabs
+from spatialnet_dist.data.vocab import build_vocabs
 from spatialnet_dist.evaluate import bootstrap_interval
 from spatialnet_dist.evaluate.baselines import (
     class_oracle_captions,
     majority_answers,
     question_only_answers,
     read_training_text,
-    trivial_baselines,
 )
 from spatialnet_dist.evaluate.classification import score_classification
+from spatialnet_dist.evaluate.run import trivial_baselines
 from spatialnet_dist.store.manifest import shard_urls
 from spatialnet_dist.store.records import shard_records, split_records
 from spatialnet_dist.store.schema import Sample

@@ -275,14 +275,14 @@ def _convert(*args: str) -> None:
 
 
 def _train_local(root: str, runs: Path, name: str, *sets: str) -> dict:
-    """A few steps of the one-process training path (python -m spatialnet_dist.train.local)."""
+    """A few steps of the one-process training path (python -m spatialnet_dist.jobs)."""
     base = [f"data.root={root}", f"run.storage={runs}", f"run.name={name}", "model.image_size=32",
             "train.max_steps=3", "train.checkpoint_every=3", "train.log_every=1", "eval.every=0",
             "eval.at_end=false", "data.loader_workers=0", "optim.warmup_steps=1", "tasks.captioning.batch_size=4",
             "tasks.vqa.batch_size=4", "tasks.classification.batch_size=4", "tasks.regression.batch_size=4"]
     argv = [a for s in (*base, *sets) for a in ("--set", s)]
     env = {**os.environ, "PYTHONPATH": str(REPO), "MASTER_PORT": str(29600 + os.getpid() % 300)}
-    done = subprocess.run([sys.executable, "-m", "spatialnet_dist.train.local", *argv], capture_output=True, text=True,
+    done = subprocess.run([sys.executable, "-m", "spatialnet_dist.jobs", *argv], capture_output=True, text=True,
                           env=env, cwd=REPO, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     metrics = [json.loads(line) for line in (runs / name / "metrics.jsonl").read_text().splitlines()]

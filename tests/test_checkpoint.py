@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
+from spatialnet_dist import checkpoint as ckpt
 from spatialnet_dist.errors import UserError
 from spatialnet_dist.store import storage
-from spatialnet_dist.train import checkpoint as ckpt
 
 
 class InjectedCrash(Exception):
@@ -184,8 +184,8 @@ def _resume_after_every_crash(rank: int, port: int, data_root: str, runs: str, b
     os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
                       DS_ACCELERATOR="cpu")
     from spatialnet_dist import config as config_mod
+    from spatialnet_dist import engine as ds
     from spatialnet_dist.data.vocab import build_vocabs
-    from spatialnet_dist.train import engine as ds
     from spatialnet_dist.train.local import train
 
     ds.init_distributed(False)
@@ -211,7 +211,7 @@ def _resume_after_every_crash(rank: int, port: int, data_root: str, runs: str, b
             *(f"tasks.{t}.batch_size=2" for t in ("captioning", "vqa", "classification", "regression"))])
         with monkeypatch.context() as m:
             m.setattr(ckpt, "publish", publish)
-            trainer = train(cfg, build_vocabs(cfg), storage.join(runs, name), 0, 1)
+            trainer = train(cfg, build_vocabs(cfg), storage.join(runs, name), 0, 1, None)
         state = trainer.inference_model().state_dict()
         return hashlib.sha256(b"".join(state[k].detach().float().numpy().tobytes() for k in sorted(state))).hexdigest()
 
@@ -235,7 +235,7 @@ def _resume_after_every_crash(rank: int, port: int, data_root: str, runs: str, b
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("where", ["local", "s3"])
+@pytest.mark.parametrize("where", ["s3"])  # local: the storage-level test above crashes every local write
 def test_a_trainer_resumes_after_a_crash_at_every_step_of_a_save(where, tmp_path, free_ports, request):
     import torch.multiprocessing as mp
 

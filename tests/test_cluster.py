@@ -3,29 +3,21 @@
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import importlib.metadata
 import importlib.util
 import json
-import os
 import secrets
 import shlex
-import shutil
-import signal
 import subprocess
 import sys
-import tempfile
-import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import jsonschema
 import pytest
 import yaml
+from conftest import RAY_BIN, REPO, http_status
 
-REPO = Path(__file__).resolve().parents[1]
 CLUSTER = REPO / "cluster"
 RAY_VERSION = importlib.metadata.version("ray")
 SECRET_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "RAY_AUTH_TOKEN")
@@ -151,106 +143,43 @@ def test_kuberay_rayjob_runs_ray_job_py_on_its_cluster(monkeypatch):
 # --- a real job on a real local head ----------------------------------------------------------------------
 
 
-def http_status(url: str, token: str | None = None) -> int:
-    request = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"} if token else {})
-    try:
-        with urllib.request.urlopen(request, timeout=5) as response:
-            return response.status
-    except urllib.error.HTTPError as e:
-        return e.code
-    except OSError:
-        return 0
-
-
-def kill_leftovers(pgid: int, ray_tmp: Path) -> None:
-    """Processes of this head only: its process group, and anything running in or naming its temp dir
-    (the job driver and Ray workers run with cwd in the uploaded working dir)."""
-    import psutil
-
-    for proc in psutil.process_iter(["pid", "cmdline", "cwd"]):
-        cmdline, cwd = " ".join(proc.info["cmdline"] or []), proc.info["cwd"] or ""
-        if proc.pid != os.getpid() and (str(ray_tmp) in cmdline or cwd.startswith(str(ray_tmp))):
-            with contextlib.suppress(psutil.NoSuchProcess):
-                proc.kill()
-    try:
-        os.killpg(pgid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-
-
 @pytest.mark.slow
-def test_ray_job_submit_to_a_token_protected_local_head(tmp_path, free_ports):
+def test_ray_job_submit_to_a_token_protected_local_head(shared_ray, tmp_path):
+    """The session's shared head is one that cluster/start-local-head.sh started (conftest.RayHead)."""
     import psutil
 
-    ray_bin = Path(sys.executable).parent / "ray"
-    # A short temp dir: Ray's unix sockets live under it and their paths are limited to 107 bytes.
-    ray_tmp = Path(tempfile.mkdtemp(prefix="snray-", dir="/tmp"))
-    token_file = tmp_path / "auth_token"
-    token_file.write_text(secrets.token_hex(32))
-    token_file.chmod(0o600)
-    gcs, dashboard, client, agent_http, agent_grpc, runtime_env, metrics, node_manager, object_manager = free_ports(9)
-    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN")}
-    env.update(PATH=f"{ray_bin.parent}:{env['PATH']}", RAY_AUTH_TOKEN_PATH=str(token_file),
-               RAY_PORT=str(gcs), RAY_DASHBOARD_PORT=str(dashboard), RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S="0")
-    head_log = tmp_path / "head.log"
-    head = subprocess.Popen(
-        ["bash", str(CLUSTER / "start-local-head.sh"), "--block", f"--temp-dir={ray_tmp}", "--num-cpus=2",
-         f"--ray-client-server-port={client}", f"--dashboard-agent-listen-port={agent_http}",
-         f"--dashboard-agent-grpc-port={agent_grpc}", f"--runtime-env-agent-port={runtime_env}",
-         f"--metrics-export-port={metrics}", f"--node-manager-port={node_manager}",
-         f"--object-manager-port={object_manager}", "--min-worker-port=0", "--max-worker-port=0"],
-        env=env, stdout=head_log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
-    address = f"http://127.0.0.1:{dashboard}"
-    token = token_file.read_text()
-    client_env = {**env, "RAY_AUTH_MODE": "token"}
-    try:
-        deadline = time.time() + 180
-        while http_status(f"{address}/api/jobs/", token) != 200:
-            if head.poll() is not None:
-                log = head_log.read_text()
-                # Skip only when Ray itself could not start here; a bad flag of ours or a later crash fails.
-                assert "No such option" not in log and "Ray runtime started" not in log, log
-                pytest.skip(f"`ray start --head` cannot run here: {log.strip().splitlines()[-1:]}")
-            assert time.time() < deadline, head_log.read_text()
-            time.sleep(2)
+    head = shared_ray
+    address = head.dashboard
+    client_env = {**head.env, "RAY_AUTH_MODE": "token"}
+    # Token auth is on (the script sets RAY_AUTH_MODE=token), and the Jobs API listens on loopback only.
+    assert http_status(f"{address}/api/jobs/") == 401
+    listeners = {c.laddr.ip for c in psutil.net_connections("tcp")
+                 if c.status == psutil.CONN_LISTEN and c.laddr.port == head.dashboard_port}
+    assert listeners == {"127.0.0.1"}, listeners
 
-        # Token auth is on (the script sets RAY_AUTH_MODE=token), and the Jobs API listens on loopback only.
-        assert http_status(f"{address}/api/jobs/") == 401
-        listeners = {c.laddr.ip for c in psutil.net_connections("tcp")
-                     if c.status == psutil.CONN_LISTEN and c.laddr.port == dashboard}
-        assert listeners == {"127.0.0.1"}, listeners
+    run = tmp_path / "work"
+    flags = [f"data.root={run}/shards", f"run.storage={run}/runs", "train.max_steps=2", "train.checkpoint_every=2",
+             "train.log_every=1", "eval.at_end=false", "data.synth_images=30", "model.image_size=32",
+             "train.num_workers=1"]
+    job_id = f"spatialnet-test-{secrets.token_hex(4)}"
+    # Job-level env_vars, as a user passes AWS_ENDPOINT_URL for MinIO: launch.py must merge with them.
+    submit = subprocess.run(
+        [str(RAY_BIN), "job", "submit", "--address", address, "--submission-id", job_id, "--working-dir", str(REPO),
+         "--runtime-env-json", json.dumps({"env_vars": {"HF_HUB_OFFLINE": "1"}}),
+         "--", "python", "ray_job.py", *[a for f in flags for a in ("--set", f)]],
+        env=client_env, capture_output=True, text=True, timeout=420)
+    assert submit.returncode == 0, submit.stdout[-4000:] + submit.stderr[-4000:]
 
-        run = tmp_path / "work"
-        flags = [f"data.root={run}/shards", f"run.storage={run}/runs", "train.max_steps=2", "train.checkpoint_every=2",
-                 "train.log_every=1", "eval.at_end=false", "data.synth_images=30", "model.image_size=32",
-                 "train.num_workers=1"]
-        job_id = f"spatialnet-test-{secrets.token_hex(4)}"
-        # Job-level env_vars, as a user passes AWS_ENDPOINT_URL for MinIO: launch.py must merge with them.
-        submit = subprocess.run(
-            [str(ray_bin), "job", "submit", "--address", address, "--submission-id", job_id, "--working-dir", str(REPO),
-             "--runtime-env-json", json.dumps({"env_vars": {"HF_HUB_OFFLINE": "1"}}),
-             "--", "python", "ray_job.py", *[a for f in flags for a in ("--set", f)]],
-            env=client_env, capture_output=True, text=True, timeout=420)
-        assert submit.returncode == 0, submit.stdout[-4000:] + submit.stderr[-4000:]
-
-        logs = subprocess.run([str(ray_bin), "job", "logs", "--address", address, job_id],
-                              env=client_env, capture_output=True, text=True, timeout=60, check=True).stdout
-        last = logs.strip().splitlines()[-1]
-        assert last.startswith("RESULT "), logs[-4000:]
-        result = json.loads(last[len("RESULT "):])
-        assert result["final_step"] == 2 and result["error"] is None, result
-        assert Path(result["checkpoint"]).is_dir()
-        # The upload honoured .gitignore: the virtual environment stayed behind.
-        packages = list(ray_tmp.glob("session_*/runtime_resources/working_dir_files/*"))
-        assert packages and not any((p / ".venv").exists() for p in packages)
-    finally:
-        head.send_signal(signal.SIGTERM)  # `ray start --block` stops every process it started
-        try:
-            head.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            head.kill()
-        kill_leftovers(head.pid, ray_tmp)
-        shutil.rmtree(ray_tmp, ignore_errors=True)
+    logs = subprocess.run([str(RAY_BIN), "job", "logs", "--address", address, job_id],
+                          env=client_env, capture_output=True, text=True, timeout=60, check=True).stdout
+    last = logs.strip().splitlines()[-1]
+    assert last.startswith("RESULT "), logs[-4000:]
+    result = json.loads(last[len("RESULT "):])
+    assert result["final_step"] == 2 and result["error"] is None, result
+    assert Path(result["checkpoint"]).is_dir()
+    # The upload honoured .gitignore: the virtual environment stayed behind.
+    packages = list(head.temp_dir.glob("session_*/runtime_resources/working_dir_files/*"))
+    assert packages and not any((p / ".venv").exists() for p in packages)
 
 
 # --- the default local instance (python ray_job.py without RAY_ADDRESS) -------------------------------------

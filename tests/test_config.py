@@ -9,6 +9,7 @@ import pytest
 
 from spatialnet_dist import config as config_mod
 from spatialnet_dist.config import ConfigError
+from spatialnet_dist.tasks import DEFAULT_TASKS
 from spatialnet_dist.text import Vocab, map_answer, rsvqa_lr_count_bin
 from spatialnet_dist.train.plan import resolve
 
@@ -60,7 +61,7 @@ def test_overrides_are_yaml_values():
 
 def test_a_mapping_override_changes_one_entry():
     cfg = config_mod.load(None, ["loss.weights.vqa=2"])
-    assert cfg.loss.weights == {"captioning": 1.0, "vqa": 2.0, "classification": 1.0, "regression": 1.0}
+    assert cfg.loss.weights == {"captioning": 1.0, "vqa": 2.0, "classification": 1.0, "regression": 1.0, "tagging": 1.0}
 
 
 @pytest.mark.parametrize(
@@ -153,7 +154,7 @@ def test_epochs_become_max_steps_from_the_manifest(synth_root):
     steps = math.ceil(3 * rows["vqa"] / (5 * 2 * 2))  # vqa has the most rows: every question 3 times
     assert resolved.train.max_steps == steps
     assert line == (f"train.epochs=3 -> train.max_steps={steps}; rows per epoch: "
-                    + ", ".join(f"{t} {rows[t]}" for t in config_mod.TASKS)
+                    + ", ".join(f"{t} {rows[t]}" for t in DEFAULT_TASKS)
                     + f"; global rows per step: captioning {32 * train['captions'] / train['samples']:g}, vqa 20, "
                     "classification 32, regression 32")  # a captioning visit trains all its image's captions
     # The resolved config (saved with the run, sent to the workers) keeps the steps; resolving it again is a no-op.

@@ -40,16 +40,18 @@ def test_workers_give_the_shards_of_one_process(store):
 
 
 @pytest.mark.slow
-def test_ray_tasks_give_the_shards_of_one_process(store):
+def test_ray_tasks_give_the_shards_of_one_process(store, shared_ray):
     """Local and S3: Ray tasks spool blocks into the store's staging folder and read them back by range."""
     import ray
+
+    from spatialnet_dist.ray_cluster import connect_ray
 
     samples = make_samples(70, split=two_splits)
     one = write(store("one"), samples, min_shards=3)
     try:
         by_ray = write(store("ray"), samples, min_shards=3, use_ray=True)
         if store("x").startswith("s3://"):  # a task's failure is the conversion's one-line error, not Ray's traceback
-            ray.init(_node_ip_address="127.0.0.1", include_dashboard=False)  # the writer joins it
+            connect_ray()  # Ray running before the writer: it submits to this connection
             with pytest.raises(StoreError) as failed:
                 write("s3://no-such-bucket-for-ray/store", samples[:3], use_ray=True)
             assert str(failed.value).startswith("bucket no-such-bucket-for-ray does not exist")

@@ -14,9 +14,10 @@ import numpy as np
 import pytest
 import torch
 
-from spatialnet_dist.config import TASKS, Config
-from spatialnet_dist.data import ImageTransform, build_vocabs, make_eval_loader, make_train_loader, train_rows
+from spatialnet_dist.config import Config
+from spatialnet_dist.data import train_rows
 from spatialnet_dist.data.batch_format import CAPTIONS, QUESTIONS, collate
+from spatialnet_dist.data.batches import make_eval_loader, make_train_loader
 from spatialnet_dist.data.indexed import ShardReader
 from spatialnet_dist.data.order import TaskOrder, alternate_task
 from spatialnet_dist.data.streams import (
@@ -29,13 +30,15 @@ from spatialnet_dist.data.streams import (
     task_stream_spec,
 )
 from spatialnet_dist.data.train_rows import TaskRows
-from spatialnet_dist.data.transforms import SYMMETRIES, adapt_bands, draw_symmetry
+from spatialnet_dist.data.transforms import SYMMETRIES, ImageTransform, adapt_bands, draw_symmetry
+from spatialnet_dist.data.vocab import build_vocabs
 from spatialnet_dist.errors import UserError
 from spatialnet_dist.store import schema
 from spatialnet_dist.store.manifest import shard_urls
 from spatialnet_dist.store.schema import Sample
 from spatialnet_dist.store.storage import StoreError
 from spatialnet_dist.store.writer import ShardWriter
+from spatialnet_dist.tasks import DEFAULT_TASKS as TASKS
 from spatialnet_dist.text import rsvqa_lr_count_bin
 
 CLASSES = ["field", "forest", "water"]

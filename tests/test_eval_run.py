@@ -15,14 +15,14 @@ import pytest
 import torch
 from PIL import Image
 
+from spatialnet_dist import checkpoint as ckpt
 from spatialnet_dist import config as config_mod
 from spatialnet_dist.cli import main
 from spatialnet_dist.corpora.synthetic import write_synthetic
-from spatialnet_dist.data import build_vocabs
+from spatialnet_dist.data.vocab import build_vocabs
 from spatialnet_dist.evaluate.vqa import load_vqa_predictions, score_vqa
-from spatialnet_dist.model import build_model
+from spatialnet_dist.model.spatialnet import build_model
 from spatialnet_dist.store.manifest import read_manifest
-from spatialnet_dist.train import checkpoint as ckpt
 
 
 def run_cli(argv: list[str]) -> tuple[int, str, str]:
@@ -148,28 +148,28 @@ def test_predict_images_of_any_size_and_format(bundle, tmp_path):
 
 
 @pytest.mark.slow  # starts Ray, and scores captions with java (METEOR)
-def test_eval_run_over_ray_workers_matches_one_process(store, tmp_path):
+def test_eval_run_over_ray_workers_matches_one_process(store, shared_ray, tmp_path):
     bundle = bundle_for(store, tmp_path / "model", captioning=True)
     rc, stdout, stderr = run_cli(
         ["eval", "run", bundle, "--data", store, "--out", str(tmp_path / "ray"), "--workers", "2"]
     )
     assert rc == 0, stderr
     over_ray = json.loads(stdout)
-    assert set(over_ray["captions"]) == {
+    assert set(over_ray["captioning"]) == {
         "BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr", "CIDEr_ci", "baselines"
     }
-    assert set(over_ray["captions"]["baselines"]) == {"fixed_caption", "class_oracle"}
+    assert set(over_ray["captioning"]["baselines"]) == {"fixed_caption", "class_oracle"}
     caption_rows = json.loads((tmp_path / "ray" / "predictions" / "captions.json").read_text())
     assert len(caption_rows) == read_manifest(store, "synthetic")["splits"]["test"]["samples"]
 
+    from spatialnet_dist.checkpoint import load_model
     from spatialnet_dist.evaluate.run import predict_split, score_predictions
-    from spatialnet_dist.train.checkpoint import load_model
 
     model, cfg, vocabs = load_model(bundle)
     one_process = predict_split(model, cfg, vocabs, "test").rows
     one_process.pop("captioning")  # scored above; java once is enough
     without_baselines = {task: {k: v for k, v in s.items() if k != "baselines"} for task, s in over_ray.items()}
-    without_baselines.pop("captions")
+    without_baselines.pop("captioning")
     assert score_predictions(one_process, cfg, vocabs) == without_baselines
 
 

@@ -59,13 +59,13 @@ def test_reason_is_the_workers_one_line_through_rays_wrappers():
 def test_a_store_that_does_not_answer_is_left_to_rays_restarts(tmp_path):
     from botocore.exceptions import ClientError, EndpointConnectionError
 
-    from spatialnet_dist.store import storage
+    from spatialnet_dist.store import s3, storage
 
     url = "s3://bucket/shards/x.tar"
-    unreachable = storage.s3_error(EndpointConnectionError(endpoint_url="http://127.0.0.1:9"), url)
-    busy = storage.s3_error(ClientError({"Error": {"Code": "SlowDown", "Message": "reduce your request rate"},
-                                         "ResponseMetadata": {"HTTPStatusCode": 503}}, "GetObject"), url)
-    missing_bucket = storage.s3_error(ClientError({"Error": {"Code": "NoSuchBucket"}}, "GetObject"), url)
+    unreachable = s3.s3_error(EndpointConnectionError(endpoint_url="http://127.0.0.1:9"), url)
+    busy = s3.s3_error(ClientError({"Error": {"Code": "SlowDown", "Message": "reduce your request rate"},
+                                    "ResponseMetadata": {"HTTPStatusCode": 503}}, "GetObject"), url)
+    missing_bucket = s3.s3_error(ClientError({"Error": {"Code": "NoSuchBucket"}}, "GetObject"), url)
     assert isinstance(unreachable, storage.StoreUnavailable) and isinstance(busy, storage.StoreUnavailable)
     assert failures.is_permanent(missing_bucket) and not isinstance(missing_bucket, storage.StoreUnavailable)
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from spatialnet_dist.config import TASKS
+from spatialnet_dist.tasks import DEFAULT_TASKS as TASKS
 from tests.test_model import SIZES, make_batch
 
 
@@ -19,9 +19,9 @@ def _losses_worker(rank: int, port: int, out: str, settings: dict[str, list[str]
     os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
                       DS_ACCELERATOR="cpu")
     from spatialnet_dist import config as config_mod
+    from spatialnet_dist import engine as ds
     from spatialnet_dist.model.spatialnet import assemble_model
     from spatialnet_dist.objective import MultiTaskObjective
-    from spatialnet_dist.train import engine as ds
 
     torch.set_num_threads(1)
     ds.init_distributed(False)
@@ -44,32 +44,36 @@ def _losses_worker(rank: int, port: int, out: str, settings: dict[str, list[str]
     Path(out, "results.json").write_text(json.dumps(results))
 
 
-def _run_settings(tmp_path, port: int, settings: dict[str, list[str]]) -> dict:
+@pytest.fixture(scope="module")
+def step_losses(tmp_path_factory, free_ports) -> dict:
+    """The losses and parameter dtype of the eager fp32 step, the compiled one and bf16 autocast, from one
+    spawned process: it imports DeepSpeed and builds the model once for the tests of both."""
     import torch.multiprocessing as mp
 
-    mp.spawn(_losses_worker, args=(port, str(tmp_path), settings), nprocs=1)
-    return json.loads((tmp_path / "results.json").read_text())
+    out = tmp_path_factory.mktemp("step_losses")
+    # In this order: eager then compiled, as when the compiled test ran alone; autocast last.
+    settings = {"fp32": ["train.compile=false", "train.precision=fp32"],
+                "compiled": ["train.compile=true", "train.precision=fp32"],
+                "autocast": ["train.compile=false", "train.precision=bf16-autocast"]}
+    mp.spawn(_losses_worker, args=(free_ports(1)[0], str(out), settings), nprocs=1)
+    return json.loads((out / "results.json").read_text())
 
 
 @pytest.mark.slow  # inductor compiles forward and backward with a C++ compiler: minutes on 2 loaded cores
-def test_compiled_step_gives_the_eager_losses(tmp_path, free_ports):
+def test_compiled_step_gives_the_eager_losses(step_losses):
     """Same weights, batch and optimizer: the compiled model's losses over three steps (so its backward
     and the updates it feeds count too) match the eager ones to float tolerance."""
-    results = _run_settings(tmp_path, free_ports(1)[0], {"eager": ["train.compile=false"],
-                                                         "compiled": ["train.compile=true"]})
-    eager, compiled = results["eager"]["losses"], results["compiled"]["losses"]
+    eager, compiled = step_losses["fp32"]["losses"], step_losses["compiled"]["losses"]
     torch.testing.assert_close(torch.tensor(compiled), torch.tensor(eager), rtol=1e-4, atol=1e-5)
     assert eager[0] != eager[-1]  # the steps trained
 
 
-@pytest.mark.slow  # two DeepSpeed engines in a spawned process: ~15 s
-def test_bf16_autocast_keeps_fp32_weights_and_the_fp32_losses(tmp_path, free_ports):
+@pytest.mark.slow  # two DeepSpeed engines in a spawned process: ~15 s (shared with the compiled test's)
+def test_bf16_autocast_keeps_fp32_weights_and_the_fp32_losses(step_losses):
     """train.precision=bf16-autocast (DeepSpeed's torch_autocast, the GPU default): the weights and the
     optimizer stay fp32 and the losses follow the fp32 run's within bf16 matmul error."""
-    results = _run_settings(tmp_path, free_ports(1)[0], {"fp32": ["train.precision=fp32"],
-                                                         "autocast": ["train.precision=bf16-autocast"]})
-    assert results["autocast"]["dtype"] == "torch.float32"
-    fp32, autocast = results["fp32"]["losses"], results["autocast"]["losses"]
+    assert step_losses["autocast"]["dtype"] == "torch.float32"
+    fp32, autocast = step_losses["fp32"]["losses"], step_losses["autocast"]["losses"]
     torch.testing.assert_close(torch.tensor(autocast), torch.tensor(fp32), rtol=3e-2, atol=3e-2)
     assert autocast != fp32  # bf16 matmuls did run
 

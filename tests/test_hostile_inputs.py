@@ -14,7 +14,6 @@ import pytest
 from PIL import Image
 
 from spatialnet_dist import config as config_mod
-from spatialnet_dist.config import TASKS
 from spatialnet_dist.data.streams import StreamCounts, decode_samples, read_shards, task_rows, task_stream_spec
 from spatialnet_dist.data.transforms import task_transform
 from spatialnet_dist.data.vocab import build_vocabs
@@ -24,6 +23,7 @@ from spatialnet_dist.store import schema
 from spatialnet_dist.store.inspect import format_inspect, inspect_store
 from spatialnet_dist.store.verify import verify_store
 from spatialnet_dist.store.writer import ShardWriter
+from spatialnet_dist.tasks import DEFAULT_TASKS as TASKS
 
 FUZZ_CASES = 1000
 

@@ -10,13 +10,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from spatialnet_dist.config import TASKS, LossConfig, ModelConfig
+from spatialnet_dist.config import LossConfig, ModelConfig
 from spatialnet_dist.errors import UserError
-from spatialnet_dist.model import PRESETS, build_model
 from spatialnet_dist.model.encoder import build_encoder
 from spatialnet_dist.model.heads import VocabSizes
-from spatialnet_dist.model.spatialnet import assemble_model
+from spatialnet_dist.model.presets import PRESETS
+from spatialnet_dist.model.spatialnet import assemble_model, build_model
 from spatialnet_dist.objective import MultiTaskObjective
+from spatialnet_dist.tasks import DEFAULT_TASKS as TASKS
+from spatialnet_dist.tasks.captioning import generate
 from spatialnet_dist.text import BOS_ID, EOS_ID, PAD_ID, AnswerVocab, TextVocabs, Vocab
 
 SIZES = VocabSizes(words=40, answers=7, classes=5)
@@ -159,7 +161,7 @@ def test_model_command_reports_the_contract_keys(capsys):
     assert main(["model", "--preset", "paper", "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
     assert info["preset"] == "paper"
-    assert set(info["params"]) == {"encoder", "captioning", "vqa", "classification", "regression", "total"}
+    assert set(info["params"]) == {"encoder", "captioning", "vqa", "classification", "regression", "tagging", "total"}
     assert info["params"]["total"] == sum(v for k, v in info["params"].items() if k != "total")
     assert 84e6 < info["params"]["encoder"] < 88e6
     assert info["gflops_per_image"] > 2 * info["params"]["encoder"] * 256 / 1e9  # >= 2 FLOPs/param/token
@@ -191,12 +193,12 @@ def test_beam_search_of_width_one_equals_greedy():
         optimizer.step()
     model.eval()
     images = torch.cat([batch["captioning"]["image"], torch.randn(8, 3, 32, 32)])
-    greedy = model.caption(images, beam_size=1, max_len=CFG.caption_max_len)
+    greedy = generate(model, images, beam_size=1, max_len=CFG.caption_max_len)
     decoder = model.heads["captioning"]
     beam = decoder._beam(decoder.project(model.encode(images)[0]), CFG.caption_max_len, 1, 0.6)
     assert beam == greedy
     assert len({len(c) for c in greedy}) > 1 and all(0 < len(c) < CFG.caption_max_len - 1 for c in greedy[:4])
-    short = model.caption(images, beam_size=1, max_len=4)  # BOS + at most 3 words
+    short = generate(model, images, beam_size=1, max_len=4)  # BOS + at most 3 words
     assert all(s == g[:3] for s, g in zip(short, greedy))
 
 
@@ -208,7 +210,7 @@ def test_wide_beam_finds_the_best_length_normalised_caption():
     decoder.embed.weight.data *= 10  # peaked next-word distributions: greedy and the best caption differ
     max_len, alpha = 5, 0.6  # BOS + up to 4 generated words
     images = torch.randn(4, 3, 32, 32)
-    found = model.caption(images, beam_size=128, length_penalty=alpha, max_len=max_len)
+    found = generate(model, images, beam_size=128, length_penalty=alpha, max_len=max_len)
     memory = decoder.project(model.encode(images)[0])  # (4, N, Dt)
     best = []
     for b in range(len(images)):
@@ -226,7 +228,7 @@ def test_wide_beam_finds_the_best_length_normalised_caption():
                 hypotheses.append((score / ((5 + n) / 6) ** alpha, [w for w in words if w != EOS_ID]))
         best.append(max(hypotheses, key=lambda h: h[0])[1])
     assert found == best
-    assert found != model.caption(images, beam_size=1, max_len=max_len)
+    assert found != generate(model, images, beam_size=1, max_len=max_len)
 
 
 def test_a_batch_without_a_task_still_trains():

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 from spatialnet_dist import config as config_mod
+from spatialnet_dist import jobs
 from spatialnet_dist.cli import build_parser
 from spatialnet_dist.cli import main as cli_main
 from spatialnet_dist.store import storage
@@ -149,7 +150,7 @@ print(sorted(m for m in sys.modules if m == "mlflow" or m.startswith("mlflow."))
 
 def test_mlflow_on_s3_storage_needs_a_tracking_server(monkeypatch, capsys):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    assert launch.main(["--set", "run.storage=s3://bucket/runs", "--set", "log.mlflow=true"]) == 2
+    assert jobs.train_with_ray(["--set", "run.storage=s3://bucket/runs", "--set", "log.mlflow=true"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "MLFLOW_TRACKING_URI" in err and "log.mlflow" in err
 
@@ -163,9 +164,9 @@ def _train_worker(rank: int, port: int, root: str, storage_dir: str):
     os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     from test_train import TINY
 
+    from spatialnet_dist import engine as ds
     from spatialnet_dist.data.vocab import build_vocabs
-    from spatialnet_dist.evaluate.run import evaluate_model
-    from spatialnet_dist.train import engine as ds
+    from spatialnet_dist.evaluate.run import evaluate_model, validation_metrics
     from spatialnet_dist.train.local import train
 
     cfg = config_mod.load(None, [*TINY, f"data.root={root}", f"run.storage={storage_dir}", "train.max_steps=3",
@@ -174,7 +175,7 @@ def _train_worker(rank: int, port: int, root: str, storage_dir: str):
     ds.init_distributed(False)
     vocabs = build_vocabs(cfg)
     run = RunDir(str(Path(storage_dir) / cfg.run.name))
-    trainer = train(cfg, vocabs, run.url, rank, 1)
+    trainer = train(cfg, vocabs, run.url, rank, 1, validation_metrics)
     eval_cfg = config_mod.from_dict(cfg.to_dict())
     eval_cfg.tasks.captioning.enabled = False
     eval_cfg.eval.max_samples = 4
@@ -265,7 +266,7 @@ def _make_run(root: str, name: str, steps: int, error: str | None = None, finish
     run.write_config(cfg)
     if steps == 0:
         return run
-    run.record_attempt(0, False)
+    run.record_attempt(0, False, 1)
     for step in range(1, steps + 1):
         run.append_metrics({"step": step, "loss": 1.0 / step})
     storage.write_bytes_atomic(run.path(f"checkpoint-{steps:06d}", "meta.json"), b"{}")

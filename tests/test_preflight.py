@@ -1,5 +1,5 @@
 """Driver-side preflight (train.preflight): one check per function, each refusing with one line that names
-the key or file, before any worker starts; and launch.main stopping on it without starting Ray."""
+the key or file, before any worker starts; and the driver stopping on it without starting Ray."""
 
 from __future__ import annotations
 
@@ -10,6 +10,8 @@ import time
 import pytest
 
 from spatialnet_dist import config as config_mod
+from spatialnet_dist import jobs
+from spatialnet_dist import tasks as registry
 from spatialnet_dist.errors import UserError
 from spatialnet_dist.train import launch, preflight
 
@@ -99,7 +101,7 @@ def test_java_is_needed_only_when_captions_are_scored(monkeypatch):
 def test_launch_stops_on_preflight_before_ray_starts(synth_root, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(launch, "connect_ray", lambda cfg: pytest.fail("Ray started despite a failed preflight"))
     t0 = time.time()
-    code = launch.main(["--set", f"data.root={synth_root}", "--set", f"run.storage={tmp_path}",
+    code = jobs.train_with_ray(["--set", f"data.root={synth_root}", "--set", f"run.storage={tmp_path}",
                         "--set", "eval.split=tset"])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "'tset'" in err[0]
@@ -107,10 +109,9 @@ def test_launch_stops_on_preflight_before_ray_starts(synth_root, tmp_path, monke
 
 
 def test_the_torchrun_path_runs_the_same_preflight(tmp_path, capsys):
-    from spatialnet_dist.train import local
-
-    only_vqa = [f"tasks.{t}.enabled=false" for t in ("captioning", "classification", "regression")]
-    code = local.main([arg for item in (*only_vqa, f"data.root={tmp_path}", "tasks.vqa.corpora=[rsvqa-lr]",
+    # The demo config's other tasks off (else the demo's synthetic corpus is made before the check fails).
+    only_vqa = [f"tasks.{t}.enabled=false" for t in registry.names() if t != "vqa"]
+    code = jobs.train_with_torchrun([arg for item in (*only_vqa, f"data.root={tmp_path}", "tasks.vqa.corpora=[rsvqa-lr]",
                                         f"run.storage={tmp_path}/runs") for arg in ("--set", item)])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "rsvqa-lr" in err[0] and "convert" in err[0]

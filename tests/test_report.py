@@ -76,7 +76,7 @@ def full_report(tmp_path_factory):
     third = {k: v / 3 for k, v in CAPTIONS.items()}
     majority = score_vqa([{**r, "prediction": "no"} for r in vqa_rows])
     metrics = {
-        "captions": {**CAPTIONS, "baselines": {"fixed_caption": {**third, "name": "most frequent caption"}}},
+        "captioning": {**CAPTIONS, "baselines": {"fixed_caption": {**third, "name": "most frequent caption"}}},
         "vqa": {**score_vqa(vqa_rows), "baselines": {"majority": {**majority, "name": "majority answer"}}},
         "classification": {
             **score_classification([0, 1, 2, 2], [0, 1, 1, 2], CLASSES),

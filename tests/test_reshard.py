@@ -1,5 +1,5 @@
 """A checkpoint resumes on another number of workers: the global batch per task is kept (train.plan), and
-ZeRO-1/2/3 partitions are resharded through DeepSpeed's universal checkpoint (train.checkpoint.zero_files)."""
+ZeRO-1/2/3 partitions are resharded through DeepSpeed's universal checkpoint (checkpoint.zero_files)."""
 
 from __future__ import annotations
 
@@ -73,11 +73,11 @@ def _full_state(engine) -> dict[str, dict[str, torch.Tensor]]:
 def _reshard_worker(rank: int, world_size: int, port: int, stage: int, directory: str, out: str):
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port), DS_ACCELERATOR="cpu")
+    from spatialnet_dist import checkpoint as ckpt
+    from spatialnet_dist import engine as ds
     from spatialnet_dist.model.heads import VocabSizes
     from spatialnet_dist.model.spatialnet import assemble_model
     from spatialnet_dist.objective import MultiTaskObjective
-    from spatialnet_dist.train import checkpoint as ckpt
-    from spatialnet_dist.train import engine as ds
 
     torch.set_num_threads(1)
     ds.init_distributed(False)

@@ -12,11 +12,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from spatialnet_dist.config import TASKS
-from spatialnet_dist.data import build_vocabs, make_train_loader
+from spatialnet_dist.data.batches import make_train_loader
 from spatialnet_dist.data.order import TaskOrder, slot_pattern
+from spatialnet_dist.data.vocab import build_vocabs
 from spatialnet_dist.store.manifest import shard_urls
 from spatialnet_dist.store.storage import StoreError
+from spatialnet_dist.tasks import DEFAULT_TASKS as TASKS
 from tests.test_data import _damaged_store, make_cfg, take, write_corpus
 
 
@@ -146,13 +147,13 @@ def _e2e_worker(rank: int, port: int, root: str, out: str, stage: int, loader_wo
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port), DS_ACCELERATOR="cpu")
     from spatialnet_dist import config as config_mod
-    from spatialnet_dist.train import engine as ds
+    from spatialnet_dist import engine as ds
     from spatialnet_dist.train.local import train
 
     def run(name: str, *extra: str) -> dict:
         cfg = config_mod.load(None, [*E2E, f"data.root={root}", f"run.storage={out}", f"run.name={name}",
                                      f"train.zero_stage={stage}", f"data.loader_workers={loader_workers}", *extra])
-        trainer = train(cfg, build_vocabs(cfg), str(Path(out, name)), rank, 2)
+        trainer = train(cfg, build_vocabs(cfg), str(Path(out, name)), rank, 2, None)
         return {k: v.detach().clone() for k, v in trainer.inference_model().state_dict().items()}
 
     ds.init_distributed(False)

@@ -11,7 +11,7 @@ import tarfile
 import boto3
 import pytest
 
-from spatialnet_dist.store import storage
+from spatialnet_dist.store import s3, storage
 from spatialnet_dist.store.storage import StoreError, StoreUnavailable
 
 
@@ -57,7 +57,7 @@ def _tar(members: dict[str, bytes]) -> bytes:
 def test_shard_stream_past_budget_stops_with_one_line(s3_endpoint, s3_bucket, flaky_s3, monkeypatch):
     from spatialnet_dist.data.streams import StreamCounts, read_shards
 
-    monkeypatch.setattr(storage, "_retry_budget_s", 1.0)
+    monkeypatch.setattr(s3, "_retry_budget_s", 1.0)
     url = _put(s3_endpoint, s3_bucket, "c-train-000000.tar", _tar({f"s{i:03d}.bin": os.urandom(100_000) for i in range(40)}))
     raws = read_shards([{"url": url, "samples": 40}], StreamCounts("captioning", 0.5))
     next(raws)
@@ -69,7 +69,7 @@ def test_shard_stream_past_budget_stops_with_one_line(s3_endpoint, s3_bucket, fl
 
 
 def test_outage_within_budget_is_survived(s3_endpoint, s3_bucket, flaky_s3, monkeypatch):
-    monkeypatch.setattr(storage, "_retry_budget_s", 20)
+    monkeypatch.setattr(s3, "_retry_budget_s", 20)
     url = _put(s3_endpoint, s3_bucket, "a.json", b"{}")
     assert storage.exists(url)  # a pooled connection, reset by the outage
     flaky_s3.outage(0, 1.5).join(0.2)
@@ -80,7 +80,7 @@ def test_outage_within_budget_is_survived(s3_endpoint, s3_bucket, flaky_s3, monk
 
 
 def test_outage_past_budget_is_one_line_naming_the_endpoint(s3_endpoint, s3_bucket, flaky_s3, monkeypatch):
-    monkeypatch.setattr(storage, "_retry_budget_s", 1.0)
+    monkeypatch.setattr(s3, "_retry_budget_s", 1.0)
     url = _put(s3_endpoint, s3_bucket, "a.json", b"{}")
     flaky_s3.down()
     with pytest.raises(StoreUnavailable) as err:
@@ -93,7 +93,7 @@ def test_outage_past_budget_is_one_line_naming_the_endpoint(s3_endpoint, s3_buck
 
 
 def test_missing_object_is_not_retried(s3_bucket, flaky_s3, monkeypatch):
-    monkeypatch.setattr(storage, "_retry_budget_s", 30)
+    monkeypatch.setattr(s3, "_retry_budget_s", 30)
     with pytest.raises(storage.NotFoundError):
         storage.read_bytes(f"s3://{s3_bucket}/nope.json")  # at once, not after the budget
 
@@ -112,7 +112,7 @@ def test_joined_parts_may_not_leave_the_root():
 
 @pytest.mark.parametrize("key", ["ckpt//etc/evil", "ckpt/zero/../../evil"])
 def test_checkpoint_copy_refuses_keys_that_leave_its_folder(s3_endpoint, s3_bucket, key):
-    from spatialnet_dist.train.checkpoint import local_copy
+    from spatialnet_dist.checkpoint import local_copy
 
     """A checkpoint's manifest naming a file outside its folder is refused before anything is fetched."""
     files = {"meta.json": {"sha256": "0" * 64, "bytes": 2}, key.removeprefix("ckpt/"): {"sha256": "0" * 64, "bytes": 1}}
@@ -126,9 +126,9 @@ def test_retry_budget_is_the_config_key(monkeypatch):
     from spatialnet_dist import config as config_mod
     from spatialnet_dist.train.launch import load_config, parse_args
 
-    monkeypatch.setattr(storage, "_retry_budget_s", storage._retry_budget_s)  # restored after the test
-    assert storage._retry_budget_s == config_mod.DataConfig().s3_retry_seconds == 120
+    monkeypatch.setattr(s3, "_retry_budget_s", s3._retry_budget_s)  # restored after the test
+    assert s3._retry_budget_s == config_mod.DataConfig().s3_retry_seconds == 120
     load_config(parse_args(["--set", "data.s3_retry_seconds=7"]))
-    assert storage._retry_budget_s == 7
+    assert s3._retry_budget_s == 7
     with pytest.raises(config_mod.ConfigError, match="data.s3_retry_seconds"):
         config_mod.load(None, ["data.s3_retry_seconds=-1"])

@@ -14,7 +14,7 @@ from webdataset.tariterators import group_by_keys, tar_file_expander
 
 from spatialnet_dist.cli import main
 from spatialnet_dist.errors import UserError
-from spatialnet_dist.store import storage
+from spatialnet_dist.store import s3, storage
 from spatialnet_dist.store.inspect import format_inspect, inspect_store
 from spatialnet_dist.store.manifest import list_corpora, read_manifest, shard_urls
 from spatialnet_dist.store.schema import (
@@ -313,13 +313,13 @@ def test_verify_names_truncated_corrupted_and_missing_shards(root, capsys):
 
 
 def test_s3_multipart_upload_and_move(s3_bucket, tmp_path, monkeypatch):
-    monkeypatch.setattr(storage, "MULTIPART_BYTES", 5 * 2**20)  # S3's smallest part size
+    monkeypatch.setattr(s3, "MULTIPART_BYTES", 5 * 2**20)  # S3's smallest part size
     data = np.random.default_rng(0).bytes(11 * 2**20)
     (tmp_path / "big.bin").write_bytes(data)
     url = f"s3://{s3_bucket}/big/one.bin"
     storage.put_file(str(tmp_path / "big.bin"), url)
     bucket, key = storage.split_s3(url)
-    assert storage.s3_client().head_object(Bucket=bucket, Key=key)["ETag"].endswith('-3"')  # 3 parts
+    assert s3.s3_client().head_object(Bucket=bucket, Key=key)["ETag"].endswith('-3"')  # 3 parts
     storage.move(url, f"s3://{s3_bucket}/big/two.bin")
     assert storage.list_dir(f"s3://{s3_bucket}/big") == ["two.bin"]
     assert storage.read_bytes(f"s3://{s3_bucket}/big/two.bin") == data
@@ -355,7 +355,7 @@ def test_wrong_credentials_say_so_without_the_secret(s3_endpoint, monkeypatch, c
     secret = "sEcReT-do-not-print-0123456789"
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", secret)
     # moto accepts any key, so the server's answers to a bad key are stubbed on the (new) client.
-    with Stubber(storage.s3_client()) as stub:
+    with Stubber(s3.s3_client()) as stub:
         stub.add_client_error("head_object", service_error_code="403", http_status_code=403)
         stub.add_client_error(
             "get_object",
@@ -378,7 +378,7 @@ def test_unreachable_endpoint_names_it(monkeypatch, free_ports):
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "s")
     monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
     monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")
-    monkeypatch.setattr(storage, "_retry_budget_s", 0)  # no retries through the outage (tests/test_s3_outage.py)
+    monkeypatch.setattr(s3, "_retry_budget_s", 0)  # no retries through the outage (tests/test_s3_outage.py)
     with pytest.raises(
         StoreError, match=rf"S3 endpoint http://127.0.0.1:{port} unreachable .* s3://b/c/manifest.json"
     ):

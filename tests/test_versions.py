@@ -42,8 +42,8 @@ def test_a_version_outside_the_range_is_refused_naming_the_package(package, outs
 def test_the_startup_check_reads_the_installed_version(monkeypatch, capsys):
     real = importlib.metadata.version
     monkeypatch.setattr(importlib.metadata, "version", lambda name: "2.61.0" if name == "ray" else real(name))
-    from spatialnet_dist.train import launch
+    from spatialnet_dist import jobs
 
-    assert launch.main(["--set", "train.max_steps=1"]) == 2
+    assert jobs.train_with_ray(["--set", "train.max_steps=1"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("spatialnet: error: ray 2.61.0 is installed")

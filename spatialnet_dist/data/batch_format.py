@@ -1,24 +1,16 @@
-"""Batch format: the rows the task streams make and the sub-batches `collate` builds from them.
+"""The batch contract: the rows the task streams make and the sub-batches `collate` builds from them.
 
-A row is one visit of one image for one task: {"image": (C, S, S) float32, "image_id": str, ...}.
-A sub-batch is `collate` of B rows of one task, the same in training and evaluation:
+A row is one visit of one image for one task: {"image": (C, S, S) float32, "image_id": str, ...} plus the
+fields of the task's `row` (spatialnet_dist/tasks/<task>.py). A sub-batch is `collate` of B rows of one
+task, the same in training and evaluation: "image" (B, C, S, S), "image_id" [B] and the task's fields;
+each task writes its sub-batch down as a TypedDict with the shapes (e.g. tasks/vqa.py `VQABatch`).
 
-    every task       "image" (B, C, S, S), "image_id" [B]
-    captioning       per caption (C = the B images' captions together): "tokens" (C, Lc) int64:
-                     BOS w.. EOS PAD.., "image_index" (C,) int64 in [0, B); evaluation adds, per image,
-                     "references" [B] lists of str and "label_name" [B] (str or None: the class oracle's key)
-    classification   "label" (B,) int64, -1 for a class outside the vocabulary
-    vqa              per question (Q = the B images' questions together):
-                     "question" (Q, Lq) int64 PAD-padded, "answer" (Q,) int64 (-1: outside the answer
-                     vocabulary), "qtype" [Q], "qid" [Q], "answer_raw" [Q] str,
-                     "image_index" (Q,) int64 in [0, B): the row of "image" the question is about
-    regression       per count question: "question" (Q, Lq), "count" (Q,) float32, "image_index" (Q,)
-
-vqa and regression rows carry their questions as a list of per-question dicts under `QUESTIONS`,
-captioning rows their captions under `CAPTIONS`; the encoder runs once per image and the heads gather
-each question's (caption's) image by "image_index", so one encoder pass serves all the questions
-(reference captions) a visit trains. A training batch (data/batches.py) is
-{task: sub-batch, ..., "stats": {...}}; `tasks.<task>.batch_size` counts rows, i.e. images.
+Per-image items (vqa and regression questions, captioning captions) travel in a row as a list of dicts
+under `QUESTIONS` or `CAPTIONS`; collate stacks them over the B images (Q or C items in all) and adds
+"image_index" (Q,) int64 in [0, B), the row of "image" each item is about. The encoder runs once per
+image and the heads gather each item's image by "image_index", so one encoder pass serves all the
+questions (captions) a visit trains. A training batch (data/batches.py) is {task: sub-batch, ...};
+`tasks.<task>.batch_size` counts rows, i.e. images.
 """
 
 from __future__ import annotations

@@ -42,8 +42,8 @@ from spatialnet_dist.data.streams import (
 )
 from spatialnet_dist.data.train_rows import TaskRows
 from spatialnet_dist.data.transforms import task_transform
-from spatialnet_dist.data.vocab import TRAIN_SPLIT
 from spatialnet_dist.errors import UserError
+from spatialnet_dist.store.manifest import TRAIN_SPLIT
 from spatialnet_dist.text import TextVocabs
 
 _ERROR_KEY = "__error__"

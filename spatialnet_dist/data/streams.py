@@ -12,6 +12,9 @@ Bad input: in training an undecodable sample, or one missing from a truncated or
 shard, is replaced (data/train_rows.py) and counted in `StreamCounts.skipped`, and the shard is
 logged once; a missing shard or a storage error raises `StoreError` naming the shard. Evaluation
 has to be exact, so there any bad input is an error that names the shard.
+
+Over 300 lines: the training and evaluation streams share the corpus resolution, the bad-input accounting
+and the image cache; one file keeps those shared parts next to both of their users.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ import torch
 import webdataset as wds
 from webdataset.tariterators import group_by_keys, tar_file_expander
 
-from spatialnet_dist.data.batch_format import CAPTIONS, QUESTIONS
+from spatialnet_dist import tasks as registry
 from spatialnet_dist.data.sides import map_sides, mappable
 from spatialnet_dist.data.transforms import IDENTITY, BandNorm, ImageTransform, Symmetry
 from spatialnet_dist.errors import UserError
@@ -35,7 +38,7 @@ from spatialnet_dist.store.band_stats import from_manifest
 from spatialnet_dist.store.manifest import read_manifest, shard_urls
 from spatialnet_dist.store.schema import Sample, decode_sample
 from spatialnet_dist.store.storage import StoreError, open_stream
-from spatialnet_dist.text import TextVocabs, as_number
+from spatialnet_dist.text import TextVocabs
 
 log = logging.getLogger(__name__)
 _logged_shards: set[str] = set()  # bad shards this process has named in the log
@@ -65,24 +68,15 @@ class CorpusShards:
         return sum(s.samples for s in self.shards)
 
 
-# ---- what each task needs from a corpus, checked up front so a stream can never spin on nothing ----
-
-_TASK_CONTENT = {
-    "captioning": ("captions", lambda manifest, split: split.get("captions", 0) > 0),
-    "vqa": ("questions", lambda manifest, split: split.get("questions", 0) > 0),
-    "classification": ("classes", lambda manifest, split: bool(manifest.get("classes"))),
-    "regression": ("count questions", lambda manifest, split: split.get("questions_by_type", {}).get("count", 0) > 0),
-}
-
-
 def corpus_shards(root: str, corpus: str, split: str, task: str) -> CorpusShards:
-    """The shards of one corpus split, after checking that the corpus has what `task` needs."""
+    """The shards of one corpus split, after checking that the corpus has what `task` needs (so that a
+    stream can never spin on nothing)."""
     manifest = read_manifest(root, corpus)
     urls = shard_urls(root, corpus, split, manifest)  # StoreError naming the manifest when the split is absent
     info = manifest["splits"][split]
-    what, has = _TASK_CONTENT[task]
-    if not urls or not has(manifest, info):
-        raise UserError(f"tasks.{task}.corpora: corpus {corpus} under {root} has no {what} in split {split!r}")
+    needs = registry.get(task)
+    if not urls or not needs.has_content(manifest, info):
+        raise UserError(f"tasks.{task}.corpora: corpus {corpus} under {root} has no {needs.needs} in split {split!r}")
     shards = [Shard(url, s["samples"]) for url, s in zip(urls, info["shards"])]
     return CorpusShards(corpus, shards, from_manifest(manifest))
 
@@ -232,12 +226,12 @@ MAX_QUESTIONS_PER_VISIT = 64
 
 
 class TaskSamples:
-    """Sample -> at most one row of the task (data/batch_format.py "Batch format"), or None.
+    """Sample -> at most one row of the task (its fields: the task's `row`, tasks/<task>.py), or None.
 
     Training: a random subset (without replacement) of at most `per_visit` of the image's captions
     (captioning) or questions (vqa, regression; count questions only), 0: all, up to
-    MAX_QUESTIONS_PER_VISIT, all trained against one encoder pass. Evaluation: all of them, so every
-    question is scored exactly once, with the references of the image for captioning.
+    MAX_QUESTIONS_PER_VISIT, all trained against one encoder pass (`picked`). Evaluation: all of them, so
+    every question is scored exactly once, with the references of the image for captioning.
     Images the task has nothing for (no captions, no label, no numeric count question) give None.
     Each visit draws one symmetry for its image and every text it reads (data/sides.py); `unaugmented`
     counts the visits that kept the identity because a text the task reads names a side unclearly.
@@ -247,15 +241,17 @@ class TaskSamples:
                  question_max_len: int, train: bool, per_visit: int = 0,
                  band_norms: dict[str, BandNorm] | None = None):
         self.task, self.vocabs, self.transform, self.train = task, vocabs, transform, train
+        self.definition = registry.get(task)  # the registered Task: what a row of it holds
         self.band_norms = band_norms or {}  # corpus -> its per-band (mean, std); corpora without use none
         self.caption_max_len, self.question_max_len = caption_max_len, question_max_len
         self.per_visit = per_visit or MAX_QUESTIONS_PER_VISIT
         self.class_index = {name: i for i, name in enumerate(vocabs.classes)}
+        self.tag_index = {name: i for i, name in enumerate(vocabs.tags)}
         self.unaugmented = 0
 
     def __call__(self, sample: Sample, rng: np.random.Generator | None) -> dict | None:
         symmetry = self._symmetry(sample, rng)
-        targets = self._targets(sample, rng, symmetry)
+        targets = self.definition.row(sample, self, rng, symmetry)
         if targets is None:
             return None
         image = self.transform(sample.image, rng, symmetry, self.band_norms.get(sample.corpus))  # (C, S, S)
@@ -267,7 +263,7 @@ class TaskSamples:
         symmetry = self.transform.draw_symmetry(rng)
         if symmetry == IDENTITY:
             return symmetry
-        unclear = next((t for t in self._texts(s) if not mappable(t)), None)
+        unclear = next((t for t in self.definition.texts(s) if not mappable(t)), None)
         if unclear is None:
             return symmetry
         self.unaugmented += 1
@@ -277,56 +273,23 @@ class TaskSamples:
                         "unaugmented (logged once, counted per visit)", self.task, unclear, s.image_id)
         return IDENTITY
 
-    def _texts(self, s: Sample) -> list[str]:
-        """Every text the task may read of a sample (classification reads none)."""
-        if self.task in ("captioning", "classification"):
-            return s.captions if self.task == "captioning" else []
-        pairs = s.qa if self.task == "vqa" else [q for q in s.qa if q["type"] == "count"]
-        return [t for q in pairs for t in (q["question"], q["answer"]) if isinstance(t, str)]
-
     @staticmethod
-    def _seen(q: dict, symmetry: Symmetry) -> dict:
+    def seen(q: dict, symmetry: Symmetry) -> dict:
         """A question/answer pair as it reads of the image moved by `symmetry`."""
         if symmetry == IDENTITY:
             return q
         answer = map_sides(q["answer"], symmetry) if isinstance(q["answer"], str) else q["answer"]
         return {**q, "question": map_sides(q["question"], symmetry), "answer": answer}
 
-    def _picked(self, items: list, rng) -> list:
+    def picked(self, items: list, rng) -> list:
         """The captions or questions this visit trains: all in evaluation, else a random subset in the stored order."""
         if not self.train or len(items) <= self.per_visit:
             return items
         return [items[i] for i in sorted(rng.choice(len(items), self.per_visit, replace=False))]
 
-    def _question(self, text: str) -> torch.Tensor:
+    def question(self, text: str) -> torch.Tensor:
+        """(Lq,) word ids of a question, PAD-padded to model.question_max_len."""
         return torch.tensor(self.vocabs.words.encode(text, self.question_max_len, bos_eos=False))
-
-    def _targets(self, s: Sample, rng, symmetry: Symmetry) -> dict | None:
-        if self.task == "captioning":
-            if not s.captions:
-                return None
-            captions = [{"tokens": torch.tensor(self.vocabs.words.encode(map_sides(c, symmetry), self.caption_max_len))}
-                        for c in self._picked(s.captions, rng)]
-            row = {CAPTIONS: captions}
-            return row if self.train else {**row, "references": list(s.captions), "label_name": s.label_name}
-        if self.task == "classification":
-            return None if s.label_name is None else {"label": self.class_index.get(s.label_name, -1)}
-        if self.task == "vqa":
-            questions = [
-                {
-                    "question": self._question(q["question"]),
-                    "answer": self.vocabs.answers.encode(q["answer"], q["type"]),
-                    "qtype": q["type"],
-                    "qid": str(q["qid"]),
-                    "answer_raw": str(q["answer"]),
-                }
-                for q in (self._seen(q, symmetry) for q in self._picked(s.qa, rng))
-            ]
-        else:
-            counts = [q for q in s.qa if q["type"] == "count" and as_number(q["answer"]) is not None]
-            questions = [{"question": self._question(map_sides(q["question"], symmetry)), "count": as_number(q["answer"])}
-                         for q in self._picked(counts, rng)]
-        return {QUESTIONS: questions} if questions else None
 
 
 def task_rows(samples: Iterable[Sample], make_row: TaskSamples, rng: np.random.Generator | None) -> Iterator[dict]:
@@ -357,7 +320,8 @@ def task_stream_spec(cfg, vocabs: TextVocabs, task: str, split: str, transform: 
                      train: bool) -> TaskStreamSpec:
     task_cfg = getattr(cfg.tasks, task)
     corpora = [corpus_shards(cfg.data.root, c, split, task) for c in task_cfg.corpora]
-    per_visit = task_cfg.captions_per_image if task == "captioning" else task_cfg.questions_per_image
+    per_visit_key = registry.get(task).per_visit_key
+    per_visit = getattr(task_cfg, per_visit_key) if per_visit_key else 0
     rows = TaskSamples(task, vocabs, transform, cfg.model.caption_max_len, cfg.model.question_max_len, train,
                        per_visit, {c.corpus: c.band_norm for c in corpora if c.band_norm is not None})
     weights = corpus_weights(cfg, task, corpora) if train else [1.0] * len(corpora)

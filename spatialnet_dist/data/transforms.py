@@ -19,11 +19,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from spatialnet_dist.config import AUGMENT_POLICIES
 from spatialnet_dist.store.schema import as_hwc
 
 UINT8_MEAN = 0.5  # uint8 images: x / 255, then (x - 0.5) / 0.5 -> [-1, 1] in every band
 UINT8_STD = 0.5
+# Training image augmentation per task (config tasks.<t>.augment): none | the 8 symmetries of the square, texts
+# mapped to match | strong: crop, colour jitter and symmetries, which can change counts and what texts say.
+AUGMENT_POLICIES = ("none", "symmetry", "strong")
 _EPS = 1e-6
 # The strong policy, conservative so that the land use stays recognisable:
 STRONG_MIN_AREA = 0.6  # a crop keeps 60-100% of the image's area ...

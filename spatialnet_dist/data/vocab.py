@@ -1,38 +1,20 @@
 """Vocabularies of a run, built from the train-split counts that every corpus manifest holds.
 
-Words come from the captions and questions of the corpora feeding captioning, vqa and
-regression; answers from the vqa corpora under the configured answer rule; land-use classes
-are the union of the classification corpora's classes, first corpus first, and a sample's
-label is found by its `label_name` in that list.
+Words come from the captions and questions of the corpora feeding the tasks that read words
+(captioning, vqa and regression: `Task.reads_words`); answers from the vqa corpora under the
+configured answer rule; land-use classes are the union of the classification corpora's classes,
+first corpus first, and a sample's label is found by its `label_name` in that list; tags likewise
+from the tagging corpora's manifest `tags` (each corpus's sorted, first corpus first).
 """
 
 from __future__ import annotations
 
 from collections import Counter
 
+from spatialnet_dist import tasks as registry
 from spatialnet_dist.errors import UserError
-from spatialnet_dist.store.manifest import read_manifest
+from spatialnet_dist.store.manifest import read_manifest, task_corpora, train_split
 from spatialnet_dist.text import AnswerVocab, TextVocabs, Vocab
-
-TRAIN_SPLIT = "train"
-TEXT_TASKS = ("captioning", "vqa", "regression")
-
-
-def task_corpora(cfg, tasks) -> list[str]:
-    """Corpora feeding any of `tasks` (enabled ones only), each once, in config order."""
-    out: list[str] = []
-    for task in tasks:
-        tc = getattr(cfg.tasks, task)
-        if tc.enabled:
-            out += [c for c in tc.corpora if c not in out]
-    return out
-
-
-def train_split(manifest: dict, corpus: str, root: str) -> dict:
-    splits = manifest.get("splits", {})
-    if TRAIN_SPLIT not in splits:
-        raise UserError(f"corpus {corpus} under {root}: manifest has no '{TRAIN_SPLIT}' split (has: {', '.join(splits) or 'none'})")
-    return splits[TRAIN_SPLIT]
 
 
 def build_vocabs(cfg) -> TextVocabs:
@@ -45,7 +27,7 @@ def build_vocabs(cfg) -> TextVocabs:
         return manifests[corpus]
 
     word_counts: Counter = Counter()
-    for corpus in task_corpora(cfg, TEXT_TASKS):
+    for corpus in task_corpora(cfg, [t.name for t in registry.all_tasks() if t.reads_words]):
         word_counts.update(train_split(manifest(corpus), corpus, root).get("word_counts", {}))
 
     answer_counts: dict[str, Counter] = {}  # {question type: {raw answer: n}}
@@ -53,15 +35,19 @@ def build_vocabs(cfg) -> TextVocabs:
         for qtype, by_answer in train_split(manifest(corpus), corpus, root).get("answer_counts", {}).items():
             answer_counts.setdefault(qtype, Counter()).update(by_answer)
 
-    classes: list[str] = []
-    for corpus in task_corpora(cfg, ["classification"]):
-        names = manifest(corpus).get("classes")
-        if not names:
-            raise UserError(f"tasks.classification.corpora: corpus {corpus} under {root} has no classes in its manifest")
-        classes += [n for n in names if n not in classes]
+    def label_names(task: str, key: str) -> list[str]:
+        """The union of the `key` lists of `task`'s corpora's manifests, first corpus first."""
+        out: list[str] = []
+        for corpus in task_corpora(cfg, [task]):
+            names = manifest(corpus).get(key)
+            if not names:
+                raise UserError(f"tasks.{task}.corpora: corpus {corpus} under {root} has no {key} in its manifest")
+            out += [n for n in names if n not in out]
+        return out
 
     return TextVocabs(
         Vocab.build(word_counts, cfg.model.min_word_count),
         AnswerVocab.build(answer_counts, cfg.model.answer_rule, cfg.model.max_answers),
-        classes,
+        label_names("classification", "classes"),
+        label_names("tagging", "tags"),
     )

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
+from spatialnet_dist.display import markdown_table  # noqa: F401  (evaluate's modules import it from here)
 from spatialnet_dist.errors import UserError
 
 _SHOWN = 3  # ids named in an error message before "... and N more"
@@ -76,27 +77,3 @@ def name_some(ids) -> str:
 def percent(fraction: float | None) -> str:
     """0.4512 -> '45.12'; None (no value) -> '-'. The paper prints every score this way."""
     return "-" if fraction is None else f"{100.0 * fraction:.2f}"
-
-
-def markdown_table(headers: list[str], rows: list[list[str]], numbers_from: int = 1) -> str:
-    """A pipe table with padded columns: readable in a terminal and in any Markdown viewer.
-
-    Columns from index `numbers_from` on hold numbers and are right-aligned; the others read left to right.
-    """
-    headers = [str(h).replace("|", "\\|") for h in headers]
-    rows = [[str(c).replace("|", "\\|") for c in row] for row in rows]
-    widths = [max(len(cell) for cell in column) for column in zip(headers, *rows)]
-
-    def line(cells):
-        return (
-            "| "
-            + " | ".join(c.rjust(w) if i >= numbers_from else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths)))
-            + " |"
-        )
-
-    rule = (
-        "|"
-        + "|".join("-" * (w + 1) + ":" if i >= numbers_from else ":" + "-" * (w + 1) for i, w in enumerate(widths))
-        + "|"
-    )
-    return "\n".join([line(headers), rule, *(line(r) for r in rows)])

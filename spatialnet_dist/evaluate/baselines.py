@@ -1,14 +1,7 @@
 """The baselines each evaluated task is shown beside: what guessing, the question alone or the image's
-class alone score, with the same scorers as the model.
-
-  captions        "fixed_caption": one caption for every image, the split's most frequent reference;
-                  "class_oracle": each image gets the most frequent training caption of its true class
-                  (what recognising the class alone reaches)
-  vqa             "majority": the training split's most frequent answer per question type;
-                  "question_only": the most frequent training answer to the same question (as the model
-                  reads it), the type's majority for a question not asked in training
-  classification  "majority": the split's most frequent class
-  regression      "median": the training split's median count
+class alone score, with the same scorers as the model. Each task declares its own (tasks/<task>.py
+`baselines`); this module holds what they learn from the training split, and evaluate/run.py's
+`trivial_baselines` asks every evaluated task.
 
 Answers are counted as the metric compares them (eval.count_rule); ties go to the alphabetically first.
 Per-type answer counts come from the manifests; questions and captions from the training shards' JSON
@@ -18,13 +11,12 @@ records, read once per evaluation (store.records: no image is decoded).
 from __future__ import annotations
 
 import logging
-import statistics
 from collections import Counter
 from dataclasses import dataclass, field
 
 from spatialnet_dist.errors import UserError
-from spatialnet_dist.evaluate.captions import score_captions
-from spatialnet_dist.evaluate.vqa import count_errors, score_vqa
+from spatialnet_dist.store.manifest import TRAIN_SPLIT, read_manifest, task_corpora, train_split
+from spatialnet_dist.store.records import split_records
 from spatialnet_dist.text import TextVocabs, as_number, map_answer, words
 
 log = logging.getLogger(__name__)
@@ -58,14 +50,11 @@ class TrainingText:
 
 
 def read_training_text(cfg, vocabs: TextVocabs, tasks: list[str]) -> TrainingText:
-    """Answer counts per type from the manifests of the vqa and regression corpora; questions (vqa in
-    `tasks`) and captions by class (captioning in `tasks`) from one pass over the training records."""
-    from spatialnet_dist.data.vocab import TRAIN_SPLIT, task_corpora, train_split
-    from spatialnet_dist.store.manifest import read_manifest
-    from spatialnet_dist.store.records import split_records
-
+    """Answer counts per type from the manifests of the vqa and regression corpora (of those in `tasks`);
+    questions (vqa in `tasks`) and captions by class (captioning in `tasks`) from one pass over the
+    training records."""
     rule, root, text = cfg.eval.count_rule, cfg.data.root, TrainingText()
-    for corpus in task_corpora(cfg, ["vqa", "regression"]):
+    for corpus in task_corpora(cfg, [t for t in ("vqa", "regression") if t in tasks]):
         for qtype, by_answer in train_split(read_manifest(root, corpus), corpus, root).get("answer_counts", {}).items():
             for raw, n in by_answer.items():
                 text.answers_by_type.setdefault(qtype, Counter())[map_answer(raw, qtype, rule)] += n
@@ -108,50 +97,10 @@ def class_oracle_captions(rows: list[dict], text: TrainingText) -> list[dict]:
     return [{"image_id": r["image_id"], "caption": oracle.get(r.get("label_name"), anywhere)} for r in rows]
 
 
-def trivial_baselines(rows: dict[str, list[dict]], cfg, vocabs: TextVocabs) -> dict:
-    """{task: prediction rows} -> {"captions", "vqa", "classification", "regression": {baseline key: its
-    scores (the task scorer's shape) and a "name"}} for the tasks with rows (see the module docstring).
-    A store without a training split leaves out the baselines that need one, with a warning."""
+def training_text(cfg, vocabs: TextVocabs, tasks: list[str]) -> TrainingText:
+    """read_training_text, or nothing (with a warning) for a store without a training split."""
     try:
-        text = read_training_text(cfg, vocabs, [t for t in ("captioning", "vqa") if rows.get(t)])
+        return read_training_text(cfg, vocabs, tasks)
     except UserError as e:
         log.warning("no baselines from the training split: %s", e)
-        text = TrainingText()
-    rule = cfg.eval.count_rule
-    baselines: dict[str, dict] = {}
-    if rows.get("captioning"):
-        captions = rows["captioning"]
-        refs = {r["image_id"]: r["references"] for r in captions}
-        fixed = most_frequent(Counter(caption_text(ref) for r in captions for ref in r["references"]))
-        baselines["captions"] = {"fixed_caption": {
-            **score_captions([{"image_id": r["image_id"], "caption": fixed} for r in captions], refs),
-            "name": f"one fixed caption: {fixed!r}",
-        }}
-        if text.captions_by_class:
-            baselines["captions"]["class_oracle"] = {
-                **score_captions(class_oracle_captions(captions, text), refs),
-                "name": "most frequent training caption of the true class",
-            }
-    if rows.get("vqa") and text.answers_by_type:
-        questions = rows["vqa"]
-        guesses = {"majority": (majority_answers(questions, text), "most frequent training answer per type")}
-        if text.answers_by_question:
-            answers = question_only_answers(questions, text, vocabs, cfg.model.question_max_len)
-            guesses["question_only"] = (answers, "most frequent training answer to the question")
-        baselines["vqa"] = {
-            key: {**score_vqa([{**r, "prediction": a} for r, a in zip(questions, answers)], rule), "name": name}
-            for key, (answers, name) in guesses.items()
-        }
-    if rows.get("regression") and text.counts:
-        median = statistics.median(text.counts)
-        truth = [r["count"] for r in rows["regression"]]
-        baselines["regression"] = {
-            "median": {**count_errors([median] * len(truth), truth), "name": f"training median count ({median:g})"}
-        }
-    labels = [r["label"] for r in rows.get("classification", []) if r["label"] >= 0]
-    if labels:
-        share = Counter(labels).most_common(1)[0][1] / len(labels)
-        baselines["classification"] = {
-            "majority": {"accuracy": share, "n": len(labels), "name": "most frequent class of this split"}
-        }
-    return baselines
+        return TrainingText()

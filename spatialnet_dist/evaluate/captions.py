@@ -8,13 +8,13 @@ Scores are fractions and CIDEr is unscaled; `format_caption_table` prints them a
 from __future__ import annotations
 
 import os
-import shutil
 import socket
 from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 
+from spatialnet_dist import versions
 from spatialnet_dist.errors import UserError
 from spatialnet_dist.evaluate import (
     bootstrap_interval,
@@ -73,15 +73,6 @@ def load_caption_files(pred_path: str | Path, refs_path: str | Path) -> tuple[li
     return preds, refs
 
 
-def require_java() -> None:
-    """Refuse at once, with the install command, where java is missing (callers may check before long work)."""
-    if shutil.which("java") is None:
-        raise UserError(
-            "java not found on PATH: pycocoevalcap's PTB tokenizer and METEOR run on Java; "
-            "install a runtime, e.g. `apt-get install -y openjdk-17-jre-headless`"
-        )
-
-
 def _spice():
     """pycocoevalcap's Spice scorer, refused with a clear message where its first-use download cannot work."""
     from pycocoevalcap.spice import get_stanford_models as models
@@ -127,7 +118,7 @@ def score_captions(preds: list[dict], refs: dict[str, list[str]], spice: bool = 
     for exactly the predicted images. Each scorer is created once per call (METEOR starts java, ~10 s).
     """
     check_captions(preds, refs)
-    require_java()
+    versions.require_java()
     from pycocoevalcap.bleu.bleu import Bleu
     from pycocoevalcap.cider.cider import Cider
     from pycocoevalcap.rouge.rouge import Rouge

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 
 from spatialnet_dist.evaluate import bootstrap_interval, markdown_table, percent, run_and_baselines, with_interval
@@ -49,3 +51,35 @@ def format_classification_table(scores: dict) -> str:
     )
     interval = "; [lo, hi]: 95% bootstrap interval over the images" if "accuracy_ci" in scores else ""
     return f"{overall}\n\n{per_class}\n\nAccuracy in percent over {scores['n']} images{interval}."
+
+
+def plot_confusion(confusion: list[list[int]], classes: list[str], path: Path) -> None:
+    """Rows: true class, columns: predicted; colour = row-normalised rate, numbers = counts (up to 25 classes)."""
+    from matplotlib.figure import Figure
+
+    counts = np.asarray(confusion, dtype=float)  # (K, K)
+    rates = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)
+    k = len(classes)
+    side = max(4.0, 0.4 * k + 2.5)
+    fig = Figure(figsize=(side + 1, side), layout="constrained")
+    ax = fig.add_subplot()
+    shown = ax.imshow(rates, cmap="Blues", vmin=0, vmax=1)
+    fig.colorbar(shown, ax=ax, label="fraction of the true class", shrink=0.8)
+    ax.set_xticks(range(k), classes, rotation=90, fontsize="small")
+    ax.set_yticks(range(k), classes, fontsize="small")
+    ax.set_xlabel("predicted class")
+    ax.set_ylabel("true class")
+    if k <= 25:
+        for i in range(k):
+            for j in range(k):
+                if counts[i, j]:
+                    ax.text(
+                        j,
+                        i,
+                        int(counts[i, j]),
+                        ha="center",
+                        va="center",
+                        fontsize="x-small",
+                        color="white" if rates[i, j] > 0.5 else "black",
+                    )
+    fig.savefig(path, dpi=110)

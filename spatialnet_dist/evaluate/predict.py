@@ -13,6 +13,9 @@ from PIL import Image
 
 from spatialnet_dist.errors import UserError
 from spatialnet_dist.store.schema import SchemaError, as_hwc, check_pixels
+from spatialnet_dist.tasks.captioning import generate
+from spatialnet_dist.tasks.classification import class_logits
+from spatialnet_dist.tasks.vqa import answer_logits
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".npy")
 CHUNK = 16  # images per forward pass
@@ -50,8 +53,8 @@ def load_image(path: str | Path) -> np.ndarray:
 def predict_images(checkpoint: str, images: list[str], questions: list[str] | None = None) -> list[dict]:
     """-> per image {"image": path, "caption", "class", "probability", "answers": [{"question", "answer",
     "probability"}]}, each key present when the model has that head (answers: the vqa head and questions)."""
-    from spatialnet_dist.data import ImageTransform, model_image_size
-    from spatialnet_dist.train.checkpoint import load_model
+    from spatialnet_dist.checkpoint import load_model
+    from spatialnet_dist.data.transforms import ImageTransform, model_image_size
 
     questions = list(questions or [])
     arrays = [load_image(p) for p in images]  # bad files fail before the model loads
@@ -69,11 +72,11 @@ def predict_images(checkpoint: str, images: list[str], questions: list[str] | No
         batch = torch.stack([transform(a) for a in arrays[start : start + CHUNK]])  # (B, C, S, S)
         chunk = results[start : start + CHUNK]
         if "captioning" in heads:
-            words = model.caption(batch, cfg.eval.beam_size, cfg.eval.length_penalty, cfg.model.caption_max_len)
+            words = generate(model, batch, cfg.eval.beam_size, cfg.eval.length_penalty, cfg.model.caption_max_len)
             for r, w in zip(chunk, words):
                 r["caption"] = vocabs.words.decode(w)
         if "classification" in heads:
-            probs, best = model.class_logits(batch).float().softmax(-1).max(-1)  # (B,), (B,)
+            probs, best = class_logits(model, batch).float().softmax(-1).max(-1)  # (B,), (B,)
             for r, p, b in zip(chunk, probs.tolist(), best.tolist()):
                 r.update({"class": vocabs.classes[b], "probability": p})
         for r in chunk:
@@ -81,7 +84,7 @@ def predict_images(checkpoint: str, images: list[str], questions: list[str] | No
         if questions:  # every question about every image of the chunk, against one encoder pass
             B, Qn = len(batch), len(questions)
             index = torch.arange(B).repeat_interleave(Qn)  # (B*Qn,) image-major
-            logits = model.answer_logits(batch, encoded.repeat(B, 1), index)  # (B*Qn, A)
+            logits = answer_logits(model, batch, encoded.repeat(B, 1), index)  # (B*Qn, A)
             probs, best = logits.float().softmax(-1).max(-1)
             for r, ps, bs in zip(chunk, probs.view(B, Qn).tolist(), best.view(B, Qn).tolist()):
                 r["answers"] = [{"question": q, "answer": vocabs.answers.decode(b), "probability": p}

@@ -16,13 +16,11 @@ from urllib.parse import quote
 
 import numpy as np
 
-from spatialnet_dist.evaluate import markdown_table
-from spatialnet_dist.evaluate.captions import format_caption_table
-from spatialnet_dist.evaluate.classification import format_classification_table
-from spatialnet_dist.evaluate.vqa import format_count_table, format_vqa_table
+from spatialnet_dist import tasks as registry
+from spatialnet_dist.display import displayable, sample_markdown
 
 REPORT_NAME = "report.md"
-LOSSES_PNG, CONFUSION_PNG, SAMPLES_PNG = "losses.png", "confusion.png", "samples.png"
+LOSSES_PNG, SAMPLES_PNG = "losses.png", "samples.png"
 
 
 # ---- loss curves ----
@@ -84,60 +82,7 @@ def plot_loss_curves(curves: dict, path: Path) -> None:
 # ---- confusion matrix ----
 
 
-def plot_confusion(confusion: list[list[int]], classes: list[str], path: Path) -> None:
-    """Rows: true class, columns: predicted; colour = row-normalised rate, numbers = counts (up to 25 classes)."""
-    from matplotlib.figure import Figure
-
-    counts = np.asarray(confusion, dtype=float)  # (K, K)
-    rates = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)
-    k = len(classes)
-    side = max(4.0, 0.4 * k + 2.5)
-    fig = Figure(figsize=(side + 1, side), layout="constrained")
-    ax = fig.add_subplot()
-    shown = ax.imshow(rates, cmap="Blues", vmin=0, vmax=1)
-    fig.colorbar(shown, ax=ax, label="fraction of the true class", shrink=0.8)
-    ax.set_xticks(range(k), classes, rotation=90, fontsize="small")
-    ax.set_yticks(range(k), classes, fontsize="small")
-    ax.set_xlabel("predicted class")
-    ax.set_ylabel("true class")
-    if k <= 25:
-        for i in range(k):
-            for j in range(k):
-                if counts[i, j]:
-                    ax.text(
-                        j,
-                        i,
-                        int(counts[i, j]),
-                        ha="center",
-                        va="center",
-                        fontsize="x-small",
-                        color="white" if rates[i, j] > 0.5 else "black",
-                    )
-    fig.savefig(path, dpi=110)
-
-
 # ---- sample images ----
-
-
-def displayable(image) -> np.ndarray:
-    """(H, W, C) array of any dtype and band count, or an image/NPY file path -> what imshow can draw:
-    (H, W) or (H, W, 3), uint8 as is, anything else stretched to [0, 1] per image."""
-    if isinstance(image, (str, Path)):
-        if str(image).lower().endswith(".npy"):
-            image = np.load(image, allow_pickle=False)
-        else:
-            from PIL import Image
-
-            with Image.open(image) as im:
-                image = np.asarray(im)
-    image = np.asarray(image)
-    if image.ndim == 3:
-        image = image[..., :3] if image.shape[-1] >= 3 else image[..., 0]  # extra bands are not drawn
-    if image.dtype == np.uint8:
-        return image
-    image = image.astype(np.float64)
-    low, high = np.nanmin(image), np.nanmax(image)
-    return (image - low) / (high - low) if high > low else np.zeros_like(image)
 
 
 def plot_samples(samples: list[dict], path: Path) -> None:
@@ -160,25 +105,6 @@ def plot_samples(samples: list[dict], path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
-def sample_markdown(sample: dict) -> list[str]:
-    """Markdown lines for one sample (write_report's `samples` format): its generated caption, references,
-    class and questions; the report and TensorBoard's text panel show the same."""
-    lines = [f"### {sample['image_id']}", ""]
-    if sample.get("caption") is not None:
-        lines += [f"Generated caption: *{sample['caption']}*", ""]
-    if sample.get("references"):
-        lines += ["References:", "", *(f"- {r}" for r in sample["references"]), ""]
-    if sample.get("label") is not None or sample.get("predicted_label") is not None:
-        lines += [
-            f"Land use: predicted **{sample.get('predicted_label', '-')}**, true **{sample.get('label', '-')}**",
-            "",
-        ]
-    if sample.get("qa"):
-        rows = [[qa["question"], str(qa["prediction"]), str(qa["answer"])] for qa in sample["qa"]]
-        lines += [markdown_table(["question", "predicted", "true"], rows, numbers_from=3), ""]
-    return lines
-
-
 # ---- the report ----
 
 
@@ -199,10 +125,10 @@ def write_report(
 ) -> Path:
     """Write `<out_dir>/report.md` and its PNG figures (a local folder); -> the report's path.
 
-    metrics: {task: scores} for the tasks evaluated, each as its scorer returns it:
-        "captions": score_captions(...), "vqa": score_vqa(...), "classification": score_classification(...)
-        (its "per_class" keys, in order, name the confusion matrix rows), "regression": count_errors(...);
-        each may hold "baselines": {key: scores of the same shape with a "name"} (evaluate.baselines),
+    metrics: {task: scores} for the tasks evaluated, each as its task's `score` returns it (a section per
+        task, in registry order, drawn by the task's `report_section`: e.g. "captioning": score_captions(...),
+        "vqa": score_vqa(...), "classification": score_classification(...) with a confusion matrix);
+        each may hold "baselines": {key: scores of the same shape with a "name"} (the task's `baselines`),
         shown as rows under this run's in its table, and 95% intervals ("OA_ci", ...) shown in brackets.
     metrics_jsonl: the run's local metrics.jsonl or None; lines {"step", "loss", "<task>_loss",
         "val/<task>_loss", ...}, any of them may be missing (see read_loss_curves).
@@ -216,21 +142,10 @@ def write_report(
     md = [f"# {title}", ""]
 
     md += ["## Test metrics", ""]
-    tables = (
-        ("captions", "Captioning (Table I columns)", format_caption_table),
-        ("vqa", "Visual question answering (Table II columns)", format_vqa_table),
-        ("classification", "Land-use classification", format_classification_table),
-        ("regression", "Count regression", format_count_table),
-    )
-    for task, heading, format_table in tables:
-        if not metrics.get(task):
-            continue
-        md += [f"### {heading}", "", format_table(metrics[task]), ""]
-        if task == "classification":
-            scores = metrics[task]
-            plot_confusion(scores["confusion"], list(scores["per_class"]), out_dir / CONFUSION_PNG)
-            md += [f"![Confusion matrix: true class by predicted class]({CONFUSION_PNG})", ""]
-    if not any(metrics.get(task) for task, _, _ in tables):
+    evaluated = [t for t in registry.all_tasks() if metrics.get(t.name)]
+    for task in evaluated:
+        md += [f"### {task.report_heading or task.name}", "", *task.report_section(metrics[task.name], out_dir)]
+    if not evaluated:
         md += ["No task was evaluated.", ""]
 
     md += ["## Training", ""]

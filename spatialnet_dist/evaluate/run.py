@@ -7,11 +7,15 @@ Two callers, one path:
   scores and writes the same files.
 
 The output folder (local or s3://):
-  metrics.json      {"captions", "vqa", "classification", "regression"}: the tasks evaluated, each with
-                    its "baselines" (spatialnet_dist.evaluate.baselines) (written last)
-  predictions/      captions.json + captions_references.json (the `spatialnet eval captions` inputs),
-                    vqa.json (the `spatialnet eval vqa` input), classification.json, regression.json
-  report.md         and its PNG figures (spatialnet_dist.evaluate.report)
+  metrics.json      {task: its scores}: one key per task evaluated (its registry name: "captioning", "vqa",
+                    ...), each with its "baselines" (the task's `baselines`) (written last)
+  predictions/      each task's `prediction_files`: captions.json + captions_references.json (the
+                    `spatialnet eval captions` inputs), vqa.json (the `spatialnet eval vqa` input), ...
+  report.md         and its PNG figures (spatialnet_dist.evaluate.report, a section per task)
+
+What is done per task is the task's (spatialnet_dist/tasks/<task>.py); this module runs the tasks.
+Just over 300 lines: both callers' paths (in a Ray Train worker, and `eval run` over Ray tasks) end in the
+same `finish`, which is why they share this file.
 """
 
 from __future__ import annotations
@@ -27,19 +31,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from spatialnet_dist.config import TASKS
-from spatialnet_dist.evaluate.baselines import trivial_baselines
-from spatialnet_dist.evaluate.captions import score_captions
-from spatialnet_dist.evaluate.classification import score_classification
+from spatialnet_dist import tasks as registry
 from spatialnet_dist.evaluate.report import write_report
-from spatialnet_dist.evaluate.vqa import count_errors, score_vqa
 from spatialnet_dist.store import storage
 from spatialnet_dist.text import TextVocabs
 
 log = logging.getLogger(__name__)
 
 REPORT_IMAGES = 8  # sample images in the report's grid
-REPORT_QUESTIONS = 3  # questions shown per sample image
 VAL_SAMPLES = 4  # validation images shown with their generated captions and answers at each validation
 
 
@@ -54,36 +53,6 @@ class SplitPredictions:
 # ---- prediction ----
 
 
-def _predict_rows(model, cfg, vocabs: TextVocabs, task: str, sub: dict, images: torch.Tensor) -> list[dict]:
-    ids = sub["image_id"]
-    if task == "captioning":
-        words = model.caption(images, cfg.eval.beam_size, cfg.eval.length_penalty, cfg.model.caption_max_len)
-        return [
-            {"image_id": i, "caption": vocabs.words.decode(w), "references": refs, "label_name": label}
-            for i, w, refs, label in zip(ids, words, sub["references"], sub["label_name"])
-        ]
-    if task == "classification":
-        probs = model.class_logits(images).float().softmax(-1)  # (B, K)
-        best_p, best = probs.max(-1)
-        return [
-            {"image_id": i, "label": int(t), "prediction": int(b), "probability": float(p)}
-            for i, t, b, p in zip(ids, sub["label"], best, best_p)
-        ]
-    # vqa and regression: one row per question, with the id of the image it asks about
-    question, index = sub["question"].to(images.device), sub["image_index"].to(images.device)  # (Q, Lq), (Q,)
-    ids = [sub["image_id"][i] for i in sub["image_index"].tolist()]  # [Q]
-    if task == "vqa":
-        best = model.answer_logits(images, question, index).argmax(-1).tolist()
-        # The question as the model read it (vocabulary words; the raw text is not in the batch).
-        asked = [vocabs.words.decode(q) for q in sub["question"].tolist()]
-        return [
-            {"qid": q, "type": t, "answer": a, "prediction": vocabs.answers.decode(b), "image_id": i, "question": text}
-            for q, t, a, b, i, text in zip(sub["qid"], sub["qtype"], sub["answer_raw"], best, ids, asked)
-        ]
-    counts = model.count(images, question, index).float().tolist()
-    return [{"image_id": i, "count": float(c), "prediction": p} for i, c, p in zip(ids, sub["count"], counts)]
-
-
 @torch.no_grad()
 def predict_split(
     model, cfg, vocabs: TextVocabs, split: str, rank: int = 0, world_size: int = 1, max_rows: int = 0,
@@ -92,7 +61,7 @@ def predict_split(
     """This rank's share of `split`: prediction rows (one per image, per question for vqa and regression)
     for every task the model has a head for (or those of `tasks`), at most `max_rows` per task and from
     at most `max_batches` sub-batches when > 0. Captions by beam search (eval.beam_size)."""
-    from spatialnet_dist.data import make_eval_loader
+    from spatialnet_dist.data.batches import make_eval_loader
 
     model.eval()
     param = next(model.parameters())
@@ -101,7 +70,7 @@ def predict_split(
         rows: list[dict] = []
         for n, sub in enumerate(make_eval_loader(cfg, vocabs, task, split, rank, world_size), 1):
             images = sub["image"].to(param.device, param.dtype)  # (B, C, H, W)
-            rows += _predict_rows(model, cfg, vocabs, task, sub, images)
+            rows += registry.get(task).predict(model, sub, images, cfg, vocabs)
             for image_id, image in zip(sub["image_id"], sub["image"]):
                 if len(out.images) < REPORT_IMAGES and image_id not in out.images:
                     out.images[image_id] = image.permute(1, 2, 0).float().numpy()  # (H, W, C)
@@ -111,14 +80,11 @@ def predict_split(
     return out
 
 
-def _row_key(task: str):
-    return (lambda r: str(r["qid"])) if task == "vqa" else (lambda r: str(r["image_id"]))
-
-
 def _merge(rows_of_parts: list[dict[str, list[dict]]], images: dict[str, np.ndarray]) -> SplitPredictions:
     """Rows of all ranks in a fixed order, whatever the world size, with the given report images."""
-    tasks = [t for t in TASKS if any(t in rows for rows in rows_of_parts)]
-    merged = {t: sorted((r for rows in rows_of_parts for r in rows.get(t, [])), key=_row_key(t)) for t in tasks}
+    tasks = [t for t in registry.names() if any(t in rows for rows in rows_of_parts)]
+    merged = {t: sorted((r for rows in rows_of_parts for r in rows.get(t, [])), key=registry.get(t).row_key)
+              for t in tasks}
     return SplitPredictions(merged, images)
 
 
@@ -137,33 +103,27 @@ def _gather(mine: SplitPredictions, rank: int, world_size: int) -> SplitPredicti
 
 
 def score_predictions(rows: dict[str, list[dict]], cfg, vocabs: TextVocabs) -> dict:
-    """{task: rows} -> {"captions", "vqa", "classification", "regression"} for the tasks with rows.
+    """{task: rows} -> {task: its scores} for the tasks with rows that can be scored.
 
-    Rows are put in one order first (by qid or image_id): ranks return them in any order, and the
+    Rows are put in one order first (by the task's row key): ranks return them in any order, and the
     bootstrap intervals resample by position, so the same predictions must give the same intervals."""
-    rows = {task: sorted(rs, key=lambda r: (str(r.get("qid", "")), str(r.get("image_id", "")))) for task, rs in rows.items()}
     metrics = {}
-    if rows.get("captioning"):
-        captions = rows["captioning"]
-        preds = [{"image_id": r["image_id"], "caption": r["caption"]} for r in captions]
-        metrics["captions"] = score_captions(
-            preds, {r["image_id"]: r["references"] for r in captions}, spice=cfg.eval.spice
-        )
-    if rows.get("vqa"):
-        metrics["vqa"] = score_vqa(rows["vqa"], cfg.eval.count_rule)
-    labelled = [r for r in rows.get("classification", []) if r["label"] >= 0]
-    if labelled:
-        metrics["classification"] = score_classification(
-            [r["prediction"] for r in labelled], [r["label"] for r in labelled], vocabs.classes
-        )
-    if rows.get("regression"):
-        metrics["regression"] = count_errors(
-            [r["prediction"] for r in rows["regression"]], [r["count"] for r in rows["regression"]]
-        )
+    for task, task_rows in rows.items():
+        definition = registry.get(task)
+        scores = definition.score(sorted(task_rows, key=definition.row_key), cfg, vocabs) if task_rows else None
+        if scores is not None:
+            metrics[task] = scores
     return metrics
 
 
 # ---- writing ----
+
+
+def trivial_baselines(rows: dict[str, list[dict]], cfg, vocabs: TextVocabs) -> dict:
+    """{task: prediction rows} -> {task: {baseline key: its scores (the task scorer's shape) and a "name"}}
+    for the tasks with rows and baselines (each task's `baselines`, learnt through evaluate/baselines.py)."""
+    out = {task: registry.get(task).baselines(task_rows, cfg, vocabs) for task, task_rows in rows.items() if task_rows}
+    return {task: baselines for task, baselines in out.items() if baselines}
 
 
 @contextmanager
@@ -181,49 +141,24 @@ def _staging(out_dir: str):
 
 
 def _report_samples(pred: SplitPredictions, vocabs: TextVocabs) -> list[dict]:
-    captions = {r["image_id"]: r for r in pred.rows.get("captioning", [])}
-    classes = {r["image_id"]: r for r in pred.rows.get("classification", [])}
-    questions: dict[str, list] = {}
-    for r in pred.rows.get("vqa", []):
-        questions.setdefault(r["image_id"], []).append(r)
+    """The report's sample images, each with what every task predicted for it (`Task.sample_fields`)."""
+    by_image: dict[str, dict[str, list[dict]]] = {}  # image id -> task -> its rows
+    for task, rows in pred.rows.items():
+        for r in rows:
+            by_image.setdefault(r["image_id"], {}).setdefault(task, []).append(r)
     samples = []
     for image_id, image in pred.images.items():
-        sample = {"image": image, "image_id": image_id}
-        if image_id in captions:
-            sample.update(caption=captions[image_id]["caption"], references=captions[image_id]["references"])
-        if image_id in classes:
-            c = classes[image_id]
-            sample.update(
-                label=vocabs.classes[c["label"]] if c["label"] >= 0 else None,
-                predicted_label=vocabs.classes[c["prediction"]],
-            )
-        sample["qa"] = [
-            {"question": r["question"], "answer": r["answer"], "prediction": r["prediction"]}
-            for r in questions.get(image_id, [])[:REPORT_QUESTIONS]
-        ]
+        sample = {"image": image, "image_id": image_id, "qa": []}
+        for task, rows in by_image.get(image_id, {}).items():
+            sample.update(registry.get(task).sample_fields(rows, vocabs))
         samples.append(sample)
     return samples
 
 
 def _prediction_files(pred: SplitPredictions, vocabs: TextVocabs) -> dict[str, object]:
     files: dict[str, object] = {}
-    if "captioning" in pred.rows:
-        rows = pred.rows["captioning"]
-        files["captions.json"] = [{"image_id": r["image_id"], "caption": r["caption"]} for r in rows]
-        files["captions_references.json"] = {r["image_id"]: r["references"] for r in rows}
-    if "vqa" in pred.rows:
-        files["vqa.json"] = pred.rows["vqa"]
-    if "classification" in pred.rows:
-        files["classification.json"] = [
-            {
-                **r,
-                "label": vocabs.classes[r["label"]] if r["label"] >= 0 else None,
-                "prediction": vocabs.classes[r["prediction"]],
-            }
-            for r in pred.rows["classification"]
-        ]
-    if "regression" in pred.rows:
-        files["regression.json"] = pred.rows["regression"]
+    for task, rows in pred.rows.items():
+        files.update(registry.get(task).prediction_files(rows, vocabs))
     return files
 
 
@@ -247,7 +182,8 @@ def finish(
         log.warning("evaluation: no samples for %s in the split; not scored", ", ".join(empty))
     metrics = score_predictions(pred.rows, cfg, vocabs)
     for task, baselines in trivial_baselines(pred.rows, cfg, vocabs).items():
-        metrics[task]["baselines"] = baselines
+        if task in metrics:
+            metrics[task]["baselines"] = baselines
     with _staging(out_dir) as local, tempfile.TemporaryDirectory(prefix="spatialnet-metrics-") as tmp:
         files = _prediction_files(pred, vocabs)
         (local / "predictions").mkdir(exist_ok=True)
@@ -271,13 +207,15 @@ def finish(
 
 def validation_metrics(model, cfg, vocabs: TextVocabs, rank: int, world_size: int) -> tuple[dict, list[dict]]:
     """Periodic validation during training, on up to eval.val_batches batches per task of the val split:
-    VQA accuracy, classification accuracy and count MAE, scored once on rank 0 ({} on the others).
-    Captions are left to their validation loss: beam search and the java scorers at every validation
-    would cost more than the training steps between them; only the few sample images are captioned.
+    the score keys of each task's `validation_keys` (VQA accuracy, classification accuracy, count MAE,
+    ...), scored once on rank 0 ({} on the others). A task without such keys (captioning: beam search
+    and the java scorers at every validation would cost more than the training steps between them) is
+    left to its validation loss; only the few sample images are predicted for it.
     -> (metrics, samples): samples, on rank 0, are up to VAL_SAMPLES val images with their generated
     captions and answers (write_report's format), for TensorBoard."""
     enabled = cfg.tasks.enabled()
-    tasks = [t for t in ("vqa", "classification", "regression") if t in enabled]
+    tasks = [t for t in enabled if registry.get(t).validation_keys]
+    shown_only = [t for t in enabled if not registry.get(t).validation_keys]
     pred, metrics = SplitPredictions(), {}
     if tasks:
         mine = predict_split(model, cfg, vocabs, "val", rank, world_size, tasks=tasks,
@@ -286,12 +224,12 @@ def validation_metrics(model, cfg, vocabs: TextVocabs, rank: int, world_size: in
         if pred is None:
             return {}, []
         scores = score_predictions(pred.rows, cfg, vocabs)
-        picks = (("vqa", "OA"), ("vqa", "AA"), ("classification", "accuracy"), ("regression", "MAE"))
-        metrics = {f"val/{task}_{key}": scores[task][key] for task, key in picks if key in scores.get(task, {})}
+        metrics = {f"val/{task}_{key}": scores[task][key] for task in tasks
+                   for key in registry.get(task).validation_keys if key in scores.get(task, {})}
     if rank != 0:
         return metrics, []
-    if "captioning" in enabled:  # rank 0 alone: its first val images, captioned by beam search
-        shown = predict_split(model, cfg, vocabs, "val", 0, 1, max_rows=VAL_SAMPLES, tasks=["captioning"],
+    if shown_only:  # rank 0 alone: its first val images (captioned by beam search)
+        shown = predict_split(model, cfg, vocabs, "val", 0, 1, max_rows=VAL_SAMPLES, tasks=shown_only,
                               max_batches=1)
         pred = SplitPredictions({**pred.rows, **shown.rows}, {**shown.images, **pred.images})
     return metrics, _report_samples(pred, vocabs)[:VAL_SAMPLES]
@@ -322,7 +260,7 @@ def _predict_with_ray(checkpoint: str, cfg, split: str, workers: int) -> SplitPr
     """Each of `workers` Ray tasks loads the model and predicts its share of the shards."""
     import ray
 
-    from spatialnet_dist.train.checkpoint import load_model
+    from spatialnet_dist.checkpoint import load_model
 
     per_worker = math.ceil(cfg.eval.max_samples / workers) if cfg.eval.max_samples else 0
 
@@ -354,7 +292,7 @@ def evaluate_checkpoint(
     Writes to `out` (default <checkpoint>/eval-<split>); the run's metrics.jsonl, beside a checkpoint
     in its run directory, feeds the report's loss curves. -> the metrics.
     """
-    from spatialnet_dist.train.checkpoint import load_model
+    from spatialnet_dist.checkpoint import load_model
 
     checkpoint, data = _absolute(checkpoint.rstrip("/")), _absolute(data)
     model, cfg, vocabs = load_model(checkpoint)

@@ -1,6 +1,5 @@
-"""SpatialNet-ViT: a timm ViT encoder shared by captioning, VQA, classification and count-regression heads."""
+"""SpatialNet-ViT: a timm ViT encoder shared by the task heads (model/spatialnet.py `build_model`).
 
-from spatialnet_dist.model.presets import PRESETS, Preset
-from spatialnet_dist.model.spatialnet import SpatialNetViT, build_model
-
-__all__ = ["PRESETS", "Preset", "SpatialNetViT", "build_model"]
+This init imports nothing: the task modules import model.heads without loading model.spatialnet, which reads
+the task registry (tests/test_layering.py).
+"""

@@ -1,12 +1,12 @@
-"""Task heads on top of the shared encoder. A new head is one class in HEADS.
+"""Heads on top of the shared encoder, and the text building blocks they share. Each task builds its
+head (spatialnet_dist/tasks/<task>.py `Task.head`); a small head lives in its task's module, these are
+the large ones.
 
-Every head is built by `Head.build(encoder_dim, preset, sizes, model_cfg)` and called as
-`head(tokens, pooled, sub_batch) -> dict` with tokens (B, N, D) patch tokens, pooled (B, D) per image
-and the task's sub-batch (spatialnet_dist/data/batch_format.py "Batch format"). vqa and regression
-answer Q questions and captioning trains C captions about the B images: they do their per-image work
-once, then gather each question's (caption's) image by sub_batch["image_index"] (Q,) or (C,). Outputs:
-  captioning {"logits": (C, Lc-1, V)}, vqa {"logits": (Q, A)}, classification {"logits": (B, K)},
-  regression {"count_log1p": (Q,)}.
+A head is called as `head(tokens, pooled, sub_batch) -> dict` with tokens (B, N, D) patch tokens, pooled
+(B, D) per image and the task's sub-batch (its TypedDict in tasks/<task>.py). vqa and regression answer Q
+questions and captioning trains C captions about the B images: they do their per-image work once, then
+gather each question's (caption's) image by sub_batch["image_index"] (Q,) or (C,). Outputs:
+  captioning {"logits": (C, Lc-1, V)}, vqa {"logits": (Q, A)}, regression {"count_log1p": (Q,)}.
 """
 
 from __future__ import annotations
@@ -19,7 +19,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from spatialnet_dist.config import ModelConfig
 from spatialnet_dist.model.presets import Preset
 from spatialnet_dist.text import BOS_ID, EOS_ID, PAD_ID
 
@@ -31,17 +30,7 @@ class VocabSizes:
     words: int  # caption and question words, specials included
     answers: int  # VQA answer classes
     classes: int  # land-use classes
-
-
-HEADS: dict[str, type[nn.Module]] = {}
-
-
-def register(task: str):
-    def add(cls):
-        HEADS[task] = cls
-        return cls
-
-    return add
+    tags: int = 0  # multi-label tag names
 
 
 def _text_layer(preset: Preset, cross: bool) -> nn.Module:
@@ -60,29 +49,11 @@ class ImageProjection(nn.Sequential):
         super().__init__(nn.Linear(encoder_dim, text_dim), nn.LayerNorm(text_dim))
 
 
-@register("classification")
-class ClassificationHead(nn.Module):
-    """Linear over the pooled vector; softmax is implied by the cross-entropy loss."""
-
-    def __init__(self, encoder_dim: int, num_classes: int, dropout: float = 0.0):
-        super().__init__()
-        self.drop = nn.Dropout(dropout)
-        self.fc = nn.Linear(encoder_dim, num_classes)
-
-    @classmethod
-    def build(cls, encoder_dim: int, preset: Preset, sizes: VocabSizes, model_cfg: ModelConfig):
-        return cls(encoder_dim, sizes.classes, preset.head_dropout)
-
-    def forward(self, tokens, pooled, sub_batch) -> dict:
-        return {"logits": self.fc(self.drop(pooled))}  # (B, K)
-
-
 # Density a token starts with: 0.1 object each, ~6 over the tiny preset's 64 tokens, the order of the
 # synthetic corpus's median count, so the first steps do not spend themselves shrinking a huge sum.
 INITIAL_TOKEN_DENSITY = 0.1
 
 
-@register("regression")
 class CountRegressionHead(nn.Module):
     """Counts add over the image: a non-negative density per patch token, conditioned on a bag-of-words of
     the count question (which object to count), summed over the tokens; the output is log1p of that sum,
@@ -100,10 +71,6 @@ class CountRegressionHead(nn.Module):
         )
         nn.init.constant_(self.density[3].bias, math.log(math.expm1(INITIAL_TOKEN_DENSITY)))  # softplus^-1
 
-    @classmethod
-    def build(cls, encoder_dim: int, preset: Preset, sizes: VocabSizes, model_cfg: ModelConfig):
-        return cls(encoder_dim, sizes.words, question_dim=preset.text_dim // 2, hidden=preset.text_dim)
-
     def forward(self, tokens, pooled, sub_batch) -> dict:
         question = sub_batch["question"]  # (Q, Lq), PAD-padded
         words = (question != PAD_ID).unsqueeze(-1).to(tokens.dtype)  # (Q, Lq, 1)
@@ -114,7 +81,6 @@ class CountRegressionHead(nn.Module):
         return {"count_log1p": torch.log1p(density.sum(1))}  # (Q,)
 
 
-@register("captioning")
 class CaptionDecoder(nn.Module):
     """Transformer decoder over words, cross-attending to the patch tokens.
 
@@ -135,10 +101,6 @@ class CaptionDecoder(nn.Module):
         # GPT-2's small init: with N(0, 1) a word's own embedding dominates its next-word logits
         nn.init.normal_(self.embed.weight, std=0.02)
         nn.init.normal_(self.pos.weight, std=0.02)
-
-    @classmethod
-    def build(cls, encoder_dim: int, preset: Preset, sizes: VocabSizes, model_cfg: ModelConfig):
-        return cls(encoder_dim, preset, sizes.words, model_cfg.caption_max_len)
 
     def _logits(self, words: torch.Tensor, memory: torch.Tensor) -> torch.Tensor:
         """words (B, T), memory (B, N, Dt) -> (B, T, V). Causal: position t sees words <= t only, so the
@@ -262,7 +224,6 @@ def grid_positions(num_tokens: int, dim: int, device: torch.device = torch.devic
     return torch.cat([rows, cols], -1).reshape(num_tokens, dim)
 
 
-@register("vqa")
 class VQAHead(nn.Module):
     """Question encoder (word + position embeddings, a small transformer), fusion in which the question
     words cross-attend to the image tokens, and an answer classifier over the answer vocabulary.
@@ -284,10 +245,6 @@ class VQAHead(nn.Module):
         self.classifier = nn.Sequential(
             nn.LayerNorm(2 * d), nn.Linear(2 * d, d), nn.GELU(), nn.Dropout(preset.head_dropout), nn.Linear(d, num_answers)
         )
-
-    @classmethod
-    def build(cls, encoder_dim: int, preset: Preset, sizes: VocabSizes, model_cfg: ModelConfig):
-        return cls(encoder_dim, preset, sizes.words, sizes.answers, model_cfg.question_max_len)
 
     def image_memory(self, tokens: torch.Tensor) -> torch.Tensor:
         """Per image, once however many questions it gets: tokens (B, N, D) -> (B, N, d) with grid positions."""

@@ -5,9 +5,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from spatialnet_dist.config import TASKS, ModelConfig
+from spatialnet_dist import tasks as registry
+from spatialnet_dist.config import ModelConfig
 from spatialnet_dist.model.encoder import ViTEncoder, build_encoder, freeze_blocks, layer_id, load_pretrained
-from spatialnet_dist.model.heads import HEADS, VocabSizes
+from spatialnet_dist.model.heads import VocabSizes
 from spatialnet_dist.model.presets import Preset, get_preset
 from spatialnet_dist.text import TextVocabs
 
@@ -31,11 +32,12 @@ class SpatialNetViT(nn.Module):
         """Multi-task batch {task: sub-batch} -> {task: head outputs} for the tasks present.
 
         The encoder runs once over all sub-batches' images (one large matmul per layer beats four
-        small ones), then its tokens are split back per task. Keys that name no task are ignored.
-        vqa and regression sub-batches pass each image once, however many of their questions ask
-        about it (data/batch_format.py "Batch format"); their outputs have one row per question.
+        small ones), then its tokens are split back per task. Keys that name no registered task are
+        ignored. vqa and regression sub-batches pass each image once, however many of their questions
+        ask about it (their TypedDicts in tasks/); their outputs have one row per question.
         """
-        tasks = [t for t in batch if t in TASKS]
+        known = set(registry.names())
+        tasks = [t for t in batch if t in known]
         unknown = [t for t in tasks if t not in self.heads]
         if unknown:
             raise ValueError(f"batch has tasks {unknown} but the model has heads only for {list(self.heads)}")
@@ -45,33 +47,6 @@ class SpatialNetViT(nn.Module):
             t: self.heads[t](tok, pool, batch[t])
             for t, tok, pool in zip(tasks, tokens.split(sizes), pooled.split(sizes))
         }
-
-    # ---- inference, used by evaluation and `predict` ----
-
-    @torch.no_grad()
-    def caption(
-        self, images: torch.Tensor, beam_size: int = 1, length_penalty: float = 0.0, max_len: int = 0
-    ) -> list[list[int]]:
-        """-> per image the word ids of its caption (decode with TextVocabs.words.decode)."""
-        tokens, _ = self.encode(images)
-        return self.heads["captioning"].generate(tokens, max_len, beam_size, length_penalty)
-
-    @torch.no_grad()
-    def answer_logits(self, images: torch.Tensor, question: torch.Tensor, image_index: torch.Tensor) -> torch.Tensor:
-        """images (B, C, H, W), question (Q, Lq), image_index (Q,) in [0, B) -> (Q, A); one encoder pass per image."""
-        sub = {"image": images, "question": question, "image_index": image_index}
-        return self.forward({"vqa": sub})["vqa"]["logits"]
-
-    @torch.no_grad()
-    def class_logits(self, images: torch.Tensor) -> torch.Tensor:
-        """-> (B, K) land-use class logits."""
-        return self.forward({"classification": {"image": images}})["classification"]["logits"]
-
-    @torch.no_grad()
-    def count(self, images: torch.Tensor, question: torch.Tensor, image_index: torch.Tensor) -> torch.Tensor:
-        """As answer_logits -> (Q,) predicted raw counts (the head regresses log1p(count))."""
-        sub = {"image": images, "question": question, "image_index": image_index}
-        return torch.expm1(self.forward({"regression": sub})["regression"]["count_log1p"]).clamp(min=0)
 
     # ---- training helpers, used by the engine ----
 
@@ -112,7 +87,7 @@ def assemble_model(model_cfg: ModelConfig, tasks: list[str], sizes: VocabSizes) 
     if model_cfg.pretrained:
         load_pretrained(encoder, model_cfg.pretrained, preset)
     freeze_blocks(encoder, model_cfg.freeze_encoder_blocks)
-    heads = {t: HEADS[t].build(encoder.embed_dim, preset, sizes, model_cfg) for t in tasks}
+    heads = {t: registry.get(t).head(encoder.embed_dim, preset, sizes, model_cfg) for t in tasks}
     model = SpatialNetViT(encoder, heads, preset)
     model.set_grad_checkpointing(preset.grad_checkpointing)
     return model
@@ -120,5 +95,6 @@ def assemble_model(model_cfg: ModelConfig, tasks: list[str], sizes: VocabSizes) 
 
 def build_model(model_cfg: ModelConfig, tasks: list[str], vocabs: TextVocabs) -> SpatialNetViT:
     """The model for `tasks`, its heads sized by the vocabularies built from the training text."""
-    sizes = VocabSizes(words=len(vocabs.words), answers=len(vocabs.answers), classes=len(vocabs.classes))
+    sizes = VocabSizes(words=len(vocabs.words), answers=len(vocabs.answers), classes=len(vocabs.classes),
+                       tags=len(vocabs.tags))
     return assemble_model(model_cfg, tasks, sizes)

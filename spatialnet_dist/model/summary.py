@@ -8,27 +8,20 @@ from __future__ import annotations
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from spatialnet_dist.config import TASKS, ModelConfig
+from spatialnet_dist import tasks as registry
+from spatialnet_dist.config import ModelConfig
 from spatialnet_dist.model.heads import VocabSizes
 from spatialnet_dist.model.spatialnet import assemble_model
 
 # Vocabulary sizes of a representative run: 10000 words, 1000 answers (model.max_answers), 21 land-use
-# classes (UCM). The text heads' counts scale with them; the encoder's do not.
-REPRESENTATIVE_SIZES = VocabSizes(words=10000, answers=1000, classes=21)
+# classes (UCM), 17 tags (UCM multi-label). The text heads' counts scale with them; the encoder's do not.
+REPRESENTATIVE_SIZES = VocabSizes(words=10000, answers=1000, classes=21, tags=17)
 
 
 def _example_batch(cfg: ModelConfig, image_size: int, in_chans: int) -> dict:
     """One image per task with full-length captions and questions: a worst-case text length."""
     image = torch.zeros(1, in_chans, image_size, image_size)
-    question = torch.ones(1, cfg.question_max_len, dtype=torch.long)
-    image_index = torch.zeros(1, dtype=torch.long)  # one question (caption) about the image
-    return {
-        "captioning": {"image": image, "tokens": torch.ones(1, cfg.caption_max_len, dtype=torch.long),
-                       "image_index": image_index},
-        "vqa": {"image": image, "question": question, "image_index": image_index},
-        "classification": {"image": image},
-        "regression": {"image": image, "question": question, "image_index": image_index},
-    }
+    return {t.name: t.example_sub_batch(image, cfg) for t in registry.all_tasks()}
 
 
 def model_summary(preset: str, image_size: int = 0) -> dict:
@@ -39,14 +32,14 @@ def model_summary(preset: str, image_size: int = 0) -> dict:
     """
     cfg = ModelConfig(preset=preset, image_size=image_size)
     with torch.device("meta"):
-        model = assemble_model(cfg, list(TASKS), REPRESENTATIVE_SIZES)
+        model = assemble_model(cfg, registry.names(), REPRESENTATIVE_SIZES)
         batch = _example_batch(cfg, model.image_size, cfg.in_chans)
         with FlopCounterMode(display=False) as counter:
-            tokens, pooled = model.encode(batch["classification"]["image"])
+            tokens, pooled = model.encode(next(iter(batch.values()))["image"])
             for task, head in model.heads.items():
                 head(tokens, pooled, batch[task])
     params = {"encoder": sum(p.numel() for p in model.encoder.parameters())}
-    params |= {t: sum(p.numel() for p in model.heads[t].parameters()) for t in TASKS}
+    params |= {t: sum(p.numel() for p in model.heads[t].parameters()) for t in model.heads}
     params["total"] = sum(p.numel() for p in model.parameters())
     return {
         "preset": preset,

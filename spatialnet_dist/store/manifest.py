@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 
+from spatialnet_dist.errors import UserError
 from spatialnet_dist.store import storage
 from spatialnet_dist.store.schema import READABLE_SCHEMA_VERSIONS, manifest_path
 from spatialnet_dist.store.storage import StoreError
@@ -107,3 +108,23 @@ def resolve_corpora(url: str) -> tuple[str, list[str]]:
     if not corpora:
         raise StoreError(f"{url}: no corpus here (expected <corpus>/manifest.json or manifest.json)")
     return str(url), corpora
+
+
+TRAIN_SPLIT = "train"
+
+
+def task_corpora(cfg, tasks) -> list[str]:
+    """Corpora feeding any of `tasks` (enabled ones only), each once, in config order."""
+    out: list[str] = []
+    for task in tasks:
+        tc = getattr(cfg.tasks, task)
+        if tc.enabled:
+            out += [c for c in tc.corpora if c not in out]
+    return out
+
+
+def train_split(manifest: dict, corpus: str, root: str) -> dict:
+    splits = manifest.get("splits", {})
+    if TRAIN_SPLIT not in splits:
+        raise UserError(f"corpus {corpus} under {root}: manifest has no '{TRAIN_SPLIT}' split (has: {', '.join(splits) or 'none'})")
+    return splits[TRAIN_SPLIT]

@@ -1,266 +1,27 @@
-"""Storage: local paths and `s3://bucket/prefix` URLs behind one small set of functions.
-
-S3 goes through boto3, configured only by the standard AWS environment (AWS_ENDPOINT_URL for MinIO,
-Ceph and other S3-compatible stores, keys, region, profiles, instance roles), with botocore's
-"standard" retry mode (backoff on throttling and transient errors). botocore retries one request;
-an outage of the endpoint outlasts that, so every S3 operation here is retried again with backoff
-for up to `data.s3_retry_seconds` (`set_retry_budget`), and an object read that breaks mid-body
-resumes at its byte offset (HTTP Range) of the same object version (If-Match on its ETag): a
-shard reader never sees the outage. Every failure becomes a one-line `StoreError` that names the
-URL (and, for an outage, the endpoint); credentials are never part of a message.
+"""Storage: local paths and `s3://bucket/prefix` URLs behind one small set of functions. Each one is the
+local implementation and the dispatch of an s3:// URL to store/s3.py (boto3, retried through outages);
+URLs and the errors both raise are store/location.py's, imported here for every caller.
 """
 
 from __future__ import annotations
 
-import functools
-import io
 import os
 import shutil
-import time
 import uuid
-from collections.abc import Callable
-from typing import BinaryIO, TypeVar
-from urllib.parse import urlsplit
+from typing import BinaryIO
 
-from spatialnet_dist.config import DataConfig
-from spatialnet_dist.errors import UserError
-
-MULTIPART_BYTES = 64 * 2**20  # uploads above this go in parts of this size (S3's 5 GiB single-PUT limit is far off)
-_ENV = (  # the environment a client depends on: a change (a test fixture, a new profile) builds a new client
-    "AWS_ENDPOINT_URL",
-    "AWS_ENDPOINT_URL_S3",
-    "AWS_PROFILE",
-    "AWS_DEFAULT_REGION",
-    "AWS_REGION",
-    "AWS_ACCESS_KEY_ID",
-    "AWS_SECRET_ACCESS_KEY",
-    "AWS_SESSION_TOKEN",
-    "AWS_MAX_ATTEMPTS",
+from spatialnet_dist.store import s3
+from spatialnet_dist.store.location import (  # noqa: F401  (callers use them as storage.X)
+    NotFoundError,
+    StoreError,
+    StoreUnavailable,
+    check_relative,
+    is_s3,
+    join,
+    split_s3,
+    split_url,
 )
-_DENIED = {"AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "ExpiredToken", "InvalidToken", "403"}
-_MISSING = {"NoSuchKey", "404", "NotFound"}
-_TRANSIENT_CODES = {"RequestTimeout", "SlowDown", "InternalError", "ServiceUnavailable", "500", "502", "503", "504"}
-READ_PART_BYTES = 2**20  # what a read to the end of an object asks for at a time
-BACKOFF_FIRST_S, BACKOFF_MAX_S = 0.25, 8.0  # waits between tries during an outage: doubling, capped
-_retry_budget_s = DataConfig.s3_retry_seconds  # set_retry_budget(cfg.data.s3_retry_seconds) where a run starts
-T = TypeVar("T")
-
-
-class StoreError(UserError):
-    """A storage failure (missing bucket or object, bad credentials, unreachable endpoint); names the URL."""
-
-
-class NotFoundError(StoreError):
-    """The object or file does not exist."""
-
-
-class StoreUnavailable(StoreError):
-    """The store did not answer (endpoint unreachable, dropped connections, timeouts, HTTP 5xx) for the whole
-    retry budget (data.s3_retry_seconds): an outage, not bad input. It may come back, so a Ray run restarts
-    its workers rather than ending (train/failures.py)."""
-
-
-# ---- URLs ----
-
-
-def is_s3(url: str) -> bool:
-    return str(url).startswith("s3://")
-
-
-def split_s3(url: str) -> tuple[str, str]:
-    """'s3://bucket/a/b' -> ('bucket', 'a/b')."""
-    bucket, _, key = url[len("s3://") :].partition("/")
-    if not bucket:
-        raise StoreError(f"{url}: no bucket name (expected s3://bucket/prefix)")
-    check_relative(key.strip("/"), url)
-    return bucket, key.strip("/")
-
-
-def check_relative(path: str, where: str) -> str:
-    """A key or relative path that stays below the folder it is joined to: no '..' part, no leading '/'
-    (an S3 key is any string; joined to a local folder, '/x' or 'a/../../x' would land outside it)."""
-    if path.startswith("/") or ".." in path.replace("\\", "/").split("/"):
-        raise StoreError(f"{where}: refused path {path!r} ('..' parts and a leading '/' would leave its folder)")
-    return path
-
-
-def join(root: str, *parts: str) -> str:
-    """Join with '/', for both URLs and local paths: join('s3://b/p', 'c', 'manifest.json')."""
-    root = str(root)
-    for p in parts:
-        check_relative(str(p).lstrip("/"), f"{root}: joining {p!r}")
-    stripped = [str(p).strip("/") for p in parts if str(p).strip("/")]
-    return "/".join([root.rstrip("/") or root] + stripped) if stripped else root
-
-
-def split_url(url: str) -> tuple[str, str]:
-    """-> (parent, last name): 's3://b/root/corpus' -> ('s3://b/root', 'corpus'); 'corpus' -> ('.', 'corpus')."""
-    url = str(url).rstrip("/")
-    if is_s3(url):
-        bucket, key = split_s3(url)
-        head, _, name = key.rpartition("/")
-        return join(f"s3://{bucket}", head), name
-    return os.path.dirname(url) or ".", os.path.basename(url)
-
-
-# ---- the S3 client and its errors ----
-
-
-def s3_client():
-    """The process's boto3 S3 client (built once per process and AWS environment)."""
-    return _client(os.getpid(), tuple(os.environ.get(k) for k in _ENV))
-
-
-@functools.lru_cache(maxsize=8)
-def _client(pid: int, env: tuple):
-    # pid in the key: a forked loader worker must not share the parent's connection pool.
-    import boto3
-    from botocore.config import Config
-    from botocore.exceptions import BotoCoreError
-
-    try:
-        attempts = int(os.environ.get("AWS_MAX_ATTEMPTS", 5))
-        config = Config(retries={"mode": "standard", "max_attempts": attempts})
-        return boto3.session.Session().client("s3", config=config)
-    except (BotoCoreError, ValueError) as e:
-        raise StoreError(f"cannot configure the S3 client: {_one_line(e)}") from None
-
-
-def _one_line(e: BaseException) -> str:
-    return " ".join(str(e).split())
-
-
-def s3_error(e: Exception, url: str) -> StoreError:
-    """A boto3/botocore exception -> a one-line StoreError naming the URL (never the credentials)."""
-    from boto3.exceptions import S3UploadFailedError
-    from botocore.exceptions import (
-        ClientError,
-        NoCredentialsError,
-        PartialCredentialsError,
-        ProfileNotFound,
-    )
-    from botocore.exceptions import ConnectionError as BotoConnectionError
-
-    if isinstance(e, S3UploadFailedError) and isinstance(e.__context__, ClientError):
-        e = e.__context__  # boto3's transfer manager wraps the ClientError that says what went wrong
-    if isinstance(e, ClientError):
-        err = e.response.get("Error", {})
-        code = str(err.get("Code", "")) or str(e.response.get("ResponseMetadata", {}).get("HTTPStatusCode", ""))
-        if code == "NoSuchBucket":
-            return StoreError(f"bucket {err.get('BucketName') or split_s3(url)[0]} does not exist ({url})")
-        if code in _MISSING:
-            return NotFoundError(f"{url}: not found")
-        if code == "PreconditionFailed":
-            return StoreError(f"{url}: the object changed while it was being read")
-        if code in _DENIED:
-            return StoreError(f"access denied to {url} ({code}): check AWS credentials")
-        status = e.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
-        if isinstance(status, int) and status >= 500:
-            return StoreUnavailable(f"{url}: S3 error {code} (HTTP {status}): {_one_line(err.get('Message', e))}")
-        return StoreError(f"{url}: S3 error {code}: {_one_line(err.get('Message', e))}")
-    if isinstance(e, (NoCredentialsError, PartialCredentialsError)):
-        return StoreError(
-            f"no usable AWS credentials for {url}: set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or a profile"
-        )
-    if isinstance(e, ProfileNotFound):
-        return StoreError(f"{url}: {_one_line(e)}")
-    if isinstance(e, (BotoConnectionError, ConnectionError)):  # endpoint unreachable, connect/read timeouts
-        parts = urlsplit(getattr(e, "kwargs", {}).get("endpoint_url", ""))  # scheme://host:port, not the key
-        endpoint = f"{parts.scheme}://{parts.netloc}" if parts.netloc else "?"
-        return StoreUnavailable(f"cannot reach S3 endpoint {endpoint} for {url} ({e.__class__.__name__})")
-    return StoreError(f"{url}: {e.__class__.__name__}: {_one_line(e)}")
-
-
-def set_retry_budget(seconds: float) -> None:
-    """How long an S3 operation keeps trying through an outage (config key data.s3_retry_seconds)."""
-    global _retry_budget_s
-    _retry_budget_s = float(seconds)
-
-
-def _transient(e: BaseException) -> bool:
-    """A failure a later try can get past: the endpoint unreachable, a connection dropped or timed out, a 5xx."""
-    from botocore.exceptions import ClientError, HTTPClientError, IncompleteReadError
-    from botocore.exceptions import ConnectionError as BotoConnectionError
-
-    if isinstance(e, ClientError):
-        status = str(e.response.get("ResponseMetadata", {}).get("HTTPStatusCode", ""))
-        return str(e.response.get("Error", {}).get("Code", "")) in _TRANSIENT_CODES or status in _TRANSIENT_CODES
-    return isinstance(e, (BotoConnectionError, HTTPClientError, IncompleteReadError, ConnectionError, TimeoutError))
-
-
-def _s3_call(url: str, operation: Callable[[], T]) -> T:
-    """operation(), tried again with backoff through transient failures until the retry budget is spent;
-    its errors become one-line StoreErrors naming `url`."""
-    from boto3.exceptions import Boto3Error
-    from botocore.exceptions import BotoCoreError, ClientError
-
-    deadline, wait = None, BACKOFF_FIRST_S
-    while True:
-        try:
-            return operation()
-        except (ClientError, BotoCoreError, Boto3Error, ConnectionError, TimeoutError) as e:
-            cause = e.__context__ if isinstance(e, Boto3Error) and e.__context__ is not None else e
-            if not _transient(cause):
-                raise s3_error(e, url) from None
-            now = time.monotonic()
-            deadline = deadline or now + _retry_budget_s
-            if now >= deadline:
-                raise StoreUnavailable(
-                    f"S3 endpoint {s3_client().meta.endpoint_url} unreachable or failing for {_retry_budget_s:g} s "
-                    f"(data.s3_retry_seconds) while accessing {url} ({cause.__class__.__name__})"
-                ) from None
-            time.sleep(min(wait, deadline - now))
-            wait = min(2 * wait, BACKOFF_MAX_S)
-
-
-class ResumingBody(io.RawIOBase):
-    """The body of an S3 GET that survives a dropped connection: a read that fails opens the object again
-    at the offset read so far (HTTP Range), pinned to the version first opened (If-Match on its ETag)."""
-
-    def __init__(self, url: str):
-        super().__init__()
-        self.url, (self.bucket, self.key) = url, split_s3(url)
-        self.offset, self.etag, self._body = 0, None, None
-        _s3_call(url, self._open)
-
-    def _open(self) -> None:
-        resume = {"Range": f"bytes={self.offset}-", "IfMatch": self.etag} if self.offset else {}
-        response = s3_client().get_object(Bucket=self.bucket, Key=self.key, **resume)
-        self.etag = self.etag or response.get("ETag")
-        self._body = response["Body"]
-
-    def _read_once(self, n: int) -> bytes:
-        if self._body is None:
-            self._open()
-        try:
-            return self._body.read(n)
-        except BaseException:
-            self._body.close()
-            self._body = None  # reopened at self.offset by the next try
-            raise
-
-    def readable(self) -> bool:
-        return True
-
-    def read(self, n: int | None = -1) -> bytes:
-        if n is None or n < 0:  # to the end, in parts, so that a broken connection loses no more than one part
-            return b"".join(iter(lambda: self.read(READ_PART_BYTES), b""))
-        data = _s3_call(self.url, lambda: self._read_once(n))
-        self.offset += len(data)
-        return data
-
-    def close(self) -> None:
-        if self._body is not None:
-            self._body.close()
-            self._body = None
-        super().close()
-
-
-def _transfer_config():
-    from boto3.s3.transfer import TransferConfig
-
-    return TransferConfig(multipart_threshold=MULTIPART_BYTES, multipart_chunksize=MULTIPART_BYTES)
-
+from spatialnet_dist.store.s3 import set_retry_budget  # noqa: F401  (where a run starts: storage.set_retry_budget)
 
 # ---- files and objects ----
 
@@ -273,9 +34,7 @@ def read_bytes(url: str) -> bytes:
 def read_range(url: str, offset: int, length: int) -> bytes:
     """`length` bytes at `offset` of a file or object (S3: one ranged GET)."""
     if is_s3(url):
-        bucket, key = split_s3(url)
-        return _s3_call(url, lambda: s3_client().get_object(
-            Bucket=bucket, Key=key, Range=f"bytes={offset}-{offset + length - 1}")["Body"].read())
+        return s3.read_range(url, offset, length)
     try:
         with open(url, "rb") as f:
             return os.pread(f.fileno(), length, offset)
@@ -289,7 +48,7 @@ def open_stream(url: str) -> BinaryIO:
     """A binary readable: a local file, or the body of an S3 GET that resumes after a dropped connection
     (read in-process by WebDataset)."""
     if is_s3(url):
-        return ResumingBody(url)
+        return s3.ResumingBody(url)
     try:
         return open(url, "rb")
     except FileNotFoundError:
@@ -300,19 +59,13 @@ def open_stream(url: str) -> BinaryIO:
 
 def exists(url: str) -> bool:
     if is_s3(url):
-        bucket, key = split_s3(url)
-        try:
-            _s3_call(url, lambda: s3_client().head_object(Bucket=bucket, Key=key))
-            return True
-        except NotFoundError:
-            return False
+        return s3.exists(url)
     return os.path.isfile(url)
 
 
 def s3_etag(url: str) -> str:
     """The ETag of an S3 object (it changes with the content): NotFoundError when there is none."""
-    bucket, key = split_s3(url)
-    return _s3_call(url, lambda: s3_client().head_object(Bucket=bucket, Key=key))["ETag"].strip('"')
+    return s3.etag(url)
 
 
 def _local_temp(path: str) -> str:
@@ -325,8 +78,7 @@ def _local_temp(path: str) -> str:
 def write_bytes_atomic(url: str, data: bytes) -> None:
     """Readers see the old content or the new, never a part (local: temp + rename; S3: a PUT is atomic)."""
     if is_s3(url):
-        bucket, key = split_s3(url)
-        _s3_call(url, lambda: s3_client().upload_fileobj(io.BytesIO(data), bucket, key, Config=_transfer_config()))
+        s3.write_bytes(url, data)
         return
     tmp = _local_temp(url)
     try:
@@ -341,8 +93,7 @@ def write_bytes_atomic(url: str, data: bytes) -> None:
 def put_file(path: str, url: str) -> None:
     """Copy a local file to `url` atomically; to S3 as a multipart upload when big."""
     if is_s3(url):
-        bucket, key = split_s3(url)
-        _s3_call(url, lambda: s3_client().upload_file(path, bucket, key, Config=_transfer_config()))
+        s3.put_file(path, url)
         return
     tmp = _local_temp(url)
     try:
@@ -358,9 +109,7 @@ def move(src: str, dst: str) -> None:
     if is_s3(src) != is_s3(dst):
         raise StoreError(f"cannot move {src} to {dst}: both must be local or both S3")
     if is_s3(src):
-        (sb, sk), (db, dk) = split_s3(src), split_s3(dst)
-        _s3_call(src, lambda: s3_client().copy({"Bucket": sb, "Key": sk}, db, dk, Config=_transfer_config()))
-        _s3_call(src, lambda: s3_client().delete_object(Bucket=sb, Key=sk))
+        s3.move(src, dst)
         return
     try:
         os.makedirs(os.path.dirname(dst) or ".", exist_ok=True)
@@ -381,8 +130,7 @@ def _remove_quietly(path: str) -> None:
 def delete(url: str) -> None:
     """Remove one file or object; a missing one is not an error."""
     if is_s3(url):
-        bucket, key = split_s3(url)
-        _s3_call(url, lambda: s3_client().delete_object(Bucket=bucket, Key=key))
+        s3.delete(url)
         return
     _remove_quietly(url)
 
@@ -390,11 +138,7 @@ def delete(url: str) -> None:
 def delete_prefix(url: str) -> None:
     """Remove everything under a folder or key prefix."""
     if is_s3(url):
-        bucket, prefix = split_s3(url)
-        keys = [join(prefix, rel) for rel in list_files(url)]
-        for i in range(0, len(keys), 1000):  # DeleteObjects takes at most 1000 keys
-            batch = {"Objects": [{"Key": k} for k in keys[i : i + 1000]], "Quiet": True}
-            _s3_call(url, lambda batch=batch: s3_client().delete_objects(Bucket=bucket, Delete=batch))
+        s3.delete_prefix(url)
         return
     shutil.rmtree(url, ignore_errors=True)
 
@@ -402,21 +146,10 @@ def delete_prefix(url: str) -> None:
 # ---- listing ----
 
 
-def _s3_pages(url: str, **kwargs) -> list[dict]:
-    bucket, prefix = split_s3(url)
-    prefix = prefix + "/" if prefix else ""
-    pages = s3_client().get_paginator("list_objects_v2")
-    return _s3_call(url, lambda: list(pages.paginate(Bucket=bucket, Prefix=prefix, **kwargs)))
-
-
 def list_dir(url: str) -> list[str]:
     """Sorted names of the files and folders directly under `url` (S3: under the prefix `url/`)."""
     if is_s3(url):
-        names = set()
-        for page in _s3_pages(url, Delimiter="/"):
-            names.update(p["Prefix"].rstrip("/").rpartition("/")[2] for p in page.get("CommonPrefixes", []))
-            names.update(o["Key"].rpartition("/")[2] for o in page.get("Contents", []))
-        return sorted(names)
+        return s3.list_dir(url)
     try:
         return sorted(os.listdir(url))
     except FileNotFoundError:
@@ -428,9 +161,7 @@ def list_dir(url: str) -> list[str]:
 def list_files(url: str) -> list[str]:
     """Sorted paths, relative to `url` and '/'-separated, of every file below it ([] when there is none)."""
     if is_s3(url):
-        n = len(split_s3(url)[1]) + 1 if split_s3(url)[1] else 0
-        # The paths are joined to local folders (a checkpoint's copy): a key that would leave it is refused.
-        return sorted(check_relative(o["Key"][n:], url) for page in _s3_pages(url) for o in page.get("Contents", []))
+        return s3.list_files(url)
     out = []
     for folder, _, files in os.walk(url):
         rel = os.path.relpath(folder, url).replace(os.sep, "/")

@@ -1,9 +1,10 @@
 """Launch a training job: config -> preflight -> vocabularies -> Ray TorchTrainer -> RESULT line.
 
-`python ray_job.py` and `spatialnet train` both call `main(argv)`. Everything that can be wrong with
-the input (config, data, sources, storage, java: train.preflight) is checked here, before any worker
-starts. RESULT's "error" is null on success, else the failing worker's one-line reason, which is also
-the last line of stderr (train.failures says which failures end a run at once).
+`python ray_job.py` and `spatialnet train` both call `main(argv, train_loop)` through spatialnet_dist.jobs,
+which binds evaluate/'s validation and end-of-run evaluation into Ray Train's per-worker function.
+Everything that can be wrong with the input (config, data, sources, storage, java: train.preflight) is
+checked here, before any worker starts. RESULT's "error" is null on success, else the failing worker's
+one-line reason, which is also the last line of stderr (train.failures says which failures end a run at once).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import math
 import os
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from spatialnet_dist import config as config_mod
@@ -86,24 +88,37 @@ def storage_for_ray(url: str, retry_seconds: float):
 
 
 def connect_ray(cfg: config_mod.Config) -> bool:
-    """ray_cluster.connect_ray with the CPUs the training workers need. -> True when this call started Ray."""
-    return ray_cluster.connect_ray(cfg.train.num_workers * cfg.train.cpus_per_worker, cfg.train.use_gpu)
+    """ray_cluster.connect_ray with the CPUs the most training workers need (an elastic run starts with what
+    fits of them, at least its minimum). -> True when this call started Ray."""
+    return ray_cluster.connect_ray(cfg.train.worker_range[1] * cfg.train.cpus_per_worker, cfg.train.use_gpu)
 
 
-def run_training(cfg: config_mod.Config, vocab: dict, run_dir: str):
-    """TorchTrainer.fit() -> Ray's Result."""
+def check_world_sizes(cfg: config_mod.Config) -> None:
+    """Every size an elastic group may take keeps each task's global batch (one line naming the key, now
+    rather than in a worker group that has lost a node)."""
+    from spatialnet_dist.train.plan import for_world
+
+    low, high = cfg.train.worker_range
+    for world_size in range(low, high + 1):
+        for_world(cfg, world_size)
+
+
+def run_training(cfg: config_mod.Config, vocab: dict, run_dir: str, train_loop: Callable[[dict], None]):
+    """TorchTrainer.fit() -> Ray's Result. `train_loop`: train.worker.train_loop_per_worker with its
+    validation and evaluation bound, a module-level function (Ray pickles it by reference)."""
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     from spatialnet_dist.train.failures import FailureClassifier
-    from spatialnet_dist.train.worker import train_loop_per_worker
+    from spatialnet_dist.train.preemption import SigtermHandler
 
     storage_path, filesystem = storage_for_ray(cfg.run.storage, cfg.data.s3_retry_seconds)
     trainer = TorchTrainer(
-        train_loop_per_worker,
+        train_loop,
         train_loop_config={"config": cfg.to_dict(), "vocab": vocab, "run_dir": run_dir},
         scaling_config=ScalingConfig(
-            num_workers=cfg.train.num_workers,
+            num_workers=tuple(cfg.train.worker_range) if cfg.train.elastic else cfg.train.num_workers,
+            elastic_resize_monitor_interval_s=cfg.train.elastic_resize_check_s,
             use_gpu=cfg.train.use_gpu,
             resources_per_worker={"CPU": cfg.train.cpus_per_worker, **({"GPU": 1} if cfg.train.use_gpu else {})},
         ),
@@ -111,15 +126,17 @@ def run_training(cfg: config_mod.Config, vocab: dict, run_dir: str):
             name=cfg.run.name,
             storage_path=storage_path,
             storage_filesystem=filesystem,
+            # Pre-emptions (a drained node, a SIGTERM: train.preemption) have their own budget, unlimited.
             failure_config=FailureConfig(max_failures=cfg.train.max_failures),
-            # No checkpoint_config: run.keep_checkpoints is applied by train.checkpoint.prune, on every path.
-            callbacks=[FailureClassifier(run_dir)],  # permanent failures end the run on this attempt
+            # No checkpoint_config: run.keep_checkpoints is applied by checkpoint.prune, on every path.
+            callbacks=[FailureClassifier(run_dir),  # permanent failures end the run on this attempt
+                       SigtermHandler(cfg.train.preemption_grace_s)],
         ),
     )
     return trainer.fit()
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None, train_loop: Callable[[dict], None]) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     args = parse_args(sys.argv[1:] if argv is None else argv)
     try:
@@ -130,16 +147,18 @@ def main(argv: list[str] | None = None) -> int:
 
             mlflow_tracking_uri(cfg)  # an S3 run.storage without a tracking server stops now
         prepare_data(cfg)
+        from spatialnet_dist.checkpoint import latest_complete, resumed_meta
         from spatialnet_dist.data.vocab import build_vocabs
         from spatialnet_dist.train import preflight
-        from spatialnet_dist.train.checkpoint import latest_complete, resumed_meta
         from spatialnet_dist.train.plan import resolve
         from spatialnet_dist.train.rundir import RunDir
 
         run = RunDir(storage.join(cfg.run.storage, cfg.run.name))
         preflight.run_all(cfg, run.url)
-        # a resumed run keeps the global batch its checkpoint recorded
-        cfg, plan = resolve(cfg, cfg.train.num_workers, resumed_meta(run.url, cfg.train.resume))
+        # A resumed run keeps the global batch its checkpoint recorded; planned for the most workers (an elastic
+        # group's workers take their share again at the size it has), checked for every size it may take.
+        cfg, plan = resolve(cfg, cfg.train.worker_range[1], resumed_meta(run.url, cfg.train.resume))
+        check_world_sizes(cfg)
         if plan:
             print(plan, flush=True)
 
@@ -156,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.time()
     error = None
     try:
-        result = run_training(cfg, vocabs.to_dict(), run.url)
+        result = run_training(cfg, vocabs.to_dict(), run.url, train_loop)
         error = result.error
     except Exception as e:  # TrainingFailedError: a permanent failure, or the retries are spent
         result, error = None, e
@@ -174,6 +193,8 @@ def main(argv: list[str] | None = None) -> int:
         "restarts": max(0, len(attempts) - 1),
         "resumed_from": [a["start_step"] for a in attempts if a["resumed"]],
         "lost_steps": [a.get("lost_steps", 0) for a in attempts[1:]],  # one per restart
+        "restart_causes": [a.get("cause") for a in attempts[1:]],
+        "world_sizes": [a.get("world_size") for a in attempts],
         "checkpoint": latest_complete(run.url),
         "run_dir": run.url,
         "eval": json.loads(storage.read_bytes(eval_url)) if cfg.eval.at_end and storage.exists(eval_url) else None,

@@ -2,7 +2,9 @@
 and the same checkpoints: published complete into `<run_dir>/checkpoint-<step>/` (a local dir shared by
 all ranks, or S3), resumed from the run's last complete one.
 
-  torchrun --nproc-per-node 8 -m spatialnet_dist.train.local --config configs/paper.yaml
+  torchrun --nproc-per-node 8 -m spatialnet_dist.jobs --config configs/paper.yaml
+
+(spatialnet_dist.jobs runs `main` with evaluate/'s validation: train/ does not import evaluate/.)
 """
 
 from __future__ import annotations
@@ -14,17 +16,17 @@ from pathlib import Path
 
 import torch.distributed as dist
 
+from spatialnet_dist import checkpoint as ckpt
+from spatialnet_dist import engine as ds
 from spatialnet_dist.errors import UserError
 from spatialnet_dist.store import storage
 from spatialnet_dist.text import TextVocabs
-from spatialnet_dist.train import checkpoint as ckpt
-from spatialnet_dist.train import engine as ds
 from spatialnet_dist.train import preflight
 from spatialnet_dist.train.launch import load_config, parse_args, prepare_data
 from spatialnet_dist.train.plan import for_world, resolve
 from spatialnet_dist.train.rundir import RunDir
 from spatialnet_dist.train.tracking import RunTracker
-from spatialnet_dist.train.trainer import Trainer
+from spatialnet_dist.train.trainer import Trainer, Validation
 
 
 class LocalReporter:
@@ -33,12 +35,11 @@ class LocalReporter:
 
     def __init__(self, run_url: str, rank: int, keep_checkpoints: int):
         self.run, self.rank, self.keep_checkpoints = RunDir(run_url), rank, keep_checkpoints
-        self.last_checkpoint: str | None = None  # its URL
         self.tracker: RunTracker | None = None  # rank 0's, opened once the run knows its start step
 
     def report(self, step: int, metrics: dict, checkpoint_dir: Path | None) -> None:
         if checkpoint_dir is not None:
-            self.last_checkpoint = ckpt.publish(checkpoint_dir, self.run.url, step, self.rank, self.keep_checkpoints)
+            ckpt.publish(checkpoint_dir, self.run.url, step, self.rank, self.keep_checkpoints)
         if self.rank == 0:
             self.run.append_metrics(metrics)
             if self.tracker:
@@ -49,21 +50,18 @@ class LocalReporter:
         if self.tracker:
             self.tracker.log_samples(step, samples)
 
-    def settle(self) -> None:
-        """Nothing to wait for: a checkpoint is complete in the run dir when report() returns."""
 
-
-def train(cfg, vocabs: TextVocabs, run_url: str, rank: int, world_size: int) -> Trainer:
+def train(cfg, vocabs: TextVocabs, run_url: str, rank: int, world_size: int, validation: Validation | None) -> Trainer:
     """Run (or resume from the run dir's last complete checkpoint, else train.resume) to max_steps;
     -> the trainer."""
     cfg = for_world(cfg, world_size)  # this world's share of each task's global batch
     reporter = LocalReporter(run_url, rank, cfg.run.keep_checkpoints)
-    trainer = Trainer(cfg, vocabs, rank, world_size, reporter,
+    trainer = Trainer(cfg, vocabs, rank, world_size, reporter, validation,
                       fault_marker=lambda: reporter.run.claim_fault(cfg.faults.fail_at_step))
     resumed = ckpt.resume(trainer, run_url, cfg.train.resume, cfg.train.resume_weights_only)
     if rank == 0:
         ckpt.prune(run_url, cfg.run.keep_checkpoints)  # partial leftovers of the attempt before
-        line = reporter.run.start_attempt(trainer.step, resumed)
+        line = reporter.run.start_attempt(trainer.step, resumed, world_size)
         if line:
             print(line, flush=True)
         reporter.tracker = RunTracker(cfg, reporter.run, trainer.step)
@@ -73,7 +71,7 @@ def train(cfg, vocabs: TextVocabs, run_url: str, rank: int, world_size: int) -> 
     return trainer
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None, validation: Validation | None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     # A plain `python -m` start is a world of one; torchrun sets these for every rank.
     for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1"),
@@ -108,14 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     run_url = storage.join(cfg.run.storage, cfg.run.name)
     if rank == 0:
         RunDir(run_url).write_config(cfg)
-    trainer = train(cfg, vocabs, run_url, rank, world_size)
+    trainer = train(cfg, vocabs, run_url, rank, world_size, validation)
     if rank == 0:
         print("RESULT " + json.dumps({"final_step": trainer.step, "run_dir": run_url}), flush=True)
     return 0
-
-
-if __name__ == "__main__":
-    code = main()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)

@@ -19,33 +19,30 @@ from __future__ import annotations
 import copy
 import math
 
+from spatialnet_dist import tasks as registry
 from spatialnet_dist.config import Config, ConfigError
 from spatialnet_dist.data.streams import MAX_QUESTIONS_PER_VISIT
-from spatialnet_dist.data.vocab import TRAIN_SPLIT
 from spatialnet_dist.errors import UserError
-from spatialnet_dist.store.manifest import manifest_url, read_manifest
+from spatialnet_dist.store.manifest import TRAIN_SPLIT, manifest_url, read_manifest
 
 
 def task_rows(task: str, manifest: dict, split: str, per_image: int = 0) -> tuple[int, float]:
     """(training rows of `task` in one corpus split, rows one visit consumes on average).
 
-    A visit is one slot of the task's sub-batch: one image read, decoded and encoded once. Classification
-    rows are the labelled images, one per visit (the manifest counts images, not labelled images: a corpus
-    with classes labels every image, as every convert adapter writes it). Captioning rows are the captions,
-    vqa rows the questions and regression rows the count questions, so an epoch means every caption
-    (question) once; a visit trains up to `per_image` of its image's captions (questions) (0: all, up to
+    A visit is one slot of the task's sub-batch: one image read, decoded and encoded once. A task's rows
+    are its `epoch_rows` (tasks/<task>.py): images, one per visit, for classification and tagging; the
+    captions, questions or count questions for captioning, vqa and regression, so an epoch means every
+    caption (question) once; a visit trains up to `per_image` of its image's captions (questions) (0: all, up to
     the data code's cap), so rows per visit is that number or the split's mean per image, whichever is
     smaller (the mean stands in for the per-image counts the manifest does not keep).
     """
     info = manifest["splits"].get(split)
     if info is None:
         raise UserError(f"no split {split!r} (splits: {', '.join(sorted(manifest['splits'])) or 'none'})")
-    if task == "classification":
-        return (info["samples"] if manifest.get("classes") else 0), 1
-    if task == "captioning":
-        rows = info["captions"]
-    else:
-        rows = info["questions"] if task == "vqa" else info["questions_by_type"].get("count", 0)
+    definition = registry.get(task)
+    rows = definition.epoch_rows(manifest, info)
+    if not definition.per_visit_key:  # one row per image visit
+        return rows, 1
     per_visit = min(per_image or MAX_QUESTIONS_PER_VISIT, rows / max(info["samples"], 1))
     return rows, max(per_visit, 1.0)
 
@@ -104,7 +101,7 @@ def epoch_steps(cfg: Config) -> tuple[int, dict[str, int], dict[str, float]]:
     for task in tasks:
         total, visits = 0, 0.0
         tc = getattr(cfg.tasks, task)
-        per_image = tc.captions_per_image if task == "captioning" else tc.questions_per_image
+        per_image = getattr(tc, registry.get(task).per_visit_key) if registry.get(task).per_visit_key else 0
         for corpus in getattr(cfg.tasks, task).corpora:
             if corpus not in manifests:
                 manifests[corpus] = read_manifest(cfg.data.root, corpus)

@@ -13,11 +13,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from spatialnet_dist import checkpoint as ckpt
+from spatialnet_dist import versions
 from spatialnet_dist.config import Config
 from spatialnet_dist.errors import UserError
 from spatialnet_dist.store import storage
 from spatialnet_dist.store.manifest import manifest_url
-from spatialnet_dist.train import checkpoint as ckpt
 
 WEIGHT_SUFFIXES = (".pth", ".pt", ".bin", ".safetensors")  # what model.encoder.read_state_dict reads
 
@@ -31,9 +32,7 @@ def run_all(cfg: Config, run_url: str) -> None:
 
 def check_java(cfg: Config) -> None:
     if cfg.eval.at_end and cfg.tasks.captioning.enabled:
-        from spatialnet_dist.evaluate.captions import require_java
-
-        require_java()
+        versions.require_java()
 
 
 def check_sources(cfg: Config) -> None:

@@ -3,9 +3,12 @@
   config.yaml     the resolved config (written by the driver before any worker starts)
   metrics.jsonl   one line per report (rank 0), never a step twice: a resumed attempt first drops
                   the lines past the step it resumes at
-  attempts.json   one entry per worker-group start: the step it started at, whether it resumed, and
-                  when it resumed: the checkpoint, the workers that wrote it, the workers now, whether it
-                  was resharded, and lost_steps (steps the attempt before reached past that start, then lost)
+  attempts.json   one entry per worker-group start: the step it started at, whether it resumed, its number of
+                  workers, the cause of the restart when it can be told (failure: failures.json has one since the
+                  attempt before; preemption: the attempt before checkpointed on a SIGTERM and handed over; resize:
+                  an elastic group changed size with no failure; start: the run dir's first attempt), and when it
+                  resumed: the checkpoint, the workers that wrote it, whether it was resharded, and lost_steps
+                  (steps the attempt before reached past that start, then lost)
   failures.json   one entry per failed worker group: the step it failed after (null: unknown, e.g. a killed
                   process) and the one-line reason (train.failures decides from it whether a step failed twice)
   faults/         markers of test faults already fired (faults.fail_at_step fires once per run)
@@ -13,9 +16,9 @@
   tensorboard/    TensorBoard event files, one per attempt (train/tracking.py; log.tensorboard)
   mlflow.json     the MLflow run this run logs to (log.mlflow)
   eval/           metrics.json, predictions/, report.md and its figures
-Beside these: checkpoint-NNNNNN/ (train.checkpoint: complete once its manifest.json is written; a
-restart resumes from the last complete one) and, on the Ray path, Ray Train's
-checkpoint_manager_snapshot.json (the checkpoints reported to it).
+Beside these: checkpoint-NNNNNN/ (spatialnet_dist.checkpoint: complete once its manifest.json is written; a
+restart resumes from the last complete one, whatever Ray Train's checkpoint_manager_snapshot.json on the
+Ray path says).
 """
 
 from __future__ import annotations
@@ -82,22 +85,43 @@ class RunDir:
         steps = [m.get("step", 0) for m in self.metrics()] + [f["step"] for f in self.failures() if f["step"]]
         return max(steps, default=0)
 
-    def start_attempt(self, step: int, resumed: dict | None) -> str:
-        """Rank 0 at an attempt's start (`resumed`: what train.checkpoint.resume says it resumed): the attempt
+    def start_attempt(self, step: int, resumed: dict | None, world_size: int) -> str:
+        """Rank 0 at an attempt's start (`resumed`: what checkpoint.resume says it resumed): the attempt
         record with the steps the attempt before lost, metrics.jsonl cut back to `step`. -> the resume line
         to log ("" on a fresh start)."""
-        from spatialnet_dist.train.checkpoint import describe_resume
+        from spatialnet_dist.checkpoint import describe_resume
 
         lost = max(0, self.last_step_reached() - step)
         self.truncate_metrics(step)
-        facts = {k: resumed[k] for k in ("checkpoint", "written_by", "world_size", "resharded")} if resumed else {}
-        self.record_attempt(step, resumed is not None, lost, **facts)
+        facts = {k: resumed[k] for k in ("checkpoint", "written_by", "resharded")} if resumed else {}
+        self.record_attempt(step, resumed is not None, world_size, lost, **facts)
         return f"{describe_resume(resumed)}; {lost} steps lost since" if resumed else ""
 
-    def record_attempt(self, start_step: int, resumed: bool, lost_steps: int = 0, **facts) -> None:
-        """facts: what `checkpoint.resume` says it resumed (checkpoint, written_by, world_size, resharded)."""
-        entry = {"start_step": start_step, "resumed": resumed, "lost_steps": lost_steps, **facts, "time": time.time()}
-        entries = [*self.attempts(), entry]
+    def record_attempt(self, start_step: int, resumed: bool, world_size: int, lost_steps: int = 0, **facts) -> None:
+        """facts: what `checkpoint.resume` says it resumed (checkpoint, written_by, resharded)."""
+        entries = self.attempts()
+        cause = "start"
+        if entries:
+            before = entries[-1]
+            if before.get("ended") == "preemption":
+                cause = "preemption"
+            elif any(f["time"] >= before["time"] for f in self.failures()):
+                cause = "failure"
+            elif before.get("world_size") != world_size:
+                cause = "resize"
+            else:
+                cause = None  # e.g. a new job in this run directory
+        entries.append({"start_step": start_step, "resumed": resumed, "world_size": world_size, "cause": cause,
+                        "lost_steps": lost_steps, **facts, "time": time.time()})
+        self._write_attempts(entries)
+
+    def end_attempt(self, how: str, step: int) -> None:
+        """The running attempt ends `how` (preemption) after checkpointing `step`."""
+        entries = self.attempts()
+        entries[-1].update(ended=how, end_step=step)
+        self._write_attempts(entries)
+
+    def _write_attempts(self, entries: list[dict]) -> None:
         storage.write_bytes_atomic(self.path("attempts.json"), json.dumps(entries, indent=1).encode())
 
     # ---- failures.json ----
@@ -109,10 +133,6 @@ class RunDir:
     def record_failure(self, step: int | None, reason: str) -> None:
         entries = [*self.failures(), {"step": step, "reason": reason, "time": time.time()}]
         storage.write_bytes_atomic(self.path("failures.json"), json.dumps(entries, indent=1).encode())
-
-    def ray_registered(self, checkpoint_name: str) -> bool:
-        """Whether Ray Train has registered the checkpoint directory `checkpoint_name` of this run."""
-        return f'"{checkpoint_name}"' in self._read_text("checkpoint_manager_snapshot.json")
 
     # ---- result.json ----
 

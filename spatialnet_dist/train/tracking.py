@@ -20,8 +20,8 @@ import time
 from pathlib import Path
 
 from spatialnet_dist.config import Config
+from spatialnet_dist.display import displayable, sample_markdown
 from spatialnet_dist.errors import UserError
-from spatialnet_dist.evaluate.report import displayable, sample_markdown
 from spatialnet_dist.store import storage
 from spatialnet_dist.train.rundir import MLFLOW_RUN_FILE, TENSORBOARD_DIR, RunDir
 

@@ -7,6 +7,9 @@ of times (Ray Train's report is a barrier). Every RNG is a function of the posit
 of the data is fixed by (seed, m, rank) (data/order.py), and torch, numpy and python's `random` are
 reseeded from (seed, rank, step) at the start of every step, so dropout after a resume is the
 dropout of the uninterrupted run.
+
+Over 300 lines: the loop, its report window and the state it saves and restores (step, data position,
+samples seen, RNG) are one object; apart, a reader would check the save against the loop in two files.
 """
 
 from __future__ import annotations
@@ -18,6 +21,8 @@ import random
 import resource
 import tempfile
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
@@ -25,16 +30,17 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from spatialnet_dist.config import QUESTION_TASKS, Config
+from spatialnet_dist import checkpoint as ckpt
+from spatialnet_dist import engine as ds
+from spatialnet_dist import tasks as registry
+from spatialnet_dist.config import Config
 from spatialnet_dist.data.batch_format import question_count
 from spatialnet_dist.data.batches import make_eval_loader, make_train_loader
 from spatialnet_dist.data.order import stream_seed
 from spatialnet_dist.errors import NonFiniteLoss, UserError
-from spatialnet_dist.model import build_model
-from spatialnet_dist.objective import MultiTaskObjective
+from spatialnet_dist.model.spatialnet import build_model
+from spatialnet_dist.objective import MultiTaskObjective, loss_states
 from spatialnet_dist.text import TextVocabs
-from spatialnet_dist.train import checkpoint as ckpt
-from spatialnet_dist.train import engine as ds
 
 log = logging.getLogger("spatialnet.train")
 
@@ -43,11 +49,13 @@ class Reporter(Protocol):
     def report(self, step: int, metrics: dict, checkpoint_dir: Path | None) -> None:
         """Called on every rank with the same steps; checkpoint_dir holds this rank's files."""
 
-    def settle(self) -> None:
-        """Return once the last reported checkpoint is one a restart would resume from."""
-
     def report_samples(self, step: int, samples: list[dict]) -> None:
         """Rank 0, at each validation: a few val images with their generated captions and answers."""
+
+
+# (model, cfg, vocabs, rank, world_size) -> ({"val/<task>_<metric>": value}, samples to show: rank 0's, [] elsewhere).
+# Every rank calls it (it may gather across ranks); evaluate.run.validation_metrics, handed in by spatialnet_dist.jobs.
+Validation = Callable[[torch.nn.Module, Config, TextVocabs, int, int], tuple[dict, list[dict]]]
 
 
 def to_device(batch: dict, device: torch.device, dtype: torch.dtype = torch.float32) -> dict:
@@ -76,10 +84,18 @@ def peak_memory_mb(device: torch.device) -> float:
 
 
 class Trainer:
+    """The model's DeepSpeed engine and this rank's training batches, from construction on; `restore` puts
+    both where a checkpoint left them, `fit` steps to train.max_steps, `save` writes this rank's part of a
+    checkpoint. `validation` adds the task metrics to each validation's val losses (None: the losses alone)."""
+
     def __init__(self, cfg: Config, vocabs: TextVocabs, rank: int, world_size: int, reporter: Reporter,
-                 fault_marker=None):
+                 validation: Validation | None, fault_marker=None, stop_requested=None):
         self.cfg, self.vocabs, self.rank, self.world_size, self.reporter = cfg, vocabs, rank, world_size, reporter
+        self.validation = validation
         self.fault_marker = fault_marker  # callable -> bool: claims the one-time fault (faults.fail_at_step)
+        # callable -> bool at each step boundary, the same on every rank (a pre-emption: train/preemption.py):
+        # True checkpoints this step and ends fit() there.
+        self.stop_requested = stop_requested or (lambda: False)
         if not cfg.train.max_steps:
             raise ValueError("train.max_steps is 0: resolve train.epochs first (spatialnet_dist.train.plan.resolve)")
         self.tasks = cfg.tasks.enabled()
@@ -92,11 +108,11 @@ class Trainer:
         model = build_model(cfg.model, self.tasks, vocabs)
         self.engine = ds.create_engine(cfg, model, world_size)
         self.dtype = torch.bfloat16 if ds.precision(cfg) == "bf16" else torch.float32
-        self.objective = MultiTaskObjective(cfg.loss)
+        self.objective = MultiTaskObjective(cfg.loss, loss_states(cfg, vocabs, self.tasks))
         self.step = 0
-        self.stream_start = 0  # the data position (micro-batches done) that fit() starts at
-        self.samples_seen = dict.fromkeys(self.tasks, 0)  # images per task, all ranks, whole run (from the position)
-        self.questions_seen = dict.fromkeys([t for t in self.tasks if t in QUESTION_TASKS], 0)  # vqa, regression
+        self.samples_seen = dict.fromkeys(self.tasks, 0)  # images per task, all ranks, whole run (the loader's position)
+        self.questions_seen = dict.fromkeys(registry.question_tasks(self.tasks), 0)  # vqa, regression
+        self.loader = make_train_loader(cfg, vocabs, rank, world_size)  # lazy: its workers start at the first batch
 
     # ---- checkpoints ----
 
@@ -112,7 +128,9 @@ class Trainer:
         self.step = int(meta["step"])
         self.samples_seen.update(meta.get("samples_seen", {}))
         self.questions_seen.update(meta.get("questions_seen", {}))
-        self.stream_start = meta.get("stream", {}).get("micro_batches", self.step * self.cfg.optim.grad_accum)
+        start = meta.get("stream", {}).get("micro_batches", self.step * self.cfg.optim.grad_accum)
+        self.loader.close()
+        self.loader = make_train_loader(self.cfg, self.vocabs, self.rank, self.world_size, start=start)
         return self.step
 
     def save(self, directory: Path) -> None:
@@ -127,9 +145,9 @@ class Trainer:
     # ---- the loop ----
 
     def fit(self) -> dict:
+        """Step to train.max_steps, reporting as due; -> the last report's metrics. Closes the loader."""
         cfg = self.cfg
-        self.loader = make_train_loader(cfg, self.vocabs, self.rank, self.world_size, start=self.stream_start)
-        window = _Window(self.tasks, self.device, self.step)
+        window = _Window(self.tasks, self.device, self.world_size, self.step, self.loader.position()["rows"])
         last_metrics: dict = {}
         try:
             while self.step < cfg.train.max_steps:
@@ -137,12 +155,14 @@ class Trainer:
                 self._seed_step()
                 for _ in range(cfg.optim.grad_accum):
                     batch = next(self.loader)
-                    losses = self._micro_step(to_device(batch, self.device, self.dtype))
-                    window.add(losses, batch)
+                    window.add(self._micro_step(to_device(batch, self.device, self.dtype)), batch)
                 self.step += 1
                 window.time += time.perf_counter() - t0
                 self._maybe_fail()
-                last_metrics = self._report_if_due(window) or last_metrics
+                stop = self.stop_requested()
+                last_metrics = self._report_if_due(window, checkpoint_now=stop) or last_metrics
+                if stop:  # its checkpoint is complete in the run dir: the restart resumes from it
+                    break
         finally:
             self.loader.close()
         return last_metrics
@@ -174,7 +194,6 @@ class Trainer:
         abruptly once per run, or raises on every attempt."""
         where = f"faults.fail_at_step={self.step}"
         if self._fault_due("exit", self.step) and self.fault_marker and self.fault_marker():
-            self.reporter.settle()  # so that the restart shows a resume from the last checkpoint
             log.warning("%s: rank 0 exits abruptly now", where)
             os._exit(17)
         if self._fault_due("error", self.step):
@@ -182,15 +201,15 @@ class Trainer:
         if self._fault_due("user_error", self.step):
             raise UserError(f"{where}: injected user error")
 
-    def _report_if_due(self, window: _Window) -> dict | None:
+    def _report_if_due(self, window: _Window, checkpoint_now: bool = False) -> dict | None:
         cfg, step = self.cfg, self.step
         last = step == cfg.train.max_steps
         log_due = step % cfg.train.log_every == 0 or last
-        ckpt_due = step % cfg.train.checkpoint_every == 0 or last
+        ckpt_due = step % cfg.train.checkpoint_every == 0 or last or checkpoint_now
         val_due = cfg.eval.every and step % cfg.eval.every == 0
         if not (log_due or ckpt_due or val_due):
             return None
-        metrics = window.flush(step, self)
+        metrics = self._window_metrics(window.close(step, self.loader.position()["rows"], self.loader.skipped))
         if val_due:
             metrics.update(self.validate())
         with tempfile.TemporaryDirectory(prefix="spatialnet-ckpt-") as tmp:
@@ -199,6 +218,23 @@ class Trainer:
                 directory = Path(tmp)
                 self.save(directory)
             self.reporter.report(step, metrics, directory)
+        return metrics
+
+    def _window_metrics(self, totals: _WindowTotals) -> dict:
+        """A report's training metrics; adds the window's samples and questions to the run's counts."""
+        metrics = {"step": self.step, **totals.losses}
+        seconds = totals.seconds
+        self.samples_seen.update(self.loader.position()["rows"])
+        for task in self.tasks:
+            metrics[f"samples_per_s/{task}"] = totals.samples[task] / seconds
+            metrics[f"skipped/{task}"] = totals.skipped[task]
+        for task in self.questions_seen:
+            self.questions_seen[task] += totals.questions[task]
+            metrics[f"questions_per_s/{task}"] = totals.questions[task] / seconds
+        metrics["samples_per_s"] = sum(totals.samples.values()) / seconds
+        metrics["step_time_s"] = seconds / totals.steps
+        metrics["lr"] = self.engine.get_lr()[0]
+        metrics["peak_memory_mb"] = peak_memory_mb(self.device)
         return metrics
 
     # ---- evaluation ----
@@ -210,9 +246,7 @@ class Trainer:
     @torch.no_grad()
     def validate(self) -> dict:
         """Teacher-forced loss on up to eval.val_batches batches per task of the val split, and the
-        task metrics that need no java (evaluate.run.validation_metrics); its sample images go to the reporter."""
-        from spatialnet_dist.evaluate.run import validation_metrics
-
+        task metrics of `self.validation`; its sample images go to the reporter."""
         model = self.inference_model()
         model.eval()
         sums = torch.zeros(2 * len(self.tasks), dtype=torch.float64)
@@ -223,35 +257,50 @@ class Trainer:
                     break
                 sub = to_device({task: sub}, self.device, next(model.parameters()).dtype)
                 losses = self.objective(model(sub), sub)
-                size = question_count(sub[task]) or len(sub[task]["image_id"])  # what the task's loss averages
+                size = registry.get(task).loss_size(sub[task])  # what the task's loss averages
                 sums[2 * i] += losses[f"{task}_loss"].item() * size
                 sums[2 * i + 1] += size
         sums = _reduce_sum(sums)
         metrics = {f"val/{t}_loss": (sums[2 * i] / sums[2 * i + 1]).item()
                    for i, t in enumerate(self.tasks) if sums[2 * i + 1] > 0}
-        scores, samples = validation_metrics(model, self.cfg, self.vocabs, self.rank, self.world_size)
-        metrics.update(scores)
-        if samples:
-            self.reporter.report_samples(self.step, samples)
+        if self.validation is not None:
+            scores, samples = self.validation(model, self.cfg, self.vocabs, self.rank, self.world_size)
+            metrics.update(scores)
+            if samples:
+                self.reporter.report_samples(self.step, samples)
         model.train()
         return metrics
 
 
+@dataclass
+class _WindowTotals:
+    """A report window summed over all ranks."""
+
+    steps: int
+    losses: dict[str, float]  # {"loss", "<task>_loss"}: the mean over the window's micro-steps
+    samples: dict[str, int]  # images per task
+    questions: dict[str, int]  # questions per vqa/regression task
+    skipped: dict[str, int]  # bad-input samples per task, whole run (the streams' running count)
+    seconds: float  # the window's step time, the ranks' mean
+
+
 class _Window:
-    """Loss sums, sample (image) counts and vqa/regression question counts since the last report."""
+    """Loss sums, questions and step time since the last report; samples are differences of the loader's
+    position (global rows per task, counted once), skips the streams' running count."""
 
-    def __init__(self, tasks: list[str], device: torch.device, start_step: int):
-        self.tasks, self.device = tasks, device
-        self.question_tasks = [t for t in tasks if t in QUESTION_TASKS]
+    def __init__(self, tasks: list[str], device: torch.device, world_size: int, start_step: int,
+                 rows: dict[str, int]):
+        self.tasks, self.device, self.world_size = tasks, device, world_size
+        self.question_tasks = registry.question_tasks(tasks)
         self.keys = ["loss"] + [f"{t}_loss" for t in tasks]
-        self.last_step = start_step
-        self._reset()
+        self._reset(start_step, rows)
 
-    def _reset(self):
+    def _reset(self, step: int, rows: dict[str, int]) -> None:
+        self.start_step = step
+        self.rows_before = dict(rows)
+        self.questions = dict.fromkeys(self.question_tasks, 0)
         self.sums = torch.zeros(len(self.keys), dtype=torch.float64, device=self.device)
         self.counts = torch.zeros(len(self.keys), dtype=torch.float64, device=self.device)
-        self.samples = dict.fromkeys(self.tasks, 0)
-        self.questions = dict.fromkeys(self.question_tasks, 0)
         self.time = 0.0
 
     def add(self, losses: dict, batch: dict) -> None:
@@ -260,46 +309,37 @@ class _Window:
             if key in losses:
                 self.sums[i] += losses[key].detach().double()
                 self.counts[i] += 1
-        for task, sub in batch.items():
-            self.samples[task] += len(sub["image_id"])
-            if task in self.questions:
-                self.questions[task] += question_count(sub)
+        for task in self.question_tasks:
+            if task in batch:
+                self.questions[task] += question_count(batch[task])
 
-    def flush(self, step: int, trainer: Trainer) -> dict:
-        steps, self.last_step = max(1, step - self.last_step), step
-        skipped_by_rank = trainer.loader.skipped
+    def close(self, step: int, rows: dict[str, int], skipped: dict[str, int]) -> _WindowTotals:
+        """Sum the window over ranks (a collective: every rank calls it) and start the next one at `step`.
+        `rows`: the loader's position (global rows per task, all ranks); `skipped`: this rank's running count.
+        Raises NonFiniteLoss when a loss summed to NaN or inf."""
+        steps = max(1, step - self.start_step)
         seconds = self.time if self.time > 0 else float("nan")
         local = torch.cat([  # one collective for everything the report sums over ranks
             self.sums.cpu(), self.counts.cpu(),
-            torch.tensor([self.samples[t] for t in self.tasks], dtype=torch.float64),
-            torch.tensor([skipped_by_rank[t] for t in self.tasks], dtype=torch.float64),
+            torch.tensor([skipped.get(t, 0) for t in self.tasks], dtype=torch.float64),
             torch.tensor([self.questions[t] for t in self.question_tasks], dtype=torch.float64),
             torch.tensor([seconds], dtype=torch.float64),
         ])
         total = _reduce_sum(local)
         k, n = len(self.keys), len(self.tasks)
         sums, counts = total[:k], total[k: 2 * k]
-        samples, skipped = total[2 * k: 2 * k + n], total[2 * k + n: 2 * k + 2 * n]
-        questions = total[2 * k + 2 * n: -1]
-        elapsed = total[-1].item() / trainer.world_size  # the ranks' mean
-        metrics = {"step": step}
-        for i, key in enumerate(self.keys):
-            if counts[i] > 0:
-                metrics[key] = (sums[i] / counts[i]).item()
-        trainer.samples_seen.update(trainer.loader.position()["rows"])
-        for i, task in enumerate(self.tasks):
-            metrics[f"samples_per_s/{task}"] = samples[i].item() / elapsed
-            metrics[f"skipped/{task}"] = int(skipped[i])
-        for i, task in enumerate(self.question_tasks):
-            trainer.questions_seen[task] += int(questions[i])
-            metrics[f"questions_per_s/{task}"] = questions[i].item() / elapsed
-        metrics["samples_per_s"] = samples.sum().item() / elapsed
-        metrics["step_time_s"] = elapsed / steps
-        metrics["lr"] = trainer.engine.get_lr()[0]
-        metrics["peak_memory_mb"] = peak_memory_mb(self.device)
+        skipped_total, questions = total[2 * k: 2 * k + n], total[2 * k + n: -1]
         bad = [key for i, key in enumerate(self.keys) if counts[i] > 0 and not math.isfinite(sums[i])]
         if bad:
             raise NonFiniteLoss(f"non-finite {', '.join(bad)} between steps {step - steps + 1} and {step}; "
                                 "lower optim.lr or check the inputs")
-        self._reset()
-        return metrics
+        totals = _WindowTotals(
+            steps=steps,
+            losses={key: (sums[i] / counts[i]).item() for i, key in enumerate(self.keys) if counts[i] > 0},
+            samples={t: rows.get(t, 0) - self.rows_before.get(t, 0) for t in self.tasks},
+            questions={t: int(questions[i]) for i, t in enumerate(self.question_tasks)},
+            skipped={t: int(skipped_total[i]) for i, t in enumerate(self.tasks)},
+            seconds=total[-1].item() / self.world_size,
+        )
+        self._reset(step, rows)
+        return totals

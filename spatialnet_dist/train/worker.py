@@ -1,30 +1,40 @@
 """Ray Train glue: the function every worker runs. Resume from the run's last complete checkpoint (or
 `train.resume`), run the Trainer, report metrics and checkpoints from every rank, evaluate at the end.
+The validation and the end-of-run evaluation come in as callables (spatialnet_dist.jobs hands in
+evaluate/'s): train/ does not import evaluate/.
 """
 
 from __future__ import annotations
 
 import logging
-import time
+from collections.abc import Callable
 from pathlib import Path
 
+import torch
+
+from spatialnet_dist import checkpoint as ckpt
 from spatialnet_dist import config as config_mod
+from spatialnet_dist import engine as ds
 from spatialnet_dist import versions
 from spatialnet_dist.store import storage
 from spatialnet_dist.text import TextVocabs
-from spatialnet_dist.train import checkpoint as ckpt
-from spatialnet_dist.train import engine as ds
 from spatialnet_dist.train import failures, plan
 from spatialnet_dist.train.rundir import RunDir
 from spatialnet_dist.train.tracking import RunTracker
-from spatialnet_dist.train.trainer import Trainer
+from spatialnet_dist.train.trainer import Trainer, Validation
 
 versions.require("ray")  # before importing Ray Train's private module, which other versions may lack
 
 import ray.train  # noqa: E402
 from ray.train.v2._internal.execution import context as ray_train_context  # noqa: E402
 
+from spatialnet_dist.train import preemption  # noqa: E402  (Ray Train internals too)
+
 log = logging.getLogger("spatialnet.train")
+
+# (model, cfg, vocabs, rank, world_size, run, rank 0's tracker or None) -> the headline test metrics for Ray's
+# last report (rank 0's; {} elsewhere). Every rank calls it; it writes <run dir>/eval/ and logs to the tracker.
+Evaluation = Callable[[torch.nn.Module, config_mod.Config, TextVocabs, int, int, RunDir, RunTracker | None], dict]
 
 
 class RayReporter:
@@ -34,7 +44,6 @@ class RayReporter:
 
     def __init__(self, run: RunDir, rank: int, keep_checkpoints: int):
         self.run, self.rank, self.keep_checkpoints = run, rank, keep_checkpoints
-        self.last_checkpoint: str | None = None  # its directory name in the run dir
         self.tracker: RunTracker | None = None  # rank 0's, opened once the attempt knows its start step
 
     def report(self, step: int, metrics: dict, checkpoint_dir: Path | None) -> None:
@@ -45,30 +54,19 @@ class RayReporter:
         if checkpoint_dir is None:
             ray.train.report(metrics)
             return
-        self.last_checkpoint = ckpt.checkpoint_name(step)
+        name = ckpt.checkpoint_name(step)
         ckpt.publish(checkpoint_dir, self.run.url, step, self.rank, self.keep_checkpoints)
         ray_storage = ray.train.get_context().get_storage()  # the same run dir, as Ray's filesystem sees it
         ray.train.report(
             metrics,
-            checkpoint=ray.train.Checkpoint(f"{ray_storage.experiment_fs_path}/{self.last_checkpoint}",
+            checkpoint=ray.train.Checkpoint(f"{ray_storage.experiment_fs_path}/{name}",
                                             filesystem=ray_storage.storage_filesystem),
-            checkpoint_dir_name=self.last_checkpoint,
+            checkpoint_dir_name=name,
             checkpoint_upload_mode=ray.train.CheckpointUploadMode.NO_UPLOAD,
         )
 
     def report_samples(self, step: int, samples: list[dict]) -> None:
         self.tracker.log_samples(step, samples)
-
-    def settle(self, timeout_s: float = 60.0) -> None:
-        """Wait until Ray's controller has taken in the last reported checkpoint: it does so when it next
-        polls the workers (every 2 s), and records it in the run's checkpoint_manager_snapshot.json. A
-        worker group that fails before that restarts from the checkpoint before."""
-        deadline = time.monotonic() + timeout_s
-        while self.last_checkpoint and not self.run.ray_registered(self.last_checkpoint):
-            if time.monotonic() > deadline:
-                log.warning("Ray has not registered %s after %.0f s", self.last_checkpoint, timeout_s)
-                return
-            time.sleep(0.5)
 
 
 def _brief(metrics: dict) -> str:
@@ -76,7 +74,8 @@ def _brief(metrics: dict) -> str:
     return " ".join(f"{k}={metrics[k]:.4g}" for k in keys if k in metrics)
 
 
-def train_loop_per_worker(config: dict) -> None:
+def train_loop_per_worker(config: dict, validation: Validation, evaluation: Evaluation) -> None:
+    """Ray Train's per-worker function, once spatialnet_dist.jobs has bound `validation` and `evaluation`."""
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     # Ray Train logs every report's whole metrics dict (its logger is named after its file); ours is one line.
     logging.getLogger(ray_train_context.__file__).setLevel(logging.WARNING)
@@ -90,25 +89,25 @@ def train_loop_per_worker(config: dict) -> None:
 
     ds.init_distributed(cfg.train.use_gpu)
     reporter = RayReporter(run, rank, cfg.run.keep_checkpoints)
-    trainer = Trainer(cfg, vocabs, rank, world_size, reporter,
-                      fault_marker=lambda: run.claim_fault(cfg.faults.fail_at_step))
+    stop_check = preemption.StopCheck()
+    trainer = Trainer(cfg, vocabs, rank, world_size, reporter, validation,
+                      fault_marker=lambda: run.claim_fault(cfg.faults.fail_at_step), stop_requested=stop_check.check)
     try:
-        _resume_train_evaluate(trainer, reporter, cfg, vocabs, run)
+        _resume_train_evaluate(trainer, reporter, evaluation, run, stop_check)
     except Exception as e:
         failures.mark_step(e, trainer.step)  # the controller ends a run whose same step fails twice
         raise
 
 
-
-def _resume_train_evaluate(trainer: Trainer, reporter: RayReporter, cfg: config_mod.Config, vocabs: TextVocabs,
-                           run: RunDir) -> None:
-    rank, world_size = trainer.rank, trainer.world_size
+def _resume_train_evaluate(trainer: Trainer, reporter: RayReporter, evaluation: Evaluation, run: RunDir,
+                           stop_check: preemption.StopCheck) -> None:
+    cfg, vocabs, rank, world_size = trainer.cfg, trainer.vocabs, trainer.rank, trainer.world_size
     # The run's own last complete checkpoint rather than Ray's last registered one: the same on every
     # path, and never one that keep_checkpoints has pruned since.
     resumed = ckpt.resume(trainer, run.url, cfg.train.resume, cfg.train.resume_weights_only)
     if rank == 0:
         ckpt.prune(run.url, cfg.run.keep_checkpoints)  # partial leftovers of the attempt before
-        line = run.start_attempt(trainer.step, resumed)
+        line = run.start_attempt(trainer.step, resumed, world_size)
         if line:
             log.info("rank 0: %s", line)
         reporter.tracker = RunTracker(cfg, run, trainer.step)
@@ -116,24 +115,15 @@ def _resume_train_evaluate(trainer: Trainer, reporter: RayReporter, cfg: config_
                  cfg.train.max_steps)
 
     trainer.fit()
+    if stop_check.stopped and trainer.step < cfg.train.max_steps:
+        if rank == 0:
+            run.end_attempt("preemption", trainer.step)
+            log.info("rank 0: pre-empted; checkpointed at step %d, handing over", trainer.step)
+        preemption.hand_over()
 
     if cfg.eval.at_end:
-        from spatialnet_dist.evaluate.run import evaluate_model
-
-        metrics = evaluate_model(trainer.inference_model(), cfg, vocabs, cfg.eval.split, rank, world_size,
-                                 out_dir=run.path("eval"), metrics_jsonl=run.path("metrics.jsonl"),
-                                 tracker=reporter.tracker)
+        headline = evaluation(trainer.inference_model(), cfg, vocabs, rank, world_size, run, reporter.tracker)
         # The same number of reports on every rank: the evaluation's is the last.
-        ray.train.report({"step": trainer.step, "eval_done": True, **_flat(metrics if rank == 0 else {})})
+        ray.train.report({"step": trainer.step, "eval_done": True, **headline})
     if rank == 0:
         reporter.tracker.close()
-
-
-def _flat(metrics: dict) -> dict:
-    """Headline test metrics for Ray's result (the full set is in eval/metrics.json)."""
-    out = {}
-    for task, key in (("captions", "CIDEr"), ("captions", "BLEU-4"), ("vqa", "OA"), ("vqa", "AA"),
-                      ("classification", "accuracy")):
-        if key in metrics.get(task, {}):
-            out[f"test/{task}_{key}"] = metrics[task][key]
-    return out

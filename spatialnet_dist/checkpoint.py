@@ -1,5 +1,9 @@
 """Checkpoint layout, publishing a checkpoint complete or not at all, verified loading, the inference bundle.
 
+Below both train/ (which saves, publishes and resumes) and evaluate/ (which loads a model to predict):
+neither imports the other. ZeRO consolidation is spatialnet_dist.engine's (the one module that imports
+deepspeed), imported only where a checkpoint, not a bundle, is read.
+
 A checkpoint directory `<run dir>/checkpoint-NNNNNN/` (the same on the Ray and the torchrun paths,
 on a local dir or S3):
   meta.json       step, samples seen per task, the data position ("stream": seed, micro-batches done, rows
@@ -16,6 +20,9 @@ Loading (`local_copy`: resume, `eval run`, `predict`, `export`) checks every lis
 sha256 before anything reads it; DeepSpeed unpickles its .pt files (weights_only=False), so a
 checkpoint without a manifest is refused. The manifest catches corruption and partial writes, not a
 hostile author: take checkpoints from elsewhere only as bundles.
+
+Over 300 lines: the layout, its publishing and its verified reading are one contract; a writer and a reader
+of a checkpoint kept apart would drift.
 """
 
 from __future__ import annotations
@@ -191,7 +198,7 @@ def local_copy(url: str):
 
 
 def resume(trainer, run_url: str, start_from: str = "", weights_only: bool = False) -> dict | None:
-    """Restore `trainer` (every rank) from the run's last complete checkpoint, else from `start_from`
+    """Restore `trainer` (every rank; anything with train.trainer.Trainer's `restore`) from the run's last complete checkpoint, else from `start_from`
     (train.resume) when given. -> what it resumed (`describe_resume`), or None: a fresh start or weights only."""
     latest = latest_complete(run_url)
     url = latest or start_from
@@ -243,7 +250,7 @@ def zero_files(directory: str | Path, world_size: int, weights_only: bool = Fals
     if not resharded(meta, world_size) or (weights_only and meta["config"]["train"]["zero_stage"] < 3):
         yield str(d / ZERO_DIR), False
         return
-    from spatialnet_dist.train.engine import to_universal
+    from spatialnet_dist.engine import to_universal
 
     with tempfile.TemporaryDirectory(prefix="spatialnet-universal-") as tmp:
         to_universal(str(d / ZERO_DIR), ZERO_TAG, tmp)
@@ -275,7 +282,7 @@ def consolidated_weights(directory: str | Path) -> dict:
         return load_file(str(d / BUNDLE_WEIGHTS))
     if not (d / ZERO_DIR / ZERO_TAG).is_dir():
         raise UserError(f"{directory}: neither a checkpoint ({ZERO_DIR}/{ZERO_TAG}/) nor a bundle ({BUNDLE_WEIGHTS})")
-    from spatialnet_dist.train.engine import consolidated_state_dict
+    from spatialnet_dist.engine import consolidated_state_dict
 
     return consolidated_state_dict(str(d / ZERO_DIR), ZERO_TAG)
 
@@ -290,7 +297,7 @@ def load_config_and_vocabs(directory: str | Path) -> tuple[config_mod.Config, Te
 
 def load_model(url: str):
     """-> (model in eval mode on CPU, cfg, vocabs) from a checkpoint or a bundle URL."""
-    from spatialnet_dist.model import build_model
+    from spatialnet_dist.model.spatialnet import build_model
 
     with local_copy(url) as d:
         cfg, vocabs = load_config_and_vocabs(d)

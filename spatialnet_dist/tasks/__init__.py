@@ -1,0 +1,55 @@
+"""The task registry: name -> Task. Config validation, data, model, objective, evaluation and the report
+iterate over it; a new task is one module (see tasks/base.py) and one line in `_BUILT_IN`."""
+
+from __future__ import annotations
+
+from spatialnet_dist.tasks.base import Task
+
+_REGISTRY: dict[str, Task] = {}
+
+
+def register(task: Task) -> Task:
+    """Add `task` (also at runtime, e.g. a test's own task); its name must be new."""
+    if not task.name or task.name in _REGISTRY:
+        raise ValueError(f"task name {task.name!r} is empty or already registered")
+    _REGISTRY[task.name] = task
+    return task
+
+
+def unregister(name: str) -> None:
+    del _REGISTRY[name]
+
+
+def get(name: str) -> Task:
+    return _REGISTRY[name]
+
+
+def names() -> list[str]:
+    """Registered task names, in registration order (the order of reports and configs)."""
+    return list(_REGISTRY)
+
+
+def all_tasks() -> list[Task]:
+    return list(_REGISTRY.values())
+
+
+def question_tasks(names: list[str]) -> list[str]:
+    """Those of `names` whose rows are questions about an image (vqa, regression): questions are counted."""
+    return [n for n in names if _REGISTRY[n].per_visit_key == "questions_per_image"]
+
+
+def renamed() -> dict[str, str]:
+    """Former task name -> its name now."""
+    return {old: t.name for t in _REGISTRY.values() for old in t.former_names}
+
+
+def _register_built_in() -> None:
+    from spatialnet_dist.tasks import captioning, classification, regression, tagging, vqa
+
+    for module in (captioning, vqa, classification, regression, tagging):
+        register(module.TASK)
+
+
+_register_built_in()
+DEFAULT_TASKS = tuple(t.name for t in all_tasks() if t.default_enabled)  # what a default config trains
+__all__ = ["DEFAULT_TASKS", "Task", "all_tasks", "get", "names", "question_tasks", "register", "renamed", "unregister"]

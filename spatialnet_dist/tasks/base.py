@@ -1,0 +1,125 @@
+"""What a task is: one object that declares everything the rest of the system asks of it.
+
+Data (data/streams.TaskSamples) asks which corpora it can read (`has_content`), which texts of a sample
+it reads (`texts`, for the symmetry check) and the row it draws from a sample (`row`); data/batch_format
+`collate` stacks rows into the task's sub-batch, whose keys and shapes each task writes down as a
+TypedDict (the batch contract in code). The model builds `head` and calls it as
+`head(tokens (B, N, D), pooled (B, D), sub_batch) -> outputs`; the objective weighs `loss`; evaluation
+calls `predict`, `score`, `baselines`, `prediction_files`, `sample_fields` and `report_section`, and
+training's validation reads the score keys in `validation_keys`. `name` is the task's one name: its
+config key (`tasks.<name>`, `loss.weights.<name>`), loss key (`<name>_loss`), metric and RESULT key.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+if TYPE_CHECKING:  # config imports the registry lazily; a task module must not import config at its top
+    from spatialnet_dist.config import LossConfig, ModelConfig
+    from spatialnet_dist.data.streams import TaskSamples
+    from spatialnet_dist.data.transforms import Symmetry
+    from spatialnet_dist.model.heads import VocabSizes
+    from spatialnet_dist.model.presets import Preset
+    from spatialnet_dist.store.schema import Sample
+    from spatialnet_dist.text import TextVocabs
+
+
+def cross_entropy(logits: torch.Tensor, target: torch.Tensor, ignore: int, label_smoothing: float = 0.0) -> torch.Tensor:
+    """Mean CE over the non-ignored targets; 0 (still attached to the graph) when all are ignored,
+    where F.cross_entropy's mean would be 0/0 = NaN. Computed in fp32 also for bf16 logits."""
+    per_item = F.cross_entropy(logits.float(), target, ignore_index=ignore, label_smoothing=label_smoothing, reduction="none")
+    return per_item.sum() / (target != ignore).sum().clamp(min=1)
+
+
+class Task:
+    name: str = ""
+    former_names: tuple[str, ...] = ()  # names it went by before: a config key under one is an error naming `name`
+    needs: str = ""  # what a corpus must hold for the task, as an error names it ("captions")
+    default_enabled: bool = True  # its default tasks.<name>.enabled
+    augment: str = "symmetry"  # its default tasks.<name>.augment
+    strong_augment: bool = False  # may it use augment: strong (crops and recolours change counts and texts)
+    per_visit_key: str = ""  # the TaskConfig field capping the items (questions, captions) one visit trains
+    reads_words: bool = False  # its texts are words of the word vocabulary
+    validation_keys: tuple[str, ...] = ()  # score keys cheap enough for every validation (val/<name>_<key>)
+    headline_keys: tuple[str, ...] = ()  # score keys in Ray's result (test/<name>_<key>)
+    report_heading: str = ""
+    options: dict[str, Any] = {}  # its own config keys under tasks.<name> and their defaults
+
+    # ---- data ----
+
+    def has_content(self, manifest: dict, split: dict) -> bool:
+        """Does a corpus (its manifest and the split's entry in it) hold anything for the task?"""
+        raise NotImplementedError
+
+    def epoch_rows(self, manifest: dict, split: dict) -> int:
+        """The task's rows in a corpus split, as an epoch counts them (train.epochs): its images unless
+        the task trains several items per image (then those items)."""
+        return split["samples"]
+
+    def texts(self, sample: Sample) -> list[str]:
+        """Every text of `sample` the task may read (a symmetry must be able to map them all)."""
+        return []
+
+    def row(self, sample: Sample, rows: TaskSamples, rng, symmetry: Symmetry) -> dict | None:
+        """The task's fields of one visit of `sample` (besides "image" and "image_id"), or None when the
+        sample has nothing for it. Per-image items (questions, captions) go in a list under
+        batch_format.QUESTIONS or CAPTIONS, which collate lays out with "image_index"."""
+        raise NotImplementedError
+
+    # ---- model and objective ----
+
+    def head(self, encoder_dim: int, preset: Preset, sizes: VocabSizes, model_cfg: ModelConfig) -> nn.Module:
+        raise NotImplementedError
+
+    def example_sub_batch(self, image: torch.Tensor, model_cfg: ModelConfig) -> dict:
+        """A one-image sub-batch with the longest texts, for the model summary's FLOP count."""
+        return {"image": image}
+
+    def loss_state(self, cfg, vocabs: TextVocabs) -> Any:
+        """What `loss` needs beyond the config, prepared once per run (read from the manifests)."""
+        return None
+
+    def loss(self, out: dict, sub: dict, cfg: LossConfig, state: Any) -> torch.Tensor:
+        raise NotImplementedError
+
+    def loss_size(self, sub: dict) -> int:
+        """What the loss averages over in `sub` (images, or questions for the question tasks)."""
+        return len(sub["image_id"])
+
+    def train_metrics(self, out: dict, sub: dict) -> dict[str, torch.Tensor]:
+        """Extra detached training metrics of one step."""
+        return {}
+
+    # ---- evaluation ----
+
+    def predict(self, model, sub: dict, images: torch.Tensor, cfg, vocabs: TextVocabs) -> list[dict]:
+        """Prediction rows of one evaluation sub-batch (images on the model's device and dtype)."""
+        raise NotImplementedError
+
+    def row_key(self, row: dict) -> str:
+        """A prediction row's identity: rows are put in this order whatever the ranks' order."""
+        return str(row["image_id"])
+
+    def score(self, rows: list[dict], cfg, vocabs: TextVocabs) -> dict | None:
+        """-> the task's metrics (None when no row can be scored)."""
+        raise NotImplementedError
+
+    def baselines(self, rows: list[dict], cfg, vocabs: TextVocabs) -> dict:
+        """-> {baseline key: scores of score's shape with a "name"}, from the training split."""
+        return {}
+
+    def prediction_files(self, rows: list[dict], vocabs: TextVocabs) -> dict[str, object]:
+        return {f"{self.name}.json": rows}
+
+    def sample_fields(self, rows: list[dict], vocabs: TextVocabs) -> dict:
+        """The rows of one image -> fields of its report sample (evaluate.report.sample_markdown)."""
+        return {}
+
+    def report_section(self, scores: dict, out_dir: Path) -> list[str]:
+        """Markdown lines of the task's section of the report (figures written to out_dir)."""
+        raise NotImplementedError

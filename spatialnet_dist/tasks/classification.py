@@ -1,0 +1,107 @@
+"""classification: the image's land-use class (one of the classification corpora's classes). Softmax
+cross-entropy with optional label smoothing; accuracy, per-class scores and the confusion matrix."""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import TypedDict
+
+import torch
+from torch import nn
+
+from spatialnet_dist.evaluate.classification import format_classification_table, plot_confusion, score_classification
+from spatialnet_dist.tasks.base import Task, cross_entropy
+
+CONFUSION_PNG = "confusion.png"
+
+
+class ClassificationBatch(TypedDict):
+    image: torch.Tensor  # (B, C, S, S) float32
+    image_id: list[str]  # [B]
+    label: torch.Tensor  # (B,) int64, -1 for a class outside the vocabulary
+
+
+class ClassificationHead(nn.Module):
+    """Linear over the pooled vector; softmax is implied by the cross-entropy loss."""
+
+    def __init__(self, encoder_dim: int, num_classes: int, dropout: float = 0.0):
+        super().__init__()
+        self.drop = nn.Dropout(dropout)
+        self.fc = nn.Linear(encoder_dim, num_classes)
+
+    def forward(self, tokens, pooled, sub_batch) -> dict:
+        return {"logits": self.fc(self.drop(pooled))}  # (B, K)
+
+
+def class_logits(model, images: torch.Tensor) -> torch.Tensor:
+    """images (B, C, H, W) -> (B, K) land-use class logits."""
+    return model({"classification": {"image": images}})["classification"]["logits"]
+
+
+class Classification(Task):
+    name = "classification"
+    needs = "classes"
+    augment = "strong"
+    strong_augment = True
+    validation_keys = ("accuracy",)
+    headline_keys = ("accuracy",)
+    report_heading = "Land-use classification"
+
+    def has_content(self, manifest, split):
+        return bool(manifest.get("classes"))
+
+    def epoch_rows(self, manifest, split):
+        # the labelled images: a corpus with classes labels every image, as every convert adapter writes it
+        return split["samples"] if manifest.get("classes") else 0
+
+    def row(self, s, rows, rng, symmetry):
+        return None if s.label_name is None else {"label": rows.class_index.get(s.label_name, -1)}
+
+    def head(self, encoder_dim, preset, sizes, model_cfg):
+        return ClassificationHead(encoder_dim, sizes.classes, preset.head_dropout)
+
+    def loss(self, out, sub, cfg, state):
+        return cross_entropy(out["logits"], sub["label"], ignore=-1, label_smoothing=cfg.label_smoothing)
+
+    def predict(self, model, sub, images, cfg, vocabs):
+        probs = class_logits(model, images).float().softmax(-1)  # (B, K)
+        best_p, best = probs.max(-1)
+        return [
+            {"image_id": i, "label": int(t), "prediction": int(b), "probability": float(p)}
+            for i, t, b, p in zip(sub["image_id"], sub["label"], best, best_p)
+        ]
+
+    def score(self, rows, cfg, vocabs):
+        labelled = [r for r in rows if r["label"] >= 0]
+        if not labelled:
+            return None
+        return score_classification([r["prediction"] for r in labelled], [r["label"] for r in labelled], vocabs.classes)
+
+    def baselines(self, rows, cfg, vocabs):
+        """"majority": the split's most frequent class."""
+        labels = [r["label"] for r in rows if r["label"] >= 0]
+        if not labels:
+            return {}
+        share = Counter(labels).most_common(1)[0][1] / len(labels)
+        return {"majority": {"accuracy": share, "n": len(labels), "name": "most frequent class of this split"}}
+
+    def prediction_files(self, rows, vocabs):
+        def name(i: int) -> str | None:
+            return vocabs.classes[i] if i >= 0 else None
+
+        return {"classification.json": [{**r, "label": name(r["label"]), "prediction": name(r["prediction"])}
+                                        for r in rows]}
+
+    def sample_fields(self, rows, vocabs):
+        c = rows[0]
+        return {"label": vocabs.classes[c["label"]] if c["label"] >= 0 else None,
+                "predicted_label": vocabs.classes[c["prediction"]]}
+
+    def report_section(self, scores, out_dir):
+
+        plot_confusion(scores["confusion"], list(scores["per_class"]), out_dir / CONFUSION_PNG)
+        return [format_classification_table(scores), "",
+                f"![Confusion matrix: true class by predicted class]({CONFUSION_PNG})", ""]
+
+
+TASK = Classification()

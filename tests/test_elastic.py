@@ -1,0 +1,378 @@
+"""Elastic runs and interruptions: `train.num_workers: [min, max]`, a lost node, a pre-empted worker (SIGTERM).
+
+The slow tests share one Ray cluster of two nodes on 127.0.0.1, a head and a second `ray start --address` node,
+one CPU each, so that a 2-worker group has one worker on each node."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import secrets
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from test_train import TINY, result_line, sets, synth_root  # noqa: F401  (synth_root: a fixture)
+
+from spatialnet_dist import config as config_mod
+from spatialnet_dist.config import ConfigError
+from spatialnet_dist.tasks import DEFAULT_TASKS
+from spatialnet_dist.train import launch, preemption
+from spatialnet_dist.train.rundir import RunDir
+
+REPO = Path(__file__).resolve().parents[1]
+
+# ---- config: train.num_workers ----
+
+
+@pytest.mark.parametrize(("value", "expected"), [("3", (3, 3)), ("[1, 2]", (1, 2)), ("[2, 2]", (2, 2))])
+def test_num_workers_is_a_number_or_min_max(value, expected):
+    train = config_mod.load(None, [f"train.num_workers={value}"]).train
+    assert train.worker_range == expected and train.elastic == value.startswith("[")
+    assert config_mod.from_dict(config_mod.load(None, [f"train.num_workers={value}"]).to_dict()).train == train
+
+
+@pytest.mark.parametrize("value", ["0", "[2, 1]", "[0, 2]", "[1, 2, 3]", "[1.5, 2]", "two", "true"])
+def test_bad_num_workers_is_one_line_naming_the_key(value):
+    with pytest.raises(ConfigError, match=r"config key train\.num_workers") as e:
+        config_mod.load(None, [f"train.num_workers={value}"])
+    assert "\n" not in str(e.value)
+
+
+def test_every_elastic_world_size_must_keep_the_global_batch():
+    """[1, 3] workers and a global batch of 4: 3 workers cannot share it; the driver says so before any starts."""
+    launch.check_world_sizes(config_mod.load(None, ["train.num_workers=[1, 2]", "tasks.vqa.global_batch_size=4"]))
+    cfg = config_mod.load(None, ["train.num_workers=[1, 3]", "tasks.vqa.global_batch_size=4"])
+    with pytest.raises(ConfigError, match=r"tasks\.vqa\.global_batch_size: 4 is not a multiple of 3 workers"):
+        launch.check_world_sizes(cfg)
+
+
+# ---- the attempts record: why each restart happened ----
+
+
+def test_attempts_record_the_cause_of_each_restart(tmp_path):
+    run = RunDir(str(tmp_path / "run"))
+    run.record_attempt(0, False, 2)
+    run.record_failure(None, "ActorDiedError: a node died")
+    run.record_attempt(4, True, 1)  # a failure since the attempt before
+    run.end_attempt("preemption", 6)
+    run.record_attempt(6, True, 1)
+    run.record_attempt(6, True, 2)  # no failure, no pre-emption, another size: an elastic resize
+    attempts = run.attempts()
+    assert [a["cause"] for a in attempts] == ["start", "failure", "preemption", "resize"]
+    assert [a["world_size"] for a in attempts] == [2, 1, 1, 2] and attempts[1]["end_step"] == 6
+
+
+# ---- SIGTERM in one process ----
+
+
+@pytest.fixture
+def sigterm_handler(monkeypatch):
+    """preemption's handler installed in this process, Ray's side recorded instead of told; restored after."""
+    told: list[float] = []
+    monkeypatch.setattr(preemption, "_tell_ray", told.append)
+    saved = signal.getsignal(signal.SIGTERM)
+    preemption._signalled.clear()
+    preemption._install(grace_s=30.0)
+    yield told
+    signal.signal(signal.SIGTERM, saved)
+    preemption._signalled.clear()
+
+
+def test_sigterm_asks_for_a_stop_at_the_next_step_boundary(sigterm_handler):
+    check = preemption.StopCheck()
+    assert not check.check() and not check.stopped
+    t0 = time.time()
+    os.kill(os.getpid(), signal.SIGTERM)  # the handler runs before the next bytecode of this, the main thread
+    assert check.check() and check.stopped
+    assert len(sigterm_handler) == 1 and t0 + 29 < sigterm_handler[0] < time.time() + 31  # deadline: now + grace
+    os.kill(os.getpid(), signal.SIGTERM)  # a second SIGTERM changes nothing
+    assert len(sigterm_handler) == 1
+
+
+def test_a_forked_loader_process_still_dies_of_sigterm(sigterm_handler):
+    ready, tell = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child, as a DataLoader worker forked from a training worker would be
+        os.write(tell, b"1")  # past fork's own signal bookkeeping, which drops a signal that comes earlier
+        time.sleep(30)
+        os._exit(0)
+    os.read(ready, 1)
+    os.kill(pid, signal.SIGTERM)
+    _, status = os.waitpid(pid, 0)
+    assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGTERM
+    assert not sigterm_handler and not preemption._signalled.is_set()
+
+
+# ---- a 2-node Ray cluster on this machine ----
+
+
+class Node:
+    """`ray start ... --block` in its own session: `kill()` SIGKILLs it and every process it started (its raylet,
+    agents and the raylet's workers), as when a machine is lost."""
+
+    def __init__(self, args: list[str], env: dict, log: Path):
+        ray_bin = Path(sys.executable).parent / "ray"
+        self.proc = subprocess.Popen([str(ray_bin), "start", "--block", "--disable-usage-stats", *args], env=env,
+                                     stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
+        self.log = log
+        self.seen: set[int] = set()  # every process of this node seen so far
+
+    def processes(self):
+        import psutil
+
+        try:
+            parent = psutil.Process(self.proc.pid)
+            found = [parent, *parent.children(recursive=True)]
+        except psutil.NoSuchProcess:
+            found = []
+        self.seen |= {p.pid for p in found}
+        return found
+
+    def kill(self) -> None:
+        import psutil
+
+        for proc in self.processes():
+            with contextlib.suppress(psutil.NoSuchProcess):
+                proc.kill()
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait(timeout=30)
+
+    def stop(self) -> None:
+        """`ray start --block` stops what it started on SIGTERM; whatever is left is killed."""
+        import psutil
+
+        self.processes()
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.proc.wait(timeout=60)
+        for pid in self.seen:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                psutil.Process(pid).kill()
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, signal.SIGKILL)
+
+
+def _node_ports(free_ports) -> list[str]:
+    node_manager, object_manager, metrics, agent_http, agent_grpc, runtime_env = free_ports(6)
+    return [f"--node-manager-port={node_manager}", f"--object-manager-port={object_manager}",
+            f"--metrics-export-port={metrics}", f"--dashboard-agent-listen-port={agent_http}",
+            f"--dashboard-agent-grpc-port={agent_grpc}", f"--runtime-env-agent-port={runtime_env}",
+            "--min-worker-port=0", "--max-worker-port=0", "--num-cpus=1"]
+
+
+class TwoNodes:
+    def __init__(self, tmp: Path, free_ports):
+        self.tmp, self.free_ports = tmp, free_ports
+        # A short temp dir: Ray's unix sockets live under it and their paths are limited to 107 bytes.
+        self.ray_tmp = Path(tempfile.mkdtemp(prefix="snel-", dir="/tmp"))
+        token = tmp / "auth_token"
+        token.write_text(secrets.token_hex(32))
+        token.chmod(0o600)
+        gcs, dashboard, client = free_ports(3)
+        self.address = f"127.0.0.1:{gcs}"
+        # No RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 (what launch sets for its own one-node instance): it refuses a
+        # second node. A dead raylet is noticed after 2 failed health checks 1 s apart (Ray's default: 5 x 3 s).
+        self.env = {k: v for k, v in os.environ.items()
+                    if k not in ("RAY_ADDRESS", "RAY_AUTH_TOKEN", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER")}
+        self.env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token), RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S="0",
+                        RAY_worker_niceness="0", RAY_health_check_period_ms="1000",
+                        RAY_health_check_failure_threshold="2",
+                        # A raylet whose agents start slowly on a loaded machine gives up after 30 s by default.
+                        RAY_agent_register_timeout_ms="180000", RAY_raylet_start_wait_time_s="180",
+                        # Ray Train waits this long for a group of the size it asked for before it asks for fewer
+                        # (60 s by default): the lost-node test spends it once.
+                        RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S="30")
+        self.head = Node(["--head", f"--port={gcs}", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
+                          f"--ray-client-server-port={client}", f"--temp-dir={self.ray_tmp}",
+                          *_node_ports(free_ports)], self.env, tmp / "head.log")
+        self.second: Node | None = None
+        self.wait_for_nodes(1)
+
+    def add_second(self) -> None:
+        if self.second is None or self.second.proc.poll() is not None:
+            self.second = Node([f"--address={self.address}", *_node_ports(self.free_ports)], self.env,
+                               self.tmp / f"node-{time.time():.0f}.log")
+        self.wait_for_nodes(2)
+
+    def wait_for_nodes(self, n: int, timeout_s: float = 180) -> None:
+        ray_bin = Path(sys.executable).parent / "ray"
+        deadline = time.time() + timeout_s
+        while True:
+            status = subprocess.run([str(ray_bin), "status", f"--address={self.address}"], env=self.env,
+                                    capture_output=True, text=True).stdout
+            if status.count(" node_") >= n and "Pending:\n (no pending nodes)" in status:
+                return
+            for node in (self.head, self.second):
+                assert node is None or node.proc.poll() is None, node.log.read_text()[-3000:]
+            assert time.time() < deadline, status
+            time.sleep(2)
+
+    def stop(self) -> None:
+        for node in (self.second, self.head):
+            if node is not None:
+                node.stop()
+        import shutil
+
+        shutil.rmtree(self.ray_tmp, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def two_nodes(tmp_path_factory, free_ports):
+    cluster = TwoNodes(tmp_path_factory.mktemp("cluster"), free_ports)
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+class Job:
+    """`python ray_job.py ARGS` submitted to the cluster as its driver, in a process of its own: Ray reads the
+    auth mode once per process, and this one imported Ray before the cluster existed. `pid(rank)`: the process
+    of Ray Train worker `rank` in the latest worker group, from the controller's lines in the driver's log."""
+
+    WORKER = re.compile(r"\(ip=[^,]+, pid=(\d+)\) world_rank=(\d+),")  # the controller's line per worker
+
+    def __init__(self, cluster: TwoNodes, args: list[str]):
+        env = {**cluster.env, "RAY_ADDRESS": cluster.address, "PYTHONPATH": str(REPO), "RAY_DEDUP_LOGS": "0"}
+        self.proc = subprocess.Popen([sys.executable, str(REPO / "ray_job.py"), *args], cwd=REPO, env=env,
+                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        self.lines: list[str] = []
+        self.reader = threading.Thread(target=lambda: self.lines.extend(self.proc.stdout), daemon=True)
+        self.reader.start()
+
+    def pid(self, rank: int) -> int | None:
+        pids = [int(m[1]) for line in self.lines if (m := self.WORKER.search(line)) and int(m[2]) == rank]
+        return pids[-1] if pids else None
+
+    def result(self, timeout_s: float = 900) -> tuple[int, dict]:
+        try:
+            code = self.proc.wait(timeout=timeout_s)
+        finally:
+            self.proc.kill()
+        self.reader.join(timeout=30)
+        out = "".join(self.lines)
+        return code, result_line(out) if out.strip().splitlines()[-1].startswith("RESULT ") else {"log": out[-6000:]}
+
+
+def _metrics(runs: Path, name: str) -> list[dict]:
+    return RunDir(str(runs / name)).metrics()
+
+
+def _when(condition, then, timeout_s: float = 600) -> threading.Thread:
+    def watch():
+        deadline = time.time() + timeout_s
+        while time.time() < deadline:
+            if condition():
+                then()
+                return
+            time.sleep(0.2)
+
+    thread = threading.Thread(target=watch, daemon=True)
+    thread.start()
+    return thread
+
+
+@pytest.mark.slow
+def test_sigterm_to_a_worker_checkpoints_and_resumes_losing_no_step(synth_root, two_nodes, tmp_path):  # noqa: F811
+    """SIGTERM to rank 1 after step 3: every rank checkpoints at the next step boundary, the group restarts from
+    that checkpoint (not from step 0: no periodic checkpoint before max_steps), and max_failures=0 allows it."""
+    two_nodes.add_second()
+    runs = tmp_path / "runs"
+    signalled: list[int] = []
+    job = Job(two_nodes, sets(*TINY, f"data.root={synth_root}", f"run.storage={runs}", "run.name=pre",
+                              "train.num_workers=2", "train.max_steps=8", "train.checkpoint_every=100",
+                              "train.max_failures=0", "train.zero_stage=2"))
+
+    def sigterm_rank_1():
+        signalled.append(_metrics(runs, "pre")[-1]["step"])
+        os.kill(job.pid(1), signal.SIGTERM)
+
+    _when(lambda: len(_metrics(runs, "pre")) >= 3 and job.pid(1), sigterm_rank_1)
+    code, result = job.result()
+    assert signalled and code == 0, result
+    attempts = RunDir(result["run_dir"]).attempts()
+    assert result["final_step"] == 8 and result["restart_causes"] == ["preemption"], result
+    # The checkpoint is a step boundary soon after the signal (the worker's main thread runs the handler when Ray
+    # next polls it, within 2 s), and the restart starts there: no step lost, none trained twice.
+    checkpointed = attempts[0]["end_step"]
+    assert signalled[0] <= checkpointed <= signalled[0] + 3 and result["resumed_from"] == [checkpointed]
+    assert [m["step"] for m in _metrics(runs, "pre")] == list(range(1, 9))
+    assert RunDir(result["run_dir"]).failures() == []
+
+
+@pytest.mark.slow
+def test_a_lost_node_leaves_an_elastic_run_on_one_worker(synth_root, two_nodes, tmp_path):  # noqa: F811
+    """num_workers [1, 2] on two 1-CPU nodes: the second node is killed whole after checkpoint 2; the run resumes
+    from it on the one worker that fits and finishes, with the same global batch per task (its config gives
+    tasks.<t>.global_batch_size; the workers derive their share from the size of their group). ZeRO-0: its
+    checkpoint holds the whole optimizer state, loadable on any number of workers."""
+    two_nodes.add_second()
+    runs = tmp_path / "runs"
+    killed: list[int] = []
+
+    def kill_second_node():
+        killed.append(_metrics(runs, "elastic")[-1]["step"])
+        two_nodes.second.kill()
+
+    _when(lambda: (runs / "elastic" / "checkpoint-000002" / "manifest.json").is_file(), kill_second_node)
+    batches = [f"tasks.{t}.global_batch_size=4" for t in DEFAULT_TASKS]
+    code, result = Job(two_nodes, sets(*TINY, *batches, f"data.root={synth_root}", f"run.storage={runs}",
+                                       "run.name=elastic", "train.num_workers=[1, 2]", "train.max_steps=6",
+                                       "train.checkpoint_every=2", "train.max_failures=1",
+                                       "train.zero_stage=0")).result()
+    assert killed and code == 0, result
+    assert result["final_step"] == 6 and result["world_sizes"] == [2, 1], result
+    assert result["restart_causes"] == ["failure"] and result["resumed_from"] in ([2], [4]), result
+    metrics = _metrics(runs, "elastic")
+    assert [m["step"] for m in metrics] == list(range(1, 7))
+    for m in metrics:  # images per step over all workers: the global batch, on 2 workers and on 1
+        for task in DEFAULT_TASKS:
+            assert m[f"samples_per_s/{task}"] * m["step_time_s"] == pytest.approx(4), (task, m)
+
+
+@pytest.mark.slow
+def test_an_elastic_run_grows_back_when_a_node_returns(synth_root, two_nodes, tmp_path):  # noqa: F811
+    """num_workers [1, 2] with one 1-CPU node up (the previous test killed the second): the run starts on one
+    worker; a node joins; within train.elastic_resize_check_s Ray Train's resize restarts the group on two
+    workers from the last checkpoint, each now taking half of the same global batch per task. The run is long
+    (max_steps far away) so that the node's start cannot lose a race with its end; the driver is stopped once
+    the two-worker group has trained."""
+    if two_nodes.second is not None and two_nodes.second.proc.poll() is None:
+        two_nodes.second.kill()
+        two_nodes.wait_for_nodes(1)
+    runs = tmp_path / "runs"
+    run = RunDir(str(runs / "grow"))
+    batches = [f"tasks.{t}.global_batch_size=4" for t in DEFAULT_TASKS]
+    job = Job(two_nodes, sets(*TINY, *batches, f"data.root={synth_root}", f"run.storage={runs}", "run.name=grow",
+                              "train.num_workers=[1, 2]", "train.max_steps=100000", "train.checkpoint_every=2",
+                              "train.elastic_resize_check_s=2", "train.zero_stage=0"))
+    try:
+        _when(lambda: len(_metrics(runs, "grow")) >= 3, two_nodes.add_second).join(timeout=600)
+
+        def grown() -> bool:
+            attempts = run.attempts() if (runs / "grow").is_dir() else []
+            return (len(attempts) >= 2 and attempts[-1]["world_size"] == 2
+                    and _metrics(runs, "grow")[-1]["step"] >= attempts[-1]["start_step"] + 3)
+
+        _when(grown, lambda: None).join(timeout=600)
+        assert grown(), "".join(job.lines)[-6000:]
+    finally:
+        job.proc.kill()
+        job.proc.wait(timeout=60)
+    attempts = run.attempts()
+    assert [a["world_size"] for a in attempts] == [1, 2] and attempts[1]["cause"] == "resize", attempts
+    assert attempts[1]["resumed"] and attempts[1]["start_step"] >= 2, attempts
+    metrics = _metrics(runs, "grow")
+    assert [m["step"] for m in metrics] == list(range(1, len(metrics) + 1))
+    for m in metrics:  # images per step over all workers: the global batch, on 1 worker and on 2
+        for task in DEFAULT_TASKS:
+            assert m[f"samples_per_s/{task}"] * m["step_time_s"] == pytest.approx(4), (task, m)

@@ -1,0 +1,129 @@
+"""The step loop in this process, a world of one (DeepSpeed under gloo): train, save, restore into a new
+Trainer, continue. The fast suite's check of what the slow multi-process and Ray runs exercise at scale."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from spatialnet_dist import config as config_mod
+
+STEPS, CHECKPOINT_AT, BATCH = 4, 2, 2
+TASKS = ("captioning", "vqa", "classification", "regression")
+
+
+@pytest.fixture(scope="module")
+def world_of_one(tmp_path_factory, free_ports):
+    """A tiny synthetic corpus, and torch.distributed initialised for this process (torn down after)."""
+    import os
+
+    import torch.distributed as dist
+
+    from spatialnet_dist import engine as ds
+    from spatialnet_dist.corpora.synthetic import write_synthetic
+
+    root = tmp_path_factory.mktemp("trainer") / "shards"
+    write_synthetic(str(root), images=16, seed=0, shard_size=8)
+    env = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
+           "MASTER_PORT": str(free_ports(1)[0])}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    ds.init_distributed(False)
+    yield str(root)
+    dist.destroy_process_group()
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
+class RecordingReporter:
+    """Keeps every report's metrics, and a copy of each checkpoint's files with the weights they hold."""
+
+    def __init__(self, keep_dir: Path):
+        self.keep_dir, self.metrics, self.samples = keep_dir, [], []
+        self.trainer = None
+        self.weights: dict[int, dict] = {}
+
+    def report(self, step: int, metrics: dict, checkpoint_dir: Path | None) -> None:
+        self.metrics.append(metrics)
+        if checkpoint_dir is not None:
+            shutil.copytree(checkpoint_dir, self.keep_dir / f"step-{step}")
+            self.weights[step] = {k: v.detach().clone() for k, v in self.trainer.engine.module.state_dict().items()}
+
+    def report_samples(self, step: int, samples: list[dict]) -> None:
+        self.samples.append((step, samples))
+
+
+def _trainer(cfg, vocabs, reporter, validation=None):
+    from spatialnet_dist.train.trainer import Trainer
+
+    trainer = Trainer(cfg, vocabs, 0, 1, reporter, validation)
+    reporter.trainer = trainer
+    return trainer
+
+
+def test_train_save_restore_continue(world_of_one, tmp_path):
+    from spatialnet_dist.data.vocab import build_vocabs
+
+    cfg = config_mod.load(None, [
+        f"data.root={world_of_one}", "model.image_size=32", "data.loader_workers=0", "train.cpus_per_worker=1",
+        f"train.max_steps={STEPS}", f"train.checkpoint_every={CHECKPOINT_AT}", "train.log_every=1",
+        f"eval.every={STEPS}", "eval.val_batches=1", "eval.at_end=false", "optim.warmup_steps=0",
+        *(f"tasks.{t}.batch_size={BATCH}" for t in TASKS), "tasks.vqa.questions_per_image=1",
+        "tasks.regression.questions_per_image=1"])
+    vocabs = build_vocabs(cfg)
+    validated = []
+
+    def validation(model, cfg, vocabs, rank, world_size):
+        validated.append(rank)
+        return {"val/probe": 1.0}, [{"image_id": "probe"}]
+
+    first = RecordingReporter(tmp_path)
+    trainer = _trainer(cfg, vocabs, first, validation)
+    trainer.save(tmp_path / "before-fit")  # the loader exists from construction: its position saves
+    trainer.fit()
+    assert [m["step"] for m in first.metrics] == list(range(1, STEPS + 1))
+    assert all(torch.isfinite(torch.tensor(m["loss"])) for m in first.metrics)
+    assert validated == [0] and first.metrics[-1]["val/probe"] == 1.0 and first.samples == [(STEPS, [{"image_id": "probe"}])]
+    # Samples are counted once, by the loader's position: the run's count and the rates' come from it.
+    assert trainer.samples_seen == dict.fromkeys(TASKS, STEPS * BATCH)
+    assert trainer.loader.position()["rows"] == trainer.samples_seen
+    assert trainer.questions_seen == {"vqa": STEPS * BATCH, "regression": STEPS * BATCH}
+    window = first.metrics[0]
+    assert window["samples_per_s"] == pytest.approx(sum(window[f"samples_per_s/{t}"] for t in TASKS))
+    assert window["samples_per_s/vqa"] == pytest.approx(window["questions_per_s/vqa"])  # one question per image
+
+    second = RecordingReporter(tmp_path / "second")
+    resumed = _trainer(cfg, vocabs, second)
+    assert resumed.restore(tmp_path / f"step-{CHECKPOINT_AT}") == CHECKPOINT_AT
+    restored = resumed.engine.module.state_dict()
+    assert all(torch.equal(first.weights[CHECKPOINT_AT][k], restored[k]) for k in restored)
+    assert resumed.samples_seen == dict.fromkeys(TASKS, CHECKPOINT_AT * BATCH)
+    assert resumed.loader.position()["micro_batches"] == CHECKPOINT_AT  # the streams continue from the checkpoint's
+    resumed.fit()
+    assert [m["step"] for m in second.metrics] == list(range(CHECKPOINT_AT + 1, STEPS + 1))
+    assert "val/probe" not in second.metrics[-1] and "val/vqa_loss" in second.metrics[-1]  # no validation given
+    assert resumed.samples_seen == trainer.samples_seen
+    assert any(not torch.equal(second.weights[STEPS][k], restored_weights) for k, restored_weights in
+               first.weights[CHECKPOINT_AT].items())  # it trained on
+
+
+def test_a_non_finite_loss_stops_the_loop_with_a_named_error(world_of_one, tmp_path):
+    """faults.kind=nan_loss at step 2: the Trainer raises NonFiniteLoss (which ends a Ray run on that attempt,
+    tests/test_failures.py) before the step's update, with no checkpoint after it."""
+    from spatialnet_dist.data.vocab import build_vocabs
+    from spatialnet_dist.errors import NonFiniteLoss
+
+    cfg = config_mod.load(None, [
+        f"data.root={world_of_one}", "model.image_size=32", "data.loader_workers=0", "train.cpus_per_worker=1",
+        "train.max_steps=3", "train.checkpoint_every=1", "train.log_every=1", "eval.every=0", "eval.at_end=false",
+        "faults.fail_at_step=2", "faults.kind=nan_loss", *(f"tasks.{t}.batch_size={BATCH}" for t in TASKS)])
+    reporter = RecordingReporter(tmp_path)
+    with pytest.raises(NonFiniteLoss, match="^non-finite loss"):
+        _trainer(cfg, build_vocabs(cfg), reporter).fit()
+    assert [m["step"] for m in reporter.metrics] == [1] and sorted(reporter.weights) == [1]
