@@ -267,6 +267,16 @@ def _metrics(runs: Path, name: str) -> list[dict]:
     return RunDir(str(runs / name)).metrics()
 
 
+def _restarted_and_stepped(runs: Path, name: str, at: list[float]) -> threading.Thread:
+    """Appends to `at` the time the run's second attempt first trains a step (bench/RESULTS.md "Resume": seconds
+    from a failure to the next training step)."""
+    def stepped() -> bool:
+        attempts = RunDir(str(runs / name)).attempts() if (runs / name).is_dir() else []
+        return len(attempts) >= 2 and any(m["step"] > attempts[-1]["start_step"] for m in _metrics(runs, name))
+
+    return _when(stepped, lambda: at.append(time.time()))
+
+
 def _when(condition, then, timeout_s: float = 600) -> threading.Thread:
     def watch():
         deadline = time.time() + timeout_s
@@ -282,7 +292,7 @@ def _when(condition, then, timeout_s: float = 600) -> threading.Thread:
 
 
 @pytest.mark.slow
-def test_sigterm_to_a_worker_checkpoints_and_resumes_losing_no_step(synth_root, two_nodes, tmp_path):  # noqa: F811
+def test_sigterm_to_a_worker_checkpoints_and_resumes_losing_no_step(synth_root, two_nodes, tmp_path, capsys):  # noqa: F811
     """SIGTERM to rank 1 after step 3: every rank checkpoints at the next step boundary, the group restarts from
     that checkpoint (not from step 0: no periodic checkpoint before max_steps), and max_failures=0 allows it."""
     two_nodes.add_second()
@@ -294,9 +304,13 @@ def test_sigterm_to_a_worker_checkpoints_and_resumes_losing_no_step(synth_root, 
 
     def sigterm_rank_1():
         signalled.append(_metrics(runs, "pre")[-1]["step"])
+        signalled_at.append(time.time())
         os.kill(job.pid(1), signal.SIGTERM)
 
+    signalled_at: list[float] = []
+    stepped_at: list[float] = []
     _when(lambda: len(_metrics(runs, "pre")) >= 3 and job.pid(1), sigterm_rank_1)
+    _restarted_and_stepped(runs, "pre", stepped_at)
     code, result = job.result()
     assert signalled and code == 0, result
     attempts = RunDir(result["run_dir"]).attempts()
@@ -307,10 +321,13 @@ def test_sigterm_to_a_worker_checkpoints_and_resumes_losing_no_step(synth_root, 
     assert signalled[0] <= checkpointed <= signalled[0] + 3 and result["resumed_from"] == [checkpointed]
     assert [m["step"] for m in _metrics(runs, "pre")] == list(range(1, 9))
     assert RunDir(result["run_dir"]).failures() == []
+    with capsys.disabled():  # the figure for bench/RESULTS.md "Resume"
+        print(f"\nSIGTERM after step {signalled[0]}: {result['lost_steps']} steps lost, "
+              f"{stepped_at[0] - signalled_at[0]:.0f} s from the signal to the next training step")
 
 
 @pytest.mark.slow
-def test_a_lost_node_leaves_an_elastic_run_on_one_worker(synth_root, two_nodes, tmp_path):  # noqa: F811
+def test_a_lost_node_leaves_an_elastic_run_on_one_worker(synth_root, two_nodes, tmp_path, capsys):  # noqa: F811
     """num_workers [1, 2] on two 1-CPU nodes: the second node is killed whole after checkpoint 2; the run resumes
     from it on the one worker that fits and finishes, with the same global batch per task (its config gives
     tasks.<t>.global_batch_size; the workers derive their share from the size of their group). ZeRO-0: its
@@ -321,9 +338,13 @@ def test_a_lost_node_leaves_an_elastic_run_on_one_worker(synth_root, two_nodes, 
 
     def kill_second_node():
         killed.append(_metrics(runs, "elastic")[-1]["step"])
+        killed_at.append(time.time())
         two_nodes.second.kill()
 
+    killed_at: list[float] = []
+    stepped_at: list[float] = []
     _when(lambda: (runs / "elastic" / "checkpoint-000002" / "manifest.json").is_file(), kill_second_node)
+    _restarted_and_stepped(runs, "elastic", stepped_at)
     batches = [f"tasks.{t}.global_batch_size=4" for t in DEFAULT_TASKS]
     code, result = Job(two_nodes, sets(*TINY, *batches, f"data.root={synth_root}", f"run.storage={runs}",
                                        "run.name=elastic", "train.num_workers=[1, 2]", "train.max_steps=6",
@@ -337,6 +358,9 @@ def test_a_lost_node_leaves_an_elastic_run_on_one_worker(synth_root, two_nodes, 
     for m in metrics:  # images per step over all workers: the global batch, on 2 workers and on 1
         for task in DEFAULT_TASKS:
             assert m[f"samples_per_s/{task}"] * m["step_time_s"] == pytest.approx(4), (task, m)
+    with capsys.disabled():  # the figure for bench/RESULTS.md "Resume"
+        print(f"\nnode lost after step {killed[0]}: {result['lost_steps']} steps lost, "
+              f"{stepped_at[0] - killed_at[0]:.0f} s from the loss to the next training step")
 
 
 @pytest.mark.slow
