@@ -141,7 +141,7 @@ def _train(a, rest: list[str]) -> int:
 
 
 def _eval_captions(a) -> int:
-    from spatialnet_dist.evaluate.captions import format_caption_table, load_caption_files, score_captions
+    from spatialnet_dist.metrics.captions import format_caption_table, load_caption_files, score_captions
 
     preds, refs = load_caption_files(a.pred, a.refs)
     scores = score_captions(preds, refs, spice=a.spice)
@@ -150,7 +150,7 @@ def _eval_captions(a) -> int:
 
 
 def _eval_vqa(a) -> int:
-    from spatialnet_dist.evaluate.vqa import format_vqa_table, load_vqa_predictions, score_vqa
+    from spatialnet_dist.metrics.vqa import format_vqa_table, load_vqa_predictions, score_vqa
 
     rows = load_vqa_predictions(a.pred)
     scores = score_vqa(rows, count_rule=a.count_rule)
@@ -202,7 +202,7 @@ def _run_row(run: dict) -> list[str]:
 
 
 def _runs_list(a) -> int:
-    from spatialnet_dist.evaluate import markdown_table
+    from spatialnet_dist.metrics import markdown_table
     from spatialnet_dist.train.rundir import list_runs
 
     runs = list_runs(a.storage)

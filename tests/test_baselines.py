@@ -11,15 +11,15 @@ import pytest
 
 from spatialnet_dist.config import Config
 from spatialnet_dist.data.vocab import build_vocabs
-from spatialnet_dist.evaluate import bootstrap_interval
-from spatialnet_dist.evaluate.baselines import (
+from spatialnet_dist.evaluate.run import trivial_baselines
+from spatialnet_dist.metrics import bootstrap_interval
+from spatialnet_dist.metrics.baselines import (
     class_oracle_captions,
     majority_answers,
     question_only_answers,
     read_training_text,
 )
-from spatialnet_dist.evaluate.classification import score_classification
-from spatialnet_dist.evaluate.run import trivial_baselines
+from spatialnet_dist.metrics.classification import score_classification
 from spatialnet_dist.store.manifest import shard_urls
 from spatialnet_dist.store.records import shard_records, split_records
 from spatialnet_dist.store.schema import Sample
@@ -149,11 +149,11 @@ def test_bootstrap_interval_holds_the_estimate_repeats_and_narrows():
 
 
 def test_bootstrap_interval_in_chunks_is_the_whole_draw(monkeypatch):
-    import spatialnet_dist.evaluate as evaluate
+    import spatialnet_dist.metrics as metrics
 
     values = np.random.default_rng(2).random(300)
     whole = bootstrap_interval(lambda idx: values[idx].mean(1), len(values), resamples=100)
-    monkeypatch.setattr(evaluate, "_BOOTSTRAP_CHUNK", 300 * 7)  # 7 resamples at a time, the last 2
+    monkeypatch.setattr(metrics, "_BOOTSTRAP_CHUNK", 300 * 7)  # 7 resamples at a time, the last 2
     assert bootstrap_interval(lambda idx: values[idx].mean(1), len(values), resamples=100) == whole
 
 

@@ -20,7 +20,7 @@ from spatialnet_dist import config as config_mod
 from spatialnet_dist.cli import main
 from spatialnet_dist.corpora.synthetic import write_synthetic
 from spatialnet_dist.data.vocab import build_vocabs
-from spatialnet_dist.evaluate.vqa import load_vqa_predictions, score_vqa
+from spatialnet_dist.metrics.vqa import load_vqa_predictions, score_vqa
 from spatialnet_dist.model.spatialnet import build_model
 from spatialnet_dist.store.manifest import read_manifest
 

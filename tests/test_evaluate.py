@@ -16,14 +16,14 @@ import pytest
 
 from spatialnet_dist.cli import main
 from spatialnet_dist.errors import UserError
-from spatialnet_dist.evaluate.captions import (
+from spatialnet_dist.metrics.captions import (
     CAPTION_METRICS,
     format_caption_table,
     load_caption_files,
     score_captions,
 )
-from spatialnet_dist.evaluate.classification import score_classification
-from spatialnet_dist.evaluate.vqa import count_errors, format_vqa_table, load_vqa_predictions, score_vqa
+from spatialnet_dist.metrics.classification import score_classification
+from spatialnet_dist.metrics.vqa import count_errors, format_vqa_table, load_vqa_predictions, score_vqa
 
 PREDS = [
     {"image_id": "beach_00", "caption": "There is a long beach next to the sea."},
@@ -260,7 +260,7 @@ def test_unknown_question_type_is_reported_and_kept_apart(caplog):
     rows = vqa_rows([("yes", "yes"), ("no", "yes")], "presence") + [
         {"qid": "x1", "type": "colour", "answer": "red", "prediction": "red"}
     ]
-    with caplog.at_level(logging.WARNING, logger="spatialnet_dist.evaluate.vqa"):
+    with caplog.at_level(logging.WARNING, logger="spatialnet_dist.metrics.vqa"):
         scores = score_vqa(rows)
     assert scores["per_type"] == {"presence": 0.5, "colour": 1.0}
     assert scores["AA"] == pytest.approx(0.75)

@@ -138,6 +138,17 @@ def test_train_and_evaluate_never_import_each_other():
     assert not crossing, "; ".join(crossing)
 
 
+def test_scorers_and_tasks_sit_below_the_evaluation_runs():
+    """metrics/ (scorers, baselines) is below tasks/, which is below evaluate/ (the runs over the tasks): no
+    package of the three imports one above it, so they do not import each other even package to package."""
+    graph = import_graph()
+    above = {"metrics": ("tasks", "evaluate"), "tasks": ("evaluate",)}
+    crossing = [f"{m} imports {t}" for m, targets in graph.items() for t in sorted(targets)
+                for low, highs in above.items() for high in highs
+                if m.startswith(f"{ROOT}.{low}") and t.startswith(f"{ROOT}.{high}")]
+    assert not crossing, "; ".join(crossing)
+
+
 def test_deepspeed_in_one_module_and_ray_connected_from_one():
     importers, connectors = [], []
     for module, path in MODULES.items():

@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from spatialnet_dist.evaluate.classification import score_classification
 from spatialnet_dist.evaluate.report import read_loss_curves, write_report
-from spatialnet_dist.evaluate.vqa import count_errors, score_vqa
+from spatialnet_dist.metrics.classification import score_classification
+from spatialnet_dist.metrics.vqa import count_errors, score_vqa
 
 CLASSES = ["beach", "farm", "port"]
 CAPTIONS = {

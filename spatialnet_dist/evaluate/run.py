@@ -121,7 +121,7 @@ def score_predictions(rows: dict[str, list[dict]], cfg, vocabs: TextVocabs) -> d
 
 def trivial_baselines(rows: dict[str, list[dict]], cfg, vocabs: TextVocabs) -> dict:
     """{task: prediction rows} -> {task: {baseline key: its scores (the task scorer's shape) and a "name"}}
-    for the tasks with rows and baselines (each task's `baselines`, learnt through evaluate/baselines.py)."""
+    for the tasks with rows and baselines (each task's `baselines`, learnt through metrics/baselines.py)."""
     out = {task: registry.get(task).baselines(task_rows, cfg, vocabs) for task, task_rows in rows.items() if task_rows}
     return {task: baselines for task, baselines in out.items() if baselines}
 

@@ -9,7 +9,7 @@ from typing import TypedDict
 import torch
 from torch import nn
 
-from spatialnet_dist.evaluate.classification import format_classification_table, plot_confusion, score_classification
+from spatialnet_dist.metrics.classification import format_classification_table, plot_confusion, score_classification
 from spatialnet_dist.tasks.base import Task, cross_entropy
 
 CONFUSION_PNG = "confusion.png"

@@ -16,7 +16,7 @@ import numpy as np
 
 from spatialnet_dist import versions
 from spatialnet_dist.errors import UserError
-from spatialnet_dist.evaluate import (
+from spatialnet_dist.metrics import (
     bootstrap_interval,
     markdown_table,
     name_some,
