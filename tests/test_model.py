@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from spatialnet_dist.config import LossConfig, ModelConfig
+from spatialnet_dist.data.batch_format import IMAGE_KEY
 from spatialnet_dist.errors import UserError
 from spatialnet_dist.model.encoder import build_encoder
 from spatialnet_dist.model.heads import VocabSizes
@@ -80,6 +81,31 @@ def test_forward_encodes_once_and_matches_per_task_forwards():
         alone = model({task: batch[task]})[task]
         for key, value in alone.items():
             torch.testing.assert_close(joint[task][key], value, rtol=1e-4, atol=1e-5)
+
+
+def test_rows_with_one_image_key_share_one_encoding_with_the_same_outputs_and_gradients():
+    # Every task's row i shows image i (as data/order.py arranges for tasks reading the same corpora), except
+    # classification's, whose key is empty (a strong crop): 3 distinct images + 3 unshared rows are encoded.
+    batch = make_batch(n=3)
+    shared = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    for task in TASKS:
+        batch[task]["image"] = shared.clone()
+        batch[task][IMAGE_KEY] = ["" if task == "classification" else f"synthetic/{i}@0" for i in range(3)]
+    unkeyed = {t: {k: v for k, v in sub.items() if k != IMAGE_KEY} for t, sub in batch.items()}
+    outputs, grads = [], []
+    for b in (batch, unkeyed):
+        model = tiny_model().eval()
+        encoded = []
+        model.encoder.patch_embed.register_forward_hook(lambda module, args, out, seen=encoded: seen.append(args[0].shape[0]))
+        out = model(b)
+        sum(v.float().sum() for o in out.values() for v in o.values()).backward()
+        outputs.append(out)
+        grads.append(model.encoder.cls_token.grad.clone())
+        assert encoded == [6 if b is batch else 3 * len(TASKS)]  # images through the encoder, in one pass
+    for task in TASKS:
+        for key, value in outputs[1][task].items():
+            torch.testing.assert_close(outputs[0][task][key], value, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-4, atol=1e-5)
 
 
 def test_fan_out_gives_the_loss_and_gradients_of_one_question_per_image_row():

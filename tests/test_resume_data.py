@@ -1,6 +1,6 @@
 """The training data order is a function of (seed, micro-batch, rank): a restore gives the batches of the
 uninterrupted run bit for bit, whatever the loader workers; the global batch is the same for any number
-of ranks; epochs visit every sample once; bad samples are replaced deterministically; S3 shards are read
+of ranks; epochs visit every sample once; tasks reading the same corpora visit the same images; bad samples are replaced deterministically; S3 shards are read
 through the node-local cache; and a killed run resumes to the parameters of an uninterrupted one."""
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from spatialnet_dist.data.batch_format import IMAGE_KEY
 from spatialnet_dist.data.batches import make_train_loader
 from spatialnet_dist.data.order import TaskOrder, slot_pattern
 from spatialnet_dist.data.vocab import build_vocabs
@@ -96,6 +97,19 @@ def test_an_epoch_visits_every_sample_once_and_the_mix_follows_the_weights(two_c
         size = mixed.sizes[corpus]
         assert all(sorted(mine[k: k + size]) == list(range(size)) for k in range(0, len(mine) - size + 1, size))
     assert sum(c == 0 for c, _ in rows[:20]) in (13, 14)  # interleaved: no corpus waits for another's epoch
+
+
+def test_tasks_reading_the_same_corpora_show_the_same_images_row_by_row(two_corpora):
+    cfg = make_cfg(two_corpora, ["toy", "big"])
+    cfg.tasks.regression.corpora = ["big"]  # another mix of corpora: an order of its own
+    batches = take(make_train_loader(cfg, build_vocabs(cfg), 0, 1), 6)
+    for b in batches:
+        assert b["captioning"]["image_id"] == b["vqa"]["image_id"] and all(b["vqa"][IMAGE_KEY])
+        assert b["captioning"][IMAGE_KEY] == b["vqa"][IMAGE_KEY]
+        assert torch.equal(b["captioning"]["image"], b["vqa"]["image"])  # the same symmetry too
+        assert b["classification"][IMAGE_KEY] == [""] * 4  # strong crops and recolours: never shared
+        assert b["regression"]["image_id"] != b["vqa"]["image_id"]
+    assert len({key.split("@")[1] for b in batches for key in b["vqa"][IMAGE_KEY]}) > 1  # drawn per row
 
 
 def test_a_bad_sample_is_replaced_deterministically_and_counted(tmp_path):

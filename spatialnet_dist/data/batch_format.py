@@ -11,6 +11,11 @@ under `QUESTIONS` or `CAPTIONS`; collate stacks them over the B images (Q or C i
 image and the heads gather each item's image by "image_index", so one encoder pass serves all the
 questions (captions) a visit trains. A training batch (data/batches.py) is {task: sub-batch, ...};
 `tasks.<task>.batch_size` counts rows, i.e. images.
+
+Training rows also carry IMAGE_KEY, a string that names their image as transformed (the stored sample and
+its symmetry), "" when no other row can share it. Rows of one micro-batch with the same key hold the same
+image, so the model encodes it once for all of them (model/spatialnet.py): tasks reading the same corpora
+visit the same images in the same order (data/order.py).
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ import torch
 
 QUESTIONS = "questions"  # the row key of a vqa/regression visit's question dicts
 CAPTIONS = "captions"  # the row key of a captioning visit's caption dicts
+IMAGE_KEY = "image_key"  # a training row's image identity; rows with the same non-empty key hold the same image
 FAN_OUT = (QUESTIONS, CAPTIONS)  # row keys of per-image items that collate lays out with "image_index"
 
 

@@ -1,12 +1,17 @@
-"""The global training order: which sample is row g of a task, as a pure function of (seed, task, g).
+"""The global training order: which sample is row g of a task, as a pure function of (seed, stream, g).
 
 For each task, the training rows of the whole run form one global sequence. Its corpora are
 interleaved by a fixed periodic slot pattern (`slot_pattern`: PERIOD slots, each corpus's share
 of the slots following its mixing weight, spread evenly), so the number of rows a corpus has
 given before row g is known in closed form. The j-th row of corpus c is sample
-perm(seed, task, c, e)[j mod N_c] of that corpus, with e = j // N_c its epoch and perm a seeded
+perm(seed, stream, c, e)[j mod N_c] of that corpus, with e = j // N_c its epoch and perm a seeded
 permutation of its N_c samples: every epoch of a corpus visits each of its samples once, in a new
 order. With one corpus, epoch e = g // N.
+
+The sequence is seeded by the task's stream (`order_stream`: its corpora and their weights), not by
+the task: tasks that read the same corpora with the same weights visit the same sample at row g, with
+the same symmetry (`row_rng(seed, stream, g, k)` draws it), so with equal batch sizes their rows of a
+micro-batch show the same images, and the model runs its encoder once per image (model/spatialnet.py).
 
 Micro-batch m of a task with per-rank batch b on W ranks takes global rows
 [R + m'*b*W, R + (m'+1)*b*W), m' the micro-batches of that task before m (m' = m unless
@@ -19,8 +24,9 @@ are closed-form functions of (seed, m).
 
 A sample that cannot be used (bad bytes, missing from a truncated shard, nothing for the task) is
 replaced by candidate k = 1, 2, ... of its row: a sample of the same corpus drawn from an RNG
-seeded by (seed, task, g, k). Row g's per-row randomness (symmetry, picks, crops) comes from
-`row_rng(seed, task, g, k)`, so a row is the same whichever rank or loader worker makes it.
+seeded by (seed, stream, g, k). Row g's per-row randomness comes from `row_rng(seed, stream, g, k)`
+(the image's symmetry and crop) and `row_rng(seed, task, g, k)` (the task's picks of questions and
+captions), so a row is the same whichever rank or loader worker makes it.
 """
 
 from __future__ import annotations
@@ -40,8 +46,14 @@ def stream_seed(*parts) -> int:
     return int.from_bytes(hashlib.sha256(repr(parts).encode()).digest()[:8], "little")
 
 
-def row_rng(seed: int, task: str, row: int, attempt: int) -> np.random.Generator:
-    return np.random.default_rng([stream_seed(seed, task), row, attempt])
+def row_rng(seed: int, name: str, row: int, attempt: int) -> np.random.Generator:
+    """The RNG of row `row`, candidate `attempt`, of a stream or task `name`."""
+    return np.random.default_rng([stream_seed(seed, name), row, attempt])
+
+
+def order_stream(corpora: list[str], weights: list[float]) -> str:
+    """The name that seeds a task's order: the same for every task reading these corpora with these weights."""
+    return f"corpora={corpora} weights={[float(w) for w in weights]}"
 
 
 def slot_pattern(weights: list[float], period: int = PERIOD) -> list[int]:
@@ -65,10 +77,11 @@ def slot_pattern(weights: list[float], period: int = PERIOD) -> list[int]:
 
 
 class TaskOrder:
-    """Global row g of one task -> (corpus index, sample index in that corpus), for attempt k >= 0."""
+    """Global row g of a task reading `stream` (`order_stream`) -> (corpus index, sample index in that
+    corpus), for attempt k >= 0."""
 
-    def __init__(self, seed: int, task: str, sizes: list[int], weights: list[float]):
-        self.seed, self.task, self.sizes = seed, task, sizes
+    def __init__(self, seed: int, stream: str, sizes: list[int], weights: list[float]):
+        self.seed, self.stream, self.sizes = seed, stream, sizes
         self.pattern = slot_pattern(weights)
         self.per_period = [self.pattern.count(c) for c in range(len(sizes))]
         self.before = []  # before[s][c]: slots of corpus c in pattern[:s]
@@ -82,7 +95,7 @@ class TaskOrder:
         period, slot = divmod(row, len(self.pattern))
         corpus = self.pattern[slot]
         if attempt:  # a substitute: any sample of the same corpus, so the mix keeps its weights
-            return corpus, int(row_rng(self.seed, f"{self.task}/substitute", row, attempt).integers(self.sizes[corpus]))
+            return corpus, int(row_rng(self.seed, f"{self.stream}/substitute", row, attempt).integers(self.sizes[corpus]))
         j = period * self.per_period[corpus] + self.before[slot][corpus]  # rows of this corpus before row g
         epoch, position = divmod(j, self.sizes[corpus])
         return corpus, int(self._permutation(corpus, epoch)[position])
@@ -91,7 +104,7 @@ class TaskOrder:
         # The current epoch's permutation of each corpus is kept: rows are made in order, so it is reused.
         kept = self._permutations.get(corpus)
         if kept is None or kept[0] != epoch:
-            seeded = np.random.default_rng([stream_seed(self.seed, self.task, corpus), epoch])
+            seeded = np.random.default_rng([stream_seed(self.seed, self.stream, corpus), epoch])
             kept = self._permutations[corpus] = (epoch, seeded.permutation(self.sizes[corpus]))
         return kept[1]
 

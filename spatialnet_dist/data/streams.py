@@ -31,6 +31,7 @@ import webdataset as wds
 from webdataset.tariterators import group_by_keys, tar_file_expander
 
 from spatialnet_dist import tasks as registry
+from spatialnet_dist.data.batch_format import IMAGE_KEY
 from spatialnet_dist.data.sides import map_sides, mappable
 from spatialnet_dist.data.transforms import IDENTITY, BandNorm, ImageTransform, Symmetry
 from spatialnet_dist.errors import UserError
@@ -249,13 +250,22 @@ class TaskSamples:
         self.tag_index = {name: i for i, name in enumerate(vocabs.tags)}
         self.unaugmented = 0
 
-    def __call__(self, sample: Sample, rng: np.random.Generator | None) -> dict | None:
-        symmetry = self._symmetry(sample, rng)
+    def __call__(self, sample: Sample, rng: np.random.Generator | None, image_rng: np.random.Generator | None = None,
+                 source: str = "") -> dict | None:
+        """`rng` draws the task's picks, `image_rng` (default: `rng`) the image's symmetry and crop. `source`
+        names the stored sample (corpus and index): in training, a row whose image is a function of
+        (source, symmetry) carries IMAGE_KEY, so the model encodes it once for every task whose row shows it."""
+        image_rng = image_rng or rng
+        symmetry = self._symmetry(sample, image_rng)
         targets = self.definition.row(sample, self, rng, symmetry)
         if targets is None:
             return None
-        image = self.transform(sample.image, rng, symmetry, self.band_norms.get(sample.corpus))  # (C, S, S)
-        return {"image": image, "image_id": sample.image_id, **targets}
+        image = self.transform(sample.image, image_rng, symmetry, self.band_norms.get(sample.corpus))  # (C, S, S)
+        row = {"image": image, "image_id": sample.image_id, **targets}
+        if self.train:
+            row[IMAGE_KEY] = f"{source}@{symmetry.rotations}{'m' * symmetry.mirrored}" if (
+                source and self.transform.augment != "strong") else ""  # strong crops and recolours: never shared
+        return row
 
     def _symmetry(self, s: Sample, rng) -> Symmetry:
         """The visit's symmetry; the identity when any text the task may read of this image is not mappable,

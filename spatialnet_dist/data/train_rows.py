@@ -2,7 +2,8 @@
 
 Row g is the sample the task's order puts there, read by position from its shard
 (data/indexed.py), decoded (images from the loader worker's ImageCache when it holds them) and
-made into a row by `TaskSamples` with the RNG of (seed, task, g, attempt). A sample that is bad
+made into a row by `TaskSamples` with the RNGs of (seed, stream, g, attempt) for its image and (seed, task,
+g, attempt) for the task's picks (data/order.py), its corpus and index naming the image. A sample that is bad
 (undecodable, missing from a truncated shard) is counted in `StreamCounts.skipped`, and one that
 gives the task nothing is passed over; either way the row takes the order's next candidate,
 attempt 1, 2, ..., so the substitute is deterministic too. USELESS_RUN_LIMIT candidates in a
@@ -12,7 +13,7 @@ row without a row stop the run naming the task.
 from __future__ import annotations
 
 from spatialnet_dist.data.indexed import ShardReader
-from spatialnet_dist.data.order import ShardSpan, TaskOrder, row_rng
+from spatialnet_dist.data.order import ShardSpan, TaskOrder, order_stream, row_rng
 from spatialnet_dist.data.streams import (
     BAD_CHECK_MIN_SHARDS,
     ImageCache,
@@ -33,7 +34,8 @@ class TaskRows:
 
     def __init__(self, spec: TaskStreamSpec, seed: int, reader: ShardReader, images: ImageCache | None = None):
         self.spec, self.seed, self.reader, self.images = spec, seed, reader, images
-        self.order = TaskOrder(seed, spec.task, [c.samples for c in spec.corpora], spec.weights)
+        self.stream = order_stream([c.corpus for c in spec.corpora], spec.weights)
+        self.order = TaskOrder(seed, self.stream, [c.samples for c in spec.corpora], spec.weights)
         self.spans = [ShardSpan.of([s.samples for s in c.shards]) for c in spec.corpora]
         self.counts = StreamCounts(spec.task, spec.max_bad_fraction,
                                    min_shards=min(BAD_CHECK_MIN_SHARDS, len(spec.shards())))
@@ -48,7 +50,8 @@ class TaskRows:
             if sample is None:
                 continue
             last = sample
-            row = self.spec.rows(sample, row_rng(self.seed, self.spec.task, g, attempt))
+            row = self.spec.rows(sample, row_rng(self.seed, self.spec.task, g, attempt),
+                                 row_rng(self.seed, self.stream, g, attempt), source=f"{self.spec.corpora[corpus].corpus}/{i}")
             if row is not None:
                 return row
         what = f"last {last.image_id} of corpus {last.corpus}" if last else "all bad input"

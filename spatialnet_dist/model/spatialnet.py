@@ -7,6 +7,7 @@ from torch import nn
 
 from spatialnet_dist import tasks as registry
 from spatialnet_dist.config import ModelConfig
+from spatialnet_dist.data.batch_format import IMAGE_KEY
 from spatialnet_dist.model.encoder import ViTEncoder, build_encoder, freeze_blocks, layer_id, load_pretrained
 from spatialnet_dist.model.heads import VocabSizes
 from spatialnet_dist.model.presets import Preset, get_preset
@@ -31,8 +32,10 @@ class SpatialNetViT(nn.Module):
     def forward(self, batch: dict[str, dict]) -> dict[str, dict]:
         """Multi-task batch {task: sub-batch} -> {task: head outputs} for the tasks present.
 
-        The encoder runs once over all sub-batches' images (one large matmul per layer beats four
-        small ones), then its tokens are split back per task. Keys that name no registered task are
+        The encoder runs once over all sub-batches' distinct images (one large matmul per layer beats
+        several small ones), then its tokens are gathered back per task. Rows of any tasks with the
+        same non-empty IMAGE_KEY hold the same image (data/batch_format.py) and share one encoder
+        pass; rows without keys (evaluation) are each encoded. Keys that name no registered task are
         ignored. vqa and regression sub-batches pass each image once, however many of their questions
         ask about it (their TypedDicts in tasks/); their outputs have one row per question.
         """
@@ -41,8 +44,14 @@ class SpatialNetViT(nn.Module):
         unknown = [t for t in tasks if t not in self.heads]
         if unknown:
             raise ValueError(f"batch has tasks {unknown} but the model has heads only for {list(self.heads)}")
+        images = torch.cat([batch[t]["image"] for t in tasks])  # (R, C, H, W): every task's rows
+        keys = [k for t in tasks for k in batch[t].get(IMAGE_KEY) or [""] * len(batch[t]["image"])]
+        distinct, slots = (i.to(images.device) for i in _distinct_images(keys))
+        shared = len(distinct) < len(keys)
+        tokens, pooled = self.encode(images[distinct] if shared else images)  # (U, N, D), (U, D)
+        if shared:
+            tokens, pooled = tokens[slots], pooled[slots]  # (R, N, D), (R, D)
         sizes = [batch[t]["image"].size(0) for t in tasks]
-        tokens, pooled = self.encode(torch.cat([batch[t]["image"] for t in tasks]))
         return {
             t: self.heads[t](tok, pool, batch[t])
             for t, tok, pool in zip(tasks, tokens.split(sizes), pooled.split(sizes))
@@ -78,6 +87,22 @@ class SpatialNetViT(nn.Module):
             if name.startswith("encoder.") else 1.0
             for name, _ in self.named_parameters()
         }
+
+
+def _distinct_images(keys: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row keys -> (rows to encode (U,), and for each row the index of its encoding among them (R,)).
+    The first row of each non-empty key is encoded; an empty key is never shared."""
+    first: dict[str, int] = {}  # key -> its slot
+    distinct, slots = [], []
+    for row, key in enumerate(keys):
+        if key in first:
+            slots.append(first[key])
+            continue
+        if key:
+            first[key] = len(distinct)
+        slots.append(len(distinct))
+        distinct.append(row)
+    return torch.tensor(distinct, dtype=torch.int64), torch.tensor(slots, dtype=torch.int64)
 
 
 def assemble_model(model_cfg: ModelConfig, tasks: list[str], sizes: VocabSizes) -> SpatialNetViT:
