@@ -202,7 +202,7 @@ def _run_row(run: dict) -> list[str]:
 
 
 def _runs_list(a) -> int:
-    from spatialnet_dist.metrics import markdown_table
+    from spatialnet_dist.display import markdown_table
     from spatialnet_dist.train.rundir import list_runs
 
     runs = list_runs(a.storage)

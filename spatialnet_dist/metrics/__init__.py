@@ -12,7 +12,6 @@ from pathlib import Path
 
 import numpy as np
 
-from spatialnet_dist.display import markdown_table  # noqa: F401  (the metrics modules import it from here)
 from spatialnet_dist.errors import UserError
 
 _SHOWN = 3  # ids named in an error message before "... and N more"

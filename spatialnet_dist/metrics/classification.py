@@ -6,7 +6,8 @@ from pathlib import Path
 
 import numpy as np
 
-from spatialnet_dist.metrics import bootstrap_interval, markdown_table, percent, run_and_baselines, with_interval
+from spatialnet_dist.display import markdown_table
+from spatialnet_dist.metrics import bootstrap_interval, percent, run_and_baselines, with_interval
 
 
 def score_classification(pred: list[int], true: list[int], classes: list[str]) -> dict:

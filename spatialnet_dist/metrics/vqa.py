@@ -15,10 +15,10 @@ from pathlib import Path
 
 import numpy as np
 
+from spatialnet_dist.display import markdown_table
 from spatialnet_dist.errors import UserError
 from spatialnet_dist.metrics import (
     bootstrap_interval,
-    markdown_table,
     name_some,
     percent,
     read_json,

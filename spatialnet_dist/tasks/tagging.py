@@ -23,8 +23,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from spatialnet_dist.display import markdown_table
 from spatialnet_dist.errors import UserError
-from spatialnet_dist.metrics import markdown_table, run_and_baselines
+from spatialnet_dist.metrics import run_and_baselines
 from spatialnet_dist.store.manifest import TRAIN_SPLIT, read_manifest, task_corpora, train_split
 from spatialnet_dist.tasks.base import Task
 
