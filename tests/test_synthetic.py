@@ -14,14 +14,15 @@ import numpy as np
 import pytest
 
 from spatialnet_dist.corpora.synthetic import CLASSES, URBAN_SCENES, generate, write_synthetic
+from spatialnet_dist.corpora.synthetic.landuse import DRAW
 from spatialnet_dist.corpora.synthetic.qa import PER_IMAGE
-from spatialnet_dist.corpora.synthetic.scene import TAGS
+from spatialnet_dist.corpora.synthetic.scene import TAGS, Scene
 from spatialnet_dist.errors import UserError
 from spatialnet_dist.store.schema import decode_sample, validate_record
 from spatialnet_dist.text import rsvqa_lr_count_bin, words
 
 QTYPES = ("presence", "count", "comp", "rural_urban", "position")
-SIDES = {"left": (0, 2), "right": (0, 2), "top": (1, 3), "bottom": (1, 3)}  # side -> extent indices (lo, hi)
+SIDES = ("left", "right", "top", "bottom")
 SCENE_WORDS = {
     "agricultural": {"farmland", "fields", "agricultural"},
     "forest": {"forest", "woodland", "woods"},
@@ -160,9 +161,28 @@ def test_tags_are_the_elements_the_picture_shows(corpus):
     assert {t for s in corpus for t in s.tags} == set(TAGS)
 
 
+def drawn_masks(s, seed: int = 0) -> dict[str, np.ndarray]:
+    """(H, W) masks of the building, road and water of sample s, drawn again from its seed."""
+    scene = Scene(np.random.default_rng([seed, int(s.image_id.removeprefix("syn-")), 0]))
+    DRAW[s.meta["scene"]](scene)
+    return {kind: scene.mask(kind) for kind in ("building", "road", "water")}
+
+
+def pixels_in(mask: np.ndarray, sides: set[str], reach: int) -> int:
+    """Pixels of mask in the half or quarter `sides` name, its inner edges `reach` px past the midlines."""
+    ys, xs = np.nonzero(mask)
+    mid = mask.shape[0] // 2
+    inside = np.ones(ys.size, dtype=bool)
+    for side, coord, first in (("left", xs, True), ("right", xs, False), ("top", ys, True), ("bottom", ys, False)):
+        if side in sides:
+            inside &= coord < mid + reach if first else coord >= mid - reach
+    return int(inside.sum())
+
+
 def test_answers_are_true_of_the_picture(corpus):
     for s in corpus:
         counts, surfaces = s.meta["counts"], s.meta["surfaces"]
+        masks = drawn_masks(s) if any(q["type"] == "position" for q in s.qa) else {}
         for q in s.qa:
             named, answer = object_in(q["question"]), q["answer"]
             if q["type"] == "count":
@@ -176,12 +196,12 @@ def test_answers_are_true_of_the_picture(corpus):
                 assert answer == ("yes" if (a > b if more else a < b) else "no"), (q, s.meta)
                 assert max(a, b) >= min(a, b) + 2, (q, s.meta)  # asked only where the difference is plain to see
             elif q["type"] == "position":
-                side = (set(words(q["question"])) & set(SIDES)).pop()
-                extent, (lo, hi) = s.meta["extent"][named[0]], SIDES[side]
-                on_first_half = extent[hi] <= 128  # left or top half, all of it
-                on_second_half = extent[lo] >= 128
-                assert on_first_half or on_second_half, (q, s.meta)  # only what lies on one side is asked
-                assert answer == ("yes" if on_first_half == (side in ("left", "top")) else "no"), (q, s.meta)
+                sides, mask = set(words(q["question"])) & set(SIDES), masks[named[0]]
+                assert len(sides) in (1, 2) and mask.sum() >= 150, (q, s.meta)  # asked only of what the image shows
+                if answer == "yes":  # an object's worth of it inside the region, clear of the midlines
+                    assert pixels_in(mask, sides, -16) >= 150, (q, s.meta)
+                else:  # none of it near the region
+                    assert answer == "no" and pixels_in(mask, sides, 16) == 0, (q, s.meta)
             else:
                 assert answer == ("urban" if s.meta["scene"] in URBAN_SCENES else "rural"), q
 

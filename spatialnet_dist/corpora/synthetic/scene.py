@@ -54,8 +54,11 @@ class Scene:
     """A picture being drawn (see the module docstring). Objects are placed only where they fit whole, so
     `counts` is exactly what the picture shows."""
 
-    def __init__(self, rng: np.random.Generator):
+    def __init__(self, rng: np.random.Generator, textured: bool = True):
         self.rng = rng
+        # textured=False skips the ground's textures (half the drawing time): for scenes whose geometry alone
+        # is wanted (question calibration); placement never reads colours, so the geometry is drawn alike.
+        self.textured = textured
         self.rgb = np.zeros((SIZE, SIZE, 3), np.float32)  # (H, W, 3) ground colours
         self.surface = np.full((SIZE, SIZE), GROUND, np.uint8)
         self.taken = np.zeros((SIZE, SIZE), bool)
@@ -88,6 +91,8 @@ class Scene:
 
     def paint(self, mask, rgb, blotch: float = 0.1, cells: int = 6, fine: float = 0.04, shade=None) -> None:
         """Fill `mask` (None: everything) with a colour mottled by coarse and fine noise, times `shade` (H, W)."""
+        if not self.textured:
+            return
         if mask is None:
             x0, y0, x1, y1 = 0, 0, SIZE, SIZE
         else:  # work inside the mask's bounding box only: roads and ponds are small
