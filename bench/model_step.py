@@ -26,10 +26,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 
 from spatialnet_dist.config import LossConfig, ModelConfig  # noqa: E402
-from spatialnet_dist.model.encoder import build_encoder  # noqa: E402
-from spatialnet_dist.model.presets import get_preset  # noqa: E402
 from spatialnet_dist.model.spatialnet import assemble_model  # noqa: E402
 from spatialnet_dist.model.summary import REPRESENTATIVE_SIZES  # noqa: E402
+from spatialnet_dist.networks.encoder import build_encoder  # noqa: E402
+from spatialnet_dist.networks.presets import get_preset  # noqa: E402
 from spatialnet_dist.objective import MultiTaskObjective  # noqa: E402
 from spatialnet_dist.tasks import DEFAULT_TASKS as TASKS
 from spatialnet_dist.text import BOS_ID, EOS_ID  # noqa: E402

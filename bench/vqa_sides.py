@@ -23,8 +23,8 @@ import torch.nn.functional as F
 from spatialnet_dist.config import ModelConfig
 from spatialnet_dist.corpora.synthetic import generate
 from spatialnet_dist.data.transforms import ImageTransform
-from spatialnet_dist.model import heads
 from spatialnet_dist.model.spatialnet import build_model
+from spatialnet_dist.networks import heads
 from spatialnet_dist.tasks.vqa import answer_logits
 from spatialnet_dist.text import AnswerVocab, TextVocabs, Vocab, words
 

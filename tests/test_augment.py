@@ -9,12 +9,12 @@ import numpy as np
 import pytest
 import torch
 
+from spatialnet_dist.batch_format import CAPTIONS, QUESTIONS
 from spatialnet_dist.config import ConfigError, load
-from spatialnet_dist.data.batch_format import CAPTIONS, QUESTIONS
-from spatialnet_dist.data.sides import SIDE_WORDS, map_sides, mappable
 from spatialnet_dist.data.streams import TaskSamples
-from spatialnet_dist.data.transforms import IDENTITY, SYMMETRIES, ImageTransform, Symmetry, task_transform
+from spatialnet_dist.data.transforms import ImageTransform, task_transform
 from spatialnet_dist.store.schema import Sample
+from spatialnet_dist.symmetry import IDENTITY, SIDE_WORDS, SYMMETRIES, Symmetry, map_sides, mappable
 from spatialnet_dist.tasks import DEFAULT_TASKS as TASKS
 from spatialnet_dist.text import AnswerVocab, TextVocabs, Vocab, words
 

@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 import torch
 
+from spatialnet_dist.batch_format import CAPTIONS, QUESTIONS, collate
 from spatialnet_dist.config import Config
 from spatialnet_dist.data import train_rows
-from spatialnet_dist.data.batch_format import CAPTIONS, QUESTIONS, collate
 from spatialnet_dist.data.batches import make_eval_loader, make_train_loader
 from spatialnet_dist.data.indexed import ShardReader
 from spatialnet_dist.data.order import TaskOrder, alternate_task
@@ -30,7 +30,7 @@ from spatialnet_dist.data.streams import (
     task_stream_spec,
 )
 from spatialnet_dist.data.train_rows import TaskRows
-from spatialnet_dist.data.transforms import SYMMETRIES, ImageTransform, adapt_bands, draw_symmetry
+from spatialnet_dist.data.transforms import ImageTransform, adapt_bands
 from spatialnet_dist.data.vocab import build_vocabs
 from spatialnet_dist.errors import UserError
 from spatialnet_dist.store import schema
@@ -38,6 +38,7 @@ from spatialnet_dist.store.manifest import shard_urls
 from spatialnet_dist.store.schema import Sample
 from spatialnet_dist.store.storage import StoreError
 from spatialnet_dist.store.writer import ShardWriter
+from spatialnet_dist.symmetry import SYMMETRIES, draw_symmetry
 from spatialnet_dist.tasks import DEFAULT_TASKS as TASKS
 from spatialnet_dist.text import rsvqa_lr_count_bin
 

@@ -10,13 +10,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from spatialnet_dist.batch_format import IMAGE_KEY
 from spatialnet_dist.config import LossConfig, ModelConfig
-from spatialnet_dist.data.batch_format import IMAGE_KEY
 from spatialnet_dist.errors import UserError
-from spatialnet_dist.model.encoder import build_encoder
-from spatialnet_dist.model.heads import VocabSizes
-from spatialnet_dist.model.presets import PRESETS
 from spatialnet_dist.model.spatialnet import assemble_model, build_model
+from spatialnet_dist.networks.encoder import build_encoder
+from spatialnet_dist.networks.heads import VocabSizes
+from spatialnet_dist.networks.presets import PRESETS
 from spatialnet_dist.objective import MultiTaskObjective
 from spatialnet_dist.tasks import DEFAULT_TASKS as TASKS
 from spatialnet_dist.tasks.captioning import generate
@@ -419,7 +419,7 @@ def test_tiny_model_overfits_one_multitask_batch():
 def test_vqa_fusion_ties_side_words_to_image_positions():
     """The VQA head alone learns "is the bright square on the <side>?" from 8 x 8 token grids that differ only
     in where a 3 x 3 square lies (wholly in one half): only the grid positions on its image memory say where."""
-    from spatialnet_dist.model.heads import VQAHead
+    from spatialnet_dist.networks.heads import VQAHead
 
     torch.manual_seed(0)
     sides = {4: (1, 0), 5: (1, 1), 6: (0, 0), 7: (0, 1)}  # word id -> (axis: 0 rows 1 columns, which half)
@@ -455,7 +455,7 @@ def test_vqa_fusion_ties_side_words_to_image_positions():
 def test_count_head_sums_a_density_over_the_tokens():
     """The head learns in 200 steps to count 0-40 tokens of the asked-for kind among 64, another kind mixed in:
     a per-token density summed, so it generalises to every count at once."""
-    from spatialnet_dist.model.heads import CountRegressionHead
+    from spatialnet_dist.networks.heads import CountRegressionHead
 
     torch.manual_seed(0)
     head = CountRegressionHead(16, vocab_size=6, question_dim=8, hidden=32)

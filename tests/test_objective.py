@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from spatialnet_dist.config import LossConfig, ModelConfig
-from spatialnet_dist.model.heads import VocabSizes
 from spatialnet_dist.model.spatialnet import assemble_model
+from spatialnet_dist.networks.heads import VocabSizes
 from spatialnet_dist.objective import MultiTaskObjective
 from spatialnet_dist.tasks import DEFAULT_TASKS as TASKS
 from spatialnet_dist.text import BOS_ID, EOS_ID, PAD_ID

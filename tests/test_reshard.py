@@ -75,8 +75,8 @@ def _reshard_worker(rank: int, world_size: int, port: int, stage: int, directory
                       MASTER_PORT=str(port), DS_ACCELERATOR="cpu")
     from spatialnet_dist import checkpoint as ckpt
     from spatialnet_dist import engine as ds
-    from spatialnet_dist.model.heads import VocabSizes
     from spatialnet_dist.model.spatialnet import assemble_model
+    from spatialnet_dist.networks.heads import VocabSizes
     from spatialnet_dist.objective import MultiTaskObjective
 
     torch.set_num_threads(1)

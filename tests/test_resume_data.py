@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from spatialnet_dist.data.batch_format import IMAGE_KEY
+from spatialnet_dist.batch_format import IMAGE_KEY
 from spatialnet_dist.data.batches import make_train_loader
 from spatialnet_dist.data.order import TaskOrder, slot_pattern
 from spatialnet_dist.data.vocab import build_vocabs

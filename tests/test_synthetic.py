@@ -311,7 +311,7 @@ def test_captions_state_facts_that_vary_within_the_class(corpus):
 
 
 def test_caption_side_words_are_mappable(corpus):
-    sides = pytest.importorskip("spatialnet_dist.data.sides")  # the augmentation's side-word mapper
+    sides = pytest.importorskip("spatialnet_dist.symmetry")  # the augmentation's side-word mapper
     named = [c for s in corpus for c in s.captions if SIDE.search(c.lower())]
     assert len(named) >= 100
     for caption in {c for s in corpus for c in s.captions}:

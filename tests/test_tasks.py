@@ -18,8 +18,8 @@ from torch import nn
 from spatialnet_dist import config as config_mod
 from spatialnet_dist import tasks as registry
 from spatialnet_dist.config import ConfigError
-from spatialnet_dist.model.heads import VocabSizes
 from spatialnet_dist.model.spatialnet import assemble_model
+from spatialnet_dist.networks.heads import VocabSizes
 from spatialnet_dist.store.schema import Sample
 from spatialnet_dist.store.writer import ShardWriter
 from spatialnet_dist.tasks.base import Task

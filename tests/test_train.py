@@ -188,8 +188,8 @@ def _fine_tune_worker(rank: int, port: int, out: str):
                       DS_ACCELERATOR="cpu")
     from spatialnet_dist import config as config_mod
     from spatialnet_dist import engine as ds
-    from spatialnet_dist.model.heads import VocabSizes
     from spatialnet_dist.model.spatialnet import assemble_model
+    from spatialnet_dist.networks.heads import VocabSizes
     from spatialnet_dist.objective import MultiTaskObjective
 
     torch.set_num_threads(1)
@@ -254,8 +254,8 @@ def _engine_against_bare_worker(rank: int, port: int, out: str):
                       DS_ACCELERATOR="cpu")
     from spatialnet_dist import config as config_mod
     from spatialnet_dist import engine as ds
-    from spatialnet_dist.model.heads import VocabSizes
     from spatialnet_dist.model.spatialnet import assemble_model
+    from spatialnet_dist.networks.heads import VocabSizes
     from spatialnet_dist.objective import MultiTaskObjective
 
     torch.set_num_threads(1)

@@ -5,6 +5,6 @@
     batch = next(loader); loader.skipped; loader.position()   # {task: n}; what a checkpoint saves
     for sub_batch in data.batches.make_eval_loader(cfg, vocabs, "vqa", "test", rank, world_size): ...
 
-This init imports nothing: config and the task modules import data.transforms and data.batch_format
-without loading the loaders, which read the task registry (tests/test_layering.py).
+This init imports nothing: config imports data.transforms without loading the loaders, which read the task
+registry (tests/test_layering.py).
 """

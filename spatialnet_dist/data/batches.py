@@ -1,7 +1,7 @@
 """Loaders: multi-task training batches (endless) and per-task evaluation sub-batches (finite).
 
 Training: the loader yields one multi-task micro-batch at a time (sub-batches as in
-data/batch_format.py "Batch format"): {"captioning": sub-batch, "vqa": sub-batch, ...}. Every
+batch_format.py "Batch format"): {"captioning": sub-batch, "vqa": sub-batch, ...}. Every
 enabled task has a sub-batch of `tasks.<task>.batch_size` rows each micro-batch, or, with
 `train.mode: alternate`, only the task of that micro-batch index (data/order.py): the same on
 every rank. Micro-batch m of rank r holds the task's global rows that data/order.py gives it, so
@@ -29,7 +29,7 @@ from itertools import islice
 import torch
 from torch.utils.data import DataLoader, IterableDataset
 
-from spatialnet_dist.data.batch_format import collate
+from spatialnet_dist.batch_format import collate
 from spatialnet_dist.data.indexed import ShardReader
 from spatialnet_dist.data.order import alternate_task, batches_before, rank_rows
 from spatialnet_dist.data.streams import (

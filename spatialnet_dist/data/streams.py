@@ -31,14 +31,14 @@ import webdataset as wds
 from webdataset.tariterators import group_by_keys, tar_file_expander
 
 from spatialnet_dist import tasks as registry
-from spatialnet_dist.data.batch_format import IMAGE_KEY
-from spatialnet_dist.data.sides import map_sides, mappable
-from spatialnet_dist.data.transforms import IDENTITY, BandNorm, ImageTransform, Symmetry
+from spatialnet_dist.batch_format import IMAGE_KEY
+from spatialnet_dist.data.transforms import BandNorm, ImageTransform
 from spatialnet_dist.errors import UserError
 from spatialnet_dist.store.band_stats import from_manifest
 from spatialnet_dist.store.manifest import read_manifest, shard_urls
 from spatialnet_dist.store.schema import Sample, decode_sample
 from spatialnet_dist.store.storage import StoreError, open_stream
+from spatialnet_dist.symmetry import IDENTITY, Symmetry, map_sides, mappable
 from spatialnet_dist.text import TextVocabs
 
 log = logging.getLogger(__name__)
@@ -234,7 +234,7 @@ class TaskSamples:
     MAX_QUESTIONS_PER_VISIT, all trained against one encoder pass (`picked`). Evaluation: all of them, so
     every question is scored exactly once, with the references of the image for captioning.
     Images the task has nothing for (no captions, no label, no numeric count question) give None.
-    Each visit draws one symmetry for its image and every text it reads (data/sides.py); `unaugmented`
+    Each visit draws one symmetry for its image and every text it reads (symmetry.py); `unaugmented`
     counts the visits that kept the identity because a text the task reads names a side unclearly.
     """
 

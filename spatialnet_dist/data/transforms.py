@@ -4,7 +4,7 @@ Training augments each task's images under its policy, `tasks.<task>.augment`:
 - `none`: the image as it is (evaluation and prediction always).
 - `symmetry`: one of the 8 symmetries of the square (90-degree rotations, optionally mirrored). They
   move pixels without creating or removing any, so counts, presence and land use stay true; the
-  texts of the visit name sides as the moved image shows them (`data/sides.py`).
+  texts of the visit name sides as the moved image shows them (`symmetry.py`).
 - `strong` (classification only): a random resized crop of at least STRONG_MIN_AREA of the image,
   brightness/contrast/per-band gain jitter, then a symmetry. Crops can cut objects out, so no task
   whose labels count or describe objects may use it (config validation refuses it).
@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from spatialnet_dist.store.schema import as_hwc
+from spatialnet_dist.symmetry import IDENTITY, Symmetry, draw_symmetry
 
 UINT8_MEAN = 0.5  # uint8 images: x / 255, then (x - 0.5) / 0.5 -> [-1, 1] in every band
 UINT8_STD = 0.5
@@ -39,7 +40,7 @@ def model_image_size(model_cfg) -> int:
     """The model's input size: `model.image_size`, or the preset's when that is 0."""
     if model_cfg.image_size:
         return model_cfg.image_size
-    from spatialnet_dist.model.presets import get_preset  # lazy: the model package imports timm
+    from spatialnet_dist.networks.presets import get_preset  # lazy: the model package imports timm
 
     return get_preset(model_cfg.preset).image_size
 
@@ -54,36 +55,6 @@ def adapt_bands(image: np.ndarray, in_chans: int) -> np.ndarray:
     if bands >= in_chans:
         return image[:, :, :in_chans]
     return image[:, :, np.arange(in_chans) % bands]
-
-
-@dataclass(frozen=True)
-class Symmetry:
-    """One of the 8 symmetries of the square: `rotations` quarter turns counter-clockwise (as displayed,
-    row 0 at the top), then, when `mirrored`, a left-right mirror. A vertical flip is mirror + 2 turns."""
-
-    rotations: int = 0
-    mirrored: bool = False
-
-    def apply(self, x: torch.Tensor) -> torch.Tensor:
-        """(C, H, W) -> (C, H, W) of a square image, moved; a new tensor or a view, never written to."""
-        if self.rotations:
-            x = torch.rot90(x, k=self.rotations, dims=(1, 2))  # from the H axis towards W: top -> left
-        return torch.flip(x, dims=(2,)) if self.mirrored else x
-
-    def move(self, dx: int, dy: int) -> tuple[int, int]:
-        """Where a direction (dx to the right, dy down, as displayed) points in the moved image."""
-        for _ in range(self.rotations):
-            dx, dy = dy, -dx  # a counter-clockwise quarter turn: top -> left -> bottom -> right -> top
-        return (-dx, dy) if self.mirrored else (dx, dy)
-
-
-IDENTITY = Symmetry()
-SYMMETRIES = tuple(Symmetry(k, m) for m in (False, True) for k in range(4))
-
-
-def draw_symmetry(rng: np.random.Generator) -> Symmetry:
-    """One of the 8 symmetries, uniformly."""
-    return Symmetry(int(rng.integers(4)), bool(rng.integers(2)))
 
 
 def crop_box(height: int, width: int, rng: np.random.Generator) -> tuple[int, int, int, int]:

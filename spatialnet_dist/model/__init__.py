@@ -1,5 +1,4 @@
-"""SpatialNet-ViT: a timm ViT encoder shared by the task heads (model/spatialnet.py `build_model`).
-
-This init imports nothing: the task modules import model.heads without loading model.spatialnet, which reads
-the task registry (tests/test_layering.py).
+"""SpatialNet-ViT: the encoder shared by the enabled tasks' heads (model/spatialnet.py `build_model`), and its
+size and FLOP summary (model/summary.py). Both read the task registry; the networks they assemble live below the
+tasks, in networks/.
 """

@@ -6,11 +6,11 @@ import torch
 from torch import nn
 
 from spatialnet_dist import tasks as registry
+from spatialnet_dist.batch_format import IMAGE_KEY
 from spatialnet_dist.config import ModelConfig
-from spatialnet_dist.data.batch_format import IMAGE_KEY
-from spatialnet_dist.model.encoder import ViTEncoder, build_encoder, freeze_blocks, layer_id, load_pretrained
-from spatialnet_dist.model.heads import VocabSizes
-from spatialnet_dist.model.presets import Preset, get_preset
+from spatialnet_dist.networks.encoder import ViTEncoder, build_encoder, freeze_blocks, layer_id, load_pretrained
+from spatialnet_dist.networks.heads import VocabSizes
+from spatialnet_dist.networks.presets import Preset, get_preset
 from spatialnet_dist.text import TextVocabs
 
 
@@ -34,7 +34,7 @@ class SpatialNetViT(nn.Module):
 
         The encoder runs once over all sub-batches' distinct images (one large matmul per layer beats
         several small ones), then its tokens are gathered back per task. Rows of any tasks with the
-        same non-empty IMAGE_KEY hold the same image (data/batch_format.py) and share one encoder
+        same non-empty IMAGE_KEY hold the same image (batch_format.py) and share one encoder
         pass; rows without keys (evaluation) are each encoded. Keys that name no registered task are
         ignored. vqa and regression sub-batches pass each image once, however many of their questions
         ask about it (their TypedDicts in tasks/); their outputs have one row per question.

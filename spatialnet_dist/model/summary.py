@@ -10,8 +10,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from spatialnet_dist import tasks as registry
 from spatialnet_dist.config import ModelConfig
-from spatialnet_dist.model.heads import VocabSizes
 from spatialnet_dist.model.spatialnet import assemble_model
+from spatialnet_dist.networks.heads import VocabSizes
 
 # Vocabulary sizes of a representative run: 10000 words, 1000 answers (model.max_answers), 21 land-use
 # classes (UCM), 17 tags (UCM multi-label). The text heads' counts scale with them; the encoder's do not.

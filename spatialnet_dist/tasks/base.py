@@ -1,7 +1,7 @@
 """What a task is: one object that declares everything the rest of the system asks of it.
 
 Data (data/streams.TaskSamples) asks which corpora it can read (`has_content`), which texts of a sample
-it reads (`texts`, for the symmetry check) and the row it draws from a sample (`row`); data/batch_format
+it reads (`texts`, for the symmetry check) and the row it draws from a sample (`row`); batch_format
 `collate` stacks rows into the task's sub-batch, whose keys and shapes each task writes down as a
 TypedDict (the batch contract in code). The model builds `head` and calls it as
 `head(tokens (B, N, D), pooled (B, D), sub_batch) -> outputs`; the objective weighs `loss`; evaluation
@@ -22,10 +22,10 @@ from torch import nn
 if TYPE_CHECKING:  # config imports the registry lazily; a task module must not import config at its top
     from spatialnet_dist.config import LossConfig, ModelConfig
     from spatialnet_dist.data.streams import TaskSamples
-    from spatialnet_dist.data.transforms import Symmetry
-    from spatialnet_dist.model.heads import VocabSizes
-    from spatialnet_dist.model.presets import Preset
+    from spatialnet_dist.networks.heads import VocabSizes
+    from spatialnet_dist.networks.presets import Preset
     from spatialnet_dist.store.schema import Sample
+    from spatialnet_dist.symmetry import Symmetry
     from spatialnet_dist.text import TextVocabs
 
 

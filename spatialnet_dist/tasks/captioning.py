@@ -9,11 +9,11 @@ from typing import TypedDict
 
 import torch
 
-from spatialnet_dist.data.batch_format import CAPTIONS
-from spatialnet_dist.data.sides import map_sides
+from spatialnet_dist.batch_format import CAPTIONS
 from spatialnet_dist.metrics.baselines import caption_text, class_oracle_captions, most_frequent, training_text
 from spatialnet_dist.metrics.captions import format_caption_table, score_captions
-from spatialnet_dist.model.heads import CaptionDecoder
+from spatialnet_dist.networks.heads import CaptionDecoder
+from spatialnet_dist.symmetry import map_sides
 from spatialnet_dist.tasks.base import Task, cross_entropy
 from spatialnet_dist.text import PAD_ID
 

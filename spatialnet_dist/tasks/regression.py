@@ -9,11 +9,11 @@ from typing import TypedDict
 import torch
 import torch.nn.functional as F
 
-from spatialnet_dist.data.batch_format import QUESTIONS
-from spatialnet_dist.data.sides import map_sides
+from spatialnet_dist.batch_format import QUESTIONS
 from spatialnet_dist.metrics.baselines import training_text
 from spatialnet_dist.metrics.vqa import count_errors, format_count_table
-from spatialnet_dist.model.heads import CountRegressionHead
+from spatialnet_dist.networks.heads import CountRegressionHead
+from spatialnet_dist.symmetry import map_sides
 from spatialnet_dist.tasks.base import Task
 from spatialnet_dist.tasks.vqa import question_texts
 from spatialnet_dist.text import as_number

@@ -7,10 +7,10 @@ from typing import TypedDict
 
 import torch
 
-from spatialnet_dist.data.batch_format import QUESTIONS
+from spatialnet_dist.batch_format import QUESTIONS
 from spatialnet_dist.metrics.baselines import majority_answers, question_only_answers, training_text
 from spatialnet_dist.metrics.vqa import format_vqa_table, score_vqa
-from spatialnet_dist.model.heads import VQAHead
+from spatialnet_dist.networks.heads import VQAHead
 from spatialnet_dist.tasks.base import Task, cross_entropy
 
 REPORT_QUESTIONS = 3  # questions shown per sample image

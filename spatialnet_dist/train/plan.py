@@ -123,7 +123,7 @@ def resolve(cfg: Config, world_size: int, recorded: dict | None = None) -> tuple
     """-> (the config to train with, a one-line summary for the log; "" when nothing was derived).
     world_size: the workers the run is planned on; recorded: the meta.json of the checkpoint it resumes
     (`global_batch`)."""
-    from spatialnet_dist.model.presets import get_preset
+    from spatialnet_dist.networks.presets import get_preset
 
     depth = get_preset(cfg.model.preset).depth
     if cfg.model.freeze_encoder_blocks > depth:

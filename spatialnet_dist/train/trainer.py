@@ -33,8 +33,8 @@ import torch.distributed as dist
 from spatialnet_dist import checkpoint as ckpt
 from spatialnet_dist import engine as ds
 from spatialnet_dist import tasks as registry
+from spatialnet_dist.batch_format import question_count
 from spatialnet_dist.config import Config
-from spatialnet_dist.data.batch_format import question_count
 from spatialnet_dist.data.batches import make_eval_loader, make_train_loader
 from spatialnet_dist.data.order import stream_seed
 from spatialnet_dist.errors import NonFiniteLoss, UserError

@@ -20,7 +20,7 @@ water, field, beach, track, parking-lot), each set by the element that drew it, 
 
 Deterministic for a seed: image i depends only on (seed, i). Classes are balanced (each block of 8 images holds
 every class once) and splits are 80/10/10 (each block of 10 images holds 8 train, 1 val, 1 test). Captions
-and position questions may name sides (left, top, ...) in words that data/sides.py maps under flips and
+and position questions may name sides (left, top, ...) in words that symmetry.py maps under flips and
 rotations, so an augmentation that moves the pixels maps their words along.
 """
 

@@ -9,7 +9,7 @@ templates over the same facts, each slot in one of its wordings: they agree on w
 that reads the picture can match them, while one fixed caption per class (the class oracle) cannot.
 
 Side words are said only with a clear margin (SIDE_SHARE, SIDE_MARGIN) and only in phrasings that
-data/sides.py maps under flips and rotations ("along the top of the image", "in the top left corner of
+symmetry.py maps under flips and rotations ("along the top of the image", "in the top left corner of
 the image"); never "above"/"below" nor "on top of".
 """
 

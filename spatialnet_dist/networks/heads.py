@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from spatialnet_dist.model.presets import Preset
+from spatialnet_dist.networks.presets import Preset
 from spatialnet_dist.text import BOS_ID, EOS_ID, PAD_ID
 
 

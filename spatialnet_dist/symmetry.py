@@ -1,4 +1,7 @@
-"""Texts under a symmetry of the image: words that name a side or direction, mapped as the pixels move.
+"""The 8 symmetries of the square (flips and quarter turns): how they move an image, and its texts' side words.
+
+`Symmetry` moves the pixels of a square image (data/transforms.py draws one per training visit); `map_sides`
+moves the words of a text that name a side or direction, so that the text stays true of the moved image.
 
 A caption or question that says where something is ("water on the left side", "a road at the top",
 "the north-east corner", "a vertical runway") stays true of a flipped or rotated image only when its
@@ -23,8 +26,41 @@ from __future__ import annotations
 from dataclasses import dataclass
 from functools import lru_cache
 
-from spatialnet_dist.data.transforms import IDENTITY, Symmetry
+import numpy as np
+import torch
+
 from spatialnet_dist.text import words as split_words
+
+
+@dataclass(frozen=True)
+class Symmetry:
+    """One of the 8 symmetries of the square: `rotations` quarter turns counter-clockwise (as displayed,
+    row 0 at the top), then, when `mirrored`, a left-right mirror. A vertical flip is mirror + 2 turns."""
+
+    rotations: int = 0
+    mirrored: bool = False
+
+    def apply(self, x: torch.Tensor) -> torch.Tensor:
+        """(C, H, W) -> (C, H, W) of a square image, moved; a new tensor or a view, never written to."""
+        if self.rotations:
+            x = torch.rot90(x, k=self.rotations, dims=(1, 2))  # from the H axis towards W: top -> left
+        return torch.flip(x, dims=(2,)) if self.mirrored else x
+
+    def move(self, dx: int, dy: int) -> tuple[int, int]:
+        """Where a direction (dx to the right, dy down, as displayed) points in the moved image."""
+        for _ in range(self.rotations):
+            dx, dy = dy, -dx  # a counter-clockwise quarter turn: top -> left -> bottom -> right -> top
+        return (-dx, dy) if self.mirrored else (dx, dy)
+
+
+IDENTITY = Symmetry()
+SYMMETRIES = tuple(Symmetry(k, m) for m in (False, True) for k in range(4))
+
+
+def draw_symmetry(rng: np.random.Generator) -> Symmetry:
+    """One of the 8 symmetries, uniformly."""
+    return Symmetry(int(rng.integers(4)), bool(rng.integers(2)))
+
 
 N, S, E, W = (0, -1), (0, 1), (1, 0), (-1, 0)
 _COMPASS = {N: "north", S: "south", E: "east", W: "west",

@@ -15,7 +15,7 @@ from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_
 from torch import nn
 
 from spatialnet_dist.errors import UserError
-from spatialnet_dist.model.presets import Preset
+from spatialnet_dist.networks.presets import Preset
 
 log = logging.getLogger(__name__)
 
