@@ -18,6 +18,9 @@ $(VENV)/.installed: pyproject.toml spatialnet_dist/requirements.txt constraints.
 	# constraints.txt pins torch with torchvision: a resolver that picks another torch downloads GBs.
 	$(PY) -m pip install -c constraints.txt -e '.[test]'
 	bash scripts/ensure-java.sh
+	# DeepSpeed's CPU shared-memory all-reduce op compiles on first use (~60 s, cached in TORCH_EXTENSIONS_DIR):
+	# build it here, so that the demo's first step (and the first test that starts an engine) does not wait on gcc.
+	DS_ACCELERATOR=cpu $(PY) -c "from deepspeed.comm.torch import build_shm_op; build_shm_op()"
 	touch $@
 
 demo: setup
