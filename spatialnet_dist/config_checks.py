@@ -2,22 +2,19 @@
 stand under tasks. and loss.weights. (the registry's tasks; a task's former name is an error naming its new one).
 
 `validate` runs after every load and override (config.load, config.from_dict); its errors are `ConfigError`
-with one line that names the key.
+with one line that names the key. It reads a `config.Config` by attribute and does not import config, which
+imports it: dependencies point one way.
 """
 
 from __future__ import annotations
 
 import difflib
 from collections.abc import Callable
-from typing import TYPE_CHECKING
 
 from spatialnet_dist import tasks as registry
 from spatialnet_dist.data.transforms import AUGMENT_POLICIES
 from spatialnet_dist.errors import ConfigError
 from spatialnet_dist.networks.presets import PRESETS
-
-if TYPE_CHECKING:
-    from spatialnet_dist.config import Config, TaskConfig
 
 FAULT_KINDS = ("exit", "error", "user_error", "nan_loss")  # faults.kind: see config.FaultsConfig
 
@@ -80,14 +77,14 @@ CHECKS: dict[str, tuple[Callable, str]] = {
 }
 
 
-def _get(cfg: Config, dotted: str):
+def _get(cfg, dotted: str):
     obj = cfg
     for part in dotted.split("."):
         obj = getattr(obj, part)
     return obj
 
 
-def validate(cfg: Config) -> Config:
+def validate(cfg):
     for key, (ok, allowed) in CHECKS.items():
         value = _get(cfg, key)
         if not ok(value):
@@ -117,7 +114,7 @@ def validate(cfg: Config) -> Config:
     return cfg
 
 
-def _validate_task(tc: TaskConfig, task, strong: list[str]) -> None:
+def _validate_task(tc, task, strong: list[str]) -> None:
     name = task.name
     if tc.batch_size < 1:
         raise ConfigError(f"config key tasks.{name}.batch_size: {tc.batch_size!r} is not allowed (expected >= 1)")
