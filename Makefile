@@ -4,8 +4,12 @@ SHELL := /bin/bash
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
-# DeepSpeed JIT-compiles a small op on first use (~30 s); keep it across runs.
+# DeepSpeed JIT-compiles a small op on first use (~60 s); keep it across runs.
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.torch_extensions
+# The venv's tools first, as `activate` puts them: the op's build runs `ninja`, and the venv's (1.13) and a system
+# one (Debian's 1.11) write build logs the other cannot read, so an op built by one was rebuilt by the other
+# (77 s at the demo's first step after `make test`, whose Ray clusters put .venv/bin first).
+export PATH := $(abspath $(VENV))/bin:$(PATH)
 
 .PHONY: setup demo test test-fast lint bench clean
 

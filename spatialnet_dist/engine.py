@@ -14,6 +14,7 @@ import contextlib
 import io
 import math
 import os
+import sys
 
 import torch
 
@@ -24,6 +25,11 @@ versions.require("deepspeed")  # the ZeRO-3 internals below are those of the ver
 # DeepSpeed reads DS_ACCELERATOR when it is first imported; a CPU-only process must say so first.
 if not torch.cuda.is_available():
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
+# DeepSpeed compiles its CPU all-reduce op on first use with the `ninja` on PATH (cached in TORCH_EXTENSIONS_DIR).
+# A venv's bin first, as its `activate` puts it (and the Makefile, and Ray workers, which inherit PATH): the
+# venv's ninja and a system one write build logs the other cannot read, so each rebuilt (~60 s) what the other built.
+if sys.prefix != sys.base_prefix and os.environ.get("PATH", "").split(os.pathsep)[0] != os.path.dirname(sys.executable):
+    os.environ["PATH"] = os.pathsep.join([os.path.dirname(sys.executable), os.environ.get("PATH", "")])
 
 import deepspeed  # noqa: E402
 from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint  # noqa: E402
