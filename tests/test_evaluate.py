@@ -112,6 +112,24 @@ def test_caption_scores_equal_pycocoevalcap(caption_scores):
     assert 0 < ours["METEOR"] < 1 and 0 < ours["ROUGE-L"] < 1 and ours["CIDEr"] > 0
 
 
+@pytest.mark.slow  # METEOR's java process loads for ~13 s, here twice
+def test_one_meteor_process_serves_every_scoring_until_one_fails(monkeypatch):
+    from spatialnet_dist.metrics import captions
+
+    first = score_captions(PREDS, REFS)
+    meteor = captions._METEOR
+    assert score_captions(PREDS, REFS) == first and captions._METEOR is meteor
+
+    def broken(*args):
+        raise RuntimeError("METEOR answered nonsense")
+
+    monkeypatch.setattr(meteor, "_stat", broken)
+    with pytest.raises(RuntimeError, match="nonsense"):
+        score_captions(PREDS, REFS)
+    assert meteor.meteor_p.poll() is not None and captions._METEOR is None  # ended, not left holding its lock
+    assert score_captions(PREDS, REFS) == first  # a new process
+
+
 def test_caption_table_is_paper_order_in_percent():
     scores = {
         "CIDEr": 2.5034,

@@ -93,21 +93,31 @@ def _spice():
         raise UserError(offline.format(models.CORENLP, f"the download failed ({e})")) from None
 
 
+_METEOR = None  # this process's pycocoevalcap Meteor scorer (one java process), started by the first score
+
+
 @contextmanager
 def _meteor():
-    """pycocoevalcap's Meteor scorer; its java process is ended on the way out, also when scoring failed
-    half-way (Meteor.__del__ would then wait forever on the lock compute_score still holds)."""
+    """This process's Meteor scorer, started on first use and kept: its java process loads a paraphrase table
+    for ~13 s before the first score, and one evaluation scores the run and two baselines (three starts were
+    40 s of the demo's 46 s evaluation). The java process ends with this one (at EOF on its stdin). When
+    scoring fails half-way it is ended at once and the next call starts another (Meteor.__del__ would
+    otherwise wait forever on the lock compute_score still holds)."""
+    global _METEOR
     from pycocoevalcap.meteor.meteor import Meteor
 
-    meteor = Meteor()
+    if _METEOR is None or _METEOR.meteor_p.poll() is not None:
+        _METEOR = Meteor()
     try:
-        yield meteor
-    finally:
+        yield _METEOR
+    except BaseException:
+        meteor, _METEOR = _METEOR, None
         if meteor.lock.locked():
             meteor.lock.release()
         meteor.meteor_p.stdin.close()
         meteor.meteor_p.kill()
         meteor.meteor_p.wait()
+        raise
 
 
 def score_captions(preds: list[dict], refs: dict[str, list[str]], spice: bool = False) -> dict:
@@ -115,7 +125,7 @@ def score_captions(preds: list[dict], refs: dict[str, list[str]], spice: bool = 
     then "CIDEr_ci": the 95% bootstrap interval [lo, hi] of CIDEr over the images.
 
     preds: [{"image_id": str, "caption": str}], one per image; refs: {image_id: [reference captions]}
-    for exactly the predicted images. Each scorer is created once per call (METEOR starts java, ~10 s).
+    for exactly the predicted images. METEOR's java process is started once per process (`_meteor`).
     """
     check_captions(preds, refs)
     versions.require_java()
