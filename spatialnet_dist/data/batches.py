@@ -90,7 +90,8 @@ class MultiTaskBatches(IterableDataset):
             for index in range(self.start + worker, 2**63, workers):
                 chosen = [alternate_task(self.seed, index, tasks)] if self.alternate else tasks
                 start, skipped = self.rows_before(index), {t: rows[t].counts.skipped for t in tasks}
-                batch = {t: collate([rows[t].row(g) for g in rank_rows(start[t], self.batch_sizes[t], self.rank)])
+                made: dict = {}  # the micro-batch's images by image key: its tasks' rows show the same ones
+                batch = {t: collate([rows[t].row(g, made) for g in rank_rows(start[t], self.batch_sizes[t], self.rank)])
                          for t in chosen}
                 yield batch, {"skipped": {t: rows[t].counts.skipped - skipped[t] for t in tasks}}
         finally:

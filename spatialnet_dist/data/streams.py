@@ -251,20 +251,28 @@ class TaskSamples:
         self.unaugmented = 0
 
     def __call__(self, sample: Sample, rng: np.random.Generator | None, image_rng: np.random.Generator | None = None,
-                 source: str = "") -> dict | None:
+                 source: str = "", made: dict[str, torch.Tensor] | None = None) -> dict | None:
         """`rng` draws the task's picks, `image_rng` (default: `rng`) the image's symmetry and crop. `source`
         names the stored sample (corpus and index): in training, a row whose image is a function of
-        (source, symmetry) carries IMAGE_KEY, so the model encodes it once for every task whose row shows it."""
+        (source, symmetry) carries IMAGE_KEY, so the model encodes it once for every task whose row shows it.
+        `made`: images transformed for other rows by IMAGE_KEY (a micro-batch's tasks show the same images),
+        taken from there and added to it, so each is transformed once."""
         image_rng = image_rng or rng
         symmetry = self._symmetry(sample, image_rng)
         targets = self.definition.row(sample, self, rng, symmetry)
         if targets is None:
             return None
-        image = self.transform(sample.image, image_rng, symmetry, self.band_norms.get(sample.corpus))  # (C, S, S)
+        key = ""  # strong crops and recolours (and evaluation's rows): never shared
+        if self.train and source and self.transform.augment != "strong":
+            key = f"{source}@{symmetry.rotations}{'m' * symmetry.mirrored}"
+        image = made.get(key) if made is not None and key else None  # (C, S, S)
+        if image is None:
+            image = self.transform(sample.image, image_rng, symmetry, self.band_norms.get(sample.corpus))
+            if made is not None and key:
+                made[key] = image  # shared, never changed: collate copies it into the batch
         row = {"image": image, "image_id": sample.image_id, **targets}
         if self.train:
-            row[IMAGE_KEY] = f"{source}@{symmetry.rotations}{'m' * symmetry.mirrored}" if (
-                source and self.transform.augment != "strong") else ""  # strong crops and recolours: never shared
+            row[IMAGE_KEY] = key
         return row
 
     def _symmetry(self, s: Sample, rng) -> Symmetry:

@@ -41,7 +41,8 @@ class TaskRows:
                                    min_shards=min(BAD_CHECK_MIN_SHARDS, len(spec.shards())))
         self._opened: set[str] = set()
 
-    def row(self, g: int) -> dict:
+    def row(self, g: int, made: dict | None = None) -> dict:
+        """`made`: the micro-batch's transformed images by image key, shared with its other tasks' rows (TaskSamples)."""
         last: Sample | None = None
         for attempt in range(USELESS_RUN_LIMIT):
             corpus, i = self.order.sample(g, attempt)
@@ -51,7 +52,8 @@ class TaskRows:
                 continue
             last = sample
             row = self.spec.rows(sample, row_rng(self.seed, self.spec.task, g, attempt),
-                                 row_rng(self.seed, self.stream, g, attempt), source=f"{self.spec.corpora[corpus].corpus}/{i}")
+                                 row_rng(self.seed, self.stream, g, attempt), source=f"{self.spec.corpora[corpus].corpus}/{i}",
+                                 made=made)
             if row is not None:
                 return row
         what = f"last {last.image_id} of corpus {last.corpus}" if last else "all bad input"
