@@ -93,16 +93,19 @@ def object_in(text: str) -> list[str]:
 
 @pytest.fixture(scope="module")
 def corpus():
-    return list(generate(600, seed=0))
+    return list(generate(600, seed=0, processes=2))  # the demo's corpus, drawn in processes as write_synthetic does
 
 
-def test_deterministic_for_a_seed():
+def test_deterministic_for_a_seed(corpus):
     a, b, c = list(generate(12, 3)), list(generate(12, 3)), list(generate(12, 4))
     for x, y in zip(a, b):
         assert np.array_equal(x.image, y.image)
         assert x.record() == y.record()
     assert any(not np.array_equal(x.image, z.image) for x, z in zip(a, c))
     assert [x.record() for x in a] != [z.record() for z in c]
+    for x, y in zip(generate(12, 0), corpus):  # one process draws what two drew
+        assert np.array_equal(x.image, y.image)
+        assert x.record() == y.record()
 
 
 def test_bad_arguments_are_user_errors():
