@@ -170,7 +170,23 @@ def test_eval_run_over_ray_workers_matches_one_process(store, shared_ray, tmp_pa
     one_process.pop("captioning")  # scored above; java once is enough
     without_baselines = {task: {k: v for k, v in s.items() if k != "baselines"} for task, s in over_ray.items()}
     without_baselines.pop("captioning")
-    assert score_predictions(one_process, cfg, vocabs) == without_baselines
+    # Float scores within rounding: each worker predicts its own batches, and a matmul over another batch shape may
+    # round a regression output differently in its 8th digit (seen in CI). Any prediction that changed class would
+    # move an accuracy by 1/n, far outside the tolerance.
+    ours, theirs = leaves(score_predictions(one_process, cfg, vocabs)), leaves(without_baselines)
+    assert ours.keys() == theirs.keys()
+    floats = {path for path, value in theirs.items() if isinstance(value, float)}
+    assert {p: v for p, v in ours.items() if p not in floats} == {p: v for p, v in theirs.items() if p not in floats}
+    assert {p: ours[p] for p in floats} == pytest.approx({p: theirs[p] for p in floats}, rel=1e-6)
+
+
+def leaves(scores, path: str = "") -> dict[str, float]:
+    """Nested scores -> {"/vqa/per_type/count": 0.5, ...}, the form pytest.approx compares."""
+    if isinstance(scores, dict):
+        return {k: v for key, value in scores.items() for k, v in leaves(value, f"{path}/{key}").items()}
+    if isinstance(scores, list):
+        return {k: v for i, value in enumerate(scores) for k, v in leaves(value, f"{path}/{i}").items()}
+    return {path: scores}
 
 
 def test_an_exported_bundle_is_checked_and_one_from_elsewhere_loads(bundle, tmp_path):
