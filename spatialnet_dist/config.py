@@ -65,6 +65,7 @@ class TaskConfig:
     global_batch_size: int = 0
     corpus_weights: dict[str, float] = field(default_factory=dict)
     augment: str = "symmetry"  # one of AUGMENT_POLICIES
+    erase_prob: float = 0.0  # random erasing after a strong or trivial policy: the chance of one erased box
     questions_per_image: int = 0  # vqa/regression: questions one visit answers; 0: all, up to a cap (data code)
     captions_per_image: int = 0  # captioning: reference captions one visit trains; 0: all, up to the same cap
 
@@ -115,6 +116,10 @@ def tasks_config_class() -> type:
 class ModelConfig:
     preset: str = "tiny"
     image_size: int = 0  # 0: the preset's size
+    patch_size: int = 0  # 0: the preset's; tokens per image = (image_size / patch_size)^2
+    # How images become tokens: patch (one strided convolution, timm's ViT) | conv (a stack of 3x3 stride-2
+    # convolutions to the same token grid; little data trains it better, networks/encoder.py ConvStemEmbed)
+    stem: str = "patch"
     in_chans: int = 3
     activation: str = ""  # "": the preset's FFN activation (gelu, relu)
     pretrained: str = ""  # "": none; a local .pth/.safetensors file; "hub": timm's hub weights

@@ -12,9 +12,9 @@ import difflib
 from collections.abc import Callable
 
 from spatialnet_dist import tasks as registry
-from spatialnet_dist.data.transforms import AUGMENT_POLICIES
+from spatialnet_dist.data.transforms import AUGMENT_POLICIES, CROPPING_POLICIES
 from spatialnet_dist.errors import ConfigError
-from spatialnet_dist.networks.presets import PRESETS
+from spatialnet_dist.networks.presets import PRESETS, STEMS
 
 FAULT_KINDS = ("exit", "error", "user_error", "nan_loss")  # faults.kind: see config.FaultsConfig
 
@@ -31,7 +31,9 @@ CHECKS: dict[str, tuple[Callable, str]] = {
     "data.max_bad_fraction": (lambda v: 0 <= v <= 1, "between 0 and 1"),
     "data.s3_retry_seconds": (lambda v: v >= 0, ">= 0"),
     "model.preset": (lambda v: v in PRESETS, ", ".join(PRESETS)),
-    "model.image_size": (lambda v: v == 0 or (v >= 32 and v % 16 == 0), "0 or a multiple of 16, >= 32"),
+    "model.image_size": (lambda v: v == 0 or v >= 32, "0 or >= 32, a multiple of the patch size"),
+    "model.patch_size": (lambda v: v == 0 or v >= 2, "0 or >= 2"),
+    "model.stem": (lambda v: v in STEMS, ", ".join(STEMS)),
     "model.in_chans": (lambda v: v >= 1, ">= 1"),
     "model.activation": (lambda v: v in ("", "gelu", "relu"), "gelu or relu"),
     "model.drop_path": (lambda v: 0 <= v < 1, "in [0, 1)"),
@@ -94,6 +96,7 @@ def validate(cfg):
             len(workers) != 2 or not 1 <= workers[0] <= workers[1]):
         raise ConfigError(f"config key train.num_workers: {workers!r} is not allowed "
                           "(expected a number >= 1, or [min, max] with 1 <= min <= max)")
+    _validate_patches(cfg.model)
     strong = [t.name for t in registry.all_tasks() if t.strong_augment]
     for task in registry.all_tasks():
         _validate_task(getattr(cfg.tasks, task.name), task, strong)
@@ -114,6 +117,17 @@ def validate(cfg):
     return cfg
 
 
+def _validate_patches(model) -> None:
+    preset = PRESETS[model.preset]
+    size, patch = model.image_size or preset.image_size, model.patch_size or preset.patch_size
+    if size % patch:
+        raise ConfigError(f"config key model.image_size: {size} is not a multiple of the patch size {patch} "
+                          "(model.patch_size)")
+    if model.stem == "conv" and (patch & (patch - 1)):
+        raise ConfigError(f"config key model.stem: conv halves the image log2(patch) times; the patch size {patch} "
+                          "is not a power of 2")
+
+
 def _validate_task(tc, task, strong: list[str]) -> None:
     name = task.name
     if tc.batch_size < 1:
@@ -121,9 +135,14 @@ def _validate_task(tc, task, strong: list[str]) -> None:
     if tc.augment not in AUGMENT_POLICIES:
         raise ConfigError(f"config key tasks.{name}.augment: {tc.augment!r} is not allowed "
                           f"(expected {', '.join(AUGMENT_POLICIES)})")
-    if tc.augment == "strong" and not task.strong_augment:
-        raise ConfigError(f"config key tasks.{name}.augment: strong crops and recolours images, which can change "
-                          f"counts and what texts say; only {', '.join(strong)} may use it")
+    if tc.augment in CROPPING_POLICIES and not task.strong_augment:
+        raise ConfigError(f"config key tasks.{name}.augment: {tc.augment} crops and recolours images, which can "
+                          f"change counts and what texts say; only {', '.join(strong)} may use it")
+    if not 0 <= tc.erase_prob <= 1:
+        raise ConfigError(f"config key tasks.{name}.erase_prob: {tc.erase_prob!r} is not allowed (expected in [0, 1])")
+    if tc.erase_prob and tc.augment not in CROPPING_POLICIES:
+        raise ConfigError(f"config key tasks.{name}.erase_prob: erasing goes with augment "
+                          f"{' or '.join(CROPPING_POLICIES)}, not {tc.augment}")
     if tc.global_batch_size < 0:
         raise ConfigError(f"config key tasks.{name}.global_batch_size: {tc.global_batch_size!r} is not allowed "
                           "(expected >= 1, or 0: off)")

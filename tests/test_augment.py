@@ -12,7 +12,15 @@ import torch
 from spatialnet_dist.batch_format import CAPTIONS, QUESTIONS
 from spatialnet_dist.config import ConfigError, load
 from spatialnet_dist.data.streams import TaskSamples
-from spatialnet_dist.data.transforms import ImageTransform, task_transform
+from spatialnet_dist.data.transforms import (
+    ERASE_AREA,
+    TRIVIAL_MAX,
+    TRIVIAL_OPS,
+    ImageTransform,
+    erase_,
+    task_transform,
+    trivial_op,
+)
 from spatialnet_dist.store.schema import Sample
 from spatialnet_dist.symmetry import IDENTITY, SIDE_WORDS, SYMMETRIES, Symmetry, map_sides, mappable
 from spatialnet_dist.tasks import DEFAULT_TASKS as TASKS
@@ -153,13 +161,66 @@ def test_strong_policy_changes_pixels_keeps_shape_and_dtype_and_is_deterministic
     assert np.array_equal(image, before)
 
 
+def test_trivial_ops_do_what_they_say_on_any_number_of_bands():
+    """Each TrivialAugment op on a 13-band float image: strength 0 is the identity; a rotation by a quarter
+    (strength 0.5 of 180 degrees) is the square's quarter turn, pixel for pixel; brightness adds, contrast
+    keeps the mean, band gain scales each band, a translation moves the content by the fraction asked."""
+    x = torch.randn(13, 8, 8, generator=torch.Generator().manual_seed(0))
+    for op in TRIVIAL_OPS:
+        torch.testing.assert_close(trivial_op(x, op, 0.0), x, atol=1e-5, rtol=0)
+    turned = trivial_op(x, "rotate", 0.5)
+    assert any(torch.allclose(turned, torch.rot90(x, k, dims=(1, 2)), atol=1e-5) for k in (1, 3))
+    torch.testing.assert_close(trivial_op(x, "brightness", -0.5), x - 0.5 * TRIVIAL_MAX["brightness"])
+    contrast = trivial_op(x, "contrast", 1.0)
+    assert torch.isclose(contrast.mean(), x.mean(), atol=1e-5) and contrast.std() > 1.5 * x.std()
+    gains = trivial_op(x, "band_gain", 1.0) / x
+    assert torch.allclose(gains[0], torch.tensor(1 + TRIVIAL_MAX["band_gain"])) and gains[-1].mean() < 1
+    shifted = trivial_op(x, "translate_x", 0.25 / TRIVIAL_MAX["translate_x"])  # a quarter of the side: 2 pixels
+    torch.testing.assert_close(shifted[:, :, :6], x[:, :, 2:], atol=1e-5, rtol=0)
+    assert trivial_op(x, "sharpness", -1.0).std() < x.std()  # blurred
+
+
+def test_trivial_policy_is_deterministic_per_rng_and_keeps_shape_and_dtype():
+    image = np.random.default_rng(0).integers(0, 256, (48, 40, 3), dtype=np.uint8)
+    trivial = ImageTransform(32, 3, augment="trivial")
+
+    def augmented(seed: int) -> torch.Tensor:
+        rng = np.random.default_rng(seed)
+        return trivial(image, rng, trivial.draw_symmetry(rng))
+
+    outputs = [augmented(seed) for seed in range(8)]
+    assert all(x.shape == (3, 32, 32) and x.dtype == torch.float32 for x in outputs)
+    assert torch.equal(augmented(3), outputs[3]) and not torch.equal(outputs[3], outputs[4])
+
+
+def test_random_erasing_replaces_one_box_of_the_allowed_area():
+    x = torch.full((4, 32, 32), 5.0)
+    erase_(x, np.random.default_rng(1))
+    changed = (x != 5.0).all(dim=0)  # (32, 32): noise is never exactly 5
+    rows, cols = changed.any(dim=1).nonzero(), changed.any(dim=0).nonzero()
+    box = (rows.max() - rows.min() + 1) * (cols.max() - cols.min() + 1)
+    assert int(changed.sum()) == int(box)  # one rectangle
+    assert ERASE_AREA[0] * 0.8 <= float(box) / 32**2 <= ERASE_AREA[1] * 1.2
+    erased = [ImageTransform(16, 3, "strong", erase_prob=p) for p in (0.0, 1.0)]
+    image = np.full((16, 16, 3), 128, np.uint8)
+    plain, with_box = (t(image, np.random.default_rng(0)) for t in erased)
+    assert not torch.equal(plain, with_box)
+
+
 def test_counting_and_describing_tasks_may_not_crop():
     cfg = load()
     assert {t: getattr(cfg.tasks, t).augment for t in TASKS} == {
         "captioning": "symmetry", "vqa": "symmetry", "classification": "strong", "regression": "symmetry"}
     for task in ("vqa", "regression", "captioning"):
-        with pytest.raises(ConfigError, match=f"tasks.{task}.augment: strong"):
-            load(overrides=[f"tasks.{task}.augment=strong"])
+        for policy in ("strong", "trivial"):
+            with pytest.raises(ConfigError, match=f"tasks.{task}.augment: {policy}"):
+                load(overrides=[f"tasks.{task}.augment={policy}"])
+    with pytest.raises(ConfigError, match="tasks.classification.erase_prob: erasing goes with augment"):
+        load(overrides=["tasks.classification.augment=symmetry", "tasks.classification.erase_prob=0.25"])
+    with pytest.raises(ConfigError, match="tasks.classification.erase_prob: 1.5"):
+        load(overrides=["tasks.classification.erase_prob=1.5"])
+    assert task_transform(load(overrides=["tasks.classification.augment=trivial", "tasks.classification.erase_prob=0.25"]),
+                          "classification", train=True).erase_prob == 0.25
     with pytest.raises(ConfigError, match="tasks.vqa.augment: 'crop'"):
         load(overrides=["tasks.vqa.augment=crop"])
     assert load(overrides=["tasks.classification.augment=none"]).tasks.classification.augment == "none"

@@ -482,3 +482,38 @@ def test_count_head_sums_a_density_over_the_tokens():
     with torch.no_grad():
         predicted = torch.expm1(head(tokens, None, sub)["count_log1p"])
     assert (predicted - count).abs().mean() < 1.0
+
+
+def test_conv_stem_gives_the_patch_grid_and_the_rest_of_a_timm_vit(tmp_path):
+    """model.stem=conv: log2(patch) stride-2 3x3 convolutions to the same (B, N, D) tokens as the patch conv;
+    blocks, tokens and norms keep timm's names, so a patch ViT's weights load into all but the stem."""
+    patch, conv = tiny_model(["classification"], seed=1), tiny_model(["classification"], seed=2, stem="conv")
+    x = torch.randn(2, 3, 32, 32)
+    assert patch.encode(x)[0].shape == conv.encode(x)[0].shape == (2, 4, PRESETS["tiny"].embed_dim)
+    convs = [m for m in conv.encoder.patch_embed.proj if isinstance(m, torch.nn.Conv2d)]
+    assert [(c.kernel_size, c.stride) for c in convs] == [((3, 3), (2, 2))] * 4 + [((1, 1), (1, 1))]  # patch 16
+    assert [c.out_channels for c in convs] == [24, 48, 96, 192, 192]
+    shared = set(patch.encoder.state_dict()) & set(conv.encoder.state_dict())
+    assert {k for k in conv.encoder.state_dict() if k not in shared} == {
+        k for k in conv.encoder.state_dict() if k.startswith("patch_embed.proj.")}
+    stem_before = {k: v.clone() for k, v in conv.encoder.patch_embed.state_dict().items()}
+    path = str(tmp_path / "patch-vit.pth")
+    torch.save(patch.encoder.state_dict(), path)
+    loaded = tiny_model(["classification"], seed=2, stem="conv", pretrained=path)
+    torch.testing.assert_close({k: loaded.encoder.state_dict()[k] for k in shared if "patch_embed" not in k},
+                               {k: patch.encoder.state_dict()[k] for k in shared if "patch_embed" not in k})
+    torch.testing.assert_close(loaded.encoder.patch_embed.state_dict(), stem_before)  # the stem starts fresh
+
+
+def test_patch_size_sets_the_token_grid_and_is_checked_against_the_image_size():
+    from spatialnet_dist.config import ConfigError, load
+
+    model = tiny_model(["classification"], patch_size=8)
+    assert model.encode(torch.randn(1, 3, 32, 32))[0].shape == (1, 16, PRESETS["tiny"].embed_dim)
+    assert load(overrides=["model.image_size=72", "model.patch_size=8"]).model.patch_size == 8
+    with pytest.raises(ConfigError, match="model.image_size: 72 is not a multiple of the patch size 16"):
+        load(overrides=["model.image_size=72"])
+    with pytest.raises(ConfigError, match="model.stem: conv .* 12 is not a power of 2"):
+        load(overrides=["model.image_size=96", "model.patch_size=12", "model.stem=conv"])
+    with pytest.raises(ConfigError, match="model.stem"):
+        load(overrides=["model.stem=resnet"])

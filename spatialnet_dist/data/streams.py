@@ -32,7 +32,7 @@ from webdataset.tariterators import group_by_keys, tar_file_expander
 
 from spatialnet_dist import tasks as registry
 from spatialnet_dist.batch_format import IMAGE_KEY
-from spatialnet_dist.data.transforms import BandNorm, ImageTransform
+from spatialnet_dist.data.transforms import CROPPING_POLICIES, BandNorm, ImageTransform
 from spatialnet_dist.errors import UserError
 from spatialnet_dist.store.band_stats import from_manifest
 from spatialnet_dist.store.manifest import read_manifest, shard_urls
@@ -262,8 +262,8 @@ class TaskSamples:
         targets = self.definition.row(sample, self, rng, symmetry)
         if targets is None:
             return None
-        key = ""  # strong crops and recolours (and evaluation's rows): never shared
-        if self.train and source and self.transform.augment != "strong":
+        key = ""  # crops and recolours (and evaluation's rows): never shared
+        if self.train and source and self.transform.augment not in CROPPING_POLICIES:
             key = f"{source}@{symmetry.rotations}{'m' * symmetry.mirrored}"
         image = made.get(key) if made is not None and key else None  # (C, S, S)
         if image is None:

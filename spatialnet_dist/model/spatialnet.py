@@ -108,7 +108,8 @@ def _distinct_images(keys: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
 def assemble_model(model_cfg: ModelConfig, tasks: list[str], sizes: VocabSizes) -> SpatialNetViT:
     """Encoder from the preset (with the config's overrides) + one head per task, sized by `sizes`."""
     preset = get_preset(model_cfg.preset)
-    encoder = build_encoder(preset, model_cfg.image_size, model_cfg.in_chans, model_cfg.activation, model_cfg.drop_path)
+    encoder = build_encoder(preset, model_cfg.image_size, model_cfg.in_chans, model_cfg.activation, model_cfg.drop_path,
+                            model_cfg.patch_size, model_cfg.stem)
     if model_cfg.pretrained:
         load_pretrained(encoder, model_cfg.pretrained, preset)
     freeze_blocks(encoder, model_cfg.freeze_encoder_blocks)

@@ -2,6 +2,11 @@
 
 `ViTEncoder` *is* a timm `VisionTransformer` (same parameter names), so timm checkpoints load into it
 and timm's helpers (pos_embed resampling, activation checkpointing) apply unchanged.
+
+`model.stem: conv` replaces the one strided patch convolution by a small convolutional stem (Xiao et al.
+2021, "Early convolutions help transformers see better"): with little data a ViT from scratch lacks the
+locality a stack of 3x3 convolutions gives its first layer. The rest stays a timm ViT: the same token grid,
+blocks and names, so timm weights still load into everything after the patch embedding.
 """
 
 from __future__ import annotations
@@ -10,16 +15,38 @@ import logging
 from pathlib import Path
 
 import torch
+from timm.layers import LayerNorm2d, PatchEmbed
 from timm.models._manipulate import adapt_input_conv
 from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
 from torch import nn
 
 from spatialnet_dist.errors import UserError
-from spatialnet_dist.networks.presets import Preset
+from spatialnet_dist.networks.presets import STEMS, Preset
 
 log = logging.getLogger(__name__)
 
 ACTIVATIONS = {"gelu": nn.GELU, "relu": nn.ReLU}
+
+
+class ConvStemEmbed(PatchEmbed):
+    """timm's PatchEmbed whose `proj` is a convolutional stem: log2(patch) 3x3 stride-2 convolutions, each
+    followed by a channel LayerNorm and GELU, widths doubling up to the embedding width, then a 1x1
+    projection (Xiao et al. 2021). The same (B, N, D) tokens on the same grid as the patch convolution.
+    LayerNorm rather than the paper's BatchNorm: no running statistics, so every rank and every batch
+    composition computes the same function (evaluation on any number of workers, shared encoder passes)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        patch, in_chans, dim = self.patch_size[0], self.proj.in_channels, self.proj.out_channels
+        convs = patch.bit_length() - 1
+        if patch != self.patch_size[1] or patch != 1 << convs or convs < 1:
+            raise UserError(f"model.stem conv: the patch size {self.patch_size} must be a power of 2, >= 2")
+        layers: list[nn.Module] = []
+        for i in range(convs):
+            width = max(16, dim >> (convs - 1 - i))  # tiny (192, patch 16): 24, 48, 96, 192
+            layers += [nn.Conv2d(in_chans, width, 3, stride=2, padding=1, bias=False), LayerNorm2d(width), nn.GELU()]
+            in_chans = width
+        self.proj = nn.Sequential(*layers, nn.Conv2d(in_chans, dim, 1))  # (B, C, H, W) -> (B, D, H/p, W/p)
 
 
 class ViTEncoder(VisionTransformer):
@@ -32,15 +59,19 @@ class ViTEncoder(VisionTransformer):
 
 
 def build_encoder(
-    preset: Preset, image_size: int = 0, in_chans: int = 3, activation: str = "", drop_path: float = 0.0
+    preset: Preset, image_size: int = 0, in_chans: int = 3, activation: str = "", drop_path: float = 0.0,
+    patch_size: int = 0, stem: str = "patch",
 ) -> ViTEncoder:
-    """0 / "" take the preset's image size / activation."""
-    image_size = image_size or preset.image_size
-    if image_size < preset.patch_size or image_size % preset.patch_size:
-        raise UserError(f"model.image_size {image_size}: must be a multiple of the patch size {preset.patch_size}")
+    """0 / "" take the preset's image size / patch size / activation."""
+    image_size, patch_size = image_size or preset.image_size, patch_size or preset.patch_size
+    if image_size < patch_size or image_size % patch_size:
+        raise UserError(f"model.image_size {image_size}: must be a multiple of the patch size {patch_size}")
+    if stem not in STEMS:
+        raise UserError(f"model.stem {stem!r}: expected one of {', '.join(STEMS)}")
     return ViTEncoder(
         img_size=image_size,
-        patch_size=preset.patch_size,
+        patch_size=patch_size,
+        embed_layer=ConvStemEmbed if stem == "conv" else PatchEmbed,
         in_chans=in_chans,
         num_classes=0,  # no classifier: the task heads sit on top
         global_pool="token",  # pooled = class token, as every published ViT checkpoint was trained
@@ -127,6 +158,10 @@ def load_pretrained(encoder: ViTEncoder, source: str, preset: Preset) -> tuple[l
     state = state.get("model", state.get("state_dict", state))
     if any(k.startswith("encoder.") for k in state):  # a SpatialNet-ViT checkpoint: keep its encoder
         state = {k.removeprefix("encoder."): v for k, v in state.items() if k.startswith("encoder.")}
+    own_stem = isinstance(encoder.patch_embed, ConvStemEmbed)
+    if own_stem != any(k.startswith("patch_embed.proj.0.") for k in state):
+        # a patch kernel cannot seed a convolutional stem (nor the reverse): the stem starts fresh, the rest loads
+        state = {k: v for k, v in state.items() if not k.startswith("patch_embed.")}
     state = checkpoint_filter_fn(state, encoder)
     state = {k: v for k, v in state.items() if not k.startswith("head.")}  # an ImageNet classifier is no encoder part
     own = encoder.state_dict()

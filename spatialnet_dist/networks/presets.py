@@ -9,6 +9,8 @@ from dataclasses import dataclass
 
 from spatialnet_dist.errors import UserError
 
+STEMS = ("patch", "conv")  # model.stem: how images become tokens (networks/encoder.py)
+
 
 @dataclass(frozen=True)
 class Preset:
