@@ -59,6 +59,13 @@ class RecordingReporter:
         self.samples.append((step, samples))
 
 
+def _config(root: str, *overrides: str):
+    """The fast loop's config: the tiny corpus at 32 px, loaded in this process, BATCH images per task."""
+    return config_mod.load(None, [
+        f"data.root={root}", "model.image_size=32", "data.loader_workers=0", "train.cpus_per_worker=1",
+        *(f"tasks.{t}.batch_size={BATCH}" for t in TASKS), *overrides])
+
+
 def _trainer(cfg, vocabs, reporter, validation=None):
     from spatialnet_dist.train.trainer import Trainer
 
@@ -70,12 +77,9 @@ def _trainer(cfg, vocabs, reporter, validation=None):
 def test_train_save_restore_continue(world_of_one, tmp_path):
     from spatialnet_dist.data.vocab import build_vocabs
 
-    cfg = config_mod.load(None, [
-        f"data.root={world_of_one}", "model.image_size=32", "data.loader_workers=0", "train.cpus_per_worker=1",
-        f"train.max_steps={STEPS}", f"train.checkpoint_every={CHECKPOINT_AT}", "train.log_every=1",
-        f"eval.every={STEPS}", "eval.val_batches=1", "eval.at_end=false", "optim.warmup_steps=0",
-        *(f"tasks.{t}.batch_size={BATCH}" for t in TASKS), "tasks.vqa.questions_per_image=1",
-        "tasks.regression.questions_per_image=1"])
+    cfg = _config(world_of_one, f"train.max_steps={STEPS}", f"train.checkpoint_every={CHECKPOINT_AT}",
+                  "train.log_every=1", f"eval.every={STEPS}", "eval.val_batches=1", "eval.at_end=false",
+                  "optim.warmup_steps=0", "tasks.vqa.questions_per_image=1", "tasks.regression.questions_per_image=1")
     vocabs = build_vocabs(cfg)
     validated = []
 
@@ -119,10 +123,8 @@ def test_a_non_finite_loss_stops_the_loop_with_a_named_error(world_of_one, tmp_p
     from spatialnet_dist.data.vocab import build_vocabs
     from spatialnet_dist.errors import NonFiniteLoss
 
-    cfg = config_mod.load(None, [
-        f"data.root={world_of_one}", "model.image_size=32", "data.loader_workers=0", "train.cpus_per_worker=1",
-        "train.max_steps=3", "train.checkpoint_every=1", "train.log_every=1", "eval.every=0", "eval.at_end=false",
-        "faults.fail_at_step=2", "faults.kind=nan_loss", *(f"tasks.{t}.batch_size={BATCH}" for t in TASKS)])
+    cfg = _config(world_of_one, "train.max_steps=3", "train.checkpoint_every=1", "train.log_every=1", "eval.every=0",
+                  "eval.at_end=false", "faults.fail_at_step=2", "faults.kind=nan_loss")
     reporter = RecordingReporter(tmp_path)
     with pytest.raises(NonFiniteLoss, match="^non-finite loss"):
         _trainer(cfg, build_vocabs(cfg), reporter).fit()
