@@ -11,9 +11,11 @@ on a local dir or S3):
   config.yaml     the resolved config, readable
   vocab.json      words, answers, classes (spatialnet_dist.text.TextVocabs)
   zero/ds/        DeepSpeed's files: mp_rank_00_model_states.pt and one ZeRO shard per rank
+  ema.safetensors with optim.ema_decay only: the weights' moving average (fp32, the model's state_dict keys),
+                  what a resume continues and what load_model and export_bundle give instead of the weights
   manifest.json   written last, once every rank's files are in place: every file's sha256 and size.
                   A checkpoint without it is partial (a save that died) and never resumed from.
-An inference bundle (`export_bundle`): model.safetensors (fp32, consolidated) + config.yaml + vocab.json
+An inference bundle (`export_bundle`): model.safetensors (fp32, consolidated, or the EMA) + config.yaml + vocab.json
 + manifest.json. Nothing in a bundle is a pickle: it is the route for weights from elsewhere.
 
 Loading (`local_copy`: resume, `eval run`, `predict`, `export`) checks every listed file against its
@@ -48,6 +50,7 @@ MANIFEST = "manifest.json"
 ZERO_DIR = "zero"
 ZERO_TAG = "ds"
 BUNDLE_WEIGHTS = "model.safetensors"
+EMA_WEIGHTS = "ema.safetensors"
 BUNDLE_FILES = (BUNDLE_WEIGHTS, CONFIG, TextVocabs.FILENAME)
 _NAME = re.compile(r"checkpoint-(\d+)")
 _CHUNK = 2**20
@@ -257,13 +260,28 @@ def zero_files(directory: str | Path, world_size: int, weights_only: bool = Fals
         yield tmp, True
 
 
-def write_common(directory: str | Path, meta: dict, cfg: config_mod.Config, vocabs: TextVocabs) -> None:
-    """The files rank 0 adds beside the ZeRO shards."""
+def write_common(directory: str | Path, meta: dict, cfg: config_mod.Config, vocabs: TextVocabs,
+                 ema: dict | None = None) -> None:
+    """The files rank 0 adds beside the ZeRO shards; `ema`: the EMA's tensors (train/ema.py), when it has one."""
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
     (d / META).write_text(json.dumps({**meta, "config": cfg.to_dict()}, indent=1))
     (d / CONFIG).write_text(cfg.to_yaml())
     vocabs.save(d)
+    if ema is not None:
+        from safetensors.torch import save_file
+
+        save_file(ema, str(d / EMA_WEIGHTS))
+
+
+def ema_weights(directory: str | Path) -> dict | None:
+    """The EMA's tensors a checkpoint holds (on the CPU), or None."""
+    path = Path(directory) / EMA_WEIGHTS
+    if not path.is_file():
+        return None
+    from safetensors.torch import load_file
+
+    return load_file(str(path))
 
 
 def read_meta(directory: str | Path) -> dict:
@@ -287,6 +305,12 @@ def consolidated_weights(directory: str | Path) -> dict:
     return consolidated_state_dict(str(d / ZERO_DIR), ZERO_TAG)
 
 
+def inference_weights(directory: str | Path) -> dict:
+    """What a checkpoint is evaluated and exported with: its EMA when it holds one, else its weights."""
+    ema = ema_weights(directory)
+    return ema if ema is not None else consolidated_weights(directory)
+
+
 def load_config_and_vocabs(directory: str | Path) -> tuple[config_mod.Config, TextVocabs]:
     d = Path(directory)
     if not (d / CONFIG).is_file():
@@ -296,27 +320,28 @@ def load_config_and_vocabs(directory: str | Path) -> tuple[config_mod.Config, Te
 
 
 def load_model(url: str):
-    """-> (model in eval mode on CPU, cfg, vocabs) from a checkpoint or a bundle URL."""
+    """-> (model in eval mode on CPU, cfg, vocabs) from a checkpoint (its EMA weights when it holds them)
+    or a bundle URL."""
     from spatialnet_dist.model.spatialnet import build_model
 
     with local_copy(url) as d:
         cfg, vocabs = load_config_and_vocabs(d)
-        state = consolidated_weights(d)
+        state = inference_weights(d)
     model = build_model(cfg.model, cfg.tasks.enabled(), vocabs)
     model.load_state_dict(state)
     return model.eval(), cfg, vocabs
 
 
 def export_bundle(checkpoint_url: str, out_dir: str | Path) -> Path:
-    """Consolidate any checkpoint (ZeRO-3 included) into fp32 safetensors + config + vocab, and their
-    manifest (written last)."""
+    """Consolidate any checkpoint (ZeRO-3 included) into fp32 safetensors (its EMA weights when it holds them)
+    + config + vocab, and their manifest (written last)."""
     from safetensors.torch import save_file
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     with local_copy(checkpoint_url) as d:
         cfg, vocabs = load_config_and_vocabs(d)
-        state = consolidated_weights(d)
+        state = inference_weights(d)
     # safetensors refuses tensors that share storage (tied weights); contiguous copies are independent.
     save_file({k: v.detach().float().contiguous().clone() for k, v in state.items()}, str(out / BUNDLE_WEIGHTS))
     (out / CONFIG).write_text(cfg.to_yaml())

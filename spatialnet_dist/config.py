@@ -154,6 +154,11 @@ class OptimConfig:
     # Layer-wise lr decay (BEiT/MAE fine-tuning): encoder block i (0-based) gets lr x decay^(depth - i),
     # the embeddings decay^(depth + 1), the final norm and the heads lr. 1.0: off.
     layer_decay: float = 1.0
+    # An exponential moving average of the weights with this decay, updated after every optimizer step with a
+    # warm-up (train/ema.py, as timm's ModelEmaV3): often a better model than the last step's. Validation, the
+    # end-of-run evaluation, eval run, predict and export use it; checkpoints carry it. 0.0: off. Not with ZeRO-3,
+    # whose ranks hold shards of the parameters, not the whole weights to average.
+    ema_decay: float = 0.0
 
 
 @dataclass

@@ -53,6 +53,7 @@ CHECKS: dict[str, tuple[Callable, str]] = {
     "optim.grad_clip": (lambda v: v >= 0, ">= 0 (0: off)"),
     "optim.grad_accum": (lambda v: v >= 1, ">= 1"),
     "optim.layer_decay": (lambda v: 0 < v <= 1, "in (0, 1] (1: off)"),
+    "optim.ema_decay": (lambda v: 0 <= v < 1, "in [0, 1) (0: off)"),
     "model.freeze_encoder_blocks": (lambda v: v >= 0, ">= 0 (0: none)"),
     "train.max_steps": (lambda v: v >= 0, ">= 1, or 0 with train.epochs"),
     "train.epochs": (lambda v: v >= 0, "> 0, or 0 with train.max_steps"),
@@ -104,6 +105,10 @@ def validate(cfg):
         # ZeRO-3 partitions the parameters outside forward: the explicit L2 term would read placeholders.
         raise ConfigError("config key loss.regularization: l2 is not supported with train.zero_stage=3 "
                           "(use decoupled weight decay)")
+    if cfg.optim.ema_decay > 0 and cfg.train.zero_stage == 3:
+        # ZeRO-3 partitions the parameters: no rank holds the whole weights the average reads.
+        raise ConfigError("config key optim.ema_decay: an EMA of the weights is not supported with "
+                          "train.zero_stage=3 (use ZeRO 0-2)")
     if not cfg.tasks.enabled():
         raise ConfigError("config key tasks: at least one task must be enabled")
     if cfg.train.max_steps == 0 and cfg.train.epochs == 0:

@@ -78,6 +78,8 @@ def test_a_mapping_override_changes_one_entry():
         ("train.epochs=-1", "train.epochs"),
         ("optim.layer_decay=0", "optim.layer_decay"),
         ("optim.layer_decay=1.5", "optim.layer_decay"),
+        ("optim.ema_decay=1", "optim.ema_decay"),
+        ("optim.ema_decay=-0.1", "optim.ema_decay"),
         ("model.freeze_encoder_blocks=-1", "model.freeze_encoder_blocks"),
         ("tasks.vqa.questions_per_image=-1", "tasks.vqa.questions_per_image"),
         ("tasks.captioning.questions_per_image=4", "tasks.captioning.questions_per_image"),
@@ -112,6 +114,14 @@ def test_yaml_file_errors_name_the_file(tmp_path):
 def test_l2_with_zero3_is_refused():
     with pytest.raises(ConfigError, match="loss.regularization"):
         config_mod.load(None, ["loss.regularization=l2", "train.zero_stage=3"])
+
+
+def test_ema_with_zero3_is_refused():
+    """ZeRO-3's ranks hold parameter shards: the EMA has no whole weights to average."""
+    with pytest.raises(ConfigError, match=r"^config key optim\.ema_decay: .*train\.zero_stage=3") as e:
+        config_mod.load(None, ["optim.ema_decay=0.999", "train.zero_stage=3"])
+    assert "\n" not in str(e.value)
+    assert config_mod.load(None, ["optim.ema_decay=0.999", "train.zero_stage=2"]).optim.ema_decay == 0.999
 
 
 def test_max_steps_or_epochs_one_per_level(tmp_path):

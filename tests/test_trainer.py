@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from spatialnet_dist import checkpoint as ckpt
 from spatialnet_dist import config as config_mod
 
 STEPS, CHECKPOINT_AT, BATCH = 4, 2, 2
@@ -59,6 +60,13 @@ class RecordingReporter:
         self.samples.append((step, samples))
 
 
+def _config(root: str, *overrides: str):
+    """The fast loop's config: the tiny corpus at 32 px, loaded in this process, BATCH images per task."""
+    return config_mod.load(None, [
+        f"data.root={root}", "model.image_size=32", "data.loader_workers=0", "train.cpus_per_worker=1",
+        *(f"tasks.{t}.batch_size={BATCH}" for t in TASKS), *overrides])
+
+
 def _trainer(cfg, vocabs, reporter, validation=None):
     from spatialnet_dist.train.trainer import Trainer
 
@@ -70,12 +78,9 @@ def _trainer(cfg, vocabs, reporter, validation=None):
 def test_train_save_restore_continue(world_of_one, tmp_path):
     from spatialnet_dist.data.vocab import build_vocabs
 
-    cfg = config_mod.load(None, [
-        f"data.root={world_of_one}", "model.image_size=32", "data.loader_workers=0", "train.cpus_per_worker=1",
-        f"train.max_steps={STEPS}", f"train.checkpoint_every={CHECKPOINT_AT}", "train.log_every=1",
-        f"eval.every={STEPS}", "eval.val_batches=1", "eval.at_end=false", "optim.warmup_steps=0",
-        *(f"tasks.{t}.batch_size={BATCH}" for t in TASKS), "tasks.vqa.questions_per_image=1",
-        "tasks.regression.questions_per_image=1"])
+    cfg = _config(world_of_one, f"train.max_steps={STEPS}", f"train.checkpoint_every={CHECKPOINT_AT}",
+                  "train.log_every=1", f"eval.every={STEPS}", "eval.val_batches=1", "eval.at_end=false",
+                  "optim.warmup_steps=0", "tasks.vqa.questions_per_image=1", "tasks.regression.questions_per_image=1")
     vocabs = build_vocabs(cfg)
     validated = []
 
@@ -97,6 +102,9 @@ def test_train_save_restore_continue(world_of_one, tmp_path):
     window = first.metrics[0]
     assert window["samples_per_s"] == pytest.approx(sum(window[f"samples_per_s/{t}"] for t in TASKS))
     assert window["samples_per_s/vqa"] == pytest.approx(window["questions_per_s/vqa"])  # one question per image
+    # optim.ema_decay 0: no average; evaluation runs the trained weights themselves
+    assert trainer.ema is None and trainer.inference_model() is trainer.engine.module
+    assert not (tmp_path / f"step-{STEPS}" / ckpt.EMA_WEIGHTS).exists()
 
     second = RecordingReporter(tmp_path / "second")
     resumed = _trainer(cfg, vocabs, second)
@@ -119,11 +127,58 @@ def test_a_non_finite_loss_stops_the_loop_with_a_named_error(world_of_one, tmp_p
     from spatialnet_dist.data.vocab import build_vocabs
     from spatialnet_dist.errors import NonFiniteLoss
 
-    cfg = config_mod.load(None, [
-        f"data.root={world_of_one}", "model.image_size=32", "data.loader_workers=0", "train.cpus_per_worker=1",
-        "train.max_steps=3", "train.checkpoint_every=1", "train.log_every=1", "eval.every=0", "eval.at_end=false",
-        "faults.fail_at_step=2", "faults.kind=nan_loss", *(f"tasks.{t}.batch_size={BATCH}" for t in TASKS)])
+    cfg = _config(world_of_one, "train.max_steps=3", "train.checkpoint_every=1", "train.log_every=1", "eval.every=0",
+                  "eval.at_end=false", "faults.fail_at_step=2", "faults.kind=nan_loss")
     reporter = RecordingReporter(tmp_path)
     with pytest.raises(NonFiniteLoss, match="^non-finite loss"):
         _trainer(cfg, build_vocabs(cfg), reporter).fit()
     assert [m["step"] for m in reporter.metrics] == [1] and sorted(reporter.weights) == [1]
+
+
+def test_the_ema_steps_once_per_optimizer_step_resumes_bit_exact_and_is_what_evaluation_runs(world_of_one, tmp_path):
+    """optim.ema_decay with two micro-batches a step: after each optimizer step the checkpoint's EMA is the warm-up
+    formula over the weights after each step; restored into a new Trainer it continues bit for bit; a
+    weights-only resume starts it at the loaded weights; inference_model, load_model and export carry it."""
+    import json
+
+    from safetensors.torch import load_file
+
+    from spatialnet_dist.data.vocab import build_vocabs
+
+    decay = 0.5
+    cfg = _config(world_of_one, f"optim.ema_decay={decay}", "optim.grad_accum=2", f"train.max_steps={STEPS}",
+                  "train.checkpoint_every=1", f"train.log_every={STEPS}", "eval.every=0", "eval.at_end=false")
+    vocabs = build_vocabs(cfg)
+    straight = RecordingReporter(tmp_path)
+    trainer = _trainer(cfg, vocabs, straight)
+    expected = {k: v.detach().clone() for k, v in trainer.engine.module.state_dict().items()}
+    buffers = {name for name, _ in trainer.engine.module.named_buffers()}
+    trainer.fit()
+    for step in range(1, STEPS + 1):
+        weight = 1 - min(decay, (1 + step) / (10 + step))  # of the weights after this step
+        expected = {k: v if k in buffers else torch.lerp(expected[k], v, weight)
+                    for k, v in straight.weights[step].items()}
+        saved = load_file(str(tmp_path / f"step-{step}" / ckpt.EMA_WEIGHTS))
+        assert saved.keys() == expected.keys()
+        for key, value in saved.items():
+            torch.testing.assert_close(value, expected[key], rtol=1e-6, atol=1e-7)
+    raw = trainer.engine.module.state_dict()
+    assert any(not torch.equal(trainer.ema.tensors[k], raw[k]) for k in raw)  # the average trails the weights
+
+    resumed = _trainer(cfg, vocabs, RecordingReporter(tmp_path / "resumed"))
+    assert resumed.restore(tmp_path / f"step-{CHECKPOINT_AT}") == CHECKPOINT_AT
+    resumed.fit()
+    assert all(torch.equal(resumed.ema.tensors[k], trainer.ema.tensors[k]) for k in trainer.ema.tensors)
+    resumed.restore(tmp_path / f"step-{CHECKPOINT_AT}", weights_only=True)  # fine-tuning from it: a fresh average
+    loaded = resumed.engine.module.state_dict()
+    assert all(torch.equal(resumed.ema.tensors[k], loaded[k]) for k in loaded)
+
+    evaluated = trainer.inference_model().state_dict()
+    assert all(torch.equal(evaluated[k], trainer.ema.tensors[k]) for k in raw)
+    url = ckpt.publish(tmp_path / f"step-{STEPS}", str(tmp_path / "run"), STEPS, 0, keep=0)
+    listed = json.loads(Path(url, ckpt.MANIFEST).read_text())["files"]
+    assert ckpt.EMA_WEIGHTS in listed  # checked against its sha256 like every checkpoint file
+    model, _, _ = ckpt.load_model(url)
+    assert all(torch.equal(v, trainer.ema.tensors[k]) for k, v in model.state_dict().items())
+    bundle = load_file(str(ckpt.export_bundle(url, tmp_path / "bundle") / ckpt.BUNDLE_WEIGHTS))
+    assert all(torch.equal(v, trainer.ema.tensors[k]) for k, v in bundle.items())

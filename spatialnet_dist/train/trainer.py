@@ -8,12 +8,13 @@ of the data is fixed by (seed, m, rank) (data/order.py), and torch, numpy and py
 reseeded from (seed, rank, step) at the start of every step, so dropout after a resume is the
 dropout of the uninterrupted run.
 
-Over 300 lines: the loop, its report window and the state it saves and restores (step, data position,
+Over 300 lines: the loop, its report window and the state it saves and restores (step, data position, EMA,
 samples seen, RNG) are one object; apart, a reader would check the save against the loop in two files.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import os
@@ -41,6 +42,7 @@ from spatialnet_dist.errors import NonFiniteLoss, UserError
 from spatialnet_dist.model.spatialnet import build_model
 from spatialnet_dist.objective import MultiTaskObjective, loss_states
 from spatialnet_dist.text import TextVocabs
+from spatialnet_dist.train.ema import WeightEma
 
 log = logging.getLogger("spatialnet.train")
 
@@ -108,6 +110,8 @@ class Trainer:
         model = build_model(cfg.model, self.tasks, vocabs)
         self.engine = ds.create_engine(cfg, model, world_size)
         self.dtype = torch.bfloat16 if ds.precision(cfg) == "bf16" else torch.float32
+        # optim.ema_decay: the weights' moving average, updated after every optimizer step; what evaluation uses.
+        self.ema = WeightEma(self.engine.module, cfg.optim.ema_decay) if cfg.optim.ema_decay > 0 else None
         self.objective = MultiTaskObjective(cfg.loss, loss_states(cfg, vocabs, self.tasks))
         self.step = 0
         self.samples_seen = dict.fromkeys(self.tasks, 0)  # images per task, all ranks, whole run (the loader's position)
@@ -123,6 +127,12 @@ class Trainer:
         # resharded when the checkpoint's world size differs
         with ckpt.zero_files(directory, self.world_size, weights_only) as (zero_dir, universal):
             ds.load_checkpoint(self.engine, zero_dir, ckpt.ZERO_TAG, weights_only=weights_only, universal=universal)
+        if self.ema:
+            saved = None if weights_only else ckpt.ema_weights(directory)
+            if saved is None:  # a weights-only start, or a checkpoint of a run without EMA: from the loaded weights
+                self.ema.reset(self.engine.module)
+            else:
+                self.ema.load_state_dict(saved)
         if weights_only:
             return self.step
         self.step = int(meta["step"])
@@ -134,13 +144,14 @@ class Trainer:
         return self.step
 
     def save(self, directory: Path) -> None:
-        """This rank's part of a checkpoint: its ZeRO shard (+ meta with the data position, the same on every rank, on rank 0)."""
+        """This rank's part of a checkpoint: its ZeRO shard (+ meta with the data position, the same on every rank,
+        and the EMA, on rank 0)."""
         ds.save_checkpoint(self.engine, str(directory / ckpt.ZERO_DIR), ckpt.ZERO_TAG, {"step": self.step})
         if self.rank == 0:
             position = self.loader.position()
             meta = {"step": self.step, "samples_seen": position["rows"], "questions_seen": self.questions_seen,
                     "seed": self.cfg.run.seed, "world_size": self.world_size, "stream": position}
-            ckpt.write_common(directory, meta, self.cfg, self.vocabs)
+            ckpt.write_common(directory, meta, self.cfg, self.vocabs, self.ema.state_dict() if self.ema else None)
 
     # ---- the loop ----
 
@@ -157,6 +168,8 @@ class Trainer:
                     batch = next(self.loader)
                     window.add(self._micro_step(to_device(batch, self.device, self.dtype)), batch)
                 self.step += 1
+                if self.ema:  # once per optimizer step, on every rank
+                    self.ema.update(self.engine.module, self.step)
                 window.time += time.perf_counter() - t0
                 self._maybe_fail()
                 stop = self.stop_requested()
@@ -240,8 +253,10 @@ class Trainer:
     # ---- evaluation ----
 
     def inference_model(self) -> torch.nn.Module:
-        """A model every rank can run on its own (no collectives inside forward)."""
-        return ds.full_model(self.engine, lambda: build_model(self.cfg.model, self.tasks, self.vocabs))
+        """A model every rank can run on its own (no collectives inside forward): with optim.ema_decay, a copy
+        carrying the EMA weights."""
+        build = functools.partial(build_model, self.cfg.model, self.tasks, self.vocabs)
+        return self.ema.averaged_model(build) if self.ema else ds.full_model(self.engine, build)
 
     @torch.no_grad()
     def validate(self) -> dict:
