@@ -4,8 +4,8 @@ Data (data/streams.TaskSamples) asks which corpora it can read (`has_content`), 
 it reads (`texts`, for the symmetry check) and the row it draws from a sample (`row`); batch_format
 `collate` stacks rows into the task's sub-batch, whose keys and shapes each task writes down as a
 TypedDict (the batch contract in code); a task with MIX_OPTIONS may have its training images mixed in
-pairs (data/mixing.py), which asks it for the mixed rows' targets (`mix_targets`). The model builds `head` and calls it as
-`head(tokens (B, N, D), pooled (B, D), sub_batch) -> outputs`; the objective weighs `loss`; evaluation
+pairs (data/mixing.py), which asks it for the mixed rows' targets (`mix_targets`). The model builds
+`head` and calls it as `head(tokens (B, N, D), pooled (B, D), sub_batch) -> outputs`; the objective weighs `loss`; evaluation
 calls `predict`, `score`, `baselines`, `prediction_files`, `sample_fields` and `report_section`, and
 training's validation reads the score keys in `validation_keys`. `name` is the task's one name: its
 config key (`tasks.<name>`, `loss.weights.<name>`), loss key (`<name>_loss`), metric and RESULT key.

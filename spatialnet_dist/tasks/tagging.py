@@ -4,11 +4,12 @@ Rows carry a multi-hot vector over the run's tag set (vocabs.tags: the union of 
 manifest `tags`); an image whose record has no tags (tags unknown) gives no row. A linear head on the
 pooled image tokens gives one logit per tag, trained with binary cross-entropy (sigmoid), optionally
 weighting each tag's positives by neg/pos of the training split (`tasks.tagging.pos_weight: true`), so
-rare tags are not drowned by their negatives. With mixup/cutmix (data/mixing.py) a mixed row's targets are
-its images' multi-hots weighted by their shares, lam t_i + (1 - lam) t_j (soft BCE targets). Evaluation: average precision per tag, mAP macro (mean
-over the tags with a positive in the split) and micro (all image-tag pairs as one ranking), F1 at a
-probability of 0.5 (micro and macro). Baseline: every image scored with the training split's tag
-frequencies (what knowing only how common each tag is reaches).
+rare tags are not drowned by their negatives. With mixup/cutmix (data/mixing.py) a mixed row's targets
+are its images' multi-hots weighted by their shares, lam t_i + (1 - lam) t_j (soft BCE targets).
+Evaluation: average precision per tag, mAP macro (mean over the tags with a positive in the split) and
+micro (all image-tag pairs as one ranking), F1 at a probability of 0.5 (micro and macro). Baseline:
+every image scored with the training split's tag frequencies (what knowing only how common each tag
+is reaches).
 
 Frequencies count images with the tag out of the split's samples (the manifest's `tag_counts` and
 `samples`): exact when every image of the tagging corpora is tagged.
