@@ -79,6 +79,13 @@ CHECKS: dict[str, tuple[Callable, str]] = {
     "faults.kind": (lambda v: v in FAULT_KINDS, ", ".join(FAULT_KINDS)),
 }
 
+# Range checks of task options (tasks/base.py `options`): tasks.<task>.<option> of every task that takes it.
+OPTION_CHECKS: dict[str, tuple[Callable, str]] = {
+    "mixup": (lambda v: v >= 0, ">= 0 (0: off)"),
+    "cutmix": (lambda v: v >= 0, ">= 0 (0: off)"),
+    "mix_prob": (lambda v: 0 <= v <= 1, "between 0 and 1"),
+}
+
 
 def _get(cfg, dotted: str):
     obj = cfg
@@ -148,6 +155,9 @@ def _validate_task(tc, task, strong: list[str]) -> None:
     if tc.erase_prob and tc.augment not in CROPPING_POLICIES:
         raise ConfigError(f"config key tasks.{name}.erase_prob: erasing goes with augment "
                           f"{' or '.join(CROPPING_POLICIES)}, not {tc.augment}")
+    for key, (ok, allowed) in OPTION_CHECKS.items():
+        if key in task.options and not ok(getattr(tc, key)):
+            raise ConfigError(f"config key tasks.{name}.{key}: {getattr(tc, key)!r} is not allowed (expected {allowed})")
     if tc.global_batch_size < 0:
         raise ConfigError(f"config key tasks.{name}.global_batch_size: {tc.global_batch_size!r} is not allowed "
                           "(expected >= 1, or 0: off)")

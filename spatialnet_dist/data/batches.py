@@ -7,7 +7,8 @@ enabled task has a sub-batch of `tasks.<task>.batch_size` rows each micro-batch,
 every rank. Micro-batch m of rank r holds the task's global rows that data/order.py gives it, so
 the batches are a function of (seed, m, rank) only: the same for any number of loader workers,
 and their union over ranks the same for any number of ranks. The training order is a seeded
-permutation per epoch of each task's samples, not a resampling with replacement.
+permutation per epoch of each task's samples, not a resampling with replacement. A task with mixup or
+cutmix has its sub-batch mixed after collate (data/mixing.py), drawn from (seed, its stream, m, rank).
 
 Statistics travel beside the batches: each loader worker gives (batch, {"skipped": {task: n}}),
 the samples it replaced as bad input while making that batch, and `TrainLoader.skipped` sums them.
@@ -31,6 +32,7 @@ from torch.utils.data import DataLoader, IterableDataset
 
 from spatialnet_dist.batch_format import collate
 from spatialnet_dist.data.indexed import ShardReader
+from spatialnet_dist.data.mixing import MixSettings, mix_rng, mix_settings, mix_sub_batch
 from spatialnet_dist.data.order import alternate_task, batches_before, rank_rows
 from spatialnet_dist.data.streams import (
     ImageCache,
@@ -65,8 +67,10 @@ class MultiTaskBatches(IterableDataset):
     """Endless multi-task micro-batches of one rank from `start` on; each loader worker makes every L-th."""
 
     def __init__(self, specs: dict[str, TaskStreamSpec], batch_sizes: dict[str, int], seed: int, rank: int,
-                 world_size: int, start: int, alternate: bool, image_cache_bytes: int, cache_dir: str):
+                 world_size: int, start: int, alternate: bool, image_cache_bytes: int, cache_dir: str,
+                 mixing: dict[str, MixSettings]):
         self.specs, self.batch_sizes, self.seed, self.alternate = specs, batch_sizes, seed, alternate
+        self.mixing = mixing  # the tasks whose sub-batches are mixed (data/mixing.py), and how
         self.rank, self.world_size, self.start = rank, world_size, start
         self.image_cache_bytes, self.cache_dir = image_cache_bytes, cache_dir
 
@@ -91,11 +95,18 @@ class MultiTaskBatches(IterableDataset):
                 chosen = [alternate_task(self.seed, index, tasks)] if self.alternate else tasks
                 start, skipped = self.rows_before(index), {t: rows[t].counts.skipped for t in tasks}
                 made: dict = {}  # the micro-batch's images by image key: its tasks' rows show the same ones
-                batch = {t: collate([rows[t].row(g, made) for g in rank_rows(start[t], self.batch_sizes[t], self.rank)])
-                         for t in chosen}
+                batch = {t: self._sub_batch(t, rows[t], index, start[t], made) for t in chosen}
                 yield batch, {"skipped": {t: rows[t].counts.skipped - skipped[t] for t in tasks}}
         finally:
             reader.close()
+
+    def _sub_batch(self, task: str, rows: TaskRows, index: int, start: int, made: dict) -> dict:
+        """The task's sub-batch of micro-batch `index`, whose global rows begin at `start`; mixed when the task mixes."""
+        sub = collate([rows.row(g, made) for g in rank_rows(start, self.batch_sizes[task], self.rank)])
+        settings = self.mixing.get(task)
+        if settings is None:
+            return sub
+        return mix_sub_batch(sub, task, settings, mix_rng(self.seed, rows.stream, index, self.rank))
 
 
 class TrainLoader:
@@ -165,6 +176,7 @@ def make_train_loader(cfg, vocabs: TextVocabs, rank: int, world_size: int, start
         alternate=cfg.train.mode == "alternate",
         image_cache_bytes=cfg.data.image_cache_mb * 2**20,
         cache_dir=cfg.data.cache_dir,
+        mixing={t: settings for t in tasks if (settings := mix_settings(cfg, t))},
     )
     return TrainLoader(dataset, **_loader_kwargs(cfg, persistent=True))
 

@@ -3,8 +3,9 @@
 Data (data/streams.TaskSamples) asks which corpora it can read (`has_content`), which texts of a sample
 it reads (`texts`, for the symmetry check) and the row it draws from a sample (`row`); batch_format
 `collate` stacks rows into the task's sub-batch, whose keys and shapes each task writes down as a
-TypedDict (the batch contract in code). The model builds `head` and calls it as
-`head(tokens (B, N, D), pooled (B, D), sub_batch) -> outputs`; the objective weighs `loss`; evaluation
+TypedDict (the batch contract in code); a task with MIX_OPTIONS may have its training images mixed in
+pairs (data/mixing.py), which asks it for the mixed rows' targets (`mix_targets`). The model builds
+`head` and calls it as `head(tokens (B, N, D), pooled (B, D), sub_batch) -> outputs`; the objective weighs `loss`; evaluation
 calls `predict`, `score`, `baselines`, `prediction_files`, `sample_fields` and `report_section`, and
 training's validation reads the score keys in `validation_keys`. `name` is the task's one name: its
 config key (`tasks.<name>`, `loss.weights.<name>`), loss key (`<name>_loss`), metric and RESULT key.
@@ -29,11 +30,24 @@ if TYPE_CHECKING:  # config imports the registry lazily; a task module must not 
     from spatialnet_dist.text import TextVocabs
 
 
-def cross_entropy(logits: torch.Tensor, target: torch.Tensor, ignore: int, label_smoothing: float = 0.0) -> torch.Tensor:
-    """Mean CE over the non-ignored targets; 0 (still attached to the graph) when all are ignored,
-    where F.cross_entropy's mean would be 0/0 = NaN. Computed in fp32 also for bf16 logits."""
+def cross_entropy(logits: torch.Tensor, target: torch.Tensor, ignore: int, label_smoothing: float = 0.0,
+                  row_weight: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean CE over the non-ignored targets, each item's CE times its `row_weight` (N,) when given (a mixed
+    image's share of that target); 0 (still attached to the graph) when all are ignored, where
+    F.cross_entropy's mean would be 0/0 = NaN. Computed in fp32 also for bf16 logits."""
     per_item = F.cross_entropy(logits.float(), target, ignore_index=ignore, label_smoothing=label_smoothing, reduction="none")
+    if row_weight is not None:
+        per_item = per_item * row_weight
     return per_item.sum() / (target != ignore).sum().clamp(min=1)
+
+
+# The options of a task whose training images may be mixed in pairs (timm's Mixup, data/mixing.py): such a
+# task takes them in its `options` and says in `mix_targets` what a mixed image's targets are.
+MIX_OPTIONS = {
+    "mixup": 0.0,  # alpha of mixup's Beta(alpha, alpha) share lambda: a row is lambda x_i + (1 - lambda) x_j; 0: off
+    "cutmix": 0.0,  # alpha of cutmix's lambda: a box of 1 - lambda of the area pasted from x_j; 0: off
+    "mix_prob": 1.0,  # the share of micro-batches mixed; with both alphas > 0, half of those use each
+}
 
 
 class Task:
@@ -85,6 +99,12 @@ class Task:
         return None
 
     def loss(self, out: dict, sub: dict, cfg: LossConfig, state: Any) -> torch.Tensor:
+        raise NotImplementedError
+
+    def mix_targets(self, sub: dict, partner: torch.Tensor, lam: float) -> dict:
+        """The target fields of a training sub-batch whose row i shows lam x_i + (1 - lam) x_partner[i]
+        (partner (B,) int64; data/mixing.py), replacing or added to those of `sub`. Only a task with
+        MIX_OPTIONS mixes."""
         raise NotImplementedError
 
     def loss_size(self, sub: dict) -> int:

@@ -1,16 +1,17 @@
 """classification: the image's land-use class (one of the classification corpora's classes). Softmax
-cross-entropy with optional label smoothing; accuracy, per-class scores and the confusion matrix."""
+cross-entropy with optional label smoothing, and with mixup/cutmix (data/mixing.py) a mixed row's CE
+against both labels weighted by their images' shares; accuracy, per-class scores and the confusion matrix."""
 
 from __future__ import annotations
 
 from collections import Counter
-from typing import TypedDict
+from typing import NotRequired, TypedDict
 
 import torch
 from torch import nn
 
 from spatialnet_dist.metrics.classification import format_classification_table, plot_confusion, score_classification
-from spatialnet_dist.tasks.base import Task, cross_entropy
+from spatialnet_dist.tasks.base import MIX_OPTIONS, Task, cross_entropy
 
 CONFUSION_PNG = "confusion.png"
 
@@ -19,6 +20,10 @@ class ClassificationBatch(TypedDict):
     image: torch.Tensor  # (B, C, S, S) float32
     image_id: list[str]  # [B]
     label: torch.Tensor  # (B,) int64, -1 for a class outside the vocabulary
+    # Only in a mixed training micro-batch (data/mixing.py), whose row i shows mix_lambda[i] of its own image
+    # (label) and the rest of its partner's (label_mix):
+    label_mix: NotRequired[torch.Tensor]  # (B,) int64, the partner's label, -1 as label
+    mix_lambda: NotRequired[torch.Tensor]  # (B,) float32 in [0, 1], the same for every row of the micro-batch
 
 
 class ClassificationHead(nn.Module):
@@ -46,6 +51,7 @@ class Classification(Task):
     validation_keys = ("accuracy",)
     headline_keys = ("accuracy",)
     report_heading = "Land-use classification"
+    options = MIX_OPTIONS
 
     def has_content(self, manifest, split):
         return bool(manifest.get("classes"))
@@ -60,8 +66,15 @@ class Classification(Task):
     def head(self, encoder_dim, preset, sizes, model_cfg):
         return ClassificationHead(encoder_dim, sizes.classes, preset.head_dropout)
 
+    def mix_targets(self, sub, partner, lam):
+        return {"label_mix": sub["label"][partner], "mix_lambda": torch.full((len(partner),), lam, dtype=torch.float32)}
+
     def loss(self, out, sub, cfg, state):
-        return cross_entropy(out["logits"], sub["label"], ignore=-1, label_smoothing=cfg.label_smoothing)
+        if "mix_lambda" not in sub:
+            return cross_entropy(out["logits"], sub["label"], ignore=-1, label_smoothing=cfg.label_smoothing)
+        lam = sub["mix_lambda"]  # (B,); label_mix is a permutation of label: both terms average over as many rows
+        return (cross_entropy(out["logits"], sub["label"], -1, cfg.label_smoothing, lam)
+                + cross_entropy(out["logits"], sub["label_mix"], -1, cfg.label_smoothing, 1 - lam))
 
     def predict(self, model, sub, images, cfg, vocabs):
         probs = class_logits(model, images).float().softmax(-1)  # (B, K)

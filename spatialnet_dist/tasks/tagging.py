@@ -4,10 +4,12 @@ Rows carry a multi-hot vector over the run's tag set (vocabs.tags: the union of 
 manifest `tags`); an image whose record has no tags (tags unknown) gives no row. A linear head on the
 pooled image tokens gives one logit per tag, trained with binary cross-entropy (sigmoid), optionally
 weighting each tag's positives by neg/pos of the training split (`tasks.tagging.pos_weight: true`), so
-rare tags are not drowned by their negatives. Evaluation: average precision per tag, mAP macro (mean
-over the tags with a positive in the split) and micro (all image-tag pairs as one ranking), F1 at a
-probability of 0.5 (micro and macro). Baseline: every image scored with the training split's tag
-frequencies (what knowing only how common each tag is reaches).
+rare tags are not drowned by their negatives. With mixup/cutmix (data/mixing.py) a mixed row's targets
+are its images' multi-hots weighted by their shares, lam t_i + (1 - lam) t_j (soft BCE targets).
+Evaluation: average precision per tag, mAP macro (mean over the tags with a positive in the split) and
+micro (all image-tag pairs as one ranking), F1 at a probability of 0.5 (micro and macro). Baseline:
+every image scored with the training split's tag frequencies (what knowing only how common each tag
+is reaches).
 
 Frequencies count images with the tag out of the split's samples (the manifest's `tag_counts` and
 `samples`): exact when every image of the tagging corpora is tagged.
@@ -27,7 +29,7 @@ from spatialnet_dist.display import markdown_table
 from spatialnet_dist.errors import UserError
 from spatialnet_dist.metrics import run_and_baselines
 from spatialnet_dist.store.manifest import TRAIN_SPLIT, read_manifest, task_corpora, train_split
-from spatialnet_dist.tasks.base import Task
+from spatialnet_dist.tasks.base import MIX_OPTIONS, Task
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +39,7 @@ THRESHOLD = 0.5  # probability above which a tag is predicted, for F1
 class TaggingBatch(TypedDict):
     image: torch.Tensor  # (B, C, S, S) float32
     image_id: list[str]  # [B]
-    tags: torch.Tensor  # (B, T) float32 multi-hot over vocabs.tags
+    tags: torch.Tensor  # (B, T) float32 multi-hot over vocabs.tags; in [0, 1] in a mixed training micro-batch
 
 
 class TaggingHead(nn.Module):
@@ -129,7 +131,8 @@ class Tagging(Task):
     name = "tagging"
     needs = "tags"
     default_enabled = False  # corpora with tags are few: a run asks for it
-    options = {"pos_weight": False}  # weigh each tag's positives by neg/pos of the training split
+    options = {"pos_weight": False,  # weigh each tag's positives by neg/pos of the training split
+               **MIX_OPTIONS}
     validation_keys = ("mAP_macro",)
     headline_keys = ("mAP_macro", "F1")
     report_heading = "Multi-label tagging"
@@ -146,6 +149,9 @@ class Tagging(Task):
 
     def head(self, encoder_dim, preset, sizes, model_cfg):
         return TaggingHead(encoder_dim, sizes.tags, preset.head_dropout)
+
+    def mix_targets(self, sub, partner, lam):
+        return {"tags": lam * sub["tags"] + (1 - lam) * sub["tags"][partner]}  # (B, T)
 
     def loss_state(self, cfg, vocabs):
         """(T,) neg/pos per tag from the training split when tasks.tagging.pos_weight, else None; a tag
