@@ -327,7 +327,8 @@ def load_model(url: str):
     with local_copy(url) as d:
         cfg, vocabs = load_config_and_vocabs(d)
         state = inference_weights(d)
-    model = build_model(cfg.model, cfg.tasks.enabled(), vocabs)
+    # Under loss.balance=uncertainty the weights hold the learned task balance too: built, so the load stays strict.
+    model = build_model(cfg.model, cfg.tasks.enabled(), vocabs, balance=cfg.loss.balance == "uncertainty")
     model.load_state_dict(state)
     return model.eval(), cfg, vocabs
 

@@ -140,6 +140,9 @@ class LossConfig:
     regularization: str = "decoupled"  # decoupled (AdamW weight decay) | l2 (explicit lambda_reg term)
     l2: float = 0.0  # lambda_reg when regularization == l2
     label_smoothing: float = 0.0
+    # fixed: L = sum_t lambda_t * L_t. uncertainty: each task also learns a log-variance s_t that weighs its loss
+    # (Kendall et al. 2018, objective.TaskBalance), so no hand-tuned lambda_t has to put the losses on one scale.
+    balance: str = "fixed"
 
 
 @dataclass

@@ -45,6 +45,7 @@ CHECKS: dict[str, tuple[Callable, str]] = {
     "loss.regularization": (lambda v: v in ("decoupled", "l2"), "decoupled or l2"),
     "loss.l2": (lambda v: v >= 0, ">= 0"),
     "loss.label_smoothing": (lambda v: 0 <= v < 1, "in [0, 1)"),
+    "loss.balance": (lambda v: v in ("fixed", "uncertainty"), "fixed or uncertainty"),
     "optim.lr": (lambda v: v > 0, "> 0"),
     "optim.weight_decay": (lambda v: v >= 0, ">= 0"),
     "optim.betas": (lambda v: len(v) == 2 and all(0 <= b < 1 for b in v), "two numbers in [0, 1)"),

@@ -124,6 +124,14 @@ def test_ema_with_zero3_is_refused():
     assert config_mod.load(None, ["optim.ema_decay=0.999", "train.zero_stage=2"]).optim.ema_decay == 0.999
 
 
+def test_loss_balance_is_fixed_unless_asked_and_a_bad_value_names_the_key():
+    assert config_mod.load(None, []).loss.balance == "fixed"
+    assert config_mod.load(None, ["loss.balance=uncertainty"]).loss.balance == "uncertainty"
+    with pytest.raises(ConfigError, match=r"^config key loss\.balance: 'kendall' is not allowed \(expected fixed or "
+                                          r"uncertainty\)$"):
+        config_mod.load(None, ["loss.balance=kendall"])
+
+
 def test_max_steps_or_epochs_one_per_level(tmp_path):
     """A level (file, then --set) that gives one length key replaces the other; one level giving both is an error."""
     file = tmp_path / "run.yaml"

@@ -1,8 +1,9 @@
-"""The weighted multi-task objective against losses computed by hand."""
+"""The weighted multi-task objective against losses computed by hand; the learned task balance (loss.balance)."""
 
 from __future__ import annotations
 
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -10,7 +11,7 @@ import torch
 from spatialnet_dist.config import LossConfig, ModelConfig
 from spatialnet_dist.model.spatialnet import assemble_model
 from spatialnet_dist.networks.heads import VocabSizes
-from spatialnet_dist.objective import MultiTaskObjective
+from spatialnet_dist.objective import MultiTaskObjective, TaskBalance
 from spatialnet_dist.tasks import DEFAULT_TASKS as TASKS
 from spatialnet_dist.text import BOS_ID, EOS_ID, PAD_ID
 
@@ -100,3 +101,105 @@ def test_explicit_l2_term_penalises_the_decayed_parameters():
     torch.testing.assert_close(fc.bias.grad, plain_grads[1])  # biases are not penalised
     with pytest.raises(ValueError, match="needs the model"):
         MultiTaskObjective(LossConfig(regularization="l2", l2=1e-3))(outputs, batch)
+
+
+WEIGHTS = {"captioning": 0.5, "vqa": 2.0, "classification": 1.5, "regression": 3.0}
+
+
+def balanced(log_variances: list[float]) -> SimpleNamespace:
+    """What the objective reads of a model built with balance=True: its `loss_balance`, s_t as given."""
+    balance = TaskBalance(list(TASKS))
+    with torch.no_grad():
+        balance.log_variances.copy_(torch.tensor(log_variances))
+    return SimpleNamespace(loss_balance=balance)
+
+
+def test_fixed_balance_is_the_weighted_sum_in_task_order_bit_for_bit_and_ignores_a_models_balance():
+    outputs, batch = outputs_and_batch()
+    cfg = LossConfig(weights=WEIGHTS)
+    plain = MultiTaskObjective(cfg)(outputs, batch)
+    with_model = MultiTaskObjective(cfg)(outputs, batch, balanced([0.5, -1.0, 2.0, 0.3]))
+    by_hand = None
+    for t in TASKS:
+        by_hand = WEIGHTS[t] * plain[f"{t}_loss"] if by_hand is None else by_hand + WEIGHTS[t] * plain[f"{t}_loss"]
+    assert torch.equal(plain["loss"], by_hand) and torch.equal(with_model["loss"], by_hand)
+    assert not any(k.startswith("balance/") for k in with_model)
+    assert MultiTaskObjective(cfg).report_keys(["vqa", "regression"]) == ["loss", "vqa_loss", "regression_loss"]
+
+
+def test_uncertainty_at_zero_log_variances_is_the_fixed_objective():
+    outputs, batch = outputs_and_batch()
+    fixed = MultiTaskObjective(LossConfig(weights=WEIGHTS))(outputs, batch)
+    learned = MultiTaskObjective(LossConfig(weights=WEIGHTS, balance="uncertainty"))(outputs, batch, balanced([0.0] * 4))
+    assert torch.equal(learned["loss"], fixed["loss"])  # lambda_t * (1 * L_t + 0), summed in the same order
+    assert all(learned[f"balance/{t}"].item() == 1.0 for t in TASKS)
+
+
+def test_uncertainty_loss_and_its_gradients_are_the_formula():
+    """L = sum_t lambda_t * (exp(-s_t) L_t + s_t): dL/ds_t = lambda_t * (1 - exp(-s_t) L_t), and a head's
+    gradient is the fixed objective's scaled by exp(-s_t)."""
+    s = [0.5, -1.0, 2.0, 0.3]
+    outputs, batch = outputs_and_batch()
+    model = balanced(s)
+    learned = MultiTaskObjective(LossConfig(weights=WEIGHTS, balance="uncertainty"))(outputs, batch, model)
+    task_loss = {t: learned[f"{t}_loss"].item() for t in TASKS}
+    expected = sum(WEIGHTS[t] * (math.exp(-s_t) * task_loss[t] + s_t) for t, s_t in zip(TASKS, s))
+    assert learned["loss"].item() == pytest.approx(expected, rel=1e-6)
+    assert [learned[f"balance/{t}"].item() for t in TASKS] == pytest.approx([math.exp(-s_t) for s_t in s], rel=1e-6)
+    learned["loss"].backward()
+    grad = model.loss_balance.log_variances.grad
+    assert grad.tolist() == pytest.approx([WEIGHTS[t] * (1 - math.exp(-s_t) * task_loss[t]) for t, s_t in zip(TASKS, s)],
+                                          rel=1e-5)
+    fixed_outputs, _ = outputs_and_batch()
+    MultiTaskObjective(LossConfig(weights=WEIGHTS))(fixed_outputs, batch)["loss"].backward()
+    torch.testing.assert_close(outputs["vqa"]["logits"].grad, math.exp(1.0) * fixed_outputs["vqa"]["logits"].grad)
+
+
+def test_uncertainty_with_an_absent_task_leaves_its_log_variance_alone_and_still_reports_it():
+    outputs, batch = outputs_and_batch()
+    del outputs["vqa"], batch["vqa"]
+    model = balanced([0.0, 0.7, 0.0, 0.0])
+    objective = MultiTaskObjective(LossConfig(balance="uncertainty"))
+    losses = objective(outputs, batch, model)
+    losses["loss"].backward()
+    assert model.loss_balance.log_variances.grad[TASKS.index("vqa")].item() == 0.0
+    assert losses["balance/vqa"].item() == pytest.approx(math.exp(-0.7))
+    assert objective.report_keys(["vqa"]) == ["loss", "vqa_loss", "balance/vqa"]
+
+
+def test_uncertainty_without_a_model_weighs_by_the_fixed_weights_and_a_model_without_balance_is_an_error():
+    outputs, batch = outputs_and_batch()
+    cfg = LossConfig(weights=WEIGHTS, balance="uncertainty")
+    validation = MultiTaskObjective(cfg)(outputs, batch)  # what Trainer.validate calls
+    assert torch.equal(validation["loss"], MultiTaskObjective(LossConfig(weights=WEIGHTS))(outputs, batch)["loss"])
+    model = assemble_model(ModelConfig(image_size=32), ["vqa"], VocabSizes(words=8, answers=4, classes=3))
+    with pytest.raises(ValueError, match="loss.balance=uncertainty needs a model built with its task balance"):
+        MultiTaskObjective(cfg)(outputs, batch, model)
+
+
+def test_optimising_the_log_variances_moves_each_weight_to_one_over_its_loss():
+    """d/ds (exp(-s) L + s) = 1 - exp(-s) L: one step lowers the weight exp(-s) of a loss above 1 and raises
+    that of a loss below 1; the optimum is exp(-s) = 1 / L."""
+    balance = TaskBalance(["vqa", "classification"])
+    task_losses = {"vqa": torch.tensor(4.0), "classification": torch.tensor(0.25)}
+    optimizer = torch.optim.SGD(balance.parameters(), lr=0.05)
+    first = None
+    for _ in range(400):
+        optimizer.zero_grad()
+        total, weights = balance(task_losses, {"vqa": 1.0, "classification": 1.0})
+        total.backward()
+        optimizer.step()
+        first = first or {t: math.exp(-balance.log_variances[i].item()) for i, t in enumerate(balance.tasks)}
+    assert first["vqa"] < 1.0 < first["classification"]
+    final = {t: math.exp(-balance.log_variances[i].item()) for i, t in enumerate(balance.tasks)}
+    assert final == pytest.approx({"vqa": 0.25, "classification": 4.0}, rel=1e-3)
+
+
+def test_the_model_owns_the_balance_only_when_asked_and_never_decays_it():
+    sizes = VocabSizes(words=8, answers=2, classes=3)
+    assert not hasattr(assemble_model(ModelConfig(image_size=32), ["vqa", "regression"], sizes), "loss_balance")
+    model = assemble_model(ModelConfig(image_size=32), ["vqa", "regression"], sizes, balance=True)
+    assert model.loss_balance.tasks == ["vqa", "regression"]
+    assert torch.equal(model.state_dict()["loss_balance.log_variances"], torch.zeros(2))
+    assert "loss_balance.log_variances" in model.no_weight_decay_names()
+    assert not any(p is model.loss_balance.log_variances for p in model.decayed_parameters())

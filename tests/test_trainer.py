@@ -182,3 +182,49 @@ def test_the_ema_steps_once_per_optimizer_step_resumes_bit_exact_and_is_what_eva
     assert all(torch.equal(v, trainer.ema.tensors[k]) for k, v in model.state_dict().items())
     bundle = load_file(str(ckpt.export_bundle(url, tmp_path / "bundle") / ckpt.BUNDLE_WEIGHTS))
     assert all(torch.equal(v, trainer.ema.tensors[k]) for k, v in bundle.items())
+
+
+def test_learned_task_balance_trains_reports_and_resumes_with_the_checkpoint(world_of_one, tmp_path):
+    """loss.balance=uncertainty: the engine steps the s_t with the network (no weight decay), each report logs
+    exp(-s_t) as it stood at the window's step, a checkpoint holds s_t and the optimizer's state of them (the
+    resumed run's s_t are the uninterrupted run's, bit for bit), and load_model and a bundle load them strictly."""
+    from spatialnet_dist import engine as ds
+    from spatialnet_dist import tasks as registry
+    from spatialnet_dist.data.vocab import build_vocabs
+
+    tasks = ("classification", "regression")
+    cfg = config_mod.load(None, [
+        f"data.root={world_of_one}", "model.image_size=32", "data.loader_workers=0", "train.cpus_per_worker=1",
+        f"train.max_steps={STEPS}", f"train.checkpoint_every={CHECKPOINT_AT}", "train.log_every=1",
+        f"eval.every={STEPS}", "eval.val_batches=1", "eval.at_end=false", "optim.warmup_steps=0", "optim.lr=1e-2",
+        "loss.balance=uncertainty", *(f"tasks.{t}.enabled={t in tasks}" for t in registry.names()),
+        *(f"tasks.{t}.batch_size={BATCH}" for t in tasks), "tasks.regression.questions_per_image=1"])
+    vocabs = build_vocabs(cfg)
+    key = "loss_balance.log_variances"
+    first = RecordingReporter(tmp_path)
+    trainer = _trainer(cfg, vocabs, first)
+    assert trainer.engine.module.loss_balance.tasks == list(tasks)
+    decay = {id(p): g["weight_decay"] for g in ds.param_groups(trainer.engine.module, 1e-3, 0.05) for p in g["params"]}
+    assert decay[id(trainer.engine.module.loss_balance.log_variances)] == 0.0
+    trainer.fit()
+
+    # A report's balance/<t> is exp(-s_t) of its step's forward: the s_t after the step before.
+    assert [first.metrics[0][f"balance/{t}"] for t in tasks] == [1.0, 1.0]
+    s_at = {step: weights[key] for step, weights in first.weights.items()}  # (T,) after steps 2 and 4
+    assert not torch.equal(s_at[CHECKPOINT_AT], torch.zeros(2)) and not torch.equal(s_at[STEPS], s_at[CHECKPOINT_AT])
+    for i, t in enumerate(tasks):
+        assert first.metrics[CHECKPOINT_AT][f"balance/{t}"] == pytest.approx(torch.exp(-s_at[CHECKPOINT_AT][i]).item())
+    assert {f"val/{t}_loss" for t in tasks} <= first.metrics[-1].keys()  # validation runs without the balance
+
+    second = RecordingReporter(tmp_path / "second")
+    resumed = _trainer(cfg, vocabs, second)
+    resumed.restore(tmp_path / f"step-{CHECKPOINT_AT}")
+    assert torch.equal(resumed.engine.module.loss_balance.log_variances.detach(), s_at[CHECKPOINT_AT])
+    resumed.fit()
+    assert torch.equal(second.weights[STEPS][key], s_at[STEPS])  # Adam's moments of s_t came back too
+
+    url = ckpt.publish(tmp_path / f"step-{CHECKPOINT_AT}", str(tmp_path / "run"), CHECKPOINT_AT, rank=0, keep=0)
+    model, loaded_cfg, _ = ckpt.load_model(url)
+    assert loaded_cfg.loss.balance == "uncertainty" and torch.equal(model.state_dict()[key], s_at[CHECKPOINT_AT])
+    bundle, _, _ = ckpt.load_model(str(ckpt.export_bundle(url, tmp_path / "bundle")))
+    assert torch.equal(bundle.state_dict()[key], s_at[CHECKPOINT_AT])

@@ -11,15 +11,19 @@ from spatialnet_dist.config import ModelConfig
 from spatialnet_dist.networks.encoder import ViTEncoder, build_encoder, freeze_blocks, layer_id, load_pretrained
 from spatialnet_dist.networks.heads import VocabSizes
 from spatialnet_dist.networks.presets import Preset, get_preset
+from spatialnet_dist.objective import TaskBalance
 from spatialnet_dist.text import TextVocabs
 
 
 class SpatialNetViT(nn.Module):
-    def __init__(self, encoder: ViTEncoder, heads: dict[str, nn.Module], preset: Preset):
+    def __init__(self, encoder: ViTEncoder, heads: dict[str, nn.Module], preset: Preset,
+                 loss_balance: TaskBalance | None = None):
         super().__init__()
         self.preset = preset
         self.encoder = encoder
         self.heads = nn.ModuleDict(heads)
+        if loss_balance is not None:  # loss.balance=uncertainty: the objective's s_t, trained with the network
+            self.loss_balance = loss_balance
 
     @property
     def image_size(self) -> int:
@@ -105,8 +109,9 @@ def _distinct_images(keys: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.tensor(distinct, dtype=torch.int64), torch.tensor(slots, dtype=torch.int64)
 
 
-def assemble_model(model_cfg: ModelConfig, tasks: list[str], sizes: VocabSizes) -> SpatialNetViT:
-    """Encoder from the preset (with the config's overrides) + one head per task, sized by `sizes`."""
+def assemble_model(model_cfg: ModelConfig, tasks: list[str], sizes: VocabSizes, balance: bool = False) -> SpatialNetViT:
+    """Encoder from the preset (with the config's overrides) + one head per task, sized by `sizes`; with `balance`
+    (loss.balance=uncertainty) also the tasks' learned loss weights (objective.TaskBalance)."""
     preset = get_preset(model_cfg.preset)
     encoder = build_encoder(preset, model_cfg.image_size, model_cfg.in_chans, model_cfg.activation, model_cfg.drop_path,
                             model_cfg.patch_size, model_cfg.stem)
@@ -114,13 +119,14 @@ def assemble_model(model_cfg: ModelConfig, tasks: list[str], sizes: VocabSizes) 
         load_pretrained(encoder, model_cfg.pretrained, preset)
     freeze_blocks(encoder, model_cfg.freeze_encoder_blocks)
     heads = {t: registry.get(t).head(encoder.embed_dim, preset, sizes, model_cfg) for t in tasks}
-    model = SpatialNetViT(encoder, heads, preset)
+    model = SpatialNetViT(encoder, heads, preset, TaskBalance(tasks) if balance else None)
     model.set_grad_checkpointing(preset.grad_checkpointing)
     return model
 
 
-def build_model(model_cfg: ModelConfig, tasks: list[str], vocabs: TextVocabs) -> SpatialNetViT:
-    """The model for `tasks`, its heads sized by the vocabularies built from the training text."""
+def build_model(model_cfg: ModelConfig, tasks: list[str], vocabs: TextVocabs, balance: bool = False) -> SpatialNetViT:
+    """The model for `tasks`, its heads sized by the vocabularies built from the training text (`balance`:
+    assemble_model's)."""
     sizes = VocabSizes(words=len(vocabs.words), answers=len(vocabs.answers), classes=len(vocabs.classes),
                        tags=len(vocabs.tags))
-    return assemble_model(model_cfg, tasks, sizes)
+    return assemble_model(model_cfg, tasks, sizes, balance)

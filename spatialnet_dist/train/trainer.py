@@ -14,7 +14,6 @@ samples seen, RNG) are one object; apart, a reader would check the save against 
 
 from __future__ import annotations
 
-import functools
 import logging
 import math
 import os
@@ -107,8 +106,7 @@ class Trainer:
             self.device = torch.device("cpu")
             torch.set_num_threads(cfg.train.torch_threads or cfg.train.cpus_per_worker)
         torch.manual_seed(cfg.run.seed)  # identical initial weights on every rank
-        model = build_model(cfg.model, self.tasks, vocabs)
-        self.engine = ds.create_engine(cfg, model, world_size)
+        self.engine = ds.create_engine(cfg, self._build_model(), world_size)
         self.dtype = torch.bfloat16 if ds.precision(cfg) == "bf16" else torch.float32
         # optim.ema_decay: the weights' moving average, updated after every optimizer step; what evaluation uses.
         self.ema = WeightEma(self.engine.module, cfg.optim.ema_decay) if cfg.optim.ema_decay > 0 else None
@@ -117,6 +115,11 @@ class Trainer:
         self.samples_seen = dict.fromkeys(self.tasks, 0)  # images per task, all ranks, whole run (the loader's position)
         self.questions_seen = dict.fromkeys(registry.question_tasks(self.tasks), 0)  # vqa, regression
         self.loader = make_train_loader(cfg, vocabs, rank, world_size)  # lazy: its workers start at the first batch
+
+    def _build_model(self) -> torch.nn.Module:
+        """The enabled tasks' model; under loss.balance=uncertainty with the learned task weights, which the engine
+        trains with it."""
+        return build_model(self.cfg.model, self.tasks, self.vocabs, balance=self.cfg.loss.balance == "uncertainty")
 
     # ---- checkpoints ----
 
@@ -158,7 +161,8 @@ class Trainer:
     def fit(self) -> dict:
         """Step to train.max_steps, reporting as due; -> the last report's metrics. Closes the loader."""
         cfg = self.cfg
-        window = _Window(self.tasks, self.device, self.world_size, self.step, self.loader.position()["rows"])
+        window = _Window(self.tasks, self.device, self.world_size, self.step, self.loader.position()["rows"],
+                         self.objective.report_keys(self.tasks))
         last_metrics: dict = {}
         try:
             while self.step < cfg.train.max_steps:
@@ -255,8 +259,7 @@ class Trainer:
     def inference_model(self) -> torch.nn.Module:
         """A model every rank can run on its own (no collectives inside forward): with optim.ema_decay, a copy
         carrying the EMA weights."""
-        build = functools.partial(build_model, self.cfg.model, self.tasks, self.vocabs)
-        return self.ema.averaged_model(build) if self.ema else ds.full_model(self.engine, build)
+        return self.ema.averaged_model(self._build_model) if self.ema else ds.full_model(self.engine, self._build_model)
 
     @torch.no_grad()
     def validate(self) -> dict:
@@ -271,7 +274,7 @@ class Trainer:
                 if n >= self.cfg.eval.val_batches:
                     break
                 sub = to_device({task: sub}, self.device, next(model.parameters()).dtype)
-                losses = self.objective(model(sub), sub)
+                losses = self.objective(model(sub), sub)  # no model: "loss" by the fixed weights; only the task's is read
                 size = registry.get(task).loss_size(sub[task])  # what the task's loss averages
                 sums[2 * i] += losses[f"{task}_loss"].item() * size
                 sums[2 * i + 1] += size
@@ -292,7 +295,7 @@ class _WindowTotals:
     """A report window summed over all ranks."""
 
     steps: int
-    losses: dict[str, float]  # {"loss", "<task>_loss"}: the mean over the window's micro-steps
+    losses: dict[str, float]  # the objective's report_keys ("loss", "<task>_loss", ...): means over the micro-steps
     samples: dict[str, int]  # images per task
     questions: dict[str, int]  # questions per vqa/regression task
     skipped: dict[str, int]  # bad-input samples per task, whole run (the streams' running count)
@@ -301,13 +304,14 @@ class _WindowTotals:
 
 class _Window:
     """Loss sums, questions and step time since the last report; samples are differences of the loader's
-    position (global rows per task, counted once), skips the streams' running count."""
+    position (global rows per task, counted once), skips the streams' running count. `keys`: the objective's
+    results it averages (MultiTaskObjective.report_keys)."""
 
     def __init__(self, tasks: list[str], device: torch.device, world_size: int, start_step: int,
-                 rows: dict[str, int]):
+                 rows: dict[str, int], keys: list[str]):
         self.tasks, self.device, self.world_size = tasks, device, world_size
         self.question_tasks = registry.question_tasks(tasks)
-        self.keys = ["loss"] + [f"{t}_loss" for t in tasks]
+        self.keys = keys
         self._reset(start_step, rows)
 
     def _reset(self, step: int, rows: dict[str, int]) -> None:
