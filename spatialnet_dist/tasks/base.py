@@ -12,12 +12,15 @@ config key (`tasks.<name>`, `loss.weights.<name>`), loss key (`<name>_loss`), me
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from spatialnet_dist.symmetry import SYMMETRIES
 
 if TYPE_CHECKING:  # config imports the registry lazily; a task module must not import config at its top
     from spatialnet_dist.config import LossConfig, ModelConfig
@@ -34,6 +37,19 @@ def cross_entropy(logits: torch.Tensor, target: torch.Tensor, ignore: int, label
     where F.cross_entropy's mean would be 0/0 = NaN. Computed in fp32 also for bf16 logits."""
     per_item = F.cross_entropy(logits.float(), target, ignore_index=ignore, label_smoothing=label_smoothing, reduction="none")
     return per_item.sum() / (target != ignore).sum().clamp(min=1)
+
+
+TTA_MODES = ("none", "symmetry")  # eval.tta
+
+
+def tta_probabilities(probabilities: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor,
+                      tta: str) -> torch.Tensor:
+    """`probabilities` (images (B, C, S, S) -> (B, K)) of `images`; with eval.tta "symmetry", their mean over
+    the 8 symmetries of the square, for predictions whose label holds of a turned or mirrored image (a
+    land-use class, a tag). One batch per symmetry: 8x the memory of one forward pass would not fit every model."""
+    if tta == "none":
+        return probabilities(images)
+    return torch.stack([probabilities(symmetry.apply(images)) for symmetry in SYMMETRIES]).mean(0)  # (B, K)
 
 
 class Task:
