@@ -1,5 +1,5 @@
-"""spatialnet_dist.jobs: what it hands train/ from evaluate/ (the validation, the end-of-run evaluation), and eval.keep_best
-through the Ray job (the best checkpoint kept, evaluated and named by RESULT)."""
+"""spatialnet_dist.jobs: what it hands train/ from evaluate/ (the validation, the end-of-run evaluation), and
+eval.keep_best through the Ray job (the best checkpoint kept, evaluated and named by RESULT)."""
 
 from __future__ import annotations
 
@@ -44,7 +44,8 @@ def test_the_ray_worker_is_handed_the_validation_and_evaluation(monkeypatch):
 
 
 def _predicted_tags(eval_dir) -> dict[str, list[float]]:
-    return {r["image_id"]: list(r["scores"].values()) for r in json.loads((eval_dir / "predictions" / "tagging.json").read_text())}
+    rows = json.loads((eval_dir / "predictions" / "tagging.json").read_text())
+    return {r["image_id"]: list(r["scores"].values()) for r in rows}
 
 
 @pytest.mark.slow  # a Ray job of 2 workers: 6 steps, 3 validations, the end-of-run evaluation
@@ -75,12 +76,13 @@ def test_keep_best_keeps_and_evaluates_the_best_checkpoint_and_result_names_it(s
     assert result["best_step"] == best and result["checkpoint"] == run.path(ckpt.checkpoint_name(best))
     assert json.loads((tmp_path / "runs" / "best" / "best.json").read_text()) == {
         "step": best, "metric": "tagging_mAP_macro", "value": validated[best]}
-    assert [url for url, complete in ckpt.checkpoints(run.url)] == [result["checkpoint"], run.path(ckpt.checkpoint_name(6))]
+    last = run.path(ckpt.checkpoint_name(6))
+    assert [url for url, complete in ckpt.checkpoints(run.url)] == [result["checkpoint"], last]
     assert run.describe()["best_step"] == best
 
     evaluated = _predicted_tags(tmp_path / "runs" / "best" / "eval")
-    for step, out in ((best, tmp_path / "of-best"), (6, tmp_path / "of-last")):
-        evaluate_checkpoint(run.path(ckpt.checkpoint_name(step)), root, "test", out=str(out))
+    for url, out in ((result["checkpoint"], tmp_path / "of-best"), (last, tmp_path / "of-last")):
+        evaluate_checkpoint(url, root, "test", out=str(out))
     assert evaluated.keys() == _predicted_tags(tmp_path / "of-best").keys() and len(evaluated) > 0
     for image_id, scores in _predicted_tags(tmp_path / "of-best").items():
         assert evaluated[image_id] == pytest.approx(scores, rel=1e-4, abs=1e-6), image_id

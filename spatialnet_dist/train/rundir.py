@@ -175,8 +175,9 @@ class RunDir:
 
     def describe(self) -> dict:
         """{"run_dir", "state", "last_step", "max_steps", "last_metrics", "checkpoints", "report", "error",
-        "attempts", "tensorboard", "best_step" (eval.keep_best's, or None)}. state: created (config only), running (started, no result since: running,
-        or its driver was killed), finished or failed (the job's result.json, newer than its last start)."""
+        "attempts", "tensorboard", "best_step" (eval.keep_best's, or None)}. state: created (config only), running
+        (started, no result since: running, or its driver was killed), finished or failed (the job's result.json,
+        newer than its last start)."""
         names = storage.list_dir(self.url)
         if "config.yaml" not in names:
             raise UserError(f"{self.url}: not a run directory (no config.yaml)")
