@@ -85,10 +85,10 @@ def _distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
-def publish(local_dir: str | Path, run_url: str, step: int, rank: int, keep: int) -> str:
+def publish(local_dir: str | Path, run_url: str, step: int, rank: int, keep: int, best: str | None = None) -> str:
     """Every rank together: put this rank's checkpoint files (`local_dir`) into `<run_url>/checkpoint-N/`;
     once all ranks' files are there rank 0 writes the manifest, which makes the checkpoint complete, and
-    prunes the run to `keep` complete checkpoints. -> the checkpoint's URL."""
+    prunes the run to `keep` complete checkpoints and `best` (`prune`). -> the checkpoint's URL."""
     url = storage.join(run_url, checkpoint_name(step))
     mine = file_digests(local_dir)
     by_rank = [mine]
@@ -107,7 +107,7 @@ def publish(local_dir: str | Path, run_url: str, step: int, rank: int, keep: int
         dist.barrier()  # every rank's files are in place
     if rank == 0:
         _write_manifest(url, {rel: by_rank[r][rel] for rel, r in sorted(owner.items())}, step=step)
-        prune(run_url, keep)
+        prune(run_url, keep, best)
     return url
 
 
@@ -128,12 +128,13 @@ def latest_complete(run_url: str) -> str | None:
     return complete[-1] if complete else None
 
 
-def prune(run_url: str, keep: int) -> None:
+def prune(run_url: str, keep: int, best: str | None = None) -> None:
     """Delete partial checkpoints (saves that died; nothing writes one while this runs: rank 0 calls it
-    at the start of an attempt and after each save) and all but the last `keep` complete ones (0: all)."""
+    at the start of an attempt and after each save) and all but the last `keep` complete ones (0: all)
+    and `best`, the URL of the best checkpoint (eval.keep_best), whatever its age."""
     found = checkpoints(run_url)
     complete = [u for u, ok in found if ok]
-    kept = set(complete[-keep:] if keep else complete)
+    kept = set(complete[-keep:] if keep else complete) | {best}
     for url, ok in found:
         if url in kept:
             continue
@@ -309,6 +310,12 @@ def inference_weights(directory: str | Path) -> dict:
     """What a checkpoint is evaluated and exported with: its EMA when it holds one, else its weights."""
     ema = ema_weights(directory)
     return ema if ema is not None else consolidated_weights(directory)
+
+
+def load_weights(model, url: str) -> None:
+    """The inference weights (its EMA when it has one) of a checkpoint's (any ZeRO stage, written by any number of ranks) or a bundle's weights into `model`."""
+    with local_copy(url) as d:
+        model.load_state_dict(inference_weights(d))
 
 
 def load_config_and_vocabs(directory: str | Path) -> tuple[config_mod.Config, TextVocabs]:

@@ -226,7 +226,10 @@ def _runs_show(a) -> int:
     lines = [f"run:         {run['run_dir']}", f"state:       {run['state']}" + (f" ({run['error']})" if run["error"] else ""),
              f"step:        {run['last_step']} of {run['max_steps']} ({run['attempts']} attempt(s))",
              f"report:      {run['report'] or '-'}", f"tensorboard: {run['tensorboard'] or '-'}",
-             "checkpoints: " + (", ".join(run["checkpoints"]) or "-"), "last metrics:"]
+             "checkpoints: " + (", ".join(run["checkpoints"]) or "-")]
+    if run["best_step"] is not None:
+        lines.append(f"best step:   {run['best_step']} (eval.keep_best)")
+    lines.append("last metrics:")
     lines += [f"  {k} = {v:.6g}" if isinstance(v, float) else f"  {k} = {v}" for k, v in run["last_metrics"].items()]
     print("\n".join(lines), file=a.stdout)
     return 0

@@ -223,6 +223,17 @@ class EvalConfig:
     max_samples: int = 0  # 0: the whole split
     count_rule: str = "rsvqa-lr"
     spice: bool = False
+    # A validation metric, as the run logs it without "val/" (classification_accuracy, tagging_mAP_macro,
+    # captioning_loss: tasks.validation_metrics); "": off. The checkpoint of the validation where it was best
+    # so far is kept whatever run.keep_checkpoints says, recorded in <run dir>/best.json (a resumed run knows
+    # it), evaluated at the end and named by RESULT's checkpoint and best_step. Best is the highest, but the
+    # lowest for losses (*_loss) and errors (*_MAE, *_RMSE): tasks.higher_is_better. Every validation must be a
+    # checkpoint: eval.every > 0, a multiple of train.checkpoint_every.
+    keep_best: str = ""
+    # Test-time augmentation of classification and tagging: none | symmetry (their class or tag probabilities
+    # averaged over the 8 flips and quarter turns of each image, whose labels none of them changes; 8 forward
+    # passes per batch, at validation too).
+    tta: str = "none"
 
 
 @dataclass

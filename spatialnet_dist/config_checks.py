@@ -15,6 +15,7 @@ from spatialnet_dist import tasks as registry
 from spatialnet_dist.data.transforms import AUGMENT_POLICIES, CROPPING_POLICIES
 from spatialnet_dist.errors import ConfigError
 from spatialnet_dist.networks.presets import PRESETS, STEMS
+from spatialnet_dist.tasks.base import TTA_MODES
 
 FAULT_KINDS = ("exit", "error", "user_error", "nan_loss")  # faults.kind: see config.FaultsConfig
 
@@ -75,6 +76,7 @@ CHECKS: dict[str, tuple[Callable, str]] = {
     "eval.beam_size": (lambda v: v >= 1, ">= 1"),
     "eval.max_samples": (lambda v: v >= 0, ">= 0"),
     "eval.count_rule": (lambda v: v in ("rsvqa-lr", "exact"), "rsvqa-lr or exact"),
+    "eval.tta": (lambda v: v in TTA_MODES, " or ".join(TTA_MODES)),
     "log.mlflow_experiment": (lambda v: bool(v), "an experiment name"),
     "faults.fail_at_step": (lambda v: v >= 0, ">= 0 (0: never)"),
     "faults.kind": (lambda v: v in FAULT_KINDS, ", ".join(FAULT_KINDS)),
@@ -119,6 +121,8 @@ def validate(cfg):
                           "train.zero_stage=3 (use ZeRO 0-2)")
     if not cfg.tasks.enabled():
         raise ConfigError("config key tasks: at least one task must be enabled")
+    if cfg.eval.keep_best:
+        _validate_keep_best(cfg)
     if cfg.train.max_steps == 0 and cfg.train.epochs == 0:
         raise ConfigError("config keys train.max_steps and train.epochs: both 0; set one of them")
     for task, w in cfg.loss.weights.items():
@@ -139,6 +143,18 @@ def _validate_patches(model) -> None:
     if model.stem == "conv" and (patch & (patch - 1)):
         raise ConfigError(f"config key model.stem: conv halves the image log2(patch) times; the patch size {patch} "
                           "is not a power of 2")
+
+
+def _validate_keep_best(cfg) -> None:
+    metric, every = cfg.eval.keep_best, cfg.eval.every
+    logged = registry.validation_metrics(cfg.tasks.enabled())
+    if metric not in logged:
+        raise ConfigError(f"config key eval.keep_best: {metric!r} is not a validation metric of the enabled tasks "
+                          f"(expected one of {', '.join(logged)}){closest(metric, logged)}")
+    if every == 0 or every % cfg.train.checkpoint_every:
+        raise ConfigError(f"config key eval.keep_best: needs every validation to be a checkpoint (eval.every > 0 and "
+                          f"a multiple of train.checkpoint_every); got eval.every={every}, "
+                          f"train.checkpoint_every={cfg.train.checkpoint_every}")
 
 
 def _validate_task(tc, task, strong: list[str]) -> None:

@@ -1,7 +1,8 @@
 """The 8 symmetries of the square (flips and quarter turns): how they move an image, and its texts' side words.
 
-`Symmetry` moves the pixels of a square image (data/transforms.py draws one per training visit); `map_sides`
-moves the words of a text that name a side or direction, so that the text stays true of the moved image.
+`Symmetry` moves the pixels of a square image (data/transforms.py draws one per training visit; test-time
+augmentation, tasks/base.py, averages over all 8); `map_sides` moves the words of a text that name a side or
+direction, so that the text stays true of the moved image.
 
 A caption or question that says where something is ("water on the left side", "a road at the top",
 "the north-east corner", "a vertical runway") stays true of a flipped or rotated image only when its
@@ -41,10 +42,11 @@ class Symmetry:
     mirrored: bool = False
 
     def apply(self, x: torch.Tensor) -> torch.Tensor:
-        """(C, H, W) -> (C, H, W) of a square image, moved; a new tensor or a view, never written to."""
+        """(..., H, W) -> (..., H, W) of square images, (C, H, W) or a batch (B, C, H, W), moved; a new tensor
+        or a view, never written to."""
         if self.rotations:
-            x = torch.rot90(x, k=self.rotations, dims=(1, 2))  # from the H axis towards W: top -> left
-        return torch.flip(x, dims=(2,)) if self.mirrored else x
+            x = torch.rot90(x, k=self.rotations, dims=(-2, -1))  # from the H axis towards W: top -> left
+        return torch.flip(x, dims=(-1,)) if self.mirrored else x
 
     def move(self, dx: int, dy: int) -> tuple[int, int]:
         """Where a direction (dx to the right, dy down, as displayed) points in the moved image."""

@@ -16,6 +16,7 @@ import pytest
 from spatialnet_dist import checkpoint as ckpt
 from spatialnet_dist.errors import UserError
 from spatialnet_dist.store import storage
+from spatialnet_dist.train.rundir import BestCheckpoint, RunDir
 
 
 class InjectedCrash(Exception):
@@ -127,6 +128,53 @@ def test_keep_checkpoints_applies_and_zero_keeps_all(tmp_path):
     assert len(ckpt.checkpoints(run)) == 3
 
 
+def test_pruning_keeps_the_best_checkpoint_whatever_its_age(tmp_path):
+    run = str(tmp_path / "run")
+    best = storage.join(run, ckpt.checkpoint_name(2))
+    for step in (1, 2, 3, 4):
+        rank_files(tmp_path / f"step{step}", step)
+        ckpt.publish(tmp_path / f"step{step}", run, step, rank=0, keep=1, best=best if step > 2 else None)
+    assert [u.rsplit("/", 1)[1] for u, ok in ckpt.checkpoints(run)] == ["checkpoint-000002", "checkpoint-000004"]
+    ckpt.prune(run, keep=1, best=best)  # an attempt's start
+    assert len(ckpt.checkpoints(run)) == 2
+    ckpt.prune(run, keep=1)  # without eval.keep_best: the last alone
+    assert [u.rsplit("/", 1)[1] for u, ok in ckpt.checkpoints(run)] == ["checkpoint-000004"]
+
+
+def _published_with_validation(tmp_path, run: RunDir, best: BestCheckpoint, step: int, metrics: dict) -> None:
+    """What a reporter does at a checkpoint step (rank 0): publish, keeping the best so far, then weigh it."""
+    rank_files(tmp_path / f"step{step}", step)
+    ckpt.publish(tmp_path / f"step{step}", run.url, step, rank=0, keep=1, best=best.url)
+    best.consider(step, metrics)
+
+
+@pytest.mark.parametrize(("metric", "values", "best_step"), [
+    ("classification_accuracy", [0.5, 0.75, 0.75, 0.25], 4),  # higher is better; a tie keeps the earlier
+    ("vqa_loss", [2.0, 1.5, 1.75, 1.25], 8),  # lower is better
+    ("regression_MAE", [3.0, 2.0, 2.5, float("nan")], 4),  # lower; a NaN never beats
+])
+def test_the_best_checkpoint_is_recorded_kept_and_known_to_a_resumed_run(tmp_path, metric, values, best_step):
+    run = RunDir(str(tmp_path / "run"))
+    best = BestCheckpoint(run, metric)
+    for i, value in enumerate(values):
+        step = 2 * (i + 1)
+        _published_with_validation(tmp_path, run, best, step, {"step": step, f"val/{metric}": value, "loss": 1.0})
+        _published_with_validation(tmp_path, run, best, step + 1, {"step": step + 1, "loss": 1.0})  # no validation
+    assert best.step == best_step and best.url == run.path(ckpt.checkpoint_name(best_step))
+    assert json.loads(Path(run.path("best.json")).read_text()) == {
+        "step": best_step, "metric": metric, "value": values[best_step // 2 - 1]}
+    kept = [u.rsplit("/", 1)[1] for u, ok in ckpt.checkpoints(run.url)]
+    assert kept == sorted({ckpt.checkpoint_name(best_step), ckpt.checkpoint_name(9)})
+    resumed = BestCheckpoint(run, metric)  # a restarted attempt
+    assert resumed.record == best.record
+    _published_with_validation(tmp_path, run, resumed, 10, {"step": 10, f"val/{metric}": values[best_step // 2 - 1]})
+    assert resumed.step == best_step  # the best so far, from best.json, is what a new value must beat
+    assert BestCheckpoint(run, "tagging_mAP_macro").record is None  # best.json ranks by another metric
+    assert BestCheckpoint(run, "").url is None  # off
+    ckpt.prune(run.url, keep=1)  # a job of this run directory without eval.keep_best
+    assert BestCheckpoint(run, metric).record is None  # its checkpoint is gone
+
+
 def altered(url: str, rel: str) -> None:
     path = Path(url) / rel
     data = bytearray(path.read_bytes())
@@ -195,12 +243,12 @@ def _resume_after_every_crash(rank: int, port: int, data_root: str, runs: str, b
     def run(name: str, crash: int | None = None, calls: list | None = None):
         """Train run `name` to step 2 (with `crash`: its step-2 save dies at step `crash` of the save);
         -> the fingerprint of the parameters it ends with."""
-        def publish(local_dir, run_url, step, rank, keep):
+        def publish(local_dir, run_url, step, rank, keep, best=None):
             if step != 2 or calls is None:
-                return real_publish(local_dir, run_url, step, rank, keep)
+                return real_publish(local_dir, run_url, step, rank, keep, best)
             with crash_at(monkeypatch, steps, crash) as made:
                 try:
-                    return real_publish(local_dir, run_url, step, rank, keep)
+                    return real_publish(local_dir, run_url, step, rank, keep, best)
                 finally:
                     calls.extend(made)
 

@@ -132,6 +132,45 @@ def test_loss_balance_is_fixed_unless_asked_and_a_bad_value_names_the_key():
         config_mod.load(None, ["loss.balance=kendall"])
 
 
+EVERY_2 = ["eval.every=4", "train.checkpoint_every=2"]
+
+
+def test_keep_best_takes_a_validation_metric_of_an_enabled_task():
+    assert config_mod.load(None, [*EVERY_2, "eval.keep_best=classification_accuracy"]).eval.keep_best
+    assert config_mod.load(None, [*EVERY_2, "eval.keep_best=captioning_loss"]).eval.keep_best  # a loss, no score
+    assert config_mod.load(None, [*EVERY_2, "tasks.tagging.enabled=true", "eval.keep_best=tagging_mAP_macro"])
+    for items, message in [
+        (["eval.keep_best=classification_acc"], r"'classification_acc' is not a validation metric of the enabled "
+                                                r"tasks \(expected one of captioning_loss, vqa_loss, vqa_OA, vqa_AA, .*"
+                                                r"\(did you mean classification_accuracy\?\)"),
+        (["eval.keep_best=tagging_mAP_macro"], "'tagging_mAP_macro' is not a validation metric"),  # tagging is off
+        (["eval.keep_best=vqa_CIDEr"], "'vqa_CIDEr' is not a validation metric"),  # not scored at validation
+        (["eval.every=0", "eval.keep_best=vqa_OA"], r"eval.every=0, train.checkpoint_every=2"),
+        (["eval.every=3", "eval.keep_best=vqa_OA"], r"eval.every=3, train.checkpoint_every=2"),
+    ]:
+        with pytest.raises(ConfigError) as e:
+            config_mod.load(None, ["train.checkpoint_every=2", *items])
+        assert str(e.value).startswith("config key eval.keep_best: ") and "\n" not in str(e.value), items
+        assert e.match(message), items
+
+
+def test_which_validation_metrics_are_better_higher():
+    from spatialnet_dist.tasks import higher_is_better, validation_metrics
+
+    logged = validation_metrics(["vqa", "classification", "regression", "tagging"])
+    assert {m: higher_is_better(m) for m in logged} == {
+        "vqa_loss": False, "vqa_OA": True, "vqa_AA": True, "classification_loss": False,
+        "classification_accuracy": True, "regression_loss": False, "regression_MAE": False, "tagging_loss": False,
+        "tagging_mAP_macro": True}
+    assert not higher_is_better("regression_RMSE")  # an error, should a validation ever score it
+
+
+def test_eval_tta_is_none_or_symmetry():
+    assert config_mod.load(None, ["eval.tta=symmetry"]).eval.tta == "symmetry"
+    with pytest.raises(ConfigError, match=r"config key eval.tta: 'flips' is not allowed \(expected none or symmetry\)"):
+        config_mod.load(None, ["eval.tta=flips"])
+
+
 def test_max_steps_or_epochs_one_per_level(tmp_path):
     """A level (file, then --set) that gives one length key replaces the other; one level giving both is an error."""
     file = tmp_path / "run.yaml"

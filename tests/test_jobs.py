@@ -1,10 +1,15 @@
-"""spatialnet_dist.jobs: what it hands train/ from evaluate/ (the validation, the end-of-run evaluation)."""
+"""spatialnet_dist.jobs: what it hands train/ from evaluate/ (the validation, the end-of-run evaluation), and
+eval.keep_best through the Ray job (the best checkpoint kept, evaluated and named by RESULT)."""
 
 from __future__ import annotations
 
+import json
 import sys
 import types
 
+import pytest
+
+from spatialnet_dist import checkpoint as ckpt
 from spatialnet_dist import config as config_mod
 from spatialnet_dist import jobs
 from spatialnet_dist.evaluate.run import validation_metrics
@@ -36,3 +41,49 @@ def test_the_ray_worker_is_handed_the_validation_and_evaluation(monkeypatch):
     monkeypatch.setitem(sys.modules, "spatialnet_dist.train.worker", stand_in)
     jobs.ray_train_loop({"config": {}})
     assert handed == [({"config": {}}, validation_metrics, jobs.evaluate_at_end)]
+
+
+def _predicted_tags(eval_dir) -> dict[str, list[float]]:
+    rows = json.loads((eval_dir / "predictions" / "tagging.json").read_text())
+    return {r["image_id"]: list(r["scores"].values()) for r in rows}
+
+
+@pytest.mark.slow  # a Ray job of 2 workers: 6 steps, 3 validations, the end-of-run evaluation
+def test_keep_best_keeps_and_evaluates_the_best_checkpoint_and_result_names_it(shared_ray, tmp_path, capsys):
+    """eval.keep_best through the Ray job. A high lr makes the model worse after its first steps, so the best of
+    the validations at 2, 4 and 6 is not the last; run.keep_checkpoints=1 keeps it all the same, and the
+    end-of-run evaluation predicts with its weights: those `eval run` predicts with from it, not the last's."""
+    from test_train import TINY, result_line, sets
+
+    from spatialnet_dist.corpora.synthetic import write_synthetic
+    from spatialnet_dist.evaluate.run import evaluate_checkpoint
+
+    root, runs = str(tmp_path / "shards"), str(tmp_path / "runs")
+    write_synthetic(root, images=40, seed=0, shard_size=10)
+    off = [f"tasks.{t}.enabled=false" for t in ("captioning", "vqa", "regression")]
+    code = jobs.train_with_ray(sets(*TINY, *off, f"data.root={root}", f"run.storage={runs}", "run.name=best",
+                                    "tasks.tagging.enabled=true", "optim.lr=3e-2", "optim.warmup_steps=0",
+                                    "train.max_steps=6", "train.checkpoint_every=2", "run.keep_checkpoints=1",
+                                    "eval.every=2", "eval.val_batches=2", "eval.at_end=true",
+                                    "eval.keep_best=tagging_mAP_macro"))
+    result = result_line(capsys.readouterr().out)
+    assert code == 0, result
+    run = RunDir(f"{runs}/best")
+    validated = {m["step"]: m["val/tagging_mAP_macro"] for m in run.metrics() if "val/tagging_mAP_macro" in m}
+    assert list(validated) == [2, 4, 6]
+    best = max(validated, key=lambda step: (validated[step], -step))  # higher is better; a tie: the earlier
+    assert best != 6 and validated[best] > validated[6], validated
+    assert result["best_step"] == best and result["checkpoint"] == run.path(ckpt.checkpoint_name(best))
+    assert json.loads((tmp_path / "runs" / "best" / "best.json").read_text()) == {
+        "step": best, "metric": "tagging_mAP_macro", "value": validated[best]}
+    last = run.path(ckpt.checkpoint_name(6))
+    assert [url for url, complete in ckpt.checkpoints(run.url)] == [result["checkpoint"], last]
+    assert run.describe()["best_step"] == best
+
+    evaluated = _predicted_tags(tmp_path / "runs" / "best" / "eval")
+    for url, out in ((result["checkpoint"], tmp_path / "of-best"), (last, tmp_path / "of-last")):
+        evaluate_checkpoint(url, root, "test", out=str(out))
+    assert evaluated.keys() == _predicted_tags(tmp_path / "of-best").keys() and len(evaluated) > 0
+    for image_id, scores in _predicted_tags(tmp_path / "of-best").items():
+        assert evaluated[image_id] == pytest.approx(scores, rel=1e-4, abs=1e-6), image_id
+    assert any(evaluated[i] != pytest.approx(s, rel=1e-3) for i, s in _predicted_tags(tmp_path / "of-last").items())

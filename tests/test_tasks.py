@@ -256,3 +256,49 @@ def test_every_registered_task_reaches_config_model_objective_evaluation_and_rep
     assert metrics["brightness"]["n"] == 2
     report = write_report(tmp_path, metrics)
     assert "### Brightness (a test's task)" in report.read_text()
+
+
+# ---- test-time augmentation (eval.tta) ----
+
+
+def _probabilities(task: str, rows: list[dict]) -> torch.Tensor:
+    """What a prediction row says: classification's class and its probability, tagging's tag probabilities."""
+    if task == "classification":
+        return torch.tensor([[r["prediction"], r["probability"]] for r in rows])
+    return torch.tensor([r["scores"] for r in rows])
+
+
+@pytest.mark.parametrize("task", ["classification", "tagging"])
+def test_symmetry_tta_predicts_a_turned_image_as_the_image_and_none_is_the_plain_prediction(task):
+    cfg = config_mod.load(None, ["model.image_size=32"])
+    model = assemble_model(cfg.model, [task], VocabSizes(words=12, answers=3, classes=5, tags=4)).eval()
+    images = torch.rand(3, 3, 32, 32)  # (B, C, S, S)
+    sub = {"image_id": ["a", "b", "c"], "label": torch.tensor([0, 1, 2]), "tags": torch.zeros(3, 4)}
+
+    def predicted(images: torch.Tensor, tta: str) -> torch.Tensor:
+        cfg.eval.tta = tta
+        with torch.no_grad():
+            return _probabilities(task, registry.get(task).predict(model, sub, images, cfg, None))
+
+    turned = torch.rot90(images, 1, dims=(2, 3))  # a quarter turn of every image
+    torch.testing.assert_close(predicted(turned, "symmetry"), predicted(images, "symmetry"), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(predicted(images.flip(3), "symmetry"), predicted(images, "symmetry"), rtol=1e-5,
+                               atol=1e-6)
+    with torch.no_grad():
+        logits = model({task: {"image": images}})[task]["logits"].float()  # (B, K)
+    if task == "classification":
+        best_p, best = logits.softmax(-1).max(-1)
+        plain = torch.stack([best.float(), best_p], 1)
+    else:
+        plain = logits.sigmoid()
+    assert torch.equal(predicted(images, "none"), plain)
+    # the untrained model itself tells a turned image apart: the equality above is the averaging's
+    assert not torch.allclose(predicted(turned, "none"), predicted(images, "none"), rtol=1e-3, atol=1e-4)
+
+
+def test_a_symmetry_moves_a_batch_as_it_moves_each_image():
+    from spatialnet_dist.symmetry import SYMMETRIES
+
+    images = torch.rand(2, 3, 8, 8)  # (B, C, H, W)
+    for symmetry in SYMMETRIES:
+        assert torch.equal(symmetry.apply(images), torch.stack([symmetry.apply(image) for image in images]))

@@ -38,6 +38,22 @@ def question_tasks(names: list[str]) -> list[str]:
     return [n for n in names if _REGISTRY[n].per_visit_key == "questions_per_image"]
 
 
+def validation_metrics(names: list[str]) -> list[str]:
+    """What a validation of the tasks `names` logs, without its "val/" prefix (the names eval.keep_best takes):
+    each task's `<task>_loss` and `<task>_<key>` for each of its `validation_keys`."""
+    return [m for n in names for m in (f"{n}_loss", *(f"{n}_{key}" for key in _REGISTRY[n].validation_keys))]
+
+
+# Validation metrics where less is better: losses and errors (regression's MAE, RMSE); all others (accuracies,
+# mAP, ...) grow as the model improves. eval.keep_best's one rule.
+LOWER_IS_BETTER = ("_loss", "_MAE", "_RMSE")
+
+
+def higher_is_better(metric: str) -> bool:
+    """Whether a larger value of the validation metric `metric` (`validation_metrics`' names) is the better."""
+    return not metric.endswith(LOWER_IS_BETTER)
+
+
 def renamed() -> dict[str, str]:
     """Former task name -> its name now."""
     return {old: t.name for t in _REGISTRY.values() for old in t.former_names}
@@ -52,4 +68,5 @@ def _register_built_in() -> None:
 
 _register_built_in()
 DEFAULT_TASKS = tuple(t.name for t in all_tasks() if t.default_enabled)  # what a default config trains
-__all__ = ["DEFAULT_TASKS", "Task", "all_tasks", "get", "names", "question_tasks", "register", "renamed", "unregister"]
+__all__ = ["DEFAULT_TASKS", "LOWER_IS_BETTER", "Task", "all_tasks", "get", "higher_is_better", "names", "question_tasks",
+           "register", "renamed", "unregister", "validation_metrics"]

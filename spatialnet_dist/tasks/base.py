@@ -13,12 +13,15 @@ config key (`tasks.<name>`, `loss.weights.<name>`), loss key (`<name>_loss`), me
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from spatialnet_dist.symmetry import SYMMETRIES
 
 if TYPE_CHECKING:  # config imports the registry lazily; a task module must not import config at its top
     from spatialnet_dist.config import LossConfig, ModelConfig
@@ -48,6 +51,19 @@ MIX_OPTIONS = {
     "cutmix": 0.0,  # alpha of cutmix's lambda: a box of 1 - lambda of the area pasted from x_j; 0: off
     "mix_prob": 1.0,  # the share of micro-batches mixed; with both alphas > 0, half of those use each
 }
+
+
+TTA_MODES = ("none", "symmetry")  # eval.tta
+
+
+def tta_probabilities(probabilities: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor,
+                      tta: str) -> torch.Tensor:
+    """`probabilities` (images (B, C, S, S) -> (B, K)) of `images`; with eval.tta "symmetry", their mean over
+    the 8 symmetries of the square, for predictions whose label holds of a turned or mirrored image (a
+    land-use class, a tag). One batch per symmetry: 8x the memory of one forward pass would not fit every model."""
+    if tta == "none":
+        return probabilities(images)
+    return torch.stack([probabilities(symmetry.apply(images)) for symmetry in SYMMETRIES]).mean(0)  # (B, K)
 
 
 class Task:

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from spatialnet_dist.metrics.classification import format_classification_table, plot_confusion, score_classification
-from spatialnet_dist.tasks.base import MIX_OPTIONS, Task, cross_entropy
+from spatialnet_dist.tasks.base import MIX_OPTIONS, Task, cross_entropy, tta_probabilities
 
 CONFUSION_PNG = "confusion.png"
 
@@ -77,7 +77,7 @@ class Classification(Task):
                 + cross_entropy(out["logits"], sub["label_mix"], -1, cfg.label_smoothing, 1 - lam))
 
     def predict(self, model, sub, images, cfg, vocabs):
-        probs = class_logits(model, images).float().softmax(-1)  # (B, K)
+        probs = tta_probabilities(lambda x: class_logits(model, x).float().softmax(-1), images, cfg.eval.tta)  # (B, K)
         best_p, best = probs.max(-1)
         return [
             {"image_id": i, "label": int(t), "prediction": int(b), "probability": float(p)}

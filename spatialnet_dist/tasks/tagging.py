@@ -29,7 +29,7 @@ from spatialnet_dist.display import markdown_table
 from spatialnet_dist.errors import UserError
 from spatialnet_dist.metrics import run_and_baselines
 from spatialnet_dist.store.manifest import TRAIN_SPLIT, read_manifest, task_corpora, train_split
-from spatialnet_dist.tasks.base import MIX_OPTIONS, Task
+from spatialnet_dist.tasks.base import MIX_OPTIONS, Task, tta_probabilities
 
 log = logging.getLogger(__name__)
 
@@ -168,7 +168,10 @@ class Tagging(Task):
         return F.binary_cross_entropy_with_logits(logits, sub["tags"].float(), pos_weight=pos_weight)
 
     def predict(self, model, sub, images, cfg, vocabs):
-        probs = model({"tagging": {"image": images}})["tagging"]["logits"].float().sigmoid()  # (B, T)
+        def tag_probabilities(x):  # (B, C, S, S) -> (B, T)
+            return model({"tagging": {"image": x}})["tagging"]["logits"].float().sigmoid()
+
+        probs = tta_probabilities(tag_probabilities, images, cfg.eval.tta)  # (B, T)
         return [{"image_id": i, "tags": t.nonzero().flatten().tolist(), "scores": p.tolist()}
                 for i, t, p in zip(sub["image_id"], sub["tags"], probs.cpu())]
 

@@ -151,7 +151,7 @@ def main(argv: list[str] | None, train_loop: Callable[[dict], None]) -> int:
         from spatialnet_dist.data.vocab import build_vocabs
         from spatialnet_dist.train import preflight
         from spatialnet_dist.train.plan import resolve
-        from spatialnet_dist.train.rundir import RunDir
+        from spatialnet_dist.train.rundir import BestCheckpoint, RunDir
 
         run = RunDir(storage.join(cfg.run.storage, cfg.run.name))
         preflight.run_all(cfg, run.url)
@@ -188,6 +188,7 @@ def main(argv: list[str] | None, train_loop: Callable[[dict], None]) -> int:
     attempts = run.attempts()[attempts_before:]
     metrics = run.metrics()
     eval_url = run.path("eval", "metrics.json")
+    best = BestCheckpoint(run, cfg.eval.keep_best)
     summary = {
         "final_step": metrics[-1]["step"] if metrics else 0,
         "restarts": max(0, len(attempts) - 1),
@@ -195,7 +196,8 @@ def main(argv: list[str] | None, train_loop: Callable[[dict], None]) -> int:
         "lost_steps": [a.get("lost_steps", 0) for a in attempts[1:]],  # one per restart
         "restart_causes": [a.get("cause") for a in attempts[1:]],
         "world_sizes": [a.get("world_size") for a in attempts],
-        "checkpoint": latest_complete(run.url),
+        "checkpoint": best.url or latest_complete(run.url),  # eval.keep_best's best, else the last
+        "best_step": best.step,  # null: eval.keep_best off, or nothing validated
         "run_dir": run.url,
         "eval": json.loads(storage.read_bytes(eval_url)) if cfg.eval.at_end and storage.exists(eval_url) else None,
         "wall_s": round(time.time() - t0, 1),

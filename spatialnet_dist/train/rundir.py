@@ -13,6 +13,8 @@
                   process) and the one-line reason (train.failures decides from it whether a step failed twice)
   faults/         markers of test faults already fired (faults.fail_at_step fires once per run)
   result.json     the job's RESULT summary, written by the driver when the job ends (`error`: null or why it failed)
+  best.json       eval.keep_best: the best validated checkpoint so far, {"step", "metric", "value"} (rank 0, once
+                  that checkpoint is complete); pruning keeps it, the end-of-run evaluation loads it
   tensorboard/    TensorBoard event files, one per attempt (train/tracking.py; log.tensorboard)
   mlflow.json     the MLflow run this run logs to (log.mlflow)
   eval/           metrics.json, predictions/, report.md and its figures
@@ -24,11 +26,13 @@ Ray path says).
 from __future__ import annotations
 
 import json
+import math
 import re
 import time
 
 import yaml
 
+from spatialnet_dist import tasks as registry
 from spatialnet_dist.config import Config
 from spatialnet_dist.errors import UserError
 from spatialnet_dist.store import storage
@@ -36,6 +40,7 @@ from spatialnet_dist.store import storage
 CHECKPOINT_NAME = re.compile(r"checkpoint-\d+")  # Ray's own checkpoint_tmp* folders are not checkpoints
 TENSORBOARD_DIR = "tensorboard"
 MLFLOW_RUN_FILE = "mlflow.json"  # {"tracking_uri", "run_id"}: the MLflow run this run directory logs to
+BEST_FILE = "best.json"
 
 
 class RunDir:
@@ -144,6 +149,18 @@ class RunDir:
         text = self._read_text("result.json")
         return json.loads(text) if text else None
 
+    # ---- best.json ----
+
+    def best(self, metric: str) -> dict | None:
+        """best.json when it ranks by `metric` (eval.keep_best), else None: an earlier job in this run directory
+        that kept the best by another metric, or none, leaves nothing to go by."""
+        text = self._read_text(BEST_FILE)
+        record = json.loads(text) if text else None
+        return record if record and record["metric"] == metric else None
+
+    def write_best(self, record: dict) -> None:
+        storage.write_bytes_atomic(self.path(BEST_FILE), json.dumps(record, indent=1).encode())
+
     # ---- faults ----
 
     def claim_fault(self, step: int) -> bool:
@@ -158,8 +175,9 @@ class RunDir:
 
     def describe(self) -> dict:
         """{"run_dir", "state", "last_step", "max_steps", "last_metrics", "checkpoints", "report", "error",
-        "attempts", "tensorboard"}. state: created (config only), running (started, no result since: running,
-        or its driver was killed), finished or failed (the job's result.json, newer than its last start)."""
+        "attempts", "tensorboard", "best_step" (eval.keep_best's, or None)}. state: created (config only), running
+        (started, no result since: running, or its driver was killed), finished or failed (the job's result.json,
+        newer than its last start)."""
         names = storage.list_dir(self.url)
         if "config.yaml" not in names:
             raise UserError(f"{self.url}: not a run directory (no config.yaml)")
@@ -181,7 +199,46 @@ class RunDir:
             "error": result.get("error") if state == "failed" else None,
             "attempts": len(attempts),
             "tensorboard": self.path(TENSORBOARD_DIR) if TENSORBOARD_DIR in names else None,
+            "best_step": BestCheckpoint(self, config.get("eval", {}).get("keep_best", "")).step,
         }
+
+
+class BestCheckpoint:
+    """eval.keep_best on rank 0: the best validated checkpoint so far (best.json: a resumed run goes on from
+    it), replaced by a newly published checkpoint whose validation metric beats it (strictly: a tie keeps the
+    earlier). Off (`metric` ""): never any."""
+
+    def __init__(self, run: RunDir, metric: str):
+        from spatialnet_dist.checkpoint import MANIFEST
+
+        self.run, self.metric = run, metric
+        self.higher = registry.higher_is_better(metric)
+        self.record = run.best(metric) if metric else None
+        if self.record and not storage.exists(storage.join(self.url, MANIFEST)):
+            self.record = None  # pruned since by a job of this run directory without eval.keep_best
+
+    @property
+    def step(self) -> int | None:
+        return self.record["step"] if self.record else None
+
+    @property
+    def url(self) -> str | None:
+        """The best checkpoint's URL (pruning keeps it), or None."""
+        from spatialnet_dist.checkpoint import checkpoint_name
+
+        return self.run.path(checkpoint_name(self.step)) if self.record else None
+
+    def consider(self, step: int, metrics: dict) -> None:
+        """After the checkpoint of `step` is published (complete): is its validation the best so far?"""
+        value = metrics.get(f"val/{self.metric}") if self.metric else None
+        if value is None or not math.isfinite(value):  # not a validation step, or nothing scored
+            return
+        if self.record is not None:
+            best = self.record["value"]
+            if not (value > best if self.higher else value < best):
+                return
+        self.record = {"step": step, "metric": self.metric, "value": value}
+        self.run.write_best(self.record)
 
 
 def list_runs(root: str) -> list[dict]:

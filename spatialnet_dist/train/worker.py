@@ -11,6 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
 from spatialnet_dist import checkpoint as ckpt
 from spatialnet_dist import config as config_mod
@@ -19,7 +20,7 @@ from spatialnet_dist import versions
 from spatialnet_dist.store import storage
 from spatialnet_dist.text import TextVocabs
 from spatialnet_dist.train import failures, plan
-from spatialnet_dist.train.rundir import RunDir
+from spatialnet_dist.train.rundir import BestCheckpoint, RunDir
 from spatialnet_dist.train.tracking import RunTracker
 from spatialnet_dist.train.trainer import Trainer, Validation
 
@@ -38,13 +39,14 @@ Evaluation = Callable[[torch.nn.Module, config_mod.Config, TextVocabs, int, int,
 
 
 class RayReporter:
-    """Every rank reports; rank 0 also writes metrics.jsonl and its tracker (TensorBoard, MLflow). Checkpoints
-    are published complete by `ckpt.publish` (files, then the manifest) and only then reported to Ray, which
-    registers them as they are."""
+    """Every rank reports; rank 0 also writes metrics.jsonl and its tracker (TensorBoard, MLflow), and keeps
+    the best checkpoint (eval.keep_best). Checkpoints are published complete by `ckpt.publish` (files, then
+    the manifest) and only then reported to Ray, which registers them as they are."""
 
-    def __init__(self, run: RunDir, rank: int, keep_checkpoints: int):
+    def __init__(self, run: RunDir, rank: int, keep_checkpoints: int, keep_best: str = ""):
         self.run, self.rank, self.keep_checkpoints = run, rank, keep_checkpoints
         self.tracker: RunTracker | None = None  # rank 0's, opened once the attempt knows its start step
+        self.best = BestCheckpoint(run, keep_best if rank == 0 else "")  # off on the other ranks
 
     def report(self, step: int, metrics: dict, checkpoint_dir: Path | None) -> None:
         if self.rank == 0:
@@ -55,7 +57,8 @@ class RayReporter:
             ray.train.report(metrics)
             return
         name = ckpt.checkpoint_name(step)
-        ckpt.publish(checkpoint_dir, self.run.url, step, self.rank, self.keep_checkpoints)
+        ckpt.publish(checkpoint_dir, self.run.url, step, self.rank, self.keep_checkpoints, self.best.url)
+        self.best.consider(step, metrics)
         ray_storage = ray.train.get_context().get_storage()  # the same run dir, as Ray's filesystem sees it
         ray.train.report(
             metrics,
@@ -88,7 +91,7 @@ def train_loop_per_worker(config: dict, validation: Validation, evaluation: Eval
     run = RunDir(config["run_dir"])
 
     ds.init_distributed(cfg.train.use_gpu)
-    reporter = RayReporter(run, rank, cfg.run.keep_checkpoints)
+    reporter = RayReporter(run, rank, cfg.run.keep_checkpoints, cfg.eval.keep_best)
     stop_check = preemption.StopCheck()
     trainer = Trainer(cfg, vocabs, rank, world_size, reporter, validation,
                       fault_marker=lambda: run.claim_fault(cfg.faults.fail_at_step), stop_requested=stop_check.check)
@@ -106,7 +109,7 @@ def _resume_train_evaluate(trainer: Trainer, reporter: RayReporter, evaluation: 
     # path, and never one that keep_checkpoints has pruned since.
     resumed = ckpt.resume(trainer, run.url, cfg.train.resume, cfg.train.resume_weights_only)
     if rank == 0:
-        ckpt.prune(run.url, cfg.run.keep_checkpoints)  # partial leftovers of the attempt before
+        ckpt.prune(run.url, cfg.run.keep_checkpoints, reporter.best.url)  # partial leftovers of the attempt before
         line = run.start_attempt(trainer.step, resumed, world_size)
         if line:
             log.info("rank 0: %s", line)
@@ -122,8 +125,23 @@ def _resume_train_evaluate(trainer: Trainer, reporter: RayReporter, evaluation: 
         preemption.hand_over()
 
     if cfg.eval.at_end:
-        headline = evaluation(trainer.inference_model(), cfg, vocabs, rank, world_size, run, reporter.tracker)
+        model = trainer.inference_model()
+        best = _same_on_every_rank(reporter.best.record)
+        if best is not None and best["step"] != trainer.step:  # else the model holds its weights already
+            if rank == 0:
+                log.info("rank 0: evaluating the best checkpoint, step %d (%s=%.4g)", best["step"], best["metric"],
+                         best["value"])
+            ckpt.load_weights(model, run.path(ckpt.checkpoint_name(best["step"])))
+        headline = evaluation(model, cfg, vocabs, rank, world_size, run, reporter.tracker)
         # The same number of reports on every rank: the evaluation's is the last.
         ray.train.report({"step": trainer.step, "eval_done": True, **headline})
     if rank == 0:
         reporter.tracker.close()
+
+
+def _same_on_every_rank(value):
+    """Rank 0's `value` on every rank (the best checkpoint: only rank 0 scores the validation metrics)."""
+    values = [value]
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.broadcast_object_list(values, src=0)
+    return values[0]
