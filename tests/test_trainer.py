@@ -228,3 +228,19 @@ def test_learned_task_balance_trains_reports_and_resumes_with_the_checkpoint(wor
     assert loaded_cfg.loss.balance == "uncertainty" and torch.equal(model.state_dict()[key], s_at[CHECKPOINT_AT])
     bundle, _, _ = ckpt.load_model(str(ckpt.export_bundle(url, tmp_path / "bundle")))
     assert torch.equal(bundle.state_dict()[key], s_at[CHECKPOINT_AT])
+
+
+@pytest.mark.parametrize("stage", [0, 2])
+def test_a_checkpoint_of_any_zero_stage_loads_as_the_weights_it_saved(world_of_one, tmp_path, stage):
+    """load_model (eval run, predict, export) consolidates ZeRO-1/2/3 shards through DeepSpeed; ZeRO-0 has none
+    (its rank 0 file holds the whole module, which DeepSpeed's consolidation cannot read): both give the weights."""
+    from spatialnet_dist.data.vocab import build_vocabs
+
+    cfg = _config(world_of_one, f"train.zero_stage={stage}", "train.max_steps=1", "train.checkpoint_every=1",
+                  "eval.every=0", "eval.at_end=false")
+    vocabs = build_vocabs(cfg)
+    reporter = RecordingReporter(tmp_path)
+    _trainer(cfg, vocabs, reporter).fit()
+    url = ckpt.publish(tmp_path / "step-1", str(tmp_path / "run"), 1, 0, keep=0)
+    model, _, _ = ckpt.load_model(url)
+    assert all(torch.equal(v, reporter.weights[1][k]) for k, v in model.state_dict().items())
