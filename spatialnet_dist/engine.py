@@ -252,10 +252,11 @@ def consolidated_state_dict(directory: str, tag: str) -> dict[str, torch.Tensor]
     """fp32 weights from the ranks' ZeRO shards of any stage (DeepSpeed's own consolidation for stages 1-3).
     ZeRO-0 writes no shards: rank 0's model states file holds the whole module, which DeepSpeed's
     consolidation cannot read (it fails on the absent parameter shapes)."""
-    states = torch.load(os.path.join(directory, tag, "mp_rank_00_model_states.pt"), map_location="cpu",
-                        weights_only=False)
-    if states.get("ds_config", {}).get("zero_optimization", {}).get("stage", 0) == 0:
-        return {k: v.float() for k, v in states["module"].items()}
+    states = os.path.join(directory, tag, "mp_rank_00_model_states.pt")  # ZeRO-3 names its files per rank
+    if os.path.isfile(states):
+        saved = torch.load(states, map_location="cpu", weights_only=False)
+        if saved.get("ds_config", {}).get("zero_optimization", {}).get("stage", 0) == 0:
+            return {k: v.float() for k, v in saved["module"].items()}
     return get_fp32_state_dict_from_zero_checkpoint(directory, tag=tag)
 
 
