@@ -313,7 +313,8 @@ def inference_weights(directory: str | Path) -> dict:
 
 
 def load_weights(model, url: str) -> None:
-    """The inference weights (its EMA when it has one) of a checkpoint's (any ZeRO stage, written by any number of ranks) or a bundle's weights into `model`."""
+    """A checkpoint's (any ZeRO stage, any number of ranks) or a bundle's inference weights (its EMA when it
+    holds one) into `model`."""
     with local_copy(url) as d:
         model.load_state_dict(inference_weights(d))
 
