@@ -14,7 +14,7 @@ import os
 import sys
 
 from spatialnet_dist import tasks as registry
-from spatialnet_dist.evaluate.run import evaluate_model, validation_metrics
+from spatialnet_dist.evaluate.run import ValidationPass, evaluate_model
 from spatialnet_dist.train import launch
 
 
@@ -32,7 +32,7 @@ def ray_train_loop(config: dict) -> None:
     """Ray Train's per-worker function (module level: Ray pickles it by reference)."""
     from spatialnet_dist.train.worker import train_loop_per_worker  # imports Ray: only where Ray runs it
 
-    train_loop_per_worker(config, validation_metrics, evaluate_at_end)
+    train_loop_per_worker(config, ValidationPass, evaluate_at_end)
 
 
 def train_with_ray(argv: list[str] | None = None) -> int:
@@ -42,7 +42,7 @@ def train_with_ray(argv: list[str] | None = None) -> int:
 def train_with_torchrun(argv: list[str] | None = None) -> int:
     from spatialnet_dist.train import local  # imports DeepSpeed, which the Ray driver does without
 
-    return local.main(argv, validation_metrics)
+    return local.main(argv, ValidationPass)
 
 
 if __name__ == "__main__":

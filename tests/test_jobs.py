@@ -12,7 +12,7 @@ import pytest
 from spatialnet_dist import checkpoint as ckpt
 from spatialnet_dist import config as config_mod
 from spatialnet_dist import jobs
-from spatialnet_dist.evaluate.run import validation_metrics
+from spatialnet_dist.evaluate.run import ValidationPass
 from spatialnet_dist.train.rundir import RunDir
 
 
@@ -40,7 +40,7 @@ def test_the_ray_worker_is_handed_the_validation_and_evaluation(monkeypatch):
     stand_in.train_loop_per_worker = lambda *args: handed.append(args)
     monkeypatch.setitem(sys.modules, "spatialnet_dist.train.worker", stand_in)
     jobs.ray_train_loop({"config": {}})
-    assert handed == [({"config": {}}, validation_metrics, jobs.evaluate_at_end)]
+    assert handed == [({"config": {}}, ValidationPass, jobs.evaluate_at_end)]
 
 
 def _predicted_tags(eval_dir) -> dict[str, list[float]]:

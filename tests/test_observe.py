@@ -166,7 +166,7 @@ def _train_worker(rank: int, port: int, root: str, storage_dir: str):
 
     from spatialnet_dist import engine as ds
     from spatialnet_dist.data.vocab import build_vocabs
-    from spatialnet_dist.evaluate.run import evaluate_model, validation_metrics
+    from spatialnet_dist.evaluate.run import ValidationPass, evaluate_model
     from spatialnet_dist.train.local import train
 
     cfg = config_mod.load(None, [*TINY, f"data.root={root}", f"run.storage={storage_dir}", "train.max_steps=3",
@@ -175,7 +175,7 @@ def _train_worker(rank: int, port: int, root: str, storage_dir: str):
     ds.init_distributed(False)
     vocabs = build_vocabs(cfg)
     run = RunDir(str(Path(storage_dir) / cfg.run.name))
-    trainer = train(cfg, vocabs, run.url, rank, 1, validation_metrics)
+    trainer = train(cfg, vocabs, run.url, rank, 1, ValidationPass)
     eval_cfg = config_mod.from_dict(cfg.to_dict())
     eval_cfg.tasks.captioning.enabled = False
     eval_cfg.eval.max_samples = 4

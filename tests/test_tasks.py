@@ -112,7 +112,7 @@ def _toy_worker(rank: int, port: int, root: str, run_dir: str, out: str):
                       DS_ACCELERATOR="cpu")
     from spatialnet_dist import engine as ds
     from spatialnet_dist.data.vocab import build_vocabs
-    from spatialnet_dist.evaluate.run import evaluate_model, validation_metrics
+    from spatialnet_dist.evaluate.run import ValidationPass, evaluate_model
     from spatialnet_dist.train.local import train
 
     torch.set_num_threads(1)
@@ -127,7 +127,7 @@ def _toy_worker(rank: int, port: int, root: str, run_dir: str, out: str):
                                  "tasks.tagging.batch_size=4", "tasks.tagging.pos_weight=true"])
     ds.init_distributed(False)
     vocabs = build_vocabs(cfg)
-    trained = train(cfg, vocabs, run_dir, rank, 1, validation_metrics)
+    trained = train(cfg, vocabs, run_dir, rank, 1, ValidationPass)
     metrics = evaluate_model(trained.inference_model(), cfg, vocabs, "test", rank, 1, out_dir=f"{out}/eval",
                              metrics_jsonl=f"{run_dir}/metrics.jsonl")
     Path(out, "result.json").write_text(json.dumps({"tags": vocabs.tags, "metrics": metrics}))

@@ -125,7 +125,7 @@ def _restore_worker(rank: int, world_size: int, port: int, root: str, run_dir: s
     from spatialnet_dist import config as config_mod
     from spatialnet_dist import engine as ds
     from spatialnet_dist.data.vocab import build_vocabs
-    from spatialnet_dist.evaluate.run import validation_metrics
+    from spatialnet_dist.evaluate.run import ValidationPass
     from spatialnet_dist.train.local import LocalReporter, train
     from spatialnet_dist.train.trainer import Trainer
 
@@ -133,7 +133,7 @@ def _restore_worker(rank: int, world_size: int, port: int, root: str, run_dir: s
                                  "train.max_steps=3", "train.checkpoint_every=3", "train.cpus_per_worker=1"])
     ds.init_distributed(False)
     vocabs = build_vocabs(cfg)
-    trained = train(cfg, vocabs, run_dir, rank, world_size, validation_metrics)
+    trained = train(cfg, vocabs, run_dir, rank, world_size, ValidationPass)
     saved = {k: v.detach().clone() for k, v in trained.inference_model().state_dict().items()}
 
     fresh = Trainer(cfg, vocabs, rank, world_size, LocalReporter(run_dir, rank, cfg.run.keep_checkpoints), None)

@@ -82,18 +82,25 @@ def test_train_save_restore_continue(world_of_one, tmp_path):
                   "train.log_every=1", f"eval.every={STEPS}", "eval.val_batches=1", "eval.at_end=false",
                   "optim.warmup_steps=0", "tasks.vqa.questions_per_image=1", "tasks.regression.questions_per_image=1")
     vocabs = build_vocabs(cfg)
-    validated = []
+    validated, added = [], []
 
-    def validation(model, cfg, vocabs, rank, world_size):
-        validated.append(rank)
-        return {"val/probe": 1.0}, [{"image_id": "probe"}]
+    class Probe:  # the ValidationPass protocol: records what the Trainer hands it
+        def __init__(self, model, cfg, vocabs, rank, world_size):
+            validated.append(rank)
+
+        def add(self, task, sub):
+            added.append(task)
+
+        def finish(self):
+            return {"val/probe": 1.0}, [{"image_id": "probe"}]
 
     first = RecordingReporter(tmp_path)
-    trainer = _trainer(cfg, vocabs, first, validation)
+    trainer = _trainer(cfg, vocabs, first, Probe)
     trainer.save(tmp_path / "before-fit")  # the loader exists from construction: its position saves
     trainer.fit()
     assert [m["step"] for m in first.metrics] == list(range(1, STEPS + 1))
     assert all(torch.isfinite(torch.tensor(m["loss"])) for m in first.metrics)
+    assert added == list(TASKS)  # eval.val_batches=1: each task's one val sub-batch, the one its val loss read
     assert validated == [0] and first.metrics[-1]["val/probe"] == 1.0 and first.samples == [(STEPS, [{"image_id": "probe"}])]
     # Samples are counted once, by the loader's position: the run's count and the rates' come from it.
     assert trainer.samples_seen == dict.fromkeys(TASKS, STEPS * BATCH)
@@ -133,6 +140,39 @@ def test_a_non_finite_loss_stops_the_loop_with_a_named_error(world_of_one, tmp_p
     with pytest.raises(NonFiniteLoss, match="^non-finite loss"):
         _trainer(cfg, build_vocabs(cfg), reporter).fit()
     assert [m["step"] for m in reporter.metrics] == [1] and sorted(reporter.weights) == [1]
+
+
+def test_validation_reads_the_val_split_once_for_losses_and_metrics(world_of_one, tmp_path, monkeypatch):
+    """The val losses and the task metrics come from one read of each task's val batches: one eval loader per
+    task per validation, and metrics equal to those of predicting the whole val split apart."""
+    from spatialnet_dist.data import batches
+    from spatialnet_dist.data.vocab import build_vocabs
+    from spatialnet_dist.evaluate.run import ValidationPass, predict_split, score_predictions
+    from spatialnet_dist.train import trainer as trainer_mod
+
+    cfg = _config(world_of_one, "train.max_steps=1", "train.checkpoint_every=1", "eval.every=1",
+                  "eval.val_batches=1000", "eval.at_end=false", "tasks.vqa.questions_per_image=1")
+    vocabs = build_vocabs(cfg)
+    opened, make = [], batches.make_eval_loader
+
+    def counted(cfg, vocabs, task, split, *args):
+        opened.append((task, split))
+        return make(cfg, vocabs, task, split, *args)
+
+    monkeypatch.setattr(batches, "make_eval_loader", counted)  # evaluate/run.py's import
+    monkeypatch.setattr(trainer_mod, "make_eval_loader", counted)
+    reporter = RecordingReporter(tmp_path)
+    trainer = _trainer(cfg, vocabs, reporter, ValidationPass)
+    trainer.fit()
+    assert opened == [(t, "val") for t in TASKS]
+    opened.clear()
+    scores = score_predictions(predict_split(trainer.inference_model(), cfg, vocabs, "val").rows, cfg, vocabs)
+    validated = reporter.metrics[-1]
+    for key, value in {"vqa_OA": scores["vqa"]["OA"], "classification_accuracy": scores["classification"]["accuracy"],
+                       "regression_MAE": scores["regression"]["MAE"]}.items():
+        assert validated[f"val/{key}"] == pytest.approx(value)
+    assert {f"val/{t}_loss" for t in TASKS} <= validated.keys()
+    assert reporter.samples and "caption" in reporter.samples[0][1][0]  # captioning's sample images, by beam search
 
 
 def test_the_ema_steps_once_per_optimizer_step_resumes_bit_exact_and_is_what_evaluation_runs(world_of_one, tmp_path):

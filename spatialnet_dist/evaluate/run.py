@@ -53,28 +53,32 @@ class SplitPredictions:
 # ---- prediction ----
 
 
+def _predict_batch(model, task: str, sub: dict, cfg, vocabs: TextVocabs, images: dict[str, np.ndarray]) -> list[dict]:
+    """One sub-batch's prediction rows; its first images (model inputs) join `images`, up to REPORT_IMAGES."""
+    param = next(model.parameters())
+    rows = registry.get(task).predict(model, sub, sub["image"].to(param.device, param.dtype), cfg, vocabs)
+    for image_id, image in zip(sub["image_id"], sub["image"]):  # image (C, H, W)
+        if len(images) < REPORT_IMAGES and image_id not in images:
+            images[image_id] = image.permute(1, 2, 0).float().cpu().numpy()  # (H, W, C)
+    return rows
+
+
 @torch.no_grad()
 def predict_split(
     model, cfg, vocabs: TextVocabs, split: str, rank: int = 0, world_size: int = 1, max_rows: int = 0,
-    tasks: list[str] | None = None, max_batches: int = 0,
 ) -> SplitPredictions:
     """This rank's share of `split`: prediction rows (one per image, per question for vqa and regression)
-    for every task the model has a head for (or those of `tasks`), at most `max_rows` per task and from
-    at most `max_batches` sub-batches when > 0. Captions by beam search (eval.beam_size)."""
+    for every task the model has a head for, at most `max_rows` per task when > 0. Captions by beam search
+    (eval.beam_size)."""
     from spatialnet_dist.data.batches import make_eval_loader
 
     model.eval()
-    param = next(model.parameters())
     out = SplitPredictions()
-    for task in [t for t in (tasks or cfg.tasks.enabled()) if t in model.heads]:
+    for task in [t for t in cfg.tasks.enabled() if t in model.heads]:
         rows: list[dict] = []
-        for n, sub in enumerate(make_eval_loader(cfg, vocabs, task, split, rank, world_size), 1):
-            images = sub["image"].to(param.device, param.dtype)  # (B, C, H, W)
-            rows += registry.get(task).predict(model, sub, images, cfg, vocabs)
-            for image_id, image in zip(sub["image_id"], sub["image"]):
-                if len(out.images) < REPORT_IMAGES and image_id not in out.images:
-                    out.images[image_id] = image.permute(1, 2, 0).float().numpy()  # (H, W, C)
-            if (max_rows and len(rows) >= max_rows) or n == max_batches:
+        for sub in make_eval_loader(cfg, vocabs, task, split, rank, world_size):
+            rows += _predict_batch(model, task, sub, cfg, vocabs, out.images)
+            if max_rows and len(rows) >= max_rows:
                 break
         out.rows[task] = rows[:max_rows] if max_rows else rows
     return out
@@ -205,34 +209,43 @@ def finish(
 # ---- the callers ----
 
 
-def validation_metrics(model, cfg, vocabs: TextVocabs, rank: int, world_size: int) -> tuple[dict, list[dict]]:
-    """Periodic validation during training, on up to eval.val_batches batches per task of the val split:
-    the score keys of each task's `validation_keys` (VQA accuracy, classification accuracy, count MAE,
-    ...), scored once on rank 0 ({} on the others). A task without such keys (captioning: beam search
-    and the java scorers at every validation would cost more than the training steps between them) is
-    left to its validation loss; only the few sample images are predicted for it.
-    -> (metrics, samples): samples, on rank 0, are up to VAL_SAMPLES val images with their generated
-    captions and answers (write_report's format), for TensorBoard."""
-    enabled = cfg.tasks.enabled()
-    tasks = [t for t in enabled if registry.get(t).validation_keys]
-    shown_only = [t for t in enabled if not registry.get(t).validation_keys]
-    pred, metrics = SplitPredictions(), {}
-    if tasks:
-        mine = predict_split(model, cfg, vocabs, "val", rank, world_size, tasks=tasks,
-                             max_batches=cfg.eval.val_batches)
-        pred = _gather(mine, rank, world_size)
+class ValidationPass:
+    """One periodic validation's task metrics, from the val sub-batches the Trainer reads for its val losses, so
+    the val split is read once: every rank `add`s its sub-batches, then calls `finish` (it gathers).
+
+    A task with `validation_keys` (VQA accuracy, classification accuracy, count MAE, ...) predicts every
+    sub-batch, scored once on rank 0. A task without (captioning: beam search and the java scorers at every
+    validation would cost more than the training steps between them) is left to its validation loss; rank 0
+    predicts its first sub-batch alone, for the sample images. Handed to the Trainer by spatialnet_dist.jobs."""
+
+    def __init__(self, model, cfg, vocabs: TextVocabs, rank: int, world_size: int):
+        self.model, self.cfg, self.vocabs, self.rank, self.world_size = model, cfg, vocabs, rank, world_size
+        self.scored = SplitPredictions()  # tasks with validation_keys: this rank's rows
+        self.shown = SplitPredictions()  # the others: rank 0's first sub-batch
+
+    @torch.no_grad()
+    def add(self, task: str, sub: dict) -> None:
+        """One val sub-batch of `task` as the loader gives it (images on the CPU)."""
+        if task not in self.model.heads:
+            return
+        if registry.get(task).validation_keys:
+            rows = _predict_batch(self.model, task, sub, self.cfg, self.vocabs, self.scored.images)
+            self.scored.rows[task] = self.scored.rows.get(task, []) + rows
+        elif self.rank == 0 and task not in self.shown.rows:
+            rows = _predict_batch(self.model, task, sub, self.cfg, self.vocabs, self.shown.images)
+            self.shown.rows[task] = rows[:VAL_SAMPLES]
+
+    def finish(self) -> tuple[dict, list[dict]]:
+        """-> ({"val/<task>_<key>": score} on rank 0, {} on the others; samples: on rank 0, up to VAL_SAMPLES val
+        images with their generated captions and answers (write_report's format), for TensorBoard)."""
+        pred = _gather(self.scored, self.rank, self.world_size)
         if pred is None:
             return {}, []
-        scores = score_predictions(pred.rows, cfg, vocabs)
-        metrics = {f"val/{task}_{key}": scores[task][key] for task in tasks
+        scores = score_predictions(pred.rows, self.cfg, self.vocabs)
+        metrics = {f"val/{task}_{key}": scores[task][key] for task in pred.rows
                    for key in registry.get(task).validation_keys if key in scores.get(task, {})}
-    if rank != 0:
-        return metrics, []
-    if shown_only:  # rank 0 alone: its first val images (captioned by beam search)
-        shown = predict_split(model, cfg, vocabs, "val", 0, 1, max_rows=VAL_SAMPLES, tasks=shown_only,
-                              max_batches=1)
-        pred = SplitPredictions({**pred.rows, **shown.rows}, {**shown.images, **pred.images})
-    return metrics, _report_samples(pred, vocabs)[:VAL_SAMPLES]
+        shown = SplitPredictions({**pred.rows, **self.shown.rows}, {**self.shown.images, **pred.images})
+        return metrics, _report_samples(shown, self.vocabs)[:VAL_SAMPLES]
 
 
 def evaluate_model(

@@ -54,9 +54,19 @@ class Reporter(Protocol):
         """Rank 0, at each validation: a few val images with their generated captions and answers."""
 
 
-# (model, cfg, vocabs, rank, world_size) -> ({"val/<task>_<metric>": value}, samples to show: rank 0's, [] elsewhere).
-# Every rank calls it (it may gather across ranks); evaluate.run.validation_metrics, handed in by spatialnet_dist.jobs.
-Validation = Callable[[torch.nn.Module, Config, TextVocabs, int, int], tuple[dict, list[dict]]]
+class ValidationPass(Protocol):
+    """One validation's task metrics from the val sub-batches the Trainer reads for its losses (the split is read
+    once): evaluate.run.ValidationPass, handed in by spatialnet_dist.jobs."""
+
+    def add(self, task: str, sub: dict) -> None:
+        """Every rank: one of its val sub-batches of `task`, as the loader gives it."""
+
+    def finish(self) -> tuple[dict, list[dict]]:
+        """Every rank (it may gather across ranks) -> ({"val/<task>_<metric>": value}, samples to show: rank 0's,
+        [] elsewhere)."""
+
+
+Validation = Callable[[torch.nn.Module, Config, TextVocabs, int, int], ValidationPass]  # (model, cfg, vocabs, rank, world_size)
 
 
 def to_device(batch: dict, device: torch.device, dtype: torch.dtype = torch.float32) -> dict:
@@ -263,26 +273,29 @@ class Trainer:
 
     @torch.no_grad()
     def validate(self) -> dict:
-        """Teacher-forced loss on up to eval.val_batches batches per task of the val split, and the
-        task metrics of `self.validation`; its sample images go to the reporter."""
+        """Teacher-forced loss on up to eval.val_batches batches per task of the val split, and from the same
+        batches the task metrics of `self.validation`; its sample images go to the reporter."""
         model = self.inference_model()
         model.eval()
+        scoring = self.validation(model, self.cfg, self.vocabs, self.rank, self.world_size) if self.validation else None
         sums = torch.zeros(2 * len(self.tasks), dtype=torch.float64)
         for i, task in enumerate(self.tasks):
             loader = make_eval_loader(self.cfg, self.vocabs, task, "val", self.rank, self.world_size)
             for n, sub in enumerate(loader):
                 if n >= self.cfg.eval.val_batches:
                     break
+                if scoring is not None:
+                    scoring.add(task, sub)
+                size = registry.get(task).loss_size(sub)  # what the task's loss averages
                 sub = to_device({task: sub}, self.device, next(model.parameters()).dtype)
                 losses = self.objective(model(sub), sub)  # no model: "loss" by the fixed weights; only the task's is read
-                size = registry.get(task).loss_size(sub[task])  # what the task's loss averages
                 sums[2 * i] += losses[f"{task}_loss"].item() * size
                 sums[2 * i + 1] += size
         sums = _reduce_sum(sums)
         metrics = {f"val/{t}_loss": (sums[2 * i] / sums[2 * i + 1]).item()
                    for i, t in enumerate(self.tasks) if sums[2 * i + 1] > 0}
-        if self.validation is not None:
-            scores, samples = self.validation(model, self.cfg, self.vocabs, self.rank, self.world_size)
+        if scoring is not None:
+            scores, samples = scoring.finish()
             metrics.update(scores)
             if samples:
                 self.reporter.report_samples(self.step, samples)
