@@ -120,6 +120,10 @@ class ModelConfig:
     # How images become tokens: patch (one strided convolution, timm's ViT) | conv (a stack of 3x3 stride-2
     # convolutions to the same token grid; little data trains it better, networks/encoder.py ConvStemEmbed)
     stem: str = "patch"
+    # The pooled image vector the classification and tagging heads read: token (the class token,
+    # as published ViT checkpoints were trained) | avg (the mean of the patch tokens, timm's global_pool="avg":
+    # on little data it carries every patch's evidence instead of one token's learned summary)
+    global_pool: str = "token"
     in_chans: int = 3
     activation: str = ""  # "": the preset's FFN activation (gelu, relu)
     pretrained: str = ""  # "": none; a local .pth/.safetensors file; "hub": timm's hub weights

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from spatialnet_dist import tasks as registry
 from spatialnet_dist.data.transforms import AUGMENT_POLICIES, CROPPING_POLICIES
 from spatialnet_dist.errors import ConfigError
-from spatialnet_dist.networks.presets import PRESETS, STEMS
+from spatialnet_dist.networks.presets import POOLS, PRESETS, STEMS
 from spatialnet_dist.tasks.base import TTA_MODES
 
 FAULT_KINDS = ("exit", "error", "user_error", "nan_loss")  # faults.kind: see config.FaultsConfig
@@ -35,6 +35,7 @@ CHECKS: dict[str, tuple[Callable, str]] = {
     "model.image_size": (lambda v: v == 0 or v >= 32, "0 or >= 32, a multiple of the patch size"),
     "model.patch_size": (lambda v: v == 0 or v >= 2, "0 or >= 2"),
     "model.stem": (lambda v: v in STEMS, ", ".join(STEMS)),
+    "model.global_pool": (lambda v: v in POOLS, ", ".join(POOLS)),
     "model.in_chans": (lambda v: v >= 1, ">= 1"),
     "model.activation": (lambda v: v in ("", "gelu", "relu"), "gelu or relu"),
     "model.drop_path": (lambda v: 0 <= v < 1, "in [0, 1)"),

@@ -517,3 +517,24 @@ def test_patch_size_sets_the_token_grid_and_is_checked_against_the_image_size():
         load(overrides=["model.image_size=96", "model.patch_size=12", "model.stem=conv"])
     with pytest.raises(ConfigError, match="model.stem"):
         load(overrides=["model.stem=resnet"])
+
+
+def test_global_pool_avg_pools_the_normalised_patch_tokens_with_the_class_token_models_parameters():
+    """model.global_pool: token -> the class token after the final norm; avg -> the mean of the (normalised)
+    patch tokens the heads also read. The same parameter names and shapes: weights load either way."""
+    from spatialnet_dist.config import ConfigError, load
+
+    token, avg = tiny_model(["classification"], seed=3), tiny_model(["classification"], seed=3, global_pool="avg")
+    assert {k: v.shape for k, v in token.state_dict().items()} == {k: v.shape for k, v in avg.state_dict().items()}
+    avg.load_state_dict(token.state_dict())
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        features = token.encoder.forward_features(x)  # (B, 1 + N, D), after the final norm
+        tokens, pooled = token.encode(x)
+        avg_tokens, avg_pooled = avg.encode(x)
+    torch.testing.assert_close(pooled, features[:, 0])
+    torch.testing.assert_close(avg_tokens, tokens)
+    torch.testing.assert_close(avg_pooled, tokens.mean(1))  # (B, D)
+    assert not torch.allclose(avg_pooled, pooled)
+    with pytest.raises(ConfigError, match="model.global_pool"):
+        load(overrides=["model.global_pool=max"])

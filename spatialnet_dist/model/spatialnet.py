@@ -114,7 +114,7 @@ def assemble_model(model_cfg: ModelConfig, tasks: list[str], sizes: VocabSizes, 
     (loss.balance=uncertainty) also the tasks' learned loss weights (objective.TaskBalance)."""
     preset = get_preset(model_cfg.preset)
     encoder = build_encoder(preset, model_cfg.image_size, model_cfg.in_chans, model_cfg.activation, model_cfg.drop_path,
-                            model_cfg.patch_size, model_cfg.stem)
+                            model_cfg.patch_size, model_cfg.stem, model_cfg.global_pool)
     if model_cfg.pretrained:
         load_pretrained(encoder, model_cfg.pretrained, preset)
     freeze_blocks(encoder, model_cfg.freeze_encoder_blocks)

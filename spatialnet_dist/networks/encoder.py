@@ -21,7 +21,7 @@ from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_
 from torch import nn
 
 from spatialnet_dist.errors import UserError
-from spatialnet_dist.networks.presets import STEMS, Preset
+from spatialnet_dist.networks.presets import POOLS, STEMS, Preset
 
 log = logging.getLogger(__name__)
 
@@ -57,28 +57,33 @@ class ViTEncoder(VisionTransformer):
     """A timm ViT without its classifier: images -> patch tokens and the class-token vector."""
 
     def encode(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """images (B, C, H, W) -> tokens (B, N, D) patch tokens, pooled (B, D) normalised class token."""
+        """images (B, C, H, W) -> tokens (B, N, D) normalised patch tokens, pooled (B, D): the normalised class
+        token, or with global_pool "avg" the mean of `tokens`."""
         x = self.forward_features(images)  # (B, prefix + N, D), after the final norm
         return x[:, self.num_prefix_tokens :], self.forward_head(x, pre_logits=True)
 
 
 def build_encoder(
     preset: Preset, image_size: int = 0, in_chans: int = 3, activation: str = "", drop_path: float = 0.0,
-    patch_size: int = 0, stem: str = "patch",
+    patch_size: int = 0, stem: str = "patch", global_pool: str = "token",
 ) -> ViTEncoder:
-    """0 / "" take the preset's image size / patch size / activation."""
+    """0 / "" take the preset's image size / patch size / activation. global_pool "avg" pools the patch tokens
+    after the final norm (fc_norm off): the same parameters as "token", so either loads the other's weights."""
     image_size, patch_size = image_size or preset.image_size, patch_size or preset.patch_size
     if image_size < patch_size or image_size % patch_size:
         raise UserError(f"model.image_size {image_size}: must be a multiple of the patch size {patch_size}")
     if stem not in STEMS:
         raise UserError(f"model.stem {stem!r}: expected one of {', '.join(STEMS)}")
+    if global_pool not in POOLS:
+        raise UserError(f"model.global_pool {global_pool!r}: expected one of {', '.join(POOLS)}")
     return ViTEncoder(
         img_size=image_size,
         patch_size=patch_size,
         embed_layer=ConvStemEmbed if stem == "conv" else PatchEmbed,
         in_chans=in_chans,
         num_classes=0,  # no classifier: the task heads sit on top
-        global_pool="token",  # pooled = class token, as every published ViT checkpoint was trained
+        global_pool=global_pool,  # token: the class token, as every published ViT checkpoint was trained
+        fc_norm=False,  # timm's default for "avg" moves the final norm after the pooling; keep it on the tokens
         embed_dim=preset.embed_dim,
         depth=preset.depth,
         num_heads=preset.num_heads,

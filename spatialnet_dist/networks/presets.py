@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from spatialnet_dist.errors import UserError
 
 STEMS = ("patch", "conv")  # model.stem: how images become tokens (networks/encoder.py)
+POOLS = ("token", "avg")  # model.global_pool: what the pooled (B, D) vector is (networks/encoder.py)
 
 
 @dataclass(frozen=True)
