@@ -74,16 +74,18 @@ class MultiTaskObjective:
         keys = ["loss"] + [f"{t}_loss" for t in tasks]
         return keys + [f"balance/{t}" for t in tasks] if self.cfg.balance == "uncertainty" else keys
 
+    def task_losses(self, outputs: dict, batch: dict) -> dict[str, torch.Tensor]:
+        """{task: L_t} of the tasks in `outputs`, unweighted: what validation reports."""
+        return {name: registry.get(name).loss(out, batch[name], self.cfg, self.states.get(name))
+                for name, out in outputs.items()}
+
     def __call__(self, outputs: dict, batch: dict, model=None) -> dict[str, torch.Tensor]:
         if not outputs:
             raise ValueError("no task outputs to compute a loss from")
-        metrics: dict[str, torch.Tensor] = {}
-        task_losses: dict[str, torch.Tensor] = {}
+        task_losses = self.task_losses(outputs, batch)
+        metrics: dict[str, torch.Tensor] = {f"{name}_loss": loss.detach() for name, loss in task_losses.items()}
         for name, out in outputs.items():
-            task = registry.get(name)
-            task_losses[name] = task.loss(out, batch[name], self.cfg, self.states.get(name))
-            metrics[f"{name}_loss"] = task_losses[name].detach()
-            metrics.update(task.train_metrics(out, batch[name]))
+            metrics.update(registry.get(name).train_metrics(out, batch[name]))
         weights = {name: self.cfg.weights.get(name, 1.0) for name in task_losses}
         if self.cfg.balance == "uncertainty" and model is not None:
             balance = getattr(model, "loss_balance", None)
@@ -92,7 +94,7 @@ class MultiTaskObjective:
                                  "(build_model(..., balance=True))")
             total, learned = balance(task_losses, weights)
             metrics.update({f"balance/{t}": w for t, w in learned.items()})
-        else:  # fixed; without a model (validation, which reports the per-task losses) uncertainty's too
+        else:  # fixed; without a model uncertainty's too
             total = None
             for name, task_loss in task_losses.items():
                 weighted = weights[name] * task_loss

@@ -144,14 +144,16 @@ def test_a_non_finite_loss_stops_the_loop_with_a_named_error(world_of_one, tmp_p
 
 def test_validation_reads_the_val_split_once_for_losses_and_metrics(world_of_one, tmp_path, monkeypatch):
     """The val losses and the task metrics come from one read of each task's val batches: one eval loader per
-    task per validation, and metrics equal to those of predicting the whole val split apart."""
+    task per validation, and metrics equal to those of predicting the whole val split apart. Under
+    loss.regularization=l2 (configs/paper.yaml) too: the val losses are the tasks' own, with no weight penalty."""
     from spatialnet_dist.data import batches
     from spatialnet_dist.data.vocab import build_vocabs
     from spatialnet_dist.evaluate.run import ValidationPass, predict_split, score_predictions
     from spatialnet_dist.train import trainer as trainer_mod
 
     cfg = _config(world_of_one, "train.max_steps=1", "train.checkpoint_every=1", "eval.every=1",
-                  "eval.val_batches=1000", "eval.at_end=false", "tasks.vqa.questions_per_image=1")
+                  "eval.val_batches=1000", "eval.at_end=false", "tasks.vqa.questions_per_image=1",
+                  "loss.regularization=l2", "loss.l2=1e-4")
     vocabs = build_vocabs(cfg)
     opened, make = [], batches.make_eval_loader
 

@@ -288,8 +288,7 @@ class Trainer:
                     scoring.add(task, sub)
                 size = registry.get(task).loss_size(sub)  # what the task's loss averages
                 sub = to_device({task: sub}, self.device, next(model.parameters()).dtype)
-                losses = self.objective(model(sub), sub)  # no model: "loss" by the fixed weights; only the task's is read
-                sums[2 * i] += losses[f"{task}_loss"].item() * size
+                sums[2 * i] += self.objective.task_losses(model(sub), sub)[task].item() * size
                 sums[2 * i + 1] += size
         sums = _reduce_sum(sums)
         metrics = {f"val/{t}_loss": (sums[2 * i] / sums[2 * i + 1]).item()
