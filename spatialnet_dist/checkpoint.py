@@ -18,10 +18,10 @@ on a local dir or S3):
 An inference bundle (`export_bundle`): model.safetensors (fp32, consolidated, or the EMA) + config.yaml + vocab.json
 + manifest.json. Nothing in a bundle is a pickle: it is the route for weights from elsewhere.
 
-Loading (`local_copy`: resume, `eval run`, `predict`, `export`) checks every listed file against its
-sha256 before anything reads it; DeepSpeed unpickles its .pt files (weights_only=False), so a
-checkpoint without a manifest is refused. The manifest catches corruption and partial writes, not a
-hostile author: take checkpoints from elsewhere only as bundles.
+Loading (`local_copy`: resume, `eval run`, `predict`, `export`, fine-tuning from `model.pretrained`) checks
+every listed file against its sha256 before anything reads it; DeepSpeed unpickles its .pt files
+(weights_only=False), so a checkpoint without a manifest is refused. The manifest catches corruption and
+partial writes, not a hostile author: take checkpoints from elsewhere only as bundles.
 
 Over 300 lines: the layout, its publishing and its verified reading are one contract; a writer and a reader
 of a checkpoint kept apart would drift.
@@ -29,6 +29,7 @@ of a checkpoint kept apart would drift.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import re
@@ -319,6 +320,38 @@ def load_weights(model, url: str) -> None:
         model.load_state_dict(inference_weights(d))
 
 
+def is_pretraining_source(source: str) -> bool:
+    """Whether model.pretrained names a checkpoint or bundle of this project (a local directory or an s3://
+    URL), read by `pretraining_weights`, rather than a weights file or "hub", which the encoder reads."""
+    return bool(source) and source != "hub" and (storage.is_s3(source) or Path(source).is_dir())
+
+
+def check_pretraining_source(source: str) -> None:
+    """A UserError naming `source` unless it is a complete checkpoint or a bundle; a run directory is told
+    which checkpoint to name. Reads the manifest only."""
+    if not (storage.exists(storage.join(source, MANIFEST)) or storage.exists(storage.join(source, BUNDLE_WEIGHTS))):
+        latest = latest_complete(source)
+        if latest is not None:
+            raise UserError(f"model.pretrained: {source} is a run directory: name one of its checkpoints, "
+                            f"e.g. {latest}")
+    try:
+        _listed_files(source)
+    except UserError as e:
+        raise UserError(f"model.pretrained: {e}") from None
+
+
+def pretraining_weights(source: str) -> dict | None:
+    """model.pretrained as a pretraining of this project -> its model's weights, what the model-building code
+    hands to networks/encoder.load_pretrained (which keeps the encoder): a checkpoint of any ZeRO stage (its
+    EMA when it holds one, as `load_model` takes it) or an exported bundle, each file checked first. None
+    when `source` is a weights file or "hub" (`is_pretraining_source`)."""
+    if not is_pretraining_source(source):
+        return None
+    check_pretraining_source(source)
+    with local_copy(source) as d:
+        return inference_weights(d)
+
+
 def load_config_and_vocabs(directory: str | Path) -> tuple[config_mod.Config, TextVocabs]:
     d = Path(directory)
     if not (d / CONFIG).is_file():
@@ -336,7 +369,9 @@ def load_model(url: str):
         cfg, vocabs = load_config_and_vocabs(d)
         state = inference_weights(d)
     # Under loss.balance=uncertainty the weights hold the learned task balance too: built, so the load stays strict.
-    model = build_model(cfg.model, cfg.tasks.enabled(), vocabs, balance=cfg.loss.balance == "uncertainty")
+    # The checkpoint's weights replace all of them: what model.pretrained named is not read (nor needed) again.
+    model_cfg = dataclasses.replace(cfg.model, pretrained="")
+    model = build_model(model_cfg, cfg.tasks.enabled(), vocabs, balance=cfg.loss.balance == "uncertainty")
     model.load_state_dict(state)
     return model.eval(), cfg, vocabs
 

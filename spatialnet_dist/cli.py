@@ -85,6 +85,8 @@ def _shards_convert(a) -> int:
     source_options = {k: v for k, v in (("split_ratio", a.split_ratio and parse_split_ratio(a.split_ratio)),
                                         ("class_file", a.classes and Path(a.classes)),
                                         ("split_seed", a.split_seed),
+                                        ("unlabeled", a.unlabeled or None),
+                                        ("val_fraction", a.val_fraction),
                                         ("tags_file", a.tags and Path(a.tags))) if v is not None}
     return convert(
         get_adapter(a.adapter, **source_options),
@@ -263,6 +265,13 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("--split-seed", type=int, help="imagefolder, jsonl, csv: seed of that draw (default 0)")
     conv.add_argument("--classes", metavar="FILE", help="imagefolder, jsonl, csv: class order, one name per line "
                       "(default: the names sorted)")
+    conv.add_argument("--unlabeled", action="store_true",
+                      help="imagefolder, jsonl, csv: an image-only corpus, for pretraining (tasks.mae): imagefolder "
+                           "takes every image below SRC at any depth (no class folders), jsonl/csv records only path "
+                           "(id, split, meta); splits train and val by --val-fraction, no classes, no test split")
+    conv.add_argument("--val-fraction", type=float, metavar="F",
+                      help="with --unlabeled: the share of the images drawn into val, seeded by --split-seed "
+                           "(default 0.1, the val share of --split-ratio's default)")
     conv.add_argument("--tags", metavar="FILE", help="ucm-captions: the UC Merced multi-label table "
                       "(LandUse_Multilabeled.txt) to merge in by image as each sample's tags")
     conv.add_argument("--max-bad-fraction", type=float, default=0.05, help="exit non-zero above this fraction of bad records")

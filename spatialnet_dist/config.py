@@ -126,7 +126,10 @@ class ModelConfig:
     global_pool: str = "token"
     in_chans: int = 3
     activation: str = ""  # "": the preset's FFN activation (gelu, relu)
-    pretrained: str = ""  # "": none; a local .pth/.safetensors file; "hub": timm's hub weights
+    # Where the encoder starts: "" from scratch; a local .pth/.safetensors file or "hub" (timm's weights, bands
+    # adapted); a checkpoint directory or exported bundle of this project, local or s3:// (its pretraining: the
+    # encoder loads, the heads start fresh, its band count must be model.in_chans)
+    pretrained: str = ""
     # Fine-tuning: patch embedding, position/class tokens and the first N encoder blocks stay fixed
     # (N = the preset's depth: the whole trunk but its final norm). 0: everything trains.
     freeze_encoder_blocks: int = 0

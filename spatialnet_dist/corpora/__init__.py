@@ -51,9 +51,10 @@ ADAPTERS: dict[str, Adapter] = {
               RecordFile("csv"), SyntheticCorpus())
 }
 # Options of some adapters, by their field name: the flag that sets it. imagefolder, jsonl and csv read no
-# splits or classes from their source; ucm-captions merges the UC Merced multi-label table.
+# splits or classes from their source, and convert image-only corpora (--unlabeled); ucm-captions merges the
+# UC Merced multi-label table.
 SOURCE_OPTIONS = {"split_ratio": "--split-ratio", "class_file": "--classes", "split_seed": "--split-seed",
-                  "tags_file": "--tags"}
+                  "unlabeled": "--unlabeled", "val_fraction": "--val-fraction", "tags_file": "--tags"}
 
 
 def _takes(adapter: Adapter, option: str) -> bool:

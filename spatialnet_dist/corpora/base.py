@@ -167,6 +167,28 @@ def parse_split_ratio(text: str) -> tuple[float, float, float]:
     return ratio
 
 
+# An image-only corpus (--unlabeled) is for pretraining: train takes the images, val watches the pretraining
+# loss; a test split would judge labels it does not have. The val share is the labelled default's (0.1).
+DEFAULT_VAL_FRACTION = DEFAULT_SPLIT_RATIO[1]
+
+
+def drawn_split_ratio(split_ratio: tuple[float, float, float] | None, val_fraction: float | None,
+                      unlabeled: bool) -> tuple[float, float, float]:
+    """The (train, val, test) fractions drawn for images without a split: a labelled corpus's --split-ratio
+    (default DEFAULT_SPLIT_RATIO); an unlabeled corpus's (1 - f, f, 0) for f = --val-fraction (default
+    DEFAULT_VAL_FRACTION). A flag of the other kind is refused (UserError naming it)."""
+    if not unlabeled:
+        if val_fraction is not None:
+            raise UserError("--val-fraction: only with --unlabeled (a labelled corpus's splits: --split-ratio)")
+        return split_ratio or DEFAULT_SPLIT_RATIO
+    if split_ratio is not None:
+        raise UserError("--split-ratio: not with --unlabeled (it has train and val only: --val-fraction)")
+    fraction = DEFAULT_VAL_FRACTION if val_fraction is None else val_fraction
+    if not 0 <= fraction < 1:
+        raise UserError(f"--val-fraction {fraction}: expected a fraction of the images, at least 0 and below 1")
+    return (1 - fraction, fraction, 0.0)
+
+
 def split_by_ratio(n: int, ratio: tuple[float, float, float], seed: int, group: str = "") -> list[str]:
     """The split names of n items of one `group` (a class, or the whole corpus): a permutation seeded by
     (seed, group) cut at the cumulative fractions, so every class is split in the same proportions and

@@ -17,6 +17,11 @@ others optional, an empty cell is an absent field); `captions` and `tags` hold i
 `|`, `qa` the JSON list above. A line that cannot be used (malformed JSON, a missing path, an unknown
 field, an unreadable image, another band count than the corpus's first image) is a bad record
 naming the file and line.
+
+A file of records with only `path` (and id, split, meta) converts as it is. With --unlabeled it is an
+image-only corpus (pretraining): no classes, records without a split drawn into train and val by
+--val-fraction (default 0.1, no test split), and a record with a label, captions, qa or tags is a bad
+record (the images of an annotated corpus pretrain as that corpus: a task reads what it needs).
 """
 
 from __future__ import annotations
@@ -27,12 +32,13 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from spatialnet_dist.corpora.base import DEFAULT_SPLIT_RATIO, BadRecord, ImageError, safe_key, split_by_ratio
+from spatialnet_dist.corpora.base import BadRecord, ImageError, drawn_split_ratio, safe_key, split_by_ratio
 from spatialnet_dist.corpora.imagefolder import ConsistentBands, load_classes
 from spatialnet_dist.errors import UserError
 from spatialnet_dist.store.schema import Sample
 
 FIELDS = ("path", "id", "split", "label", "captions", "qa", "tags", "meta")
+ANNOTATIONS = ("label", "captions", "qa", "tags")  # the fields an --unlabeled corpus's records do not have
 CSV_LIST_SEPARATOR = "|"
 
 
@@ -72,13 +78,15 @@ def _qa(value, image_id: str) -> list[dict]:
 
 @dataclass
 class RecordFile:
-    """See the module docstring: `format` is "jsonl" or "csv"; `split_ratio`, `split_seed` and
-    `class_file` as for imagefolder."""
+    """See the module docstring: `format` is "jsonl" or "csv"; `split_ratio`, `split_seed`, `class_file`,
+    `unlabeled` and `val_fraction` as for imagefolder."""
 
     format: str
     split_ratio: tuple[float, float, float] | None = None
     class_file: Path | None = None
     split_seed: int = 0
+    unlabeled: bool = False
+    val_fraction: float | None = None
     image_size: tuple[int, int] | None = None
     classes: list[str] | None = field(default=None, init=False)  # set by records(src)
 
@@ -88,19 +96,22 @@ class RecordFile:
 
     @property
     def description(self) -> str:
-        return f"{self.format}: FILE of one record per image (path, any of label, captions, qa, tags, split)"
+        return (f"{self.format}: FILE of one record per image (path, any of label, captions, qa, tags, split); "
+                "--unlabeled: path only")
 
     def records(self, src: Path) -> Iterator[Sample | BadRecord]:
         src = Path(src)
         if not src.is_file():
             raise UserError(f"{src}: not found (the {self.format} record file)")
+        ratio = drawn_split_ratio(self.split_ratio, self.val_fraction, self.unlabeled)
+        if self.unlabeled and self.class_file is not None:
+            raise UserError(f"{src}: --classes: an --unlabeled corpus has no classes")
         rows = list(self._rows(src))  # [(line, dict or RecordError)]; no image is read yet
         parsed = [(line, row) for line, row in rows if isinstance(row, dict)]
-        labels = {name for _, row in parsed if (name := _label_name(row)) is not None}
+        labels = {name for _, row in parsed if (name := _label_name(row)) is not None and not self.unlabeled}
         self.classes = load_classes(self.class_file, labels, "label", src) if labels or self.class_file else None
         unsplit = [line for line, row in parsed if not row.get("split")]
-        drawn = dict(zip(unsplit, split_by_ratio(len(unsplit), self.split_ratio or DEFAULT_SPLIT_RATIO,
-                                                 self.split_seed)))
+        drawn = dict(zip(unsplit, split_by_ratio(len(unsplit), ratio, self.split_seed)))
         return self._records(src, rows, drawn)
 
     def _rows(self, src: Path) -> Iterator[tuple[int, dict | RecordError]]:
@@ -154,6 +165,10 @@ class RecordFile:
         unknown = sorted(set(row) - set(FIELDS))
         if unknown:
             raise RecordError(f"unknown field {unknown[0]!r} (fields: {', '.join(FIELDS)})")
+        annotated = [key for key in ANNOTATIONS if key in row] if self.unlabeled else []
+        if annotated:
+            raise RecordError(f"field {annotated[0]!r}: an --unlabeled corpus's records hold images only "
+                              "(path, id, split, meta)")
         if not isinstance(row.get("path"), str) or not row["path"]:
             raise RecordError("no 'path'")
         image_id = row.get("id", safe_key(Path(row["path"]).stem))

@@ -109,14 +109,17 @@ def _distinct_images(keys: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.tensor(distinct, dtype=torch.int64), torch.tensor(slots, dtype=torch.int64)
 
 
-def assemble_model(model_cfg: ModelConfig, tasks: list[str], sizes: VocabSizes, balance: bool = False) -> SpatialNetViT:
+def assemble_model(model_cfg: ModelConfig, tasks: list[str], sizes: VocabSizes, balance: bool = False,
+                   pretraining: dict[str, torch.Tensor] | None = None) -> SpatialNetViT:
     """Encoder from the preset (with the config's overrides) + one head per task, sized by `sizes`; with `balance`
-    (loss.balance=uncertainty) also the tasks' learned loss weights (objective.TaskBalance)."""
+    (loss.balance=uncertainty) also the tasks' learned loss weights (objective.TaskBalance). The encoder starts
+    from model.pretrained: a weights file or the hub, read here, or this project's checkpoint or bundle, whose
+    weights the caller read into `pretraining` (checkpoint.pretraining_weights: model/ sits below checkpoint.py)."""
     preset = get_preset(model_cfg.preset)
     encoder = build_encoder(preset, model_cfg.image_size, model_cfg.in_chans, model_cfg.activation, model_cfg.drop_path,
                             model_cfg.patch_size, model_cfg.stem, model_cfg.global_pool)
     if model_cfg.pretrained:
-        load_pretrained(encoder, model_cfg.pretrained, preset)
+        load_pretrained(encoder, model_cfg.pretrained, preset, pretraining)
     freeze_blocks(encoder, model_cfg.freeze_encoder_blocks)
     heads = {t: registry.get(t).head(encoder.embed_dim, preset, sizes, model_cfg) for t in tasks}
     model = SpatialNetViT(encoder, heads, preset, TaskBalance(tasks) if balance else None)
@@ -124,9 +127,10 @@ def assemble_model(model_cfg: ModelConfig, tasks: list[str], sizes: VocabSizes, 
     return model
 
 
-def build_model(model_cfg: ModelConfig, tasks: list[str], vocabs: TextVocabs, balance: bool = False) -> SpatialNetViT:
-    """The model for `tasks`, its heads sized by the vocabularies built from the training text (`balance`:
-    assemble_model's)."""
+def build_model(model_cfg: ModelConfig, tasks: list[str], vocabs: TextVocabs, balance: bool = False,
+                pretraining: dict[str, torch.Tensor] | None = None) -> SpatialNetViT:
+    """The model for `tasks`, its heads sized by the vocabularies built from the training text (`balance`,
+    `pretraining`: assemble_model's)."""
     sizes = VocabSizes(words=len(vocabs.words), answers=len(vocabs.answers), classes=len(vocabs.classes),
                        tags=len(vocabs.tags))
-    return assemble_model(model_cfg, tasks, sizes, balance)
+    return assemble_model(model_cfg, tasks, sizes, balance, pretraining)

@@ -119,6 +119,8 @@ def freeze_blocks(encoder: ViTEncoder, n: int) -> None:
 def read_state_dict(path: str) -> dict[str, torch.Tensor]:
     """A .pth/.pt (torch.save) or .safetensors file -> state dict. Errors name the file."""
     p = Path(path)
+    if p.is_dir():  # callers hand this project's checkpoints and bundles over as `state` (load_pretrained)
+        raise UserError(f"model.pretrained: {path}: a directory, expected a weights file")
     if not p.is_file():
         raise UserError(f"model.pretrained: {path}: file not found")
     try:
@@ -156,24 +158,45 @@ def hub_state_dict(preset: Preset) -> dict[str, torch.Tensor]:
         ) from None
 
 
-def load_pretrained(encoder: ViTEncoder, source: str, preset: Preset) -> tuple[list[str], list[str]]:
-    """Load encoder weights from `source` ("hub" or a file path) -> (missing keys, unexpected keys).
+def _input_bands(state: dict[str, torch.Tensor]) -> int | None:
+    """The bands an encoder state dict reads: the input width of its patch kernel or first stem convolution."""
+    kernel = state.get("patch_embed.proj.weight", state.get("patch_embed.proj.0.weight"))  # (D or width, C, k, k)
+    return None if kernel is None else kernel.shape[1]
+
+
+def load_pretrained(encoder: ViTEncoder, source: str, preset: Preset,
+                    state: dict[str, torch.Tensor] | None = None) -> tuple[list[str], list[str]]:
+    """Load encoder weights from `source` -> (missing keys, unexpected keys): "hub" or a file path, read here,
+    or a pretraining of this project (a checkpoint or bundle) whose model weights `state` the caller read
+    (checkpoint.pretraining_weights; networks/ reads no checkpoints).
 
     Accepts a timm ViT state dict (also nested under "model"/"state_dict") or a SpatialNet-ViT one
-    (its "encoder." keys). pos_embed and the patch kernel are resampled to this encoder's grid by timm;
-    the input conv is adapted when the channel count differs (multispectral images).
+    (its "encoder." keys; the heads are left out, they start fresh). pos_embed and the patch kernel are
+    resampled to this encoder's grid by timm. Weights from elsewhere have their input conv adapted when
+    the band count differs (RGB weights for multispectral images); this project's own pretraining must
+    have this encoder's bands, else a UserError names both. A stem of the other kind (patch vs conv) is
+    left out under either: it cannot seed this one, and blocks pretrained behind one stem still serve
+    behind the other (a patch-stem MAE pretraining, a conv-stem fine-tuning on little data).
     """
-    state = hub_state_dict(preset) if source == "hub" else read_state_dict(source)
+    own_pretraining = state is not None
+    if state is None:
+        state = hub_state_dict(preset) if source == "hub" else read_state_dict(source)
     state = state.get("model", state.get("state_dict", state))
     if any(k.startswith("encoder.") for k in state):  # a SpatialNet-ViT checkpoint: keep its encoder
         state = {k.removeprefix("encoder."): v for k, v in state.items() if k.startswith("encoder.")}
+    own = encoder.state_dict()
+    bands, own_bands = _input_bands(state), _input_bands(own)
+    if own_pretraining and bands is not None and bands != own_bands:
+        raise UserError(f"model.pretrained: {source}: pretrained on {bands} bands, but model.in_chans is {own_bands}: "
+                        f"fine-tune on the {bands} bands it was pretrained on")
     own_stem = isinstance(encoder.patch_embed, ConvStemEmbed)
     if own_stem != any(k.startswith("patch_embed.proj.0.") for k in state):
         # a patch kernel cannot seed a convolutional stem (nor the reverse): the stem starts fresh, the rest loads
+        log.warning("model.pretrained %s: its %s stem cannot seed this model's %s stem (model.stem): the stem starts "
+                    "fresh, the rest loads", source, "patch" if own_stem else "conv", "conv" if own_stem else "patch")
         state = {k: v for k, v in state.items() if not k.startswith("patch_embed.")}
     state = checkpoint_filter_fn(state, encoder)
     state = {k: v for k, v in state.items() if not k.startswith("head.")}  # an ImageNet classifier is no encoder part
-    own = encoder.state_dict()
     conv = "patch_embed.proj.weight"
     if conv in state and state[conv].shape[1] != own[conv].shape[1]:
         state[conv] = adapt_input_conv(own[conv].shape[1], state[conv])

@@ -6,8 +6,9 @@ from spatialnet_dist.store.manifest import read_manifest, resolve_corpora
 
 
 def inspect_store(url: str) -> dict:
-    """A store root (every corpus) or one corpus folder -> {"root", "corpora": {corpus: {"splits", "classes", "tags"}}}
-    ("classes", "tags": how many, None when the corpus has none)."""
+    """A store root (every corpus) or one corpus folder -> {"root", "corpora": {corpus: {"splits", "classes", "tags",
+    "image_only"}}} ("classes", "tags": how many, None when the corpus has none; "image_only": it has no classes,
+    tags, captions or questions, images alone: an unlabeled corpus, for pretraining)."""
     root, corpora = resolve_corpora(url)
     info = {"root": root, "corpora": {}}
     for corpus in corpora:
@@ -23,8 +24,10 @@ def inspect_store(url: str) -> dict:
                 "bytes": sum(shard["bytes"] for shard in s["shards"]),
             }
         classes, tags = manifest.get("classes"), manifest.get("tags")  # schema 1 manifests have no "tags"
+        texts = sum(s["captions"] + s["questions"] for s in splits.values())
         info["corpora"][corpus] = {"splits": splits, "classes": len(classes) if classes is not None else None,
-                                   "tags": len(tags) if tags else None}
+                                   "tags": len(tags) if tags else None,
+                                   "image_only": classes is None and not tags and texts == 0}
     return info
 
 
@@ -50,6 +53,9 @@ def format_inspect(info: dict) -> str:
         cells = [v.rjust(w) if i in numeric else v.ljust(w) for i, (v, w) in enumerate(zip(r, widths))]
         lines.append("  ".join(cells).rstrip())
     for corpus, c in info["corpora"].items():
+        if c["image_only"]:
+            lines.append(f"{corpus}: image-only (no classes, tags, captions or questions)")
+            continue
         lines.append(f"{corpus}: {c['classes'] if c['classes'] is not None else 'no'} classes, "
                      f"{c['tags'] if c['tags'] is not None else 'no'} tags")
     return "\n".join(lines)

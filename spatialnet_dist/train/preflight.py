@@ -3,7 +3,7 @@
 The config itself is checked when it loads (config.load: keys, types, ranges) and when the plan resolves
 (train.plan.resolve: epochs, global batch sizes). What is left needs the world outside the config:
   check_java        java on PATH when captions are scored at the end (pycocoevalcap)
-  check_sources     train.resume is a checkpoint; model.pretrained is a weights file
+  check_sources     train.resume is a checkpoint; model.pretrained is a weights file, a checkpoint or a bundle
   check_manifests   every enabled task's corpora have a manifest with every split the run reads
                     (train; val when eval.every; eval.split when eval.at_end) and its shard files
   check_run_storage the run directory can be written
@@ -40,8 +40,10 @@ def check_sources(cfg: Config) -> None:
     if resume and not storage.exists(storage.join(resume, ckpt.META)):
         raise UserError(f"train.resume: {resume}: not a spatialnet checkpoint (no {ckpt.META})")
     pretrained = cfg.model.pretrained
-    if pretrained and pretrained != "hub":  # hub: timm downloads it in the workers; nothing to check offline
-        if storage.is_s3(pretrained) or not Path(pretrained).is_file():
+    if ckpt.is_pretraining_source(pretrained):  # this project's pretraining: a complete checkpoint or a bundle
+        ckpt.check_pretraining_source(pretrained)
+    elif pretrained and pretrained != "hub":  # hub: timm downloads it in the workers; nothing to check offline
+        if not Path(pretrained).is_file():
             raise UserError(f"model.pretrained: {pretrained}: no such local file")
         if Path(pretrained).suffix not in WEIGHT_SUFFIXES:
             raise UserError(f"model.pretrained: {pretrained}: expected a {', '.join(WEIGHT_SUFFIXES)} file")

@@ -22,7 +22,7 @@ import resource
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Protocol
 
@@ -116,7 +116,7 @@ class Trainer:
             self.device = torch.device("cpu")
             torch.set_num_threads(cfg.train.torch_threads or cfg.train.cpus_per_worker)
         torch.manual_seed(cfg.run.seed)  # identical initial weights on every rank
-        self.engine = ds.create_engine(cfg, self._build_model(), world_size)
+        self.engine = ds.create_engine(cfg, self._build_model(pretrained=True), world_size)
         self.dtype = torch.bfloat16 if ds.precision(cfg) == "bf16" else torch.float32
         # optim.ema_decay: the weights' moving average, updated after every optimizer step; what evaluation uses.
         self.ema = WeightEma(self.engine.module, cfg.optim.ema_decay) if cfg.optim.ema_decay > 0 else None
@@ -126,10 +126,13 @@ class Trainer:
         self.questions_seen = dict.fromkeys(registry.question_tasks(self.tasks), 0)  # vqa, regression
         self.loader = make_train_loader(cfg, vocabs, rank, world_size)  # lazy: its workers start at the first batch
 
-    def _build_model(self) -> torch.nn.Module:
+    def _build_model(self, pretrained: bool = False) -> torch.nn.Module:
         """The enabled tasks' model; under loss.balance=uncertainty with the learned task weights, which the engine
-        trains with it."""
-        return build_model(self.cfg.model, self.tasks, self.vocabs, balance=self.cfg.loss.balance == "uncertainty")
+        trains with it. `pretrained`: its encoder starts from model.pretrained (the model the engine trains); the
+        copies that inference_model fills with the trained weights skip that read (of a whole checkpoint, maybe)."""
+        model_cfg = self.cfg.model if pretrained else replace(self.cfg.model, pretrained="")
+        return build_model(model_cfg, self.tasks, self.vocabs, balance=self.cfg.loss.balance == "uncertainty",
+                           pretraining=ckpt.pretraining_weights(model_cfg.pretrained))
 
     # ---- checkpoints ----
 
