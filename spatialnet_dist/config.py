@@ -220,6 +220,21 @@ class TrainConfig:
 
 
 @dataclass
+class KnnConfig:
+    """eval.knn: how well the frozen encoder already separates a labelled corpus's classes, at every validation,
+    without fine-tuning (the k-nearest-neighbour accuracy self-supervised frameworks report, evaluate/knn.py):
+    watches a pretraining run (tasks.mae) that has no accuracy of its own. Logged as val/knn_accuracy."""
+
+    # A corpus of data.root with classes: the pooled encoder vectors of its train images are the neighbours, its
+    # val images are scored; "": off. Any corpus, whether or not a task trains on it.
+    corpus: str = ""
+    k: int = 20  # neighbours that vote on a val image's class, each by exp(cosine similarity / 0.07) (DINO's)
+    # At most this many train images (spread over the train split's shards) are embedded at each validation: the
+    # bank's cost in encoder passes; the val split is embedded whole
+    max_train: int = 5000
+
+
+@dataclass
 class EvalConfig:
     every: int = 0  # validation every N steps; 0: off
     val_batches: int = 4
@@ -241,6 +256,7 @@ class EvalConfig:
     # averaged over the 8 flips and quarter turns of each image, whose labels none of them changes; 8 forward
     # passes per batch, at validation too).
     tta: str = "none"
+    knn: KnnConfig = field(default_factory=KnnConfig)
 
 
 @dataclass

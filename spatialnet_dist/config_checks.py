@@ -18,6 +18,7 @@ from spatialnet_dist.networks.presets import POOLS, PRESETS, STEMS
 from spatialnet_dist.tasks.base import TTA_MODES
 
 FAULT_KINDS = ("exit", "error", "user_error", "nan_loss")  # faults.kind: see config.FaultsConfig
+KNN_METRIC = "knn_accuracy"  # what eval.knn logs at each validation (val/knn_accuracy); eval.keep_best takes it
 
 # Range checks: key -> (predicate, what is allowed).
 CHECKS: dict[str, tuple[Callable, str]] = {
@@ -78,6 +79,8 @@ CHECKS: dict[str, tuple[Callable, str]] = {
     "eval.max_samples": (lambda v: v >= 0, ">= 0"),
     "eval.count_rule": (lambda v: v in ("rsvqa-lr", "exact"), "rsvqa-lr or exact"),
     "eval.tta": (lambda v: v in TTA_MODES, " or ".join(TTA_MODES)),
+    "eval.knn.k": (lambda v: v >= 1, ">= 1"),
+    "eval.knn.max_train": (lambda v: v >= 1, ">= 1"),
     "log.mlflow_experiment": (lambda v: bool(v), "an experiment name"),
     "faults.fail_at_step": (lambda v: v >= 0, ">= 0 (0: never)"),
     "faults.kind": (lambda v: v in FAULT_KINDS, ", ".join(FAULT_KINDS)),
@@ -148,7 +151,7 @@ def _validate_patches(model) -> None:
 
 def _validate_keep_best(cfg) -> None:
     metric, every = cfg.eval.keep_best, cfg.eval.every
-    logged = registry.validation_metrics(cfg.tasks.enabled())
+    logged = registry.validation_metrics(cfg.tasks.enabled()) + ([KNN_METRIC] if cfg.eval.knn.corpus else [])
     if metric not in logged:
         raise ConfigError(f"config key eval.keep_best: {metric!r} is not a validation metric of the enabled tasks "
                           f"(expected one of {', '.join(logged)}){closest(metric, logged)}")

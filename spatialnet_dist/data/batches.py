@@ -1,4 +1,5 @@
-"""Loaders: multi-task training batches (endless) and per-task evaluation sub-batches (finite).
+"""Loaders: multi-task training batches (endless), per-task evaluation sub-batches (finite), and one labelled
+corpus's images with their class ids whatever the tasks (finite: the kNN monitor's, evaluate/knn.py).
 
 Training: the loader yields one multi-task micro-batch at a time (sub-batches as in
 batch_format.py "Batch format"): {"captioning": sub-batch, "vqa": sub-batch, ...}. Every
@@ -36,16 +37,20 @@ from spatialnet_dist.data.mixing import MixSettings, mix_rng, mix_settings, mix_
 from spatialnet_dist.data.order import alternate_task, batches_before, rank_rows
 from spatialnet_dist.data.streams import (
     ImageCache,
+    Shard,
     StreamCounts,
     TaskStreamSpec,
+    decode_one,
     eval_stream,
+    read_shards,
     split_shards,
     task_stream_spec,
 )
 from spatialnet_dist.data.train_rows import TaskRows
-from spatialnet_dist.data.transforms import task_transform
+from spatialnet_dist.data.transforms import BandNorm, ImageTransform, model_image_size, task_transform
 from spatialnet_dist.errors import UserError
-from spatialnet_dist.store.manifest import TRAIN_SPLIT
+from spatialnet_dist.store.band_stats import from_manifest
+from spatialnet_dist.store.manifest import TRAIN_SPLIT, read_manifest, shard_urls
 from spatialnet_dist.text import TextVocabs
 
 _ERROR_KEY = "__error__"
@@ -217,4 +222,67 @@ def make_eval_loader(cfg, vocabs: TextVocabs, task: str, split: str, rank: int, 
     _check_rank(rank, world_size)
     spec = task_stream_spec(cfg, vocabs, task, split, task_transform(cfg, task, train=False), train=False)
     dataset = EvalBatches(spec, rank, world_size, batch_size or getattr(cfg.tasks, task).batch_size)
+    return EvalLoader(dataset, **_loader_kwargs(cfg, persistent=False))
+
+
+# ---- one labelled corpus, whatever the tasks ----
+
+
+def shard_quotas(sizes: list[int], limit: int) -> list[int]:
+    """How many of each shard's samples (`sizes`, manifest order) to read for `limit` in all (0: every one): each
+    shard its share by size, rounded down, and one more to the first shards with room until the sum is `limit`."""
+    total = sum(sizes)
+    if not limit or limit >= total:
+        return list(sizes)
+    quotas = [limit * size // total for size in sizes]
+    for i in [i for i, size in enumerate(sizes) if quotas[i] < size][: limit - sum(quotas)]:
+        quotas[i] += 1
+    return quotas
+
+
+class LabelledImages(IterableDataset):
+    """Sub-batches {"image" (B, C, S, S), "image_id" [B], "label" (B,) int64: the class's index in the corpus's
+    manifest "classes"} of one rank's share of (shard, quota) pairs, the first `quota` samples of each shard, split
+    by rank then by loader worker as evaluation splits shards; samples without a class are left out. Read as
+    evaluation reads: no augmentation, any bad input an error naming the shard."""
+
+    def __init__(self, shards: list[tuple[Shard, int]], classes: list[str], transform: ImageTransform,
+                 band_norm: BandNorm | None, rank: int, world_size: int, batch_size: int):
+        self.shards, self.transform, self.band_norm = shards, transform, band_norm
+        self.class_index = {name: i for i, name in enumerate(classes)}
+        self.rank, self.world_size, self.batch_size = rank, world_size, batch_size
+
+    def __iter__(self) -> Iterator[dict]:
+        rows = self._rows(*_worker())
+        try:
+            while chunk := list(islice(rows, self.batch_size)):
+                yield collate(chunk)
+        except UserError as e:
+            yield {_ERROR_KEY: e}
+
+    def _rows(self, worker: int, workers: int) -> Iterator[dict]:
+        counts = StreamCounts("eval.knn", max_bad_fraction=0.0, strict=True)  # strict: the first bad sample raises
+        for shard, quota in split_shards(self.shards, self.rank, self.world_size, worker, workers):
+            raws = read_shards([{"url": shard.url, "samples": shard.samples}], counts)
+            # A whole shard is read to its end, so that one cut short is named.
+            for raw in raws if quota == shard.samples else islice(raws, quota):
+                sample = decode_one(raw, counts)  # not None: strict counts raise on an undecodable sample
+                if sample.label_name in self.class_index:
+                    yield {"image": self.transform(sample.image, band_norm=self.band_norm), "image_id": sample.image_id,
+                           "label": self.class_index[sample.label_name]}
+
+
+def make_labelled_loader(cfg, corpus: str, split: str, rank: int, world_size: int, limit: int,
+                         batch_size: int) -> EvalLoader:
+    """`corpus`'s images of `split` that have a class (LabelledImages), from at most `limit` of its samples over all
+    ranks (0: every one), each shard giving its share (shard_quotas): the same images for any number of ranks and
+    loader workers, spread over the split (conversion shuffles a split across its shards)."""
+    _check_rank(rank, world_size)
+    manifest = read_manifest(cfg.data.root, corpus)
+    urls = shard_urls(cfg.data.root, corpus, split, manifest)  # StoreError naming the manifest when the split is absent
+    sizes = [s["samples"] for s in manifest["splits"][split]["shards"]]
+    shards = [(Shard(url, size), quota) for url, size, quota in zip(urls, sizes, shard_quotas(sizes, limit)) if quota]
+    transform = ImageTransform(model_image_size(cfg.model), cfg.model.in_chans)  # evaluation's: no augmentation
+    dataset = LabelledImages(shards, manifest.get("classes") or [], transform, from_manifest(manifest), rank,
+                             world_size, batch_size)
     return EvalLoader(dataset, **_loader_kwargs(cfg, persistent=False))

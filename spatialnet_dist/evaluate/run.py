@@ -32,6 +32,8 @@ import numpy as np
 import torch
 
 from spatialnet_dist import tasks as registry
+from spatialnet_dist.config_checks import KNN_METRIC
+from spatialnet_dist.evaluate.knn import knn_accuracy
 from spatialnet_dist.evaluate.report import write_report
 from spatialnet_dist.store import storage
 from spatialnet_dist.text import TextVocabs
@@ -216,7 +218,9 @@ class ValidationPass:
     A task with `validation_keys` (VQA accuracy, classification accuracy, count MAE, ...) predicts every
     sub-batch, scored once on rank 0. A task without (captioning: beam search and the java scorers at every
     validation would cost more than the training steps between them) is left to its validation loss; rank 0
-    predicts its first sub-batch alone, for the sample images. Handed to the Trainer by spatialnet_dist.jobs."""
+    predicts its first sub-batch alone, for the sample images. With eval.knn.corpus, the encoder's k-nearest-neighbour
+    accuracy on that corpus joins them (evaluate/knn.py: it reads the corpus itself). Handed to the Trainer by
+    spatialnet_dist.jobs."""
 
     def __init__(self, model, cfg, vocabs: TextVocabs, rank: int, world_size: int):
         self.model, self.cfg, self.vocabs, self.rank, self.world_size = model, cfg, vocabs, rank, world_size
@@ -236,14 +240,18 @@ class ValidationPass:
             self.shown.rows[task] = rows[:VAL_SAMPLES]
 
     def finish(self) -> tuple[dict, list[dict]]:
-        """-> ({"val/<task>_<key>": score} on rank 0, {} on the others; samples: on rank 0, up to VAL_SAMPLES val
-        images with their generated captions and answers (write_report's format), for TensorBoard)."""
+        """-> ({"val/<task>_<key>": score, and val/knn_accuracy with eval.knn} on rank 0, {} on the others; samples:
+        on rank 0, up to VAL_SAMPLES val images with their generated captions and answers (write_report's format),
+        for TensorBoard)."""
+        knn = knn_accuracy(self.model, self.cfg, self.rank, self.world_size) if self.cfg.eval.knn.corpus else None
         pred = _gather(self.scored, self.rank, self.world_size)
         if pred is None:
             return {}, []
         scores = score_predictions(pred.rows, self.cfg, self.vocabs)
         metrics = {f"val/{task}_{key}": scores[task][key] for task in pred.rows
                    for key in registry.get(task).validation_keys if key in scores.get(task, {})}
+        if knn is not None:
+            metrics[f"val/{KNN_METRIC}"] = knn
         shown = SplitPredictions({**pred.rows, **self.shown.rows}, {**self.shown.images, **pred.images})
         return metrics, _report_samples(shown, self.vocabs)[:VAL_SAMPLES]
 

@@ -58,7 +58,8 @@ def prepare_data(cfg: config_mod.Config) -> None:
     """Generate the synthetic demo corpus on first use (preflight refuses any other missing corpus)."""
     from spatialnet_dist.store.manifest import manifest_url
 
-    uses_synthetic = any("synthetic" in getattr(cfg.tasks, t).corpora for t in cfg.tasks.enabled())
+    uses_synthetic = (any("synthetic" in getattr(cfg.tasks, t).corpora for t in cfg.tasks.enabled())
+                      or cfg.eval.knn.corpus == "synthetic")
     if uses_synthetic and not storage.exists(manifest_url(cfg.data.root, "synthetic")):
         from spatialnet_dist.corpora.synthetic import write_synthetic
 

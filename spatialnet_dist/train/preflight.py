@@ -6,6 +6,7 @@ The config itself is checked when it loads (config.load: keys, types, ranges) an
   check_sources     train.resume is a checkpoint; model.pretrained is a weights file, a checkpoint or a bundle
   check_manifests   every enabled task's corpora have a manifest with every split the run reads
                     (train; val when eval.every; eval.split when eval.at_end) and its shard files
+  check_knn_corpus  eval.knn.corpus, when validation runs: a corpus with classes, its train and val shard files
   check_run_storage the run directory can be written
 """
 
@@ -18,7 +19,7 @@ from spatialnet_dist import versions
 from spatialnet_dist.config import Config
 from spatialnet_dist.errors import UserError
 from spatialnet_dist.store import storage
-from spatialnet_dist.store.manifest import manifest_url
+from spatialnet_dist.store.manifest import TRAIN_SPLIT, manifest_url, read_manifest, shard_urls
 
 WEIGHT_SUFFIXES = (".pth", ".pt", ".bin", ".safetensors")  # what model.encoder.read_state_dict reads
 
@@ -27,6 +28,7 @@ def run_all(cfg: Config, run_url: str) -> None:
     check_java(cfg)
     check_sources(cfg)
     check_manifests(cfg)
+    check_knn_corpus(cfg)
     check_run_storage(run_url)
 
 
@@ -66,19 +68,44 @@ def check_manifests(cfg: Config) -> None:
     listed: dict[str, set[str]] = {}  # split folder -> its files, listed once
     for task in cfg.tasks.enabled():
         for corpus in getattr(cfg.tasks, task).corpora:
-            url = manifest_url(root, corpus)
-            if not storage.exists(url):
-                raise UserError(f"tasks.{task}.corpora: corpus {corpus}: no {url}; convert it first "
-                                f"(spatialnet shards convert ADAPTER SRC {root} --name {corpus})")
+            _check_converted(root, corpus, f"tasks.{task}.corpora")
             for split in splits_read(cfg):
                 shards = corpus_shards(root, corpus, split, task)  # names the manifest and the split
-                folder = storage.join(root, corpus, split)
-                if folder not in listed:
-                    listed[folder] = set(storage.list_files(folder))
-                missing = [s.url for s in shards.shards if s.url.rpartition("/")[2] not in listed[folder]]
-                if missing:
-                    raise UserError(f"{missing[0]}: listed in {url} but missing"
-                                    + (f" (and {len(missing) - 1} more in {folder})" if len(missing) > 1 else ""))
+                _check_shard_files(root, corpus, split, [s.url for s in shards.shards], listed)
+
+
+def check_knn_corpus(cfg: Config) -> None:
+    corpus, root = cfg.eval.knn.corpus, cfg.data.root
+    if not corpus or not cfg.eval.every:
+        return
+    _check_converted(root, corpus, "eval.knn.corpus")
+    manifest = read_manifest(root, corpus)
+    if not manifest.get("classes"):
+        raise UserError(f"eval.knn.corpus: corpus {corpus} under {root} has no classes; the kNN accuracy needs a "
+                        "labelled corpus (image classes in its manifest)")
+    for split in (TRAIN_SPLIT, "val"):
+        urls = shard_urls(root, corpus, split, manifest)  # names the manifest and the split
+        if not manifest["splits"][split].get("samples"):
+            raise UserError(f"eval.knn.corpus: corpus {corpus} under {root} has no images in split {split!r}")
+        _check_shard_files(root, corpus, split, urls, {})
+
+
+def _check_converted(root: str, corpus: str, key: str) -> None:
+    url = manifest_url(root, corpus)
+    if not storage.exists(url):
+        raise UserError(f"{key}: corpus {corpus}: no {url}; convert it first "
+                        f"(spatialnet shards convert ADAPTER SRC {root} --name {corpus})")
+
+
+def _check_shard_files(root: str, corpus: str, split: str, urls: list[str], listed: dict[str, set[str]]) -> None:
+    """Every shard of `urls` is a file of the split's folder (`listed`: folder -> its files, filled on first use)."""
+    folder = storage.join(root, corpus, split)
+    if folder not in listed:
+        listed[folder] = set(storage.list_files(folder))
+    missing = [url for url in urls if url.rpartition("/")[2] not in listed[folder]]
+    if missing:
+        raise UserError(f"{missing[0]}: listed in {manifest_url(root, corpus)} but missing"
+                        + (f" (and {len(missing) - 1} more in {folder})" if len(missing) > 1 else ""))
 
 
 def check_run_storage(run_url: str) -> None:
