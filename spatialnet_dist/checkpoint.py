@@ -336,7 +336,8 @@ def load_model(url: str):
         cfg, vocabs = load_config_and_vocabs(d)
         state = inference_weights(d)
     # Under loss.balance=uncertainty the weights hold the learned task balance too: built, so the load stays strict.
-    model = build_model(cfg.model, cfg.tasks.enabled(), vocabs, balance=cfg.loss.balance == "uncertainty")
+    model = build_model(cfg.model, cfg.tasks.enabled(), vocabs, balance=cfg.loss.balance == "uncertainty",
+                        task_cfgs=cfg.tasks)
     model.load_state_dict(state)
     return model.eval(), cfg, vocabs
 

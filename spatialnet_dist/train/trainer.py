@@ -119,7 +119,8 @@ class Trainer:
     def _build_model(self) -> torch.nn.Module:
         """The enabled tasks' model; under loss.balance=uncertainty with the learned task weights, which the engine
         trains with it."""
-        return build_model(self.cfg.model, self.tasks, self.vocabs, balance=self.cfg.loss.balance == "uncertainty")
+        return build_model(self.cfg.model, self.tasks, self.vocabs, balance=self.cfg.loss.balance == "uncertainty",
+                           task_cfgs=self.cfg.tasks)
 
     # ---- checkpoints ----
 
