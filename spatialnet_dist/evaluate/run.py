@@ -70,14 +70,20 @@ def predict_split(
         rows: list[dict] = []
         for n, sub in enumerate(make_eval_loader(cfg, vocabs, task, split, rank, world_size), 1):
             images = sub["image"].to(param.device, param.dtype)  # (B, C, H, W)
-            rows += registry.get(task).predict(model, sub, images, cfg, vocabs)
+            predicted = registry.get(task).predict(model, sub, images, cfg, vocabs)
             for image_id, image in zip(sub["image_id"], sub["image"]):
                 if len(out.images) < REPORT_IMAGES and image_id not in out.images:
                     out.images[image_id] = image.permute(1, 2, 0).float().numpy()  # (H, W, C)
+            rows += [r if r["image_id"] in out.images else _without_sample_only(task, r) for r in predicted]
             if (max_rows and len(rows) >= max_rows) or n == max_batches:
                 break
         out.rows[task] = rows[:max_rows] if max_rows else rows
     return out
+
+
+def _without_sample_only(task: str, row: dict) -> dict:
+    """The row less its task's `sample_only_keys` (large fields only the report's sample images show)."""
+    return {k: v for k, v in row.items() if k not in registry.get(task).sample_only_keys}
 
 
 def _merge(rows_of_parts: list[dict[str, list[dict]]], images: dict[str, np.ndarray]) -> SplitPredictions:
@@ -158,7 +164,7 @@ def _report_samples(pred: SplitPredictions, vocabs: TextVocabs) -> list[dict]:
 def _prediction_files(pred: SplitPredictions, vocabs: TextVocabs) -> dict[str, object]:
     files: dict[str, object] = {}
     for task, rows in pred.rows.items():
-        files.update(registry.get(task).prediction_files(rows, vocabs))
+        files.update(registry.get(task).prediction_files([_without_sample_only(task, r) for r in rows], vocabs))
     return files
 
 

@@ -78,6 +78,9 @@ class Task:
     reads_words: bool = False  # its texts are words of the word vocabulary
     validation_keys: tuple[str, ...] = ()  # score keys cheap enough for every validation (val/<name>_<key>)
     headline_keys: tuple[str, ...] = ()  # score keys in Ray's result (test/<name>_<key>)
+    # prediction-row keys only a report sample shows (mae's reconstruction image): evaluation keeps them on the
+    # rows of the report's images alone and leaves them out of the prediction files
+    sample_only_keys: tuple[str, ...] = ()
     report_heading: str = ""
     options: dict[str, Any] = {}  # its own config keys under tasks.<name> and their defaults
 
