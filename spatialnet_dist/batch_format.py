@@ -16,6 +16,10 @@ Training rows also carry IMAGE_KEY, a string that names their image as transform
 its symmetry), "" when no other row can share it. Rows of one micro-batch with the same key hold the same
 image, so the model encodes it once for all of them (model/spatialnet.py): tasks reading the same corpora
 visit the same images in the same order (data/order.py).
+
+A task whose head encodes a masked image (tasks/mae.py; its head's `visible_tokens`, model/spatialnet.py) may
+carry MASK_NOISE in its sub-batch: (B, N) float, each image's noise over its N patch tokens, whose lowest
+values name the patches the encoder sees; without it the model draws the noise from torch's RNG.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ import torch
 QUESTIONS = "questions"  # the row key of a vqa/regression visit's question dicts
 CAPTIONS = "captions"  # the row key of a captioning visit's caption dicts
 IMAGE_KEY = "image_key"  # a training row's image identity; rows with the same non-empty key hold the same image
+MASK_NOISE = "mask_noise"  # a masked task's sub-batch key: (B, N) noise choosing each image's visible patches
 FAN_OUT = (QUESTIONS, CAPTIONS)  # row keys of per-image items that collate lays out with "image_index"
 
 

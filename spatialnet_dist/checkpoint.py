@@ -371,7 +371,8 @@ def load_model(url: str):
     # Under loss.balance=uncertainty the weights hold the learned task balance too: built, so the load stays strict.
     # The checkpoint's weights replace all of them: what model.pretrained named is not read (nor needed) again.
     model_cfg = dataclasses.replace(cfg.model, pretrained="")
-    model = build_model(model_cfg, cfg.tasks.enabled(), vocabs, balance=cfg.loss.balance == "uncertainty")
+    model = build_model(model_cfg, cfg.tasks.enabled(), vocabs, balance=cfg.loss.balance == "uncertainty",
+                        task_cfgs=cfg.tasks)
     model.load_state_dict(state)
     return model.eval(), cfg, vocabs
 

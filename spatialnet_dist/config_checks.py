@@ -16,6 +16,7 @@ from spatialnet_dist.data.transforms import AUGMENT_POLICIES, CROPPING_POLICIES
 from spatialnet_dist.errors import ConfigError
 from spatialnet_dist.networks.presets import POOLS, PRESETS, STEMS
 from spatialnet_dist.tasks.base import TTA_MODES
+from spatialnet_dist.tasks.mae import DECODER_HEAD_WIDTH
 
 FAULT_KINDS = ("exit", "error", "user_error", "nan_loss")  # faults.kind: see config.FaultsConfig
 KNN_METRIC = "knn_accuracy"  # what eval.knn logs at each validation (val/knn_accuracy); eval.keep_best takes it
@@ -91,6 +92,11 @@ OPTION_CHECKS: dict[str, tuple[Callable, str]] = {
     "mixup": (lambda v: v >= 0, ">= 0 (0: off)"),
     "cutmix": (lambda v: v >= 0, ">= 0 (0: off)"),
     "mix_prob": (lambda v: 0 <= v <= 1, "between 0 and 1"),
+    # mae (tasks/mae.py): the encoder must see a patch and miss one; the decoder's heads are DECODER_HEAD_WIDTH wide
+    "mask_ratio": (lambda v: 0 < v < 1, "in (0, 1)"),
+    "decoder_depth": (lambda v: v >= 1, ">= 1"),
+    "decoder_dim": (lambda v: v >= DECODER_HEAD_WIDTH and v % DECODER_HEAD_WIDTH == 0,
+                    f"a multiple of {DECODER_HEAD_WIDTH}, >= {DECODER_HEAD_WIDTH}"),
 }
 
 

@@ -72,6 +72,9 @@ def sample_markdown(sample: dict) -> list[str]:
     if sample.get("tags") is not None:
         lines += [f"Tags: predicted **{', '.join(sample.get('predicted_tags', [])) or '-'}**, "
                   f"true **{', '.join(sample['tags']) or '-'}**", ""]
+    if sample.get("reconstruction_MSE") is not None:
+        lines += [f"Masked patches reconstructed with MSE **{sample['reconstruction_MSE']:.4f}**"
+                  + (" (original, masked, reconstructed)" if sample.get("reconstruction") is not None else ""), ""]
     if sample.get("qa"):
         rows = [[qa["question"], str(qa["prediction"]), str(qa["answer"])] for qa in sample["qa"]]
         lines += [markdown_table(["question", "predicted", "true"], rows, numbers_from=3), ""]

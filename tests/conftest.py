@@ -58,6 +58,28 @@ def free_ports():
 
 
 @pytest.fixture(scope="session")
+def process_group_of_one(free_ports):
+    """torch.distributed (gloo) initialised in this process as a world of one, once per session: DeepSpeed keeps
+    handles to the group it first saw, so a group destroyed and made anew fails its next engine."""
+    import torch.distributed as dist
+
+    from spatialnet_dist import engine as ds
+
+    env = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
+           "MASTER_PORT": str(free_ports(1)[0])}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    ds.init_distributed(False)
+    yield
+    dist.destroy_process_group()
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
+@pytest.fixture(scope="session")
 def s3_endpoint():
     """moto's S3 server over real HTTP on 127.0.0.1; the standard AWS variables point at it."""
     from moto.server import ThreadedMotoServer

@@ -61,7 +61,8 @@ def test_overrides_are_yaml_values():
 
 def test_a_mapping_override_changes_one_entry():
     cfg = config_mod.load(None, ["loss.weights.vqa=2"])
-    assert cfg.loss.weights == {"captioning": 1.0, "vqa": 2.0, "classification": 1.0, "regression": 1.0, "tagging": 1.0}
+    assert cfg.loss.weights == {"captioning": 1.0, "vqa": 2.0, "classification": 1.0, "regression": 1.0, "tagging": 1.0,
+                                "mae": 1.0}
 
 
 @pytest.mark.parametrize(

@@ -157,7 +157,7 @@ def _pretrain_then_fine_tune_worker(rank: int, port: int, root: str, runs: str, 
                       DS_ACCELERATOR="cpu")
     from spatialnet_dist import engine as ds
     from spatialnet_dist.data.vocab import build_vocabs
-    from spatialnet_dist.evaluate.run import validation_metrics
+    from spatialnet_dist.evaluate.run import ValidationPass
     from spatialnet_dist.train.local import LocalReporter, train
     from spatialnet_dist.train.trainer import Trainer
 
@@ -173,7 +173,7 @@ def _pretrain_then_fine_tune_worker(rank: int, port: int, root: str, runs: str, 
         cfg = config_mod.load(None, [*common, *ema, f"run.storage={runs}", f"train.zero_stage={stage}",
                                      "train.max_steps=2", "train.checkpoint_every=2"])
         vocabs = build_vocabs(cfg)
-        trained = train(cfg, vocabs, run, rank, 1, validation_metrics)
+        trained = train(cfg, vocabs, run, rank, 1, ValidationPass)
         pretrained = {k: v.detach().clone() for k, v in trained.inference_model().state_dict().items()}
         fine_cfg = config_mod.load(None, [*common, f"run.storage={runs}", "train.zero_stage=0", "train.max_steps=2",
                                           "model.image_size=64", f"model.pretrained={run}/checkpoint-000002",

@@ -187,7 +187,8 @@ def test_model_command_reports_the_contract_keys(capsys):
     assert main(["model", "--preset", "paper", "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
     assert info["preset"] == "paper"
-    assert set(info["params"]) == {"encoder", "captioning", "vqa", "classification", "regression", "tagging", "total"}
+    assert set(info["params"]) == {"encoder", "captioning", "vqa", "classification", "regression", "tagging", "mae",
+                                   "total"}
     assert info["params"]["total"] == sum(v for k, v in info["params"].items() if k != "total")
     assert 84e6 < info["params"]["encoder"] < 88e6
     assert info["gflops_per_image"] > 2 * info["params"]["encoder"] * 256 / 1e9  # >= 2 FLOPs/param/token

@@ -53,7 +53,7 @@ class Brightness(Task):
     def row(self, sample, rows, rng, symmetry):
         return {"brightness": float(sample.image.mean() / 255)}
 
-    def head(self, encoder_dim, preset, sizes, model_cfg):
+    def head(self, encoder_dim, preset, sizes, model_cfg, task_cfg):
         return BrightnessHead(encoder_dim)
 
     def loss(self, out, sub, cfg, state):

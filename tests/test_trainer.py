@@ -17,29 +17,13 @@ TASKS = ("captioning", "vqa", "classification", "regression")
 
 
 @pytest.fixture(scope="module")
-def world_of_one(tmp_path_factory, free_ports):
-    """A tiny synthetic corpus, and torch.distributed initialised for this process (torn down after)."""
-    import os
-
-    import torch.distributed as dist
-
-    from spatialnet_dist import engine as ds
+def world_of_one(tmp_path_factory, process_group_of_one):
+    """A tiny synthetic corpus, in a process that is a torch.distributed world of one (conftest)."""
     from spatialnet_dist.corpora.synthetic import write_synthetic
 
     root = tmp_path_factory.mktemp("trainer") / "shards"
     write_synthetic(str(root), images=16, seed=2, shard_size=8)  # seed 2: count questions in every split
-    env = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
-           "MASTER_PORT": str(free_ports(1)[0])}
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    ds.init_distributed(False)
-    yield str(root)
-    dist.destroy_process_group()
-    for key, value in saved.items():
-        if value is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = value
+    return str(root)
 
 
 class RecordingReporter:

@@ -86,7 +86,8 @@ def plot_loss_curves(curves: dict, path: Path) -> None:
 
 
 def plot_samples(samples: list[dict], path: Path) -> None:
-    """A grid of the sample images, each titled with its id and the generated caption under it."""
+    """A grid of the sample images, each titled with its id and the generated caption under it; a sample with a
+    mae reconstruction shows that instead (the image, its visible patches and the reconstruction side by side)."""
     from matplotlib.figure import Figure
 
     cols = min(4, len(samples))
@@ -94,7 +95,8 @@ def plot_samples(samples: list[dict], path: Path) -> None:
     fig = Figure(figsize=(3.4 * cols, 4.0 * rows), layout="constrained")
     for i, sample in enumerate(samples):
         ax = fig.add_subplot(rows, cols, i + 1)
-        image = displayable(sample["image"])
+        shown = sample.get("reconstruction")
+        image = displayable(sample["image"] if shown is None else shown)
         # fixed ranges: a grey image is drawn as grey levels, not stretched by imshow's autoscale
         ax.imshow(image, cmap="gray", vmin=0, vmax=255 if image.dtype == np.uint8 else 1)
         ax.set_xticks([])
@@ -135,7 +137,8 @@ def write_report(
     predictions: {task: path of its prediction file}, absolute or relative to out_dir; linked, not read.
     samples: a few test images, each {"image": (H, W, C) array (uint8, or any dtype: stretched) or an
         image/NPY path, "image_id": str, and optionally "caption": generated str, "references": [str],
-        "label": true class name, "predicted_label": str, "qa": [{"question", "answer", "prediction"}]}.
+        "label": true class name, "predicted_label": str, "qa": [{"question", "answer", "prediction"}],
+        "reconstruction_MSE": float and "reconstruction": (H, 3W, C) array (mae's: image, masked, reconstructed)}.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -55,14 +55,20 @@ class SplitPredictions:
 # ---- prediction ----
 
 
+def _without_sample_only(task: str, row: dict) -> dict:
+    """The row less its task's `sample_only_keys` (large fields only the report's sample images show)."""
+    return {k: v for k, v in row.items() if k not in registry.get(task).sample_only_keys}
+
+
 def _predict_batch(model, task: str, sub: dict, cfg, vocabs: TextVocabs, images: dict[str, np.ndarray]) -> list[dict]:
-    """One sub-batch's prediction rows; its first images (model inputs) join `images`, up to REPORT_IMAGES."""
+    """One sub-batch's prediction rows; its first images (model inputs) join `images`, up to REPORT_IMAGES, and
+    only their rows keep the task's sample_only_keys."""
     param = next(model.parameters())
     rows = registry.get(task).predict(model, sub, sub["image"].to(param.device, param.dtype), cfg, vocabs)
     for image_id, image in zip(sub["image_id"], sub["image"]):  # image (C, H, W)
         if len(images) < REPORT_IMAGES and image_id not in images:
             images[image_id] = image.permute(1, 2, 0).float().cpu().numpy()  # (H, W, C)
-    return rows
+    return [r if r["image_id"] in images else _without_sample_only(task, r) for r in rows]
 
 
 @torch.no_grad()
@@ -164,7 +170,7 @@ def _report_samples(pred: SplitPredictions, vocabs: TextVocabs) -> list[dict]:
 def _prediction_files(pred: SplitPredictions, vocabs: TextVocabs) -> dict[str, object]:
     files: dict[str, object] = {}
     for task, rows in pred.rows.items():
-        files.update(registry.get(task).prediction_files(rows, vocabs))
+        files.update(registry.get(task).prediction_files([_without_sample_only(task, r) for r in rows], vocabs))
     return files
 
 

@@ -6,8 +6,8 @@ import torch
 from torch import nn
 
 from spatialnet_dist import tasks as registry
-from spatialnet_dist.batch_format import IMAGE_KEY
-from spatialnet_dist.config import ModelConfig
+from spatialnet_dist.batch_format import IMAGE_KEY, MASK_NOISE
+from spatialnet_dist.config import ModelConfig, TasksConfig, tasks_config_class
 from spatialnet_dist.networks.encoder import ViTEncoder, build_encoder, freeze_blocks, layer_id, load_pretrained
 from spatialnet_dist.networks.heads import VocabSizes
 from spatialnet_dist.networks.presets import Preset, get_preset
@@ -42,12 +42,29 @@ class SpatialNetViT(nn.Module):
         pass; rows without keys (evaluation) are each encoded. Keys that name no registered task are
         ignored. vqa and regression sub-batches pass each image once, however many of their questions
         ask about it (their TypedDicts in tasks/); their outputs have one row per question.
+
+        A head with `visible_tokens` K > 0 (mae's) gets an encoding of its own images in which the blocks
+        see K random patch tokens of each (ViTEncoder.encode_visible; the noise: the sub-batch's MASK_NOISE,
+        else torch's RNG), and is called as head(tokens (B, K, D), pooled (B, D), sub_batch, kept (B, K)).
         """
         known = set(registry.names())
         tasks = [t for t in batch if t in known]
         unknown = [t for t in tasks if t not in self.heads]
         if unknown:
             raise ValueError(f"batch has tasks {unknown} but the model has heads only for {list(self.heads)}")
+        masked = [t for t in tasks if getattr(self.heads[t], "visible_tokens", 0)]
+        outputs = self._shared_pass(batch, [t for t in tasks if t not in masked])
+        for t in masked:  # a masked encoding is its own pass: its tokens are no other task's
+            sub = batch[t]
+            tokens, pooled, kept = self.encoder.encode_visible(sub["image"], self.heads[t].visible_tokens,
+                                                               sub.get(MASK_NOISE))
+            outputs[t] = self.heads[t](tokens, pooled, sub, kept)
+        return {t: outputs[t] for t in tasks}
+
+    def _shared_pass(self, batch: dict[str, dict], tasks: list[str]) -> dict[str, dict]:
+        """The heads of `tasks` over one encoder pass of their sub-batches' distinct images."""
+        if not tasks:
+            return {}
         images = torch.cat([batch[t]["image"] for t in tasks])  # (R, C, H, W): every task's rows
         keys = [k for t in tasks for k in batch[t].get(IMAGE_KEY) or [""] * len(batch[t]["image"])]
         distinct, slots = (i.to(images.device) for i in _distinct_images(keys))
@@ -110,27 +127,31 @@ def _distinct_images(keys: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def assemble_model(model_cfg: ModelConfig, tasks: list[str], sizes: VocabSizes, balance: bool = False,
-                   pretraining: dict[str, torch.Tensor] | None = None) -> SpatialNetViT:
-    """Encoder from the preset (with the config's overrides) + one head per task, sized by `sizes`; with `balance`
+                   pretraining: dict[str, torch.Tensor] | None = None,
+                   task_cfgs: TasksConfig | None = None) -> SpatialNetViT:
+    """Encoder from the preset (with the config's overrides) + one head per task, sized by `sizes` and by its
+    section of `task_cfgs` (the config's `tasks`; None: every task's defaults); with `balance`
     (loss.balance=uncertainty) also the tasks' learned loss weights (objective.TaskBalance). The encoder starts
     from model.pretrained: a weights file or the hub, read here, or this project's checkpoint or bundle, whose
     weights the caller read into `pretraining` (checkpoint.pretraining_weights: model/ sits below checkpoint.py)."""
+    task_cfgs = tasks_config_class()() if task_cfgs is None else task_cfgs
     preset = get_preset(model_cfg.preset)
     encoder = build_encoder(preset, model_cfg.image_size, model_cfg.in_chans, model_cfg.activation, model_cfg.drop_path,
                             model_cfg.patch_size, model_cfg.stem, model_cfg.global_pool)
     if model_cfg.pretrained:
         load_pretrained(encoder, model_cfg.pretrained, preset, pretraining)
     freeze_blocks(encoder, model_cfg.freeze_encoder_blocks)
-    heads = {t: registry.get(t).head(encoder.embed_dim, preset, sizes, model_cfg) for t in tasks}
+    heads = {t: registry.get(t).head(encoder.embed_dim, preset, sizes, model_cfg, getattr(task_cfgs, t)) for t in tasks}
     model = SpatialNetViT(encoder, heads, preset, TaskBalance(tasks) if balance else None)
     model.set_grad_checkpointing(preset.grad_checkpointing)
     return model
 
 
 def build_model(model_cfg: ModelConfig, tasks: list[str], vocabs: TextVocabs, balance: bool = False,
-                pretraining: dict[str, torch.Tensor] | None = None) -> SpatialNetViT:
+                pretraining: dict[str, torch.Tensor] | None = None,
+                task_cfgs: TasksConfig | None = None) -> SpatialNetViT:
     """The model for `tasks`, its heads sized by the vocabularies built from the training text (`balance`,
-    `pretraining`: assemble_model's)."""
+    `pretraining`, `task_cfgs`: assemble_model's)."""
     sizes = VocabSizes(words=len(vocabs.words), answers=len(vocabs.answers), classes=len(vocabs.classes),
                        tags=len(vocabs.tags))
-    return assemble_model(model_cfg, tasks, sizes, balance, pretraining)
+    return assemble_model(model_cfg, tasks, sizes, balance, pretraining, task_cfgs)

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 from timm.layers import PatchEmbed
-from timm.models._manipulate import adapt_input_conv
+from timm.models._manipulate import adapt_input_conv, checkpoint_seq
 from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
 from torch import nn
 
@@ -61,6 +61,24 @@ class ViTEncoder(VisionTransformer):
         token, or with global_pool "avg" the mean of `tokens`."""
         x = self.forward_features(images)  # (B, prefix + N, D), after the final norm
         return x[:, self.num_prefix_tokens :], self.forward_head(x, pre_logits=True)
+
+    def encode_visible(self, images: torch.Tensor, keep: int, noise: torch.Tensor | None = None
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """MAE's random masking (He et al. 2022, models_mae.random_masking): the blocks see only `keep` of
+        each image's N patch tokens, taken after the patch embedding and position embedding, with the
+        class token. Each image keeps the patches of its `keep` lowest `noise` (B, N) values; noise drawn
+        from torch's RNG when None. With the conv stem that is ConvMAE's token dropping: the stem still
+        sees the whole image. -> tokens (B, keep, D) of the kept patches, in `kept` order, pooled (B, D)
+        as `encode`'s, kept (B, keep) int64 patch indices (row-major on the token grid)."""
+        x = self._pos_embed(self.patch_embed(images))  # (B, prefix + N, D)
+        prefix = self.num_prefix_tokens
+        if noise is None:
+            noise = torch.rand(x.shape[0], x.shape[1] - prefix, device=x.device)  # (B, N)
+        kept = noise.to(x.device).argsort(dim=1)[:, :keep]  # (B, K)
+        visible = x[:, prefix:].gather(1, kept.unsqueeze(-1).expand(-1, -1, x.shape[-1]))  # (B, K, D)
+        x = self.norm_pre(self.patch_drop(torch.cat([x[:, :prefix], visible], dim=1)))  # (B, prefix + K, D)
+        x = self.norm(checkpoint_seq(self.blocks, x) if self.grad_checkpointing else self.blocks(x))
+        return x[:, prefix:], self.forward_head(x, pre_logits=True), kept
 
 
 def build_encoder(

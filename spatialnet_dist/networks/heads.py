@@ -7,6 +7,8 @@ A head is called as `head(tokens, pooled, sub_batch) -> dict` with tokens (B, N,
 questions and captioning trains C captions about the B images: they do their per-image work once, then
 gather each question's (caption's) image by sub_batch["image_index"] (Q,) or (C,). Outputs:
   captioning {"logits": (C, Lc-1, V)}, vqa {"logits": (Q, A)}, regression {"count_log1p": (Q,)}.
+A head with `visible_tokens` K > 0 (mae's decoder, tasks/mae.py) is called on a masked encoding of its images,
+as `head(tokens (B, K, D), pooled, sub_batch, kept (B, K))` with the indices of the K patches the encoder saw.
 """
 
 from __future__ import annotations

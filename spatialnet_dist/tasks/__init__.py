@@ -44,9 +44,9 @@ def validation_metrics(names: list[str]) -> list[str]:
     return [m for n in names for m in (f"{n}_loss", *(f"{n}_{key}" for key in _REGISTRY[n].validation_keys))]
 
 
-# Validation metrics where less is better: losses and errors (regression's MAE, RMSE); all others (accuracies,
-# mAP, ...) grow as the model improves. eval.keep_best's one rule.
-LOWER_IS_BETTER = ("_loss", "_MAE", "_RMSE")
+# Validation metrics where less is better: losses and errors (regression's MAE, RMSE, mae's reconstruction_MSE);
+# all others (accuracies, mAP, ...) grow as the model improves. eval.keep_best's one rule.
+LOWER_IS_BETTER = ("_loss", "_MAE", "_RMSE", "_MSE")
 
 
 def higher_is_better(metric: str) -> bool:
@@ -60,9 +60,9 @@ def renamed() -> dict[str, str]:
 
 
 def _register_built_in() -> None:
-    from spatialnet_dist.tasks import captioning, classification, regression, tagging, vqa
+    from spatialnet_dist.tasks import captioning, classification, mae, regression, tagging, vqa
 
-    for module in (captioning, vqa, classification, regression, tagging):
+    for module in (captioning, vqa, classification, regression, tagging, mae):
         register(module.TASK)
 
 

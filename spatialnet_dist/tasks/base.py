@@ -5,7 +5,8 @@ it reads (`texts`, for the symmetry check) and the row it draws from a sample (`
 `collate` stacks rows into the task's sub-batch, whose keys and shapes each task writes down as a
 TypedDict (the batch contract in code); a task with MIX_OPTIONS may have its training images mixed in
 pairs (data/mixing.py), which asks it for the mixed rows' targets (`mix_targets`). The model builds
-`head` and calls it as `head(tokens (B, N, D), pooled (B, D), sub_batch) -> outputs`; the objective weighs `loss`; evaluation
+`head` and calls it as `head(tokens (B, N, D), pooled (B, D), sub_batch) -> outputs` (a masked head, mae's, with the
+kept tokens alone and their indices); the objective weighs `loss`; evaluation
 calls `predict`, `score`, `baselines`, `prediction_files`, `sample_fields` and `report_section`, and
 training's validation reads the score keys in `validation_keys`. `name` is the task's one name: its
 config key (`tasks.<name>`, `loss.weights.<name>`), loss key (`<name>_loss`), metric and RESULT key.
@@ -24,7 +25,7 @@ from torch import nn
 from spatialnet_dist.symmetry import SYMMETRIES
 
 if TYPE_CHECKING:  # config imports the registry lazily; a task module must not import config at its top
-    from spatialnet_dist.config import LossConfig, ModelConfig
+    from spatialnet_dist.config import LossConfig, ModelConfig, TaskConfig
     from spatialnet_dist.data.streams import TaskSamples
     from spatialnet_dist.networks.heads import VocabSizes
     from spatialnet_dist.networks.presets import Preset
@@ -77,6 +78,9 @@ class Task:
     reads_words: bool = False  # its texts are words of the word vocabulary
     validation_keys: tuple[str, ...] = ()  # score keys cheap enough for every validation (val/<name>_<key>)
     headline_keys: tuple[str, ...] = ()  # score keys in Ray's result (test/<name>_<key>)
+    # prediction-row keys only a report sample shows (mae's reconstruction image): evaluation keeps them on the
+    # rows of the report's images alone and leaves them out of the prediction files
+    sample_only_keys: tuple[str, ...] = ()
     report_heading: str = ""
     options: dict[str, Any] = {}  # its own config keys under tasks.<name> and their defaults
 
@@ -103,7 +107,11 @@ class Task:
 
     # ---- model and objective ----
 
-    def head(self, encoder_dim: int, preset: Preset, sizes: VocabSizes, model_cfg: ModelConfig) -> nn.Module:
+    def head(self, encoder_dim: int, preset: Preset, sizes: VocabSizes, model_cfg: ModelConfig,
+             task_cfg: TaskConfig) -> nn.Module:
+        """The task's head; `task_cfg` is its tasks.<name> section (its `options` may shape the head). A head
+        with an int attribute `visible_tokens` K > 0 asks for a masked encoding of its own images: the encoder
+        sees K random patch tokens of each (model/spatialnet.py), and the head is called with their indices."""
         raise NotImplementedError
 
     def example_sub_batch(self, image: torch.Tensor, model_cfg: ModelConfig) -> dict:

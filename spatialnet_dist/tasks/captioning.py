@@ -60,7 +60,7 @@ class Captioning(Task):
         row = {CAPTIONS: captions}
         return row if rows.train else {**row, "references": list(s.captions), "label_name": s.label_name}
 
-    def head(self, encoder_dim, preset, sizes, model_cfg):
+    def head(self, encoder_dim, preset, sizes, model_cfg, task_cfg):
         return CaptionDecoder(encoder_dim, preset, sizes.words, model_cfg.caption_max_len)
 
     def example_sub_batch(self, image, model_cfg):

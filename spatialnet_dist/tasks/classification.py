@@ -63,7 +63,7 @@ class Classification(Task):
     def row(self, s, rows, rng, symmetry):
         return None if s.label_name is None else {"label": rows.class_index.get(s.label_name, -1)}
 
-    def head(self, encoder_dim, preset, sizes, model_cfg):
+    def head(self, encoder_dim, preset, sizes, model_cfg, task_cfg):
         return ClassificationHead(encoder_dim, sizes.classes, preset.head_dropout)
 
     def mix_targets(self, sub, partner, lam):

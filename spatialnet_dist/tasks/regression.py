@@ -57,7 +57,7 @@ class Regression(Task):
                      for q in rows.picked(counts, rng)]
         return {QUESTIONS: questions} if questions else None
 
-    def head(self, encoder_dim, preset, sizes, model_cfg):
+    def head(self, encoder_dim, preset, sizes, model_cfg, task_cfg):
         return CountRegressionHead(encoder_dim, sizes.words, question_dim=preset.text_dim // 2, hidden=preset.text_dim)
 
     def example_sub_batch(self, image, model_cfg):

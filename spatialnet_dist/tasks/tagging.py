@@ -147,7 +147,7 @@ class Tagging(Task):
         multi_hot[[rows.tag_index[t] for t in s.tags if t in rows.tag_index]] = 1.0
         return {"tags": multi_hot}
 
-    def head(self, encoder_dim, preset, sizes, model_cfg):
+    def head(self, encoder_dim, preset, sizes, model_cfg, task_cfg):
         return TaggingHead(encoder_dim, sizes.tags, preset.head_dropout)
 
     def mix_targets(self, sub, partner, lam):

@@ -70,7 +70,7 @@ class VQA(Task):
         ]
         return {QUESTIONS: questions} if questions else None
 
-    def head(self, encoder_dim, preset, sizes, model_cfg):
+    def head(self, encoder_dim, preset, sizes, model_cfg, task_cfg):
         return VQAHead(encoder_dim, preset, sizes.words, sizes.answers, model_cfg.question_max_len)
 
     def example_sub_batch(self, image, model_cfg):

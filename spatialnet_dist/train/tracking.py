@@ -72,9 +72,14 @@ class _TensorBoard:
     def samples(self, step: int, tag: str, samples: list[dict]) -> None:
         # One tag per position: TensorBoard's step slider then shows how sample i's caption evolves.
         for i, sample in enumerate(samples):
-            image = displayable(sample["image"])  # (H, W) or (H, W, 3)
-            self.writer.add_image(f"{tag}/{i}", image, step, dataformats="HWC" if image.ndim == 3 else "HW")
+            self._image(f"{tag}/{i}", sample["image"], step)
             self.writer.add_text(f"{tag}/{i}", "\n".join(sample_markdown(sample)), step)
+            if sample.get("reconstruction") is not None:  # mae's: the image, its visible patches, the reconstruction
+                self._image(f"{tag}/{i}/reconstruction", sample["reconstruction"], step)
+
+    def _image(self, tag: str, image, step: int) -> None:
+        image = displayable(image)  # (H, W) or (H, W, 3)
+        self.writer.add_image(tag, image, step, dataformats="HWC" if image.ndim == 3 else "HW")
 
     def flush(self) -> None:
         self.writer.flush()

@@ -132,7 +132,7 @@ class Trainer:
         copies that inference_model fills with the trained weights skip that read (of a whole checkpoint, maybe)."""
         model_cfg = self.cfg.model if pretrained else replace(self.cfg.model, pretrained="")
         return build_model(model_cfg, self.tasks, self.vocabs, balance=self.cfg.loss.balance == "uncertainty",
-                           pretraining=ckpt.pretraining_weights(model_cfg.pretrained))
+                           pretraining=ckpt.pretraining_weights(model_cfg.pretrained), task_cfgs=self.cfg.tasks)
 
     # ---- checkpoints ----
 
