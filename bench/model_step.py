@@ -5,8 +5,12 @@ Per preset, samples (images) per second of a full training step (forward, backwa
                                images split evenly over the tasks, through the weighted objective
   bare_encoder_samples_per_s   the same-sized timm ViT alone on the same images, loss = mean(pooled^2)
   ratio                        spatialnet / bare: the share of the bare speed the heads leave
-Same threads, batch and image size for both; one warm-up step each is excluded, and the timed steps
-alternate between the two models. Nothing is asserted.
+  mae_samples_per_s            SpatialNet-ViT with the `mae` head alone (tasks/mae.py, its defaults: the
+                               encoder sees a quarter of the patch tokens, a 2-block decoder all of them)
+  classification_samples_per_s with the classification head alone, every token encoded
+  mae_vs_classification        mae / classification: what masking saves a pretraining step
+Same threads, batch and image size for every model; one warm-up step each is excluded, and the timed steps
+alternate between the models. Nothing is asserted.
 
     python bench/model_step.py [--presets tiny,paper] [--batch 8] [--image-size 256] [--threads 2] [--steps 1] [--json]
 """
@@ -14,6 +18,7 @@ alternate between the two models. Nothing is asserted.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -25,6 +30,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 
+from spatialnet_dist import config as config_mod  # noqa: E402
+from spatialnet_dist import tasks as registry  # noqa: E402
 from spatialnet_dist.config import LossConfig, ModelConfig  # noqa: E402
 from spatialnet_dist.model.spatialnet import assemble_model  # noqa: E402
 from spatialnet_dist.model.summary import REPRESENTATIVE_SIZES  # noqa: E402
@@ -81,6 +88,19 @@ def spatialnet_step(cfg: ModelConfig, images: torch.Tensor):
     return train_step(model, lambda: objective(model(batch), batch, model)["loss"])
 
 
+def one_task_step(cfg: ModelConfig, images: torch.Tensor, task: str):
+    """SpatialNet-ViT with `task`'s head alone (every key at its default) on all of `images`."""
+    model = assemble_model(cfg, [task], REPRESENTATIVE_SIZES)
+    model.set_grad_checkpointing(False)
+    job_cfg = dataclasses.replace(config_mod.load(None, []), model=cfg)  # what the task's loss reads (mae: the patch)
+    objective = MultiTaskObjective(LossConfig(), {task: registry.get(task).loss_state(job_cfg, None)})
+    sub = {"image": images, "image_id": [str(i) for i in range(len(images))]}
+    if task == "classification":
+        sub["label"] = torch.randint(0, REPRESENTATIVE_SIZES.classes, (len(images),), generator=torch.Generator().manual_seed(0))
+    batch = {task: sub}
+    return train_step(model, lambda: objective(model(batch), batch, model)["loss"])
+
+
 def bare_encoder_step(cfg: ModelConfig, images: torch.Tensor):
     encoder = build_encoder(get_preset(cfg.preset), cfg.image_size)
     return train_step(encoder, lambda: encoder.encode(images)[1].pow(2).mean())
@@ -90,11 +110,12 @@ def bench_preset(name: str, batch_size: int, image_size: int, steps: int) -> dic
     cfg = ModelConfig(preset=name, image_size=image_size)
     torch.manual_seed(0)
     images = torch.randn(batch_size, cfg.in_chans, image_size, image_size)
-    runs = {"spatialnet": spatialnet_step(cfg, images), "bare_encoder": bare_encoder_step(cfg, images)}
+    runs = {"spatialnet": spatialnet_step(cfg, images), "bare_encoder": bare_encoder_step(cfg, images),
+            "mae": one_task_step(cfg, images, "mae"), "classification": one_task_step(cfg, images, "classification")}
     for step in runs.values():
         step()  # warm-up: allocator, kernel selection, optimizer state
     elapsed = dict.fromkeys(runs, 0.0)
-    for _ in range(steps):  # alternate the two so that both see the same load on a shared machine
+    for _ in range(steps):  # alternate the models so that all see the same load on a shared machine
         for key, step in runs.items():
             start = time.perf_counter()
             step()
@@ -104,6 +125,9 @@ def bench_preset(name: str, batch_size: int, image_size: int, steps: int) -> dic
         "spatialnet_samples_per_s": round(rate["spatialnet"], 3),
         "bare_encoder_samples_per_s": round(rate["bare_encoder"], 3),
         "ratio": round(rate["spatialnet"] / rate["bare_encoder"], 3),
+        "mae_samples_per_s": round(rate["mae"], 3),
+        "classification_samples_per_s": round(rate["classification"], 3),
+        "mae_vs_classification": round(rate["mae"] / rate["classification"], 3),
     }
 
 

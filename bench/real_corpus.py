@@ -41,6 +41,20 @@ def convert(data: Path, tags: Path | None, store: Path) -> None:
     subprocess.run(cmd + (["--tags", str(tags)] if tags else []), check=True, stdout=sys.stderr)
 
 
+def prepare(data: Path, tags: Path | None, store: Path, bench: str) -> bool:
+    """Convert the corpus into `store` unless it is there -> True; False after one line naming what is absent."""
+    for path in (data / "dataset.json", data / "imgs"):
+        if not path.exists():
+            print(f"{bench}: {path}: not found (rebuild the corpus as ../shared/data/README.md says)", file=sys.stderr)
+            return False
+    if tags and not tags.is_file():
+        print(f"{bench}: {tags}: not found", file=sys.stderr)
+        return False
+    tags = tags or (data / "LandUse_Multilabeled.txt")
+    convert(data, tags if tags.is_file() else None, store)
+    return True
+
+
 def run_seed(config: str, store: Path, seed: int, overrides: list[str], name: str) -> dict:
     sets = [f"data.root={store}", f"run.seed={seed}", f"run.name={name}-s{seed}-{int(time.time())}", *overrides]
     cmd = [sys.executable, str(ROOT / "ray_job.py"), "--config", config] + [a for s in sets for a in ("--set", s)]
@@ -65,6 +79,15 @@ def mean_of(runs: list[dict], part: str) -> dict:
     return {k: round(statistics.fmean(r[part][k] for r in runs), 4) for k in keys}
 
 
+def summary(runs: list[dict]) -> dict:
+    """run_seed's per-seed results -> the test means, "val", "spread", "runs", "wall_s", "steps"."""
+    test = mean_of(runs, "test")
+    return {**test, "val": mean_of(runs, "val"),
+            "spread": {k: [min(r["test"][k] for r in runs), max(r["test"][k] for r in runs)] for k in test},
+            "runs": runs, "wall_s": round(statistics.fmean(r["job_wall_s"] for r in runs), 1),
+            "steps": runs[0]["steps"]}
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("data", type=Path, help="UCM-captions release: dataset.json + imgs/")
@@ -76,21 +99,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--name", default="real", help="run name prefix under the config's run.storage")
     ap.add_argument("--json", action="store_true")
     a = ap.parse_args(argv)
-    for path in (a.data / "dataset.json", a.data / "imgs"):
-        if not path.exists():
-            print(f"real_corpus: {path}: not found (rebuild the corpus as ../shared/data/README.md says)", file=sys.stderr)
-            return 2
-    tags = a.tags or (a.data / "LandUse_Multilabeled.txt")
-    if a.tags and not a.tags.is_file():
-        print(f"real_corpus: {a.tags}: not found", file=sys.stderr)
+    if not prepare(a.data, a.tags, a.store, "real_corpus"):
         return 2
-    convert(a.data, tags if tags.is_file() else None, a.store)
     runs = [run_seed(a.config, a.store.resolve(), seed, a.overrides, a.name) for seed in a.seeds]
-    test = mean_of(runs, "test")
-    out = {**test, "val": mean_of(runs, "val"),
-           "spread": {k: [min(r["test"][k] for r in runs), max(r["test"][k] for r in runs)] for k in test},
-           "runs": runs, "wall_s": round(statistics.fmean(r["job_wall_s"] for r in runs), 1),
-           "steps": runs[0]["steps"], "config": a.config, "overrides": a.overrides}
+    out = {**summary(runs), "config": a.config, "overrides": a.overrides}
     if a.json:
         print(json.dumps(out))
     else:

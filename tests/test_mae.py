@@ -1,12 +1,13 @@
 """mae, masked autoencoding (tasks/mae.py): the encoder sees only the kept patches and the loss only the masked
 ones, against hand computations; norm_pix targets by hand for 13 bands; it learns a fixed batch; through the
 Trainer alone on an unlabeled 13-band uint16 corpus (a resume is bit for bit the uninterrupted run, its
-masks included) and beside classification under ZeRO-3 with validation; evaluation rows, scores, files and
-report; its config keys."""
+masks included), and through Ray Train with a worker SIGKILLed mid-way (the same bits), and beside
+classification under ZeRO-3 with validation; evaluation rows, scores, files and report; its config keys."""
 
 from __future__ import annotations
 
 import json
+import threading
 
 import numpy as np
 import pytest
@@ -21,6 +22,7 @@ from spatialnet_dist.networks.heads import VocabSizes
 from spatialnet_dist.store.schema import Sample
 from spatialnet_dist.store.writer import ShardWriter
 from spatialnet_dist.tasks.mae import patchify, reconstruction_targets, unpatchify, visible_count
+from tests.test_train import _kill_a_worker_after, result_line, sets
 from tests.test_trainer import RecordingReporter, _trainer, world_of_one  # noqa: F401  (world_of_one: a fixture)
 
 MAE = registry.get("mae")
@@ -196,6 +198,36 @@ def test_beside_classification_under_zero_3_it_trains_validates_and_shows_recons
     shown = [s for s in samples if "reconstruction" in s]
     assert step == 2 and shown and all(s["reconstruction"].shape == (32, 96, 3) for s in shown)
     assert all(s["reconstruction_MSE"] >= 0 for s in shown)
+
+
+@pytest.mark.slow
+def test_a_ray_pretraining_whose_worker_is_sigkilled_ends_with_the_uninterrupted_weights(shared_ray, tmp_path, capsys):
+    """Through Ray Train on 2 workers, on the 13-band unlabeled corpus: one worker SIGKILLed once checkpoint 4 is
+    complete -> the group restarts from it -> its step-8 weights are the bits of an undisturbed run's (the masks of
+    steps 5-8, drawn from the reseeded RNG, included)."""
+    from spatialnet_dist import checkpoint as ckpt
+    from spatialnet_dist import jobs
+
+    root, runs = str(tmp_path / "shards"), str(tmp_path / "runs")
+    write_unlabeled(root)
+    job = ["model.image_size=32", f"model.patch_size={PATCH}", f"model.in_chans={BANDS}", *OTHER_TASKS,
+           "tasks.mae.enabled=true", "tasks.mae.corpora=[unlabeled]", "tasks.mae.batch_size=2", f"data.root={root}",
+           f"run.storage={runs}", "data.loader_workers=1", "train.max_steps=8", "train.checkpoint_every=4",
+           "train.max_failures=2", "train.log_every=1", "eval.every=0", "eval.at_end=false", "optim.warmup_steps=2"]
+    killed: list[float] = []
+    threading.Thread(target=_kill_a_worker_after, args=(f"{runs}/killed/checkpoint-000004", shared_ray.process.pid,
+                                                        killed), daemon=True).start()
+    assert jobs.train_with_ray(sets(*job, "run.name=killed")) == 0
+    result = result_line(capsys.readouterr().out)
+    assert killed and result["restarts"] >= 1 and 4 in result["resumed_from"], result
+    assert jobs.train_with_ray(sets(*job, "run.name=undisturbed")) == 0
+    assert result_line(capsys.readouterr().out)["restarts"] == 0
+    resumed = ckpt.consolidated_weights(f"{runs}/killed/checkpoint-000008")
+    undisturbed = ckpt.consolidated_weights(f"{runs}/undisturbed/checkpoint-000008")
+    assert resumed.keys() == undisturbed.keys() and any(k.startswith("heads.mae.") for k in resumed)
+    assert [k for k in resumed if not torch.equal(resumed[k], undisturbed[k])] == []
+    halfway = ckpt.consolidated_weights(f"{runs}/undisturbed/checkpoint-000004")
+    assert not all(torch.equal(halfway[k], undisturbed[k]) for k in halfway)  # steps 5-8 trained
 
 
 # ---- evaluation ----
