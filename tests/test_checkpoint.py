@@ -313,6 +313,22 @@ def test_a_damaged_newest_checkpoint_is_passed_over_set_aside_kept_and_shown(tmp
     assert shown == [f"damaged:     {aside} ({rel} did not verify; kept for inspection)"]
 
 
+def test_on_s3_a_damaged_checkpoint_is_set_aside_object_by_object(tmp_path, s3_bucket):
+    run_url = f"s3://{s3_bucket}/runs/run"
+    for step in (4, 8):
+        rank_files(tmp_path / f"step{step}", step)
+        ckpt.publish(tmp_path / f"step{step}", run_url, step, rank=0, keep=0)
+    newest = storage.join(run_url, ckpt.checkpoint_name(8))
+    held = {rel: storage.read_bytes(storage.join(newest, rel)) for rel in storage.list_files(newest)}
+    storage.write_bytes_atomic(storage.join(newest, SHARD), held[SHARD][:-1])  # a truncated upload
+    held[SHARD] = held[SHARD][:-1]
+    resumed = ckpt.resume(StandInTrainer(), run_url)
+    aside = storage.join(run_url, "checkpoint-000008.damaged-1")
+    assert resumed["step"] == 4 and resumed["damaged"][0]["set_aside"] == aside
+    assert {rel: storage.read_bytes(storage.join(aside, rel)) for rel in storage.list_files(aside)} == held
+    assert storage.list_files(newest) == [] and ckpt.damaged_checkpoints(run_url) == [aside]
+
+
 def test_resume_refuses_when_no_checkpoint_verifies_and_a_damaged_named_one(tmp_path):
     run = _run_with_checkpoints(tmp_path)
     newest, before = (run.path(ckpt.checkpoint_name(s)) for s in (8, 4))
