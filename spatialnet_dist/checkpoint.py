@@ -15,13 +15,17 @@ on a local dir or S3):
                   what a resume continues and what load_model and export_bundle give instead of the weights
   manifest.json   written last, once every rank's files are in place: every file's sha256 and size.
                   A checkpoint without it is partial (a save that died) and never resumed from.
+Beside them `checkpoint-NNNNNN.damaged-K/`: a complete checkpoint whose files no longer matched its manifest when a
+resume read it, set aside by that resume (`resume`, `set_aside`) and kept for inspection: no longer a checkpoint of
+the run, so pruning neither counts nor deletes it, and a later save of the same step writes a new checkpoint-NNNNNN.
 An inference bundle (`export_bundle`): model.safetensors (fp32, consolidated, or the EMA) + config.yaml + vocab.json
 + manifest.json. Nothing in a bundle is a pickle: it is the route for weights from elsewhere.
 
 Loading (`local_copy`: resume, `eval run`, `predict`, `export`, fine-tuning from `model.pretrained`) checks
 every listed file against its sha256 before anything reads it; DeepSpeed unpickles its .pt files
 (weights_only=False), so a checkpoint without a manifest is refused. The manifest catches corruption and
-partial writes, not a hostile author: take checkpoints from elsewhere only as bundles.
+partial writes, not a hostile author: take checkpoints from elsewhere only as bundles. A file that does not match
+(`DamagedCheckpoint`) makes a resume fall back to the run's checkpoint before; everything else refuses it.
 
 Over 300 lines: the layout, its publishing and its verified reading are one contract; a writer and a reader
 of a checkpoint kept apart would drift.
@@ -31,10 +35,11 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import itertools
 import json
 import re
 import tempfile
-from contextlib import contextmanager, nullcontext
+from contextlib import ExitStack, contextmanager, nullcontext, suppress
 from pathlib import Path, PurePosixPath
 
 import torch.distributed as dist
@@ -54,6 +59,7 @@ BUNDLE_WEIGHTS = "model.safetensors"
 EMA_WEIGHTS = "ema.safetensors"
 BUNDLE_FILES = (BUNDLE_WEIGHTS, CONFIG, TextVocabs.FILENAME)
 _NAME = re.compile(r"checkpoint-(\d+)")
+DAMAGED_NAME = re.compile(r"checkpoint-\d+\.damaged-\d+")  # set aside by `resume`: not a checkpoint of the run
 _CHUNK = 2**20
 
 
@@ -124,7 +130,7 @@ def checkpoints(run_url: str) -> list[tuple[str, bool]]:
 
 
 def latest_complete(run_url: str) -> str | None:
-    """The URL of the run's last complete checkpoint (what a resume starts from), or None."""
+    """The URL of the run's last complete checkpoint (what a resume tries first), or None."""
     complete = [u for u, ok in checkpoints(run_url) if ok]
     return complete[-1] if complete else None
 
@@ -132,7 +138,8 @@ def latest_complete(run_url: str) -> str | None:
 def prune(run_url: str, keep: int, best: str | None = None) -> None:
     """Delete partial checkpoints (saves that died; nothing writes one while this runs: rank 0 calls it
     at the start of an attempt and after each save) and all but the last `keep` complete ones (0: all)
-    and `best`, the URL of the best checkpoint (eval.keep_best), whatever its age."""
+    and `best`, the URL of the best checkpoint (eval.keep_best), whatever its age. A damaged checkpoint set
+    aside (DAMAGED_NAME) is none of these: never counted, never deleted."""
     found = checkpoints(run_url)
     complete = [u for u, ok in found if ok]
     kept = set(complete[-keep:] if keep else complete) | {best}
@@ -147,6 +154,15 @@ def prune(run_url: str, keep: int, best: str | None = None) -> None:
 # ---- loading: every file checked before anything reads it ----
 
 
+class DamagedCheckpoint(UserError):
+    """A checkpoint file that is missing or does not match its manifest, or a manifest that cannot be read: what
+    a resume passes over for the checkpoint before (`resume`). `file`: its path relative to the checkpoint."""
+
+    def __init__(self, url: str, file: str, message: str):
+        super().__init__(message)
+        self.url, self.file = url, file
+
+
 def _listed_files(url: str) -> dict[str, dict | None]:
     """{relative path: digest} from the manifest; a bundle without one: its files, digest None."""
     manifest_url = storage.join(url, MANIFEST)
@@ -155,9 +171,9 @@ def _listed_files(url: str) -> dict[str, dict | None]:
             files = json.loads(storage.read_bytes(manifest_url))["files"]
             bad = [rel for rel in files if not isinstance(files[rel].get("sha256"), str)]
         except (ValueError, KeyError, TypeError, AttributeError):
-            raise UserError(f"checkpoint {url}: {MANIFEST} is unreadable") from None
+            raise DamagedCheckpoint(url, MANIFEST, f"checkpoint {url}: {MANIFEST} is unreadable") from None
         if bad:
-            raise UserError(f"checkpoint {url}: {MANIFEST} lists a bad entry: {bad[0]!r}")
+            raise DamagedCheckpoint(url, MANIFEST, f"checkpoint {url}: {MANIFEST} lists a bad entry: {bad[0]!r}")
         for rel in files:
             storage.check_relative(rel, f"checkpoint {url}: {MANIFEST}")
         return files
@@ -181,10 +197,10 @@ def _fetch_checked(url: str, rel: str, digest: dict | None, dst: Path) -> None:
                 if out is not None:
                     out.write(chunk)
     except storage.NotFoundError:
-        raise UserError(f"checkpoint {url}: {rel} is missing") from None
+        raise DamagedCheckpoint(url, rel, f"checkpoint {url}: {rel} is missing") from None
     if digest is not None and (h.hexdigest() != digest["sha256"] or size != digest.get("bytes", size)):
-        raise UserError(f"checkpoint {url}: {rel} does not match the sha256 recorded at save (corrupt or altered); "
-                        "refusing to load it")
+        raise DamagedCheckpoint(url, rel, f"checkpoint {url}: {rel} does not match the sha256 recorded at save "
+                                "(corrupt or altered); refusing to load it")
     if not storage.is_s3(url):
         dst.symlink_to(Path(src).resolve())
 
@@ -203,29 +219,79 @@ def local_copy(url: str):
 
 
 def resume(trainer, run_url: str, start_from: str = "", weights_only: bool = False) -> dict | None:
-    """Restore `trainer` (every rank; anything with train.trainer.Trainer's `restore`) from the run's last complete checkpoint, else from `start_from`
-    (train.resume) when given. -> what it resumed (`describe_resume`), or None: a fresh start or weights only."""
-    latest = latest_complete(run_url)
-    url = latest or start_from
-    if not url:
-        return None
-    with local_copy(url) as directory:
+    """Restore `trainer` (every rank; anything with train.trainer.Trainer's `restore`) from the run's newest complete
+    checkpoint that verifies, else, when the run has none, from `start_from` (train.resume). A damaged one
+    (`DamagedCheckpoint`) is passed over for the one before it, never guessed at nor deleted: rank 0 sets it aside
+    (`set_aside`) once its own restore is done (another rank reading it meanwhile finds it damaged or gone, and
+    passes over it too). Refused in one line naming the newest damaged file when none verifies, and when
+    `start_from` is damaged: the user named that one. -> what it resumed (`describe_resume`; "damaged": the
+    checkpoints passed over, [{"checkpoint", "file", "reason", "set_aside"}]), or None: a fresh start or weights only."""
+    complete = [u for u, ok in checkpoints(run_url) if ok]
+    damaged: list[DamagedCheckpoint] = []
+    with ExitStack() as stack:
+        for url in reversed(complete):
+            try:
+                directory = stack.enter_context(local_copy(url))
+                break
+            except DamagedCheckpoint as e:
+                damaged.append(e)
+        else:
+            if damaged:
+                raise UserError(f"{damaged[0]}; none of the run's {len(damaged)} checkpoints verifies") from None
+            if not start_from:
+                return None
+            url = start_from
+            directory = stack.enter_context(local_copy(url))
         meta = read_meta(directory)
-        trainer.restore(directory, weights_only=weights_only and latest is None)
-    if latest is None and weights_only:
+        trainer.restore(directory, weights_only=weights_only and not complete)
+    if not complete and weights_only:
         return None
+    passed_over = [{"checkpoint": e.url, "file": e.file, "reason": str(e),
+                    "set_aside": set_aside(run_url, e.url) if trainer.rank == 0 else None} for e in damaged]
     written_by = int(meta.get("world_size", trainer.world_size))
     return {"checkpoint": url, "step": trainer.step, "written_by": written_by,
             "resharded": resharded(meta, trainer.world_size), "world_size": trainer.world_size,
-            "samples_seen": dict(trainer.samples_seen)}
+            "samples_seen": dict(trainer.samples_seen), "damaged": passed_over}
+
+
+def set_aside(run_url: str, url: str) -> str:
+    """Move the run's checkpoint `url` out of its checkpoints, kept beside them as `<name>.damaged-K` (K = 1, 2, ...:
+    a step saved again may be damaged again). Local: one rename; S3: object by object, the manifest last, so that
+    what a crash leaves at `url` is still complete and is set aside by the next resume. -> its new URL."""
+    name = url.rstrip("/").rsplit("/", 1)[-1]
+    taken = set(storage.list_dir(run_url))
+    aside = storage.join(run_url, next(f"{name}.damaged-{k}" for k in itertools.count(1)
+                                       if f"{name}.damaged-{k}" not in taken))
+    if not storage.is_s3(url):
+        storage.move(url, aside)
+        return aside
+    for rel in sorted(storage.list_files(url), key=lambda rel: rel == MANIFEST):
+        storage.move(storage.join(url, rel), storage.join(aside, rel))
+    return aside
+
+
+def damaged_checkpoints(run_url: str) -> list[str]:
+    """The URLs of the damaged checkpoints set aside in the run directory (`set_aside`), by name."""
+    return [storage.join(run_url, n) for n in storage.list_dir(run_url) if DAMAGED_NAME.fullmatch(n)]
+
+
+def _checked_meta(url: str) -> dict:
+    """A checkpoint's meta.json, checked against its manifest first (DamagedCheckpoint)."""
+    with tempfile.TemporaryDirectory(prefix="spatialnet-meta-") as tmp:
+        _fetch_checked(url, META, _listed_files(url).get(META), Path(tmp, META))
+        return read_meta(tmp)
 
 
 def resumed_meta(run_url: str, start_from: str = "") -> dict | None:
-    """The meta.json of the checkpoint a run would resume (`resume`), read before any worker starts; or None."""
-    url = latest_complete(run_url) or start_from
-    if not url or not storage.exists(storage.join(url, META)):
+    """The meta.json of the checkpoint a run would resume (`resume`), read before any worker starts; or None. Of
+    the run's own, the newest whose meta.json verifies (the workers check the other files)."""
+    complete = [u for u, ok in checkpoints(run_url) if ok]
+    for url in reversed(complete):
+        with suppress(DamagedCheckpoint):
+            return _checked_meta(url)
+    if complete or not start_from or not storage.exists(storage.join(start_from, META)):
         return None
-    return json.loads(storage.read_bytes(storage.join(url, META)))
+    return json.loads(storage.read_bytes(storage.join(start_from, META)))
 
 
 def describe_resume(resumed: dict) -> str:

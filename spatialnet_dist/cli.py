@@ -231,6 +231,8 @@ def _runs_show(a) -> int:
              "checkpoints: " + (", ".join(run["checkpoints"]) or "-")]
     if run["best_step"] is not None:
         lines.append(f"best step:   {run['best_step']} (eval.keep_best)")
+    lines += [f"damaged:     {d['checkpoint']} ({d['file'] or 'file unrecorded'} did not verify; kept for inspection)"
+              for d in run["damaged_checkpoints"]]
     lines.append("last metrics:")
     lines += [f"  {k} = {v:.6g}" if isinstance(v, float) else f"  {k} = {v}" for k, v in run["last_metrics"].items()]
     print("\n".join(lines), file=a.stdout)

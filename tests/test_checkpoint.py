@@ -222,6 +222,129 @@ def test_a_checkpoint_without_a_manifest_or_with_a_bad_one_is_refused(tmp_path):
     assert ckpt.latest_complete(str(tmp_path / "run")) is None
 
 
+# ---- a damaged checkpoint: the resume falls back, never guesses ----
+
+
+class StandInTrainer:
+    """What checkpoint.resume restores into (train.trainer.Trainer's `restore`): the stand-in files' step."""
+
+    def __init__(self, rank: int = 0):
+        self.rank, self.world_size, self.step, self.samples_seen = rank, 2, 0, {}
+
+    def restore(self, directory: Path, weights_only: bool = False) -> int:
+        self.step = ckpt.read_meta(directory)["step"]
+        return self.step
+
+
+def _run_with_checkpoints(tmp_path, steps: tuple[int, ...] = (4, 8)) -> RunDir:
+    """A run directory (config.yaml, one attempt) with a complete stand-in checkpoint at each of `steps`."""
+    from spatialnet_dist import config as config_mod
+
+    run = RunDir(str(tmp_path / "run"))
+    run.write_config(config_mod.load(None, ["train.max_steps=8"]))
+    run.record_attempt(0, False, 2)
+    for step in steps:
+        rank_files(tmp_path / f"step{step}", step)
+        ckpt.publish(tmp_path / f"step{step}", run.url, step, rank=0, keep=0)
+    return run
+
+
+def _damage(url: str, how: str, rel: str) -> None:
+    path = Path(url) / rel
+    if how == "flipped":
+        altered(url, rel)
+    elif how == "truncated":
+        path.write_bytes(path.read_bytes()[:-1])
+    else:
+        path.unlink()
+
+
+SHARD = "zero/ds/zero_pp_rank_0_mp_rank_00_optim_states.pt"
+
+
+@pytest.mark.parametrize(("how", "rel"), [("flipped", SHARD), ("truncated", ckpt.META),
+                                          ("missing", "zero/ds/mp_rank_00_model_states.pt")])
+def test_a_damaged_newest_checkpoint_is_passed_over_set_aside_kept_and_shown(tmp_path, capsys, how, rel):
+    from spatialnet_dist.cli import main
+    from spatialnet_dist.train.rundir import DAMAGED_CHECKPOINT
+
+    run = _run_with_checkpoints(tmp_path)
+    newest, before = (run.path(ckpt.checkpoint_name(s)) for s in (8, 4))
+    _damage(newest, how, rel)
+    damaged_files = {p.relative_to(newest).as_posix(): p.read_bytes() for p in Path(newest).rglob("*") if p.is_file()}
+    # The driver plans with the newest checkpoint whose meta.json verifies; the workers check every file.
+    assert ckpt.resumed_meta(run.url)["step"] == (4 if rel == ckpt.META else 8)
+
+    other = StandInTrainer(rank=1)  # another rank: falls back too, and leaves the directories to rank 0
+    assert ckpt.resume(other, run.url)["damaged"][0]["set_aside"] is None and Path(newest).is_dir()
+    trainer = StandInTrainer(rank=0)
+    resumed = ckpt.resume(trainer, run.url)
+    aside = run.path("checkpoint-000008.damaged-1")
+    assert trainer.step == other.step == 4 and resumed["checkpoint"] == before
+    assert resumed["damaged"] == [{"checkpoint": newest, "file": rel, "reason": resumed["damaged"][0]["reason"],
+                                   "set_aside": aside}]
+    assert rel in resumed["damaged"][0]["reason"] and "\n" not in resumed["damaged"][0]["reason"]
+    # Kept as it was, out of the run's checkpoints: a resume, the driver and pruning see the one before.
+    assert {p.relative_to(aside).as_posix(): p.read_bytes() for p in Path(aside).rglob("*") if p.is_file()} \
+        == damaged_files
+    assert ckpt.latest_complete(run.url) == before and ckpt.resumed_meta(run.url)["step"] == 4
+
+    lines = run.start_attempt(trainer.step, resumed, 2)
+    assert len(lines) == 2 and rel in lines[0] and aside in lines[0] and lines[1].startswith(f"resumed from {before}")
+    recorded = run.failures(DAMAGED_CHECKPOINT)
+    assert [(f["class"], f["step"], f["checkpoint"], f["file"], f["set_aside"]) for f in recorded] == [
+        (DAMAGED_CHECKPOINT, None, newest, rel, aside)]
+    assert run.failures() == []  # no worker group failed: restart causes and repeated steps go by those
+    assert run.attempts()[-1]["damaged"] == [{"checkpoint": newest, "file": rel, "set_aside": aside}]
+
+    ckpt.prune(run.url, keep=1)  # keeps the one checkpoint that verifies; the damaged one is not counted
+    assert [u for u, ok in ckpt.checkpoints(run.url)] == [before] and Path(aside).is_dir()
+    rank_files(tmp_path / "again", 8)  # training reaches step 8 again: a new checkpoint, the damaged one kept
+    ckpt.publish(tmp_path / "again", run.url, 8, rank=0, keep=1)
+    assert [u for u, ok in ckpt.checkpoints(run.url)] == [newest] and read_back(newest)
+    assert sorted(p.name for p in Path(run.url).glob("checkpoint-*")) == ["checkpoint-000008",
+                                                                          "checkpoint-000008.damaged-1"]
+
+    capsys.readouterr()
+    assert main(["runs", "show", run.url, "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["damaged_checkpoints"] == [{"checkpoint": aside, "file": rel}]
+    assert main(["runs", "show", run.url]) == 0
+    shown = [line for line in capsys.readouterr().out.splitlines() if line.startswith("damaged:")]
+    assert shown == [f"damaged:     {aside} ({rel} did not verify; kept for inspection)"]
+
+
+def test_on_s3_a_damaged_checkpoint_is_set_aside_object_by_object(tmp_path, s3_bucket):
+    run_url = f"s3://{s3_bucket}/runs/run"
+    for step in (4, 8):
+        rank_files(tmp_path / f"step{step}", step)
+        ckpt.publish(tmp_path / f"step{step}", run_url, step, rank=0, keep=0)
+    newest = storage.join(run_url, ckpt.checkpoint_name(8))
+    held = {rel: storage.read_bytes(storage.join(newest, rel)) for rel in storage.list_files(newest)}
+    storage.write_bytes_atomic(storage.join(newest, SHARD), held[SHARD][:-1])  # a truncated upload
+    held[SHARD] = held[SHARD][:-1]
+    resumed = ckpt.resume(StandInTrainer(), run_url)
+    aside = storage.join(run_url, "checkpoint-000008.damaged-1")
+    assert resumed["step"] == 4 and resumed["damaged"][0]["set_aside"] == aside
+    assert {rel: storage.read_bytes(storage.join(aside, rel)) for rel in storage.list_files(aside)} == held
+    assert storage.list_files(newest) == [] and ckpt.damaged_checkpoints(run_url) == [aside]
+
+
+def test_resume_refuses_when_no_checkpoint_verifies_and_a_damaged_named_one(tmp_path):
+    run = _run_with_checkpoints(tmp_path)
+    newest, before = (run.path(ckpt.checkpoint_name(s)) for s in (8, 4))
+    _damage(before, "flipped", SHARD)
+    _damage(newest, "truncated", ckpt.META)
+    with pytest.raises(UserError) as refused:
+        ckpt.resume(StandInTrainer(), run.url, start_from=before)
+    message = str(refused.value)
+    assert "\n" not in message and message.startswith(f"checkpoint {newest}: {ckpt.META} does not match")
+    assert message.endswith("none of the run's 2 checkpoints verifies")
+    assert [u for u, ok in ckpt.checkpoints(run.url)] == [before, newest]  # nothing moved, nothing deleted
+    # train.resume names a checkpoint: damaged, it is refused (no other to fall back to is the user's choice).
+    with pytest.raises(ckpt.DamagedCheckpoint, match=f"^checkpoint {before}: {SHARD} does not match"):
+        ckpt.resume(StandInTrainer(), str(tmp_path / "new-run"), start_from=before)
+
+
 # ---- a real Trainer: crashed at every step of a save, then resumed ----
 
 

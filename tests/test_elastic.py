@@ -96,10 +96,11 @@ def test_sigterm_asks_for_a_stop_at_the_next_step_boundary(sigterm_handler):
     assert len(sigterm_handler) == 1
 
 
-def test_a_forked_loader_process_still_dies_of_sigterm(sigterm_handler):
+def test_a_process_forked_from_a_worker_still_dies_of_sigterm(sigterm_handler):
+    """(A data loader's process takes SIGTERM over as it starts and outlives a pre-emption's: test_resume_data.py.)"""
     ready, tell = os.pipe()
     pid = os.fork()
-    if pid == 0:  # the child, as a DataLoader worker forked from a training worker would be
+    if pid == 0:  # the child, as a process forked from a training worker would be
         os.write(tell, b"1")  # past fork's own signal bookkeeping, which drops a signal that comes earlier
         time.sleep(30)
         os._exit(0)
@@ -292,12 +293,17 @@ def _when(condition, then, timeout_s: float = 600) -> threading.Thread:
 
 
 @pytest.mark.slow
-def test_sigterm_to_a_worker_checkpoints_and_resumes_losing_no_step(synth_root, two_nodes, tmp_path, capsys):  # noqa: F811
-    """SIGTERM to rank 1 after step 3: every rank checkpoints at the next step boundary, the group restarts from
+@pytest.mark.parametrize("whole", [False, True], ids=["worker", "worker-and-loaders"])
+def test_sigterm_to_a_worker_checkpoints_and_resumes_losing_no_step(whole, synth_root, two_nodes, tmp_path, capsys):  # noqa: F811
+    """SIGTERM to rank 1 after step 3 (`whole`: to its loader processes too, at the same instant, as the pre-emption
+    of a whole machine sends it): every rank checkpoints at the next step boundary, the group restarts from
     that checkpoint (not from step 0: no periodic checkpoint before max_steps), and max_failures=0 allows it."""
+    import psutil
+
     two_nodes.add_second()
     runs = tmp_path / "runs"
     signalled: list[int] = []
+    processes: list[int] = []  # how many processes were signalled
     job = Job(two_nodes, sets(*TINY, f"data.root={synth_root}", f"run.storage={runs}", "run.name=pre",
                               "train.num_workers=2", "train.max_steps=8", "train.checkpoint_every=100",
                               "train.max_failures=0", "train.zero_stage=2"))
@@ -305,7 +311,11 @@ def test_sigterm_to_a_worker_checkpoints_and_resumes_losing_no_step(synth_root, 
     def sigterm_rank_1():
         signalled.append(_metrics(runs, "pre")[-1]["step"])
         signalled_at.append(time.time())
-        os.kill(job.pid(1), signal.SIGTERM)
+        worker = psutil.Process(job.pid(1))
+        targets = [worker, *worker.children(recursive=True)] if whole else [worker]
+        for process in targets:
+            os.kill(process.pid, signal.SIGTERM)
+        processes.append(len(targets))
 
     signalled_at: list[float] = []
     stepped_at: list[float] = []
@@ -313,6 +323,7 @@ def test_sigterm_to_a_worker_checkpoints_and_resumes_losing_no_step(synth_root, 
     _restarted_and_stepped(runs, "pre", stepped_at)
     code, result = job.result()
     assert signalled and code == 0, result
+    assert len(processes) == 1 and (processes[0] > 1) == whole  # TINY: data.loader_workers=1
     attempts = RunDir(result["run_dir"]).attempts()
     assert result["final_step"] == 8 and result["restart_causes"] == ["preemption"], result
     # The checkpoint is a step boundary soon after the signal (the worker's main thread runs the handler when Ray
@@ -320,7 +331,7 @@ def test_sigterm_to_a_worker_checkpoints_and_resumes_losing_no_step(synth_root, 
     checkpointed = attempts[0]["end_step"]
     assert signalled[0] <= checkpointed <= signalled[0] + 3 and result["resumed_from"] == [checkpointed]
     assert [m["step"] for m in _metrics(runs, "pre")] == list(range(1, 9))
-    assert RunDir(result["run_dir"]).failures() == []
+    assert RunDir(result["run_dir"]).failures() == [] and result["lost_steps"] == [0]
     with capsys.disabled():  # the figure for bench/RESULTS.md "Resume"
         print(f"\nSIGTERM after step {signalled[0]}: {result['lost_steps']} steps lost, "
               f"{stepped_at[0] - signalled_at[0]:.0f} s from the signal to the next training step")

@@ -39,6 +39,26 @@ def test_the_same_step_failing_twice_ends_the_run(tmp_path):
     assert [f["step"] for f in RunDir(str(tmp_path)).failures()] == [7, 9, 9]
 
 
+def test_a_damaged_checkpoint_between_two_failures_of_a_step_is_no_failure_of_a_group(tmp_path):
+    """failures.json also records the damaged checkpoints a resume passed over (class damaged_checkpoint): the step
+    failing twice, the restart causes and the lost steps go by the failed worker groups alone."""
+    from spatialnet_dist.train.rundir import DAMAGED_CHECKPOINT
+
+    run, classifier = RunDir(str(tmp_path)), FailureClassifier(str(tmp_path))
+    run.record_attempt(0, False, 2)
+    classifier.after_exception(None, {0: marked(RuntimeError("boom"), 9)})
+    run.record_failure(None, "checkpoint c: meta.json is missing", DAMAGED_CHECKPOINT, checkpoint="c", file="meta.json")
+    with pytest.raises(PermanentFailure, match="failed twice in a row after step 9"):
+        classifier.after_exception(None, {0: marked(RuntimeError("boom"), 9)})
+    assert [f["class"] for f in run.failures()] == ["worker_group"] * 2
+    assert [f["file"] for f in run.failures(DAMAGED_CHECKPOINT)] == ["meta.json"]
+    run.end_attempt("preemption", 9)
+    run.record_attempt(9, True, 2)
+    run.record_failure(None, "checkpoint d: meta.json is missing", DAMAGED_CHECKPOINT, checkpoint="d", file="meta.json")
+    run.record_attempt(9, True, 1)  # no group failed since the attempt before: a resize, not a failure
+    assert [a["cause"] for a in run.attempts()] == ["start", "preemption", "resize"]
+
+
 def test_killed_processes_are_left_to_rays_restarts(tmp_path):
     classifier = FailureClassifier(str(tmp_path))
     for _ in range(3):  # no step known: never "the same step"

@@ -19,7 +19,7 @@ from spatialnet_dist.data.vocab import build_vocabs
 from spatialnet_dist.store.manifest import shard_urls
 from spatialnet_dist.store.storage import StoreError
 from spatialnet_dist.tasks import DEFAULT_TASKS as TASKS
-from tests.test_data import _damaged_store, make_cfg, take, write_corpus
+from tests.test_data import _damaged_store, deadline, make_cfg, take, write_corpus
 
 
 @pytest.fixture(scope="module")
@@ -59,6 +59,33 @@ def test_batches_after_a_restore_equal_the_uninterrupted_ones_for_any_loader_wor
         restored = make_train_loader(cfg, vocabs, 1, 2, start=3)
         assert_same(take(restored, 3), uninterrupted[3:], f"{workers} workers, restored at 3")
         assert restored.position()["micro_batches"] == 6
+
+
+def test_a_pre_emptions_sigterm_to_the_loader_processes_is_left_to_their_worker(two_corpora):
+    """A pre-emption may SIGTERM every process of a training worker at once: its loader processes live on and the
+    batches keep coming, the uninterrupted ones (the worker checkpoints at its next step: train/preemption.py). The
+    signal comes from another process (`kill`), as a platform's does: the loader's own terminate() of a worker that
+    does not stop, from the parent, still ends it, so the parent's exit never waits on one."""
+    import signal
+    import subprocess
+
+    cfg = make_cfg(two_corpora, ["toy", "big"], workers=2, batch_size=3)
+    vocabs = build_vocabs(cfg)
+    uninterrupted = take(make_train_loader(cfg, vocabs, 0, 1), 8)
+    loader = make_train_loader(cfg, vocabs, 0, 1)
+    try:
+        with deadline(60):
+            batches = [next(loader) for _ in range(2)]
+            processes = loader._batches._workers  # the DataLoader iterator's worker processes
+            subprocess.run(["kill", f"-{signal.SIGTERM.value}", *(str(p.pid) for p in processes)], check=True)
+            batches += [next(loader) for _ in range(6)]  # more than the 2 x data.prefetch made before the signal
+        assert_same(batches, uninterrupted)
+        assert [p.exitcode for p in processes] == [None, None]
+        processes[0].terminate()  # SIGTERM from the parent
+        processes[0].join(timeout=30)
+        assert processes[0].exitcode == 0
+    finally:
+        loader.close()
 
 
 def test_the_global_batch_is_the_same_for_any_number_of_ranks(two_corpora):

@@ -270,3 +270,44 @@ def test_a_checkpoint_of_any_zero_stage_loads_as_the_weights_it_saved(world_of_o
     url = ckpt.publish(tmp_path / "step-1", str(tmp_path / "run"), 1, 0, keep=0)
     model, _, _ = ckpt.load_model(url)
     assert all(torch.equal(v, reporter.weights[1][k]) for k, v in model.state_dict().items())
+
+
+def test_a_run_whose_newest_checkpoint_is_damaged_resumes_from_the_one_before_to_the_same_parameters(
+        world_of_one, tmp_path, capsys):
+    """The torchrun path end to end (train/local.py, a world of one): a run ends at max_steps; its newest checkpoint
+    then has a flipped byte; started again, the run passes it over, resumes from the checkpoint before, trains to
+    max_steps again and ends with the parameters the run had, the damaged checkpoint kept aside and named."""
+    import json
+
+    from spatialnet_dist.train import local
+    from spatialnet_dist.train.rundir import DAMAGED_CHECKPOINT, RunDir
+
+    overrides = [f"data.root={world_of_one}", f"run.storage={tmp_path}", "run.name=damaged", "model.image_size=32",
+                 "data.loader_workers=0", "train.cpus_per_worker=1", f"train.max_steps={STEPS}",
+                 f"train.checkpoint_every={CHECKPOINT_AT}", "run.keep_checkpoints=2", "eval.every=0",
+                 "eval.at_end=false", *(f"tasks.{t}.batch_size={BATCH}" for t in TASKS)]
+    argv = [arg for item in overrides for arg in ("--set", item)]
+    run = RunDir(str(tmp_path / "damaged"))
+    newest = run.path(ckpt.checkpoint_name(STEPS))
+    assert local.main(argv, None) == 0
+    undisturbed = ckpt.load_model(newest)[0].state_dict()
+    model_states = "zero/ds/mp_rank_00_model_states.pt"
+    path = Path(newest, model_states)
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x10
+    path.write_bytes(bytes(data))
+    capsys.readouterr()
+
+    assert local.main(argv, None) == 0
+    out = capsys.readouterr().out.splitlines()
+    aside = run.path(f"{ckpt.checkpoint_name(STEPS)}.damaged-1")
+    named = [line for line in out[:-1] if model_states in line]  # the log, before the RESULT line
+    assert len(named) == 1 and "does not match the sha256" in named[0] and aside in named[0]
+    result = json.loads(out[-1].removeprefix("RESULT "))
+    assert result["final_step"] == STEPS
+    assert result["damaged_checkpoints"] == [{"checkpoint": newest, "file": model_states, "set_aside": aside}]
+    assert run.attempts()[-1]["start_step"] == CHECKPOINT_AT and run.attempts()[-1]["lost_steps"] == STEPS - CHECKPOINT_AT
+    assert [f["file"] for f in run.failures(DAMAGED_CHECKPOINT)] == [model_states] and run.failures() == []
+    resumed = ckpt.load_model(newest)[0].state_dict()  # the step-4 checkpoint saved anew
+    assert resumed.keys() == undisturbed.keys() and all(torch.equal(resumed[k], undisturbed[k]) for k in resumed)
+    assert Path(aside, model_states).read_bytes() == bytes(data)  # kept as it was found

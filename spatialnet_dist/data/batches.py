@@ -21,10 +21,19 @@ IterableDataset): worker w of L makes micro-batches start + w, start + w + L, ..
 DataLoader returns them in that order. A `UserError` raised in a worker (a missing shard, too many
 bad samples) travels to the main process as a value and is raised there unchanged, keeping its
 one-line message.
+
+A pre-emption may signal every process of a training worker at once: a loader process ignores a SIGTERM
+that does not come from the process that started it and leaves it to that one (train/preemption.py
+checkpoints at the next step; the batches keep coming meanwhile). The parent's own SIGTERM (DataLoader's
+and multiprocessing's terminate() of a worker that does not stop) ends it, as torch's handler does.
 """
 
 from __future__ import annotations
 
+import functools
+import os
+import signal
+import threading
 from collections.abc import Iterator
 from itertools import islice
 
@@ -151,11 +160,27 @@ class TrainLoader:
         self._batches = self._loader = None
 
 
+def _leave_sigterm_to_parent(parent: int, worker_id: int) -> None:
+    """worker_init_fn: SIGTERM blocked in this loader process's threads (those it starts later inherit the mask) and
+    taken by one thread of its own, which ends the process only when `parent` (the pid of the process iterating the
+    loader) sent it. Python's handlers cannot tell the sender, and one that ignores the parent's too would hang the
+    parent's exit: multiprocessing joins its daemonic children after terminating them."""
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+    threading.Thread(target=_exit_on_parents_sigterm, args=(parent,), daemon=True, name="sigterm").start()
+
+
+def _exit_on_parents_sigterm(parent: int) -> None:
+    while signal.sigwaitinfo({signal.SIGTERM}).si_pid != parent:
+        pass  # a pre-emption's: the parent checkpoints, this process goes on loading
+    os._exit(0)
+
+
 def _loader_kwargs(cfg, persistent: bool) -> dict:
     workers = cfg.data.loader_workers
     kwargs = {"num_workers": workers, "pin_memory": cfg.train.use_gpu}
     if workers:
-        kwargs.update(prefetch_factor=cfg.data.prefetch, persistent_workers=persistent)
+        kwargs.update(prefetch_factor=cfg.data.prefetch, persistent_workers=persistent,
+                      worker_init_fn=functools.partial(_leave_sigterm_to_parent, os.getpid()))
     return kwargs
 
 

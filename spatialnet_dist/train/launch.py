@@ -196,6 +196,8 @@ def main(argv: list[str] | None, train_loop: Callable[[dict], None]) -> int:
         "resumed_from": [a["start_step"] for a in attempts if a["resumed"]],
         "lost_steps": [a.get("lost_steps", 0) for a in attempts[1:]],  # one per restart
         "restart_causes": [a.get("cause") for a in attempts[1:]],
+        # passed over by a resume, set aside for inspection: [{"checkpoint", "file", "set_aside"}]
+        "damaged_checkpoints": [d for a in attempts for d in a.get("damaged", [])],
         "world_sizes": [a.get("world_size") for a in attempts],
         "checkpoint": best.url or latest_complete(run.url),  # eval.keep_best's best, else the last
         "best_step": best.step,  # null: eval.keep_best off, or nothing validated

@@ -63,8 +63,7 @@ def train(cfg, vocabs: TextVocabs, run_url: str, rank: int, world_size: int, val
     resumed = ckpt.resume(trainer, run_url, cfg.train.resume, cfg.train.resume_weights_only)
     if rank == 0:
         ckpt.prune(run_url, cfg.run.keep_checkpoints, reporter.best.url)  # partial leftovers of the attempt before
-        line = reporter.run.start_attempt(trainer.step, resumed, world_size)
-        if line:
+        for line in reporter.run.start_attempt(trainer.step, resumed, world_size):
             print(line, flush=True)
         reporter.tracker = RunTracker(cfg, reporter.run, trainer.step)
     trainer.fit()
@@ -110,5 +109,7 @@ def main(argv: list[str] | None, validation: Validation | None) -> int:
         RunDir(run_url).write_config(cfg)
     trainer = train(cfg, vocabs, run_url, rank, world_size, validation)
     if rank == 0:
-        print("RESULT " + json.dumps({"final_step": trainer.step, "run_dir": run_url}), flush=True)
+        damaged = RunDir(run_url).attempts()[-1].get("damaged", [])  # passed over by this run's resume
+        print("RESULT " + json.dumps({"final_step": trainer.step, "run_dir": run_url, "damaged_checkpoints": damaged}),
+              flush=True)
     return 0

@@ -17,6 +17,8 @@ own handler makes the worker exit: a crash, charged to max_failures). So here:
 4. `hand_over`, after that checkpoint: the signalled rank moves its deadline to now, and every rank waits to be
    stopped. A rank must not return (Ray would call the run finished) nor raise (in the pre-empting state any
    worker error is a failure).
+A pre-emption that signals every process of the worker at once is the same: its loader processes leave SIGTERM
+to it (data/batches.py), so the batches keep coming up to that step boundary.
 If the step boundary does not come within the grace period, the controller restarts the group at the deadline
 and it resumes from the checkpoint before: steps are lost, max_failures is still untouched.
 """
@@ -53,7 +55,9 @@ def _install(grace_s: float) -> None:
     pid = os.getpid()
 
     def _on_sigterm(signum, frame):
-        if os.getpid() != pid:  # a forked data-loader process: the signal means what it always did
+        # A process forked from this one: the signal means what it always did. (A data loader's takes SIGTERM over
+        # as it starts and leaves a pre-emption's to this process: data/batches.py.)
+        if os.getpid() != pid:
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
             os.kill(os.getpid(), signal.SIGTERM)
             return

@@ -7,10 +7,13 @@
                   workers, the cause of the restart when it can be told (failure: failures.json has one since the
                   attempt before; preemption: the attempt before checkpointed on a SIGTERM and handed over; resize:
                   an elastic group changed size with no failure; start: the run dir's first attempt), and when it
-                  resumed: the checkpoint, the workers that wrote it, whether it was resharded, and lost_steps
-                  (steps the attempt before reached past that start, then lost)
-  failures.json   one entry per failed worker group: the step it failed after (null: unknown, e.g. a killed
-                  process) and the one-line reason (train.failures decides from it whether a step failed twice)
+                  resumed: the checkpoint, the workers that wrote it, whether it was resharded, the damaged
+                  checkpoints it passed over, and lost_steps (steps the attempt before reached past that start,
+                  then lost)
+  failures.json   one entry per failed worker group (class worker_group): the step it failed after (null: unknown,
+                  e.g. a killed process) and the one-line reason (train.failures decides from it whether a step
+                  failed twice); and one per damaged checkpoint a resume passed over (class damaged_checkpoint):
+                  the checkpoint, the file, the reason, where it was set aside
   faults/         markers of test faults already fired (faults.fail_at_step fires once per run)
   result.json     the job's RESULT summary, written by the driver when the job ends (`error`: null or why it failed)
   best.json       eval.keep_best: the best validated checkpoint so far, {"step", "metric", "value"} (rank 0, once
@@ -19,8 +22,8 @@
   mlflow.json     the MLflow run this run logs to (log.mlflow)
   eval/           metrics.json, predictions/, report.md and its figures
 Beside these: checkpoint-NNNNNN/ (spatialnet_dist.checkpoint: complete once its manifest.json is written; a
-restart resumes from the last complete one, whatever Ray Train's checkpoint_manager_snapshot.json on the
-Ray path says).
+restart resumes from the last complete one that verifies, whatever Ray Train's checkpoint_manager_snapshot.json
+on the Ray path says) and checkpoint-NNNNNN.damaged-K/ (one that did not verify, kept for inspection).
 """
 
 from __future__ import annotations
@@ -41,6 +44,12 @@ CHECKPOINT_NAME = re.compile(r"checkpoint-\d+")  # Ray's own checkpoint_tmp* fol
 TENSORBOARD_DIR = "tensorboard"
 MLFLOW_RUN_FILE = "mlflow.json"  # {"tracking_uri", "run_id"}: the MLflow run this run directory logs to
 BEST_FILE = "best.json"
+FAILED_GROUP, DAMAGED_CHECKPOINT = "worker_group", "damaged_checkpoint"  # the classes of failures.json's entries
+
+
+def _name(url: str) -> str:
+    """The last part of a URL: how the run directory's entries are matched, whatever path named the run."""
+    return url.rstrip("/").rsplit("/", 1)[-1]
 
 
 class RunDir:
@@ -90,20 +99,28 @@ class RunDir:
         steps = [m.get("step", 0) for m in self.metrics()] + [f["step"] for f in self.failures() if f["step"]]
         return max(steps, default=0)
 
-    def start_attempt(self, step: int, resumed: dict | None, world_size: int) -> str:
+    def start_attempt(self, step: int, resumed: dict | None, world_size: int) -> list[str]:
         """Rank 0 at an attempt's start (`resumed`: what checkpoint.resume says it resumed): the attempt
-        record with the steps the attempt before lost, metrics.jsonl cut back to `step`. -> the resume line
-        to log ("" on a fresh start)."""
+        record with the steps the attempt before lost, metrics.jsonl cut back to `step`, a failures.json entry
+        per damaged checkpoint passed over. -> the lines to log: one per damaged checkpoint, then the resume
+        line (none on a fresh start)."""
         from spatialnet_dist.checkpoint import describe_resume
 
         lost = max(0, self.last_step_reached() - step)
         self.truncate_metrics(step)
+        damaged = resumed["damaged"] if resumed else []
         facts = {k: resumed[k] for k in ("checkpoint", "written_by", "resharded")} if resumed else {}
+        if damaged:
+            facts["damaged"] = [{k: d[k] for k in ("checkpoint", "file", "set_aside")} for d in damaged]
         self.record_attempt(step, resumed is not None, world_size, lost, **facts)
-        return f"{describe_resume(resumed)}; {lost} steps lost since" if resumed else ""
+        for d in damaged:  # after the attempt's record: its own cause is the one before's
+            self.record_failure(None, d["reason"], DAMAGED_CHECKPOINT, **{k: d[k] for k in ("checkpoint", "file",
+                                                                                            "set_aside")})
+        lines = [f"{d['reason']}; passed over, set aside as {d['set_aside']}" for d in damaged]
+        return lines + [f"{describe_resume(resumed)}; {lost} steps lost since"] if resumed else lines
 
     def record_attempt(self, start_step: int, resumed: bool, world_size: int, lost_steps: int = 0, **facts) -> None:
-        """facts: what `checkpoint.resume` says it resumed (checkpoint, written_by, resharded)."""
+        """facts: what `checkpoint.resume` says it resumed (checkpoint, written_by, resharded, damaged)."""
         entries = self.attempts()
         cause = "start"
         if entries:
@@ -131,13 +148,17 @@ class RunDir:
 
     # ---- failures.json ----
 
-    def failures(self) -> list[dict]:
+    def failures(self, kind: str = FAILED_GROUP) -> list[dict]:
+        """The entries of one class: failed worker groups (what restart causes, lost steps and a step failing twice
+        go by; an entry without a class is one) or damaged checkpoints."""
         text = self._read_text("failures.json")
-        return json.loads(text) if text else []
+        return [f for f in (json.loads(text) if text else []) if f.get("class", FAILED_GROUP) == kind]
 
-    def record_failure(self, step: int | None, reason: str) -> None:
-        entries = [*self.failures(), {"step": step, "reason": reason, "time": time.time()}]
-        storage.write_bytes_atomic(self.path("failures.json"), json.dumps(entries, indent=1).encode())
+    def record_failure(self, step: int | None, reason: str, kind: str = FAILED_GROUP, **facts) -> None:
+        text = self._read_text("failures.json")
+        entry = {"class": kind, "step": step, "reason": reason, **facts, "time": time.time()}
+        storage.write_bytes_atomic(self.path("failures.json"),
+                                   json.dumps([*(json.loads(text) if text else []), entry], indent=1).encode())
 
     # ---- result.json ----
 
@@ -174,8 +195,9 @@ class RunDir:
     # ---- what `spatialnet runs` shows ----
 
     def describe(self) -> dict:
-        """{"run_dir", "state", "last_step", "max_steps", "last_metrics", "checkpoints", "report", "error",
-        "attempts", "tensorboard", "best_step" (eval.keep_best's, or None)}. state: created (config only), running
+        """{"run_dir", "state", "last_step", "max_steps", "last_metrics", "checkpoints", "damaged_checkpoints" (set
+        aside: [{"checkpoint", "file"}]), "report", "error", "attempts", "tensorboard", "best_step" (eval.keep_best's,
+        or None)}. state: created (config only), running
         (started, no result since: running, or its driver was killed), finished or failed (the job's result.json,
         newer than its last start)."""
         names = storage.list_dir(self.url)
@@ -195,12 +217,21 @@ class RunDir:
             "max_steps": config.get("train", {}).get("max_steps"),
             "last_metrics": metrics[-1] if metrics else {},
             "checkpoints": [self.path(n) for n in names if CHECKPOINT_NAME.fullmatch(n)],
+            "damaged_checkpoints": self._damaged_checkpoints(),
             "report": report if storage.exists(report) else None,
             "error": result.get("error") if state == "failed" else None,
             "attempts": len(attempts),
             "tensorboard": self.path(TENSORBOARD_DIR) if TENSORBOARD_DIR in names else None,
             "best_step": BestCheckpoint(self, config.get("eval", {}).get("keep_best", "")).step,
         }
+
+
+    def _damaged_checkpoints(self) -> list[dict]:
+        """The damaged checkpoints set aside here, each with the file that failed (failures.json; None: unrecorded)."""
+        from spatialnet_dist.checkpoint import damaged_checkpoints
+
+        files = {_name(f["set_aside"]): f["file"] for f in self.failures(DAMAGED_CHECKPOINT)}
+        return [{"checkpoint": url, "file": files.get(_name(url))} for url in damaged_checkpoints(self.url)]
 
 
 class BestCheckpoint:

@@ -110,8 +110,7 @@ def _resume_train_evaluate(trainer: Trainer, reporter: RayReporter, evaluation: 
     resumed = ckpt.resume(trainer, run.url, cfg.train.resume, cfg.train.resume_weights_only)
     if rank == 0:
         ckpt.prune(run.url, cfg.run.keep_checkpoints, reporter.best.url)  # partial leftovers of the attempt before
-        line = run.start_attempt(trainer.step, resumed, world_size)
-        if line:
+        for line in run.start_attempt(trainer.step, resumed, world_size):
             log.info("rank 0: %s", line)
         reporter.tracker = RunTracker(cfg, run, trainer.step)
         log.info("rank 0: %s at step %d of %d", "resuming" if resumed else "starting", trainer.step,
