@@ -12,7 +12,8 @@ Per preset, samples (images) per second of a full training step (forward, backwa
 Same threads, batch and image size for every model; one warm-up step each is excluded, and the timed steps
 alternate between the models. Nothing is asserted.
 
-    python bench/model_step.py [--presets tiny,paper] [--batch 8] [--image-size 256] [--threads 2] [--steps 1] [--json]
+    python bench/model_step.py [--presets tiny,paper] [--batch 8] [--image-size 256] [--threads 2] [--steps 1]
+                               [--stem patch|conv] [--json]
 """
 
 from __future__ import annotations
@@ -106,8 +107,8 @@ def bare_encoder_step(cfg: ModelConfig, images: torch.Tensor):
     return train_step(encoder, lambda: encoder.encode(images)[1].pow(2).mean())
 
 
-def bench_preset(name: str, batch_size: int, image_size: int, steps: int) -> dict:
-    cfg = ModelConfig(preset=name, image_size=image_size)
+def bench_preset(name: str, batch_size: int, image_size: int, steps: int, stem: str) -> dict:
+    cfg = ModelConfig(preset=name, image_size=image_size, stem=stem)
     torch.manual_seed(0)
     images = torch.randn(batch_size, cfg.in_chans, image_size, image_size)
     runs = {"spatialnet": spatialnet_step(cfg, images), "bare_encoder": bare_encoder_step(cfg, images),
@@ -137,6 +138,7 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=8, help="images per step, split over the four tasks (>= 4)")
     p.add_argument("--image-size", type=int, default=256)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--stem", default=ModelConfig.stem, choices=["patch", "conv"], help="model.stem")
     p.add_argument("--steps", type=int, default=1, help="timed steps per model")
     p.add_argument("--json", action="store_true", help="print only the JSON object")
     a = p.parse_args()
@@ -145,10 +147,10 @@ def main() -> None:
     torch.set_num_threads(a.threads)
     result: dict = {}
     for name in a.presets.split(","):
-        result[name] = bench_preset(name, a.batch, a.image_size, a.steps)
+        result[name] = bench_preset(name, a.batch, a.image_size, a.steps, a.stem)
         if not a.json:
             print(f"{name}: {result[name]}", file=sys.stderr)
-    result |= {"threads": a.threads, "batch": a.batch, "image_size": a.image_size}
+    result |= {"threads": a.threads, "batch": a.batch, "image_size": a.image_size, "stem": a.stem}
     print(json.dumps(result))
 
 
