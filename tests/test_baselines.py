@@ -111,6 +111,36 @@ def test_class_oracle_gives_each_image_its_class_most_frequent_training_caption(
     assert text.answers_by_question == {}
 
 
+def test_fixed_caption_and_majority_class_come_from_the_training_split(tmp_path, monkeypatch):
+    """Training: beach 3 of 4 images, "sand and sea" 2 of 4 captions; the test split: farm 2 of 3, "green fields"
+    3 of its 4 references. The baselines guess the training split's, scored on the test split's images."""
+    import spatialnet_dist.tasks.captioning as captioning
+
+    split_of = {"train": [("beach", ["Sand and sea."]), ("beach", ["sand and sea"]), ("beach", ["a beach"]),
+                          ("farm", ["green fields"])],
+                "test": [("farm", ["green fields", "green fields"]), ("farm", ["green fields"]),
+                         ("beach", ["sand and sea"])]}
+    with ShardWriter(str(tmp_path), "toy", classes=CLASSES, shard_size=3, min_shards=1) as w:
+        for split, items in split_of.items():
+            for i, (label, captions) in enumerate(items):
+                w.write(sample(split, i, label, captions, []))
+    cfg = Config()
+    cfg.data.root = str(tmp_path)
+    cfg.tasks.vqa.enabled = cfg.tasks.regression.enabled = False
+    cfg.tasks.captioning.corpora = cfg.tasks.classification.corpora = ["toy"]
+    vocabs = build_vocabs(cfg)
+    scored = []  # the captions each baseline gives (METEOR's java is slow: the scorer is test_evaluate.py's)
+    monkeypatch.setattr(captioning, "score_captions", lambda preds, refs: scored.append(preds) or {"CIDEr": 0.0})
+    test = [(f"test_{i}", label, captions) for i, (label, captions) in enumerate(split_of["test"])]
+    rows = {"captioning": [{"image_id": i, "references": refs, "label_name": label} for i, label, refs in test],
+            "classification": [{"image_id": i, "label": CLASSES.index(label), "prediction": 0} for i, label, _ in test]}
+    baselines = trivial_baselines(rows, cfg, vocabs)
+    assert baselines["classification"] == {"majority": {"accuracy": 1 / 3, "n": 3,  # not farm's 2 / 3
+                                                        "name": "most frequent training class: beach"}}
+    assert baselines["captioning"]["fixed_caption"]["name"] == "most frequent training caption: 'sand and sea'"
+    assert scored[0] == [{"image_id": i, "caption": "sand and sea"} for i, _, _ in test]  # not "green fields"
+
+
 def test_shard_records_skip_images_and_name_a_bad_shard(tmp_path):
     write_toy(str(tmp_path))
     records = list(split_records(str(tmp_path), "toy", "train"))

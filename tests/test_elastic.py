@@ -83,6 +83,7 @@ def sigterm_handler(monkeypatch):
     yield told
     signal.signal(signal.SIGTERM, saved)
     preemption._signalled.clear()
+    preemption._finished.clear()
 
 
 def test_sigterm_asks_for_a_stop_at_the_next_step_boundary(sigterm_handler):
@@ -109,6 +110,18 @@ def test_a_process_forked_from_a_worker_still_dies_of_sigterm(sigterm_handler):
     _, status = os.waitpid(pid, 0)
     assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGTERM
     assert not sigterm_handler and not preemption._signalled.is_set()
+
+
+def test_sigterm_after_training_is_over_gets_rays_exit_and_no_checkpoint(sigterm_handler, caplog):
+    """Ray shuts a finished group down with SIGTERM: the handler it replaced (Ray's exit) gets it, nothing else."""
+    ray_exits = []
+    signal.signal(signal.SIGTERM, lambda signum, frame: ray_exits.append(signum))  # as Ray's worker sets it
+    preemption._install(grace_s=30.0)
+    preemption.training_over()
+    os.kill(os.getpid(), signal.SIGTERM)  # the handler, then Ray's, before the next bytecode of this main thread
+    assert ray_exits == [signal.SIGTERM]
+    assert not sigterm_handler and not preemption._signalled.is_set() and not preemption.StopCheck().check()
+    assert "SIGTERM" not in caplog.text
 
 
 # ---- a 2-node Ray cluster on this machine ----

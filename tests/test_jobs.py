@@ -13,6 +13,7 @@ from spatialnet_dist import checkpoint as ckpt
 from spatialnet_dist import config as config_mod
 from spatialnet_dist import jobs
 from spatialnet_dist.evaluate.run import ValidationPass
+from spatialnet_dist.train import launch
 from spatialnet_dist.train.rundir import RunDir
 
 
@@ -49,10 +50,12 @@ def _predicted_tags(eval_dir) -> dict[str, list[float]]:
 
 
 @pytest.mark.slow  # a Ray job of 2 workers: 6 steps, 3 validations, the end-of-run evaluation
-def test_keep_best_keeps_and_evaluates_the_best_checkpoint_and_result_names_it(shared_ray, tmp_path, capsys):
+def test_keep_best_keeps_and_evaluates_the_best_checkpoint_and_result_names_it(shared_ray, tmp_path, capsys,
+                                                                              monkeypatch):
     """eval.keep_best through the Ray job. A high lr makes the model worse after its first steps, so the best of
     the validations at 2, 4 and 6 is not the last; run.keep_checkpoints=1 keeps it all the same, and the
-    end-of-run evaluation predicts with its weights: those `eval run` predicts with from it, not the last's."""
+    end-of-run evaluation predicts with its weights: those `eval run` predicts with from it, not the last's.
+    Ray's shutdown of the finished group is no pre-emption; the same job again finds the run complete."""
     from test_train import TINY, result_line, sets
 
     from spatialnet_dist.corpora.synthetic import write_synthetic
@@ -61,13 +64,20 @@ def test_keep_best_keeps_and_evaluates_the_best_checkpoint_and_result_names_it(s
     root, runs = str(tmp_path / "shards"), str(tmp_path / "runs")
     write_synthetic(root, images=40, seed=0, shard_size=10)
     off = [f"tasks.{t}.enabled=false" for t in ("captioning", "vqa", "regression")]
-    code = jobs.train_with_ray(sets(*TINY, *off, f"data.root={root}", f"run.storage={runs}", "run.name=best",
-                                    "tasks.tagging.enabled=true", "optim.lr=3e-2", "optim.warmup_steps=0",
-                                    "train.max_steps=6", "train.checkpoint_every=2", "run.keep_checkpoints=1",
-                                    "eval.every=2", "eval.val_batches=2", "eval.at_end=true",
-                                    "eval.keep_best=tagging_mAP_macro"))
-    result = result_line(capsys.readouterr().out)
+    args = sets(*TINY, *off, f"data.root={root}", f"run.storage={runs}", "run.name=best", "tasks.tagging.enabled=true",
+                "optim.lr=3e-2", "optim.warmup_steps=0", "train.max_steps=6", "train.checkpoint_every=2",
+                "run.keep_checkpoints=1", "eval.every=2", "eval.val_batches=2", "eval.at_end=true",
+                "eval.keep_best=tagging_mAP_macro")
+    code = jobs.train_with_ray(args)
+    captured = capsys.readouterr()
+    result = result_line(captured.out)
     assert code == 0, result
+    assert "(RayTrainWorker" in captured.err and "SIGTERM" not in captured.err  # the workers' logs, no pre-emption
+
+    monkeypatch.setattr(launch, "run_training", lambda *args: pytest.fail("a second job trained"))
+    assert jobs.train_with_ray(args) == 0
+    said, again = capsys.readouterr().out.strip().splitlines()[-2:]
+    assert said.startswith(f"{runs}/best: this run is complete at step 6") and result_line(again) == result
     run = RunDir(f"{runs}/best")
     validated = {m["step"]: m["val/tagging_mAP_macro"] for m in run.metrics() if "val/tagging_mAP_macro" in m}
     assert list(validated) == [2, 4, 6]

@@ -116,6 +116,36 @@ def test_driver_resolves_epochs_and_global_batch_before_workers_start(synth_root
     assert saved.train.max_steps == steps and saved.tasks.captioning.batch_size == 4
 
 
+def test_a_finished_run_is_not_run_again_unless_given_more_to_do(synth_root, tmp_path, monkeypatch, capsys):
+    """A second job on a run directory whose run finished its max_steps starts no worker: a line saying the run is
+    complete and how to start another, then the run's RESULT line again. More steps, or an evaluation the run did
+    not do, and the job runs (Ray's workers resume the run from its last checkpoint)."""
+    from types import SimpleNamespace
+
+    trained = []
+
+    def training_to_the_end(cfg, vocab, run_dir, train_loop):
+        trained.append(cfg.train.max_steps)
+        RunDir(run_dir).append_metrics({"step": cfg.train.max_steps, "loss": 1.0})
+        return SimpleNamespace(error=None)
+
+    monkeypatch.setattr(launch, "connect_ray", lambda cfg: False)
+    monkeypatch.setattr(launch, "run_training", training_to_the_end)
+    args = sets(f"data.root={synth_root}", f"run.storage={tmp_path}", "eval.at_end=false", "train.max_steps=4")
+    assert jobs.train_with_ray(args) == 0 and trained == [4]
+    first = capsys.readouterr().out.strip().splitlines()[-1]
+    assert result_line(first)["final_step"] == 4 and RunDir(str(tmp_path / "demo")).describe()["state"] == "finished"
+
+    assert jobs.train_with_ray(args) == 0 and trained == [4]
+    said, again = capsys.readouterr().out.strip().splitlines()[-2:]
+    assert again == first
+    assert said.startswith(f"{tmp_path / 'demo'}: this run is complete at step 4, nothing left to do")
+    assert "--set run.name=<another name>" in said
+
+    assert jobs.train_with_ray(args + sets("train.max_steps=6")) == 0 and trained == [4, 6]
+    assert jobs.train_with_ray(args + sets("train.max_steps=6", "eval.at_end=true")) == 0 and trained == [4, 6, 6]
+
+
 # ---- the Trainer under torch.distributed, without Ray ----
 
 

@@ -4,7 +4,7 @@ class alone score, with the same scorers as the model. Each task declares its ow
 `trivial_baselines` asks every evaluated task.
 
 Answers are counted as the metric compares them (eval.count_rule); ties go to the alphabetically first.
-Per-type answer counts come from the manifests; questions and captions from the training shards' JSON
+Per-type answer counts come from the manifests; questions, captions and classes from the training shards' JSON
 records, read once per evaluation (store.records: no image is decoded).
 """
 
@@ -45,13 +45,15 @@ class TrainingText:
 
     answers_by_type: dict[str, Counter] = field(default_factory=dict)  # {type: {answer class: n}}
     answers_by_question: dict[tuple[str, str], Counter] = field(default_factory=dict)  # {(type, question text): ...}
+    captions: Counter = field(default_factory=Counter)  # {caption text: n}, every training caption
     captions_by_class: dict[str, Counter] = field(default_factory=dict)  # {class name: {caption text: n}}
+    classes: Counter = field(default_factory=Counter)  # {class name: training images}
     counts: list[float] = field(default_factory=list)  # the raw answers of count questions
 
 
 def read_training_text(cfg, vocabs: TextVocabs, tasks: list[str]) -> TrainingText:
     """Answer counts per type from the manifests of the vqa and regression corpora (of those in `tasks`);
-    questions (vqa in `tasks`) and captions by class (captioning in `tasks`) from one pass over the
+    questions (vqa in `tasks`), captions (captioning) and classes (classification) from one pass over the
     training records."""
     rule, root, text = cfg.eval.count_rule, cfg.data.root, TrainingText()
     for corpus in task_corpora(cfg, [t for t in ("vqa", "regression") if t in tasks]):
@@ -62,15 +64,20 @@ def read_training_text(cfg, vocabs: TextVocabs, tasks: list[str]) -> TrainingTex
                     text.counts += [as_number(raw)] * n
     vqa_corpora = task_corpora(cfg, ["vqa"]) if "vqa" in tasks else []
     caption_corpora = task_corpora(cfg, ["captioning"]) if "captioning" in tasks else []
-    for corpus in dict.fromkeys([*vqa_corpora, *caption_corpora]):
+    class_corpora = task_corpora(cfg, ["classification"]) if "classification" in tasks else []
+    for corpus in dict.fromkeys([*vqa_corpora, *caption_corpora, *class_corpora]):
         for record in split_records(root, corpus, TRAIN_SPLIT):
             if corpus in vqa_corpora:
                 for q in record["qa"]:
                     asked = (q["type"], question_text(q["question"], vocabs, cfg.model.question_max_len))
                     text.answers_by_question.setdefault(asked, Counter())[map_answer(q["answer"], q["type"], rule)] += 1
-            if corpus in caption_corpora and record["label_name"] is not None:
-                by_class = text.captions_by_class.setdefault(record["label_name"], Counter())
-                by_class.update(map(caption_text, record["captions"]))
+            if corpus in caption_corpora:
+                captions = [caption_text(c) for c in record["captions"]]
+                text.captions.update(captions)
+                if record["label_name"] is not None:
+                    text.captions_by_class.setdefault(record["label_name"], Counter()).update(captions)
+            if corpus in class_corpora and record["label_name"] is not None:
+                text.classes[record["label_name"]] += 1
     return text
 
 
@@ -92,7 +99,7 @@ def question_only_answers(rows: list[dict], text: TrainingText, vocabs: TextVoca
 def class_oracle_captions(rows: list[dict], text: TrainingText) -> list[dict]:
     """[{"image_id", "caption"}]: the most frequent training caption of each image's true class
     (row "label_name"); the most frequent of all for an image whose class has no training caption."""
-    anywhere = most_frequent(sum(text.captions_by_class.values(), Counter()))
+    anywhere = most_frequent(text.captions)
     oracle = {name: most_frequent(counts) for name, counts in text.captions_by_class.items()}
     return [{"image_id": r["image_id"], "caption": oracle.get(r.get("label_name"), anywhere)} for r in rows]
 

@@ -3,14 +3,13 @@ and the COCO caption metrics (BLEU, METEOR, ROUGE-L, CIDEr) in evaluation."""
 
 from __future__ import annotations
 
-from collections import Counter
 from pathlib import Path
 from typing import TypedDict
 
 import torch
 
 from spatialnet_dist.batch_format import CAPTIONS
-from spatialnet_dist.metrics.baselines import caption_text, class_oracle_captions, most_frequent, training_text
+from spatialnet_dist.metrics.baselines import class_oracle_captions, most_frequent, training_text
 from spatialnet_dist.metrics.captions import format_caption_table, score_captions
 from spatialnet_dist.networks.heads import CaptionDecoder
 from spatialnet_dist.symmetry import map_sides
@@ -86,15 +85,17 @@ class Captioning(Task):
         return score_captions(preds, {r["image_id"]: r["references"] for r in rows}, spice=cfg.eval.spice)
 
     def baselines(self, rows, cfg, vocabs):
-        """"fixed_caption": the split's most frequent reference for every image; "class_oracle": the most
+        """"fixed_caption": the most frequent training caption for every image; "class_oracle": the most
         frequent training caption of each image's true class (what recognising the class alone reaches)."""
+        text = training_text(cfg, vocabs, [self.name])
+        if not text.captions:
+            return {}
         refs = {r["image_id"]: r["references"] for r in rows}
-        fixed = most_frequent(Counter(caption_text(ref) for r in rows for ref in r["references"]))
+        fixed = most_frequent(text.captions)
         out = {"fixed_caption": {
             **score_captions([{"image_id": r["image_id"], "caption": fixed} for r in rows], refs),
-            "name": f"one fixed caption: {fixed!r}",
+            "name": f"most frequent training caption: {fixed!r}",
         }}
-        text = training_text(cfg, vocabs, [self.name])
         if text.captions_by_class:
             out["class_oracle"] = {**score_captions(class_oracle_captions(rows, text), refs),
                                    "name": "most frequent training caption of the true class"}

@@ -4,12 +4,12 @@ against both labels weighted by their images' shares; accuracy, per-class scores
 
 from __future__ import annotations
 
-from collections import Counter
 from typing import NotRequired, TypedDict
 
 import torch
 from torch import nn
 
+from spatialnet_dist.metrics.baselines import most_frequent, training_text
 from spatialnet_dist.metrics.classification import format_classification_table, plot_confusion, score_classification
 from spatialnet_dist.tasks.base import MIX_OPTIONS, Task, cross_entropy, tta_probabilities
 
@@ -91,12 +91,15 @@ class Classification(Task):
         return score_classification([r["prediction"] for r in labelled], [r["label"] for r in labelled], vocabs.classes)
 
     def baselines(self, rows, cfg, vocabs):
-        """"majority": the split's most frequent class."""
+        """"majority": the training split's most frequent class for every image."""
         labels = [r["label"] for r in rows if r["label"] >= 0]
-        if not labels:
+        counts = training_text(cfg, vocabs, [self.name]).classes
+        if not labels or not counts:
             return {}
-        share = Counter(labels).most_common(1)[0][1] / len(labels)
-        return {"majority": {"accuracy": share, "n": len(labels), "name": "most frequent class of this split"}}
+        majority = most_frequent(counts)
+        share = labels.count(vocabs.classes.index(majority)) / len(labels)
+        return {"majority": {"accuracy": share, "n": len(labels),
+                             "name": f"most frequent training class: {majority}"}}
 
     def prediction_files(self, rows, vocabs):
         def name(i: int) -> str | None:

@@ -5,6 +5,8 @@ which binds evaluate/'s validation and end-of-run evaluation into Ray Train's pe
 Everything that can be wrong with the input (config, data, sources, storage, java: train.preflight) is
 checked here, before any worker starts. RESULT's "error" is null on success, else the failing worker's
 one-line reason, which is also the last line of stderr (train.failures says which failures end a run at once).
+A run directory that already holds the finished run the job asks for (its steps done, evaluated) starts nothing:
+its RESULT line again.
 """
 
 from __future__ import annotations
@@ -137,6 +139,15 @@ def run_training(cfg: config_mod.Config, vocab: dict, run_dir: str, train_loop: 
     return trainer.fit()
 
 
+def report_complete(run, result: dict) -> int:
+    """A job asked of a run that has nothing left to do (RunDir.completed) starts no worker: it says so, how to
+    train another, and prints the run's RESULT line again (from result.json). -> the exit code, 0."""
+    print(f"{run.url}: this run is complete at step {result['final_step']}, nothing left to do. A fresh run: "
+          f"--set run.name=<another name>, or delete {run.url}; more steps: --set train.max_steps=<more>", flush=True)
+    print("RESULT " + json.dumps({k: v for k, v in result.items() if k != "ended"}), flush=True)
+    return 0
+
+
 def main(argv: list[str] | None, train_loop: Callable[[dict], None]) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     args = parse_args(sys.argv[1:] if argv is None else argv)
@@ -159,6 +170,9 @@ def main(argv: list[str] | None, train_loop: Callable[[dict], None]) -> int:
         # A resumed run keeps the global batch its checkpoint recorded; planned for the most workers (an elastic
         # group's workers take their share again at the size it has), checked for every size it may take.
         cfg, plan = resolve(cfg, cfg.train.worker_range[1], resumed_meta(run.url, cfg.train.resume))
+        finished = run.completed(cfg.train.max_steps, cfg.eval.at_end)
+        if finished is not None:
+            return report_complete(run, finished)
         check_world_sizes(cfg)
         if plan:
             print(plan, flush=True)

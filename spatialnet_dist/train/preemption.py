@@ -17,6 +17,8 @@ own handler makes the worker exit: a crash, charged to max_failures). So here:
 4. `hand_over`, after that checkpoint: the signalled rank moves its deadline to now, and every rank waits to be
    stopped. A rank must not return (Ray would call the run finished) nor raise (in the pre-empting state any
    worker error is a failure).
+5. `training_over`, once a rank's training and evaluation are done and it returns: a SIGTERM from then on is Ray
+   shutting the finished group down, and gets Ray's own exit, with no checkpoint nor warning.
 A pre-emption that signals every process of the worker at once is the same: its loader processes leave SIGTERM
 to it (data/batches.py), so the batches keep coming up to that step boundary.
 If the step boundary does not come within the grace period, the controller restarts the group at the deadline
@@ -41,6 +43,7 @@ from ray.train.v2.api.preemption import PreemptionInfo
 log = logging.getLogger("spatialnet.train")
 
 _signalled = threading.Event()  # this worker process received SIGTERM
+_finished = threading.Event()  # this worker process's training function is returning: nothing left to checkpoint
 
 
 def _tell_ray(deadline_s: float) -> None:
@@ -53,12 +56,14 @@ def _tell_ray(deadline_s: float) -> None:
 
 def _install(grace_s: float) -> None:
     pid = os.getpid()
+    ray_exit = signal.getsignal(signal.SIGTERM) or signal.SIG_DFL  # Ray's handler (None: one set outside Python)
 
     def _on_sigterm(signum, frame):
         # A process forked from this one: the signal means what it always did. (A data loader's takes SIGTERM over
-        # as it starts and leaves a pre-emption's to this process: data/batches.py.)
-        if os.getpid() != pid:
-            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        # as it starts and leaves a pre-emption's to this process: data/batches.py.) A finished worker: Ray's exit.
+        forked = os.getpid() != pid
+        if forked or _finished.is_set():
+            signal.signal(signal.SIGTERM, signal.SIG_DFL if forked else ray_exit)
             os.kill(os.getpid(), signal.SIGTERM)
             return
         if not _signalled.is_set():
@@ -67,6 +72,12 @@ def _install(grace_s: float) -> None:
             log.warning("SIGTERM: checkpointing at the next step boundary (grace %.0f s), then restarting", grace_s)
 
     signal.signal(signal.SIGTERM, _on_sigterm)
+
+
+def training_over() -> None:
+    """This rank's training function returns normally (called on its own thread): a later SIGTERM is Ray's shutdown
+    of the group, no pre-emption."""
+    _finished.set()
 
 
 class SigtermHandler(WorkerGroupCallback):

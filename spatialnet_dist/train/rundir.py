@@ -170,6 +170,15 @@ class RunDir:
         text = self._read_text("result.json")
         return json.loads(text) if text else None
 
+    def completed(self, max_steps: int, evaluated: bool) -> dict | None:
+        """result.json when a job with this `max_steps` (and, `evaluated`, eval.at_end) has nothing left to do
+        here: the run finished (describe's state) without an error at that step, evaluated when asked; else None
+        (a new run, or one to go on with: unfinished, failed, or given more steps)."""
+        result = self.result()
+        if _state(self.attempts(), result) != "finished" or result.get("final_step") != max_steps:
+            return None
+        return result if result.get("eval") is not None or not evaluated else None
+
     # ---- best.json ----
 
     def best(self, metric: str) -> dict | None:
@@ -205,10 +214,7 @@ class RunDir:
             raise UserError(f"{self.url}: not a run directory (no config.yaml)")
         config = yaml.safe_load(self._read_text("config.yaml")) or {}
         metrics, attempts, result = self.metrics(), self.attempts(), self.result()
-        if result is not None and (not attempts or result.get("ended", 0) >= attempts[-1]["time"]):
-            state = "failed" if result.get("error") else "finished"
-        else:
-            state = "running" if attempts else "created"
+        state = _state(attempts, result)
         report = self.path("eval", "report.md")
         return {
             "run_dir": self.url,
@@ -232,6 +238,13 @@ class RunDir:
 
         files = {_name(f["set_aside"]): f["file"] for f in self.failures(DAMAGED_CHECKPOINT)}
         return [{"checkpoint": url, "file": files.get(_name(url))} for url in damaged_checkpoints(self.url)]
+
+
+def _state(attempts: list[dict], result: dict | None) -> str:
+    """A run directory's state from its attempts.json and result.json (RunDir.describe says what each means)."""
+    if result is not None and (not attempts or result.get("ended", 0) >= attempts[-1]["time"]):
+        return "failed" if result.get("error") else "finished"
+    return "running" if attempts else "created"
 
 
 class BestCheckpoint:

@@ -100,6 +100,7 @@ def train_loop_per_worker(config: dict, validation: Validation, evaluation: Eval
     except Exception as e:
         failures.mark_step(e, trainer.step)  # the controller ends a run whose same step fails twice
         raise
+    preemption.training_over()  # Ray's shutdown of the finished group SIGTERMs this process: no pre-emption
 
 
 def _resume_train_evaluate(trainer: Trainer, reporter: RayReporter, evaluation: Evaluation, run: RunDir,
