@@ -1,7 +1,8 @@
 """mae, masked autoencoding (tasks/mae.py): the encoder sees only the kept patches and the loss only the masked
 ones, against hand computations; norm_pix targets by hand for 13 bands; it learns a fixed batch; through the
 Trainer alone on an unlabeled 13-band uint16 corpus (a resume is bit for bit the uninterrupted run, its
-masks included), and through Ray Train with a worker SIGKILLed mid-way (the same bits), and beside
+masks included), and through Ray Train with a worker SIGKILLed mid-way (the same bits); a 13-band classifier
+fine-tuned from that pretraining; beside
 classification under ZeRO-3 with validation; evaluation rows, scores, files and report; its config keys."""
 
 from __future__ import annotations
@@ -50,6 +51,17 @@ def write_unlabeled(root: str) -> None:
             for i in range(n):
                 image = rng.integers(0, 3000, (32, 32, BANDS), dtype=np.uint16)
                 w.write(Sample(corpus="unlabeled", image_id=f"{split}{i:02d}", split=split, image=image))
+
+
+def write_labelled(root: str) -> None:
+    """A labelled corpus of the same 13-band uint16 kind: two land-use classes."""
+    rng = np.random.default_rng(1)
+    with ShardWriter(root, "labelled", classes=["farm", "forest"], shard_size=4, min_shards=1) as w:
+        for split, n in SPLITS.items():
+            for i in range(n):
+                image = rng.integers(0, 3000, (32, 32, BANDS), dtype=np.uint16)
+                w.write(Sample(corpus="labelled", image_id=f"{split}{i:02d}", split=split, image=image, label=i % 2,
+                               label_name=("farm", "forest")[i % 2]))
 
 
 @pytest.fixture(scope="module")
@@ -198,6 +210,32 @@ def test_beside_classification_under_zero_3_it_trains_validates_and_shows_recons
     shown = [s for s in samples if "reconstruction" in s]
     assert step == 2 and shown and all(s["reconstruction"].shape == (32, 96, 3) for s in shown)
     assert all(s["reconstruction_MSE"] >= 0 for s in shown)
+
+
+def test_a_13_band_pretraining_fine_tunes_a_13_band_classifier_through_the_trainer(world_of_one, tmp_path):  # noqa: F811
+    """mae on the unlabeled 13-band corpus, its checkpoint published as a run's; a classification Trainer on a labelled
+    13-band corpus with model.pretrained naming it starts from every pretrained encoder weight and trains."""
+    from spatialnet_dist import checkpoint as ckpt
+    from spatialnet_dist.data.vocab import build_vocabs
+
+    root = str(tmp_path / "shards")
+    write_unlabeled(root)
+    write_labelled(root)
+    steps = ["train.max_steps=2", "train.checkpoint_every=2", "train.log_every=1", "eval.every=0", "eval.at_end=false"]
+    pretraining = RecordingReporter(tmp_path)
+    _trainer(cfg := _unlabeled_config(root, *steps), build_vocabs(cfg), pretraining).fit()
+    url = ckpt.publish(tmp_path / "step-2", str(tmp_path / "runs" / "pretrain"), 2, rank=0, keep=0)
+    fine_cfg = _unlabeled_config(root, *steps, "tasks.mae.enabled=false", "tasks.classification.enabled=true",
+                                 "tasks.classification.corpora=[labelled]", "tasks.classification.batch_size=2",
+                                 f"model.pretrained={url}")
+    fine = RecordingReporter(tmp_path / "fine")
+    trainer = _trainer(fine_cfg, build_vocabs(fine_cfg), fine)
+    encoder, pretrained = trainer.engine.module.encoder.state_dict(), pretraining.weights[2]
+    assert encoder["patch_embed.proj.weight"].shape[1] == BANDS  # (D, 13, 8, 8)
+    assert all(torch.equal(v, pretrained[f"encoder.{k}"]) for k, v in encoder.items())
+    assert sorted(trainer.engine.module.heads) == ["classification"]
+    trainer.fit()
+    assert [m["step"] for m in fine.metrics] == [1, 2] and all(np.isfinite(m["classification_loss"]) for m in fine.metrics)
 
 
 @pytest.mark.slow
