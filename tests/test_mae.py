@@ -1,9 +1,9 @@
 """mae, masked autoencoding (tasks/mae.py): the encoder sees only the kept patches and the loss only the masked
 ones, against hand computations; norm_pix targets by hand for 13 bands; it learns a fixed batch; through the
-Trainer alone on an unlabeled 13-band uint16 corpus (a resume is bit for bit the uninterrupted run, its
-masks included), and through Ray Train with a worker SIGKILLed mid-way (the same bits); a 13-band classifier
-fine-tuned from that pretraining; beside
-classification under ZeRO-3 with validation; evaluation rows, scores, files and report; its config keys."""
+Trainer alone on an unlabeled 13-band uint16 corpus (a resume is bit for bit the uninterrupted run, its masks
+included), and through Ray Train with a worker SIGKILLed mid-way (the same bits); a 13-band classifier fine-tuned
+from that pretraining; beside classification under ZeRO-3 with validation; evaluation rows, scores, files and
+report; its config keys."""
 
 from __future__ import annotations
 
