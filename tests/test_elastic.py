@@ -6,6 +6,7 @@ one CPU each, so that a 2-worker group has one worker on each node."""
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import secrets
@@ -424,3 +425,82 @@ def test_an_elastic_run_grows_back_when_a_node_returns(synth_root, two_nodes, tm
     for m in metrics:  # images per step over all workers: the global batch, on 1 worker and on 2
         for task in DEFAULT_TASKS:
             assert m[f"samples_per_s/{task}"] * m["step_time_s"] == pytest.approx(4), (task, m)
+
+
+# ---- a lost head: the same job on a new cluster ----
+
+
+def test_a_stale_ray_checkpoint_record_is_dropped_before_ray_starts(tmp_path, monkeypatch):
+    """A run directory of a job from before Ray got metrics only: Ray's record names checkpoint-000002, which pruning
+    deleted since, and Ray Train would refuse the directory. The driver drops the record before Ray Train reads it;
+    the checkpoints stay."""
+    import ray.train.torch
+
+    run = tmp_path / "runs" / "old"
+    (run / "checkpoint-000004").mkdir(parents=True)
+    record = run / launch.RAY_CHECKPOINT_RECORD
+    record.write_text(json.dumps({"checkpoint_results": [{"checkpoint_dir_name": "checkpoint-000002"}]}))
+    seen: list[tuple[bool, str]] = []
+
+    class Trainer:  # what Ray Train's TorchTrainer is handed, at the moment it would read its record
+        def __init__(self, train_loop, run_config, **kwargs):
+            seen.append((record.exists(), run_config.name))
+
+        def fit(self):
+            return "result"
+
+    monkeypatch.setattr(ray.train.torch, "TorchTrainer", Trainer)
+    cfg = config_mod.load(None, [f"run.storage={tmp_path / 'runs'}", "run.name=old"])
+    assert launch.run_training(cfg, {}, str(run), print) == "result"
+    assert seen == [(False, "old")] and (run / "checkpoint-000004").is_dir()
+
+
+@pytest.mark.slow
+def test_the_same_job_on_a_new_head_resumes_a_run_whose_head_was_lost(synth_root, tmp_path, free_ports):  # noqa: F811
+    """A one-node cluster of the test's own is killed whole (head, raylet, workers) and the job's driver with it,
+    once checkpoint 6 of 12 is complete and checkpoint 2 pruned (run.keep_checkpoints=2). The run directory
+    says "running" with no driver; the same command on a new head resumes from checkpoint 6 (Ray's run snapshot
+    names no checkpoint that pruning deleted: Ray registers none) and ends with the parameters of a run never
+    disturbed, on the same new head."""
+    import torch
+
+    from spatialnet_dist import checkpoint as ckpt
+
+    runs = tmp_path / "runs"
+    args = [*TINY, f"data.root={synth_root}", f"run.storage={runs}", "train.num_workers=1", "train.max_steps=12",
+            "train.checkpoint_every=2", "run.keep_checkpoints=2"]
+    run = RunDir(str(runs / "lost"))
+    (tmp_path / "old").mkdir()
+    (tmp_path / "new").mkdir()
+    old = TwoNodes(tmp_path / "old", free_ports)
+    try:
+        job = Job(old, sets(*args, "run.name=lost"))
+
+        def lose_the_head():
+            old.head.kill()
+            job.proc.kill()  # the driver runs on the head (`ray job submit`): it goes with it
+
+        _when(lambda: (runs / "lost" / "checkpoint-000006" / "manifest.json").is_file()
+              and not (runs / "lost" / "checkpoint-000002").exists(), lose_the_head).join(600)
+        job.proc.wait(timeout=60)
+    finally:
+        old.stop()
+    assert job.proc.returncode is not None and not (runs / "lost" / "checkpoint-000002").exists()
+    assert not (runs / "lost" / launch.RAY_CHECKPOINT_RECORD).exists()
+    assert run.describe()["state"] == "running" and run.result() is None  # no driver left to write result.json
+
+    new = TwoNodes(tmp_path / "new", free_ports)
+    try:
+        code, result = Job(new, sets(*args, "run.name=lost")).result()
+        assert code == 0, result
+        code, undisturbed = Job(new, sets(*args, "run.name=undisturbed")).result()
+        assert code == 0, undisturbed
+    finally:
+        new.stop()
+    assert result["final_step"] == 12 and result["resumed_from"] == [6], result
+    assert run.describe()["state"] == "finished"
+    assert [m["step"] for m in _metrics(runs, "lost")] == list(range(1, 13))  # none twice
+    resumed = ckpt.consolidated_weights(result["checkpoint"])
+    reference = ckpt.consolidated_weights(undisturbed["checkpoint"])
+    assert result["checkpoint"].endswith("checkpoint-000012") and resumed.keys() == reference.keys()
+    assert all(torch.equal(resumed[k], reference[k]) for k in reference)

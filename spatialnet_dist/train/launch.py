@@ -27,6 +27,10 @@ from spatialnet_dist.errors import UserError
 from spatialnet_dist.store import storage
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "demo.yaml"
+# Ray Train's record of the checkpoints reported to it, in the run directory. Jobs before Ray got metrics only
+# (train.worker.RayReporter) wrote one naming checkpoints that run.keep_checkpoints pruned since, and Ray Train
+# refuses to start in a run directory whose record names a missing checkpoint.
+RAY_CHECKPOINT_RECORD = "checkpoint_manager_snapshot.json"
 log = logging.getLogger("spatialnet.launch")
 
 
@@ -115,6 +119,7 @@ def run_training(cfg: config_mod.Config, vocab: dict, run_dir: str, train_loop: 
     from spatialnet_dist.train.failures import FailureClassifier
     from spatialnet_dist.train.preemption import SigtermHandler
 
+    storage.delete(storage.join(run_dir, RAY_CHECKPOINT_RECORD))  # nothing reads it: resume goes by the run's own
     storage_path, filesystem = storage_for_ray(cfg.run.storage, cfg.data.s3_retry_seconds)
     trainer = TorchTrainer(
         train_loop,
@@ -131,7 +136,7 @@ def run_training(cfg: config_mod.Config, vocab: dict, run_dir: str, train_loop: 
             storage_filesystem=filesystem,
             # Pre-emptions (a drained node, a SIGTERM: train.preemption) have their own budget, unlimited.
             failure_config=FailureConfig(max_failures=cfg.train.max_failures),
-            # No checkpoint_config: run.keep_checkpoints is applied by checkpoint.prune, on every path.
+            # No checkpoint_config: Ray registers no checkpoint; checkpoint.py publishes, prunes and resumes them.
             callbacks=[FailureClassifier(run_dir),  # permanent failures end the run on this attempt
                        SigtermHandler(cfg.train.preemption_grace_s)],
         ),

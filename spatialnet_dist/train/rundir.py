@@ -22,8 +22,9 @@
   mlflow.json     the MLflow run this run logs to (log.mlflow)
   eval/           metrics.json, predictions/, report.md and its figures
 Beside these: checkpoint-NNNNNN/ (spatialnet_dist.checkpoint: complete once its manifest.json is written; a
-restart resumes from the last complete one that verifies, whatever Ray Train's checkpoint_manager_snapshot.json
-on the Ray path says) and checkpoint-NNNNNN.damaged-K/ (one that did not verify, kept for inspection).
+restart resumes from the last complete one that verifies; Ray Train is told of none, so its run snapshot
+checkpoint_manager_snapshot.json never names one) and checkpoint-NNNNNN.damaged-K/ (one that did not verify, kept for
+inspection).
 """
 
 from __future__ import annotations

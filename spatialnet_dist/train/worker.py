@@ -1,5 +1,5 @@
 """Ray Train glue: the function every worker runs. Resume from the run's last complete checkpoint (or
-`train.resume`), run the Trainer, report metrics and checkpoints from every rank, evaluate at the end.
+`train.resume`), run the Trainer, publish checkpoints and report metrics from every rank, evaluate at the end.
 The validation and the end-of-run evaluation come in as callables (spatialnet_dist.jobs hands in
 evaluate/'s): train/ does not import evaluate/.
 """
@@ -41,7 +41,9 @@ Evaluation = Callable[[torch.nn.Module, config_mod.Config, TextVocabs, int, int,
 class RayReporter:
     """Every rank reports; rank 0 also writes metrics.jsonl and its tracker (TensorBoard, MLflow), and keeps
     the best checkpoint (eval.keep_best). Checkpoints are published complete by `ckpt.publish` (files, then
-    the manifest) and only then reported to Ray, which registers them as they are."""
+    the manifest), pruned by it and resumed by `ckpt.resume`: the run's one checkpoint manager. Ray gets the
+    metrics alone: a checkpoint registered with it too stays named in Ray's run snapshot after
+    run.keep_checkpoints has pruned it, and Ray Train refuses to start the next job of that run directory."""
 
     def __init__(self, run: RunDir, rank: int, keep_checkpoints: int, keep_best: str = ""):
         self.run, self.rank, self.keep_checkpoints = run, rank, keep_checkpoints
@@ -53,20 +55,10 @@ class RayReporter:
             self.run.append_metrics(metrics)
             self.tracker.log_metrics(step, metrics)
             log.info("step %d %s", step, _brief(metrics))
-        if checkpoint_dir is None:
-            ray.train.report(metrics)
-            return
-        name = ckpt.checkpoint_name(step)
-        ckpt.publish(checkpoint_dir, self.run.url, step, self.rank, self.keep_checkpoints, self.best.url)
-        self.best.consider(step, metrics)
-        ray_storage = ray.train.get_context().get_storage()  # the same run dir, as Ray's filesystem sees it
-        ray.train.report(
-            metrics,
-            checkpoint=ray.train.Checkpoint(f"{ray_storage.experiment_fs_path}/{name}",
-                                            filesystem=ray_storage.storage_filesystem),
-            checkpoint_dir_name=name,
-            checkpoint_upload_mode=ray.train.CheckpointUploadMode.NO_UPLOAD,
-        )
+        if checkpoint_dir is not None:
+            ckpt.publish(checkpoint_dir, self.run.url, step, self.rank, self.keep_checkpoints, self.best.url)
+            self.best.consider(step, metrics)
+        ray.train.report(metrics)
 
     def report_samples(self, step: int, samples: list[dict]) -> None:
         self.tracker.log_samples(step, samples)
@@ -106,8 +98,7 @@ def train_loop_per_worker(config: dict, validation: Validation, evaluation: Eval
 def _resume_train_evaluate(trainer: Trainer, reporter: RayReporter, evaluation: Evaluation, run: RunDir,
                            stop_check: preemption.StopCheck) -> None:
     cfg, vocabs, rank, world_size = trainer.cfg, trainer.vocabs, trainer.rank, trainer.world_size
-    # The run's own last complete checkpoint rather than Ray's last registered one: the same on every
-    # path, and never one that keep_checkpoints has pruned since.
+    # The run's own last complete checkpoint (Ray knows of none: RayReporter), the same on every path.
     resumed = ckpt.resume(trainer, run.url, cfg.train.resume, cfg.train.resume_weights_only)
     if rank == 0:
         ckpt.prune(run.url, cfg.run.keep_checkpoints, reporter.best.url)  # partial leftovers of the attempt before
