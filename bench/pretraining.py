@@ -19,25 +19,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from real_corpus import KEYS, ROOT, prepare, run_seed, summary  # noqa: E402
+from real_corpus import KEYS, ROOT, emit, prepare, run_job, run_seed, summary  # noqa: E402
 
 
 def pretrain(config: str, store: Path, seed: int, overrides: list[str]) -> dict:
-    sets = [f"data.root={store}", f"run.seed={seed}", f"run.name=pretrain-s{seed}-{int(time.time())}", *overrides]
-    cmd = [sys.executable, str(ROOT / "ray_job.py"), "--config", config] + [a for s in sets for a in ("--set", s)]
-    t0 = time.perf_counter()
-    job = subprocess.run(cmd, cwd=ROOT, stdout=subprocess.PIPE, text=True)
-    wall = time.perf_counter() - t0
-    lines = [line for line in job.stdout.splitlines() if line.startswith("RESULT ")]
-    result = json.loads(lines[-1].removeprefix("RESULT ")) if lines else {}
-    if job.returncode or not result.get("checkpoint"):
-        raise SystemExit(f"pretraining: seed {seed}: the job failed ({result.get('error') or job.returncode})")
+    result, code, wall = run_job(config, store, seed, overrides, "pretrain")
+    if code or not result.get("checkpoint"):
+        raise SystemExit(f"pretraining: seed {seed}: the job failed ({result.get('error') or code})")
     metrics = [json.loads(line) for line in (Path(result["run_dir"]) / "metrics.jsonl").read_text().splitlines()]
     return {"seed": seed, "wall_s": round(wall, 1), "steps": result["final_step"], "best_step": result.get("best_step"),
             "checkpoint": result["checkpoint"], "run_dir": result["run_dir"],
@@ -71,11 +63,7 @@ def main(argv: list[str] | None = None) -> int:
         out["scratch"] = summary([run_seed(a.config, store, seed, a.overrides, "scratch") for seed in a.seeds])
         out["gain"] = {k: round(out["fine_tuned"][k] - out["scratch"][k], 4)
                        for k in KEYS if k in out["fine_tuned"] and k in out["scratch"]}
-    if a.json:
-        print(json.dumps(out))
-    else:
-        for key, value in out.items():
-            print(f"{key:12} {value}")
+    emit(out, a.json)
     return 0
 
 

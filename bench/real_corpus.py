@@ -55,16 +55,21 @@ def prepare(data: Path, tags: Path | None, store: Path, bench: str) -> bool:
     return True
 
 
-def run_seed(config: str, store: Path, seed: int, overrides: list[str], name: str) -> dict:
+def run_job(config: str, store: Path, seed: int, overrides: list[str], name: str) -> tuple[dict, int, float]:
+    """`ray_job.py --config config` on `store` as a user runs it -> (its RESULT, its exit status, its wall s)."""
     sets = [f"data.root={store}", f"run.seed={seed}", f"run.name={name}-s{seed}-{int(time.time())}", *overrides]
     cmd = [sys.executable, str(ROOT / "ray_job.py"), "--config", config] + [a for s in sets for a in ("--set", s)]
     t0 = time.perf_counter()
     job = subprocess.run(cmd, cwd=ROOT, stdout=subprocess.PIPE, text=True)
     wall = time.perf_counter() - t0
     lines = [line for line in job.stdout.splitlines() if line.startswith("RESULT ")]
-    result = json.loads(lines[-1].removeprefix("RESULT ")) if lines else {}
-    if job.returncode or not result.get("eval"):
-        raise SystemExit(f"real_corpus: seed {seed}: the job failed ({result.get('error') or job.returncode})")
+    return (json.loads(lines[-1].removeprefix("RESULT ")) if lines else {}), job.returncode, wall
+
+
+def run_seed(config: str, store: Path, seed: int, overrides: list[str], name: str) -> dict:
+    result, code, wall = run_job(config, store, seed, overrides, name)
+    if code or not result.get("eval"):
+        raise SystemExit(f"real_corpus: seed {seed}: the job failed ({result.get('error') or code})")
     val_dir = Path(result["run_dir"]) / "eval-val"
     subprocess.run([sys.executable, "-m", "spatialnet_dist.cli", "eval", "run", result["checkpoint"], "--data",
                     str(store), "--split", "val", "--out", str(val_dir)], cwd=ROOT, check=True, stdout=sys.stderr)
@@ -102,13 +107,17 @@ def main(argv: list[str] | None = None) -> int:
     if not prepare(a.data, a.tags, a.store, "real_corpus"):
         return 2
     runs = [run_seed(a.config, a.store.resolve(), seed, a.overrides, a.name) for seed in a.seeds]
-    out = {**summary(runs), "config": a.config, "overrides": a.overrides}
-    if a.json:
+    emit({**summary(runs), "config": a.config, "overrides": a.overrides}, a.json)
+    return 0
+
+
+def emit(out: dict, as_json: bool) -> None:
+    """The bench's output: one JSON object, or a line per key."""
+    if as_json:
         print(json.dumps(out))
     else:
         for key, value in out.items():
-            print(f"{key:10} {value}")
-    return 0
+            print(f"{key:12} {value}")
 
 
 if __name__ == "__main__":
