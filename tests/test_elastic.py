@@ -5,21 +5,16 @@ one CPU each, so that a 2-worker group has one worker on each node."""
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import re
-import secrets
 import signal
-import subprocess
-import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
 
 import pytest
-from test_train import TINY, result_line, sets, synth_root  # noqa: F401  (synth_root: a fixture)
+from harness import TINY, Job, TwoNodes, sets, when
+from test_train import synth_root  # noqa: F401  (a fixture)
 
 from spatialnet_dist import config as config_mod
 from spatialnet_dist.config import ConfigError
@@ -128,118 +123,6 @@ def test_sigterm_after_training_is_over_gets_rays_exit_and_no_checkpoint(sigterm
 # ---- a 2-node Ray cluster on this machine ----
 
 
-class Node:
-    """`ray start ... --block` in its own session: `kill()` SIGKILLs it and every process it started (its raylet,
-    agents and the raylet's workers), as when a machine is lost."""
-
-    def __init__(self, args: list[str], env: dict, log: Path):
-        ray_bin = Path(sys.executable).parent / "ray"
-        self.proc = subprocess.Popen([str(ray_bin), "start", "--block", "--disable-usage-stats", *args], env=env,
-                                     stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
-        self.log = log
-        self.seen: set[int] = set()  # every process of this node seen so far
-
-    def processes(self):
-        import psutil
-
-        try:
-            parent = psutil.Process(self.proc.pid)
-            found = [parent, *parent.children(recursive=True)]
-        except psutil.NoSuchProcess:
-            found = []
-        self.seen |= {p.pid for p in found}
-        return found
-
-    def kill(self) -> None:
-        import psutil
-
-        for proc in self.processes():
-            with contextlib.suppress(psutil.NoSuchProcess):
-                proc.kill()
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        self.proc.wait(timeout=30)
-
-    def stop(self) -> None:
-        """`ray start --block` stops what it started on SIGTERM; whatever is left is killed."""
-        import psutil
-
-        self.processes()
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                self.proc.wait(timeout=60)
-        for pid in self.seen:
-            with contextlib.suppress(psutil.NoSuchProcess):
-                psutil.Process(pid).kill()
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.proc.pid, signal.SIGKILL)
-
-
-def _node_ports(free_ports) -> list[str]:
-    node_manager, object_manager, metrics, agent_http, agent_grpc, runtime_env = free_ports(6)
-    return [f"--node-manager-port={node_manager}", f"--object-manager-port={object_manager}",
-            f"--metrics-export-port={metrics}", f"--dashboard-agent-listen-port={agent_http}",
-            f"--dashboard-agent-grpc-port={agent_grpc}", f"--runtime-env-agent-port={runtime_env}",
-            "--min-worker-port=0", "--max-worker-port=0", "--num-cpus=1"]
-
-
-class TwoNodes:
-    def __init__(self, tmp: Path, free_ports):
-        self.tmp, self.free_ports = tmp, free_ports
-        # A short temp dir: Ray's unix sockets live under it and their paths are limited to 107 bytes.
-        self.ray_tmp = Path(tempfile.mkdtemp(prefix="snel-", dir="/tmp"))
-        token = tmp / "auth_token"
-        token.write_text(secrets.token_hex(32))
-        token.chmod(0o600)
-        gcs, dashboard, client = free_ports(3)
-        self.address = f"127.0.0.1:{gcs}"
-        # No RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 (what launch sets for its own one-node instance): it refuses a
-        # second node. A dead raylet is noticed after 2 failed health checks 1 s apart (Ray's default: 5 x 3 s).
-        self.env = {k: v for k, v in os.environ.items()
-                    if k not in ("RAY_ADDRESS", "RAY_AUTH_TOKEN", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER")}
-        self.env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token), RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S="0",
-                        RAY_worker_niceness="0", RAY_health_check_period_ms="1000",
-                        RAY_health_check_failure_threshold="2",
-                        # A raylet whose agents start slowly on a loaded machine gives up after 30 s by default.
-                        RAY_agent_register_timeout_ms="180000", RAY_raylet_start_wait_time_s="180",
-                        # Ray Train waits this long for a group of the size it asked for before it asks for fewer
-                        # (60 s by default): the lost-node test spends it once.
-                        RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S="30")
-        self.head = Node(["--head", f"--port={gcs}", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
-                          f"--ray-client-server-port={client}", f"--temp-dir={self.ray_tmp}",
-                          *_node_ports(free_ports)], self.env, tmp / "head.log")
-        self.second: Node | None = None
-        self.wait_for_nodes(1)
-
-    def add_second(self) -> None:
-        if self.second is None or self.second.proc.poll() is not None:
-            self.second = Node([f"--address={self.address}", *_node_ports(self.free_ports)], self.env,
-                               self.tmp / f"node-{time.time():.0f}.log")
-        self.wait_for_nodes(2)
-
-    def wait_for_nodes(self, n: int, timeout_s: float = 180) -> None:
-        ray_bin = Path(sys.executable).parent / "ray"
-        deadline = time.time() + timeout_s
-        while True:
-            status = subprocess.run([str(ray_bin), "status", f"--address={self.address}"], env=self.env,
-                                    capture_output=True, text=True).stdout
-            if status.count(" node_") >= n and "Pending:\n (no pending nodes)" in status:
-                return
-            for node in (self.head, self.second):
-                assert node is None or node.proc.poll() is None, node.log.read_text()[-3000:]
-            assert time.time() < deadline, status
-            time.sleep(2)
-
-    def stop(self) -> None:
-        for node in (self.second, self.head):
-            if node is not None:
-                node.stop()
-        import shutil
-
-        shutil.rmtree(self.ray_tmp, ignore_errors=True)
-
-
 @pytest.fixture(scope="module")
 def two_nodes(tmp_path_factory, free_ports):
     cluster = TwoNodes(tmp_path_factory.mktemp("cluster"), free_ports)
@@ -247,35 +130,6 @@ def two_nodes(tmp_path_factory, free_ports):
         yield cluster
     finally:
         cluster.stop()
-
-
-class Job:
-    """`python ray_job.py ARGS` submitted to the cluster as its driver, in a process of its own: Ray reads the
-    auth mode once per process, and this one imported Ray before the cluster existed. `pid(rank)`: the process
-    of Ray Train worker `rank` in the latest worker group, from the controller's lines in the driver's log."""
-
-    WORKER = re.compile(r"\(ip=[^,]+, pid=(\d+)\) world_rank=(\d+),")  # the controller's line per worker
-
-    def __init__(self, cluster: TwoNodes, args: list[str]):
-        env = {**cluster.env, "RAY_ADDRESS": cluster.address, "PYTHONPATH": str(REPO), "RAY_DEDUP_LOGS": "0"}
-        self.proc = subprocess.Popen([sys.executable, str(REPO / "ray_job.py"), *args], cwd=REPO, env=env,
-                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        self.lines: list[str] = []
-        self.reader = threading.Thread(target=lambda: self.lines.extend(self.proc.stdout), daemon=True)
-        self.reader.start()
-
-    def pid(self, rank: int) -> int | None:
-        pids = [int(m[1]) for line in self.lines if (m := self.WORKER.search(line)) and int(m[2]) == rank]
-        return pids[-1] if pids else None
-
-    def result(self, timeout_s: float = 900) -> tuple[int, dict]:
-        try:
-            code = self.proc.wait(timeout=timeout_s)
-        finally:
-            self.proc.kill()
-        self.reader.join(timeout=30)
-        out = "".join(self.lines)
-        return code, result_line(out) if out.strip().splitlines()[-1].startswith("RESULT ") else {"log": out[-6000:]}
 
 
 def _metrics(runs: Path, name: str) -> list[dict]:
@@ -289,21 +143,7 @@ def _restarted_and_stepped(runs: Path, name: str, at: list[float]) -> threading.
         attempts = RunDir(str(runs / name)).attempts() if (runs / name).is_dir() else []
         return len(attempts) >= 2 and any(m["step"] > attempts[-1]["start_step"] for m in _metrics(runs, name))
 
-    return _when(stepped, lambda: at.append(time.time()))
-
-
-def _when(condition, then, timeout_s: float = 600) -> threading.Thread:
-    def watch():
-        deadline = time.time() + timeout_s
-        while time.time() < deadline:
-            if condition():
-                then()
-                return
-            time.sleep(0.2)
-
-    thread = threading.Thread(target=watch, daemon=True)
-    thread.start()
-    return thread
+    return when(stepped, lambda: at.append(time.time()))
 
 
 @pytest.mark.slow
@@ -333,7 +173,7 @@ def test_sigterm_to_a_worker_checkpoints_and_resumes_losing_no_step(whole, synth
 
     signalled_at: list[float] = []
     stepped_at: list[float] = []
-    _when(lambda: len(_metrics(runs, "pre")) >= 3 and job.pid(1), sigterm_rank_1)
+    when(lambda: len(_metrics(runs, "pre")) >= 3 and job.pid(1), sigterm_rank_1)
     _restarted_and_stepped(runs, "pre", stepped_at)
     code, result = job.result()
     assert signalled and code == 0, result
@@ -368,7 +208,7 @@ def test_a_lost_node_leaves_an_elastic_run_on_one_worker(synth_root, two_nodes, 
 
     killed_at: list[float] = []
     stepped_at: list[float] = []
-    _when(lambda: (runs / "elastic" / "checkpoint-000002" / "manifest.json").is_file(), kill_second_node)
+    when(lambda: (runs / "elastic" / "checkpoint-000002" / "manifest.json").is_file(), kill_second_node)
     _restarted_and_stepped(runs, "elastic", stepped_at)
     batches = [f"tasks.{t}.global_batch_size=4" for t in DEFAULT_TASKS]
     code, result = Job(two_nodes, sets(*TINY, *batches, f"data.root={synth_root}", f"run.storage={runs}",
@@ -405,14 +245,14 @@ def test_an_elastic_run_grows_back_when_a_node_returns(synth_root, two_nodes, tm
                               "train.num_workers=[1, 2]", "train.max_steps=100000", "train.checkpoint_every=2",
                               "train.elastic_resize_check_s=2", "train.zero_stage=0"))
     try:
-        _when(lambda: len(_metrics(runs, "grow")) >= 3, two_nodes.add_second).join(timeout=600)
+        when(lambda: len(_metrics(runs, "grow")) >= 3, two_nodes.add_second).join(timeout=600)
 
         def grown() -> bool:
             attempts = run.attempts() if (runs / "grow").is_dir() else []
             return (len(attempts) >= 2 and attempts[-1]["world_size"] == 2
                     and _metrics(runs, "grow")[-1]["step"] >= attempts[-1]["start_step"] + 3)
 
-        _when(grown, lambda: None).join(timeout=600)
+        when(grown, lambda: None).join(timeout=600)
         assert grown(), "".join(job.lines)[-6000:]
     finally:
         job.proc.kill()
@@ -480,7 +320,7 @@ def test_the_same_job_on_a_new_head_resumes_a_run_whose_head_was_lost(synth_root
             old.head.kill()
             job.proc.kill()  # the driver runs on the head (`ray job submit`): it goes with it
 
-        _when(lambda: (runs / "lost" / "checkpoint-000006" / "manifest.json").is_file()
+        when(lambda: (runs / "lost" / "checkpoint-000006" / "manifest.json").is_file()
               and not (runs / "lost" / "checkpoint-000002").exists(), lose_the_head).join(600)
         job.proc.wait(timeout=60)
     finally:

@@ -13,32 +13,13 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from harness import TINY, result_line, sets
 
 from spatialnet_dist import checkpoint as ckpt
 from spatialnet_dist import jobs
 from spatialnet_dist.store import storage
 from spatialnet_dist.train import launch
 from spatialnet_dist.train.rundir import RunDir
-
-TINY = [
-    "model.image_size=32",
-    "train.log_every=1",
-    "train.max_failures=2",
-    "eval.every=0",
-    "eval.at_end=false",
-    "data.loader_workers=1",
-    "tasks.captioning.batch_size=4",
-    "tasks.vqa.batch_size=4",
-    "tasks.classification.batch_size=4",
-    "tasks.regression.batch_size=4",
-    "tasks.tagging.batch_size=4",
-    "optim.warmup_steps=2",
-    "optim.lr=1e-3",
-]
-
-
-def sets(*items: str) -> list[str]:
-    return [arg for item in items for arg in ("--set", item)]
 
 
 @pytest.fixture(scope="module")
@@ -48,12 +29,6 @@ def synth_root(tmp_path_factory) -> str:
     root = tmp_path_factory.mktemp("store") / "shards"
     write_synthetic(str(root), images=40, seed=0, shard_size=10)
     return str(root)
-
-
-def result_line(out: str) -> dict:
-    last = out.strip().splitlines()[-1]
-    assert last.startswith("RESULT "), last
-    return json.loads(last[len("RESULT "):])
 
 
 # ---- input errors stop before any worker starts ----
