@@ -40,9 +40,10 @@ def test_the_same_step_failing_twice_ends_the_run(tmp_path):
 
 
 def test_a_damaged_checkpoint_between_two_failures_of_a_step_is_no_failure_of_a_group(tmp_path):
-    """failures.json also records the damaged checkpoints a resume passed over (class damaged_checkpoint): the step
-    failing twice, the restart causes and the lost steps go by the failed worker groups alone."""
-    from spatialnet_dist.train.rundir import DAMAGED_CHECKPOINT
+    """failures.json also records the damaged checkpoints a resume passed over (class damaged_checkpoint) and the
+    pre-emptions (class preemption): the step failing twice, the restart causes and the lost steps go by the failed
+    worker groups alone."""
+    from spatialnet_dist.train.rundir import DAMAGED_CHECKPOINT, PREEMPTION
 
     run, classifier = RunDir(str(tmp_path)), FailureClassifier(str(tmp_path))
     run.record_attempt(0, False, 2)
@@ -57,6 +58,8 @@ def test_a_damaged_checkpoint_between_two_failures_of_a_step_is_no_failure_of_a_
     run.record_failure(None, "checkpoint d: meta.json is missing", DAMAGED_CHECKPOINT, checkpoint="d", file="meta.json")
     run.record_attempt(9, True, 1)  # no group failed since the attempt before: a resize, not a failure
     assert [a["cause"] for a in run.attempts()] == ["start", "preemption", "resize"]
+    assert [(f["step"], f["reason"]) for f in run.failures(PREEMPTION)] == [
+        (9, "SIGTERM: checkpointed at step 9 and handed over")]
 
 
 def test_killed_processes_are_left_to_rays_restarts(tmp_path):

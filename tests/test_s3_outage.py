@@ -7,6 +7,7 @@ import io
 import json
 import os
 import tarfile
+import time
 
 import boto3
 import pytest
@@ -68,15 +69,29 @@ def test_shard_stream_past_budget_stops_with_one_line(s3_endpoint, s3_bucket, fl
     assert "\n" not in str(err.value) and " @ " not in str(err.value) and url in str(err.value)
 
 
-def test_outage_within_budget_is_survived(s3_endpoint, s3_bucket, flaky_s3, monkeypatch):
+def test_outage_within_budget_is_survived_and_recorded_once(s3_endpoint, s3_bucket, flaky_s3, monkeypatch, tmp_path):
+    """Each outage ridden out is one record (RunDir.record_outages: failures.json's class store_outage), however
+    many operations it held up, naming the first of them."""
+    from spatialnet_dist.train.rundir import STORE_OUTAGE, RunDir
+
     monkeypatch.setattr(s3, "_retry_budget_s", 20)
     url = _put(s3_endpoint, s3_bucket, "a.json", b"{}")
     assert storage.exists(url)  # a pooled connection, reset by the outage
+    storage.take_outages()
     flaky_s3.outage(0, 1.5).join(0.2)
     assert storage.read_bytes(url) == b"{}"
+    assert storage.exists(url)  # held up by the same outage: no second record
+    time.sleep(1.5)  # apart by more than take_outages' merge_within_s: a second outage
     flaky_s3.outage(0, 1.5).join(0.2)
     storage.write_bytes_atomic(f"s3://{s3_bucket}/metrics.jsonl", b"line\n")
     assert storage.read_bytes(f"s3://{s3_bucket}/metrics.jsonl") == b"line\n"
+    run = RunDir(str(tmp_path))
+    lines = run.record_outages(step=7)
+    outages = run.failures(STORE_OUTAGE)
+    assert len(lines) == len(outages) == 2 and run.failures() == [], outages
+    assert [o["url"] for o in outages] == [url, f"s3://{s3_bucket}/metrics.jsonl"]
+    assert all(o["step"] == 7 and 1.0 <= o["seconds"] < 10 for o in outages), outages
+    assert run.record_outages(step=8) == []
 
 
 def test_outage_past_budget_is_one_line_naming_the_endpoint(s3_endpoint, s3_bucket, flaky_s3, monkeypatch):

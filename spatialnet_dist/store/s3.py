@@ -14,6 +14,7 @@ from __future__ import annotations
 import functools
 import io
 import os
+import threading
 import time
 from collections.abc import Callable
 from typing import TypeVar
@@ -40,6 +41,8 @@ READ_PART_BYTES = 2**20  # what a read to the end of an object asks for at a tim
 BACKOFF_FIRST_S, BACKOFF_MAX_S = 0.25, 8.0  # waits between tries during an outage: doubling, capped
 DEFAULT_RETRY_SECONDS = 120.0  # config key data.s3_retry_seconds
 _retry_budget_s = DEFAULT_RETRY_SECONDS  # set_retry_budget(cfg.data.s3_retry_seconds) where a run starts
+_ridden_out: list[dict] = []  # outages this process rode out since take_outages() last took them
+_ridden_out_lock = threading.Lock()  # uploads and metric writes may ride out one outage in several threads
 T = TypeVar("T")
 
 
@@ -117,6 +120,23 @@ def set_retry_budget(seconds: float) -> None:
     _retry_budget_s = float(seconds)
 
 
+def take_outages(merge_within_s: float = 1.0) -> list[dict]:
+    """The outages this process's S3 operations rode out since the last call, each {"start", "end" (wall clock),
+    "seconds", "url" (the first operation it held up), "endpoint", "cause"}: the operations that overlap (or
+    follow within `merge_within_s`) merged into one, as one outage of the endpoint holds up every operation
+    that meets it."""
+    with _ridden_out_lock:
+        spans = sorted(_ridden_out, key=lambda o: o["start"])
+        _ridden_out.clear()
+    merged: list[dict] = []
+    for span in spans:
+        if merged and span["start"] <= merged[-1]["end"] + merge_within_s:
+            merged[-1]["end"] = max(merged[-1]["end"], span["end"])
+        else:
+            merged.append(dict(span))
+    return [{**o, "seconds": round(o["end"] - o["start"], 2)} for o in merged]
+
+
 def _transient(e: BaseException) -> bool:
     """A failure a later try can get past: the endpoint unreachable, a connection dropped or timed out, a 5xx."""
     from botocore.exceptions import ClientError, HTTPClientError, IncompleteReadError
@@ -134,16 +154,22 @@ def _s3_call(url: str, operation: Callable[[], T]) -> T:
     from boto3.exceptions import Boto3Error
     from botocore.exceptions import BotoCoreError, ClientError
 
-    deadline, wait = None, BACKOFF_FIRST_S
+    deadline, wait, first_failure = None, BACKOFF_FIRST_S, None
     while True:
         try:
-            return operation()
+            result = operation()
+            if first_failure is not None:
+                with _ridden_out_lock:
+                    _ridden_out.append({"start": first_failure[0], "end": time.time(), "url": url,
+                                        "endpoint": s3_client().meta.endpoint_url, "cause": first_failure[1]})
+            return result
         except (ClientError, BotoCoreError, Boto3Error, ConnectionError, TimeoutError) as e:
             cause = e.__context__ if isinstance(e, Boto3Error) and e.__context__ is not None else e
             if not _transient(cause):
                 raise s3_error(e, url) from None
             now = time.monotonic()
             deadline = deadline or now + _retry_budget_s
+            first_failure = first_failure or (time.time(), cause.__class__.__name__)
             if now >= deadline:
                 raise StoreUnavailable(
                     f"S3 endpoint {s3_client().meta.endpoint_url} unreachable or failing for {_retry_budget_s:g} s "

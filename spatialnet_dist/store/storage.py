@@ -21,7 +21,10 @@ from spatialnet_dist.store.location import (  # noqa: F401  (callers use them as
     split_s3,
     split_url,
 )
-from spatialnet_dist.store.s3 import set_retry_budget  # noqa: F401  (where a run starts: storage.set_retry_budget)
+from spatialnet_dist.store.s3 import (  # noqa: F401  (callers use them as storage.X)
+    set_retry_budget,  # where a run starts
+    take_outages,  # what a run records of the outages it rode out
+)
 
 # ---- files and objects ----
 

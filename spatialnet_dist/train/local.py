@@ -47,6 +47,8 @@ class LocalReporter:
             if self.tracker:
                 self.tracker.log_metrics(step, metrics)
             print(json.dumps(metrics), flush=True)
+            for line in self.run.record_outages(step):
+                print(f"rank 0: {line}", file=sys.stderr, flush=True)
 
     def report_samples(self, step: int, samples: list[dict]) -> None:
         if self.tracker:

@@ -10,10 +10,11 @@
                   resumed: the checkpoint, the workers that wrote it, whether it was resharded, the damaged
                   checkpoints it passed over, and lost_steps (steps the attempt before reached past that start,
                   then lost)
-  failures.json   one entry per failed worker group (class worker_group): the step it failed after (null: unknown,
-                  e.g. a killed process) and the one-line reason (train.failures decides from it whether a step
-                  failed twice); and one per damaged checkpoint a resume passed over (class damaged_checkpoint):
-                  the checkpoint, the file, the reason, where it was set aside
+  failures.json   one entry per fault, each with its class, step and one-line reason: a failed worker group
+                  (worker_group; step null when unknown, e.g. a killed process; train.failures decides from it
+                  whether a step failed twice), a damaged checkpoint a resume passed over (damaged_checkpoint: the
+                  checkpoint, the file, where it was set aside), a SIGTERM checkpointed on (preemption), an S3
+                  outage rank 0 rode out (store_outage: its seconds and the first URL it held up)
   faults/         markers of test faults already fired (faults.fail_at_step fires once per run)
   result.json     the job's RESULT summary, written by the driver when the job ends (`error`: null or why it failed)
   best.json       eval.keep_best: the best validated checkpoint so far, {"step", "metric", "value"} (rank 0, once
@@ -45,7 +46,11 @@ CHECKPOINT_NAME = re.compile(r"checkpoint-\d+")  # Ray's own checkpoint_tmp* fol
 TENSORBOARD_DIR = "tensorboard"
 MLFLOW_RUN_FILE = "mlflow.json"  # {"tracking_uri", "run_id"}: the MLflow run this run directory logs to
 BEST_FILE = "best.json"
-FAILED_GROUP, DAMAGED_CHECKPOINT = "worker_group", "damaged_checkpoint"  # the classes of failures.json's entries
+# The classes of failures.json's entries (what a fault is recorded as): a failed worker group (a killed process, a
+# lost node, an error), a checkpoint a resume passed over, a SIGTERM the run checkpointed on and handed over, and an
+# S3 outage rank 0 rode out (its operations retried within data.s3_retry_seconds).
+FAILED_GROUP, DAMAGED_CHECKPOINT, PREEMPTION, STORE_OUTAGE = ("worker_group", "damaged_checkpoint", "preemption",
+                                                              "store_outage")
 
 
 def _name(url: str) -> str:
@@ -139,10 +144,21 @@ class RunDir:
         self._write_attempts(entries)
 
     def end_attempt(self, how: str, step: int) -> None:
-        """The running attempt ends `how` (preemption) after checkpointing `step`."""
+        """The running attempt ends `how` (preemption) after checkpointing `step`; failures.json says so too."""
         entries = self.attempts()
         entries[-1].update(ended=how, end_step=step)
         self._write_attempts(entries)
+        self.record_failure(step, f"SIGTERM: checkpointed at step {step} and handed over", PREEMPTION)
+
+    def record_outages(self, step: int) -> list[str]:
+        """The S3 outages this process rode out since the last call, one failures.json entry each, recorded
+        after `step`. -> a line to log per outage."""
+        lines = []
+        for o in storage.take_outages():
+            why = f"S3 endpoint {o['endpoint']} failing for {o['seconds']:g} s ({o['cause']}), ridden out"
+            self.record_failure(step, why, STORE_OUTAGE, seconds=o["seconds"], url=o["url"], start=o["start"])
+            lines.append(f"{why} (first held up: {o['url']})")
+        return lines
 
     def _write_attempts(self, entries: list[dict]) -> None:
         storage.write_bytes_atomic(self.path("attempts.json"), json.dumps(entries, indent=1).encode())

@@ -55,6 +55,8 @@ class RayReporter:
             self.run.append_metrics(metrics)
             self.tracker.log_metrics(step, metrics)
             log.info("step %d %s", step, _brief(metrics))
+            for line in self.run.record_outages(step):
+                log.info("rank 0: %s", line)
         if checkpoint_dir is not None:
             ckpt.publish(checkpoint_dir, self.run.url, step, self.rank, self.keep_checkpoints, self.best.url)
             self.best.consider(step, metrics)
