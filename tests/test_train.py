@@ -318,51 +318,6 @@ def _steps(metrics: list[dict]) -> list[int]:
     return [m["step"] for m in metrics]
 
 
-@pytest.mark.slow
-def test_ray_run_rides_out_an_s3_outage_without_a_restart(s3_endpoint, s3_bucket, flaky_s3, capsys):
-    """Shards, metrics and checkpoints on S3 behind a proxy that goes down for OUTAGE_S seconds mid-run (every
-    open connection reset, new ones refused): reads resume, writes retry, the run ends with 0 restarts.
-    Its own local Ray, not `shared_ray`: flaky_s3's AWS_MAX_ATTEMPTS=1 reaches the workers through the
-    environment of the Ray this test starts, not through ray_cluster.WORKER_ENV."""
-    import boto3
-
-    from spatialnet_dist.corpora.synthetic import write_synthetic
-
-    outage_s = 6.0
-    data, runs = f"s3://{s3_bucket}/shards", f"s3://{s3_bucket}/runs"
-    write_synthetic(data, images=40, seed=0, shard_size=10)
-    moto = boto3.client("s3", endpoint_url=s3_endpoint)  # the test's own view, around the proxy
-    outage_at_step: list[int] = []
-
-    def start_outage_mid_run():
-        deadline = time.time() + 600
-        while time.time() < deadline:
-            try:
-                body = moto.get_object(Bucket=s3_bucket, Key="runs/outage/metrics.jsonl")["Body"].read()
-            except moto.exceptions.NoSuchKey:
-                body = b""
-            steps = [json.loads(line)["step"] for line in body.decode().splitlines()]
-            if steps and steps[-1] >= 2:
-                outage_at_step.append(steps[-1])
-                flaky_s3.outage(0, outage_s).join()
-                return
-            time.sleep(0.2)
-
-    threading.Thread(target=start_outage_mid_run, daemon=True).start()
-    t0 = time.time()
-    code = jobs.train_with_ray(sets(*TINY, f"data.root={data}", f"run.storage={runs}", "run.name=outage", "train.zero_stage=2",
-                            "train.max_steps=16", "train.checkpoint_every=8", "data.s3_retry_seconds=60"))
-    result = result_line(capsys.readouterr().out)
-    assert code == 0, result
-    assert outage_at_step and outage_at_step[0] < 16, "the outage did not start mid-run"
-    assert result["final_step"] == 16 and result["restarts"] == 0
-    metrics = [json.loads(line) for line in storage.read_bytes(f"{runs}/outage/metrics.jsonl").decode().splitlines()]
-    assert _steps(metrics) == list(range(1, 17))
-    with capsys.disabled():  # the figure for bench/RESULTS.md "Reliability"
-        print(f"\noutage of {outage_s:g} s after step {outage_at_step[0]}: 16 steps in {time.time() - t0:.0f} s, "
-              f"{result['restarts']} restarts")
-
-
 def _kill_a_worker_after(checkpoint: str, head_pid: int, killed: list[float]) -> None:
     """Once `checkpoint` (a local path or an s3:// URL) is complete (its manifest written), SIGKILL one Ray Train
     worker process of the Ray head `head_pid` from outside (not one of another Ray instance on this machine). The
