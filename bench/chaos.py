@@ -68,14 +68,22 @@ def draw_faults(n: int, seed: int) -> list[dict]:
     return faults
 
 
-def wait_for(condition, what: str, timeout_s: float = WAIT_S):
+class StormError(RuntimeError):
+    """The storm could not go on; the message ends with the tail of the job's log."""
+
+
+def wait_for(condition, what: str, job: Job, timeout_s: float = WAIT_S):
+    """condition()'s first true value; a StormError when the job ends first or `timeout_s` passes."""
     deadline = time.time() + timeout_s
     while time.time() < deadline:
         value = condition()
         if value:
             return value
+        if job.proc.poll() is not None:
+            raise StormError(f"chaos: the job ended (exit {job.proc.returncode}) while the storm waited for {what}\n"
+                             + "".join(job.lines[-80:]))
         time.sleep(0.2)
-    raise TimeoutError(f"chaos: gave up after {timeout_s:.0f} s waiting for {what}")
+    raise StormError(f"chaos: gave up after {timeout_s:.0f} s waiting for {what}\n" + "".join(job.lines[-80:]))
 
 
 class Storm:
@@ -115,7 +123,7 @@ class Storm:
     # ---- faults ----
 
     def worker_pid(self, rank: int) -> int:
-        return wait_for(lambda: self.job.pid(rank), f"the pid of worker {rank}")
+        return wait_for(lambda: self.job.pid(rank), f"the pid of worker {rank}", self.job)
 
     def sigkill(self, rank: int) -> None:
         os.kill(self.worker_pid(rank), signal.SIGKILL)
@@ -128,13 +136,13 @@ class Storm:
             target = -(-(target + 1) // CHECKPOINT_EVERY) * CHECKPOINT_EVERY - 1
         if target >= max_steps - 2:
             return False
-        wait_for(lambda: self.step() >= target, f"step {target} before {fault['kind']}")
+        wait_for(lambda: self.step() >= target, f"step {target} before {fault['kind']}", self.job)
         attempts_before, at = self.attempts(), {"step": self.step(), "time": time.time()}
         getattr(self, fault["kind"])(fault, at)
         if fault["kind"] == "s3_outage":
-            wait_for(lambda: self.step() > at["step"], f"a step after the outage at step {at['step']}")
+            wait_for(lambda: self.step() > at["step"], f"a step after the outage at step {at['step']}", self.job)
         else:
-            wait_for(lambda: self.trained_past_start(attempts_before), f"a restart after {fault['kind']}")
+            wait_for(lambda: self.trained_past_start(attempts_before), f"a restart after {fault['kind']}", self.job)
         self.fired.append({**fault, **at, "restarts": self.attempts() - attempts_before,
                            "recovered_s": round(time.time() - at["time"], 1)})  # to a step trained after it
         return True
@@ -160,7 +168,7 @@ class Storm:
 
         step = self.next_checkpoint_step()
         wait_for(lambda: any(k.endswith(f"/{MANIFEST}") for k in self.checkpoint_objects(step)),
-                 f"checkpoint {step}")
+                 f"checkpoint {step}", self.job)
         listing = self.moto.list_objects_v2(Bucket=self.bucket, Prefix=f"{self.prefix}/checkpoint-")["Contents"]
         key = max((o for o in listing if f"-{step:06d}/" in o["Key"] and not o["Key"].endswith(".json")),
                   key=lambda o: o["Size"])["Key"]
@@ -231,9 +239,12 @@ def storm(faults: int, seed: int, work: Path) -> dict:
         t0 = time.time()
         job = Job(cluster, sets(*args, "run.name=storm"))
         chaos = Storm(cluster, proxy, job, f"{runs}/storm", bucket, moto)
-        for fault in drawn:
-            if not chaos.fire(fault, max_steps):
-                break
+        try:
+            for fault in drawn:
+                if not chaos.fire(fault, max_steps):
+                    break
+        except StormError as e:
+            raise StormError(f"{e}\nfired so far: {json.dumps(chaos.fired)}") from None
         code, result = job.result(timeout_s=3600)
         wall_s = time.time() - t0
         if code != 0:
