@@ -49,8 +49,8 @@ BEST_FILE = "best.json"
 # The classes of failures.json's entries (what a fault is recorded as): a failed worker group (a killed process, a
 # lost node, an error), a checkpoint a resume passed over, a SIGTERM the run checkpointed on and handed over, and an
 # S3 outage rank 0 rode out (its operations retried within data.s3_retry_seconds).
-FAILED_GROUP, DAMAGED_CHECKPOINT, PREEMPTION, STORE_OUTAGE = ("worker_group", "damaged_checkpoint", "preemption",
-                                                              "store_outage")
+FAILURE_CLASSES = FAILED_GROUP, DAMAGED_CHECKPOINT, PREEMPTION, STORE_OUTAGE = (
+    "worker_group", "damaged_checkpoint", "preemption", "store_outage")
 
 
 def _name(url: str) -> str:
