@@ -58,6 +58,13 @@ QUESTION_TASKS = ("vqa", "regression")
 TOP_K = 5  # classes in class_topk
 
 
+def input_transform(cfg):
+    """The model's input transform, the evaluation one (no augmentation): (H, W, C) [, band_norm] -> (C, S, S)."""
+    from spatialnet_dist.data.transforms import ImageTransform, model_image_size
+
+    return ImageTransform(model_image_size(cfg.model), cfg.model.in_chans)
+
+
 class Predictor:
     """One model's predictions for batches of images: what `spatialnet predict` and `spatialnet infer` both run,
     so that a tile predicted by infer equals the same pixels given to predict.
@@ -70,10 +77,9 @@ class Predictor:
     (regression); "embedding" (the pooled encoder vector) with `embeddings`. On a GPU under bf16 autocast."""
 
     def __init__(self, model, cfg, vocabs, tasks: list[str] | None = None, questions: list[str] | None = None,
-                 embeddings: bool = False, source: str = "the model"):
-        from spatialnet_dist.data.transforms import ImageTransform, model_image_size
-
+                 embeddings: bool = False, source: str = "the model", class_probabilities: bool = False):
         self.model, self.cfg, self.vocabs, self.embeddings = model, cfg, vocabs, embeddings
+        self.class_probabilities = class_probabilities  # every class's probability too (infer --class-map)
         self.questions = list(questions or [])
         heads = set(model.heads)
         if tasks is None:  # default: the heads that need no text, and vqa for the questions
@@ -87,7 +93,7 @@ class Predictor:
         if needing:
             raise UserError(f"--tasks {needing[0]}: answers questions: give them with --question")
         self.tasks = tasks
-        self.transform = ImageTransform(model_image_size(cfg.model), cfg.model.in_chans)
+        self.transform = input_transform(cfg)
         self.encoded = torch.tensor([vocabs.words.encode(q, cfg.model.question_max_len, bos_eos=False)
                                      for q in self.questions], dtype=torch.long)  # (Qn, Lq)
 
@@ -115,6 +121,9 @@ class Predictor:
             for r, ps, ks in zip(results, top_p.tolist(), top.tolist()):
                 r.update({"class": vocabs.classes[ks[0]], "probability": ps[0],
                           "class_topk": [{"class": vocabs.classes[k], "probability": p} for k, p in zip(ks, ps)]})
+            if self.class_probabilities:
+                for r, ps in zip(results, probs.tolist()):
+                    r["class_probabilities"] = ps
         if "tagging" in self.tasks:
             probs = tta_probabilities(lambda x: model({"tagging": {"image": x}})["tagging"]["logits"].float().sigmoid(),
                                       batch, cfg.eval.tta)  # (B, T)
