@@ -111,7 +111,8 @@ def _run_with_ray(todo: list[dict], model_url: str, settings: dict, out: str, wo
         ds = ds.map(_read_for_actors, fn_kwargs={"transform": transform}, num_cpus=0.5)
         threads = 0 if gpus else 1
         ds = ds.map_batches(PartPredictor, fn_constructor_args=(model_url, settings, out),
-                            fn_constructor_kwargs={"threads": threads}, batch_size=1, concurrency=workers,
+                            fn_constructor_kwargs={"threads": threads}, batch_size=1,
+                            compute=ray.data.ActorPoolStrategy(size=workers),
                             num_gpus=1 if gpus else 0, num_cpus=0 if gpus else 1)
         for row in ds.iter_rows():
             yield pickle.loads(row["result"])
@@ -149,7 +150,7 @@ def infer(model_url: str, source: str, out: str, corpus: str | None = None, spli
           embeddings: bool = False, class_map: bool = False, workers: int = 0, use_ray: bool = False,
           strict: bool = False, part_tiles: int = PART_TILES, progress: bool = True) -> dict:
     """Run (or resume) one inference; -> the manifest, with "written" (the parts this run wrote), "wall_s" and
-    "tiles_per_s". `workers` 0: 1 in this process, or with `use_ray` one actor per GPU of the cluster."""
+    "tiles_per_s" (after the first part: without Ray's start; 0 with one part). `workers` 0: 1 in this process, or with `use_ray` one actor per GPU of the cluster."""
     from spatialnet_dist.checkpoint import load_model, model_sha256
     from spatialnet_dist.data.transforms import model_image_size
     from spatialnet_dist.evaluate.predict import input_transform
@@ -205,7 +206,8 @@ def infer(model_url: str, source: str, out: str, corpus: str | None = None, spli
     todo = [p for p in parts if p["name"] not in done]
     transform = input_transform(cfg)
     expected = sum(len(p["xs"]) * len(p["ys"]) if p["kind"] == "rasters" else p["samples"] for p in todo)
-    started, tiles, written = time.perf_counter(), 0, []
+    # tiles/s in the steady state: from the first part done to the last (Ray's start and model loading left out)
+    started, first, tiles, written = time.perf_counter(), None, 0, []
     bar = _progress(expected, progress)
     results = (_run_with_ray(todo, model_url, settings, out, workers, transform) if (use_ray or workers > 1) and todo
                else _run_here(todo, worker, transform))
@@ -221,13 +223,17 @@ def infer(model_url: str, source: str, out: str, corpus: str | None = None, spli
         manifest["parts"][name] = {"rows": result["rows"], "nodata_tiles": result["nodata_tiles"]}
         output.write_manifest(out, manifest)
         written.append(name)
-        tiles += result["rows"] + result["nodata_tiles"]
+        if first is None:
+            first = time.perf_counter()
+        else:
+            tiles += result["rows"] + result["nodata_tiles"]
         bar.update(result["rows"] + result["nodata_tiles"])
     bar.close()
-    wall = time.perf_counter() - started
+    end = time.perf_counter()
+    wall, steady = end - started, end - (first or end)
     if class_map:
         _class_maps(out, scenes, parts, manifest, stride)
-    return {**manifest, "written": written, "wall_s": wall, "tiles_per_s": tiles / wall if wall else 0.0}
+    return {**manifest, "written": written, "wall_s": wall, "tiles_per_s": tiles / steady if steady > 0 else 0.0}
 
 
 def _progress(total: int, enabled: bool):
