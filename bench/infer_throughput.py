@@ -9,7 +9,7 @@ first part done to its last: Ray's start and the actors' model loading left out)
 tiles_per_s_n >= 0.8 x N x model_tiles_per_s where cores allow, and speedup >= 1.6 with 2 workers on 2 cores.
 Nothing is asserted.
 
-    python bench/infer_throughput.py [--workers 2] [--side 1536] [--image-size 64] [--repeats 2] [--json]
+    python bench/infer_throughput.py [--workers 2] [--side 3072] [--image-size 128] [--repeats 2] [--json]
 """
 
 from __future__ import annotations
@@ -108,8 +108,8 @@ def run_infer(bundle: str, scene: Path, out: Path, workers: int, part_tiles: int
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--workers", type=int, default=2)
-    p.add_argument("--side", type=int, default=1536, help="scene side in pixels")
-    p.add_argument("--image-size", type=int, default=64, help="the model's input and the tile, pixels")
+    p.add_argument("--side", type=int, default=3072, help="scene side in pixels")
+    p.add_argument("--image-size", type=int, default=128, help="the model's input and the tile, pixels")
     p.add_argument("--preset", default="tiny")
     p.add_argument("--part-tiles", type=int, default=48)
     p.add_argument("--repeats", type=int, default=2)
