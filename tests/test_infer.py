@@ -250,3 +250,41 @@ def test_a_killed_run_rerun_ends_with_every_tile_once(bundle, tmp_path):
     done = subprocess.run([*argv[:-3], str(whole), "--part-tiles", "4"], env=env, capture_output=True, timeout=400)
     assert done.returncode == 0, done.stderr.decode()[-2000:]
     assert without_paths(dataset_rows(whole)) == without_paths(rows)
+
+
+def test_a_cut_shard_is_named_skipped_and_counted(store, bundle, tmp_path):
+    import shutil
+
+    from spatialnet_dist.store.manifest import read_manifest
+
+    root = tmp_path / "store"
+    shutil.copytree(store, root)
+    split = read_manifest(str(root), "synthetic")["splits"]["test"]
+    cut = root / "synthetic" / "test" / split["shards"][0]["name"]
+    cut.write_bytes(cut.read_bytes()[: cut.stat().st_size // 2])
+    out = tmp_path / "out"
+    rc, stdout, stderr = run_cli(["infer", bundle, str(root), str(out), "--corpus", "synthetic"])
+    assert rc == 1 and "1 bad input(s) skipped" in stdout and cut.name in stdout, stderr
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["rows"] == split["samples"] - split["shards"][0]["samples"] == len(dataset_rows(out))
+    assert [Path(e["source"]).name for e in manifest["bad"].values()] == [cut.name]
+    rc, _, stderr = run_cli(["infer", bundle, str(root), str(tmp_path / "strict"), "--corpus", "synthetic", "--strict"])
+    assert rc == 2 and stderr.count("\n") == 1 and cut.name in stderr
+
+
+def test_scenes_on_s3_to_geoparquet_on_s3_resumable(bundle, s3_bucket, tmp_path):
+    from spatialnet_dist.store import storage
+
+    scene = write_scene(tmp_path / "a.tif", scene_pixels(seed=7))
+    storage.put_file(str(scene), f"s3://{s3_bucket}/scenes/a.tif")
+    out = f"s3://{s3_bucket}/predictions"
+    argv = ["infer", bundle, f"s3://{s3_bucket}/scenes", out, "--part-tiles", "4", "--json"]
+    rc, stdout, stderr = run_cli(argv)
+    assert rc == 0, stderr
+    rows = output.read_rows(out, output.written_parts(out))
+    local_out = tmp_path / "local"
+    rc, _, stderr = run_cli(["infer", bundle, str(scene), str(local_out), "--part-tiles", "4"])
+    assert rc == 0, stderr
+    assert without_paths(rows) == without_paths(dataset_rows(local_out))  # the same pixels, read by byte range
+    rc, stdout, _ = run_cli(argv)
+    assert rc == 0 and json.loads(stdout)["written"] == []

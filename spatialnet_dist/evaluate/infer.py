@@ -32,6 +32,7 @@ from spatialnet_dist.store import storage
 
 log = logging.getLogger("spatialnet.infer")
 CHUNK = 64  # tiles per forward pass
+PROGRESS_EVERY_S = 30.0
 
 
 class PartPredictor:
@@ -126,6 +127,22 @@ def _run_here(todo: list[dict], worker: PartPredictor, transform):
         yield worker.run(_read(part, transform))
 
 
+def _record(result: dict, manifest: dict, out: str, strict: bool, written: list[str], bar) -> None:
+    """One part's result into the manifest (written at once); a bad input warned about, or raised with `strict`."""
+    name = result["name"]
+    if result["error"]:
+        manifest["bad"][name] = {"source": result["source"], "reason": result["error"]}
+        output.write_manifest(out, manifest)
+        if strict:
+            raise UserError(f"{result['error']} (--strict)")
+        log.warning("skipping %s", result["error"])
+        return
+    manifest["parts"][name] = {"rows": result["rows"], "nodata_tiles": result["nodata_tiles"]}
+    output.write_manifest(out, manifest)
+    written.append(name)
+    bar.update(result["rows"] + result["nodata_tiles"])
+
+
 def _check_manifest(old: dict | None, model_url: str, sha: str, settings: dict, out: str) -> None:
     if old is None:
         return
@@ -208,27 +225,19 @@ def infer(model_url: str, source: str, out: str, corpus: str | None = None, spli
     expected = sum(len(p["xs"]) * len(p["ys"]) if p["kind"] == "rasters" else p["samples"] for p in todo)
     # tiles/s in the steady state: from the first part done to the last (Ray's start and model loading left out)
     started, first, tiles, written = time.perf_counter(), None, 0, []
-    bar = _progress(expected, progress)
+    bar = _Progress(expected, progress)
     results = (_run_with_ray(todo, model_url, settings, out, workers, transform) if (use_ray or workers > 1) and todo
                else _run_here(todo, worker, transform))
-    for result in results:
-        name = result["name"]
-        if result["error"]:
-            manifest["bad"][name] = {"source": result["source"], "reason": result["error"]}
-            output.write_manifest(out, manifest)
-            if strict:
-                raise UserError(f"{result['error']} (--strict)")
-            log.warning("skipping %s", result["error"])
-            continue
-        manifest["parts"][name] = {"rows": result["rows"], "nodata_tiles": result["nodata_tiles"]}
-        output.write_manifest(out, manifest)
-        written.append(name)
-        if first is None:
-            first = time.perf_counter()
-        else:
-            tiles += result["rows"] + result["nodata_tiles"]
-        bar.update(result["rows"] + result["nodata_tiles"])
-    bar.close()
+    try:
+        for result in results:
+            _record(result, manifest, out, strict, written, bar)
+            if first is None and not result["error"]:
+                first = time.perf_counter()
+            elif not result["error"]:
+                tiles += result["rows"] + result["nodata_tiles"]
+    finally:
+        bar.close()
+        results.close()  # a stop (--strict) shuts the Ray instance this run started down now
     end = time.perf_counter()
     wall, steady = end - started, end - (first or end)
     if class_map:
@@ -236,10 +245,30 @@ def infer(model_url: str, source: str, out: str, corpus: str | None = None, spli
     return {**manifest, "written": written, "wall_s": wall, "tiles_per_s": tiles / steady if steady > 0 else 0.0}
 
 
-def _progress(total: int, enabled: bool):
-    from tqdm import tqdm
+class _Progress:
+    """Tiles done and tiles/s: a tqdm bar on a terminal, else (logs, Ray job output) a line every PROGRESS_EVERY_S."""
 
-    return tqdm(total=total, unit="tile", unit_scale=True, disable=not enabled, desc="infer", mininterval=1.0)
+    def __init__(self, total: int, enabled: bool):
+        import sys
+
+        from tqdm import tqdm
+
+        self.tty = enabled and sys.stderr.isatty()
+        self.enabled, self.total, self.done, self.start = enabled, total, 0, time.perf_counter()
+        self.last = self.start
+        self.bar = tqdm(total=total, unit="tile", unit_scale=True, desc="infer", mininterval=1.0) if self.tty else None
+
+    def update(self, tiles: int) -> None:
+        self.done += tiles
+        if self.bar is not None:
+            self.bar.update(tiles)
+        elif self.enabled and time.perf_counter() - self.last >= PROGRESS_EVERY_S:
+            self.last = time.perf_counter()
+            log.warning("infer: %d of %d tiles, %.1f tiles/s", self.done, self.total, self.done / (self.last - self.start))
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
 
 
 def _class_maps(out: str, scenes, parts: list[dict], manifest: dict, stride: int) -> None:
