@@ -109,7 +109,10 @@ def _run_with_ray(todo: list[dict], model_url: str, settings: dict, out: str, wo
         context.enable_progress_bars = False  # ours counts tiles
         context.execution_options.preserve_order = False
         ds = ray.data.from_items([{"part": pickle.dumps(p)} for p in todo], override_num_blocks=len(todo))
-        ds = ds.map(_read_for_actors, fn_kwargs={"transform": transform}, num_cpus=0.5)
+        # Reading runs ahead of the actors in a few tasks at a time: each new worker process pays torch's import
+        # (seconds), and a part's read is cheap beside its prediction (bench/infer_throughput.py: loader_tiles_per_s).
+        ds = ds.map(_read_for_actors, fn_kwargs={"transform": transform}, num_cpus=0.5,
+                    compute=ray.data.TaskPoolStrategy(size=max(2, workers)))
         threads = 0 if gpus else 1
         ds = ds.map_batches(PartPredictor, fn_constructor_args=(model_url, settings, out),
                             fn_constructor_kwargs={"threads": threads}, batch_size=1,

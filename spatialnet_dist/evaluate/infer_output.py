@@ -18,6 +18,7 @@ GeoTIFF's EPSG code; null, "unknown", for a scene without one: its polygons are 
 
 from __future__ import annotations
 
+import functools
 import io
 import json
 import struct
@@ -70,13 +71,16 @@ def polygon_bounds(wkb: bytes) -> tuple[float, float, float, float]:
     return min(xs), min(ys), max(xs), max(ys)
 
 
-def projjson(epsg: int | None) -> dict | None:
-    """The CRS of an EPSG code as PROJJSON (pyproj), or None when there is no code."""
-    if epsg is None:
-        return None
+@functools.lru_cache(maxsize=64)
+def _projjson_text(epsg: int) -> str:
     import pyproj
 
-    return pyproj.CRS.from_epsg(epsg).to_json_dict()
+    return json.dumps(pyproj.CRS.from_epsg(epsg).to_json_dict())
+
+
+def projjson(epsg: int | None) -> dict | None:
+    """The CRS of an EPSG code as PROJJSON (pyproj), or None when there is no code."""
+    return None if epsg is None else json.loads(_projjson_text(epsg))  # pyproj's lookup, once per code
 
 
 def geo_metadata(bounds: list[tuple[float, float, float, float]], crs: dict | None) -> dict:
