@@ -90,7 +90,7 @@ def loader_rate(scene: Path, bundle: str, image_size: int) -> float:
 
     with local_copy(bundle) as d:
         cfg, _ = load_config_and_vocabs(d)
-    parts, _, _ = plan_rasters(str(scene), image_size, image_size, 3, 256)
+    parts, _, _ = plan_rasters(str(scene), image_size, image_size, 256)
     start = time.perf_counter()
     tiles = sum(len(read_part(p, input_transform(cfg))["keys"]) for p in parts)
     return tiles / (time.perf_counter() - start)

@@ -170,7 +170,8 @@ def infer(model_url: str, source: str, out: str, corpus: str | None = None, spli
           embeddings: bool = False, class_map: bool = False, workers: int = 0, use_ray: bool = False,
           strict: bool = False, part_tiles: int = PART_TILES, progress: bool = True) -> dict:
     """Run (or resume) one inference; -> the manifest, with "written" (the parts this run wrote), "wall_s" and
-    "tiles_per_s" (after the first part: without Ray's start; 0 with one part). `workers` 0: 1 in this process, or with `use_ray` one actor per GPU of the cluster."""
+    "tiles_per_s" (after the first part: without Ray's start; 0 with one part). `workers` 0: 1 in this process,
+    or with `use_ray` one actor per GPU of the cluster."""
     from spatialnet_dist.checkpoint import load_model, model_sha256
     from spatialnet_dist.data.transforms import model_image_size
     from spatialnet_dist.evaluate.predict import input_transform
@@ -200,7 +201,7 @@ def infer(model_url: str, source: str, out: str, corpus: str | None = None, spli
         parts, _ = plan_shards(source, corpus, split)
         scenes, bad = [], {}
     else:
-        parts, scenes, bad = plan_rasters(source, tile, stride, cfg.model.in_chans, part_tiles)
+        parts, scenes, bad = plan_rasters(source, tile, stride, part_tiles)
         epsg = {s.name: (s.georef.epsg if s.georef is not None else None) for s in scenes}
         for p in parts:
             p["epsg"] = epsg[p["scene"]]

@@ -74,10 +74,11 @@ def scene_name(path: str) -> str:
     return f"{safe_key(stem)}-{hashlib.sha1(path.encode()).hexdigest()[:8]}"
 
 
-def plan_rasters(source: str, tile: int, stride: int, in_chans: int, part_tiles: int = PART_TILES
+def plan_rasters(source: str, tile: int, stride: int, part_tiles: int = PART_TILES
                  ) -> tuple[list[dict], list[Scene], dict[str, dict]]:
     """-> (parts, scenes, bad): every scene's parts; the scenes whose header reads; {scene: {"source", "reason"}}
-    for those whose does not (an unreadable or cut file, or one with too few bands for the model)."""
+    for those whose does not (an unreadable or cut file). Any band count: the model takes its first
+    `model.in_chans` bands, or repeats them (data/transforms.adapt_bands), as predict does."""
     paths = list_rasters(source)
     if not paths:
         raise UserError(f"{source}: no .tif/.tiff raster found")
