@@ -22,6 +22,7 @@ or, with `strict`, stops the run at once; parts already written are never touche
 from __future__ import annotations
 
 import logging
+import os
 import pickle
 import time
 
@@ -60,7 +61,7 @@ class PartPredictor:
         import torch
 
         result = {"name": read["name"], "source": read["source"], "rows": 0, "nodata_tiles": read["nodata_tiles"],
-                  "error": read["error"]}
+                  "error": read["error"], "replica": os.getpid()}
         if read["error"]:
             return result
         rows = []
@@ -160,8 +161,6 @@ def _check_manifest(old: dict | None, model_url: str, sha: str, settings: dict, 
 
 
 def _absolute(url: str) -> str:
-    import os
-
     return url if storage.is_s3(url) else os.path.abspath(url)
 
 
@@ -170,8 +169,8 @@ def infer(model_url: str, source: str, out: str, corpus: str | None = None, spli
           embeddings: bool = False, class_map: bool = False, workers: int = 0, use_ray: bool = False,
           strict: bool = False, part_tiles: int = PART_TILES, progress: bool = True) -> dict:
     """Run (or resume) one inference; -> the manifest, with "written" (the parts this run wrote), "wall_s" and
-    "tiles_per_s" (after the first part: without Ray's start; 0 with one part). `workers` 0: 1 in this process,
-    or with `use_ray` one actor per GPU of the cluster."""
+    "tiles_per_s" (in the steady state, once every replica has done a part; 0 with one part). `workers` 0: 1 in
+    this process, or with `use_ray` one actor per GPU of the cluster."""
     from spatialnet_dist.checkpoint import load_model, model_sha256
     from spatialnet_dist.data.transforms import model_image_size
     from spatialnet_dist.evaluate.predict import input_transform
@@ -227,18 +226,23 @@ def infer(model_url: str, source: str, out: str, corpus: str | None = None, spli
     todo = [p for p in parts if p["name"] not in done]
     transform = input_transform(cfg)
     expected = sum(len(p["xs"]) * len(p["ys"]) if p["kind"] == "rasters" else p["samples"] for p in todo)
-    # tiles/s in the steady state: from the first part done to the last (Ray's start and model loading left out)
-    started, first, tiles, written = time.perf_counter(), None, 0, []
+    # tiles/s in the steady state: from the time every replica has finished a part (Ray's start and each actor's
+    # model loading left out) to the last part; with fewer parts than replicas, from the first part
+    replicas = max(workers, 1) if (use_ray or workers > 1) else 1
+    started, first, tiles, written, seen = time.perf_counter(), None, 0, [], set()
     bar = _Progress(expected, progress)
     results = (_run_with_ray(todo, model_url, settings, out, workers, transform) if (use_ray or workers > 1) and todo
                else _run_here(todo, worker, transform))
     try:
         for result in results:
             _record(result, manifest, out, strict, written, bar)
-            if first is None and not result["error"]:
-                first = time.perf_counter()
-            elif not result["error"]:
+            if result["error"]:
+                continue
+            if first is not None:
                 tiles += result["rows"] + result["nodata_tiles"]
+            seen.add(result["replica"])
+            if first is None and len(seen) >= min(replicas, len(todo)):
+                first = time.perf_counter()
     finally:
         bar.close()
         results.close()  # a stop (--strict) shuts the Ray instance this run started down now
