@@ -5,11 +5,14 @@ Makes a GeoTIFF scene (uint8 RGB, strips of 16 rows, EPSG:32633) and an untraine
 (`--workers`), each into a fresh OUT, alternating, `--repeats` times. Tiles/s is the run's steady state (from its
 first part done to its last: Ray's start and the actors' model loading left out), median over repeats.
 `model_tiles_per_s` is the model alone (the Predictor on ready inputs, one thread, the actors' setting), and
-`loader_tiles_per_s` the reading and tiling alone (read_part, one process). Target (issue 27):
+`loader_tiles_per_s` the reading and tiling alone (read_part, one process). `cpu_1` / `cpu_n`: the CPU
+milliseconds the reads and predictions took per tile, and the cores they kept busy (CPU seconds / wall seconds
+of the steady state): on a machine shared with other jobs, a second worker that gets no second core shows as
+cores_busy near 1 with the same CPU per tile. Target (issue 27):
 tiles_per_s_n >= 0.8 x N x model_tiles_per_s where cores allow, and speedup >= 1.6 with 2 workers on 2 cores.
 Nothing is asserted.
 
-    python bench/infer_throughput.py [--workers 2] [--side 3072] [--image-size 128] [--repeats 2] [--json]
+    python bench/infer_throughput.py [--workers 2] [--side 6144] [--image-size 128] [--repeats 2] [--json]
 """
 
 from __future__ import annotations
@@ -96,22 +99,22 @@ def loader_rate(scene: Path, bundle: str, image_size: int) -> float:
     return tiles / (time.perf_counter() - start)
 
 
-def run_infer(bundle: str, scene: Path, out: Path, workers: int, part_tiles: int) -> float:
+def run_infer(bundle: str, scene: Path, out: Path, workers: int, part_tiles: int) -> dict:
     from spatialnet_dist.evaluate.infer import infer
 
     with contextlib.redirect_stdout(sys.stderr):
         result = infer(bundle, str(scene), str(out), workers=workers, use_ray=True, part_tiles=part_tiles,
                        progress=False)
-    return result["tiles_per_s"]
+    return {k: result[k] for k in ("tiles_per_s", "cpu_ms_per_tile", "cores_busy")}
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--workers", type=int, default=2)
-    p.add_argument("--side", type=int, default=3072, help="scene side in pixels")
+    p.add_argument("--side", type=int, default=6144, help="scene side in pixels")
     p.add_argument("--image-size", type=int, default=128, help="the model's input and the tile, pixels")
     p.add_argument("--preset", default="tiny")
-    p.add_argument("--part-tiles", type=int, default=48)
+    p.add_argument("--part-tiles", type=int, default=192)
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--json", action="store_true")
     a = p.parse_args()
@@ -126,12 +129,18 @@ def main() -> None:
         for r in range(a.repeats):
             ones.append(run_infer(bundle, scene, tmp / f"one-{r}", 1, a.part_tiles))
             ns.append(run_infer(bundle, scene, tmp / f"n-{r}", a.workers, a.part_tiles))
-    one, n = statistics.median(ones), statistics.median(ns)
+    one, n = (statistics.median(r["tiles_per_s"] for r in runs) for runs in (ones, ns))
+
+    def summary(runs: list[dict]) -> dict:
+        return {k: round(statistics.median(r[k] for r in runs), 2) for k in ("cpu_ms_per_tile", "cores_busy")}
+
     result = {"tiles_per_s_1": round(one, 1), "tiles_per_s_n": round(n, 1), "workers": a.workers,
               "speedup": round(n / one, 3) if one else None, "model_tiles_per_s": round(model, 1),
               "loader_tiles_per_s": round(loader, 1), "tiles": (-(-a.side // a.image_size)) ** 2,
               "image_size": a.image_size, "preset": a.preset, "cpus": os.cpu_count(),
-              "runs_1": [round(x, 1) for x in ones], "runs_n": [round(x, 1) for x in ns]}
+              "cpu_1": summary(ones), "cpu_n": summary(ns), "model_cpu_ms_per_tile": round(1000 / model, 2),
+              "runs_1": [round(r["tiles_per_s"], 1) for r in ones], "runs_n": [round(r["tiles_per_s"], 1) for r in ns],
+              "load_avg_1m_after": round(os.getloadavg()[0], 2)}
     if a.json:
         print(json.dumps(result))
     else:

@@ -60,8 +60,9 @@ class PartPredictor:
         """One `read_part` result -> its part written -> {"name", "source", "rows", "nodata_tiles", "error"}."""
         import torch
 
+        cpu = time.process_time()
         result = {"name": read["name"], "source": read["source"], "rows": 0, "nodata_tiles": read["nodata_tiles"],
-                  "error": read["error"], "replica": os.getpid()}
+                  "error": read["error"], "replica": os.getpid(), "cpu_s": read["cpu_s"]}
         if read["error"]:
             return result
         rows = []
@@ -75,7 +76,7 @@ class PartPredictor:
             crs = output.projjson(read["epsg"])
         counts = {"rows": len(rows), "nodata_tiles": read["nodata_tiles"], "source": read["source"]}
         output.write_part(self.out, read["name"], output.part_bytes(rows, self.schema, counts, crs))
-        return {**result, "rows": len(rows)}
+        return {**result, "rows": len(rows), "cpu_s": read["cpu_s"] + time.process_time() - cpu}
 
     def __call__(self, batch: dict) -> dict:
         results = [self.run(pickle.loads(payload)) for payload in batch["payload"]]
@@ -87,7 +88,9 @@ def _read_for_actors(row: dict, transform) -> dict:
 
 
 def _read(part: dict, transform) -> dict:
+    cpu = time.process_time()
     read = read_part(part, transform)
+    read["cpu_s"] = time.process_time() - cpu  # CPU seconds of reading and tiling (this process, all threads)
     read["source"] = part.get("path") or part.get("url")
     read["epsg"] = None
     if part["kind"] == "rasters" and read["error"] is None:
@@ -229,7 +232,7 @@ def infer(model_url: str, source: str, out: str, corpus: str | None = None, spli
     # tiles/s in the steady state: from the time every replica has finished a part (Ray's start and each actor's
     # model loading left out) to the last part; with fewer parts than replicas, from the first part
     replicas = max(workers, 1) if (use_ray or workers > 1) else 1
-    started, first, tiles, written, seen = time.perf_counter(), None, 0, [], set()
+    started, first, tiles, cpu_s, written, seen = time.perf_counter(), None, 0, 0.0, [], set()
     bar = _Progress(expected, progress)
     results = (_run_with_ray(todo, model_url, settings, out, workers, transform) if (use_ray or workers > 1) and todo
                else _run_here(todo, worker, transform))
@@ -240,6 +243,7 @@ def infer(model_url: str, source: str, out: str, corpus: str | None = None, spli
                 continue
             if first is not None:
                 tiles += result["rows"] + result["nodata_tiles"]
+                cpu_s += result["cpu_s"]
             seen.add(result["replica"])
             if first is None and len(seen) >= min(replicas, len(todo)):
                 first = time.perf_counter()
@@ -250,7 +254,9 @@ def infer(model_url: str, source: str, out: str, corpus: str | None = None, spli
     wall, steady = end - started, end - (first or end)
     if class_map:
         _class_maps(out, scenes, parts, manifest, stride)
-    return {**manifest, "written": written, "wall_s": wall, "tiles_per_s": tiles / steady if steady > 0 else 0.0}
+    return {**manifest, "written": written, "wall_s": wall, "tiles_per_s": tiles / steady if steady > 0 else 0.0,
+            # CPU seconds the reads and predictions took per tile, and the cores they kept busy, in that steady state
+            "cpu_ms_per_tile": 1000 * cpu_s / tiles if tiles else 0.0, "cores_busy": cpu_s / steady if steady > 0 else 0.0}
 
 
 class _Progress:
