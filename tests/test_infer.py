@@ -288,3 +288,36 @@ def test_scenes_on_s3_to_geoparquet_on_s3_resumable(bundle, s3_bucket, tmp_path)
     assert without_paths(rows) == without_paths(dataset_rows(local_out))  # the same pixels, read by byte range
     rc, stdout, _ = run_cli(argv)
     assert rc == 0 and json.loads(stdout)["written"] == []
+
+
+def test_every_head_text_and_questions_as_predict_gives_them(store, tmp_path):
+    from spatialnet_dist import config as config_mod
+    from spatialnet_dist.data.vocab import build_vocabs
+    from tests.test_eval_run import write_bundle
+
+    cfg = config_mod.load(None, [f"data.root={store}", "data.loader_workers=0", "model.image_size=32",
+                                 "eval.beam_size=2", "tasks.tagging.enabled=true"])
+    model = write_bundle(tmp_path / "model", cfg, build_vocabs(cfg))
+    pixels = scene_pixels(32, 64)
+    scene = write_scene(tmp_path / "s.tif", pixels)
+    questions = ["Is there a road?", "How many buildings are there?"]
+    out = tmp_path / "out"
+    argv = ["infer", model, str(scene), str(out), "--question", questions[0], "--question", questions[1]]
+    rc, _, stderr = run_cli([*argv, "--tasks", "classification,tagging,captioning,vqa,regression"])
+    assert rc == 0, stderr
+    rows = dataset_rows(out)
+    vocab = json.loads((Path(model) / "vocab.json").read_text())
+    np.save(tmp_path / "t.npy", pixels[:, :32])
+    predicted = predict_images(model, [str(tmp_path / "t.npy")], questions)[0]
+    first = rows[0]
+    assert first["caption"] == predicted["caption"] and isinstance(first["caption"], str)
+    assert [a["answer"] for a in first["answers"]] == [a["answer"] for a in predicted["answers"]]
+    assert [a["question"] for a in first["answers"]] == questions
+    assert [c["question"] for c in first["count"]] == questions and all(c["count"] >= 0 for c in first["count"])
+    scores = dict(first["tag_scores"])
+    assert sorted(scores) == sorted(vocab["tags"]) and set(first["tags"]) == {t for t, p in scores.items() if p > 0.5}
+
+    rc, _, stderr = run_cli(["infer", model, str(scene), str(tmp_path / "o2"), "--tasks", "regression"])
+    assert rc == 2 and "--question" in stderr
+    rc, _, stderr = run_cli(["infer", model, str(scene), str(tmp_path / "o3"), "--tasks", "mae"])
+    assert rc == 2 and "no such head" in stderr
