@@ -375,8 +375,9 @@ def build_parser() -> argparse.ArgumentParser:
     inf.add_argument("--class-map", action="store_true", help="rasters: a GeoTIFF class map per scene at one pixel "
                      "per stride (argmax, and the per-class probabilities), overlapping tiles averaged")
     inf.add_argument("--strict", action="store_true", help="stop at the first unreadable input")
-    inf.add_argument("--part-tiles", type=int, default=1024, metavar="N",
-                     help="rasters: tiles per output part, whole tile rows (default 1024)")
+    inf.add_argument("--part-tiles", type=int, default=0, metavar="N",
+                     help="rasters: tiles per output part, whole tile rows (default: 128 MB of model inputs, "
+                          "222 tiles of 224 px RGB)")
     inf.add_argument("--json", action="store_true", help=JSON_HELP)
     inf.add_argument("--workers", type=int, default=0, metavar="N",
                      help="N model replicas (Ray actors) on a local Ray (default: 1, in this process); the same output")

@@ -28,7 +28,7 @@ import time
 
 from spatialnet_dist.errors import UserError
 from spatialnet_dist.evaluate import infer_output as output
-from spatialnet_dist.evaluate.infer_sources import PART_TILES, plan_rasters, plan_shards, read_part
+from spatialnet_dist.evaluate.infer_sources import default_part_tiles, plan_rasters, plan_shards, read_part
 from spatialnet_dist.store import storage
 
 log = logging.getLogger("spatialnet.infer")
@@ -170,9 +170,10 @@ def _absolute(url: str) -> str:
 def infer(model_url: str, source: str, out: str, corpus: str | None = None, split: str = "test", tile: int = 0,
           stride: int = 0, tasks: list[str] | None = None, questions: list[str] | None = None,
           embeddings: bool = False, class_map: bool = False, workers: int = 0, use_ray: bool = False,
-          strict: bool = False, part_tiles: int = PART_TILES, progress: bool = True) -> dict:
+          strict: bool = False, part_tiles: int = 0, progress: bool = True) -> dict:
     """Run (or resume) one inference; -> the manifest, with "written" (the parts this run wrote), "wall_s" and
-    "tiles_per_s" (in the steady state, once every replica has done a part; 0 with one part). `workers` 0: 1 in
+    "tiles_per_s" (in the steady state, once every replica has done a part; 0 with one part). `part_tiles` 0:
+    infer_sources.default_part_tiles. `workers` 0: 1 in
     this process, or with `use_ray` one actor per GPU of the cluster."""
     from spatialnet_dist.checkpoint import load_model, model_sha256
     from spatialnet_dist.data.transforms import model_image_size
@@ -187,6 +188,7 @@ def infer(model_url: str, source: str, out: str, corpus: str | None = None, spli
     tile, stride = tile or size, stride or tile or size
     if tile < 1 or stride < 1:
         raise UserError(f"--tile {tile} --stride {stride}: expected positive pixel counts")
+    part_tiles = part_tiles or default_part_tiles(cfg.model.in_chans, size)
     kind = "shards" if corpus else "rasters"
     if class_map and kind == "shards":
         raise UserError("--class-map: only for raster scenes")

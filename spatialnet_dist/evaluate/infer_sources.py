@@ -30,7 +30,13 @@ from spatialnet_dist.raster import Raster, RasterError, all_nodata
 from spatialnet_dist.store import storage
 
 RASTER_SUFFIXES = (".tif", ".tiff")
-PART_TILES = 1024  # tiles per raster part (whole tile rows): each part is one file and one unit of resumption
+PART_BYTES = 128 * 2**20  # model inputs per raster part by default: a part's (B, C, S, S) float32 travels whole
+
+
+def default_part_tiles(in_chans: int, size: int) -> int:
+    """Tiles per raster part (whole tile rows) when --part-tiles is not given: PART_BYTES of model inputs
+    (3 bands at 224 px: 222 tiles), at least 16. Each part is one file and one unit of resumption."""
+    return max(16, PART_BYTES // (in_chans * size * size * 4))
 
 
 def tile_starts(side: int, tile: int, stride: int) -> list[int]:
@@ -74,7 +80,7 @@ def scene_name(path: str) -> str:
     return f"{safe_key(stem)}-{hashlib.sha1(path.encode()).hexdigest()[:8]}"
 
 
-def plan_rasters(source: str, tile: int, stride: int, part_tiles: int = PART_TILES
+def plan_rasters(source: str, tile: int, stride: int, part_tiles: int
                  ) -> tuple[list[dict], list[Scene], dict[str, dict]]:
     """-> (parts, scenes, bad): every scene's parts; the scenes whose header reads; {scene: {"source", "reason"}}
     for those whose does not (an unreadable or cut file). Any band count: the model takes its first
