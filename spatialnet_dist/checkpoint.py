@@ -459,3 +459,21 @@ def export_bundle(checkpoint_url: str, out_dir: str | Path) -> Path:
     vocabs.save(out)
     _write_manifest(str(out), file_digests(out, list(BUNDLE_FILES)))
     return out
+
+
+def model_sha256(url: str) -> str:
+    """One sha256 naming a checkpoint's or bundle's content (what `spatialnet infer` records, so that its output
+    never mixes two models): of its manifest, which holds every file's sha256; for a bundle without one, of its
+    files' digests in turn."""
+    files = _listed_files(url)
+    manifest_url = storage.join(url, MANIFEST)
+    if storage.exists(manifest_url):
+        return hashlib.sha256(storage.read_bytes(manifest_url)).hexdigest()
+    h = hashlib.sha256()
+    for rel in sorted(files):
+        file_hash = hashlib.sha256()
+        with storage.open_stream(storage.join(url, rel)) as f:
+            while chunk := f.read(_CHUNK):
+                file_hash.update(chunk)
+        h.update(f"{rel}\0{file_hash.hexdigest()}\n".encode())
+    return h.hexdigest()

@@ -178,6 +178,22 @@ def _predict(a) -> int:
     return 0
 
 
+def _infer(a) -> int:
+    from spatialnet_dist.evaluate.infer import infer, summary_line
+
+    if a.split and not a.corpus:
+        raise UserError("--split: only with --corpus (SOURCE is then a shard store)")
+    tasks = [t for t in a.tasks.split(",") if t] if a.tasks else None
+    result = infer(a.model, a.source, a.out, corpus=a.corpus, split=a.split or "test", tile=a.tile, stride=a.stride,
+                   tasks=tasks, questions=a.question or [], embeddings=a.embeddings, class_map=a.class_map,
+                   workers=a.workers, use_ray=a.ray, strict=a.strict, part_tiles=a.part_tiles, progress=not a.json)
+    if a.json:
+        _print_json({k: v for k, v in result.items() if k != "parts"}, a.stdout)
+    else:
+        print(summary_line(result), file=a.stdout)
+    return 1 if result["bad"] else 0
+
+
 def _export(a) -> int:
     from spatialnet_dist.checkpoint import export_bundle
 
@@ -337,6 +353,37 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--question", action="append", help="a question to answer for every image (repeatable)")
     pr.add_argument("--json", action="store_true", help=JSON_HELP)
     pr.set_defaults(fn=_predict)
+
+    inf = sub.add_parser(
+        "infer", help="batch inference over a shard corpus or raster scenes, to (Geo)Parquet, resumable",
+        description="Predict every sample of a shard corpus split, or every tile of raster scenes (GeoTIFFs of any "
+        "size, read window by window), into OUT: a Parquet dataset in parts named by their input (GeoParquet for "
+        "rasters) and OUT/manifest.json. A rerun writes only the missing parts; another model is refused. Exit 1 "
+        "when some input was unreadable (named, skipped, counted), 2 on bad usage.")
+    inf.add_argument("model", help="checkpoint dir (or URL) or exported bundle")
+    inf.add_argument("source", help="shard store root (with --corpus), or a raster file, folder or glob (local or s3://)")
+    inf.add_argument("out", help="output dataset: a local dir or s3://bucket/prefix")
+    inf.add_argument("--corpus", help="SOURCE is a shard store: the corpus to predict")
+    inf.add_argument("--split", help="with --corpus: its split (default test)")
+    inf.add_argument("--tile", type=int, default=0, help="raster tile side in pixels (default: the model's image size); "
+                     "resized to the model's input as predict resizes an image")
+    inf.add_argument("--stride", type=int, default=0, help="pixels between tiles (default: the tile; smaller: overlap)")
+    inf.add_argument("--tasks", help="heads to run, comma-separated (default: every head that needs no text; vqa with "
+                     "--question; regression answers --question counts)")
+    inf.add_argument("--question", action="append", help="a question to ask of every tile (repeatable)")
+    inf.add_argument("--embeddings", action="store_true", help="add the pooled encoder vector as `embedding`")
+    inf.add_argument("--class-map", action="store_true", help="rasters: a GeoTIFF class map per scene at one pixel "
+                     "per stride (argmax, and the per-class probabilities), overlapping tiles averaged")
+    inf.add_argument("--strict", action="store_true", help="stop at the first unreadable input")
+    inf.add_argument("--part-tiles", type=int, default=0, metavar="N",
+                     help="rasters: tiles per output part, whole tile rows (default: 128 MB of model inputs, "
+                          "222 tiles of 224 px RGB)")
+    inf.add_argument("--json", action="store_true", help=JSON_HELP)
+    inf.add_argument("--workers", type=int, default=0, metavar="N",
+                     help="N model replicas (Ray actors) on a local Ray (default: 1, in this process); the same output")
+    inf.add_argument("--ray", action="store_true", help="on the Ray cluster of RAY_ADDRESS (else a local Ray): "
+                     "--workers actors, by default one per GPU of the cluster")
+    inf.set_defaults(fn=_infer)
 
     ex = sub.add_parser("export", help="consolidate a checkpoint (any ZeRO stage) into an fp32 inference bundle")
     ex.add_argument("checkpoint", help="checkpoint dir or s3:// URL")

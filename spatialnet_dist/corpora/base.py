@@ -21,6 +21,7 @@ import numpy as np
 from PIL import Image
 
 from spatialnet_dist.errors import UserError
+from spatialnet_dist.raster import RasterError, read_raster
 from spatialnet_dist.store.schema import Sample, SchemaError, as_hwc, check_pixels
 
 _UNSAFE_KEY_CHARS = re.compile(r"[^A-Za-z0-9_\-]")
@@ -97,20 +98,12 @@ def require_dir(path: Path, what: str) -> Path:
 
 
 def _read_tiff(path: Path) -> np.ndarray:
-    """Multi-band or 16-bit TIFFs (GeoTIFFs of Sentinel-2, Landsat, ...) that PIL cannot open, through
-    tifffile: a pure-Python wheel on numpy, where rasterio needs GDAL. The pixels are all we keep."""
-    import tifffile
-
+    """Multi-band or 16-bit TIFFs (GeoTIFFs of Sentinel-2, Landsat, ...) that PIL cannot open, through the one
+    raster reader (spatialnet_dist.raster: tifffile, no GDAL). The pixels are all we keep: (H, W, C)."""
     try:
-        with tifffile.TiffFile(path) as tif:
-            series = tif.series[0]
-            image, axes = np.asarray(series.asarray()), series.axes
-    except Exception as e:  # tifffile raises many types on corrupt files
-        raise ImageError(f"unreadable TIFF (tifffile: {e.__class__.__name__}: {e})") from None
-    if image.ndim == 3 and axes[0] not in "YX":
-        # Bands first: samples stored plane by plane (S), or one band per page (Q, I): (C, H, W) -> (H, W, C)
-        image = np.moveaxis(image, 0, -1)
-    return image
+        return read_raster(str(path))
+    except RasterError as e:
+        raise ImageError(str(e)) from None
 
 
 def read_image(path: Path, bands: int | None) -> np.ndarray:
