@@ -51,6 +51,42 @@ def _free_ports(n: int) -> list[int]:
     return ports
 
 
+class SmallDisk:
+    """Real small filesystems for full-disk tests: `mount(size)` a tmpfs of `size` (mount's syntax: "1m") under
+    the test's tmp_path, unmounted after the test; `fill(d, leave)` writes a ballast file until `leave` bytes
+    are free. Skips, naming why, where this process may not mount one (tests run as root, or in `unshare -rm`)."""
+
+    def __init__(self, tmp_path: Path):
+        self.tmp_path, self.mounted = tmp_path, []
+
+    def mount(self, size: str, name: str = "disk") -> Path:
+        d = self.tmp_path / name
+        d.mkdir()
+        done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(d)],
+                              capture_output=True, text=True)
+        if done.returncode:
+            pytest.skip(f"a full disk needs a small tmpfs, and none can be mounted here: {done.stderr.strip()}")
+        self.mounted.append(d)
+        return d
+
+    def fill(self, d: Path, leave: int = 0) -> Path:
+        ballast = d / f"ballast-{uuid.uuid4().hex[:6]}"
+        with contextlib.suppress(OSError), open(ballast, "wb") as f:
+            f.write(b"\0" * max(0, shutil.disk_usage(d).free - leave))
+        return ballast
+
+    def unmount_all(self) -> None:
+        for d in reversed(self.mounted):
+            subprocess.run(["umount", "-l", str(d)], capture_output=True)
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    disks = SmallDisk(tmp_path)
+    yield disks
+    disks.unmount_all()
+
+
 @pytest.fixture(scope="session")
 def free_ports():
     """The function `free_ports(n) -> [port, ...]`, for servers and process groups a test starts."""
