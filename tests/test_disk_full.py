@@ -1,17 +1,22 @@
 """A full disk is named (issue 30, item 3): on a real small tmpfs (conftest's `small_disk`), a checkpoint, a metric
 line or a cached shard that finds no space left fails in one line naming the path and the free bytes of its
 filesystem (errors.disk_full), the previous checkpoint stays whole and resumable, no partial file passes for a
-complete one."""
+complete one, and a shard cache that cannot grow falls back to streaming the same bytes from the store."""
 
 from __future__ import annotations
 
+import io
+import json
+import logging
 import os
+import tarfile
 
 import pytest
 import torch
 
 from spatialnet_dist import checkpoint as ckpt
 from spatialnet_dist.errors import DiskFull, UserError, disk_full, has_no_room
+from spatialnet_dist.store import storage
 from spatialnet_dist.train.rundir import RunDir
 from tests.test_checkpoint import StandInTrainer, rank_files
 
@@ -79,3 +84,41 @@ def test_a_torn_last_metric_line_is_left_out_by_readers(tmp_path):
     (tmp_path / "run" / "metrics.jsonl").write_text('{"step": 1}\n{"st\n{"step": 3}\n')
     with pytest.raises(ValueError):  # a bad line within the file is still an error, not skipped silently
         RunDir(run.url).metrics()
+
+
+def _shard(n: int = 24, size: int = 20_000) -> bytes:
+    """A tar shard of `n` samples (`<key>.bin` of `size` random bytes + `<key>.json`)."""
+    out = io.BytesIO()
+    with tarfile.open(fileobj=out, mode="w") as tar:
+        for i in range(n):
+            for ext, data in ((".bin", os.urandom(size)), (".json", json.dumps({"i": i}).encode())):
+                info = tarfile.TarInfo(f"s{i:03d}{ext}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    return out.getvalue()
+
+
+def test_a_shard_cache_that_cannot_grow_streams_the_same_samples_from_the_store(small_disk, s3_bucket, tmp_path,
+                                                                                caplog):
+    from spatialnet_dist.data.indexed import ShardReader
+
+    body = _shard()
+    (tmp_path / "shard.tar").write_bytes(body)
+    urls = [f"s3://{s3_bucket}/c/train/c-train-00000{k}.tar" for k in range(2)]
+    for url in urls:
+        storage.put_file(str(tmp_path / "shard.tar"), url)
+    cache = small_disk.mount("128k", "cache")  # a shard is ~500 KB: it cannot be cached
+    local, cut_short = ShardReader(str(tmp_path / "roomy")), ShardReader(str(cache))
+    with caplog.at_level(logging.WARNING, logger="spatialnet_dist.data.indexed"):
+        for url in urls:
+            assert len(cut_short.index(url).samples) == 24 and not cut_short.index(url).problem
+            for position in (0, 23, 7, 7, 12):
+                assert cut_short.sample(url, position) == local.sample(url, position)
+    assert os.listdir(cache) == []  # no partial copy left, none taken for a cached shard
+    assert len(os.listdir(tmp_path / "roomy")) == 2  # the roomy cache did cache them
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "\n" not in warnings[0]
+    assert f"the shard cache (data.cache_dir) {cache} (" in warnings[0] and "bytes free of 131072" in warnings[0]
+    assert urls[0] in warnings[0] and "streaming" in warnings[0]
+    cut_short.close()
+    local.close()

@@ -217,6 +217,12 @@ def etag(url: str) -> str:
     return _s3_call(url, lambda: s3_client().head_object(Bucket=bucket, Key=key))["ETag"].strip('"')
 
 
+def size(url: str) -> int:
+    """The size in bytes of an S3 object: NotFoundError when there is none."""
+    bucket, key = split_s3(url)
+    return int(_s3_call(url, lambda: s3_client().head_object(Bucket=bucket, Key=key))["ContentLength"])
+
+
 def exists(url: str) -> bool:
     bucket, key = split_s3(url)
     try:

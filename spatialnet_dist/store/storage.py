@@ -64,6 +64,18 @@ def exists(url: str) -> bool:
     return os.path.isfile(url)
 
 
+def size(url: str) -> int:
+    """The size in bytes of a file or object: NotFoundError when there is none."""
+    if is_s3(url):
+        return s3.size(url)
+    try:
+        return os.path.getsize(url)
+    except FileNotFoundError:
+        raise NotFoundError(f"{url}: not found") from None
+    except OSError as e:
+        raise StoreError(f"{url}: {e.strerror}") from None
+
+
 def s3_etag(url: str) -> str:
     """The ETag of an S3 object (it changes with the content): NotFoundError when there is none."""
     return s3.etag(url)
