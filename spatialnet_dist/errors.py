@@ -30,8 +30,8 @@ class DiskFull(UserError):
         super().__init__(message)
         self.path = path
 
-    def __reduce__(self):  # Ray pickles a worker's exception: keep the path
-        return type(self), (str(self), self.path)
+    def __reduce__(self):  # Ray pickles a worker's exception: keep the path, and the attributes set on it
+        return type(self), (str(self), self.path), self.__dict__
 
 
 _FULL = (errno.ENOSPC, errno.EDQUOT)

@@ -71,8 +71,11 @@ class SmallDisk:
 
     def fill(self, d: Path, leave: int = 0) -> Path:
         ballast = d / f"ballast-{uuid.uuid4().hex[:6]}"
+        chunk = b"\0" * 2**20
         with contextlib.suppress(OSError), open(ballast, "wb") as f:
-            f.write(b"\0" * max(0, shutil.disk_usage(d).free - leave))
+            while (room := shutil.disk_usage(d).free - leave) > 0:
+                f.write(chunk[:room])
+                f.flush()
         return ballast
 
     def unmount_all(self) -> None:
