@@ -122,3 +122,19 @@ def test_a_shard_cache_that_cannot_grow_streams_the_same_samples_from_the_store(
     assert urls[0] in warnings[0] and "streaming" in warnings[0]
     cut_short.close()
     local.close()
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
+def test_tensorboard_events_that_do_not_fit_are_named(small_disk):
+    """The SummaryWriter writes in a thread of its own (which prints its OSError) and raises it at the next
+    flush."""
+    from spatialnet_dist.train.tracking import _TensorBoard
+
+    disk = small_disk.mount("256k")
+    tensorboard = _TensorBoard(RunDir(str(disk / "run")), purge_step=1)
+    small_disk.fill(disk, leave=0)
+    with pytest.raises(DiskFull, match=rf"^disk full: no space left writing TensorBoard events in {disk}/run/"
+                                       rf"tensorboard \({FREE}\)$"):
+        for step in range(1, 100):
+            tensorboard.scalars(step, {"loss": 1.0, "a_long_tag_" * 20: 2.0})
+            tensorboard.flush()
