@@ -46,7 +46,7 @@ import torch.distributed as dist
 import yaml
 
 from spatialnet_dist import config as config_mod
-from spatialnet_dist.errors import UserError
+from spatialnet_dist.errors import DiskFull, UserError
 from spatialnet_dist.store import storage
 from spatialnet_dist.text import TextVocabs
 
@@ -95,7 +95,9 @@ def _distributed() -> bool:
 def publish(local_dir: str | Path, run_url: str, step: int, rank: int, keep: int, best: str | None = None) -> str:
     """Every rank together: put this rank's checkpoint files (`local_dir`) into `<run_url>/checkpoint-N/`;
     once all ranks' files are there rank 0 writes the manifest, which makes the checkpoint complete, and
-    prunes the run to `keep` complete checkpoints and `best` (`prune`). -> the checkpoint's URL."""
+    prunes the run to `keep` complete checkpoints and `best` (`prune`). -> the checkpoint's URL. A full disk
+    (errors.DiskFull, naming the file and the free space) leaves no checkpoint-N: its partial files are removed, and
+    the run's checkpoints before it are untouched."""
     url = storage.join(run_url, checkpoint_name(step))
     mine = file_digests(local_dir)
     by_rank = [mine]
@@ -108,12 +110,20 @@ def publish(local_dir: str | Path, run_url: str, step: int, rank: int, keep: int
     for r, digests in enumerate(by_rank):
         for rel in digests:
             owner.setdefault(rel, r)
-    for rel in sorted(rel for rel, r in owner.items() if r == rank):
-        storage.put_file(str(Path(local_dir) / rel), storage.join(url, rel))
-    if _distributed():
-        dist.barrier()  # every rank's files are in place
+    try:
+        for rel in sorted(rel for rel, r in owner.items() if r == rank):
+            storage.put_file(str(Path(local_dir) / rel), storage.join(url, rel))
+        if _distributed():
+            dist.barrier()  # every rank's files are in place
+        if rank == 0:
+            _write_manifest(url, {rel: by_rank[r][rel] for rel, r in sorted(owner.items())}, step=step)
+    except DiskFull:
+        # No manifest, so never resumed from; removed now, so the space it took is free for the run's records (a
+        # rank waiting at the barrier is ended with the group, and no manifest is written).
+        if not storage.exists(storage.join(url, MANIFEST)):
+            storage.delete_prefix(url)
+        raise
     if rank == 0:
-        _write_manifest(url, {rel: by_rank[r][rel] for rel, r in sorted(owner.items())}, step=step)
         prune(run_url, keep, best)
     return url
 

@@ -39,9 +39,48 @@ def one_torch_thread():
     torch.set_num_threads(1)
 
 
+class SmallDisk:
+    """Real small filesystems for full-disk tests: `mount(size)` a tmpfs of `size` (mount's syntax: "1m") under
+    the test's tmp_path, unmounted after the test; `fill(d, leave)` writes a ballast file until `leave` bytes
+    are free. Skips, naming why, where this process may not mount one (tests run as root, or in `unshare -rm`)."""
+
+    def __init__(self, tmp_path: Path):
+        self.tmp_path, self.mounted = tmp_path, []
+
+    def mount(self, size: str, name: str = "disk") -> Path:
+        d = self.tmp_path / name
+        d.mkdir()
+        done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(d)],
+                              capture_output=True, text=True)
+        if done.returncode:
+            pytest.skip(f"a full disk needs a small tmpfs, and none can be mounted here: {done.stderr.strip()}")
+        self.mounted.append(d)
+        return d
+
+    def fill(self, d: Path, leave: int = 0) -> Path:
+        ballast = d / f"ballast-{uuid.uuid4().hex[:6]}"
+        chunk = b"\0" * 2**20
+        with contextlib.suppress(OSError), open(ballast, "wb") as f:
+            while (room := shutil.disk_usage(d).free - leave) > 0:
+                f.write(chunk[:room])
+                f.flush()
+        return ballast
+
+    def unmount_all(self) -> None:
+        for d in reversed(self.mounted):
+            subprocess.run(["umount", "-l", str(d)], capture_output=True)
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    disks = SmallDisk(tmp_path)
+    yield disks
+    disks.unmount_all()
+
+
 @pytest.fixture(scope="session")
 def free_ports():
-    """The function `harness.free_ports(n) -> [port, ...]`, for servers and process groups a test starts."""
+    """The function `free_ports(n) -> [port, ...]`, for servers and process groups a test starts."""
     return harness.free_ports
 
 

@@ -97,3 +97,26 @@ def test_a_store_that_does_not_answer_is_left_to_rays_restarts(tmp_path):
     assert RunDir(str(tmp_path)).failures()[-1]["reason"] == str(unreachable)
     with pytest.raises(PermanentFailure, match="failed twice in a row after step 4: cannot reach S3 endpoint"):
         classifier.after_exception(None, {0: marked(unreachable, 4)})
+
+
+def test_a_full_disk_ends_the_run_at_once_classed_disk_full_even_when_failures_json_cannot_be_written(
+        tmp_path, small_disk):
+    """A full disk does not free itself: no restart, the one line, "cause": "disk_full" in failures.json; and where
+    the run directory's own disk is the full one, the failure still ends the run with its line."""
+    from spatialnet_dist.errors import DiskFull, disk_full
+
+    error = disk_full(tmp_path / "run" / "checkpoint-000004" / "zero" / "ds" / "mp_rank_00_model_states.pt")
+    assert isinstance(error, DiskFull)
+    with pytest.raises(PermanentFailure) as raised:
+        FailureClassifier(str(tmp_path / "run")).after_exception(None, {0: marked(error, 3)})
+    assert str(raised.value) == str(error) and str(error).startswith("disk full: no space left writing ")
+    entry = RunDir(str(tmp_path / "run")).failures()[-1]
+    assert entry["cause"] == failures.DISK_FULL and entry["step"] == 3 and entry["reason"] == str(error)
+
+    disk = small_disk.mount("64k")
+    full = RunDir(str(disk / "run"))
+    full.record_failure(1, "an earlier failure")
+    small_disk.fill(disk, leave=0)
+    with pytest.raises(PermanentFailure, match="^disk full: no space left writing "):
+        FailureClassifier(full.url).after_exception(None, {0: marked(disk_full(disk / "run" / "metrics.jsonl"), 5)})
+    assert [f["step"] for f in full.failures()] == [1]  # failures.json as it was, whole

@@ -175,6 +175,20 @@ def test_s3_shards_are_read_through_the_node_cache(two_corpora, s3_bucket, tmp_p
         take(make_train_loader(remote, vocabs, 0, 1), 4)
 
 
+def test_a_node_cache_that_cannot_grow_streams_the_same_batches(two_corpora, s3_bucket, small_disk):
+    """data.cache_dir on a full disk (a small tmpfs): the loader workers stream the shards from S3 instead,
+    and the batches are the ones a local read gives (tests/test_disk_full.py: the reader's warning)."""
+    root = f"s3://{s3_bucket}/store"
+    write_corpus(root, "toy", {"train": 12, "val": 4}, shard_size=5)
+    local, remote = make_cfg(two_corpora, ["toy"], workers=1), make_cfg(root, ["toy"], workers=1)
+    cache = small_disk.mount("64k", "cache")
+    small_disk.fill(cache, leave=4096)
+    remote.data.cache_dir = str(cache)
+    vocabs = build_vocabs(local)
+    assert_same(take(make_train_loader(remote, vocabs, 0, 1), 4), take(make_train_loader(local, vocabs, 0, 1), 4))
+    assert [p.name for p in cache.iterdir() if not p.name.startswith("ballast")] == []  # nothing partial kept
+
+
 # ---- end to end: a killed run resumes to the parameters of an uninterrupted one ----
 
 E2E = ["model.image_size=32", "model.drop_path=0.1", "train.log_every=1", "eval.every=0", "eval.at_end=false",

@@ -426,3 +426,44 @@ def test_ray_permanent_failure_ends_the_run_on_the_first_attempt(synth_root, sha
     assert last_err == f"spatialnet: training failed: {result['error']}"
     assert result["restarts"] == 0 and len(run.attempts()) == 1
     assert [f["step"] for f in run.failures()] == [3]
+
+
+@pytest.mark.slow
+def test_ray_a_full_run_disk_ends_the_run_in_one_line_and_a_rerun_resumes_the_checkpoint_before(
+        synth_root, shared_ray, small_disk, capsys):
+    """run.storage on a small disk that fills up once checkpoint 2 is complete: the next save finds no space; the
+    run ends on that attempt (no restart although train.max_failures=2), exit 1, RESULT's error the one line with
+    the path and the free space, failures.json's cause disk_full, no partial checkpoint; the space freed, the same
+    command resumes from the last checkpoint that fitted and ends at max_steps (tests/test_disk_full.py: each
+    writer)."""
+    disk = small_disk.mount("1g")
+    runs, filled = disk / "runs", []
+
+    def fill_once_checkpoint_2_is_complete():
+        deadline = time.time() + 900
+        while time.time() < deadline and not filled:
+            if (runs / "full" / "checkpoint-000002" / ckpt.MANIFEST).exists():
+                filled.append(small_disk.fill(disk, leave=256 * 1024))
+            time.sleep(0.05)
+
+    threading.Thread(target=fill_once_checkpoint_2_is_complete, daemon=True).start()
+    args = sets(*TINY, f"data.root={synth_root}", f"run.storage={runs}", "run.name=full", "train.max_steps=8",
+                "train.checkpoint_every=2", "log.tensorboard=false")
+    code = jobs.train_with_ray(args)
+    out, err = capsys.readouterr()
+    result = result_line(out)
+    assert filled, "checkpoint 2 never completed"
+    assert code == 1 and result["restarts"] == 0, result
+    assert result["error"].startswith(f"disk full: no space left writing {runs}/full/"), result
+    assert "bytes free of" in result["error"] and err.strip().splitlines()[-1].endswith(result["error"])
+    run = RunDir(str(runs / "full"))
+    assert [f.get("cause") for f in run.failures()] == ["disk_full"]
+    found = ckpt.checkpoints(run.url)
+    assert found and all(complete for _, complete in found), found  # the one that did not fit: removed
+    kept = int(found[-1][0].rsplit("-", 1)[1])
+    assert 2 <= kept < 8 and [m["step"] for m in run.metrics()] == list(range(1, len(run.metrics()) + 1))
+
+    filled[0].unlink()
+    code = jobs.train_with_ray(args)
+    result = result_line(capsys.readouterr().out)
+    assert code == 0 and result["resumed_from"] == [kept] and result["final_step"] == 8, result

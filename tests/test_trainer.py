@@ -311,3 +311,57 @@ def test_a_run_whose_newest_checkpoint_is_damaged_resumes_from_the_one_before_to
     resumed = ckpt.load_model(newest)[0].state_dict()  # the step-4 checkpoint saved anew
     assert resumed.keys() == undisturbed.keys() and all(torch.equal(resumed[k], undisturbed[k]) for k in resumed)
     assert Path(aside, model_states).read_bytes() == bytes(data)  # kept as it was found
+
+
+# ---- a full disk (issue 30, item 3; tests/test_disk_full.py has the writers one by one) ----
+
+
+def test_a_full_run_disk_at_a_save_is_named_keeps_the_checkpoint_before_and_the_rerun_resumes_it(
+        world_of_one, tmp_path, small_disk):
+    from spatialnet_dist.data.vocab import build_vocabs
+    from spatialnet_dist.errors import DiskFull
+    from spatialnet_dist.train.local import LocalReporter
+    from spatialnet_dist.train.rundir import RunDir
+
+    disk = small_disk.mount("512m")
+    run = RunDir(str(disk / "run"))
+    ballast = []
+
+    class FillingReporter(LocalReporter):  # the disk fills up once the first checkpoint is in
+        def report(self, step, metrics, checkpoint_dir):
+            super().report(step, metrics, checkpoint_dir)
+            if step == 2:
+                ballast.append(small_disk.fill(disk, leave=64 * 1024))
+
+    cfg = _config(world_of_one, "train.max_steps=4", "train.checkpoint_every=2", "train.log_every=1", "eval.every=0",
+                  "eval.at_end=false")
+    vocabs = build_vocabs(cfg)
+    with pytest.raises(DiskFull, match=rf"^disk full: no space left writing {disk}/run/checkpoint-000004/\S+ "
+                                       r"\(\d+ bytes free of \d+ on its filesystem\)$"):
+        _trainer(cfg, vocabs, FillingReporter(run.url, 0, 0)).fit()
+    assert [u for u, _ in ckpt.checkpoints(run.url)] == [run.path("checkpoint-000002")]  # no partial checkpoint-4
+    assert [m["step"] for m in RunDir(run.url).metrics()] == [1, 2, 3]
+    ballast[0].unlink()
+    rerun = _trainer(cfg, vocabs, LocalReporter(run.url, 0, 0))
+    assert ckpt.resume(rerun, run.url)["step"] == 2  # every file of checkpoint-2 verified
+    rerun.fit()
+    assert ckpt.latest_complete(run.url) == run.path("checkpoint-000004") and rerun.step == 4
+
+
+def test_a_full_temp_disk_at_a_save_names_the_staging_folder(world_of_one, tmp_path, small_disk, monkeypatch):
+    """DeepSpeed's files are staged in TMPDIR first; torch.save raises a RuntimeError there, without an errno."""
+    import tempfile
+
+    from spatialnet_dist.data.vocab import build_vocabs
+    from spatialnet_dist.errors import DiskFull
+
+    cfg = _config(world_of_one, "train.max_steps=1", "train.checkpoint_every=1", "eval.every=0", "eval.at_end=false")
+    reporter = RecordingReporter(tmp_path)
+    trainer = _trainer(cfg, build_vocabs(cfg), reporter)
+    disk = small_disk.mount("1m", "tmp")
+    small_disk.fill(disk, leave=0)
+    monkeypatch.setattr(tempfile, "tempdir", str(disk))
+    with pytest.raises(DiskFull, match=rf"^disk full: no space left writing a checkpoint staged in TMPDIR at "
+                                       rf"{disk}/spatialnet-ckpt-\w+ \(\d+ bytes free of 1048576 on its filesystem\)$"):
+        trainer.fit()
+    assert reporter.metrics == [] and [p.name for p in disk.iterdir() if not p.name.startswith("ballast")] == []

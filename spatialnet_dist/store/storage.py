@@ -10,6 +10,7 @@ import shutil
 import uuid
 from typing import BinaryIO
 
+from spatialnet_dist.errors import disk_full, is_disk_full
 from spatialnet_dist.store import s3
 from spatialnet_dist.store.location import (  # noqa: F401  (callers use them as storage.X)
     NotFoundError,
@@ -66,6 +67,18 @@ def exists(url: str) -> bool:
     return os.path.isfile(url)
 
 
+def size(url: str) -> int:
+    """The size in bytes of a file or object: NotFoundError when there is none."""
+    if is_s3(url):
+        return s3.size(url)
+    try:
+        return os.path.getsize(url)
+    except FileNotFoundError:
+        raise NotFoundError(f"{url}: not found") from None
+    except OSError as e:
+        raise StoreError(f"{url}: {e.strerror}") from None
+
+
 def s3_etag(url: str) -> str:
     """The ETag of an S3 object (it changes with the content): NotFoundError when there is none."""
     return s3.etag(url)
@@ -79,7 +92,8 @@ def _local_temp(path: str) -> str:
 
 
 def write_bytes_atomic(url: str, data: bytes) -> None:
-    """Readers see the old content or the new, never a part (local: temp + rename; S3: a PUT is atomic)."""
+    """Readers see the old content or the new, never a part (local: temp + rename; S3: a PUT is atomic). A full
+    disk: errors.DiskFull naming `url` and the free space, the old content intact (so too `put_file`)."""
     if is_s3(url):
         s3.write_bytes(url, data)
         return
@@ -90,6 +104,8 @@ def write_bytes_atomic(url: str, data: bytes) -> None:
         os.replace(tmp, url)
     except OSError as e:
         _remove_quietly(tmp)
+        if is_disk_full(e):  # the temp file gone first: the free space named is what is left without it
+            raise disk_full(url) from None
         raise StoreError(f"{url}: cannot write ({e.strerror})") from None
 
 
@@ -104,6 +120,8 @@ def put_file(path: str, url: str) -> None:
         os.replace(tmp, url)
     except OSError as e:
         _remove_quietly(tmp)
+        if is_disk_full(e):  # the temp file gone first: the free space named is what is left without it
+            raise disk_full(url) from None
         raise StoreError(f"{url}: cannot write ({e.strerror})") from None
 
 

@@ -1,7 +1,8 @@
 """Failure classes of a Ray Train run: which failures end it at once, and the one line that says why.
 
 Permanent (the run ends on this attempt, no restart): a `UserError` or `NonFiniteLoss` from any worker,
-or the same step failing twice in a row. A restart from the same checkpoint meets those again.
+or the same step failing twice in a row. A full disk (`errors.DiskFull`, a UserError: it does not free itself) is
+one, recorded with `"cause": "disk_full"`. A restart from the same checkpoint meets those again.
 Transient (Ray Train restarts the worker group, up to `train.max_failures`): everything else, e.g. a
 killed process, a lost node, a store that does not answer after its retries (`StoreUnavailable`, a
 UserError that may pass).
@@ -21,13 +22,17 @@ before it ends the run. A killed process carries no step and never counts as a r
 
 from __future__ import annotations
 
+import logging
+
 from ray.train import ControllerError, UserCallback, WorkerGroupError
 
-from spatialnet_dist.errors import NonFiniteLoss, UserError
+from spatialnet_dist.errors import DiskFull, NonFiniteLoss, UserError
 from spatialnet_dist.store.storage import StoreUnavailable
 from spatialnet_dist.train.rundir import RunDir
 
+log = logging.getLogger(__name__)
 STEP_ATTRIBUTE = "spatialnet_failed_after_step"
+DISK_FULL = "disk_full"  # failures.json's "cause" of a worker group ended by a full disk (errors.DiskFull)
 MAX_REASON_CHARS = 500
 
 
@@ -84,7 +89,10 @@ class FailureClassifier(UserCallback):
         step = min(steps) if steps else None
         why = reason(error)
         previous = run.failures()
-        run.record_failure(step, why)
+        try:
+            run.record_failure(step, why, **({"cause": DISK_FULL} if isinstance(error, DiskFull) else {}))
+        except DiskFull as e:  # the run directory's disk is the full one: the failure itself still ends the run
+            log.warning("failures.json not written: %s", e)
         if is_permanent(error):
             raise PermanentFailure(why)
         if step is not None and previous and previous[-1]["step"] == step:

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from spatialnet_dist import config as config_mod
 from spatialnet_dist import ray_cluster, versions
-from spatialnet_dist.errors import UserError
+from spatialnet_dist.errors import DiskFull, UserError
 from spatialnet_dist.store import storage
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "demo.yaml"
@@ -228,6 +228,9 @@ def main(argv: list[str] | None, train_loop: Callable[[dict], None]) -> int:
     if error is not None:
         sys.stdout.flush()
         print(f"spatialnet: training failed: {summary['error']}", file=sys.stderr, flush=True)
-    run.write_result(summary)
+    try:
+        run.write_result(summary)
+    except DiskFull as e:  # the run directory's disk is full: RESULT still says how the run ended
+        print(f"spatialnet: result.json not written: {e}", file=sys.stderr, flush=True)
     print("RESULT " + json.dumps(summary), flush=True)
     return 1 if error is not None else 0

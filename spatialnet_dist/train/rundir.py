@@ -2,7 +2,8 @@
 
   config.yaml     the resolved config (written by the driver before any worker starts)
   metrics.jsonl   one line per report (rank 0), never a step twice: a resumed attempt first drops
-                  the lines past the step it resumes at
+                  the lines past the step it resumes at; rewritten whole through a temp file, so a full disk
+                  (errors.DiskFull, naming it) leaves the lines before, never half a line
   attempts.json   one entry per worker-group start: the step it started at, whether it resumed, its number of
                   workers, the cause of the restart when it can be told (failure: failures.json has one since the
                   attempt before; preemption: the attempt before checkpointed on a SIGTERM and handed over; resize:
@@ -76,7 +77,21 @@ class RunDir:
     # ---- metrics.jsonl ----
 
     def metrics(self) -> list[dict]:
-        return [json.loads(line) for line in self._read_text("metrics.jsonl").splitlines() if line.strip()]
+        """The reports, one per line. A torn last line (no newline after it: a writer of another tool, or a disk
+        that filled mid-append) is left out; any other line that is not JSON is an error, as before."""
+        text = self._read_text("metrics.jsonl")
+        lines = text.splitlines()
+        torn = lines[-1] if lines and not text.endswith("\n") else None
+        out = []
+        for i, line in enumerate(lines):
+            if not line.strip():
+                continue
+            try:
+                out.append(json.loads(line))
+            except ValueError:
+                if torn is None or i != len(lines) - 1:
+                    raise
+        return out
 
     def truncate_metrics(self, after_step: int) -> None:
         """Drop lines past `after_step`: the resumed attempt reports those steps again."""

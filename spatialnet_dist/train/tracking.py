@@ -21,7 +21,7 @@ from pathlib import Path
 
 from spatialnet_dist.config import Config
 from spatialnet_dist.display import displayable, sample_markdown
-from spatialnet_dist.errors import UserError
+from spatialnet_dist.errors import UserError, disk_full, is_disk_full
 from spatialnet_dist.store import storage
 from spatialnet_dist.train.rundir import MLFLOW_RUN_FILE, TENSORBOARD_DIR, RunDir
 
@@ -82,7 +82,12 @@ class _TensorBoard:
         self.writer.add_image(tag, image, step, dataformats="HWC" if image.ndim == 3 else "HW")
 
     def flush(self) -> None:
-        self.writer.flush()
+        try:
+            self.writer.flush()  # a write its thread could not do is raised here: ENOSPC is errors.DiskFull
+        except OSError as e:
+            if is_disk_full(e):
+                raise disk_full(self.local, "TensorBoard events in") from None
+            raise
         if self.local != self.url:
             for name in os.listdir(self.local):
                 storage.put_file(os.path.join(self.local, name), storage.join(self.url, name))

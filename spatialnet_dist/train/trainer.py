@@ -37,7 +37,7 @@ from spatialnet_dist.batch_format import question_count
 from spatialnet_dist.config import Config
 from spatialnet_dist.data.batches import make_eval_loader, make_train_loader
 from spatialnet_dist.data.order import stream_seed
-from spatialnet_dist.errors import NonFiniteLoss, UserError
+from spatialnet_dist.errors import NonFiniteLoss, UserError, disk_full, has_no_room, is_disk_full
 from spatialnet_dist.model.spatialnet import build_model
 from spatialnet_dist.objective import MultiTaskObjective, loss_states
 from spatialnet_dist.text import TextVocabs
@@ -246,7 +246,12 @@ class Trainer:
             directory = None
             if ckpt_due:
                 directory = Path(tmp)
-                self.save(directory)
+                try:
+                    self.save(directory)
+                except Exception as e:  # torch.save hides ENOSPC in a RuntimeError: the disk is asked
+                    if is_disk_full(e) or has_no_room(tmp):
+                        raise disk_full(tmp, "a checkpoint staged in TMPDIR at") from None
+                    raise
             self.reporter.report(step, metrics, directory)
         return metrics
 
