@@ -69,6 +69,22 @@ def test_killed_processes_are_left_to_rays_restarts(tmp_path):
     assert [f["step"] for f in RunDir(str(tmp_path)).failures()] == [None] * 3
 
 
+def test_a_lost_process_after_the_step_of_the_failure_before_is_no_repeat(tmp_path):
+    """A kill, a resume from an earlier checkpoint, then a lost node after the same step: each time rank 0 fails in
+    a collective marked with step 44 while rank 1's process (or node) is gone. Neither failure says that step 44
+    fails again; a real error after step 44 following one of them is not a repeat either, but a second one is."""
+    from ray.train.v2._internal.exceptions import WorkerHealthCheckFailedError
+
+    classifier = FailureClassifier(str(tmp_path))
+    classifier.after_exception(None, {0: marked(RuntimeError("gloo: connection reset"), 44), 1: ActorDiedError()})
+    node_lost = WorkerHealthCheckFailedError("A worker health check failed.", ActorDiedError())
+    classifier.after_exception(None, {0: marked(RuntimeError("gloo: connection reset"), 44), 1: node_lost})
+    classifier.after_exception(None, {0: marked(RuntimeError("boom"), 44)})
+    with pytest.raises(PermanentFailure, match="failed twice in a row after step 44: RuntimeError: boom"):
+        classifier.after_exception(None, {0: marked(RuntimeError("boom"), 44)})
+    assert [f.get("process_lost", False) for f in RunDir(str(tmp_path)).failures()] == [True, True, False, False]
+
+
 def test_reason_is_the_workers_one_line_through_rays_wrappers():
     assert failures.reason(ControllerError(PermanentFailure("tasks.vqa.corpora: no split 'val'"))) == \
         "tasks.vqa.corpora: no split 'val'"

@@ -17,7 +17,9 @@ to Ray's own restarts.
 "The same step": a worker marks the exception it raises with the step its trainer had completed
 (`mark_step`; Ray pickles the exception with its attributes); the classifier records each failure in
 the run directory's failures.json, so a restart that fails after the same step as the failure just
-before it ends the run. A killed process carries no step and never counts as a repeat.
+before it ends the run. A failure in which some rank's process or node died (`lost_a_process`) never counts:
+the other ranks fail in a collective after whatever step the death met, and a run resumed from an earlier
+checkpoint passes that step again (a kill, then a lost node, both after step 44: tests/test_chaos.py met it).
 """
 
 from __future__ import annotations
@@ -55,6 +57,16 @@ def failed_step(error: BaseException) -> int | None:
     return getattr(error, STEP_ATTRIBUTE, None)
 
 
+def lost_a_process(error: BaseException) -> bool:
+    """A worker's process or its node died (Ray's health check failed on it, or its actor died): a kill, the OOM
+    killer, a lost machine. Nothing about the step it died after says the step will fail again."""
+    from ray.exceptions import ActorDiedError, ActorUnavailableError
+    from ray.train.v2._internal.exceptions import WorkerHealthCheckFailedError, WorkerHealthCheckTimeoutError
+
+    return isinstance(error, (ActorDiedError, ActorUnavailableError, WorkerHealthCheckFailedError,
+                              WorkerHealthCheckTimeoutError))
+
+
 def primary(worker_errors: dict[int, BaseException]) -> BaseException:
     """The error that explains a worker group's failure: the lowest rank's permanent one, else the lowest
     rank's (the other ranks usually fail in a collective because that one left)."""
@@ -89,11 +101,16 @@ class FailureClassifier(UserCallback):
         step = min(steps) if steps else None
         why = reason(error)
         previous = run.failures()
+        # A failure where a process died (its peers then fail in a collective, marked with their step) is no
+        # evidence that the step fails again: it never counts as, or towards, "the same step twice".
+        died = any(lost_a_process(e) for e in worker_exceptions.values())
+        facts = {"cause": DISK_FULL} if isinstance(error, DiskFull) else {}
         try:
-            run.record_failure(step, why, **({"cause": DISK_FULL} if isinstance(error, DiskFull) else {}))
+            run.record_failure(step, why, **facts, **({"process_lost": True} if died else {}))
         except DiskFull as e:  # the run directory's disk is the full one: the failure itself still ends the run
             log.warning("failures.json not written: %s", e)
         if is_permanent(error):
             raise PermanentFailure(why)
-        if step is not None and previous and previous[-1]["step"] == step:
+        if (step is not None and not died and previous and previous[-1]["step"] == step
+                and not previous[-1].get("process_lost")):
             raise PermanentFailure(f"failed twice in a row after step {step}: {why}")
