@@ -129,6 +129,16 @@ def init_distributed(use_gpu: bool) -> None:
     deepspeed.init_distributed(dist_backend="nccl" if use_gpu else "gloo", dist_init_required=None)
 
 
+def close_distributed() -> None:
+    """Leave the process group once every rank is done. A rank that exits with gloo's threads still up can die of
+    `terminate called without an active exception` (SIGABRT) while a peer is still in its last collective."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def create_engine(cfg: Config, model: torch.nn.Module, world_size: int):
     """-> DeepSpeed engine with AdamW, the LR schedule and ZeRO from cfg."""
     if cfg.train.activation_checkpointing and hasattr(model, "set_grad_checkpointing"):

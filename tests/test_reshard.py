@@ -105,6 +105,7 @@ def _reshard_worker(rank: int, world_size: int, port: int, stage: int, directory
     if rank == 0:
         torch.save({"state": state, "groups": groups, "steps": steps, "universal": world_size != 2,
                     "schedule": engine.lr_scheduler.state_dict()}, out)
+    ds.close_distributed()
 
 
 @pytest.mark.slow

@@ -220,6 +220,7 @@ def _e2e_worker(rank: int, port: int, root: str, out: str, stage: int, loader_wo
     if rank == 0:
         differ = [k for k in resumed if not torch.equal(resumed[k], uninterrupted[k])]
         Path(out, "result.json").write_text(json.dumps({"differ": differ, "n": len(resumed)}))
+    ds.close_distributed()
 
 
 @pytest.mark.slow

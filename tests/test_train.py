@@ -154,6 +154,7 @@ def _restore_worker(rank: int, world_size: int, port: int, root: str, run_dir: s
     Path(out, f"rank-{rank}.json").write_text(json.dumps({"same": same, "step": step, "one_copy": one_copy}))
     if rank == 0:
         torch.save(saved, Path(out, "saved.pt"))
+    ds.close_distributed()
 
 
 @pytest.mark.slow

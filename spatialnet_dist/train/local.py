@@ -93,6 +93,7 @@ def main(argv: list[str] | None, validation: Validation | None) -> int:
         import torch
 
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    own_group = not dist.is_initialized()  # torchrun and `python -m` make none; a caller (a test) may have one
     ds.init_distributed(cfg.train.use_gpu)
     dist.barrier()  # rank 0 may have generated the demo corpus
     try:
@@ -114,4 +115,6 @@ def main(argv: list[str] | None, validation: Validation | None) -> int:
         damaged = RunDir(run_url).attempts()[-1].get("damaged", [])  # passed over by this run's resume
         print("RESULT " + json.dumps({"final_step": trainer.step, "run_dir": run_url, "damaged_checkpoints": damaged}),
               flush=True)
+    if own_group:
+        ds.close_distributed()
     return 0
