@@ -50,4 +50,4 @@ bench: setup
 	$(PY) bench/zero_memory.py --json
 
 clean:
-	rm -rf $(VENV) .torch_extensions runs site
+	rm -rf $(VENV) .torch_extensions runs site quickstart
