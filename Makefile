@@ -11,7 +11,7 @@ export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.torch_extensions
 # (77 s at the demo's first step after `make test`, whose Ray clusters put .venv/bin first).
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 
-.PHONY: setup demo test test-fast lint bench clean
+.PHONY: setup demo test test-fast lint docs bench clean
 
 setup: $(VENV)/.installed
 
@@ -39,6 +39,10 @@ test-fast: setup
 lint: setup
 	$(VENV)/bin/ruff check .
 
+# The documentation site (mkdocs.yml) into site/; --strict: a broken link or an unreadable docstring fails it.
+docs: setup
+	$(VENV)/bin/mkdocs build --strict
+
 bench: setup
 	$(PY) bench/model_step.py --json
 	$(PY) bench/data_throughput.py --json
@@ -46,4 +50,4 @@ bench: setup
 	$(PY) bench/zero_memory.py --json
 
 clean:
-	rm -rf $(VENV) .torch_extensions runs
+	rm -rf $(VENV) .torch_extensions runs site quickstart

@@ -1,4 +1,4 @@
-"""Fine-tuning from this project's own pretraining (README "Pretrain, then fine-tune"): `model.pretrained` names a
+"""Fine-tuning from this project's own pretraining (docs/training.md "Pretrain, then fine-tune"): `model.pretrained` names a
 checkpoint directory (its EMA when it holds one) or an exported bundle; the encoder loads exactly, its position
 embedding resampled to the new image size, the heads start fresh, and a band count that differs is an error
 naming both. The model-free tests lay a ZeRO-0 checkpoint out as the Trainer does (DeepSpeed's model-states file

@@ -16,7 +16,7 @@ def score_classification(pred: list[int], true: list[int], classes: list[str]) -
 
     pred, true: class indices into `classes` (callers drop unlabelled samples, label -1, first).
     per_class[c] is the fraction of class-c images predicted as c (None when the split has none);
-    confusion[i][j] counts images of true class i predicted as class j.
+    `confusion[i][j]` counts images of true class i predicted as class j.
     """
     if len(pred) != len(true) or not true:
         raise ValueError(
