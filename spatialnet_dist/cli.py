@@ -80,8 +80,10 @@ def _shards_convert(a) -> int:
     from spatialnet_dist.corpora import convert, get_adapter
     from spatialnet_dist.corpora.base import parse_split_ratio
 
-    # Options left out take the writer's defaults (store.writer: DEFAULT_SHARD_BYTES, MIN_SHARDS).
-    given = {k: v for k, v in (("shard_bytes", a.shard_bytes), ("min_shards", a.min_shards)) if v is not None}
+    # Options left out take the writer's defaults (store.writer: DEFAULT_SHARD_BYTES, MIN_SHARDS; store.schema:
+    # DEFAULT_QUALITY).
+    given = {k: v for k, v in (("shard_bytes", a.shard_bytes), ("min_shards", a.min_shards), ("quality", a.quality))
+             if v is not None}
     source_options = {k: v for k, v in (("split_ratio", a.split_ratio and parse_split_ratio(a.split_ratio)),
                                         ("class_file", a.classes and Path(a.classes)),
                                         ("split_seed", a.split_seed),
@@ -97,6 +99,7 @@ def _shards_convert(a) -> int:
         strict=a.strict,
         max_bad_fraction=a.max_bad_fraction,
         shuffle_seed=a.shuffle_seed,
+        image_format=a.image_format,
         workers=a.workers,
         use_ray=a.ray,
         **given,
@@ -292,6 +295,10 @@ def build_parser() -> argparse.ArgumentParser:
                            "(default 0.1, the val share of --split-ratio's default)")
     conv.add_argument("--tags", metavar="FILE", help="ucm-captions: the UC Merced multi-label table "
                       "(LandUse_Multilabeled.txt) to merge in by image as each sample's tags")
+    conv.add_argument("--image-format", default="png", metavar="{png,jpeg,webp}",
+                      help="how 8-bit images are stored: png (lossless, the default), jpeg or webp (lossy, several "
+                           "times faster to decode: what feeds a GPU; an image the format cannot hold stays png)")
+    conv.add_argument("--quality", type=int, metavar="Q", help="jpeg, webp: encoder quality 1-100 (default 90)")
     conv.add_argument("--max-bad-fraction", type=float, default=0.05, help="exit non-zero above this fraction of bad records")
     where = conv.add_mutually_exclusive_group()
     where.add_argument("--workers", type=int, default=1, metavar="N",

@@ -4,6 +4,7 @@ the previous one or (once the manifest is swapped) the new one."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 from test_store import CLASSES, contents, make_samples, read_samples, write
 
@@ -159,3 +160,65 @@ def test_workers_option_on_the_command_line(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["shards", "convert", "ucm-captions", str(tmp_path), str(tmp_path / "out"), "--workers", "2", "--ray"])
     assert "not allowed with argument" in capsys.readouterr().err
+
+
+# ---- --image-format: lossy formats, for a loader that keeps a GPU fed ----
+
+
+def _images_of_every_kind() -> dict[str, np.ndarray]:
+    """Smooth images (what JPEG and WebP are made for) of each kind the store holds, keyed by kind."""
+    y, x = np.mgrid[0:32, 0:40]
+    gradient = (4 * x + 3 * y).astype(np.uint8)  # (32, 40)
+    rgb = np.stack([gradient, 255 - gradient, (2 * y).astype(np.uint8)], -1)  # (32, 40, 3)
+    rgba = np.concatenate([rgb, np.full((32, 40, 1), 200, np.uint8)], -1)
+    bands16 = (np.arange(32 * 40 * 5, dtype=np.uint16) * 7).reshape(32, 40, 5)
+    return {"rgb": rgb, "gray": gradient[:, :, None], "rgba": rgba, "bands16": bands16}
+
+
+@pytest.mark.parametrize("image_format,stored_as", [
+    ("jpeg", {"rgb": "jpg", "gray": "jpg", "rgba": "png", "bands16": "npy"}),  # JPEG has no alpha
+    ("webp", {"rgb": "webp", "gray": "png", "rgba": "webp", "bands16": "npy"}),  # WebP has no single band
+])
+def test_a_lossy_format_stores_the_images_it_holds_and_reads_back_near_the_original(tmp_path, image_format, stored_as):
+    import tarfile
+
+    from spatialnet_dist.store.schema import Sample
+
+    images = _images_of_every_kind()
+    samples = [Sample(corpus="toy", image_id=kind, split="train", image=image, label=0, label_name=CLASSES[0])
+               for kind, image in images.items()]
+    root = str(tmp_path / "store")
+    manifest = write(root, samples, min_shards=1, image_format=image_format, quality=95)
+    assert manifest["image_format"] == {"format": image_format, "quality": 95}
+    (url,) = shard_urls(root, "toy", "train")
+    with tarfile.open(url) as tar:
+        members = dict(name.split(".", 1) for name in tar.getnames() if not name.endswith(".json"))
+    assert members == stored_as
+    for sample in read_samples([url]):  # the loader's decode (schema.decode_sample), whatever the member
+        original = images[sample.image_id]
+        assert sample.image.shape == original.shape and sample.image.dtype == original.dtype
+        error = np.abs(sample.image.astype(float) - original).mean()
+        assert error == 0 if members[sample.image_id] in ("png", "npy") else error < 3
+    assert write(str(tmp_path / "png"), samples, min_shards=1)["image_format"] == {"format": "png"}
+
+
+def test_image_format_on_the_command_line(tmp_path, capsys):
+    from PIL import Image
+
+    src = tmp_path / "folders"
+    for label in ("field", "water"):
+        (src / label).mkdir(parents=True)
+        for i in range(4):
+            Image.fromarray(np.full((16, 16, 3), 40 * i, np.uint8)).save(src / label / f"{label}{i}.png")
+    out = tmp_path / "out"
+    convert = ["shards", "convert", "imagefolder", str(src), str(out), "--min-shards", "1"]
+    for option, line in ((["--image-format", "gif"], "--image-format 'gif': expected one of png, jpeg, webp"),
+                         (["--image-format", "jpeg", "--quality", "0"], "--quality 0: expected an integer from 1 to 100")):
+        assert main([*convert, *option]) == 2
+        assert capsys.readouterr().err.strip() == f"spatialnet: error: {line}"
+        assert not out.exists()  # refused before anything is written
+    assert main([*convert, "--image-format", "jpeg", "--quality", "80"]) == 0
+    capsys.readouterr()
+    assert main(["shards", "inspect", str(out)]) == 0
+    assert "imagefolder: 2 classes, no tags; 8-bit images as jpeg quality 80" in capsys.readouterr().out
+    assert verify_store(str(out)) == []

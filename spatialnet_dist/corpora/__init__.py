@@ -20,7 +20,7 @@ from spatialnet_dist.corpora.record_file import RecordFile
 from spatialnet_dist.corpora.rsvqa_lr import RSVQA_HR, RSVQA_LR
 from spatialnet_dist.corpora.ucm_captions import RSICD, SYDNEY_CAPTIONS, UCM_CAPTIONS
 from spatialnet_dist.errors import UserError
-from spatialnet_dist.store.schema import FIT_RULE
+from spatialnet_dist.store.schema import DEFAULT_QUALITY, FIT_RULE, check_image_format
 from spatialnet_dist.store.writer import DEFAULT_SHARD_BYTES, MIN_SHARDS, ShardWriter
 
 BAD_RECORDS_SHOWN = 20  # printed one by one; the rest are counted
@@ -91,6 +91,8 @@ def convert(
     shard_bytes: int = DEFAULT_SHARD_BYTES,
     min_shards: int = MIN_SHARDS,
     shuffle_seed: int = 0,
+    image_format: str = "png",
+    quality: int = DEFAULT_QUALITY,
     workers: int = 1,
     use_ray: bool = False,
 ) -> int:
@@ -99,7 +101,8 @@ def convert(
     the records are bad, in which case nothing is written and a corpus already there is kept.
     Bad records are skipped, named on stderr and counted; `strict` stops at the first (UserError).
     Each split is shuffled with `shuffle_seed` into shards of about `shard_bytes`, at least
-    `min_shards` of them, at most `shard_size` samples each (see `store.writer.shard_counts`).
+    `min_shards` of them, at most `shard_size` samples each (see `store.writer.shard_counts`). 8-bit images
+    are stored as `image_format` at `quality` where it holds them (store.schema.IMAGE_FORMATS).
     Images are fitted and encoded, and shards written, by `workers` local processes or by Ray tasks
     (`use_ray`); the shards are the same whichever (see `store.writer`)."""
     ad = get_adapter(adapter) if isinstance(adapter, str) else adapter
@@ -113,6 +116,7 @@ def convert(
         raise UserError(f"--shuffle-seed {shuffle_seed}: must be at least 0")
     if not 0.0 <= max_bad_fraction <= 1.0:
         raise UserError(f"--max-bad-fraction {max_bad_fraction}: must be between 0 and 1")
+    check_image_format(image_format, quality)
     records = ad.records(Path(src))  # a missing or malformed source file fails here, before any writing
     tags_source = getattr(ad, "tags_source", None)  # set by records when tags came from a table beside the corpus
 
@@ -140,6 +144,8 @@ def convert(
             shuffle_seed=shuffle_seed,
             image_size=ad.image_size,
             tags_source=tags_source,
+            image_format=image_format,
+            quality=quality,
             workers=workers,
             use_ray=use_ray,
         )

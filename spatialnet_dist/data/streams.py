@@ -143,7 +143,7 @@ def _reason(e: Exception) -> str:
 
 
 def read_shards(shards: Iterable[dict], counts: StreamCounts) -> Iterator[dict]:
-    """{"url", "samples"} -> raw WebDataset samples {"__key__", "__url__", "png"|"npy", "json"}."""
+    """{"url", "samples"} -> raw WebDataset samples {"__key__", "__url__", one image member (schema.IMAGE_EXTS), "json"}."""
     for shard in shards:
         url, expected = shard["url"], shard["samples"]
         stream = open_stream(url)  # StoreError naming the URL when it is missing or unreachable

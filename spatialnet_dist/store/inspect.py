@@ -7,8 +7,9 @@ from spatialnet_dist.store.manifest import read_manifest, resolve_corpora
 
 def inspect_store(url: str) -> dict:
     """A store root (every corpus) or one corpus folder -> {"root", "corpora": {corpus: {"splits", "classes", "tags",
-    "image_only"}}} ("classes", "tags": how many, None when the corpus has none; "image_only": it has no classes,
-    tags, captions or questions, images alone: an unlabeled corpus, for pretraining)."""
+    "image_only", "image_format"}}} ("classes", "tags": how many, None when the corpus has none; "image_only": it has
+    no classes, tags, captions or questions, images alone: an unlabeled corpus, for pretraining; "image_format":
+    the manifest's, {"format": "png"} for one written before conversion took --image-format)."""
     root, corpora = resolve_corpora(url)
     info = {"root": root, "corpora": {}}
     for corpus in corpora:
@@ -27,7 +28,8 @@ def inspect_store(url: str) -> dict:
         texts = sum(s["captions"] + s["questions"] for s in splits.values())
         info["corpora"][corpus] = {"splits": splits, "classes": len(classes) if classes is not None else None,
                                    "tags": len(tags) if tags else None,
-                                   "image_only": classes is None and not tags and texts == 0}
+                                   "image_only": classes is None and not tags and texts == 0,
+                                   "image_format": manifest.get("image_format", {"format": "png"})}
     return info
 
 
@@ -53,9 +55,11 @@ def format_inspect(info: dict) -> str:
         cells = [v.rjust(w) if i in numeric else v.ljust(w) for i, (v, w) in enumerate(zip(r, widths))]
         lines.append("  ".join(cells).rstrip())
     for corpus, c in info["corpora"].items():
+        stored = c["image_format"]
+        lossy = f"; 8-bit images as {stored['format']} quality {stored['quality']}" if "quality" in stored else ""
         if c["image_only"]:
-            lines.append(f"{corpus}: image-only (no classes, tags, captions or questions)")
+            lines.append(f"{corpus}: image-only (no classes, tags, captions or questions){lossy}")
             continue
         lines.append(f"{corpus}: {c['classes'] if c['classes'] is not None else 'no'} classes, "
-                     f"{c['tags'] if c['tags'] is not None else 'no'} tags")
+                     f"{c['tags'] if c['tags'] is not None else 'no'} tags{lossy}")
     return "\n".join(lines)

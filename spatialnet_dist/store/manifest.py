@@ -6,6 +6,8 @@ Manifest (DESIGN.md, CONTRACT: shards, plus the vocabulary counts per split):
    "tags_source": {"file", "labels", "images_tagged", "images_without_row": {"count", "first"},
                    "rows_without_image": {"count", "first"}} (only when a table beside the corpus gave the tags:
                    ucm-captions --tags; corpora.base.tags_source_note),
+   "image_format": {"format": "png" | "jpeg" | "webp", "quality": 1-100 (lossy formats)} (how 8-bit images were
+                   stored: shards convert --image-format; absent before it: png),
    "splits": {"<split>": {"samples", "captions", "questions", "questions_by_type": {type: n},
                           "tag_counts": {tag: images} (schema 2),
                           "shards": [{"name", "samples", "bytes", "sha256"}],

@@ -1,9 +1,13 @@
 """The shard schema: the one module that both the writer and every reader import.
 
-One tar sample per image; members share the key `<image_id>`:
-  `<key>.png`  8-bit images with 1, 3 or 4 bands (lossless)
+One tar sample per image; members share the key `<image_id>`, and one image member per sample:
+  `<key>.png`  8-bit images with 1, 3 or 4 bands (lossless; the default)
+  `<key>.jpg`  8-bit images with 1 or 3 bands, converted with `--image-format jpeg` (lossy, ~5x faster to decode)
+  `<key>.webp` 8-bit images with 3 or 4 bands, converted with `--image-format webp` (lossy)
   `<key>.npy`  anything else (more bands, 16-bit, float), saved without pickle
   `<key>.json` the record below
+An image the asked format cannot hold (JPEG has no alpha; WebP no single band) is stored as PNG. Readers take
+every member kind whatever the manifest's "image_format" says.
 See DESIGN.md, CONTRACT: shards.
 """
 
@@ -133,28 +137,54 @@ def fit_image(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     return out.astype(image.dtype)
 
 
-def image_ext(image: np.ndarray) -> str:
-    image = as_hwc(image)
-    return "png" if image.dtype == np.uint8 and image.shape[2] in (1, 3, 4) else "npy"
+# `shards convert --image-format`: the name -> (member extension, PIL format, the band counts it holds).
+IMAGE_FORMATS = {"png": ("png", "PNG", (1, 3, 4)), "jpeg": ("jpg", "JPEG", (1, 3)), "webp": ("webp", "WEBP", (3, 4))}
+DEFAULT_QUALITY = 90  # --quality of the lossy formats: libjpeg's and libwebp's 0-100 scale
+IMAGE_EXTS = ("png", "jpg", "webp", "npy")  # every image member a sample may hold; PIL decodes all but npy
 
 
-def encode_image(image: np.ndarray) -> tuple[str, bytes]:
+def check_image_format(image_format: str, quality: int) -> None:
+    """Raises SchemaError naming the option when `image_format` or `quality` is not one conversion takes."""
+    if image_format not in IMAGE_FORMATS:
+        raise SchemaError(f"--image-format {image_format!r}: expected one of {', '.join(IMAGE_FORMATS)}")
+    if isinstance(quality, bool) or not isinstance(quality, int) or not 1 <= quality <= 100:
+        raise SchemaError(f"--quality {quality!r}: expected an integer from 1 to 100")
+
+
+def image_ext(image: np.ndarray, image_format: str = "png") -> str:
+    """The member extension `image` is stored under when `image_format` is asked: that format's where it holds
+    the image, else PNG for 8-bit 1/3/4-band images, else npy."""
     image = as_hwc(image)
-    ext = image_ext(image)
+    if image.dtype != np.uint8:
+        return "npy"
+    for name in (image_format, "png"):
+        ext, _, bands = IMAGE_FORMATS[name]
+        if image.shape[2] in bands:
+            return ext
+    return "npy"
+
+
+def encode_image(image: np.ndarray, image_format: str = "png", quality: int = DEFAULT_QUALITY) -> tuple[str, bytes]:
+    """-> (member extension, bytes) of `image` (H, W, C) in `image_format` where that format holds it."""
+    image = as_hwc(image)
+    ext = image_ext(image, image_format)
     buf = io.BytesIO()
-    if ext == "png":
-        mode = {1: "L", 3: "RGB", 4: "RGBA"}[image.shape[2]]
-        Image.fromarray(image[:, :, 0] if mode == "L" else image, mode=mode).save(buf, format="PNG", compress_level=1)
-    else:
+    if ext == "npy":
         np.save(buf, np.ascontiguousarray(image), allow_pickle=False)
+        return ext, buf.getvalue()
+    pil = Image.fromarray(np.ascontiguousarray(image[:, :, 0] if image.shape[2] == 1 else image))
+    if ext == "png":
+        pil.save(buf, format="PNG", compress_level=1)
+    else:  # quality, not libwebp's lossless mode: the format is asked for its decode speed and size
+        pil.save(buf, format="JPEG" if ext == "jpg" else "WEBP", quality=quality)
     return ext, buf.getvalue()
 
 
 def decode_image(ext: str, data: bytes) -> np.ndarray:
     """-> (H, W, C) array; raises SchemaError on undecodable bytes or too many pixels (a .npy member holds
-    every byte of its array, so only a PNG can decode to far more than it weighs)."""
+    every byte of its array, so only a compressed image can decode to far more than it weighs)."""
     try:
-        if ext == "png":
+        if ext in ("png", "jpg", "webp"):
             with Image.open(io.BytesIO(data)) as im:
                 check_pixels(im.height, im.width)
                 return as_hwc(np.asarray(im))
@@ -193,10 +223,10 @@ def validate_record(rec: dict) -> dict:
     return rec
 
 
-def encode_sample(sample: Sample) -> dict[str, bytes]:
+def encode_sample(sample: Sample, image_format: str = "png", quality: int = DEFAULT_QUALITY) -> dict[str, bytes]:
     """-> tar members {"__key__": id, "<ext>": image bytes, "json": record bytes}."""
     check_image_id(sample.image_id)
-    ext, data = encode_image(sample.image)
+    ext, data = encode_image(sample.image, image_format, quality)
     rec = validate_record(sample.record())
     return {"__key__": sample.image_id, ext: data, "json": json.dumps(rec, ensure_ascii=False).encode()}
 
@@ -213,9 +243,9 @@ def decode_sample(members: dict, image: np.ndarray | None = None) -> Sample:
         raise SchemaError(f"sample {key}: .json member is not valid JSON") from None
     validate_record(rec)
     if image is None:
-        ext = "png" if "png" in members else "npy" if "npy" in members else None
+        ext = next((e for e in IMAGE_EXTS if e in members), None)
         if ext is None:
-            raise SchemaError(f"sample {key}: no .png or .npy image member")
+            raise SchemaError(f"sample {key}: no image member (.{', .'.join(IMAGE_EXTS)})")
         try:
             image = decode_image(ext, members[ext])
         except SchemaError as e:

@@ -85,10 +85,13 @@ def corpus_manifest(
     shuffle_seed: int,
     image_size: tuple[int, int] | None,
     splits: dict[str, SplitCounts],
+    image_format: str = "png",
+    quality: int = 0,
 ) -> dict:
     """The manifest of a corpus whose splits hold `splits` (their shards written). `image_size`: the corpus's
     nominal size (images of another size were fitted by FIT_RULE, counted per split); `tags_source`: where
-    the tags came from when a table beside the corpus gave them (corpora.base.tags_source_note)."""
+    the tags came from when a table beside the corpus gave them (corpora.base.tags_source_note); `image_format`
+    and `quality`: how its 8-bit images were stored (the quality only for a lossy format)."""
     fit_rule = FIT_RULE if image_size is not None else None
     return {
         "schema_version": SCHEMA_VERSION,
@@ -100,5 +103,6 @@ def corpus_manifest(
         **({"tags_source": tags_source} if tags_source is not None else {}),
         "shuffle_seed": shuffle_seed,
         "image_size": list(image_size) if image_size is not None else None,
+        "image_format": {"format": image_format, **({"quality": quality} if image_format != "png" else {})},
         "splits": {split: counts.manifest(fit_rule) for split, counts in sorted(splits.items())},
     }

@@ -52,9 +52,11 @@ from spatialnet_dist.store import sharding, storage
 from spatialnet_dist.store.manifest import manifest_url
 from spatialnet_dist.store.pool import TaskPool
 from spatialnet_dist.store.schema import (
+    DEFAULT_QUALITY,
     Sample,
     SchemaError,
     as_hwc,
+    check_image_format,
     check_image_id,
     encode_sample,
     fit_image,
@@ -133,14 +135,14 @@ def fit_sample(sample: Sample, image_size: tuple[int, int] | None) -> tuple[Samp
 
 
 def encode_block(
-    samples: list[Sample], image_size: tuple[int, int] | None, spool_url: str
+    samples: list[Sample], image_size: tuple[int, int] | None, image_format: str, quality: int, spool_url: str
 ) -> tuple[list[tuple[str, int, int]], dict[str, SplitCounts]]:
-    """A conversion task: fit and encode a block of samples, spool their tar chunks to `spool_url`.
-    -> ([(split, offset, length)] in block order, {split: the block's counts})."""
+    """A conversion task: fit and encode a block of samples (`image_format` at `quality`: schema.encode_image),
+    spool their tar chunks to `spool_url`. -> ([(split, offset, length)] in block order, {split: the block's counts})."""
     chunks, counts = [], {}
     for sample in samples:
         sample, resized = fit_sample(sample, image_size)
-        chunks.append(sharding.tar_chunk(encode_sample(sample)))
+        chunks.append(sharding.tar_chunk(encode_sample(sample, image_format, quality)))
         part = counts.setdefault(sample.split, SplitCounts())
         part.add(sample)
         part.resized += resized
@@ -155,7 +157,8 @@ class ShardWriter:
     `shard_bytes` each, at least `min_shards` (or one per sample), at most `shard_size` samples
     (None: no cap). `image_size` (H, W): the corpus's nominal size; an image of another size is
     fitted to it by `schema.FIT_RULE`, keeps its size in `meta["original_size"]` and is counted per
-    split in the manifest (`"resized"`). `tags_source`: where the tags came from when a table beside the
+    split in the manifest (`"resized"`). `image_format` ("png", "jpeg", "webp") at `quality`: how 8-bit images
+are stored (schema.IMAGE_FORMATS; the manifest's "image_format"). `tags_source`: where the tags came from when a table beside the
     corpus gave them (corpora.base.tags_source_note), the manifest's "tags_source". `workers` > 1: encode and shard in that many local processes;
     `use_ray`: as Ray tasks on the cluster (RAY_ADDRESS, else a local instance).
     """
@@ -172,6 +175,8 @@ class ShardWriter:
         shuffle_seed: int = 0,
         image_size: tuple[int, int] | None = None,
         tags_source: dict | None = None,
+        image_format: str = "png",
+        quality: int = DEFAULT_QUALITY,
         workers: int = 1,
         use_ray: bool = False,
     ):
@@ -182,6 +187,7 @@ class ShardWriter:
                 raise StoreError(f"{key} {value!r}: must be a positive integer")
         if isinstance(shuffle_seed, bool) or not isinstance(shuffle_seed, int) or shuffle_seed < 0:
             raise StoreError(f"shuffle_seed {shuffle_seed!r}: must be a non-negative integer")
+        check_image_format(image_format, quality)
         if image_size is not None and (len(image_size) != 2 or min(image_size) < 1):
             raise StoreError(f"image_size {image_size!r}: expected (height, width), both positive")
         self.root, self.corpus = str(root), _check_name("corpus", corpus)
@@ -190,6 +196,7 @@ class ShardWriter:
         self.shuffle_seed = shuffle_seed
         self.image_size = (int(image_size[0]), int(image_size[1])) if image_size is not None else None
         self.tags_source = tags_source
+        self.image_format, self.quality = image_format, quality
         self.workers, self.use_ray = workers, use_ray
         self.generation = uuid.uuid4().hex[:8]  # this conversion's id, in its shard and staging names
         self.corpus_url = storage.join(self.root, corpus)
@@ -253,7 +260,8 @@ class ShardWriter:
         index = len(self._spools)
         spool_folder = self._temp_spools or self.staging_url
         self._spools.append(storage.join(spool_folder, f"block-{index:06d}.bin"))
-        task = self._pool.submit(encode_block, self._block, self.image_size, self._spools[index])
+        task = self._pool.submit(encode_block, self._block, self.image_size, self.image_format, self.quality,
+                                 self._spools[index])
         self._pending.append((index, task, self._block_bytes))
         self._block, self._block_bytes = [], 0
         # Blocks in flight are held in memory: two per task that can run at once, within PENDING_BYTES.
@@ -272,7 +280,7 @@ class ShardWriter:
 
     def manifest(self) -> dict:
         return corpus_manifest(self.corpus, self.source, self.classes, self.tags_source, self.shuffle_seed,
-                               self.image_size, self.splits)
+                               self.image_size, self.splits, self.image_format, self.quality)
 
     def _commit(self) -> None:
         try:
