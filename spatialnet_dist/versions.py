@@ -1,6 +1,8 @@
 """Installed dependency versions against the ranges of spatialnet_dist/requirements.txt (their one home;
 pyproject.toml reads it for pip). The code relies on private internals of ray and deepspeed, so a version
-outside its range is refused at startup with one line naming the package, not left to fail mid-run.
+outside its range is refused at startup with one line naming the package, not left to fail mid-run. A package
+that serves one feature alone (FEATURE_PACKAGES) may be missing from a job that does not use the feature: a GPU
+image without java or pycocoevalcap trains without caption scoring; the feature's code requires it where it starts.
 Java, which caption scoring runs (pycocoevalcap), is checked here too: the driver's preflight asks before
 any worker starts, and the scorer when it starts."""
 
@@ -8,6 +10,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import shutil
+from collections.abc import Iterable
 from pathlib import Path
 
 from packaging.requirements import Requirement
@@ -15,6 +18,8 @@ from packaging.requirements import Requirement
 from spatialnet_dist.errors import UserError
 
 REQUIREMENTS = Path(__file__).with_name("requirements.txt")
+# Package -> the one feature that imports it (lazily, where the feature starts).
+FEATURE_PACKAGES = {"pycocoevalcap": "caption scoring", "boto3": "s3:// storage", "pyproj": "spatialnet infer"}
 
 
 def requirements() -> dict[str, Requirement]:
@@ -37,9 +42,20 @@ def require(package: str, installed: str | None = None) -> None:
                         f"(spatialnet_dist/requirements.txt): install a version in that range")
 
 
-def require_all() -> None:
+def installed(package: str) -> bool:
+    try:
+        importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return False
+    return True
+
+
+def require_all(unused: Iterable[str] = ()) -> None:
+    """Every requirement installed and in its range; a package of `unused` (FEATURE_PACKAGES whose feature the
+    job does not use) only in its range, where it is installed."""
     for package in requirements():
-        require(package)
+        if package not in unused or installed(package):
+            require(package)
 
 
 def require_java() -> None:

@@ -27,6 +27,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from spatialnet_dist import versions
 from spatialnet_dist.store import storage
 
 PARTS, MANIFEST, CLASS_MAPS = "parts", "manifest.json", "class_maps"
@@ -73,6 +74,7 @@ def polygon_bounds(wkb: bytes) -> tuple[float, float, float, float]:
 
 @functools.lru_cache(maxsize=64)
 def _projjson_text(epsg: int) -> str:
+    versions.require("pyproj")
     import pyproj
 
     return json.dumps(pyproj.CRS.from_epsg(epsg).to_json_dict())

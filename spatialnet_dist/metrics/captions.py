@@ -128,6 +128,7 @@ def score_captions(preds: list[dict], refs: dict[str, list[str]], spice: bool = 
     for exactly the predicted images. METEOR's java process is started once per process (`_meteor`).
     """
     check_captions(preds, refs)
+    versions.require("pycocoevalcap")
     versions.require_java()
     from pycocoevalcap.bleu.bleu import Bleu
     from pycocoevalcap.cider.cider import Cider

@@ -20,6 +20,7 @@ from collections.abc import Callable
 from typing import TypeVar
 from urllib.parse import urlsplit
 
+from spatialnet_dist import versions
 from spatialnet_dist.store.location import NotFoundError, StoreError, StoreUnavailable, check_relative, join, split_s3
 
 MULTIPART_BYTES = 64 * 2**20  # uploads above this go in parts of this size (S3's 5 GiB single-PUT limit is far off)
@@ -57,6 +58,7 @@ def s3_client():
 @functools.lru_cache(maxsize=8)
 def _client(pid: int, env: tuple):
     # pid in the key: a forked loader worker must not share the parent's connection pool.
+    versions.require("boto3")
     import boto3
     from botocore.config import Config
     from botocore.exceptions import BotoCoreError

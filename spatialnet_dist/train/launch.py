@@ -157,8 +157,10 @@ def main(argv: list[str] | None, train_loop: Callable[[dict], None]) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     args = parse_args(sys.argv[1:] if argv is None else argv)
     try:
-        versions.require_all()
         cfg = load_config(args)
+        from spatialnet_dist.train import preflight
+
+        versions.require_all(unused=preflight.unused_packages(cfg))
         if cfg.log.mlflow:
             from spatialnet_dist.train.tracking import mlflow_tracking_uri
 
@@ -166,7 +168,6 @@ def main(argv: list[str] | None, train_loop: Callable[[dict], None]) -> int:
         prepare_data(cfg)
         from spatialnet_dist.checkpoint import latest_complete, resumed_meta
         from spatialnet_dist.data.vocab import build_vocabs
-        from spatialnet_dist.train import preflight
         from spatialnet_dist.train.plan import resolve
         from spatialnet_dist.train.rundir import BestCheckpoint, RunDir
 

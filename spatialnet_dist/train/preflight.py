@@ -32,9 +32,25 @@ def run_all(cfg: Config, run_url: str) -> None:
     check_run_storage(run_url)
 
 
+def scores_captions(cfg: Config) -> bool:
+    """Does the job run pycocoevalcap (java)? Its evaluation at the end does, for captioning; validation does not."""
+    return cfg.eval.at_end and cfg.tasks.captioning.enabled
+
+
 def check_java(cfg: Config) -> None:
-    if cfg.eval.at_end and cfg.tasks.captioning.enabled:
+    if scores_captions(cfg):
         versions.require_java()
+
+
+def unused_packages(cfg: Config) -> list[str]:
+    """The packages of versions.FEATURE_PACKAGES that this job never imports (versions.require_all's `unused`)."""
+    urls = (cfg.data.root, cfg.run.storage, cfg.train.resume, cfg.model.pretrained)
+    unused = ["pyproj"]  # spatialnet infer's alone
+    if not scores_captions(cfg):
+        unused.append("pycocoevalcap")
+    if not any(storage.is_s3(url) for url in urls if url):
+        unused.append("boto3")
+    return unused
 
 
 def check_sources(cfg: Config) -> None:
