@@ -31,7 +31,7 @@ demo: setup
 	$(PY) ray_job.py
 
 test: setup
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=30  # the 30 slowest in CI's output: where the budget goes
 
 test-fast: setup
 	$(PY) -m pytest -q -m "not slow"
