@@ -14,6 +14,7 @@ from collections.abc import Callable
 from spatialnet_dist import tasks as registry
 from spatialnet_dist.data.transforms import AUGMENT_POLICIES, CROPPING_POLICIES
 from spatialnet_dist.errors import ConfigError
+from spatialnet_dist.networks.encoder import meta_encoder
 from spatialnet_dist.networks.presets import POOLS, PRESETS, STEMS
 from spatialnet_dist.tasks.base import TTA_MODES
 from spatialnet_dist.tasks.mae import DECODER_HEAD_WIDTH
@@ -145,8 +146,8 @@ def validate(cfg):
 
 
 def _validate_patches(model) -> None:
-    preset = PRESETS[model.preset]
-    size, patch = model.image_size or preset.image_size, model.patch_size or preset.patch_size
+    defaults = meta_encoder(model.preset).patch_embed
+    size, patch = model.image_size or defaults.img_size[0], model.patch_size or defaults.patch_size[0]
     if size % patch:
         raise ConfigError(f"config key model.image_size: {size} is not a multiple of the patch size {patch} "
                           "(model.patch_size)")

@@ -19,7 +19,7 @@ from spatialnet_dist import checkpoint as ckpt
 from spatialnet_dist import config as config_mod
 from spatialnet_dist.errors import UserError
 from spatialnet_dist.model.spatialnet import build_model
-from spatialnet_dist.networks.presets import PRESETS
+from spatialnet_dist.networks.encoder import meta_encoder
 from spatialnet_dist.text import AnswerVocab, TextVocabs, Vocab
 from spatialnet_dist.train import preflight
 
@@ -62,7 +62,7 @@ def assert_encoder_from(model, weights: dict) -> None:
     assert encoder.keys() == source.keys()
     assert all(torch.equal(encoder[k], source[k]) for k in source if k != "pos_embed")
     # 1 class token + 2x2 patches -> 1 + 4x4, by timm's resampling
-    assert encoder["pos_embed"].shape == (1, 17, PRESETS["tiny"].embed_dim)
+    assert encoder["pos_embed"].shape == (1, 17, meta_encoder("tiny").embed_dim)
     assert torch.equal(encoder["pos_embed"], resample_abs_pos_embed(source["pos_embed"], (4, 4), num_prefix_tokens=1))
 
 

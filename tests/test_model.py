@@ -5,8 +5,11 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import json
+import subprocess
+import sys
 
 import pytest
+import timm
 import torch
 import torch.nn.functional as F
 
@@ -14,7 +17,7 @@ from spatialnet_dist.batch_format import IMAGE_KEY
 from spatialnet_dist.config import LossConfig, ModelConfig
 from spatialnet_dist.errors import UserError
 from spatialnet_dist.model.spatialnet import assemble_model, build_model
-from spatialnet_dist.networks.encoder import build_encoder
+from spatialnet_dist.networks.encoder import build_encoder, meta_encoder
 from spatialnet_dist.networks.heads import VocabSizes
 from spatialnet_dist.networks.presets import PRESETS
 from spatialnet_dist.objective import MultiTaskObjective
@@ -23,6 +26,7 @@ from spatialnet_dist.tasks.captioning import generate
 from spatialnet_dist.text import BOS_ID, EOS_ID, PAD_ID, AnswerVocab, TextVocabs, Vocab
 
 SIZES = VocabSizes(words=40, answers=7, classes=5)
+TINY_WIDTH = meta_encoder("tiny").embed_dim
 CFG = ModelConfig(preset="tiny", image_size=32, caption_max_len=10, question_max_len=8)
 
 
@@ -154,23 +158,65 @@ def test_build_model_sizes_heads_from_the_vocabularies():
     assert model.heads["classification"].fc.out_features == 2
 
 
+# What each preset's registered encoder must be, as published: (width, depth, heads, MLP width, patch, image size,
+# FFN activation). A change here breaks every checkpoint of that preset.
+ARCHITECTURES = {
+    "tiny": (192, 4, 3, 768, 16, 128, torch.nn.GELU),
+    "small": (384, 12, 6, 1536, 16, 256, torch.nn.GELU),
+    "paper": (768, 12, 8, 3072, 16, 256, torch.nn.ReLU),
+    "base": (768, 12, 12, 3072, 16, 256, torch.nn.GELU),
+    "large": (1024, 24, 16, 4096, 16, 256, torch.nn.GELU),
+    "giant": (1408, 40, 16, 6144, 16, 256, torch.nn.GELU),
+}
+
+
+def architecture(encoder) -> tuple:
+    block = encoder.blocks[0]
+    return (encoder.embed_dim, len(encoder.blocks), block.attn.num_heads, block.mlp.fc1.out_features,
+            encoder.patch_embed.patch_size[0], encoder.patch_embed.img_size[0], type(block.mlp.act))
+
+
+def test_importing_the_networks_package_registers_the_presets_with_timm():
+    code = "import spatialnet_dist.networks, timm; print(' '.join(timm.list_models('spatialnet_*')))"
+    listed = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert listed == sorted(p.timm_name for p in PRESETS.values())
+
+
+@pytest.mark.parametrize("name", list(ARCHITECTURES))
+def test_timm_builds_each_preset_and_build_encoder_and_the_model_go_through_it(name):
+    """On the meta device: shapes, no memory, so giant takes a second."""
+    assert set(ARCHITECTURES) == set(PRESETS)
+    with torch.device("meta"):
+        registered = timm.create_model(PRESETS[name].timm_name)
+        model = assemble_model(ModelConfig(preset=name), ["classification"], SIZES)
+    assert isinstance(registered, type(model.encoder)) and registered.num_classes == 0
+    assert architecture(registered) == architecture(model.encoder) == ARCHITECTURES[name]
+    assert {k: v.shape for k, v in registered.state_dict().items()} == {
+        k: v.shape for k, v in model.encoder.state_dict().items()}
+    assert model.preset is PRESETS[name] and model.heads["classification"].fc.in_features == ARCHITECTURES[name][0]
+
+
+def test_timm_create_model_takes_timms_usual_arguments():
+    encoder = timm.create_model("spatialnet_tiny", img_size=64, in_chans=13, num_classes=0)
+    tokens, pooled = encoder.encode(torch.randn(2, 13, 64, 64))
+    assert tokens.shape == (2, 16, TINY_WIDTH) and pooled.shape == (2, TINY_WIDTH)
+    assert timm.create_model("spatialnet_tiny", num_classes=5)(torch.randn(1, 3, 128, 128)).shape == (1, 5)
+
+
 def test_paper_encoder_parameter_count_matches_its_dimensions():
-    p = PRESETS["paper"]
-    assert (p.embed_dim, p.depth, p.num_heads, p.patch_size, p.image_size, p.activation) == (768, 12, 8, 16, 256, "relu")
-    D, C, P, depth, H = p.embed_dim, 3, p.patch_size, p.depth, int(p.embed_dim * p.mlp_ratio)
-    N = (p.image_size // P) ** 2
+    with torch.device("meta"):
+        encoder = build_encoder(PRESETS["paper"])
+    D, depth, _, H, P, size, _ = architecture(encoder)
+    N, C = (size // P) ** 2, 3
     patch = D * C * P * P + D
     tokens = D + (N + 1) * D  # class token + learned positions
     attention = (3 * D * D + 3 * D) + (D * D + D)  # qkv + output projection
     mlp = (D * H + H) + (H * D + D)
     block = 2 * D + attention + 2 * D + mlp  # two LayerNorms
     reference = patch + tokens + depth * block + 2 * D  # + final norm
-    with torch.device("meta"):
-        encoder = build_encoder(p)
     count = sum(t.numel() for t in encoder.parameters())
     assert abs(count - reference) / reference < 0.02
     assert 84e6 < count < 88e6
-    assert isinstance(encoder.blocks[0].mlp.act, torch.nn.ReLU)
 
 
 def test_config_overrides_image_size_and_activation():
@@ -178,7 +224,7 @@ def test_config_overrides_image_size_and_activation():
     assert model.image_size == 48
     assert isinstance(model.encoder.blocks[0].mlp.act, torch.nn.ReLU)
     tokens, pooled = model.encode(torch.randn(2, 3, 48, 48))
-    assert tokens.shape == (2, 9, PRESETS["tiny"].embed_dim) and pooled.shape == (2, PRESETS["tiny"].embed_dim)
+    assert tokens.shape == (2, 9, TINY_WIDTH) and pooled.shape == (2, TINY_WIDTH)
 
 
 def test_model_command_reports_the_contract_keys(capsys):
@@ -310,7 +356,7 @@ def test_pretrained_local_file_loads_into_the_encoder(tmp_path, suffix):
     same = tiny_model(["classification"], seed=2, pretrained=str(path))
     torch.testing.assert_close(same.encoder.state_dict(), source.encoder.state_dict())
     resized = tiny_model(["classification"], seed=2, image_size=64, pretrained=str(path))  # 4x4 -> 8x8 grid
-    assert resized.encoder.pos_embed.shape == (1, 1 + 16, PRESETS["tiny"].embed_dim)
+    assert resized.encoder.pos_embed.shape == (1, 1 + 16, TINY_WIDTH)
     torch.testing.assert_close(resized.encoder.blocks[3].mlp.fc2.weight, source.encoder.blocks[3].mlp.fc2.weight)
 
 
@@ -318,7 +364,6 @@ def test_base_preset_is_timm_vit_b16_and_loads_its_weights_as_they_are(tmp_path)
     """A timm vit_base_patch16_224 state dict (random weights, ImageNet head included), written as
     .safetensors and .pth, loads through model.pretrained: at 224 px every encoder weight equals the
     file's and the features equal timm's; at the preset's 256 px pos_embed is resampled 14x14 -> 16x16."""
-    import timm
     from safetensors.torch import save_file
     from timm.layers import resample_abs_pos_embed
 
@@ -354,7 +399,7 @@ def test_freeze_encoder_blocks_fixes_the_stem_and_the_first_blocks():
     stem = ("encoder.patch_embed.", "encoder.pos_embed", "encoder.cls_token")
     assert frozen(0) == set()
     assert frozen(2) == {n for n in names if n.startswith((*stem, "encoder.blocks.0.", "encoder.blocks.1."))}
-    depth = PRESETS["tiny"].depth
+    depth = len(meta_encoder("tiny").blocks)
     trainable_encoder = {n for n in names if n.startswith("encoder.")} - frozen(depth)
     assert trainable_encoder == {"encoder.norm.weight", "encoder.norm.bias"}  # the whole trunk but its final norm
     with pytest.raises(ValueError, match=f"{depth + 1} of {depth}"):
@@ -490,7 +535,7 @@ def test_conv_stem_gives_the_patch_grid_and_the_rest_of_a_timm_vit(tmp_path):
     blocks, tokens and norms keep timm's names, so a patch ViT's weights load into all but the stem."""
     patch, conv = tiny_model(["classification"], seed=1), tiny_model(["classification"], seed=2, stem="conv")
     x = torch.randn(2, 3, 32, 32)
-    assert patch.encode(x)[0].shape == conv.encode(x)[0].shape == (2, 4, PRESETS["tiny"].embed_dim)
+    assert patch.encode(x)[0].shape == conv.encode(x)[0].shape == (2, 4, TINY_WIDTH)
     convs = [m for m in conv.encoder.patch_embed.proj if isinstance(m, torch.nn.Conv2d)]
     assert [(c.kernel_size, c.stride) for c in convs] == [((3, 3), (2, 2))] * 4 + [((1, 1), (1, 1))]  # patch 16
     assert [c.out_channels for c in convs] == [24, 48, 96, 192, 192]
@@ -510,7 +555,7 @@ def test_patch_size_sets_the_token_grid_and_is_checked_against_the_image_size():
     from spatialnet_dist.config import ConfigError, load
 
     model = tiny_model(["classification"], patch_size=8)
-    assert model.encode(torch.randn(1, 3, 32, 32))[0].shape == (1, 16, PRESETS["tiny"].embed_dim)
+    assert model.encode(torch.randn(1, 3, 32, 32))[0].shape == (1, 16, TINY_WIDTH)
     assert load(overrides=["model.image_size=72", "model.patch_size=8"]).model.patch_size == 8
     with pytest.raises(ConfigError, match="model.image_size: 72 is not a multiple of the patch size 16"):
         load(overrides=["model.image_size=72"])

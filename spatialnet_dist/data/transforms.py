@@ -55,9 +55,9 @@ def model_image_size(model_cfg) -> int:
     """The model's input size: `model.image_size`, or the preset's when that is 0."""
     if model_cfg.image_size:
         return model_cfg.image_size
-    from spatialnet_dist.networks.presets import get_preset  # lazy: the model package imports timm
+    from spatialnet_dist.networks.encoder import meta_encoder  # lazy: the model package imports timm
 
-    return get_preset(model_cfg.preset).image_size
+    return meta_encoder(model_cfg.preset).patch_embed.img_size[0]
 
 
 # A corpus's per-band (mean, std), each of shape (C,): store.band_stats.from_manifest.

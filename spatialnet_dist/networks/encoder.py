@@ -1,7 +1,9 @@
 """The shared image encoder: a timm VisionTransformer sized by a preset, plus transfer learning.
 
 `ViTEncoder` *is* a timm `VisionTransformer` (same parameter names), so timm checkpoints load into it
-and timm's helpers (pos_embed resampling, activation checkpointing) apply unchanged.
+and timm's helpers (pos_embed resampling, activation checkpointing) apply unchanged. Its sizes are registered
+with timm, one model per preset (`spatialnet_tiny` ... `spatialnet_giant`), and are built through timm's registry:
+`timm.create_model("spatialnet_paper", in_chans=13)` once this package is imported.
 
 `model.stem: conv` replaces the one strided patch convolution by a small convolutional stem (Xiao et al.
 2021, "Early convolutions help transformers see better"): with little data a ViT from scratch lacks the
@@ -11,17 +13,19 @@ blocks and names, so timm weights still load into everything after the patch emb
 
 from __future__ import annotations
 
+import functools
 import logging
 from pathlib import Path
 
+import timm
 import torch
 from timm.layers import PatchEmbed
-from timm.models._manipulate import adapt_input_conv, checkpoint_seq
+from timm.models import adapt_input_conv, build_model_with_cfg, checkpoint_seq, generate_default_cfgs, register_model
 from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
 from torch import nn
 
 from spatialnet_dist.errors import UserError
-from spatialnet_dist.networks.presets import POOLS, STEMS, Preset
+from spatialnet_dist.networks.presets import POOLS, STEMS, Preset, get_preset
 
 log = logging.getLogger(__name__)
 
@@ -81,34 +85,110 @@ class ViTEncoder(VisionTransformer):
         return x[:, prefix:], self.forward_head(x, pre_logits=True), kept
 
 
+# The encoder sizes, timm's way (timm/models/vision_transformer.py): each registered function's model_args are
+# its architecture, VisionTransformer's defaults the rest (MLP ratio 4, GELU, qkv bias, a class token), and its
+# default cfg's input_size the image size it is built for (timm passes it on as img_size). One entry per preset
+# of presets.py, under its Preset.timm_name.
+
+
+def _cfg(image_size: int = 256) -> dict:
+    """No weights of their own (Preset.hub_name names timm's published ones that fit) and no classifier."""
+    return {"input_size": (3, image_size, image_size), "fixed_input_size": True, "num_classes": 0,
+            "first_conv": "patch_embed.proj", "classifier": "head"}
+
+
+default_cfgs = generate_default_cfgs({  # timm's register_model reads this module's `default_cfgs`
+    "spatialnet_tiny": _cfg(128),
+    "spatialnet_small": _cfg(),
+    "spatialnet_paper": _cfg(),
+    "spatialnet_base": _cfg(),
+    "spatialnet_large": _cfg(),
+    "spatialnet_giant": _cfg(),
+})
+
+
+def _create_encoder(variant: str, pretrained: bool, **kwargs) -> ViTEncoder:
+    # fc_norm off: for global_pool "avg" timm would move the final norm after the pooling; `encode` wants it on
+    # the tokens, so "avg" and "token" have the same parameters and either loads the other's weights.
+    return build_model_with_cfg(ViTEncoder, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn,
+                                **{"fc_norm": False, **kwargs})
+
+
+@register_model
+def spatialnet_tiny(pretrained: bool = False, **kwargs) -> ViTEncoder:
+    """CPU tests and the demo: seconds per step on a laptop core."""
+    model_args = dict(patch_size=16, embed_dim=192, depth=4, num_heads=3)
+    return _create_encoder("spatialnet_tiny", pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def spatialnet_small(pretrained: bool = False, **kwargs) -> ViTEncoder:
+    """ViT-S/16."""
+    model_args = dict(patch_size=16, embed_dim=384, depth=12, num_heads=6)
+    return _create_encoder("spatialnet_small", pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def spatialnet_paper(pretrained: bool = False, **kwargs) -> ViTEncoder:
+    """The seed's encoder: 12 layers, 8 heads, patch 16, 256 px, ReLU FFN (its Eq. 5); ~86M parameters.
+    8 heads and ReLU differ from every published ViT-B, so no hub weights match it: it trains from scratch.
+    `spatialnet_base` is the same size with timm's ViT-B/16 layout, for pretrained weights."""
+    model_args = dict(patch_size=16, embed_dim=768, depth=12, num_heads=8, act_layer=nn.ReLU)
+    return _create_encoder("spatialnet_paper", pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def spatialnet_base(pretrained: bool = False, **kwargs) -> ViTEncoder:
+    """timm's ViT-B/16 (vit_base_patch16_224: 12 heads, GELU) at 256 px, for transfer learning: published
+    ImageNet and remote-sensing ViT-B/16 weights load as they are (`model.pretrained: FILE` or hub),
+    pos_embed resampled from their grid."""
+    model_args = dict(patch_size=16, embed_dim=768, depth=12, num_heads=12)
+    return _create_encoder("spatialnet_base", pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def spatialnet_large(pretrained: bool = False, **kwargs) -> ViTEncoder:
+    """ViT-L/16, ~300M parameters."""
+    model_args = dict(patch_size=16, embed_dim=1024, depth=24, num_heads=16)
+    return _create_encoder("spatialnet_large", pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def spatialnet_giant(pretrained: bool = False, **kwargs) -> ViTEncoder:
+    """ViT-g widths (1408 x 40, FFN 6144) with patch 16: ~1.0B parameters, the reason ZeRO-3 exists."""
+    model_args = dict(patch_size=16, embed_dim=1408, depth=40, num_heads=16, mlp_ratio=48 / 11)
+    return _create_encoder("spatialnet_giant", pretrained, **dict(model_args, **kwargs))
+
+
+@functools.cache
+def meta_encoder(preset: str) -> ViTEncoder:
+    """The preset's registered encoder as timm builds it by default, on the meta device (shapes, no memory), once
+    per process: where the config checks, the plan and the data pipeline read its image size
+    (`patch_embed.img_size`), patch size and depth (`len(blocks)`) without a second table of them. Read only."""
+    with torch.device("meta"):
+        return timm.create_model(get_preset(preset).timm_name)
+
+
 def build_encoder(
     preset: Preset, image_size: int = 0, in_chans: int = 3, activation: str = "", drop_path: float = 0.0,
     patch_size: int = 0, stem: str = "patch", global_pool: str = "token",
 ) -> ViTEncoder:
-    """0 / "" take the preset's image size / patch size / activation. global_pool "avg" pools the patch tokens
-    after the final norm (fc_norm off): the same parameters as "token", so either loads the other's weights."""
-    image_size, patch_size = image_size or preset.image_size, patch_size or preset.patch_size
-    if image_size < patch_size or image_size % patch_size:
-        raise UserError(f"model.image_size {image_size}: must be a multiple of the patch size {patch_size}")
+    """The preset's encoder from timm's registry, without a classifier (the task heads sit on top). 0 / "" keep
+    its image size / patch size / activation. global_pool "token": the class token, as every published ViT
+    checkpoint was trained; "avg" pools the patch tokens after the final norm."""
     if stem not in STEMS:
         raise UserError(f"model.stem {stem!r}: expected one of {', '.join(STEMS)}")
     if global_pool not in POOLS:
         raise UserError(f"model.global_pool {global_pool!r}: expected one of {', '.join(POOLS)}")
-    return ViTEncoder(
-        img_size=image_size,
-        patch_size=patch_size,
-        embed_layer=ConvStemEmbed if stem == "conv" else PatchEmbed,
-        in_chans=in_chans,
-        num_classes=0,  # no classifier: the task heads sit on top
-        global_pool=global_pool,  # token: the class token, as every published ViT checkpoint was trained
-        fc_norm=False,  # timm's default for "avg" moves the final norm after the pooling; keep it on the tokens
-        embed_dim=preset.embed_dim,
-        depth=preset.depth,
-        num_heads=preset.num_heads,
-        mlp_ratio=preset.mlp_ratio,
-        act_layer=ACTIVATIONS[activation or preset.activation],
-        drop_path_rate=drop_path,
+    overrides = {"img_size": image_size, "patch_size": patch_size, "act_layer": activation and ACTIVATIONS[activation]}
+    encoder = timm.create_model(
+        preset.timm_name, in_chans=in_chans, global_pool=global_pool, drop_path_rate=drop_path,
+        embed_layer=ConvStemEmbed if stem == "conv" else PatchEmbed, **{k: v for k, v in overrides.items() if v},
     )
+    image_size, patch_size = encoder.patch_embed.img_size[0], encoder.patch_embed.patch_size[0]
+    if image_size < patch_size or image_size % patch_size:
+        raise UserError(f"model.image_size {image_size}: must be a multiple of the patch size {patch_size}")
+    return encoder
 
 
 # Parameters before the first block (timm's names): patch embedding, position/class/register tokens.

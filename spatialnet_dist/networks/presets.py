@@ -1,6 +1,6 @@
-"""Model presets: the encoder's size and the width of the text heads, one dataclass instance per name.
-
-`model.preset` picks one; `model.image_size` and `model.activation` override its defaults.
+"""Model presets, one dataclass instance per name: the width of the text heads and what else of a size timm does
+not know. The encoder of each is the timm model registered as `spatialnet_NAME` (networks/encoder.py), which
+holds its architecture; `model.image_size`, `model.patch_size` and `model.activation` override its defaults.
 """
 
 from __future__ import annotations
@@ -15,15 +15,11 @@ POOLS = ("token", "avg")  # model.global_pool: what the pooled (B, D) vector is 
 
 @dataclass(frozen=True)
 class Preset:
+    """What timm does not know of a size: its text heads, activation checkpointing and matching hub weights. The
+    encoder's architecture (width, depth, heads, patch and image size, activation) is the timm model registered
+    under `timm_name` (networks/encoder.py)."""
+
     name: str
-    # encoder: a timm VisionTransformer
-    image_size: int
-    patch_size: int
-    embed_dim: int
-    depth: int
-    num_heads: int
-    mlp_ratio: float
-    activation: str  # FFN activation: gelu | relu
     # text heads: caption decoder, question encoder and fusion share one width
     text_dim: int
     text_heads: int
@@ -38,50 +34,28 @@ class Preset:
     # loaded by `model.pretrained: hub`.
     hub_name: str
 
+    @property
+    def timm_name(self) -> str:
+        """The encoder's name in timm's registry."""
+        return f"spatialnet_{self.name}"
+
 
 PRESETS: dict[str, Preset] = {
     p.name: p
     for p in (
-        # CPU tests and the demo: seconds per step on a laptop core.
-        Preset(
-            "tiny", image_size=128, patch_size=16, embed_dim=192, depth=4, num_heads=3, mlp_ratio=4.0,
-            activation="gelu", text_dim=128, text_heads=4, decoder_depth=2, question_depth=1, fusion_depth=1,
-            head_dropout=0.0, grad_checkpointing=False, hub_name="",
-        ),
-        # ViT-S/16.
-        Preset(
-            "small", image_size=256, patch_size=16, embed_dim=384, depth=12, num_heads=6, mlp_ratio=4.0,
-            activation="gelu", text_dim=256, text_heads=4, decoder_depth=3, question_depth=2, fusion_depth=1,
-            head_dropout=0.1, grad_checkpointing=False, hub_name="vit_small_patch16_224.augreg_in21k_ft_in1k",
-        ),
-        # The seed's encoder: 12 layers, 8 heads, patch 16, 256 px, ReLU FFN (its Eq. 5); ~86M parameters.
-        # 8 heads and ReLU differ from every published ViT-B, so no hub weights match it: it trains from
-        # scratch. `base` is the same size with timm's ViT-B/16 layout, for pretrained weights.
-        Preset(
-            "paper", image_size=256, patch_size=16, embed_dim=768, depth=12, num_heads=8, mlp_ratio=4.0,
-            activation="relu", text_dim=512, text_heads=8, decoder_depth=4, question_depth=2, fusion_depth=2,
-            head_dropout=0.1, grad_checkpointing=False, hub_name="",
-        ),
-        # timm's ViT-B/16 (vit_base_patch16_224: 12 heads, GELU) at 256 px, for transfer learning: published
-        # ImageNet and remote-sensing ViT-B/16 weights load as they are (`model.pretrained: FILE` or hub),
-        # pos_embed resampled from their grid. The text heads are the paper preset's.
-        Preset(
-            "base", image_size=256, patch_size=16, embed_dim=768, depth=12, num_heads=12, mlp_ratio=4.0,
-            activation="gelu", text_dim=512, text_heads=8, decoder_depth=4, question_depth=2, fusion_depth=2,
-            head_dropout=0.1, grad_checkpointing=False, hub_name="vit_base_patch16_224.augreg2_in21k_ft_in1k",
-        ),
-        # ViT-L/16, ~300M parameters.
-        Preset(
-            "large", image_size=256, patch_size=16, embed_dim=1024, depth=24, num_heads=16, mlp_ratio=4.0,
-            activation="gelu", text_dim=768, text_heads=12, decoder_depth=6, question_depth=3, fusion_depth=2,
-            head_dropout=0.1, grad_checkpointing=True, hub_name="vit_large_patch16_224.augreg_in21k_ft_in1k",
-        ),
-        # ViT-g widths (1408 x 40, FFN 6144) with patch 16: ~1.0B encoder parameters, the reason ZeRO-3 exists.
-        Preset(
-            "giant", image_size=256, patch_size=16, embed_dim=1408, depth=40, num_heads=16, mlp_ratio=48 / 11,
-            activation="gelu", text_dim=1024, text_heads=16, decoder_depth=6, question_depth=4, fusion_depth=2,
-            head_dropout=0.1, grad_checkpointing=True, hub_name="",
-        ),
+        Preset("tiny", text_dim=128, text_heads=4, decoder_depth=2, question_depth=1, fusion_depth=1, head_dropout=0.0,
+               grad_checkpointing=False, hub_name=""),
+        Preset("small", text_dim=256, text_heads=4, decoder_depth=3, question_depth=2, fusion_depth=1, head_dropout=0.1,
+               grad_checkpointing=False, hub_name="vit_small_patch16_224.augreg_in21k_ft_in1k"),
+        Preset("paper", text_dim=512, text_heads=8, decoder_depth=4, question_depth=2, fusion_depth=2, head_dropout=0.1,
+               grad_checkpointing=False, hub_name=""),
+        # The paper preset's text heads.
+        Preset("base", text_dim=512, text_heads=8, decoder_depth=4, question_depth=2, fusion_depth=2, head_dropout=0.1,
+               grad_checkpointing=False, hub_name="vit_base_patch16_224.augreg2_in21k_ft_in1k"),
+        Preset("large", text_dim=768, text_heads=12, decoder_depth=6, question_depth=3, fusion_depth=2,
+               head_dropout=0.1, grad_checkpointing=True, hub_name="vit_large_patch16_224.augreg_in21k_ft_in1k"),
+        Preset("giant", text_dim=1024, text_heads=16, decoder_depth=6, question_depth=4, fusion_depth=2,
+               head_dropout=0.1, grad_checkpointing=True, hub_name=""),
     )
 }
 

@@ -29,7 +29,7 @@ from torch import nn
 
 from spatialnet_dist.batch_format import MASK_NOISE
 from spatialnet_dist.display import markdown_table
-from spatialnet_dist.networks.presets import get_preset
+from spatialnet_dist.networks.encoder import meta_encoder
 from spatialnet_dist.tasks.base import Task
 
 DECODER_HEAD_WIDTH = 32  # channels per decoder attention head (MAE's 512-wide decoder has 16 heads)
@@ -87,11 +87,11 @@ def masked_patch_errors(pred: torch.Tensor, target: torch.Tensor, mask: torch.Te
 
 
 def patch_grid(model_cfg) -> tuple[int, int]:
-    """(patch size, patches per side) of the model's token grid: model.patch_size and model.image_size, or the
-    preset's where 0 (as networks.encoder.build_encoder reads them)."""
-    preset = get_preset(model_cfg.preset)
-    patch = model_cfg.patch_size or preset.patch_size
-    return patch, (model_cfg.image_size or preset.image_size) // patch
+    """(patch size, patches per side) of the model's token grid: model.patch_size and model.image_size, or where 0
+    those of the preset's registered encoder (as networks.encoder.build_encoder reads them)."""
+    defaults = meta_encoder(model_cfg.preset).patch_embed
+    patch = model_cfg.patch_size or defaults.patch_size[0]
+    return patch, (model_cfg.image_size or defaults.img_size[0]) // patch
 
 
 def mask_noise(image_ids: list[str], num_patches: int) -> torch.Tensor:

@@ -123,9 +123,9 @@ def resolve(cfg: Config, world_size: int, recorded: dict | None = None) -> tuple
     """-> (the config to train with, a one-line summary for the log; "" when nothing was derived).
     world_size: the workers the run is planned on; recorded: the meta.json of the checkpoint it resumes
     (`global_batch`)."""
-    from spatialnet_dist.networks.presets import get_preset
+    from spatialnet_dist.networks.encoder import meta_encoder
 
-    depth = get_preset(cfg.model.preset).depth
+    depth = len(meta_encoder(cfg.model.preset).blocks)
     if cfg.model.freeze_encoder_blocks > depth:
         raise ConfigError(f"config key model.freeze_encoder_blocks: {cfg.model.freeze_encoder_blocks} exceeds the "
                           f"{depth} blocks of preset {cfg.model.preset}")
