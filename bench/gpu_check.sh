@@ -20,14 +20,7 @@
 # PRECISION, DEADLINE, CAP.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-MODE=gpu
-if [ "${1:-}" = "--cpu" ]; then MODE=cpu; fi
-PY=${PYTHON:-python3}
-OUT=${OUT:-$(mktemp -d /tmp/gpu-check-out-XXXX)}
-mkdir -p "$OUT"
-WORK=$(mktemp -d /tmp/gpu-check-XXXX)  # corpus, runs and checkpoints: gone at exit, the results are in $OUT
-trap 'rm -rf "$WORK"' EXIT
-export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-$PWD/.torch_extensions}
+source bench/device_setup.sh "${1:-}" gpu-check
 START=$SECONDS
 
 if [ "$MODE" = gpu ]; then
@@ -35,13 +28,7 @@ if [ "$MODE" = gpu ]; then
   : "${CONFIGS:=0:true 0:false 3:false 3:true}" "${PRECISION:=auto}" "${DEADLINE:=330}" "${CAP:=170}"
   USE_GPU=true
   nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,temperature.gpu --format=csv | tee "$OUT/card.txt"
-  # The image has torch and timm but no DeepSpeed or WebDataset: install what bench/gpu_wheels.sh fetched.
-  if compgen -G ".whl/*.whl" > /dev/null; then
-    "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
-    export PYTHONPATH=/tmp/site:$PWD
-  else
-    export PYTHONPATH=$PWD
-  fi
+  install_wheels
 else
   : "${PRESET:=tiny}" "${IMAGES:=40}" "${ROWS:=8 4}" "${WARMUP:=1}" "${STEPS:=2}" "${LOADERS:=1}"
   : "${CONFIGS:=0:false 3:false 0:true}" "${PRECISION:=fp32}" "${DEADLINE:=900}" "${CAP:=600}"

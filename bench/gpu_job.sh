@@ -16,26 +16,14 @@
 # Settings through the environment: STEPS, CHECKPOINT, KILL_AT, PER_TASK, IMAGES, PRESET, LOADERS, DEADLINE.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-MODE=gpu
-if [ "${1:-}" = "--cpu" ]; then MODE=cpu; fi
-PY=${PYTHON:-python3}
-OUT=${OUT:-$(mktemp -d /tmp/gpu-job-out-XXXX)}
-mkdir -p "$OUT"
-WORK=$(mktemp -d /tmp/gpu-job-XXXX)  # corpus and run directory: gone at exit, the results are in $OUT
-trap 'rm -rf "$WORK"' EXIT
-export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-$PWD/.torch_extensions}
+source bench/device_setup.sh "${1:-}" gpu-job
 
 if [ "$MODE" = gpu ]; then
   : "${PRESET:=paper}" "${IMAGES:=400}" "${STEPS:=100}" "${CHECKPOINT:=50}" "${KILL_AT:=60}" "${PER_TASK:=128}"
   : "${LOADERS:=8}" "${DEADLINE:=480}"
   SETTINGS=(train.use_gpu=true train.compile=true train.precision=auto)
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/card.txt"
-  if compgen -G ".whl/*.whl" > /dev/null; then  # the image lacks Ray, DeepSpeed and WebDataset
-    "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
-    export PYTHONPATH=/tmp/site:$PWD PATH=/tmp/site/bin:$PATH
-  else
-    export PYTHONPATH=$PWD
-  fi
+  install_wheels
 else
   : "${PRESET:=tiny}" "${IMAGES:=40}" "${STEPS:=30}" "${CHECKPOINT:=10}" "${KILL_AT:=15}" "${PER_TASK:=4}"
   : "${LOADERS:=1}" "${DEADLINE:=600}"

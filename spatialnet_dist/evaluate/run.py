@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from spatialnet_dist import tasks as registry
-from spatialnet_dist.config_checks import KNN_METRIC
+from spatialnet_dist.config.checks import KNN_METRIC
 from spatialnet_dist.evaluate.knn import knn_accuracy
 from spatialnet_dist.evaluate.report import write_report
 from spatialnet_dist.store import storage

@@ -10,7 +10,7 @@ model's device whatever the training precision. Keys are the model's state_dict 
 into a model built like it; a tied weight (the caption head's embedding) is one tensor under both names.
 
 It reads whole parameters: every rank computes the same average under ZeRO 0-2; ZeRO-3's ranks hold shards
-(config_checks refuses the combination).
+(config/checks.py refuses the combination).
 """
 
 from __future__ import annotations

@@ -2,8 +2,8 @@
 stand under tasks. and loss.weights. (the registry's tasks; a task's former name is an error naming its new one).
 
 `validate` runs after every load and override (config.load, config.from_dict); its errors are `ConfigError`
-with one line that names the key. It reads a `config.Config` by attribute and does not import config, which
-imports it: dependencies point one way.
+with one line that names the key. It reads a `config.Config` by attribute and imports none of the package's other
+modules, which import it: dependencies point one way.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from spatialnet_dist.networks.presets import POOLS, PRESETS, STEMS
 from spatialnet_dist.tasks.base import TTA_MODES
 from spatialnet_dist.tasks.mae import DECODER_HEAD_WIDTH
 
-FAULT_KINDS = ("exit", "error", "user_error", "nan_loss")  # faults.kind: see config.FaultsConfig
+FAULT_KINDS = ("exit", "error", "user_error", "nan_loss")  # faults.kind: see schema.FaultsConfig
 KNN_METRIC = "knn_accuracy"  # what eval.knn logs at each validation (val/knn_accuracy); eval.keep_best takes it
 
 # Range checks: key -> (predicate, what is allowed).

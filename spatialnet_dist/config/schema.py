@@ -1,29 +1,32 @@
-"""Every setting of a run: nested dataclasses, YAML files, `--set a.b=c` overrides, validation.
+"""The schema of a run's config: one dataclass per section (run, data, tasks.<task>, model, loss, optim, train,
+eval, eval.knn, log, faults) and `Config`, which nests them. Each key is a field; its default is the field's; what
+it means is the `#` comment above the field or after it on its line; a section's docstring says what the section is.
 
-The one config module. Errors are `ConfigError` with a one-line message that names the key
-(and the closest valid key for a typo) so the CLI can print it and exit before any worker starts.
-`tasks.<task>` has one section per registered task (spatialnet_dist/tasks): the section's class is made
-from the registry when a Config is made, with the task's own options beside the common TaskConfig keys.
+`tasks.<task>` has one section per registered task (spatialnet_dist/tasks): the section's class is made from the
+registry when a Config is made (`tasks_config_class`), with the task's own options (`Task.options`) beside the
+common TaskConfig keys.
 
-What values each key may hold, and which keys exist under tasks. and loss.weights., is config_checks.py's.
+Listing every key with its type, default and comment (docs/hooks.py does so for the configuration reference):
+walk `dataclasses.fields(section)` from an instance, `Config()` (the same defaults `config.load(None, [])` gives),
+recursing into a field whose value is a dataclass (eval.knn too). A key's type is
+`typing.get_type_hints(type(section))[name]` (the annotations here are strings, so `field.type` is not the type);
+its default is `getattr(section, name)` (a `default_factory` field has no `field.default`); its comment is read
+from `inspect.getsource` of the section's class and of each dataclass base in its MRO, tokenized. A class made
+from the registry has no source: a task section's common keys have TaskConfig's comments, its own options are
+documented in `options` in spatialnet_dist/tasks/<task>.py.
 
-Over 300 lines: the dataclasses of every section and the loader that checks every key's type are one concept
-(what a config is); split, each would need the other to be read.
+What values each key may hold is checks.py's; reading YAML files and `--set` overrides into a Config, loader.py's.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import types
-import typing
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import yaml
 
 from spatialnet_dist import tasks as registry
-from spatialnet_dist.config_checks import check_renamed, closest, validate
-from spatialnet_dist.errors import ConfigError
+from spatialnet_dist.config.coercion import merge
 from spatialnet_dist.store.s3 import DEFAULT_RETRY_SECONDS
 
 
@@ -83,7 +86,7 @@ class TasksConfig:
 
 def _tasks_config_from_dict(data: dict) -> TasksConfig:
     tasks = tasks_config_class()()
-    _merge(tasks, data, "tasks.")
+    merge(tasks, data, Config, "tasks.")
     return tasks
 
 
@@ -298,189 +301,3 @@ class Config:
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
-
-
-def _is_dataclass_type(tp) -> bool:
-    return isinstance(tp, type) and dataclasses.is_dataclass(tp)
-
-
-def _type_name(tp) -> str:
-    return getattr(tp, "__name__", str(tp))
-
-
-def _coerce(key: str, value, tp):
-    """Check `value` against the annotation `tp`; ints are accepted where floats are expected."""
-    origin = typing.get_origin(tp)
-    bad = ConfigError(f"config key {key}: expected {_describe(tp)}, got {value!r}")
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise bad
-        return value
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise bad
-        return value
-    if tp is float:
-        if isinstance(value, str):
-            # PyYAML reads `1e-3` (no dot) as a string: accept what Python reads as a number.
-            try:
-                return float(value)
-            except ValueError:
-                raise bad from None
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise bad
-        return float(value)
-    if tp is str:
-        if value is None:
-            return ""
-        if isinstance(value, bool):
-            return str(value).lower()  # YAML reads `true` as a bool; a string key (train.compile) takes it as written
-        if not isinstance(value, str):
-            raise bad
-        return value
-    if origin is list:
-        (item,) = typing.get_args(tp)
-        if isinstance(value, (str, int, float)) and item is str:
-            value = [value]  # `--set tasks.vqa.corpora=rsvqa-lr` means a list of one
-        if not isinstance(value, list):
-            raise bad
-        return [_coerce(f"{key}[{i}]", v, item) for i, v in enumerate(value)]
-    if origin is dict:
-        _, vt = typing.get_args(tp)
-        if value is None:
-            return {}
-        if not isinstance(value, dict):
-            raise bad
-        return {str(k): _coerce(f"{key}.{k}", v, vt) for k, v in value.items()}
-    if isinstance(tp, types.UnionType):  # the first member that takes the value (train.num_workers: int | list)
-        for member in typing.get_args(tp):
-            try:
-                return _coerce(key, value, member)
-            except ConfigError:
-                pass
-        raise bad
-    raise AssertionError(f"unhandled config type {tp}")
-
-
-def _describe(tp) -> str:
-    if isinstance(tp, types.UnionType):
-        return " or ".join(_describe(member) for member in typing.get_args(tp))
-    origin = typing.get_origin(tp)
-    if origin is list:
-        return f"a list of {_type_name(typing.get_args(tp)[0])}"
-    if origin is dict:
-        return f"a mapping to {_type_name(typing.get_args(tp)[1])}"
-    return {"bool": "true or false", "int": "an integer", "float": "a number", "str": "a string"}.get(
-        _type_name(tp), _type_name(tp)
-    )
-
-
-def _merge(obj, data: dict, prefix: str = "") -> None:
-    """Write `data` (nested dict) into dataclass `obj`, checking keys and types."""
-    if not isinstance(data, dict):
-        raise ConfigError(f"config key {prefix.rstrip('.') or '<top>'}: expected a mapping, got {data!r}")
-    hints = typing.get_type_hints(type(obj))
-    for key, value in data.items():
-        full = f"{prefix}{key}"
-        if key not in hints:
-            check_renamed(prefix, key)
-            raise ConfigError(f"unknown config key {full}{_suggest(full, prefix, hints)}")
-        tp = hints[key]
-        if _is_dataclass_type(tp):
-            _merge(getattr(obj, key), value, f"{full}.")
-        elif typing.get_origin(tp) is dict:
-            # Mappings merge: `--set loss.weights.vqa=2` changes one weight and keeps the others.
-            setattr(obj, key, {**getattr(obj, key), **_coerce(full, value, tp)})
-        else:
-            setattr(obj, key, _coerce(full, value, tp))
-
-
-def _suggest(full: str, prefix: str, hints: dict) -> str:
-    return closest(full, [f"{prefix}{k}" for k in hints] + list(_all_keys(Config())))
-
-
-def _all_keys(obj, prefix: str = ""):
-    for f in dataclasses.fields(obj):
-        value = getattr(obj, f.name)
-        if dataclasses.is_dataclass(value):
-            yield from _all_keys(value, f"{prefix}{f.name}.")
-        else:
-            yield f"{prefix}{f.name}"
-
-
-def parse_override(text: str) -> tuple[str, object]:
-    """`a.b.c=value` -> ("a.b.c", value parsed as YAML)."""
-    if "=" not in text:
-        raise ConfigError(f"--set {text!r}: expected key=value")
-    key, raw = text.split("=", 1)
-    key = key.strip()
-    try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError as e:
-        raise ConfigError(f"--set {key}: value {raw!r} is not valid YAML ({e.__class__.__name__})") from None
-    return key, value
-
-
-def _nest(key: str, value) -> dict:
-    out: dict = {}
-    node = out
-    parts = key.split(".")
-    for part in parts[:-1]:
-        node = node.setdefault(part, {})
-    node[parts[-1]] = value
-    return out
-
-
-def load(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
-    """Defaults <- YAML file <- overrides, then validation. Raises ConfigError."""
-    cfg = Config()
-    if path:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file {p}: not found")
-        try:
-            data = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as e:
-            mark = getattr(e, "problem_mark", None)
-            where = f" line {mark.line + 1}" if mark else ""
-            raise ConfigError(f"config file {p}{where}: not valid YAML") from None
-        try:
-            _merge(cfg, data)
-            _choose_run_length(cfg, set(_dotted_keys(data)))
-        except ConfigError as e:
-            raise ConfigError(f"{p}: {e}") from None
-    given = set()
-    for text in overrides or []:
-        key, value = parse_override(text)
-        _merge(cfg, _nest(key, value))
-        given.update(_dotted_keys(_nest(key, value)))
-    _choose_run_length(cfg, given, "--set: ")
-    return validate(cfg)
-
-
-def _dotted_keys(data, prefix: str = ""):
-    """{"train": {"max_steps": 5}} -> "train.max_steps"."""
-    for key, value in data.items() if isinstance(data, dict) else ():
-        yield f"{prefix}{key}"
-        yield from _dotted_keys(value, f"{prefix}{key}.")
-
-
-def _choose_run_length(cfg: Config, given: set[str], where: str = "") -> None:
-    """train.max_steps and train.epochs are two ways to say how long a run is. A level (the YAML file,
-    then the --set overrides) that gives one replaces what an earlier level (or the default) said with
-    the other, so `--set train.epochs=3` works on a file that sets max_steps; one level giving both is an error."""
-    steps = "train.max_steps" in given and cfg.train.max_steps > 0
-    epochs = "train.epochs" in given and cfg.train.epochs > 0
-    if steps and epochs:
-        raise ConfigError(f"{where}config keys train.max_steps and train.epochs are both set; give one of them")
-    if epochs:
-        cfg.train.max_steps = 0  # train.plan.resolve computes it from the manifests
-    elif steps:
-        cfg.train.epochs = 0.0
-
-
-def from_dict(data: dict) -> Config:
-    """Rebuild a resolved config (from config.yaml or a checkpoint's meta.json)."""
-    cfg = Config()
-    _merge(cfg, data)
-    return validate(cfg)
