@@ -5,7 +5,7 @@ Every command exits non-zero with one line on stderr for bad input (a `UserError
 output is JSON (`--json`, `eval run`) prints it alone on stdout: what libraries print meanwhile goes to
 stderr. Each command prints its own output to `args.stdout`.
 
-One file of about 440 lines, not one per command group: each command is a few lines that call the package,
+One file of about 450 lines, not one per command group: each command is a few lines that call the package,
 and `build_parser` reads as the whole command reference in one place; split by group, a command's
 arguments would sit in one file and the reference in several.
 """
