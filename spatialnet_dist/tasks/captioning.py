@@ -87,7 +87,7 @@ class Captioning(Task):
     def baselines(self, rows, cfg, vocabs):
         """"fixed_caption": the most frequent training caption for every image; "class_oracle": the most
         frequent training caption of each image's true class (what recognising the class alone reaches)."""
-        text = training_text(cfg, vocabs, [self.name])
+        text = training_text(cfg, vocabs, captions=[self.name])
         if not text.captions:
             return {}
         refs = {r["image_id"]: r["references"] for r in rows}

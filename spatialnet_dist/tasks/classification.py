@@ -93,7 +93,7 @@ class Classification(Task):
     def baselines(self, rows, cfg, vocabs):
         """"majority": the training split's most frequent class for every image."""
         labels = [r["label"] for r in rows if r["label"] >= 0]
-        counts = training_text(cfg, vocabs, [self.name]).classes
+        counts = training_text(cfg, vocabs, classes=[self.name]).classes
         if not labels or not counts:
             return {}
         majority = most_frequent(counts)

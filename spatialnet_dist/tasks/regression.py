@@ -87,7 +87,7 @@ class Regression(Task):
 
     def baselines(self, rows, cfg, vocabs):
         """"median": the training split's median count."""
-        counts = training_text(cfg, vocabs, [self.name]).counts
+        counts = training_text(cfg, vocabs, answers=[self.name]).counts
         if not counts:
             return {}
         median = statistics.median(counts)

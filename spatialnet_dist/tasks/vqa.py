@@ -105,7 +105,7 @@ class VQA(Task):
     def baselines(self, rows, cfg, vocabs):
         """"majority": the training split's most frequent answer per question type; "question_only": the
         most frequent training answer to the same question (as the model reads it), else the type's majority."""
-        text = training_text(cfg, vocabs, [self.name])
+        text = training_text(cfg, vocabs, answers=[self.name], questions=[self.name])
         if not text.answers_by_type:
             return {}
         guesses = {"majority": (majority_answers(rows, text), "most frequent training answer per type")}
