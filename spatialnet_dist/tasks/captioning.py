@@ -41,6 +41,7 @@ class Captioning(Task):
     reads_words = True
     headline_keys = ("CIDEr", "BLEU-4")
     report_heading = "Captioning (Table I columns)"
+    default_inference_place = 3
 
     def has_content(self, manifest, split):
         return split.get("captions", 0) > 0
@@ -111,6 +112,15 @@ class Captioning(Task):
 
     def report_section(self, scores, out_dir: Path):
         return [format_caption_table(scores), ""]
+
+    def infer(self, model, images, questions, question_texts, cfg, vocabs, class_probabilities):
+        words = generate(model, images, cfg.eval.beam_size, cfg.eval.length_penalty, cfg.model.caption_max_len)
+        return [{"caption": vocabs.words.decode(w)} for w in words]
+
+    def infer_fields(self):
+        import pyarrow as pa
+
+        return [("caption", pa.string())]
 
 
 TASK = Captioning()
