@@ -81,6 +81,9 @@ class Task:
     # answers the --question texts (and runs only with some)
     asks_questions: bool = False
     reads_words: bool = False  # its texts are words of the word vocabulary
+    reads_answers: bool = False  # its corpora's answer counts make the answer vocabulary (vocabs.answers)
+    # the manifest key listing its corpora's label names, and the TextVocabs field of their union ("classes")
+    label_vocab: str = ""
     validation_keys: tuple[str, ...] = ()  # score keys cheap enough for every validation (val/<name>_<key>)
     headline_keys: tuple[str, ...] = ()  # score keys in Ray's result (test/<name>_<key>)
     # prediction-row keys only a report sample shows (mae's reconstruction image): evaluation keeps them on the

@@ -47,6 +47,7 @@ def class_logits(model, images: torch.Tensor) -> torch.Tensor:
 class Classification(Task):
     name = "classification"
     needs = "classes"
+    label_vocab = "classes"
     augment = "strong"
     strong_augment = True
     validation_keys = ("accuracy",)

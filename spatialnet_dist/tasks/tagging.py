@@ -135,6 +135,7 @@ def tag_frequencies(cfg, tags: list[str]) -> tuple[np.ndarray, int]:
 class Tagging(Task):
     name = "tagging"
     needs = "tags"
+    label_vocab = "tags"
     default_enabled = False  # corpora with tags are few: a run asks for it
     options = {"pos_weight": False,  # weigh each tag's positives by neg/pos of the training split
                **MIX_OPTIONS}

@@ -45,6 +45,7 @@ class VQA(Task):
     per_visit_key = "questions_per_image"
     asks_questions = True
     reads_words = True
+    reads_answers = True
     validation_keys = ("OA", "AA")
     headline_keys = ("OA", "AA")
     report_heading = "Visual question answering (Table II columns)"
