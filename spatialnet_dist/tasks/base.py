@@ -90,6 +90,7 @@ class Task:
     # rows of the report's images alone and leaves them out of the prediction files
     sample_only_keys: tuple[str, ...] = ()
     report_heading: str = ""
+    score_packages: tuple[str, ...] = ()  # the versions.FEATURE_PACKAGES its `score` imports (the preflight's)
     # its place (from 1) among the heads that predict and infer run when --tasks is not given, 0: not one of them
     # (one that asks questions runs by default only with --question). The order of infer's default columns, which
     # the settings in an OUT's manifest record (a resume compares them)

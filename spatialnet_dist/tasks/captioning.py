@@ -41,6 +41,7 @@ class Captioning(Task):
     reads_words = True
     headline_keys = ("CIDEr", "BLEU-4")
     report_heading = "Captioning (Table I columns)"
+    score_packages = ("pycocoevalcap",)
     default_inference_place = 3
 
     def has_content(self, manifest, split):
