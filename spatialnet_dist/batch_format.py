@@ -59,5 +59,6 @@ def collate(rows: list[dict]) -> dict:
 
 
 def question_count(sub_batch: dict) -> int:
-    """Q, the questions of a vqa/regression sub-batch (0 for the other tasks, captioning's captions included)."""
-    return len(sub_batch["image_index"]) if "question" in sub_batch else 0
+    """Q, the questions of the sub-batch of a task that asks questions (Task.asks_questions): its QUESTIONS items,
+    which collate laid out with "image_index"."""
+    return len(sub_batch["image_index"])

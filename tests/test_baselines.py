@@ -78,7 +78,7 @@ TEST_QUESTIONS = [
 
 def test_question_only_takes_the_questions_majority_and_falls_back_to_the_type(cfg):
     vocabs = build_vocabs(cfg)
-    text = read_training_text(cfg, vocabs, ["vqa"])
+    text = read_training_text(cfg, vocabs, answers=["vqa"], questions=["vqa"])
     assert majority_answers(TEST_QUESTIONS, text) == ["yes", "between 0 and 10", "yes", "yes"]
     answers = question_only_answers(TEST_QUESTIONS, text, vocabs, cfg.model.question_max_len)
     assert answers == ["no", "between 100 and 1000", "yes", "no"]
@@ -97,7 +97,7 @@ def test_vqa_baselines_are_scored_by_the_vqa_metric(cfg):
 
 
 def test_class_oracle_gives_each_image_its_class_most_frequent_training_caption(cfg):
-    text = read_training_text(cfg, build_vocabs(cfg), ["captioning"])
+    text = read_training_text(cfg, build_vocabs(cfg), captions=["captioning"])
     rows = [
         {"image_id": "b", "label_name": "beach", "references": ["x"]},
         {"image_id": "f", "label_name": "farm", "references": ["x"]},  # "green fields" 1, "a farm" 1: a tie

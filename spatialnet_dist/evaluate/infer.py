@@ -26,6 +26,7 @@ import os
 import pickle
 import time
 
+from spatialnet_dist import tasks as registry
 from spatialnet_dist.errors import UserError
 from spatialnet_dist.evaluate import infer_output as output
 from spatialnet_dist.evaluate.infer_sources import default_part_tiles, plan_rasters, plan_shards, read_part
@@ -197,8 +198,9 @@ def infer(model_url: str, source: str, out: str, corpus: str | None = None, spli
                 "tasks": tasks, "questions": list(questions or []), "embeddings": embeddings, "class_map": class_map,
                 "part_tiles": part_tiles if kind == "rasters" else None}
     worker = PartPredictor(model_url, settings, out, loaded=loaded)  # checks --tasks and --question first
-    if class_map and "classification" not in worker.predictor.tasks:
-        raise UserError("--class-map: needs the classification head among --tasks")
+    if class_map and not any(registry.get(t).maps_classes for t in worker.predictor.tasks):
+        mapping = " or ".join(t.name for t in registry.all_tasks() if t.maps_classes)
+        raise UserError(f"--class-map: needs the {mapping} head among --tasks")
     settings["tasks"] = worker.predictor.tasks
 
     if kind == "shards":

@@ -27,29 +27,24 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from spatialnet_dist import tasks as registry
 from spatialnet_dist import versions
 from spatialnet_dist.store import storage
 
 PARTS, MANIFEST, CLASS_MAPS = "parts", "manifest.json", "class_maps"
 PART_COUNTS_KEY = b"spatialnet.infer"  # a part's {"rows", "nodata_tiles", "source"} in its Parquet metadata
 
-_TOPK = pa.list_(pa.struct([("class", pa.string()), ("probability", pa.float64())]))
-_ANSWERS = pa.list_(pa.struct([("question", pa.string()), ("answer", pa.string()), ("probability", pa.float64())]))
-_COUNTS = pa.list_(pa.struct([("question", pa.string()), ("count", pa.float64())]))
 _BBOX = pa.struct([("xmin", pa.float64()), ("ymin", pa.float64()), ("xmax", pa.float64()), ("ymax", pa.float64())])
 KEY_FIELDS = {"shards": [("source", pa.string()), ("image_id", pa.string()), ("label_name", pa.string())],
               "rasters": [("source", pa.string()), ("tile_row", pa.int32()), ("tile_col", pa.int32()),
                           ("x", pa.int32()), ("y", pa.int32()), ("width", pa.int32()), ("height", pa.int32())]}
-TASK_FIELDS = {"classification": [("class", pa.string()), ("probability", pa.float64()), ("class_topk", _TOPK)],
-               "tagging": [("tags", pa.list_(pa.string())), ("tag_scores", pa.map_(pa.string(), pa.float64()))],
-               "captioning": [("caption", pa.string())], "vqa": [("answers", _ANSWERS)], "regression": [("count", _COUNTS)]}
 
 
 def schema(kind: str, tasks: list[str], embeddings: bool, class_probabilities: bool) -> pa.Schema:
-    """The columns of a run: its input kind's keys, each head's fields, then the extras asked for."""
+    """The columns of a run: its input kind's keys, each head's fields (Task.infer_fields), then the extras asked for."""
     fields = list(KEY_FIELDS[kind])
     for task in tasks:
-        fields += TASK_FIELDS[task]
+        fields += registry.get(task).infer_fields()
     if embeddings:
         fields.append(("embedding", pa.list_(pa.float32())))
     if class_probabilities:  # every class's probability, the model's class order: what the class map averages

@@ -11,14 +11,9 @@ import numpy as np
 import torch
 from PIL import Image
 
+from spatialnet_dist import tasks as registry
 from spatialnet_dist.errors import UserError
 from spatialnet_dist.store.schema import SchemaError, as_hwc, check_pixels
-from spatialnet_dist.tasks.base import tta_probabilities
-from spatialnet_dist.tasks.captioning import generate
-from spatialnet_dist.tasks.classification import class_logits
-from spatialnet_dist.tasks.regression import predicted_counts
-from spatialnet_dist.tasks.tagging import THRESHOLD as TAG_THRESHOLD
-from spatialnet_dist.tasks.vqa import answer_logits
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".npy")
 CHUNK = 16  # images per forward pass
@@ -52,12 +47,6 @@ def load_image(path: str | Path) -> np.ndarray:
         raise UserError(f"{p}: unreadable image ({e})") from None
 
 
-# Heads whose prediction needs no text input, run by default; vqa and regression answer --question texts.
-TEXT_FREE_TASKS = ("classification", "tagging", "captioning")
-QUESTION_TASKS = ("vqa", "regression")
-TOP_K = 5  # classes in class_topk
-
-
 def input_transform(cfg):
     """The model's input transform, the evaluation one (no augmentation): (H, W, C) [, band_norm] -> (C, S, S)."""
     from spatialnet_dist.data.transforms import ImageTransform, model_image_size
@@ -71,10 +60,10 @@ class Predictor:
 
     `preprocess` turns an (H, W, C) array into the model's input (the evaluation transform: resized to the
     model's size, normalised: uint8 by fixed scaling, other dtypes by `band_norm` when given, else per image);
-    `predict` a (B, C, S, S) batch into one dict per image with, per head asked for: "class", "probability",
-    "class_topk" [{"class", "probability"}]; "tags" [names above tagging.THRESHOLD], "tag_scores" {tag: p};
-    "caption"; "answers" [{"question", "answer", "probability"}] (vqa); "count" [{"question", "count"}]
-    (regression); "embedding" (the pooled encoder vector) with `embeddings`. On a GPU under bf16 autocast."""
+    `predict` a (B, C, S, S) batch into one dict per image with each asked-for head's `Task.infer` fields (e.g.
+    classification's "class", "probability", "class_topk"; vqa's "answers" [{"question", "answer", "probability"}]),
+    the heads that take no question first, in registry order, then those that ask questions; "embedding" (the pooled
+    encoder vector) with `embeddings`. On a GPU under bf16 autocast."""
 
     def __init__(self, model, cfg, vocabs, tasks: list[str] | None = None, questions: list[str] | None = None,
                  embeddings: bool = False, source: str = "the model", class_probabilities: bool = False):
@@ -82,17 +71,23 @@ class Predictor:
         self.class_probabilities = class_probabilities  # every class's probability too (infer --class-map)
         self.questions = list(questions or [])
         heads = set(model.heads)
-        if tasks is None:  # default: the heads that need no text, and vqa for the questions
-            tasks = [t for t in TEXT_FREE_TASKS if t in heads] + (["vqa"] if self.questions and "vqa" in heads else [])
-        if self.questions and not set(tasks) & set(QUESTION_TASKS):
-            raise UserError(f"{source}: the model has no vqa head to answer questions (heads: {', '.join(sorted(heads))})")
+        if tasks is None:  # default: the heads that need no text, and those that ask questions with --question
+            by_place = sorted((t for t in registry.all_tasks() if t.default_inference_place),
+                              key=lambda t: t.default_inference_place)
+            tasks = [t.name for t in by_place if t.name in heads and (self.questions or not t.asks_questions)]
+        if self.questions and not any(t in registry.names() and registry.get(t).asks_questions for t in tasks):
+            answering = " or ".join(t.name for t in registry.all_tasks() if t.asks_questions and t.default_inference_place)
+            raise UserError(f"{source}: the model has no {answering} head to answer questions "
+                            f"(heads: {', '.join(sorted(heads))})")
         missing = [t for t in tasks if t not in heads]
         if missing:
             raise UserError(f"--tasks {','.join(missing)}: {source} has no such head (heads: {', '.join(sorted(heads))})")
-        needing = [t for t in tasks if t in QUESTION_TASKS and not self.questions]
+        needing = [t for t in tasks if registry.get(t).asks_questions and not self.questions]
         if needing:
             raise UserError(f"--tasks {needing[0]}: answers questions: give them with --question")
         self.tasks = tasks
+        # the order of each image's keys: the heads that take no question, then those that ask (registry order)
+        self._inferring = sorted((t for t in registry.all_tasks() if t.name in tasks), key=lambda t: t.asks_questions)
         self.transform = input_transform(cfg)
         self.encoded = torch.tensor([vocabs.words.encode(q, cfg.model.question_max_len, bos_eos=False)
                                      for q in self.questions], dtype=torch.long)  # (Qn, Lq)
@@ -109,42 +104,15 @@ class Predictor:
             return self._predict(batch)
 
     def _predict(self, batch: torch.Tensor) -> list[dict]:
-        model, cfg, vocabs = self.model, self.cfg, self.vocabs
         results: list[dict] = [{} for _ in range(len(batch))]
-        if "captioning" in self.tasks:
-            words = generate(model, batch, cfg.eval.beam_size, cfg.eval.length_penalty, cfg.model.caption_max_len)
-            for r, w in zip(results, words):
-                r["caption"] = vocabs.words.decode(w)
-        if "classification" in self.tasks:
-            probs = tta_probabilities(lambda x: class_logits(model, x).float().softmax(-1), batch, cfg.eval.tta)  # (B, K)
-            top_p, top = probs.topk(min(TOP_K, probs.shape[1]), -1)  # (B, k), (B, k)
-            for r, ps, ks in zip(results, top_p.tolist(), top.tolist()):
-                r.update({"class": vocabs.classes[ks[0]], "probability": ps[0],
-                          "class_topk": [{"class": vocabs.classes[k], "probability": p} for k, p in zip(ks, ps)]})
-            if self.class_probabilities:
-                for r, ps in zip(results, probs.tolist()):
-                    r["class_probabilities"] = ps
-        if "tagging" in self.tasks:
-            probs = tta_probabilities(lambda x: model({"tagging": {"image": x}})["tagging"]["logits"].float().sigmoid(),
-                                      batch, cfg.eval.tta)  # (B, T)
-            for r, ps in zip(results, probs.tolist()):
-                r["tags"] = [t for t, p in zip(vocabs.tags, ps) if p > TAG_THRESHOLD]
-                r["tag_scores"] = dict(zip(vocabs.tags, ps))
-        if self.questions:  # every question about every image, against one encoder pass per head
-            B, Qn = len(batch), len(self.questions)
-            index = torch.arange(B, device=batch.device).repeat_interleave(Qn)  # (B*Qn,) image-major
-            question = self.encoded.to(batch.device).repeat(B, 1)  # (B*Qn, Lq)
-            if "vqa" in self.tasks:
-                probs, best = answer_logits(model, batch, question, index).float().softmax(-1).max(-1)  # (B*Qn,)
-                for r, ps, bs in zip(results, probs.view(B, Qn).tolist(), best.view(B, Qn).tolist()):
-                    r["answers"] = [{"question": q, "answer": vocabs.answers.decode(b), "probability": p}
-                                    for q, p, b in zip(self.questions, ps, bs)]
-            if "regression" in self.tasks:
-                counts = predicted_counts(model, batch, question, index).float().view(B, Qn)  # (B, Qn)
-                for r, cs in zip(results, counts.tolist()):
-                    r["count"] = [{"question": q, "count": c} for q, c in zip(self.questions, cs)]
+        questions = self.encoded.to(batch.device)  # (Qn, Lq): every question about every image
+        for task in self._inferring:
+            outputs = task.infer(self.model, batch, questions, self.questions, self.cfg, self.vocabs,
+                                 self.class_probabilities)
+            for r, out in zip(results, outputs):
+                r.update(out)
         if self.embeddings:
-            pooled = model.encode(batch)[1].float()  # (B, D)
+            pooled = self.model.encode(batch)[1].float()  # (B, D)
             for r, e in zip(results, pooled.tolist()):
                 r["embedding"] = e
         return results

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from spatialnet_dist.errors import UserError
@@ -51,31 +52,32 @@ class TrainingText:
     counts: list[float] = field(default_factory=list)  # the raw answers of count questions
 
 
-def read_training_text(cfg, vocabs: TextVocabs, tasks: list[str]) -> TrainingText:
-    """Answer counts per type from the manifests of the vqa and regression corpora (of those in `tasks`);
-    questions (vqa in `tasks`), captions (captioning) and classes (classification) from one pass over the
-    training records."""
+def read_training_text(cfg, vocabs: TextVocabs, answers: Sequence[str] = (), questions: Sequence[str] = (),
+                       captions: Sequence[str] = (), classes: Sequence[str] = ()) -> TrainingText:
+    """What the baselines of tasks learn from their corpora's training split; each argument names the tasks
+    (their `tasks.<task>.corpora`) to read one kind of text from: answer counts per type (and the raw count
+    answers) from the manifests of `answers`' corpora; questions with their answers, captions and classes from one
+    pass over the training records of the corpora of `questions`, `captions` and `classes`."""
     rule, root, text = cfg.eval.count_rule, cfg.data.root, TrainingText()
-    for corpus in task_corpora(cfg, [t for t in ("vqa", "regression") if t in tasks]):
+    for corpus in task_corpora(cfg, answers):
         for qtype, by_answer in train_split(read_manifest(root, corpus), corpus, root).get("answer_counts", {}).items():
             for raw, n in by_answer.items():
                 text.answers_by_type.setdefault(qtype, Counter())[map_answer(raw, qtype, rule)] += n
                 if qtype == "count" and as_number(raw) is not None:
                     text.counts += [as_number(raw)] * n
-    vqa_corpora = task_corpora(cfg, ["vqa"]) if "vqa" in tasks else []
-    caption_corpora = task_corpora(cfg, ["captioning"]) if "captioning" in tasks else []
-    class_corpora = task_corpora(cfg, ["classification"]) if "classification" in tasks else []
-    for corpus in dict.fromkeys([*vqa_corpora, *caption_corpora, *class_corpora]):
+    question_corpora, caption_corpora = task_corpora(cfg, questions), task_corpora(cfg, captions)
+    class_corpora = task_corpora(cfg, classes)
+    for corpus in dict.fromkeys([*question_corpora, *caption_corpora, *class_corpora]):
         for record in split_records(root, corpus, TRAIN_SPLIT):
-            if corpus in vqa_corpora:
+            if corpus in question_corpora:
                 for q in record["qa"]:
                     asked = (q["type"], question_text(q["question"], vocabs, cfg.model.question_max_len))
                     text.answers_by_question.setdefault(asked, Counter())[map_answer(q["answer"], q["type"], rule)] += 1
             if corpus in caption_corpora:
-                captions = [caption_text(c) for c in record["captions"]]
-                text.captions.update(captions)
+                captions_read = [caption_text(c) for c in record["captions"]]
+                text.captions.update(captions_read)
                 if record["label_name"] is not None:
-                    text.captions_by_class.setdefault(record["label_name"], Counter()).update(captions)
+                    text.captions_by_class.setdefault(record["label_name"], Counter()).update(captions_read)
             if corpus in class_corpora and record["label_name"] is not None:
                 text.classes[record["label_name"]] += 1
     return text
@@ -104,10 +106,10 @@ def class_oracle_captions(rows: list[dict], text: TrainingText) -> list[dict]:
     return [{"image_id": r["image_id"], "caption": oracle.get(r.get("label_name"), anywhere)} for r in rows]
 
 
-def training_text(cfg, vocabs: TextVocabs, tasks: list[str]) -> TrainingText:
+def training_text(cfg, vocabs: TextVocabs, **tasks_of_kind: Sequence[str]) -> TrainingText:
     """read_training_text, or nothing (with a warning) for a store without a training split."""
     try:
-        return read_training_text(cfg, vocabs, tasks)
+        return read_training_text(cfg, vocabs, **tasks_of_kind)
     except UserError as e:
         log.warning("no baselines from the training split: %s", e)
         return TrainingText()

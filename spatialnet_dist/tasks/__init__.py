@@ -34,8 +34,8 @@ def all_tasks() -> list[Task]:
 
 
 def question_tasks(names: list[str]) -> list[str]:
-    """Those of `names` whose rows are questions about an image (vqa, regression): questions are counted."""
-    return [n for n in names if _REGISTRY[n].per_visit_key == "questions_per_image"]
+    """Those of `names` whose rows are questions about an image (`Task.asks_questions`): questions are counted."""
+    return [n for n in names if _REGISTRY[n].asks_questions]
 
 
 def validation_metrics(names: list[str]) -> list[str]:

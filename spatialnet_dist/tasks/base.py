@@ -8,7 +8,9 @@ pairs (data/mixing.py), which asks it for the mixed rows' targets (`mix_targets`
 `head` and calls it as `head(tokens (B, N, D), pooled (B, D), sub_batch) -> outputs` (a masked head, mae's, with the
 kept tokens alone and their indices); the objective weighs `loss`; evaluation
 calls `predict`, `score`, `baselines`, `prediction_files`, `sample_fields` and `report_section`, and
-training's validation reads the score keys in `validation_keys`. `name` is the task's one name: its
+training's validation reads the score keys in `validation_keys`. Inference on unlabelled images
+(evaluate/predict.Predictor, run by `spatialnet predict` and `spatialnet infer`) calls `infer`, and infer's
+Parquet columns are each task's `infer_fields`. `name` is the task's one name: its
 config key (`tasks.<name>`, `loss.weights.<name>`), loss key (`<name>_loss`), metric and RESULT key.
 """
 
@@ -75,13 +77,25 @@ class Task:
     augment: str = "symmetry"  # its default tasks.<name>.augment
     strong_augment: bool = False  # may it use augment: strong (crops and recolours change counts and texts)
     per_visit_key: str = ""  # the TaskConfig field capping the items (questions, captions) one visit trains
+    # its rows are questions about an image (batch_format.QUESTIONS): training counts them, and at inference it
+    # answers the --question texts (and runs only with some)
+    asks_questions: bool = False
     reads_words: bool = False  # its texts are words of the word vocabulary
+    reads_answers: bool = False  # its corpora's answer counts make the answer vocabulary (vocabs.answers)
+    # the manifest key listing its corpora's label names, and the TextVocabs field of their union ("classes")
+    label_vocab: str = ""
     validation_keys: tuple[str, ...] = ()  # score keys cheap enough for every validation (val/<name>_<key>)
     headline_keys: tuple[str, ...] = ()  # score keys in Ray's result (test/<name>_<key>)
     # prediction-row keys only a report sample shows (mae's reconstruction image): evaluation keeps them on the
     # rows of the report's images alone and leaves them out of the prediction files
     sample_only_keys: tuple[str, ...] = ()
     report_heading: str = ""
+    score_packages: tuple[str, ...] = ()  # the versions.FEATURE_PACKAGES its `score` imports (the preflight's)
+    # its place (from 1) among the heads that predict and infer run when --tasks is not given, 0: not one of them
+    # (one that asks questions runs by default only with --question). The order of infer's default columns, which
+    # the settings in an OUT's manifest record (a resume compares them)
+    default_inference_place: int = 0
+    maps_classes: bool = False  # its `infer` gives "class_probabilities": what infer --class-map averages
     options: dict[str, Any] = {}  # its own config keys under tasks.<name> and their defaults
 
     # ---- data ----
@@ -167,3 +181,25 @@ class Task:
     def report_section(self, scores: dict, out_dir: Path) -> list[str]:
         """Markdown lines of the task's section of the report (figures written to out_dir)."""
         raise NotImplementedError
+
+    # ---- inference ----
+
+    def infer(self, model, images: torch.Tensor, questions: torch.Tensor, question_texts: list[str], cfg,
+              vocabs: TextVocabs, class_probabilities: bool) -> list[dict]:
+        """The task's output fields for each image of `images` (B, C, S, S), unlabelled (on the model's device,
+        under the Predictor's autocast). A task that asks questions answers each of `question_texts` [Qn] of every
+        image: `questions` (Qn, Lq) int64, their word ids on the images' device (`asked_of_every_image`).
+        `class_probabilities`: a task that maps classes adds every class's probability."""
+        raise NotImplementedError
+
+    def infer_fields(self) -> list[tuple]:
+        """The (name, pyarrow type) columns of infer's Parquet for the keys `infer` gives, in their order (pyarrow
+        imported in the method: only infer's output needs it)."""
+        raise NotImplementedError
+
+
+def asked_of_every_image(questions: torch.Tensor, images: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """questions (Qn, Lq), each asked of each of `images` B images -> (B*Qn, Lq) word ids and their (B*Qn,)
+    image_index, image-major: a question task's sub-batch inputs."""
+    index = torch.arange(images, device=questions.device).repeat_interleave(len(questions))  # (B*Qn,)
+    return questions.repeat(images, 1), index

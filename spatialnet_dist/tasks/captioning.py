@@ -41,6 +41,8 @@ class Captioning(Task):
     reads_words = True
     headline_keys = ("CIDEr", "BLEU-4")
     report_heading = "Captioning (Table I columns)"
+    score_packages = ("pycocoevalcap",)
+    default_inference_place = 3
 
     def has_content(self, manifest, split):
         return split.get("captions", 0) > 0
@@ -87,7 +89,7 @@ class Captioning(Task):
     def baselines(self, rows, cfg, vocabs):
         """"fixed_caption": the most frequent training caption for every image; "class_oracle": the most
         frequent training caption of each image's true class (what recognising the class alone reaches)."""
-        text = training_text(cfg, vocabs, [self.name])
+        text = training_text(cfg, vocabs, captions=[self.name])
         if not text.captions:
             return {}
         refs = {r["image_id"]: r["references"] for r in rows}
@@ -111,6 +113,15 @@ class Captioning(Task):
 
     def report_section(self, scores, out_dir: Path):
         return [format_caption_table(scores), ""]
+
+    def infer(self, model, images, questions, question_texts, cfg, vocabs, class_probabilities):
+        words = generate(model, images, cfg.eval.beam_size, cfg.eval.length_penalty, cfg.model.caption_max_len)
+        return [{"caption": vocabs.words.decode(w)} for w in words]
+
+    def infer_fields(self):
+        import pyarrow as pa
+
+        return [("caption", pa.string())]
 
 
 TASK = Captioning()

@@ -14,6 +14,7 @@ from spatialnet_dist.metrics.classification import format_classification_table, 
 from spatialnet_dist.tasks.base import MIX_OPTIONS, Task, cross_entropy, tta_probabilities
 
 CONFUSION_PNG = "confusion.png"
+TOP_K = 5  # classes in an inference's class_topk
 
 
 class ClassificationBatch(TypedDict):
@@ -46,12 +47,15 @@ def class_logits(model, images: torch.Tensor) -> torch.Tensor:
 class Classification(Task):
     name = "classification"
     needs = "classes"
+    label_vocab = "classes"
     augment = "strong"
     strong_augment = True
     validation_keys = ("accuracy",)
     headline_keys = ("accuracy",)
     report_heading = "Land-use classification"
     options = MIX_OPTIONS
+    default_inference_place = 1
+    maps_classes = True
 
     def has_content(self, manifest, split):
         return bool(manifest.get("classes"))
@@ -93,7 +97,7 @@ class Classification(Task):
     def baselines(self, rows, cfg, vocabs):
         """"majority": the training split's most frequent class for every image."""
         labels = [r["label"] for r in rows if r["label"] >= 0]
-        counts = training_text(cfg, vocabs, [self.name]).classes
+        counts = training_text(cfg, vocabs, classes=[self.name]).classes
         if not labels or not counts:
             return {}
         majority = most_frequent(counts)
@@ -118,6 +122,23 @@ class Classification(Task):
         plot_confusion(scores["confusion"], list(scores["per_class"]), out_dir / CONFUSION_PNG)
         return [format_classification_table(scores), "",
                 f"![Confusion matrix: true class by predicted class]({CONFUSION_PNG})", ""]
+
+    def infer(self, model, images, questions, question_texts, cfg, vocabs, class_probabilities):
+        probs = tta_probabilities(lambda x: class_logits(model, x).float().softmax(-1), images, cfg.eval.tta)  # (B, K)
+        top_p, top = probs.topk(min(TOP_K, probs.shape[1]), -1)  # (B, k), (B, k)
+        out = [{"class": vocabs.classes[ks[0]], "probability": ps[0],
+                "class_topk": [{"class": vocabs.classes[k], "probability": p} for k, p in zip(ks, ps)]}
+               for ps, ks in zip(top_p.tolist(), top.tolist())]
+        if class_probabilities:
+            for r, ps in zip(out, probs.tolist()):
+                r["class_probabilities"] = ps
+        return out
+
+    def infer_fields(self):
+        import pyarrow as pa
+
+        topk = pa.list_(pa.struct([("class", pa.string()), ("probability", pa.float64())]))
+        return [("class", pa.string()), ("probability", pa.float64()), ("class_topk", topk)]
 
 
 TASK = Classification()

@@ -14,7 +14,7 @@ from spatialnet_dist.metrics.baselines import training_text
 from spatialnet_dist.metrics.vqa import count_errors, format_count_table
 from spatialnet_dist.networks.heads import CountRegressionHead
 from spatialnet_dist.symmetry import map_sides
-from spatialnet_dist.tasks.base import Task
+from spatialnet_dist.tasks.base import Task, asked_of_every_image
 from spatialnet_dist.tasks.vqa import question_texts
 from spatialnet_dist.text import as_number
 
@@ -38,6 +38,7 @@ class Regression(Task):
     former_names = ("count",)
     needs = "count questions"
     per_visit_key = "questions_per_image"
+    asks_questions = True
     reads_words = True
     validation_keys = ("MAE",)
     report_heading = "Count regression"
@@ -87,7 +88,7 @@ class Regression(Task):
 
     def baselines(self, rows, cfg, vocabs):
         """"median": the training split's median count."""
-        counts = training_text(cfg, vocabs, [self.name]).counts
+        counts = training_text(cfg, vocabs, answers=[self.name]).counts
         if not counts:
             return {}
         median = statistics.median(counts)
@@ -96,6 +97,16 @@ class Regression(Task):
 
     def report_section(self, scores, out_dir):
         return [format_count_table(scores), ""]
+
+    def infer(self, model, images, questions, question_texts, cfg, vocabs, class_probabilities):
+        B, Qn = len(images), len(question_texts)
+        counts = predicted_counts(model, images, *asked_of_every_image(questions, B)).float().view(B, Qn)  # (B, Qn)
+        return [{"count": [{"question": q, "count": c} for q, c in zip(question_texts, cs)]} for cs in counts.tolist()]
+
+    def infer_fields(self):
+        import pyarrow as pa
+
+        return [("count", pa.list_(pa.struct([("question", pa.string()), ("count", pa.float64())])))]
 
 
 TASK = Regression()

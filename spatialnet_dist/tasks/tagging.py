@@ -54,6 +54,11 @@ class TaggingHead(nn.Module):
         return {"logits": self.fc(self.drop(pooled))}  # (B, T)
 
 
+def tag_probabilities(model, images: torch.Tensor) -> torch.Tensor:
+    """images (B, C, S, S) -> (B, T) each tag's probability."""
+    return model({"tagging": {"image": images}})["tagging"]["logits"].float().sigmoid()
+
+
 # ---- metrics ----
 
 
@@ -130,12 +135,14 @@ def tag_frequencies(cfg, tags: list[str]) -> tuple[np.ndarray, int]:
 class Tagging(Task):
     name = "tagging"
     needs = "tags"
+    label_vocab = "tags"
     default_enabled = False  # corpora with tags are few: a run asks for it
     options = {"pos_weight": False,  # weigh each tag's positives by neg/pos of the training split
                **MIX_OPTIONS}
     validation_keys = ("mAP_macro",)
     headline_keys = ("mAP_macro", "F1")
     report_heading = "Multi-label tagging"
+    default_inference_place = 2
 
     def has_content(self, manifest, split):
         return bool(manifest.get("tags")) and sum(split.get("tag_counts", {}).values()) > 0
@@ -168,10 +175,7 @@ class Tagging(Task):
         return F.binary_cross_entropy_with_logits(logits, sub["tags"].float(), pos_weight=pos_weight)
 
     def predict(self, model, sub, images, cfg, vocabs):
-        def tag_probabilities(x):  # (B, C, S, S) -> (B, T)
-            return model({"tagging": {"image": x}})["tagging"]["logits"].float().sigmoid()
-
-        probs = tta_probabilities(tag_probabilities, images, cfg.eval.tta)  # (B, T)
+        probs = tta_probabilities(lambda x: tag_probabilities(model, x), images, cfg.eval.tta)  # (B, T)
         return [{"image_id": i, "tags": t.nonzero().flatten().tolist(), "scores": p.tolist()}
                 for i, t, p in zip(sub["image_id"], sub["tags"], probs.cpu())]
 
@@ -210,6 +214,16 @@ class Tagging(Task):
 
     def report_section(self, scores, out_dir):
         return [format_tagging_table(scores), ""]
+
+    def infer(self, model, images, questions, question_texts, cfg, vocabs, class_probabilities):
+        probs = tta_probabilities(lambda x: tag_probabilities(model, x), images, cfg.eval.tta)  # (B, T)
+        return [{"tags": [t for t, p in zip(vocabs.tags, ps) if p > THRESHOLD], "tag_scores": dict(zip(vocabs.tags, ps))}
+                for ps in probs.tolist()]
+
+    def infer_fields(self):
+        import pyarrow as pa
+
+        return [("tags", pa.list_(pa.string())), ("tag_scores", pa.map_(pa.string(), pa.float64()))]
 
 
 TASK = Tagging()

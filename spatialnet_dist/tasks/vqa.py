@@ -11,7 +11,7 @@ from spatialnet_dist.batch_format import QUESTIONS
 from spatialnet_dist.metrics.baselines import majority_answers, question_only_answers, training_text
 from spatialnet_dist.metrics.vqa import format_vqa_table, score_vqa
 from spatialnet_dist.networks.heads import VQAHead
-from spatialnet_dist.tasks.base import Task, cross_entropy
+from spatialnet_dist.tasks.base import Task, asked_of_every_image, cross_entropy
 
 REPORT_QUESTIONS = 3  # questions shown per sample image
 
@@ -43,10 +43,13 @@ class VQA(Task):
     name = "vqa"
     needs = "questions"
     per_visit_key = "questions_per_image"
+    asks_questions = True
     reads_words = True
+    reads_answers = True
     validation_keys = ("OA", "AA")
     headline_keys = ("OA", "AA")
     report_heading = "Visual question answering (Table II columns)"
+    default_inference_place = 4
 
     def has_content(self, manifest, split):
         return split.get("questions", 0) > 0
@@ -105,7 +108,7 @@ class VQA(Task):
     def baselines(self, rows, cfg, vocabs):
         """"majority": the training split's most frequent answer per question type; "question_only": the
         most frequent training answer to the same question (as the model reads it), else the type's majority."""
-        text = training_text(cfg, vocabs, [self.name])
+        text = training_text(cfg, vocabs, answers=[self.name], questions=[self.name])
         if not text.answers_by_type:
             return {}
         guesses = {"majority": (majority_answers(rows, text), "most frequent training answer per type")}
@@ -123,6 +126,19 @@ class VQA(Task):
 
     def report_section(self, scores, out_dir):
         return [format_vqa_table(scores), ""]
+
+    def infer(self, model, images, questions, question_texts, cfg, vocabs, class_probabilities):
+        B, Qn = len(images), len(question_texts)
+        probs, best = answer_logits(model, images, *asked_of_every_image(questions, B)).float().softmax(-1).max(-1)
+        return [{"answers": [{"question": q, "answer": vocabs.answers.decode(b), "probability": p}
+                             for q, p, b in zip(question_texts, ps, bs)]}
+                for ps, bs in zip(probs.view(B, Qn).tolist(), best.view(B, Qn).tolist())]  # (B*Qn,) -> [B][Qn]
+
+    def infer_fields(self):
+        import pyarrow as pa
+
+        answer = pa.struct([("question", pa.string()), ("answer", pa.string()), ("probability", pa.float64())])
+        return [("answers", pa.list_(answer))]
 
 
 TASK = VQA()

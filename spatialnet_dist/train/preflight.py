@@ -15,6 +15,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from spatialnet_dist import checkpoint as ckpt
+from spatialnet_dist import tasks as registry
 from spatialnet_dist import versions
 from spatialnet_dist.config import Config
 from spatialnet_dist.errors import UserError
@@ -32,13 +33,15 @@ def run_all(cfg: Config, run_url: str) -> None:
     check_run_storage(run_url)
 
 
-def scores_captions(cfg: Config) -> bool:
-    """Does the job run pycocoevalcap (java)? Its evaluation at the end does, for captioning; validation does not."""
-    return cfg.eval.at_end and cfg.tasks.captioning.enabled
+def scoring_packages(cfg: Config) -> set[str]:
+    """The versions.FEATURE_PACKAGES that the job's evaluation at the end imports to score its tasks
+    (Task.score_packages); validation scores no task that needs one (none has validation_keys)."""
+    enabled = cfg.tasks.enabled() if cfg.eval.at_end else []
+    return {package for task in enabled for package in registry.get(task).score_packages}
 
 
 def check_java(cfg: Config) -> None:
-    if scores_captions(cfg):
+    if "pycocoevalcap" in scoring_packages(cfg):  # its PTB tokenizer and METEOR run on java
         versions.require_java()
 
 
@@ -46,8 +49,8 @@ def unused_packages(cfg: Config) -> list[str]:
     """The packages of versions.FEATURE_PACKAGES that this job never imports (versions.require_all's `unused`)."""
     urls = (cfg.data.root, cfg.run.storage, cfg.train.resume, cfg.model.pretrained)
     unused = ["pyproj"]  # spatialnet infer's alone
-    if not scores_captions(cfg):
-        unused.append("pycocoevalcap")
+    scoring = scoring_packages(cfg)  # of the packages some task scores with
+    unused += [p for p in dict.fromkeys(p for t in registry.all_tasks() for p in t.score_packages) if p not in scoring]
     if not any(storage.is_s3(url) for url in urls if url):
         unused.append("boto3")
     return unused
