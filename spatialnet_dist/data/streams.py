@@ -34,7 +34,7 @@ from spatialnet_dist.errors import UserError
 from spatialnet_dist.store.band_stats import from_manifest
 from spatialnet_dist.store.manifest import read_manifest, shard_urls
 from spatialnet_dist.store.schema import Sample, decode_sample
-from spatialnet_dist.store.shard_tar import UnreadableShard, shard_samples
+from spatialnet_dist.store.shard_tar import UnreadableShard, count_problem, shard_samples
 from spatialnet_dist.store.storage import StoreError, open_stream
 from spatialnet_dist.symmetry import IDENTITY, Symmetry, map_sides, mappable
 from spatialnet_dist.text import TextVocabs
@@ -157,7 +157,7 @@ def read_shards(shards: Iterable[dict], counts: StreamCounts) -> Iterator[dict]:
             stream.close()
         if reason or read < expected:
             # A tar cut at a member boundary ends early without an error: the manifest count tells.
-            counts.bad(url, max(expected - read, 1), reason or f"ended after {read} of {expected} samples")
+            counts.bad(url, max(expected - read, 1), reason or count_problem(read, expected))
 
 
 class ImageCache:

@@ -11,7 +11,7 @@ from collections.abc import Iterator
 
 from spatialnet_dist.store.manifest import read_manifest, shard_urls
 from spatialnet_dist.store.schema import SchemaError, validate_record
-from spatialnet_dist.store.shard_tar import shard_samples
+from spatialnet_dist.store.shard_tar import count_problem, shard_samples
 from spatialnet_dist.store.storage import StoreError, open_stream
 
 
@@ -41,4 +41,4 @@ def split_records(root: str, corpus: str, split: str) -> Iterator[dict]:
             read += 1
             yield record
         if read != listed["samples"]:
-            raise StoreError(f"shard {url}: {read} records, the manifest lists {listed['samples']}")
+            raise StoreError(f"shard {url}: {count_problem(read, listed['samples'])}")

@@ -10,7 +10,7 @@ A shard is bad in one of two ways. Its bytes are not a tar (cut inside a member,
 member, a member twice in one sample): `UnreadableShard`, one line naming the shard and, where known, the
 member. Or it reads cleanly but holds fewer samples than its manifest lists: tarfile ends a tar at its first
 zero or unreadable header after the first, so a tar cut at a member boundary, or with a later header
-corrupted, reads as a shorter one: only the caller, who knows the manifest's count, can tell.
+corrupted, reads as a shorter one: the caller, who knows the manifest's count, tells in `count_problem`'s words.
 """
 
 from __future__ import annotations
@@ -46,6 +46,11 @@ def _unreadable(url: str, cause: Exception | str, where: str) -> UnreadableShard
     """`where`: " in member <name>" while its data was read, " after member <name>" at the header after it."""
     detail = cause if isinstance(cause, str) else str(cause) or cause.__class__.__name__
     return UnreadableShard(url, f"not a readable tar ({detail}{where})")
+
+
+def count_problem(read: int, listed: int) -> str:
+    """A shard read to its end (or to its first bad member) with another number of samples than its manifest lists."""
+    return f"{read} sample(s) in the tar, the manifest lists {listed}"
 
 
 def _sample_members(f: BinaryIO, url: str, mode: str) -> Iterator[tuple[tarfile.TarFile, tarfile.TarInfo, str, str]]:

@@ -15,7 +15,7 @@ from tqdm import tqdm
 from spatialnet_dist.store import storage
 from spatialnet_dist.store.manifest import read_manifest, resolve_corpora
 from spatialnet_dist.store.schema import SchemaError, decode_sample
-from spatialnet_dist.store.shard_tar import UnreadableShard, shard_samples
+from spatialnet_dist.store.shard_tar import UnreadableShard, count_problem, shard_samples
 from spatialnet_dist.store.storage import NotFoundError, StoreError
 
 
@@ -66,7 +66,7 @@ def verify_shard(url: str, entry: dict) -> list[str]:
     if reader.sha256.hexdigest() != entry["sha256"]:
         reasons.append("sha256 differs from the manifest")
     if samples != entry["samples"]:
-        reasons.append(f"{samples} samples read, manifest says {entry['samples']}")
+        reasons.append(count_problem(samples, entry["samples"]))
     return reasons
 
 
