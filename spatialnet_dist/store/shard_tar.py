@@ -1,6 +1,7 @@
 """The one reader of a shard's tar: its members grouped into samples by key, read front to back from a stream
-(`shard_samples`: training's evaluation streams, records, verify) or indexed by byte range for random access
-(`index_tar`: data/indexed.py), and the one rule for a shard whose bytes are not a well-formed tar.
+(`shard_samples`: data/streams.py's evaluation and inference reads, records.py, verify.py) or indexed by byte
+range for random access (`index_tar`: data/indexed.py), and the one rule for a shard whose bytes are not a
+well-formed tar.
 
 A sample is a run of consecutive members sharing a key, the name up to the first dot of its base name, as
 WebDataset groups them; its members are keyed by their extension, lowercased. Names starting with "__"
@@ -8,9 +9,10 @@ WebDataset groups them; its members are keyed by their extension, lowercased. Na
 
 A shard is bad in one of two ways. Its bytes are not a tar (cut inside a member, a corrupted header or
 member, a member twice in one sample): `UnreadableShard`, one line naming the shard and, where known, the
-member. Or it reads cleanly but holds fewer samples than its manifest lists: tarfile ends a tar at its first
-zero or unreadable header after the first, so a tar cut at a member boundary, or with a later header
-corrupted, reads as a shorter one: the caller, who knows the manifest's count, tells in `count_problem`'s words.
+member. Or it reads cleanly but holds another number of samples than its manifest lists: tarfile ends a tar
+at its first zero or unreadable header after the first, so a tar cut at a member boundary, or with a later
+header corrupted, reads as a shorter one; the caller, who knows the manifest's count, tells in the words of
+`count_problem`.
 """
 
 from __future__ import annotations
