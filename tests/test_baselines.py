@@ -158,7 +158,7 @@ def test_shard_records_skip_images_and_name_a_bad_shard(tmp_path):
         for member in members[:2]:
             short.addfile(member, full.extractfile(member))
     shutil.copy(cut, first)
-    with pytest.raises(StoreError, match=r"toy-train-[0-9a-f]{8}-000000.tar: 1 records, the manifest lists 2"):
+    with pytest.raises(StoreError, match=r"toy-train-[0-9a-f]{8}-000000.tar: 1 sample\(s\) in the tar, the manifest lists 2"):
         list(split_records(str(tmp_path), "toy", "train"))
 
 

@@ -1,7 +1,7 @@
 """Random access to the samples of tar shards by their position (the idea of WebDataset's `wids`).
 
 A shard's member index (byte offset and size of each member, grouped into samples by key in tar
-order, as WebDataset groups them) is built on first use per reader, i.e. per loader worker and
+order: store/shard_tar.index_tar) is built on first use per reader, i.e. per loader worker and
 shard, by walking the tar headers, and kept in memory. Local shards are then read by seek + read
 through a small cache of open files. An S3 shard is downloaded whole, once, into a node-local
 cache folder (`data.cache_dir`; temp file + rename, so loader workers and ranks that fetch the
@@ -11,8 +11,8 @@ A cache that cannot grow (its disk full) is not an error: the partial copy is re
 cache and its free space, and the shard is read from the store by ranged GETs instead: the same bytes, so the
 same samples.
 
-A truncated or corrupted shard is indexed up to its first bad header: the samples after it are
-missing (`ShardIndex.problem` says why). A missing shard raises StoreError naming it.
+A truncated or corrupted shard is indexed up to its first bad member: the samples after it are
+missing (`ShardIndex.problem` says why, in store/shard_tar's wording). A missing shard raises StoreError naming it.
 """
 
 from __future__ import annotations
@@ -22,16 +22,13 @@ import io
 import logging
 import os
 import shutil
-import tarfile
 import tempfile
 import uuid
 from collections import OrderedDict
-from dataclasses import dataclass
 from typing import BinaryIO
 
-from webdataset.tariterators import base_plus_ext
-
 from spatialnet_dist.errors import disk_full, is_disk_full
+from spatialnet_dist.store.shard_tar import ShardIndex, index_tar
 from spatialnet_dist.store.storage import NotFoundError, StoreError, is_s3, open_stream, read_range, s3_etag
 from spatialnet_dist.store.storage import size as storage_size
 
@@ -39,40 +36,10 @@ log = logging.getLogger(__name__)
 
 OPEN_FILES = 16  # open shard files a reader keeps
 STREAM_BLOCK = 2**20  # bytes per ranged GET of a shard streamed because the cache is full
-_CORRUPT_TAR = (tarfile.TarError, EOFError, ValueError)
 
 
 def default_cache_dir() -> str:
     return os.path.join(tempfile.gettempdir(), "spatialnet-shards")
-
-
-@dataclass
-class ShardIndex:
-    samples: list[tuple[str, dict[str, tuple[int, int]]]]  # per sample: key, {extension: (offset, size)}
-    problem: str = ""  # why the index ends early ("" when the tar was read to its end)
-
-
-def index_tar(f: BinaryIO, size: int) -> ShardIndex:
-    """The samples of a seekable tar file, in tar order; members cut off by the file's end are left out."""
-    samples: list[tuple[str, dict[str, tuple[int, int]]]] = []
-    problem = ""
-    try:
-        with tarfile.open(fileobj=f, mode="r:") as tar:
-            for member in tar:
-                if not member.isreg() or member.name.startswith("__"):
-                    continue
-                key, ext = base_plus_ext(member.name)
-                if key is None:
-                    continue
-                if member.offset_data + member.size > size:
-                    problem = f"member {member.name} cut off at byte {size}"
-                    break
-                if not samples or samples[-1][0] != key:
-                    samples.append((key, {}))
-                samples[-1][1][ext.lower()] = (member.offset_data, member.size)
-    except _CORRUPT_TAR as e:
-        problem = f"{e.__class__.__name__}: {e}" if str(e) else e.__class__.__name__
-    return ShardIndex(samples, problem)
 
 
 class ShardReader:
@@ -90,7 +57,7 @@ class ShardReader:
             f.seek(0, os.SEEK_END)
             size = f.tell()
             f.seek(0)
-            self._indexes[url] = index_tar(f, size)
+            self._indexes[url] = index_tar(f, size, url)
         return self._indexes[url]
 
     def sample(self, url: str, position: int) -> dict | None:

@@ -20,15 +20,12 @@ and the image cache; one file keeps those shared parts next to both of their use
 from __future__ import annotations
 
 import logging
-import tarfile
-import zlib
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 import webdataset as wds
-from webdataset.tariterators import group_by_keys, tar_file_expander
 
 from spatialnet_dist import tasks as registry
 from spatialnet_dist.batch_format import IMAGE_KEY
@@ -37,6 +34,7 @@ from spatialnet_dist.errors import UserError
 from spatialnet_dist.store.band_stats import from_manifest
 from spatialnet_dist.store.manifest import read_manifest, shard_urls
 from spatialnet_dist.store.schema import Sample, decode_sample
+from spatialnet_dist.store.shard_tar import UnreadableShard, count_problem, shard_samples
 from spatialnet_dist.store.storage import StoreError, open_stream
 from spatialnet_dist.symmetry import IDENTITY, Symmetry, map_sides, mappable
 from spatialnet_dist.text import TextVocabs
@@ -48,8 +46,6 @@ _logged_unmappable: set[str] = set()  # tasks whose unaugmented visits this proc
 # The bad-fraction check waits for this much evidence, so one bad shard drawn first cannot stop a run.
 BAD_CHECK_MIN_SAMPLES = 200
 BAD_CHECK_MIN_SHARDS = 8
-# Errors that mean the bytes of a shard are not a well-formed tar (truncated, corrupted).
-_CORRUPT_SHARD = (tarfile.TarError, EOFError, zlib.error, ValueError)
 
 
 @dataclass(frozen=True)
@@ -134,9 +130,7 @@ class StreamCounts:
 
 
 def _reason(e: Exception) -> str:
-    # WebDataset appends " @ <stream object>" to a tar error's message: drop it.
-    first = str(e.args[0]).split(" @ ")[0] if e.args else ""
-    return f"{e.__class__.__name__}: {first}" if first else e.__class__.__name__
+    return f"{e.__class__.__name__}: {e}" if str(e) else e.__class__.__name__
 
 
 # ---- pipeline stages ----
@@ -150,21 +144,20 @@ def read_shards(shards: Iterable[dict], counts: StreamCounts) -> Iterator[dict]:
         counts.shards_opened += 1
         read, reason = 0, ""
         try:
-            files = tar_file_expander([{"url": url, "stream": stream}], eof_value=None)
-            for raw in group_by_keys(files):
+            for raw in shard_samples(stream, url):
                 read += 1
                 yield raw
-        except _CORRUPT_SHARD as e:
-            reason = _reason(e)
-        except StoreError as e:  # the storage's retries are spent; WebDataset appended " @ <stream>" to the message
-            raise type(e)(str(e.args[0]).split(" @ ")[0]) from None
+        except UnreadableShard as e:
+            reason = e.problem
+        except StoreError:  # the storage's retries are spent: as it is, not as a read failure
+            raise
         except Exception as e:  # any other failure of the stream mid-read
             raise StoreError(f"shard {url}: read failed after {read} samples ({_reason(e)})") from None
         finally:
             stream.close()
         if reason or read < expected:
             # A tar cut at a member boundary ends early without an error: the manifest count tells.
-            counts.bad(url, max(expected - read, 1), reason or f"ended after {read} of {expected} samples")
+            counts.bad(url, max(expected - read, 1), reason or count_problem(read, expected))
 
 
 class ImageCache:

@@ -24,6 +24,7 @@ from spatialnet_dist.data.streams import (
 )
 from spatialnet_dist.errors import UserError
 from spatialnet_dist.store.schema import Sample
+from spatialnet_dist.store.shard_tar import count_problem
 
 # Training stops when this many candidates of one row in a row give the task nothing (e.g. no labels).
 USELESS_RUN_LIMIT = 1000
@@ -68,7 +69,7 @@ class TaskRows:
         raw = self.reader.sample(shard.url, position)  # StoreError naming the shard when it cannot be read
         if raw is None:
             index = self.reader.index(shard.url)
-            reason = index.problem or f"ended after {len(index.samples)} of {shard.samples} samples"
+            reason = index.problem or count_problem(len(index.samples), shard.samples)
             self.counts.bad(shard.url, 1, reason)
             return None
         return decode_one(raw, self.counts, self.images)

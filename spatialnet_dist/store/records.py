@@ -7,11 +7,11 @@ A local shard is read by seeking past its image members; an S3 body streams thro
 from __future__ import annotations
 
 import json
-import tarfile
 from collections.abc import Iterator
 
 from spatialnet_dist.store.manifest import read_manifest, shard_urls
 from spatialnet_dist.store.schema import SchemaError, validate_record
+from spatialnet_dist.store.shard_tar import count_problem, shard_samples
 from spatialnet_dist.store.storage import StoreError, open_stream
 
 
@@ -19,17 +19,14 @@ def shard_records(url: str) -> Iterator[dict]:
     """The records (schema.Sample.record()) of one shard, in tar order; a bad shard is a StoreError naming it."""
     stream = open_stream(url)
     try:
-        with tarfile.open(fileobj=stream, mode="r:*" if stream.seekable() else "r|*") as tar:
-            for member in tar:
-                if not (member.isfile() and member.name.endswith(".json")):
-                    continue
-                try:
-                    yield validate_record(json.loads(tar.extractfile(member).read()))
-                except (ValueError, UnicodeDecodeError, SchemaError) as e:
-                    reason = str(e) if isinstance(e, SchemaError) else "not valid JSON"
-                    raise StoreError(f"shard {url}: member {member.name}: {reason}") from None
-    except (tarfile.TarError, EOFError) as e:
-        raise StoreError(f"shard {url}: not a readable tar ({e})") from None
+        for sample in shard_samples(stream, url, exts={"json"}):  # UnreadableShard naming the shard
+            if "json" not in sample:
+                continue
+            try:
+                yield validate_record(json.loads(sample["json"]))
+            except (ValueError, UnicodeDecodeError, SchemaError) as e:
+                reason = str(e) if isinstance(e, SchemaError) else "not valid JSON"
+                raise StoreError(f"shard {url}: member {sample['__key__']}.json: {reason}") from None
     finally:
         stream.close()
 
@@ -44,4 +41,4 @@ def split_records(root: str, corpus: str, split: str) -> Iterator[dict]:
             read += 1
             yield record
         if read != listed["samples"]:
-            raise StoreError(f"shard {url}: {read} records, the manifest lists {listed['samples']}")
+            raise StoreError(f"shard {url}: {count_problem(read, listed['samples'])}")

@@ -50,7 +50,7 @@ def read_range(url: str, offset: int, length: int) -> bytes:
 
 def open_stream(url: str) -> BinaryIO:
     """A binary readable: a local file, or the body of an S3 GET that resumes after a dropped connection
-    (read in-process by WebDataset)."""
+    (read in-process by shard_tar.py)."""
     if is_s3(url):
         return s3.ResumingBody(url)
     try:

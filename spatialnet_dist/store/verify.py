@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import sys
-import tarfile
-from collections.abc import Iterator
 from typing import BinaryIO
 
 from tqdm import tqdm
@@ -17,6 +15,7 @@ from tqdm import tqdm
 from spatialnet_dist.store import storage
 from spatialnet_dist.store.manifest import read_manifest, resolve_corpora
 from spatialnet_dist.store.schema import SchemaError, decode_sample
+from spatialnet_dist.store.shard_tar import UnreadableShard, count_problem, shard_samples
 from spatialnet_dist.store.storage import NotFoundError, StoreError
 
 
@@ -37,22 +36,6 @@ class _HashingReader:
             pass
 
 
-def _samples(tar: tarfile.TarFile) -> Iterator[dict]:
-    """Consecutive members sharing a key (the name up to its first dot) -> WebDataset-style sample dicts."""
-    sample: dict = {}
-    for info in tar:
-        if not info.isfile():
-            continue
-        key, _, ext = info.name.partition(".")
-        if sample and key != sample["__key__"]:
-            yield sample
-            sample = {}
-        sample["__key__"] = key
-        sample[ext] = tar.extractfile(info).read()
-    if sample:
-        yield sample
-
-
 def verify_shard(url: str, entry: dict) -> list[str]:
     """-> the reasons this shard is bad ([] when it is good); `entry` is its manifest shard entry."""
     try:
@@ -64,16 +47,15 @@ def verify_shard(url: str, entry: dict) -> list[str]:
     reasons, samples, undecodable = [], 0, []
     reader = _HashingReader(stream)
     try:
-        with tarfile.open(fileobj=reader, mode="r|") as tar:
-            for members in _samples(tar):
-                samples += 1
-                try:
-                    decode_sample(members)
-                except SchemaError as e:
-                    undecodable.append(str(e))
+        for members in shard_samples(reader, url):
+            samples += 1
+            try:
+                decode_sample(members)
+            except SchemaError as e:
+                undecodable.append(str(e))
         reader.drain()
-    except (tarfile.TarError, EOFError) as e:
-        reasons.append(f"not a readable tar ({e})")
+    except UnreadableShard as e:
+        reasons.append(e.problem)
         reader.drain()
     finally:
         stream.close()
@@ -84,7 +66,7 @@ def verify_shard(url: str, entry: dict) -> list[str]:
     if reader.sha256.hexdigest() != entry["sha256"]:
         reasons.append("sha256 differs from the manifest")
     if samples != entry["samples"]:
-        reasons.append(f"{samples} samples read, manifest says {entry['samples']}")
+        reasons.append(count_problem(samples, entry["samples"]))
     return reasons
 
 
