@@ -18,6 +18,7 @@ import pyarrow.parquet as pq
 import pytest
 import tifffile
 
+from spatialnet_dist.errors import UserError
 from spatialnet_dist.evaluate import infer_output as output
 from spatialnet_dist.evaluate.predict import predict_images
 from spatialnet_dist.raster import Georeference
@@ -321,3 +322,17 @@ def test_every_head_text_and_questions_as_predict_gives_them(store, tmp_path):
     assert rc == 2 and "--question" in stderr
     rc, _, stderr = run_cli(["infer", model, str(scene), str(tmp_path / "o3"), "--tasks", "mae"])
     assert rc == 2 and "no such head" in stderr
+
+
+def test_a_head_that_gives_no_predictions_is_refused_in_one_line():
+    """A model pretrained with mae beside classification: `--tasks mae` names the head, not a traceback."""
+    from spatialnet_dist import config as config_mod
+    from spatialnet_dist.evaluate.predict import Predictor
+    from spatialnet_dist.model.spatialnet import assemble_model
+    from spatialnet_dist.networks.heads import VocabSizes
+
+    cfg = config_mod.load(None, ["model.image_size=32"])
+    model = assemble_model(cfg.model, ["classification", "mae"], VocabSizes(20, 4, 5))
+    with pytest.raises(UserError) as refused:
+        Predictor(model, cfg, None, tasks=["mae"], source="m")
+    assert str(refused.value) == "--tasks mae: the mae head gives no predictions (heads that do: classification)"

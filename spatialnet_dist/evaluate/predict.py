@@ -82,6 +82,10 @@ class Predictor:
         missing = [t for t in tasks if t not in heads]
         if missing:
             raise UserError(f"--tasks {','.join(missing)}: {source} has no such head (heads: {', '.join(sorted(heads))})")
+        silent = [t for t in tasks if type(registry.get(t)).infer is registry.Task.infer]  # mae: pretraining only
+        if silent:
+            raise UserError(f"--tasks {silent[0]}: the {silent[0]} head gives no predictions (heads that do: "
+                            f"{', '.join(sorted(t for t in heads if t not in silent))})")
         needing = [t for t in tasks if registry.get(t).asks_questions and not self.questions]
         if needing:
             raise UserError(f"--tasks {needing[0]}: answers questions: give them with --question")
