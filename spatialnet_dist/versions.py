@@ -28,33 +28,31 @@ def requirements() -> dict[str, Requirement]:
     return {req.name: req for req in map(Requirement, filter(None, lines))}
 
 
+def installed_version(package: str) -> str | None:
+    """The version importlib.metadata finds, or None where `package` is not installed."""
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
 def require(package: str, installed: str | None = None) -> None:
     """Refuse an installed `package` outside its range (`installed`: the version to judge, default the
     one importlib.metadata finds)."""
     spec = requirements()[package].specifier
+    installed = installed or installed_version(package)
     if installed is None:
-        try:
-            installed = importlib.metadata.version(package)
-        except importlib.metadata.PackageNotFoundError:
-            raise UserError(f"{package} is not installed; spatialnet-dist needs {package}{spec}") from None
+        raise UserError(f"{package} is not installed; spatialnet-dist needs {package}{spec}")
     if not spec.contains(installed, prereleases=True):
         raise UserError(f"{package} {installed} is installed, but spatialnet-dist supports {package}{spec} only "
                         f"(spatialnet_dist/requirements.txt): install a version in that range")
-
-
-def installed(package: str) -> bool:
-    try:
-        importlib.metadata.version(package)
-    except importlib.metadata.PackageNotFoundError:
-        return False
-    return True
 
 
 def require_all(unused: Iterable[str] = ()) -> None:
     """Every requirement installed and in its range; a package of `unused` (FEATURE_PACKAGES whose feature the
     job does not use) only in its range, where it is installed."""
     for package in requirements():
-        if package not in unused or installed(package):
+        if package not in unused or installed_version(package) is not None:
             require(package)
 
 

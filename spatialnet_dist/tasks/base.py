@@ -26,7 +26,7 @@ from torch import nn
 
 from spatialnet_dist.symmetry import SYMMETRIES
 
-if TYPE_CHECKING:  # config imports the registry lazily; a task module must not import config at its top
+if TYPE_CHECKING:  # config imports the registry (config/schema.py): a task module must not import config at run time
     from spatialnet_dist.config import LossConfig, ModelConfig, TaskConfig
     from spatialnet_dist.data.streams import TaskSamples
     from spatialnet_dist.networks.heads import VocabSizes
