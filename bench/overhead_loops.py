@@ -87,7 +87,7 @@ class EngineLoop:
             os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0", LOCAL_RANK="0",
                               WORLD_SIZE="1")
             ds.init_distributed(use_gpu=False)
-        self.trainer = Trainer(cfg, vocabs, rank=0, world_size=1, reporter=None, validation=None)
+        self.trainer = Trainer.build(cfg, vocabs, rank=0, world_size=1, reporter=None, validation=None)
         self.batch = to_device(batch, self.trainer.device, self.trainer.dtype)
         self.rows = batch_rows(batch)
 

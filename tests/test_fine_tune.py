@@ -178,7 +178,7 @@ def _pretrain_then_fine_tune_worker(rank: int, port: int, root: str, runs: str, 
         fine_cfg = config_mod.load(None, [*common, f"run.storage={runs}", "train.zero_stage=0", "train.max_steps=2",
                                           "model.image_size=64", f"model.pretrained={run}/checkpoint-000002",
                                           "tasks.captioning.enabled=false"])
-        fine = Trainer(fine_cfg, build_vocabs(fine_cfg), rank, 1, LocalReporter(f"{runs}/fine-{stage}", rank, 0), None)
+        fine = Trainer.build(fine_cfg, build_vocabs(fine_cfg), rank, 1, LocalReporter(f"{runs}/fine-{stage}", rank, fine_cfg), None)
         encoder = fine.engine.module.encoder.state_dict()
         source = {k.removeprefix("encoder."): v for k, v in pretrained.items() if k.startswith("encoder.")}
         report[stage] = {

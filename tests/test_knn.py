@@ -183,7 +183,7 @@ def test_validation_logs_the_knn_accuracy_of_the_encoder_on_a_corpus_no_task_rea
         "train.max_steps=2", "train.checkpoint_every=2", "eval.every=1", "eval.val_batches=1", "eval.at_end=false",
         "eval.beam_size=1", f"eval.knn.corpus={CORPUS}", "eval.knn.k=5"])
     reporter = RecordingReporter(tmp_path)
-    trainer = Trainer(cfg, build_vocabs(cfg), 0, 1, reporter, ValidationPass)
+    trainer = Trainer.build(cfg, build_vocabs(cfg), 0, 1, reporter, ValidationPass)
     reporter.trainer = trainer
     trainer.fit()
     validated = [m for m in reporter.metrics if "val/captioning_loss" in m]

@@ -141,7 +141,7 @@ def _restore_worker(rank: int, world_size: int, port: int, root: str, run_dir: s
     trained = train(cfg, vocabs, run_dir, rank, world_size, ValidationPass)
     saved = {k: v.detach().clone() for k, v in trained.inference_model().state_dict().items()}
 
-    fresh = Trainer(cfg, vocabs, rank, world_size, LocalReporter(run_dir, rank, cfg.run.keep_checkpoints), None)
+    fresh = Trainer.build(cfg, vocabs, rank, world_size, LocalReporter(run_dir, rank, cfg), None)
     assert ckpt.resume(fresh, run_dir)  # the run's last complete checkpoint, its files checked first
     step = fresh.step
     restored = fresh.inference_model().state_dict()

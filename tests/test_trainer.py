@@ -52,9 +52,10 @@ def _config(root: str, *overrides: str):
 
 
 def _trainer(cfg, vocabs, reporter, validation=None):
+    from spatialnet_dist.train.faults import fault_hooks
     from spatialnet_dist.train.trainer import Trainer
 
-    trainer = Trainer(cfg, vocabs, 0, 1, reporter, validation)
+    trainer = Trainer.build(cfg, vocabs, 0, 1, reporter, validation, fault_hooks(cfg, 0, claim=lambda: True))
     reporter.trainer = trainer
     return trainer
 
@@ -338,11 +339,11 @@ def test_a_full_run_disk_at_a_save_is_named_keeps_the_checkpoint_before_and_the_
     vocabs = build_vocabs(cfg)
     with pytest.raises(DiskFull, match=rf"^disk full: no space left writing {disk}/run/checkpoint-000004/\S+ "
                                        r"\(\d+ bytes free of \d+ on its filesystem\)$"):
-        _trainer(cfg, vocabs, FillingReporter(run.url, 0, 0)).fit()
+        _trainer(cfg, vocabs, FillingReporter(run.url, 0, cfg)).fit()
     assert [u for u, _ in ckpt.checkpoints(run.url)] == [run.path("checkpoint-000002")]  # no partial checkpoint-4
     assert [m["step"] for m in RunDir(run.url).metrics()] == [1, 2, 3]
     ballast[0].unlink()
-    rerun = _trainer(cfg, vocabs, LocalReporter(run.url, 0, 0))
+    rerun = _trainer(cfg, vocabs, LocalReporter(run.url, 0, cfg))
     assert ckpt.resume(rerun, run.url)["step"] == 2  # every file of checkpoint-2 verified
     rerun.fit()
     assert ckpt.latest_complete(run.url) == run.path("checkpoint-000004") and rerun.step == 4

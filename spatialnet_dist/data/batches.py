@@ -128,13 +128,22 @@ class TrainLoader:
     `.skipped` the samples per task replaced as bad input since the loader started."""
 
     def __init__(self, dataset: MultiTaskBatches, **loader_kwargs):
-        self.dataset = dataset
-        self.micro_batches = dataset.start  # done: the next one's index
+        self.dataset, self._loader_kwargs = dataset, loader_kwargs
         self.skipped = dict.fromkeys(dataset.specs, 0)
-        self._loader = DataLoader(dataset, batch_size=None, **loader_kwargs)
-        # One DataLoader iterator for the loader's life (a second iter() would restart the streams), made now:
-        # making it draws from torch's global RNG, which must not shift the dropout of whichever step comes first.
+        self._start()
+
+    def _start(self) -> None:
+        self.micro_batches = self.dataset.start  # done: the next one's index
+        self._loader = DataLoader(self.dataset, batch_size=None, **self._loader_kwargs)
+        # One DataLoader iterator per start (a second iter() would restart the streams), made now: making it
+        # draws from torch's global RNG, which must not shift the dropout of whichever step comes first.
         self._batches = iter(self._loader)
+
+    def restart_at(self, micro_batches: int) -> None:
+        """Go on from micro-batch `micro_batches` (a checkpoint's position()["micro_batches"]); the workers restart."""
+        self.close()
+        self.dataset.start = micro_batches
+        self._start()
 
     def __iter__(self) -> TrainLoader:
         return self

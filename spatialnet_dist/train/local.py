@@ -22,26 +22,27 @@ from spatialnet_dist.errors import UserError
 from spatialnet_dist.store import storage
 from spatialnet_dist.text import TextVocabs
 from spatialnet_dist.train import preflight
+from spatialnet_dist.train.checkpointing import CheckpointManager
+from spatialnet_dist.train.faults import fault_hooks
 from spatialnet_dist.train.launch import load_config, parse_args, prepare_data
 from spatialnet_dist.train.plan import for_world, resolve
-from spatialnet_dist.train.rundir import BestCheckpoint, RunDir
+from spatialnet_dist.train.rundir import RunDir
 from spatialnet_dist.train.tracking import RunTracker
 from spatialnet_dist.train.trainer import Trainer, Validation
 
 
 class LocalReporter:
-    """Rank 0 writes metrics.jsonl and its tracker (TensorBoard, MLflow) and keeps the best checkpoint
-    (eval.keep_best); every rank publishes its checkpoint files into the run dir."""
+    """Rank 0 writes metrics.jsonl and its tracker (TensorBoard, MLflow); every rank publishes its checkpoint files
+    through the run's CheckpointManager (the Ray path's too)."""
 
-    def __init__(self, run_url: str, rank: int, keep_checkpoints: int, keep_best: str = ""):
-        self.run, self.rank, self.keep_checkpoints = RunDir(run_url), rank, keep_checkpoints
+    def __init__(self, run_url: str, rank: int, cfg):
+        self.run, self.rank = RunDir(run_url), rank
+        self.checkpoints = CheckpointManager(self.run, rank, cfg)
         self.tracker: RunTracker | None = None  # rank 0's, opened once the run knows its start step
-        self.best = BestCheckpoint(self.run, keep_best if rank == 0 else "")  # off on the other ranks
 
     def report(self, step: int, metrics: dict, checkpoint_dir: Path | None) -> None:
         if checkpoint_dir is not None:
-            ckpt.publish(checkpoint_dir, self.run.url, step, self.rank, self.keep_checkpoints, self.best.url)
-            self.best.consider(step, metrics)
+            self.checkpoints.publish(step, checkpoint_dir, metrics)
         if self.rank == 0:
             self.run.append_metrics(metrics)
             if self.tracker:
@@ -59,12 +60,11 @@ def train(cfg, vocabs: TextVocabs, run_url: str, rank: int, world_size: int, val
     """Run (or resume from the run dir's last complete checkpoint, else train.resume) to max_steps;
     -> the trainer."""
     cfg = for_world(cfg, world_size)  # this world's share of each task's global batch
-    reporter = LocalReporter(run_url, rank, cfg.run.keep_checkpoints, cfg.eval.keep_best)
-    trainer = Trainer(cfg, vocabs, rank, world_size, reporter, validation,
-                      fault_marker=lambda: reporter.run.claim_fault(cfg.faults.fail_at_step))
-    resumed = ckpt.resume(trainer, run_url, cfg.train.resume, cfg.train.resume_weights_only)
+    reporter = LocalReporter(run_url, rank, cfg)
+    hooks = fault_hooks(cfg, rank, claim=lambda: reporter.run.claim_fault(cfg.faults.fail_at_step))
+    trainer = Trainer.build(cfg, vocabs, rank, world_size, reporter, validation, hooks)
+    resumed = reporter.checkpoints.restore(trainer)
     if rank == 0:
-        ckpt.prune(run_url, cfg.run.keep_checkpoints, reporter.best.url)  # partial leftovers of the attempt before
         for line in reporter.run.start_attempt(trainer.step, resumed, world_size):
             print(line, flush=True)
         reporter.tracker = RunTracker(cfg, reporter.run, trainer.step)

@@ -16,12 +16,11 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import random
 import resource
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Protocol
@@ -35,13 +34,14 @@ from spatialnet_dist import engine as ds
 from spatialnet_dist import tasks as registry
 from spatialnet_dist.batch_format import question_count
 from spatialnet_dist.config import Config
-from spatialnet_dist.data.batches import make_eval_loader, make_train_loader
+from spatialnet_dist.data.batches import TrainLoader, make_eval_loader, make_train_loader
 from spatialnet_dist.data.order import stream_seed
-from spatialnet_dist.errors import NonFiniteLoss, UserError, disk_full, has_no_room, is_disk_full
+from spatialnet_dist.errors import NonFiniteLoss, disk_full, has_no_room, is_disk_full
 from spatialnet_dist.model.spatialnet import build_model
 from spatialnet_dist.objective import MultiTaskObjective, loss_states
 from spatialnet_dist.text import TextVocabs
 from spatialnet_dist.train.ema import WeightEma
+from spatialnet_dist.train.faults import StepHook
 
 log = logging.getLogger("spatialnet.train")
 
@@ -88,6 +88,19 @@ def _reduce_sum(values: torch.Tensor) -> torch.Tensor:
     return values
 
 
+def training_device(cfg: Config) -> torch.device:
+    return torch.device("cuda", torch.cuda.current_device()) if cfg.train.use_gpu else torch.device("cpu")
+
+
+def model_of(cfg: Config, vocabs: TextVocabs, pretrained: bool = False) -> torch.nn.Module:
+    """The enabled tasks' model; under loss.balance=uncertainty with the learned task weights, which the engine
+    trains with it. `pretrained`: its encoder starts from model.pretrained (the model the engine trains); the
+    copies that Trainer.inference_model fills with the trained weights skip that read (of a whole checkpoint, maybe)."""
+    model_cfg = cfg.model if pretrained else replace(cfg.model, pretrained="")
+    return build_model(model_cfg, cfg.tasks.enabled(), vocabs, balance=cfg.loss.balance == "uncertainty",
+                       pretraining=ckpt.pretraining_weights(model_cfg.pretrained), task_cfgs=cfg.tasks)
+
+
 def peak_memory_mb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
@@ -95,44 +108,42 @@ def peak_memory_mb(device: torch.device) -> float:
 
 
 class Trainer:
-    """The model's DeepSpeed engine and this rank's training batches, from construction on; `restore` puts
-    both where a checkpoint left them, `fit` steps to train.max_steps, `save` writes this rank's part of a
-    checkpoint. `validation` adds the task metrics to each validation's val losses (None: the losses alone)."""
+    """The step loop over a DeepSpeed `engine` and this rank's training batches (`loader`), both handed in
+    (`Trainer.build` makes them from the config); `restore` puts both where a checkpoint left them, `fit` steps to
+    train.max_steps, `save` writes this rank's part of a checkpoint. `validation` adds the task metrics to each
+    validation's val losses (None: the losses alone); `hooks` (train/faults.py's StepHook) are called around each
+    step; `stop_requested` (-> bool at each step boundary, the same on every rank: a pre-emption,
+    train/preemption.py) checkpoints that step and ends fit() there."""
 
-    def __init__(self, cfg: Config, vocabs: TextVocabs, rank: int, world_size: int, reporter: Reporter,
-                 validation: Validation | None, fault_marker=None, stop_requested=None):
-        self.cfg, self.vocabs, self.rank, self.world_size, self.reporter = cfg, vocabs, rank, world_size, reporter
-        self.validation = validation
-        self.fault_marker = fault_marker  # callable -> bool: claims the one-time fault (faults.fail_at_step)
-        # callable -> bool at each step boundary, the same on every rank (a pre-emption: train/preemption.py):
-        # True checkpoints this step and ends fit() there.
-        self.stop_requested = stop_requested or (lambda: False)
+    def __init__(self, cfg: Config, vocabs: TextVocabs, rank: int, world_size: int, engine, loader: TrainLoader,
+                 reporter: Reporter, validation: Validation | None, hooks: Sequence[StepHook] = (),
+                 stop_requested: Callable[[], bool] | None = None):
         if not cfg.train.max_steps:
             raise ValueError("train.max_steps is 0: resolve train.epochs first (spatialnet_dist.train.plan.resolve)")
+        self.cfg, self.vocabs, self.rank, self.world_size, self.reporter = cfg, vocabs, rank, world_size, reporter
+        self.engine, self.loader, self.validation, self.hooks = engine, loader, validation, list(hooks)
+        self.stop_requested = stop_requested or (lambda: False)
         self.tasks = cfg.tasks.enabled()
-        if cfg.train.use_gpu:
-            self.device = torch.device("cuda", torch.cuda.current_device())
-        else:
-            self.device = torch.device("cpu")
-            torch.set_num_threads(cfg.train.torch_threads or cfg.train.cpus_per_worker)
-        torch.manual_seed(cfg.run.seed)  # identical initial weights on every rank
-        self.engine = ds.create_engine(cfg, self._build_model(pretrained=True), world_size)
+        self.device = training_device(cfg)
         self.dtype = torch.bfloat16 if ds.precision(cfg) == "bf16" else torch.float32
         # optim.ema_decay: the weights' moving average, updated after every optimizer step; what evaluation uses.
-        self.ema = WeightEma(self.engine.module, cfg.optim.ema_decay) if cfg.optim.ema_decay > 0 else None
+        self.ema = WeightEma(engine.module, cfg.optim.ema_decay) if cfg.optim.ema_decay > 0 else None
         self.objective = MultiTaskObjective(cfg.loss, loss_states(cfg, vocabs, self.tasks))
         self.step = 0
         self.samples_seen = dict.fromkeys(self.tasks, 0)  # images per task, all ranks, whole run (the loader's position)
         self.questions_seen = dict.fromkeys(registry.question_tasks(self.tasks), 0)  # vqa, regression
-        self.loader = make_train_loader(cfg, vocabs, rank, world_size)  # lazy: its workers start at the first batch
 
-    def _build_model(self, pretrained: bool = False) -> torch.nn.Module:
-        """The enabled tasks' model; under loss.balance=uncertainty with the learned task weights, which the engine
-        trains with it. `pretrained`: its encoder starts from model.pretrained (the model the engine trains); the
-        copies that inference_model fills with the trained weights skip that read (of a whole checkpoint, maybe)."""
-        model_cfg = self.cfg.model if pretrained else replace(self.cfg.model, pretrained="")
-        return build_model(model_cfg, self.tasks, self.vocabs, balance=self.cfg.loss.balance == "uncertainty",
-                           pretraining=ckpt.pretraining_weights(model_cfg.pretrained), task_cfgs=self.cfg.tasks)
+    @classmethod
+    def build(cls, cfg: Config, vocabs: TextVocabs, rank: int, world_size: int, reporter: Reporter,
+              validation: Validation | None, hooks: Sequence[StepHook] = (),
+              stop_requested: Callable[[], bool] | None = None) -> Trainer:
+        """The Trainer of the config's model (its encoder from model.pretrained), engine and training batches."""
+        if not cfg.train.use_gpu:
+            torch.set_num_threads(cfg.train.torch_threads or cfg.train.cpus_per_worker)
+        torch.manual_seed(cfg.run.seed)  # identical initial weights on every rank
+        engine = ds.create_engine(cfg, model_of(cfg, vocabs, pretrained=True), world_size)
+        loader = make_train_loader(cfg, vocabs, rank, world_size)  # lazy: its workers start at the first batch
+        return cls(cfg, vocabs, rank, world_size, engine, loader, reporter, validation, hooks, stop_requested)
 
     # ---- checkpoints ----
 
@@ -154,9 +165,7 @@ class Trainer:
         self.step = int(meta["step"])
         self.samples_seen.update(meta.get("samples_seen", {}))
         self.questions_seen.update(meta.get("questions_seen", {}))
-        start = meta.get("stream", {}).get("micro_batches", self.step * self.cfg.optim.grad_accum)
-        self.loader.close()
-        self.loader = make_train_loader(self.cfg, self.vocabs, self.rank, self.world_size, start=start)
+        self.loader.restart_at(meta.get("stream", {}).get("micro_batches", self.step * self.cfg.optim.grad_accum))
         return self.step
 
     def save(self, directory: Path) -> None:
@@ -188,7 +197,8 @@ class Trainer:
                 if self.ema:  # once per optimizer step, on every rank
                     self.ema.update(self.engine.module, self.step)
                 window.time += time.perf_counter() - t0
-                self._maybe_fail()
+                for hook in self.hooks:
+                    hook.after_step(self.step)
                 stop = self.stop_requested()
                 last_metrics = self._report_if_due(window, checkpoint_now=stop) or last_metrics
                 if stop:  # its checkpoint is complete in the run dir: the restart resumes from it
@@ -207,29 +217,13 @@ class Trainer:
     def _micro_step(self, batch: dict) -> dict[str, torch.Tensor]:
         outputs = self.engine(batch)
         losses = self.objective(outputs, batch, self.engine.module)
-        if self._fault_due("nan_loss", self.step + 1):  # the step in progress
-            losses = {key: value * float("nan") for key, value in losses.items()}
+        for hook in self.hooks:
+            losses = hook.on_losses(self.step + 1, losses)  # the step in progress
         # No finiteness check here: it would sync the host with the GPU every micro-step. The report
         # step checks the window's sums (a NaN anywhere in it stays NaN there) and stops the run.
         self.engine.backward(losses["loss"])
         self.engine.step()
         return losses
-
-    def _fault_due(self, kind: str, step: int) -> bool:
-        faults = self.cfg.faults
-        return self.rank == 0 and faults.kind == kind and step == faults.fail_at_step
-
-    def _maybe_fail(self) -> None:
-        """faults.fail_at_step, to prove how each failure class ends (config.FaultsConfig): rank 0 dies
-        abruptly once per run, or raises on every attempt."""
-        where = f"faults.fail_at_step={self.step}"
-        if self._fault_due("exit", self.step) and self.fault_marker and self.fault_marker():
-            log.warning("%s: rank 0 exits abruptly now", where)
-            os._exit(17)
-        if self._fault_due("error", self.step):
-            raise RuntimeError(f"{where}: injected error")
-        if self._fault_due("user_error", self.step):
-            raise UserError(f"{where}: injected user error")
 
     def _report_if_due(self, window: _Window, checkpoint_now: bool = False) -> dict | None:
         cfg, step = self.cfg, self.step
@@ -277,7 +271,10 @@ class Trainer:
     def inference_model(self) -> torch.nn.Module:
         """A model every rank can run on its own (no collectives inside forward): with optim.ema_decay, a copy
         carrying the EMA weights."""
-        return self.ema.averaged_model(self._build_model) if self.ema else ds.full_model(self.engine, self._build_model)
+        def copy() -> torch.nn.Module:
+            return model_of(self.cfg, self.vocabs)
+
+        return self.ema.averaged_model(copy) if self.ema else ds.full_model(self.engine, copy)
 
     @torch.no_grad()
     def validate(self) -> dict:

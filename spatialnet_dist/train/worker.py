@@ -20,7 +20,9 @@ from spatialnet_dist import versions
 from spatialnet_dist.store import storage
 from spatialnet_dist.text import TextVocabs
 from spatialnet_dist.train import failures, plan
-from spatialnet_dist.train.rundir import BestCheckpoint, RunDir
+from spatialnet_dist.train.checkpointing import CheckpointManager
+from spatialnet_dist.train.faults import fault_hooks
+from spatialnet_dist.train.rundir import RunDir
 from spatialnet_dist.train.tracking import RunTracker
 from spatialnet_dist.train.trainer import Trainer, Validation
 
@@ -39,16 +41,14 @@ Evaluation = Callable[[torch.nn.Module, config_mod.Config, TextVocabs, int, int,
 
 
 class RayReporter:
-    """Every rank reports; rank 0 also writes metrics.jsonl and its tracker (TensorBoard, MLflow), and keeps
-    the best checkpoint (eval.keep_best). Checkpoints are published complete by `ckpt.publish` (files, then
-    the manifest), pruned by it and resumed by `ckpt.resume`: the run's one checkpoint manager. Ray gets the
-    metrics alone: a checkpoint registered with it too stays named in Ray's run snapshot after
-    run.keep_checkpoints has pruned it, and Ray Train refuses to start the next job of that run directory."""
+    """Every rank reports; rank 0 also writes metrics.jsonl and its tracker (TensorBoard, MLflow). Checkpoints go
+    to the run's CheckpointManager (the torchrun path's too). Ray gets the metrics alone: a checkpoint registered
+    with it too stays named in Ray's run snapshot after run.keep_checkpoints has pruned it, and Ray Train refuses
+    to start the next job of that run directory."""
 
-    def __init__(self, run: RunDir, rank: int, keep_checkpoints: int, keep_best: str = ""):
-        self.run, self.rank, self.keep_checkpoints = run, rank, keep_checkpoints
+    def __init__(self, run: RunDir, rank: int, checkpoints: CheckpointManager):
+        self.run, self.rank, self.checkpoints = run, rank, checkpoints
         self.tracker: RunTracker | None = None  # rank 0's, opened once the attempt knows its start step
-        self.best = BestCheckpoint(run, keep_best if rank == 0 else "")  # off on the other ranks
 
     def report(self, step: int, metrics: dict, checkpoint_dir: Path | None) -> None:
         if self.rank == 0:
@@ -58,8 +58,7 @@ class RayReporter:
             for line in self.run.record_outages(step):
                 log.info("rank 0: %s", line)
         if checkpoint_dir is not None:
-            ckpt.publish(checkpoint_dir, self.run.url, step, self.rank, self.keep_checkpoints, self.best.url)
-            self.best.consider(step, metrics)
+            self.checkpoints.publish(step, checkpoint_dir, metrics)
         ray.train.report(metrics)
 
     def report_samples(self, step: int, samples: list[dict]) -> None:
@@ -85,10 +84,10 @@ def train_loop_per_worker(config: dict, validation: Validation, evaluation: Eval
     run = RunDir(config["run_dir"])
 
     ds.init_distributed(cfg.train.use_gpu)
-    reporter = RayReporter(run, rank, cfg.run.keep_checkpoints, cfg.eval.keep_best)
+    reporter = RayReporter(run, rank, CheckpointManager(run, rank, cfg))
     stop_check = preemption.StopCheck()
-    trainer = Trainer(cfg, vocabs, rank, world_size, reporter, validation,
-                      fault_marker=lambda: run.claim_fault(cfg.faults.fail_at_step), stop_requested=stop_check.check)
+    hooks = fault_hooks(cfg, rank, claim=lambda: run.claim_fault(cfg.faults.fail_at_step))
+    trainer = Trainer.build(cfg, vocabs, rank, world_size, reporter, validation, hooks, stop_check.check)
     try:
         _resume_train_evaluate(trainer, reporter, evaluation, run, stop_check)
     except Exception as e:
@@ -101,9 +100,8 @@ def _resume_train_evaluate(trainer: Trainer, reporter: RayReporter, evaluation: 
                            stop_check: preemption.StopCheck) -> None:
     cfg, vocabs, rank, world_size = trainer.cfg, trainer.vocabs, trainer.rank, trainer.world_size
     # The run's own last complete checkpoint (Ray knows of none: RayReporter), the same on every path.
-    resumed = ckpt.resume(trainer, run.url, cfg.train.resume, cfg.train.resume_weights_only)
+    resumed = reporter.checkpoints.restore(trainer)
     if rank == 0:
-        ckpt.prune(run.url, cfg.run.keep_checkpoints, reporter.best.url)  # partial leftovers of the attempt before
         for line in run.start_attempt(trainer.step, resumed, world_size):
             log.info("rank 0: %s", line)
         reporter.tracker = RunTracker(cfg, run, trainer.step)
@@ -119,7 +117,7 @@ def _resume_train_evaluate(trainer: Trainer, reporter: RayReporter, evaluation: 
 
     if cfg.eval.at_end:
         model = trainer.inference_model()
-        best = _same_on_every_rank(reporter.best.record)
+        best = _same_on_every_rank(reporter.checkpoints.best.record)
         if best is not None and best["step"] != trainer.step:  # else the model holds its weights already
             if rank == 0:
                 log.info("rank 0: evaluating the best checkpoint, step %d (%s=%.4g)", best["step"], best["metric"],
