@@ -230,14 +230,11 @@ def http_status(url: str, token: str | None = None) -> int:
 
 
 def pytest_collection_modifyitems(items):
-    """The tests of `shared_ray` run last, one after another, in one process (under pytest-xdist, `make test`: one
-    xdist_group): its head starts before the first of them and stops at the end of the session, so that its idle
-    processes (GCS, raylet, dashboard, agents) do not slow the other tests on the 2-core machine, and there is one
-    such head. The other tests in file order, each file's in one process (its module fixtures are made once)."""
+    """The tests of `shared_ray` run last: its head starts before the first of them and stops at the end of the
+    session, so that its idle processes (GCS, raylet, dashboard, agents) do not slow the other tests on the 2-core
+    machine. Otherwise in file order. (`make test` runs two pytest-xdist processes, --dist loadfile: each file's
+    tests in one of them, its module fixtures made once; each process that meets a shared_ray test starts a head.)"""
     items.sort(key=lambda item: "shared_ray" in getattr(item, "fixturenames", ()))
-    for item in items:
-        shared = "shared_ray" in getattr(item, "fixturenames", ())
-        item.add_marker(pytest.mark.xdist_group("shared_ray" if shared else item.path.name))
 
 
 SHARED_RAY_CPUS = 4  # logical CPUs of the shared head: room for 3 training workers of 1 CPU (2 -> 3 resharding)

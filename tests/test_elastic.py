@@ -300,12 +300,8 @@ def test_the_same_job_on_a_new_head_resumes_a_run_whose_head_was_lost(synth_root
     """A one-node cluster of the test's own is killed whole (head, raylet, workers) and the job's driver with it,
     once checkpoint 6 of 12 is complete and checkpoint 2 pruned (run.keep_checkpoints=2). The run directory
     says "running" with no driver; the same command on a new head resumes from checkpoint 6 (Ray's run snapshot
-    names no checkpoint that pruning deleted: Ray registers none) and ends with the parameters of a run never
-    disturbed, on the same new head."""
-    import torch
-
-    from spatialnet_dist import checkpoint as ckpt
-
+    names no checkpoint that pruning deleted: Ray registers none) and trains steps 7-12 once each. (That a resume
+    ends with the parameters of a run never disturbed: tests/test_chaos.py, tests/test_resume_data.py.)"""
     runs = tmp_path / "runs"
     args = [*TINY, f"data.root={synth_root}", f"run.storage={runs}", "train.num_workers=1", "train.max_steps=12",
             "train.checkpoint_every=2", "run.keep_checkpoints=2"]
@@ -333,14 +329,8 @@ def test_the_same_job_on_a_new_head_resumes_a_run_whose_head_was_lost(synth_root
     try:
         code, result = Job(new, sets(*args, "run.name=lost")).result()
         assert code == 0, result
-        code, undisturbed = Job(new, sets(*args, "run.name=undisturbed")).result()
-        assert code == 0, undisturbed
     finally:
         new.stop()
     assert result["final_step"] == 12 and result["resumed_from"] == [6], result
-    assert run.describe()["state"] == "finished"
+    assert result["checkpoint"].endswith("checkpoint-000012") and run.describe()["state"] == "finished"
     assert [m["step"] for m in _metrics(runs, "lost")] == list(range(1, 13))  # none twice
-    resumed = ckpt.consolidated_weights(result["checkpoint"])
-    reference = ckpt.consolidated_weights(undisturbed["checkpoint"])
-    assert result["checkpoint"].endswith("checkpoint-000012") and resumed.keys() == reference.keys()
-    assert all(torch.equal(resumed[k], reference[k]) for k in reference)

@@ -360,6 +360,7 @@ def test_pretrained_local_file_loads_into_the_encoder(tmp_path, suffix):
     torch.testing.assert_close(resized.encoder.blocks[3].mlp.fc2.weight, source.encoder.blocks[3].mlp.fc2.weight)
 
 
+@pytest.mark.slow  # two ViT-B/16 (86M parameters), their weights written twice (~0.7 GB)
 def test_base_preset_is_timm_vit_b16_and_loads_its_weights_as_they_are(tmp_path):
     """A timm vit_base_patch16_224 state dict (random weights, ImageNet head included), written as
     .safetensors and .pth, loads through model.pretrained: at 224 px every encoder weight equals the

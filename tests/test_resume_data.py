@@ -198,37 +198,49 @@ E2E = ["model.image_size=32", "model.drop_path=0.1", "train.log_every=1", "eval.
 
 def _e2e_worker(rank: int, port: int, root: str, out: str, stage: int, loader_workers: int, part: str):
     """part 'killed': the run with faults.kind=exit, rank 0 dies after step 3 (checkpoint at 2). part 'resumed':
-    the same run resumed to max_steps, then an uninterrupted run of the same config; rank 0 compares them."""
+    the same run resumed to max_steps, then an uninterrupted run of the same config; rank 0 compares them and saves
+    the resumed weights (the test compares the bundle exported from the last checkpoint with them)."""
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port), DS_ACCELERATOR="cpu")
     from spatialnet_dist import config as config_mod
     from spatialnet_dist import engine as ds
     from spatialnet_dist.train.local import train
 
-    def run(name: str, *extra: str) -> dict:
+    def run(name: str, *extra: str):
         cfg = config_mod.load(None, [*E2E, f"data.root={root}", f"run.storage={out}", f"run.name={name}",
                                      f"train.zero_stage={stage}", f"data.loader_workers={loader_workers}", *extra])
         trainer = train(cfg, build_vocabs(cfg), str(Path(out, name)), rank, 2, None)
-        return {k: v.detach().clone() for k, v in trainer.inference_model().state_dict().items()}
+        return {k: v.detach().clone() for k, v in trainer.inference_model().state_dict().items()}, trainer
 
     ds.init_distributed(False)
     faults = ["faults.kind=exit", "faults.fail_at_step=3"]
     if part == "killed":
         run("killed", *faults)  # rank 0 exits at step 3; mp.spawn then ends rank 1
         return
-    resumed, uninterrupted = run("killed", *faults), run("uninterrupted")
+    (resumed, trainer), (uninterrupted, _) = run("killed", *faults), run("uninterrupted")
+    # fp32 ZeRO-3 holds one fp32 copy of its partition: the optimizer's masters are the partitions.
+    optimizer = trainer.engine.optimizer
+    one_copy = stage != 3 or all(m.untyped_storage().data_ptr() == p.untyped_storage().data_ptr() for m, p in
+                                 zip(optimizer.fp32_partitioned_groups_flat, optimizer.fp16_partitioned_groups_flat))
+    Path(out, f"rank-{rank}.json").write_text(json.dumps({"one_copy": one_copy}))
     if rank == 0:
         differ = [k for k in resumed if not torch.equal(resumed[k], uninterrupted[k])]
         Path(out, "result.json").write_text(json.dumps({"differ": differ, "n": len(resumed)}))
+        torch.save(resumed, Path(out, "resumed.pt"))
     ds.close_distributed()
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("stage,loader_workers", [(2, 2), (3, 1)])
 def test_a_killed_run_resumes_to_the_parameters_of_an_uninterrupted_one(tmp_path, free_ports, stage, loader_workers):
+    """2 ranks under gloo, ZeRO-2 and ZeRO-3 (the partitioned parameters: the hardest consolidation): rank 0 dies
+    after step 3, the rerun resumes checkpoint 2 to the parameters of a run never killed; the last checkpoint holds
+    both ranks' ZeRO shards, and the fp32 bundle `spatialnet export` consolidates from them holds those parameters."""
     import torch.multiprocessing as mp
     from torch.multiprocessing.spawn import ProcessException
 
+    from spatialnet_dist.checkpoint import load_model
+    from spatialnet_dist.cli import main as cli_main
     from spatialnet_dist.corpora.synthetic import write_synthetic
 
     root = str(tmp_path / "shards")
@@ -240,5 +252,13 @@ def test_a_killed_run_resumes_to_the_parameters_of_an_uninterrupted_one(tmp_path
     mp.spawn(_e2e_worker, args=(free_ports(1)[0], root, out, stage, loader_workers, "resumed"), nprocs=2)
     result = json.loads(Path(out, "result.json").read_text())
     assert result["n"] > 0 and result["differ"] == []
-    meta = json.loads(Path(out, "killed", "checkpoint-000004", "meta.json").read_text())
+    checkpoint = Path(out, "killed", "checkpoint-000004")
+    meta = json.loads((checkpoint / "meta.json").read_text())
     assert meta["stream"]["micro_batches"] == 8 and meta["samples_seen"] == dict.fromkeys(TASKS, 32)  # 8 x 2 x 2
+    assert all(json.loads(Path(out, f"rank-{r}.json").read_text())["one_copy"] for r in range(2))
+    files = {p.name for p in (checkpoint / "zero" / "ds").iterdir()}
+    assert {f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt" for r in range(2)} <= files
+
+    assert cli_main(["export", str(checkpoint), str(tmp_path / "bundle")]) == 0
+    exported, resumed = load_model(str(tmp_path / "bundle"))[0].state_dict(), torch.load(Path(out, "resumed.pt"))
+    assert resumed.keys() == exported.keys() and all(torch.equal(resumed[k].float(), exported[k]) for k in resumed)

@@ -124,69 +124,6 @@ def test_a_finished_run_is_not_run_again_unless_given_more_to_do(synth_root, tmp
 # ---- the Trainer under torch.distributed, without Ray ----
 
 
-def _restore_worker(rank: int, world_size: int, port: int, root: str, run_dir: str, stage: int, out: str):
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), DS_ACCELERATOR="cpu")
-    from spatialnet_dist import config as config_mod
-    from spatialnet_dist import engine as ds
-    from spatialnet_dist.data.vocab import build_vocabs
-    from spatialnet_dist.evaluate.run import ValidationPass
-    from spatialnet_dist.train.local import LocalReporter, train
-    from spatialnet_dist.train.trainer import Trainer
-
-    cfg = config_mod.load(None, [*TINY, f"data.root={root}", f"run.storage={run_dir}", f"train.zero_stage={stage}",
-                                 "train.max_steps=3", "train.checkpoint_every=3", "train.cpus_per_worker=1"])
-    ds.init_distributed(False)
-    vocabs = build_vocabs(cfg)
-    trained = train(cfg, vocabs, run_dir, rank, world_size, ValidationPass)
-    saved = {k: v.detach().clone() for k, v in trained.inference_model().state_dict().items()}
-
-    fresh = Trainer.build(cfg, vocabs, rank, world_size, LocalReporter(run_dir, rank, cfg), None)
-    assert ckpt.resume(fresh, run_dir)  # the run's last complete checkpoint, its files checked first
-    step = fresh.step
-    restored = fresh.inference_model().state_dict()
-    same = step == 3 and all(torch.equal(saved[k], restored[k]) for k in saved)
-    # fp32 ZeRO-3 holds one fp32 copy of its partition: the optimizer's masters are the partitions.
-    optimizer = trained.engine.optimizer
-    one_copy = all(m.untyped_storage().data_ptr() == p.untyped_storage().data_ptr() for m, p in
-                   zip(optimizer.fp32_partitioned_groups_flat, optimizer.fp16_partitioned_groups_flat)) \
-        if stage == 3 else True
-    Path(out, f"rank-{rank}.json").write_text(json.dumps({"same": same, "step": step, "one_copy": one_copy}))
-    if rank == 0:
-        torch.save(saved, Path(out, "saved.pt"))
-    ds.close_distributed()
-
-
-@pytest.mark.slow
-def test_checkpoint_restore_reproduces_parameters(synth_root, tmp_path, free_ports):
-    """2 ranks under gloo, ZeRO-3 (the partitioned parameters: the hardest consolidation): the checkpoint holds both
-    ranks' ZeRO shards, a restore gives back exactly the parameters that were saved, and the fp32 inference bundle
-    consolidated from the shards holds them too. (ZeRO-2 and 3 resume bit-exactly: tests/test_resume_data.py.)"""
-    import torch.multiprocessing as mp
-
-    from spatialnet_dist.checkpoint import load_model
-    from spatialnet_dist.cli import main as cli_main
-
-    trained = {}
-    for stage in (3,):
-        out = tmp_path / f"stage{stage}"
-        run_dir = out / "run"
-        out.mkdir()
-        mp.spawn(_restore_worker, args=(2, free_ports(1)[0], synth_root, str(run_dir), stage, str(out)), nprocs=2)
-        for rank in range(2):
-            assert json.loads((out / f"rank-{rank}.json").read_text()) == {"same": True, "step": 3, "one_copy": True}
-        checkpoint = run_dir / "checkpoint-000003"
-        files = {p.name for p in (checkpoint / "zero" / "ds").iterdir()}
-        assert {f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt" for r in range(2)} <= files
-        assert json.loads((checkpoint / "meta.json").read_text())["step"] == 3
-
-        assert cli_main(["export", str(checkpoint), str(out / "bundle")]) == 0
-        model, _, _ = load_model(str(out / "bundle"))
-        trained[stage] = torch.load(out / "saved.pt")
-        exported = model.state_dict()
-        assert all(torch.equal(trained[stage][k].float(), exported[k]) for k in trained[stage])
-
-
 def _fine_tune_worker(rank: int, port: int, out: str):
     """One rank under gloo: for ZeRO-2 and ZeRO-3, one step of a tiny model with 2 of 4 blocks frozen and
     layer_decay 0.5 -> what the engine's optimizer holds and what the step changed."""
