@@ -169,7 +169,9 @@ class Node:
         self.proc = subprocess.Popen([str(ray_bin), "start", "--block", "--disable-usage-stats", *args], env=env,
                                      stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
         self.log = log
-        self.seen: set[int] = set()  # every process of this node seen so far
+        # every process of this node seen so far, as psutil.Process: its kill() refuses a pid that a new process took
+        # since (pid_max is 32768 here, and the other pytest-xdist process starts processes too)
+        self.seen: dict[int, object] = {}
 
     def processes(self):
         import psutil
@@ -179,7 +181,7 @@ class Node:
             found = [parent, *parent.children(recursive=True)]
         except psutil.NoSuchProcess:
             found = []
-        self.seen |= {p.pid for p in found}
+        self.seen.update((p.pid, p) for p in found)
         return found
 
     def kill(self) -> None:
@@ -201,9 +203,9 @@ class Node:
             self.proc.send_signal(signal.SIGTERM)
             with contextlib.suppress(subprocess.TimeoutExpired):
                 self.proc.wait(timeout=60)
-        for pid in self.seen:
+        for proc in self.seen.values():
             with contextlib.suppress(psutil.NoSuchProcess):
-                psutil.Process(pid).kill()
+                proc.kill()
         with contextlib.suppress(ProcessLookupError):
             os.killpg(self.proc.pid, signal.SIGKILL)
 
@@ -288,8 +290,16 @@ class Job:
         self.reader.start()
 
     def pid(self, rank: int) -> int | None:
+        """The pid of the worker of `rank` the controller named last, while it is a Ray Train worker: None once it
+        ended (its pid may be another process's by now: pid_max is 32768 here, and the other pytest-xdist process
+        starts processes too)."""
+        import psutil
+
         pids = [int(m[1]) for line in self.lines if (m := self.WORKER.search(line)) and int(m[2]) == rank]
-        return pids[-1] if pids else None
+        try:
+            return pids[-1] if pids and "RayTrainWorker" in " ".join(psutil.Process(pids[-1]).cmdline()) else None
+        except psutil.Error:  # ended
+            return None
 
     def result(self, timeout_s: float = 900) -> tuple[int, dict]:
         try:

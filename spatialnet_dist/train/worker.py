@@ -44,7 +44,10 @@ class RayReporter:
     """Every rank reports; rank 0 also writes metrics.jsonl and its tracker (TensorBoard, MLflow). Checkpoints go
     to the run's CheckpointManager (the torchrun path's too). Ray gets the metrics alone: a checkpoint registered
     with it too stays named in Ray's run snapshot after run.keep_checkpoints has pruned it, and Ray Train refuses
-    to start the next job of that run directory."""
+    to start the next job of that run directory. And only at checkpoint steps (the same on every rank): each
+    ray.train.report is a barrier of the ranks through a Ray actor, then a put into a one-slot queue that the
+    controller drains when it polls, so a report every step or two held the step loop (py-spy, bench/overhead.py);
+    nothing reads Ray's copy of the metrics (RESULT and `spatialnet runs` read metrics.jsonl)."""
 
     def __init__(self, run: RunDir, rank: int, checkpoints: CheckpointManager):
         self.run, self.rank, self.checkpoints = run, rank, checkpoints
@@ -59,7 +62,7 @@ class RayReporter:
                 log.info("rank 0: %s", line)
         if checkpoint_dir is not None:
             self.checkpoints.publish(step, checkpoint_dir, metrics)
-        ray.train.report(metrics)
+            ray.train.report(metrics)
 
     def report_samples(self, step: int, samples: list[dict]) -> None:
         self.tracker.log_samples(step, samples)
