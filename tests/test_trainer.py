@@ -51,11 +51,10 @@ def _config(root: str, *overrides: str):
         *(f"tasks.{t}.batch_size={BATCH}" for t in TASKS), *overrides])
 
 
-def _trainer(cfg, vocabs, reporter, validation=None):
-    from spatialnet_dist.train.faults import fault_hooks
+def _trainer(cfg, vocabs, reporter, validation=None, hooks=()):
     from spatialnet_dist.train.trainer import Trainer
 
-    trainer = Trainer.build(cfg, vocabs, 0, 1, reporter, validation, fault_hooks(cfg, 0, claim=lambda: True))
+    trainer = Trainer.build(cfg, vocabs, 0, 1, reporter, validation, hooks)
     reporter.trainer = trainer
     return trainer
 
@@ -118,12 +117,14 @@ def test_a_non_finite_loss_stops_the_loop_with_a_named_error(world_of_one, tmp_p
     tests/test_failures.py) before the step's update, with no checkpoint after it."""
     from spatialnet_dist.data.vocab import build_vocabs
     from spatialnet_dist.errors import NonFiniteLoss
+    from spatialnet_dist.train.faults import fault_hooks
+    from spatialnet_dist.train.rundir import RunDir
 
     cfg = _config(world_of_one, "train.max_steps=3", "train.checkpoint_every=1", "train.log_every=1", "eval.every=0",
                   "eval.at_end=false", "faults.fail_at_step=2", "faults.kind=nan_loss")
     reporter = RecordingReporter(tmp_path)
     with pytest.raises(NonFiniteLoss, match="^non-finite loss"):
-        _trainer(cfg, build_vocabs(cfg), reporter).fit()
+        _trainer(cfg, build_vocabs(cfg), reporter, hooks=fault_hooks(cfg, 0, RunDir(str(tmp_path / "run")))).fit()
     assert [m["step"] for m in reporter.metrics] == [1] and sorted(reporter.weights) == [1]
 
 

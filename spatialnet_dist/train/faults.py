@@ -14,6 +14,7 @@ import torch
 
 from spatialnet_dist.config import Config
 from spatialnet_dist.errors import UserError
+from spatialnet_dist.train.rundir import RunDir
 
 log = logging.getLogger("spatialnet.train")
 
@@ -54,6 +55,9 @@ class FaultInjection:
             raise UserError(f"{where}: injected user error")
 
 
-def fault_hooks(cfg: Config, rank: int, claim: Callable[[], bool]) -> list[StepHook]:
-    """[FaultInjection] when the config sets faults.fail_at_step, else []."""
-    return [FaultInjection(cfg, rank, claim)] if cfg.faults.fail_at_step else []
+def fault_hooks(cfg: Config, rank: int, run: RunDir) -> list[StepHook]:
+    """[FaultInjection] when the config sets faults.fail_at_step, its one-time `exit` claimed in the run directory
+    `run`; else []."""
+    if not cfg.faults.fail_at_step:
+        return []
+    return [FaultInjection(cfg, rank, claim=lambda: run.claim_fault(cfg.faults.fail_at_step))]

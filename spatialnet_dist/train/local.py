@@ -61,7 +61,7 @@ def train(cfg, vocabs: TextVocabs, run_url: str, rank: int, world_size: int, val
     -> the trainer."""
     cfg = for_world(cfg, world_size)  # this world's share of each task's global batch
     reporter = LocalReporter(run_url, rank, cfg)
-    hooks = fault_hooks(cfg, rank, claim=lambda: reporter.run.claim_fault(cfg.faults.fail_at_step))
+    hooks = fault_hooks(cfg, rank, reporter.run)
     trainer = Trainer.build(cfg, vocabs, rank, world_size, reporter, validation, hooks)
     resumed = reporter.checkpoints.restore(trainer)
     if rank == 0:

@@ -89,7 +89,7 @@ def train_loop_per_worker(config: dict, validation: Validation, evaluation: Eval
     ds.init_distributed(cfg.train.use_gpu)
     reporter = RayReporter(run, rank, CheckpointManager(run, rank, cfg))
     stop_check = preemption.StopCheck()
-    hooks = fault_hooks(cfg, rank, claim=lambda: run.claim_fault(cfg.faults.fail_at_step))
+    hooks = fault_hooks(cfg, rank, run)
     trainer = Trainer.build(cfg, vocabs, rank, world_size, reporter, validation, hooks, stop_check.check)
     try:
         _resume_train_evaluate(trainer, reporter, evaluation, run, stop_check)
