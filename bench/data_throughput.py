@@ -47,6 +47,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from spatialnet_dist import config, tasks  # noqa: E402
+from spatialnet_dist.batch_format import sub_batches  # noqa: E402
 from spatialnet_dist.corpora.base import read_image  # noqa: E402
 from spatialnet_dist.corpora.synthetic import CLASSES, CORPUS, generate  # noqa: E402
 from spatialnet_dist.data.batches import make_train_loader  # noqa: E402
@@ -60,7 +61,7 @@ from spatialnet_dist.store.writer import ShardWriter  # noqa: E402
 
 
 def rows(batch: dict) -> int:
-    return sum(len(sub["image_id"]) for sub in batch.values())
+    return sum(len(sub["image_id"]) for sub in sub_batches(batch).values())
 
 
 def bench_config(root: str, image_cache_mb: int = 0) -> config.Config:

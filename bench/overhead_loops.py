@@ -22,6 +22,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from spatialnet_dist import config
+from spatialnet_dist.batch_format import sub_batches
 from spatialnet_dist.data.batches import make_train_loader
 from spatialnet_dist.model.spatialnet import build_model
 from spatialnet_dist.objective import MultiTaskObjective
@@ -39,7 +40,7 @@ def fixed_batch(cfg: config.Config, vocabs) -> dict:
 
 
 def batch_rows(batch: dict) -> int:
-    return sum(len(sub["image_id"]) for sub in batch.values())
+    return sum(len(sub["image_id"]) for sub in sub_batches(batch).values())
 
 
 def timed(step, rows: int, warmup: int, steps: int) -> tuple[int, float, float]:

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from spatialnet_dist import tasks as registry
+from spatialnet_dist.batch_format import task_images
 from spatialnet_dist.config import LossConfig
 
 
@@ -75,9 +76,14 @@ class MultiTaskObjective:
         return keys + [f"balance/{t}" for t in tasks] if self.cfg.balance == "uncertainty" else keys
 
     def task_losses(self, outputs: dict, batch: dict) -> dict[str, torch.Tensor]:
-        """{task: L_t} of the tasks in `outputs`, unweighted: what validation reports."""
-        return {name: registry.get(name).loss(out, batch[name], self.cfg, self.states.get(name))
-                for name, out in outputs.items()}
+        """{task: L_t} of the tasks in `outputs`, unweighted: what validation reports. A task whose loss reads
+        pixels (Task.loss_reads_images) gets its sub-batch with its "image" (B, C, S, S)."""
+        losses = {}
+        for name, out in outputs.items():
+            task = registry.get(name)
+            sub = {**batch[name], "image": task_images(batch, name)} if task.loss_reads_images else batch[name]
+            losses[name] = task.loss(out, sub, self.cfg, self.states.get(name))
+        return losses
 
     def __call__(self, outputs: dict, batch: dict, model=None) -> dict[str, torch.Tensor]:
         if not outputs:

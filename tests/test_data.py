@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from spatialnet_dist.batch_format import CAPTIONS, QUESTIONS, collate
+from spatialnet_dist.batch_format import CAPTIONS, IMAGES, QUESTIONS, collate, task_images
 from spatialnet_dist.config import Config
 from spatialnet_dist.data import train_rows
 from spatialnet_dist.data.batches import make_eval_loader, make_train_loader
@@ -207,10 +207,10 @@ def test_two_ranks_two_workers_fewer_shards_get_full_batches(store, vocabs):
         batches = take(loader, 4)
         assert loader.skipped == dict.fromkeys(TASKS, 0)
         for batch in batches:
-            assert set(batch) == set(TASKS)
-            for task, sub in batch.items():
+            assert set(batch) == {IMAGES, *TASKS}
+            for task in TASKS:
                 n = 5 if task == "vqa" else 3
-                assert sub["image"].shape == (n, 3, SIZE, SIZE) and len(sub["image_id"]) == n
+                assert task_images(batch, task).shape == (n, 3, SIZE, SIZE) and len(batch[task]["image_id"]) == n
             # every toy image has 2 captions: a visit trains both against its one image
             assert batch["captioning"]["tokens"].shape == (6, cfg.model.caption_max_len)
             assert batch["captioning"]["image_index"].tolist() == [0, 0, 1, 1, 2, 2]
@@ -226,7 +226,7 @@ def test_two_ranks_two_workers_fewer_shards_get_full_batches(store, vocabs):
 
 
 def _fingerprint(batches: list[dict]) -> list:
-    return [(t, sub["image_id"], sub["image"].sum().item()) for b in batches for t, sub in b.items()]
+    return [(t, b[t]["image_id"], task_images(b, t).sum().item()) for b in batches for t in b if t != IMAGES]
 
 
 def test_batches_are_deterministic_for_a_seed_and_vary_with_it(store, vocabs):
@@ -247,7 +247,7 @@ def test_only_classification_rows_are_cropped_and_evaluation_rows_are_plain(stor
 
     for batch in take(make_train_loader(cfg, vocabs, 0, 1), 3):
         for task in TASKS:
-            kept = [symmetric(x, i) for x, i in zip(batch[task]["image"], batch[task]["image_id"], strict=True)]
+            kept = [symmetric(x, i) for x, i in zip(task_images(batch, task), batch[task]["image_id"], strict=True)]
             assert all(kept) if task != "classification" else not any(kept), task  # counts never see a crop
     for task in ("classification", "regression"):
         for sub in make_eval_loader(cfg, vocabs, task, "test", 0, 1):
@@ -360,7 +360,7 @@ def test_alternate_mode_picks_one_task_per_step_the_same_on_every_rank(store, vo
     cfg.train.mode = "alternate"
     per_rank = []
     for rank in range(2):
-        per_rank.append([list(b) for b in take(make_train_loader(cfg, vocabs, rank, 2), 6)])
+        per_rank.append([[t for t in b if t != IMAGES] for b in take(make_train_loader(cfg, vocabs, rank, 2), 6)])
     assert per_rank[0] == per_rank[1]
     assert all(len(tasks) == 1 for tasks in per_rank[0])
     assert [t[0] for t in per_rank[0]] == [alternate_task(cfg.run.seed, i, TASKS) for i in range(6)]
@@ -432,7 +432,7 @@ def test_bad_shards_and_samples_are_skipped_counted_and_logged_once(tmp_path, ca
         batches = take(loader, 30)
     skipped = loader.skipped
     for b in batches:
-        assert all(len(sub["image_id"]) == getattr(cfg.tasks, t).batch_size for t, sub in b.items())
+        assert all(len(b[t]["image_id"]) == getattr(cfg.tasks, t).batch_size for t in TASKS)
     assert all(skipped[t] > 0 for t in TASKS)
     seen = {i for b in batches for i in b["vqa"]["image_id"]}
     assert "bad_train_13" not in seen and "bad_train_0" in seen

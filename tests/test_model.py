@@ -13,7 +13,7 @@ import timm
 import torch
 import torch.nn.functional as F
 
-from spatialnet_dist.batch_format import IMAGE_KEY
+from spatialnet_dist.batch_format import IMAGE_KEY, IMAGE_ROW, IMAGES, micro_batch, task_images
 from spatialnet_dist.config import LossConfig, ModelConfig
 from spatialnet_dist.errors import UserError
 from spatialnet_dist.model.spatialnet import assemble_model, build_model
@@ -87,17 +87,23 @@ def test_forward_encodes_once_and_matches_per_task_forwards():
             torch.testing.assert_close(joint[task][key], value, rtol=1e-4, atol=1e-5)
 
 
-def test_rows_with_one_image_key_share_one_encoding_with_the_same_outputs_and_gradients():
+def test_a_micro_batch_encodes_each_distinct_image_once_with_the_same_outputs_and_gradients():
     # Every task's row i shows image i (as data/order.py arranges for tasks reading the same corpora), except
-    # classification's, whose key is empty (a strong crop): 3 distinct images + 3 unshared rows are encoded.
+    # classification's, whose key is empty (a strong crop): micro_batch keeps 3 distinct images + 3 unshared rows.
     batch = make_batch(n=3)
     shared = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(1))
     for task in TASKS:
         batch[task]["image"] = shared.clone()
         batch[task][IMAGE_KEY] = ["" if task == "classification" else f"synthetic/{i}@0" for i in range(3)]
-    unkeyed = {t: {k: v for k, v in sub.items() if k != IMAGE_KEY} for t, sub in batch.items()}
+    micro = micro_batch(batch)
+    assert micro[IMAGES].shape == (6, 3, 32, 32) and all("image" not in micro[t] for t in TASKS)
+    assert [micro[t][IMAGE_ROW].tolist() for t in TASKS] == [
+        [3, 4, 5] if t == "classification" else [0, 1, 2] for t in TASKS]  # captioning first: it shows 0-2
+    for task in TASKS:
+        torch.testing.assert_close(task_images(micro, task), shared, rtol=0, atol=0)
+    alone = {t: {k: v for k, v in sub.items() if k != IMAGE_KEY} for t, sub in batch.items()}  # each its own images
     outputs, grads = [], []
-    for b in (batch, unkeyed):
+    for b in (micro, alone):
         model = tiny_model().eval()
         encoded = []
         model.encoder.patch_embed.register_forward_hook(lambda module, args, out, seen=encoded: seen.append(args[0].shape[0]))
@@ -105,7 +111,7 @@ def test_rows_with_one_image_key_share_one_encoding_with_the_same_outputs_and_gr
         sum(v.float().sum() for o in out.values() for v in o.values()).backward()
         outputs.append(out)
         grads.append(model.encoder.cls_token.grad.clone())
-        assert encoded == [6 if b is batch else 3 * len(TASKS)]  # images through the encoder, in one pass
+        assert encoded == [6 if b is micro else 3 * len(TASKS)]  # images through the encoder, in one pass
     for task in TASKS:
         for key, value in outputs[1][task].items():
             torch.testing.assert_close(outputs[0][task][key], value, rtol=1e-4, atol=1e-5)

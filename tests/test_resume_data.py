@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from spatialnet_dist.batch_format import IMAGE_KEY
+from spatialnet_dist.batch_format import IMAGE_KEY, IMAGE_ROW, IMAGES, task_images
 from spatialnet_dist.data.batches import make_train_loader
 from spatialnet_dist.data.order import TaskOrder, slot_pattern
 from spatialnet_dist.data.vocab import build_vocabs
@@ -98,7 +98,7 @@ def test_the_global_batch_is_the_same_for_any_number_of_ranks(two_corpora):
         per_rank = [take(make_train_loader(cfg, vocabs, rank, world), 3) for rank in range(world)]
         # micro-batch m of all ranks, in rank order: the global rows of m
         global_batches[world] = [{t: (sum((r[m][t]["image_id"] for r in per_rank), []),
-                                      torch.cat([r[m][t]["image"] for r in per_rank]))
+                                      torch.cat([task_images(r[m], t) for r in per_rank]))
                                   for t in TASKS} for m in range(3)]
         assert make_train_loader(cfg, vocabs, 0, world).position()["rows"] == dict.fromkeys(TASKS, 0)
     for world in (2, 3):
@@ -133,8 +133,10 @@ def test_tasks_reading_the_same_corpora_show_the_same_images_row_by_row(two_corp
     for b in batches:
         assert b["captioning"]["image_id"] == b["vqa"]["image_id"] and all(b["vqa"][IMAGE_KEY])
         assert b["captioning"][IMAGE_KEY] == b["vqa"][IMAGE_KEY]
-        assert torch.equal(b["captioning"]["image"], b["vqa"]["image"])  # the same symmetry too
+        assert torch.equal(b["captioning"][IMAGE_ROW], b["vqa"][IMAGE_ROW])  # one image of the micro-batch's each
+        assert torch.equal(task_images(b, "captioning"), task_images(b, "vqa"))  # the same symmetry too
         assert b["classification"][IMAGE_KEY] == [""] * 4  # strong crops and recolours: never shared
+        assert len(b[IMAGES]) == 4 + 4 + 4  # captioning's and vqa's, classification's, regression's (other corpora)
         assert b["regression"]["image_id"] != b["vqa"]["image_id"]
     assert len({key.split("@")[1] for b in batches for key in b["vqa"][IMAGE_KEY]}) > 1  # drawn per row
 

@@ -1,8 +1,8 @@
 """Loaders: multi-task training batches (endless), per-task evaluation sub-batches (finite), and one labelled
 corpus's images with their class ids whatever the tasks (finite: the kNN monitor's, evaluate/knn.py).
 
-Training: the loader yields one multi-task micro-batch at a time (sub-batches as in
-batch_format.py "Batch format"): {"captioning": sub-batch, "vqa": sub-batch, ...}. Every
+Training: the loader yields one multi-task micro-batch at a time (batch_format.micro_batch): {"images": the
+distinct images of its rows, "captioning": sub-batch, "vqa": sub-batch, ...}. Every
 enabled task has a sub-batch of `tasks.<task>.batch_size` rows each micro-batch, or, with
 `train.mode: alternate`, only the task of that micro-batch index (data/order.py): the same on
 every rank. Micro-batch m of rank r holds the task's global rows that data/order.py gives it, so
@@ -40,7 +40,7 @@ from itertools import islice
 import torch
 from torch.utils.data import DataLoader, IterableDataset
 
-from spatialnet_dist.batch_format import collate
+from spatialnet_dist.batch_format import collate, micro_batch
 from spatialnet_dist.data.indexed import ShardReader
 from spatialnet_dist.data.mixing import MixSettings, mix_rng, mix_settings, mix_sub_batch
 from spatialnet_dist.data.order import alternate_task, batches_before, rank_rows
@@ -109,15 +109,17 @@ class MultiTaskBatches(IterableDataset):
                 chosen = [alternate_task(self.seed, index, tasks)] if self.alternate else tasks
                 start, skipped = self.rows_before(index), {t: rows[t].counts.skipped for t in tasks}
                 made: dict = {}  # the micro-batch's images by image key: its tasks' rows show the same ones
-                batch = {t: self._sub_batch(t, rows[t], index, start[t], made) for t in chosen}
+                batch = micro_batch({t: self._sub_batch(t, rows[t], index, start[t], made) for t in chosen})
                 yield batch, {"skipped": {t: rows[t].counts.skipped - skipped[t] for t in tasks}}
         finally:
             reader.close()
 
     def _sub_batch(self, task: str, rows: TaskRows, index: int, start: int, made: dict) -> dict:
-        """The task's sub-batch of micro-batch `index`, whose global rows begin at `start`; mixed when the task mixes."""
-        sub = collate([rows.row(g, made) for g in rank_rows(start, self.batch_sizes[task], self.rank)])
+        """The task's sub-batch of micro-batch `index`, whose global rows begin at `start`, its images still the
+        rows' (micro_batch stacks the distinct ones once); mixed, and so stacked, when the task mixes."""
         settings = self.mixing.get(task)
+        sub = collate([rows.row(g, made) for g in rank_rows(start, self.batch_sizes[task], self.rank)],
+                      stack_images=settings is not None)
         if settings is None:
             return sub
         return mix_sub_batch(sub, task, settings, mix_rng(self.seed, rows.stream, index, self.rank))

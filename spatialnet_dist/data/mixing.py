@@ -12,7 +12,8 @@ The draw is a function of (seed, the task's stream, micro-batch index, rank) (`m
 themselves (data/order.py): the batches stay the same for any number of loader workers and across resume.
 Seeding by the stream rather than the task makes tasks that read the same corpora with the same mixing
 settings draw the same mix; a mixed row's IMAGE_KEY names its two images and the mix, so those tasks'
-mixed rows with the same key hold the same image and still share one encoder pass (model/spatialnet.py).
+mixed rows with the same key hold the same image and still share one row of the micro-batch's images
+(batch_format.micro_batch), encoded once.
 """
 
 from __future__ import annotations

@@ -247,7 +247,7 @@ class TaskSamples:
                  source: str = "", made: dict[str, torch.Tensor] | None = None) -> dict | None:
         """`rng` draws the task's picks, `image_rng` (default: `rng`) the image's symmetry and crop. `source`
         names the stored sample (corpus and index): in training, a row whose image is a function of
-        (source, symmetry) carries IMAGE_KEY, so the model encodes it once for every task whose row shows it.
+        (source, symmetry) carries IMAGE_KEY, so its micro-batch holds it once for every task whose row shows it.
         `made`: images transformed for other rows by IMAGE_KEY (a micro-batch's tasks show the same images),
         taken from there and added to it, so each is transformed once."""
         image_rng = image_rng or rng
@@ -262,7 +262,7 @@ class TaskSamples:
         if image is None:
             image = self.transform(sample.image, image_rng, symmetry, self.band_norms.get(sample.corpus))
             if made is not None and key:
-                made[key] = image  # shared, never changed: collate copies it into the batch
+                made[key] = image  # shared, never changed: micro_batch stacks it once
         row = {"image": image, "image_id": sample.image_id, **targets}
         if self.train:
             row[IMAGE_KEY] = key

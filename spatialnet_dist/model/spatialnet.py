@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from spatialnet_dist import tasks as registry
-from spatialnet_dist.batch_format import IMAGE_KEY, MASK_NOISE
+from spatialnet_dist.batch_format import IMAGE_ROW, MASK_NOISE, images_and_rows
 from spatialnet_dist.config import ModelConfig, TasksConfig, tasks_config_class
 from spatialnet_dist.networks.encoder import ViTEncoder, build_encoder, freeze_blocks, layer_id, load_pretrained
 from spatialnet_dist.networks.heads import VocabSizes
@@ -34,13 +34,13 @@ class SpatialNetViT(nn.Module):
         return self.encoder.encode(images)
 
     def forward(self, batch: dict[str, dict]) -> dict[str, dict]:
-        """Multi-task batch {task: sub-batch} -> {task: head outputs} for the tasks present.
+        """Multi-task batch -> {task: head outputs} for the tasks present.
 
-        The encoder runs once over all sub-batches' distinct images (one large matmul per layer beats
-        several small ones), then its tokens are gathered back per task. Rows of any tasks with the
-        same non-empty IMAGE_KEY hold the same image (batch_format.py) and share one encoder
-        pass; rows without keys (evaluation) are each encoded. Keys that name no registered task are
-        ignored. vqa and regression sub-batches pass each image once, however many of their questions
+        The encoder runs once over the batch's images (batch_format.images_and_rows): a training micro-batch's
+        one tensor of distinct images, or the sub-batches' own images, concatenated (one large matmul per layer
+        beats several small ones). Each head gets the whole encoding, tokens (U, N, D) and pooled (U, D), with
+        its sub-batch, and picks its rows (IMAGE_ROW; batch_format.own_rows). Keys that name no registered
+        task are ignored. vqa and regression sub-batches pass each image once, however many of their questions
         ask about it (their TypedDicts in tasks/); their outputs have one row per question.
 
         A head with `visible_tokens` K > 0 (mae's) gets an encoding of its own images in which the blocks
@@ -52,31 +52,33 @@ class SpatialNetViT(nn.Module):
         unknown = [t for t in tasks if t not in self.heads]
         if unknown:
             raise ValueError(f"batch has tasks {unknown} but the model has heads only for {list(self.heads)}")
+        images, rows = images_and_rows(batch, tasks)  # (U, C, H, W), {task: (B,) or None}
         masked = [t for t in tasks if getattr(self.heads[t], "visible_tokens", 0)]
-        outputs = self._shared_pass(batch, [t for t in tasks if t not in masked])
+        outputs = self._shared_pass(batch, images, {t: r for t, r in rows.items() if t not in masked},
+                                    only_shown=bool(masked))
         for t in masked:  # a masked encoding is its own pass: its tokens are no other task's
-            sub = batch[t]
-            tokens, pooled, kept = self.encoder.encode_visible(sub["image"], self.heads[t].visible_tokens,
-                                                               sub.get(MASK_NOISE))
-            outputs[t] = self.heads[t](tokens, pooled, sub, kept)
+            own = images if rows[t] is None else images[rows[t]]  # (B, C, H, W)
+            tokens, pooled, kept = self.encoder.encode_visible(own, self.heads[t].visible_tokens,
+                                                               batch[t].get(MASK_NOISE))
+            outputs[t] = self.heads[t](tokens, pooled, batch[t], kept)
         return {t: outputs[t] for t in tasks}
 
-    def _shared_pass(self, batch: dict[str, dict], tasks: list[str]) -> dict[str, dict]:
-        """The heads of `tasks` over one encoder pass of their sub-batches' distinct images."""
-        if not tasks:
+    def _shared_pass(self, batch: dict[str, dict], images: torch.Tensor, rows: dict[str, torch.Tensor | None],
+                     only_shown: bool) -> dict[str, dict]:
+        """The heads of the tasks in `rows` over one encoder pass of `images`; `only_shown`: of those their rows
+        show (a masked task beside them may show images of its own)."""
+        if not rows:
             return {}
-        images = torch.cat([batch[t]["image"] for t in tasks])  # (R, C, H, W): every task's rows
-        keys = [k for t in tasks for k in batch[t].get(IMAGE_KEY) or [""] * len(batch[t]["image"])]
-        distinct, slots = (i.to(images.device) for i in _distinct_images(keys))
-        shared = len(distinct) < len(keys)
-        tokens, pooled = self.encode(images[distinct] if shared else images)  # (U, N, D), (U, D)
-        if shared:
-            tokens, pooled = tokens[slots], pooled[slots]  # (R, N, D), (R, D)
-        sizes = [batch[t]["image"].size(0) for t in tasks]
-        return {
-            t: self.heads[t](tok, pool, batch[t])
-            for t, tok, pool in zip(tasks, tokens.split(sizes), pooled.split(sizes))
-        }
+        subs = {t: batch[t] if r is None else {**batch[t], IMAGE_ROW: r} for t, r in rows.items()}
+        if only_shown and all(r is not None for r in rows.values()):
+            shown = torch.unique(torch.cat(list(rows.values())))  # (U',) sorted rows of `images`
+            if len(shown) < len(images):
+                slot = torch.full((len(images),), -1, dtype=torch.int64, device=shown.device)
+                slot[shown] = torch.arange(len(shown), device=shown.device)
+                images = images[shown]
+                subs = {t: {**batch[t], IMAGE_ROW: slot[r]} for t, r in rows.items()}
+        tokens, pooled = self.encode(images)  # (U, N, D), (U, D)
+        return {t: self.heads[t](tokens, pooled, sub) for t, sub in subs.items()}
 
     # ---- training helpers, used by the engine ----
 
@@ -108,22 +110,6 @@ class SpatialNetViT(nn.Module):
             if name.startswith("encoder.") else 1.0
             for name, _ in self.named_parameters()
         }
-
-
-def _distinct_images(keys: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Row keys -> (rows to encode (U,), and for each row the index of its encoding among them (R,)).
-    The first row of each non-empty key is encoded; an empty key is never shared."""
-    first: dict[str, int] = {}  # key -> its slot
-    distinct, slots = [], []
-    for row, key in enumerate(keys):
-        if key in first:
-            slots.append(first[key])
-            continue
-        if key:
-            first[key] = len(distinct)
-        slots.append(len(distinct))
-        distinct.append(row)
-    return torch.tensor(distinct, dtype=torch.int64), torch.tensor(slots, dtype=torch.int64)
 
 
 def assemble_model(model_cfg: ModelConfig, tasks: list[str], sizes: VocabSizes, balance: bool = False,

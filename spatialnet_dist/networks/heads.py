@@ -2,10 +2,11 @@
 head (spatialnet_dist/tasks/<task>.py `Task.head`); a small head lives in its task's module, these are
 the large ones.
 
-A head is called as `head(tokens, pooled, sub_batch) -> dict` with tokens (B, N, D) patch tokens, pooled
-(B, D) per image and the task's sub-batch (its TypedDict in tasks/<task>.py). vqa and regression answer Q
-questions and captioning trains C captions about the B images: they do their per-image work once, then
-gather each question's (caption's) image by sub_batch["image_index"] (Q,) or (C,). Outputs:
+A head is called as `head(tokens, pooled, sub_batch) -> dict` with the encoding of the batch's U images,
+tokens (U, N, D) patch tokens and pooled (U, D), and the task's sub-batch (its TypedDict in tasks/<task>.py),
+whose B images are rows of the encoding (batch_format.own_rows). vqa and regression answer Q questions and
+captioning trains C captions about the B images: they do their per-image work once per encoded image, then
+gather each question's (caption's) image by batch_format.item_rows (Q,) or (C,). Outputs:
   captioning {"logits": (C, Lc-1, V)}, vqa {"logits": (Q, A)}, regression {"count_log1p": (Q,)}.
 A head with `visible_tokens` K > 0 (mae's decoder, tasks/mae.py) is called on a masked encoding of its images,
 as `head(tokens (B, K, D), pooled, sub_batch, kept (B, K))` with the indices of the K patches the encoder saw.
@@ -21,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from spatialnet_dist.batch_format import item_rows
 from spatialnet_dist.networks.presets import Preset
 from spatialnet_dist.text import BOS_ID, EOS_ID, PAD_ID
 
@@ -77,7 +79,7 @@ class CountRegressionHead(nn.Module):
         question = sub_batch["question"]  # (Q, Lq), PAD-padded
         words = (question != PAD_ID).unsqueeze(-1).to(tokens.dtype)  # (Q, Lq, 1)
         bag = (self.embed(question) * words).sum(1) / words.sum(1).clamp(min=1)  # (Q, Dq) mean over real words
-        image = tokens[sub_batch["image_index"]]  # (Q, N, D): each question's image
+        image = tokens[item_rows(sub_batch)]  # (Q, N, D): each question's image
         bag = bag.unsqueeze(1).expand(-1, image.size(1), -1)  # (Q, N, Dq)
         density = self.density(torch.cat([image, bag], -1)).squeeze(-1)  # (Q, N) objects per token
         return {"count_log1p": torch.log1p(density.sum(1))}  # (Q,)
@@ -121,7 +123,7 @@ class CaptionDecoder(nn.Module):
 
     def forward(self, tokens, pooled, sub_batch) -> dict:
         words = sub_batch["tokens"]  # (C, Lc): BOS w.. EOS PAD..
-        memory = self.project(tokens)[sub_batch["image_index"]]  # (C, N, Dt): projected once per image
+        memory = self.project(tokens)[item_rows(sub_batch)]  # (C, N, Dt): projected once per image
         return {"logits": self._logits(words[:, :-1], memory)}  # (C, Lc-1, V)
 
     @torch.no_grad()
@@ -265,5 +267,5 @@ class VQAHead(nn.Module):
         return self.classifier(torch.cat([fused, memory.mean(1)], -1))  # (Q, A)
 
     def forward(self, tokens, pooled, sub_batch) -> dict:
-        memory = self.image_memory(tokens)  # (B, N, d): once per image
-        return {"logits": self.answer(memory[sub_batch["image_index"]], sub_batch["question"])}  # (Q, A)
+        memory = self.image_memory(tokens)  # (U, N, d): once per image
+        return {"logits": self.answer(memory[item_rows(sub_batch)], sub_batch["question"])}  # (Q, A)

@@ -81,6 +81,7 @@ class Task:
     # answers the --question texts (and runs only with some)
     asks_questions: bool = False
     reads_words: bool = False  # its texts are words of the word vocabulary
+    loss_reads_images: bool = False  # its loss compares with the pixels of its images (mae's reconstruction)
     reads_answers: bool = False  # its corpora's answer counts make the answer vocabulary (vocabs.answers)
     # the manifest key listing its corpora's label names, and the TextVocabs field of their union ("classes")
     label_vocab: str = ""

@@ -9,6 +9,7 @@ from typing import NotRequired, TypedDict
 import torch
 from torch import nn
 
+from spatialnet_dist.batch_format import own_rows
 from spatialnet_dist.metrics.baselines import most_frequent, training_text
 from spatialnet_dist.metrics.classification import format_classification_table, plot_confusion, score_classification
 from spatialnet_dist.tasks.base import MIX_OPTIONS, Task, cross_entropy, tta_probabilities
@@ -36,7 +37,7 @@ class ClassificationHead(nn.Module):
         self.fc = nn.Linear(encoder_dim, num_classes)
 
     def forward(self, tokens, pooled, sub_batch) -> dict:
-        return {"logits": self.fc(self.drop(pooled))}  # (B, K)
+        return {"logits": self.fc(self.drop(own_rows(pooled, sub_batch)))}  # (B, K)
 
 
 def class_logits(model, images: torch.Tensor) -> torch.Tensor:

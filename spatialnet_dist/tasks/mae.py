@@ -166,6 +166,7 @@ class MaskedAutoencoding(Task):
     needs = "images"
     default_enabled = False  # pretraining is asked for
     strong_augment = True  # crops and recolours change no target: the target is the augmented image itself
+    loss_reads_images = True
     validation_keys = ("reconstruction_MSE",)
     headline_keys = ("reconstruction_MSE",)
     sample_only_keys = ("reconstruction",)

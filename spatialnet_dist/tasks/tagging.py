@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from spatialnet_dist.batch_format import own_rows
 from spatialnet_dist.display import markdown_table
 from spatialnet_dist.errors import UserError
 from spatialnet_dist.metrics import run_and_baselines
@@ -51,7 +52,7 @@ class TaggingHead(nn.Module):
         self.fc = nn.Linear(encoder_dim, num_tags)
 
     def forward(self, tokens, pooled, sub_batch) -> dict:
-        return {"logits": self.fc(self.drop(pooled))}  # (B, T)
+        return {"logits": self.fc(self.drop(own_rows(pooled, sub_batch)))}  # (B, T)
 
 
 def tag_probabilities(model, images: torch.Tensor) -> torch.Tensor:

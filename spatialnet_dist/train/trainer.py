@@ -32,7 +32,7 @@ import torch.distributed as dist
 from spatialnet_dist import checkpoint as ckpt
 from spatialnet_dist import engine as ds
 from spatialnet_dist import tasks as registry
-from spatialnet_dist.batch_format import question_count
+from spatialnet_dist.batch_format import IMAGES, question_count
 from spatialnet_dist.config import Config
 from spatialnet_dist.data.batches import TrainLoader, make_eval_loader, make_train_loader
 from spatialnet_dist.data.order import stream_seed
@@ -76,9 +76,10 @@ def to_device(batch: dict, device: torch.device, dtype: torch.dtype = torch.floa
     def move(key, v):
         if not torch.is_tensor(v):
             return v
-        return v.to(device, dtype=dtype if key == "image" else None, non_blocking=non_blocking)
+        return v.to(device, dtype=dtype if key in ("image", IMAGES) else None, non_blocking=non_blocking)
 
-    return {task: {k: move(k, v) for k, v in sub.items()} for task, sub in batch.items()}
+    return {key: move(key, value) if key == IMAGES else {k: move(k, v) for k, v in value.items()}
+            for key, value in batch.items()}
 
 
 def _reduce_sum(values: torch.Tensor) -> torch.Tensor:
