@@ -202,6 +202,7 @@ def storm(faults: int, seed: int, work: Path) -> dict:
     from moto.server import ThreadedMotoServer
 
     from spatialnet_dist import checkpoint as ckpt
+    from spatialnet_dist.checkpoint_weights import consolidated_weights
     from spatialnet_dist.corpora.synthetic import write_synthetic
     from spatialnet_dist.train.rundir import FAILURE_CLASSES, RunDir
 
@@ -251,9 +252,9 @@ def storm(faults: int, seed: int, work: Path) -> dict:
             raise RuntimeError(f"chaos: the run under faults failed: {result}")
 
         with ckpt.local_copy(result["checkpoint"]) as d:
-            disturbed_weights = ckpt.consolidated_weights(d)
+            disturbed_weights = consolidated_weights(d)
         with ckpt.local_copy(undisturbed["checkpoint"]) as d:
-            reference = ckpt.consolidated_weights(d)
+            reference = consolidated_weights(d)
         params_equal = (disturbed_weights.keys() == reference.keys()
                         and all(torch.equal(disturbed_weights[k], reference[k]) for k in reference))
         run = RunDir(result["run_dir"])

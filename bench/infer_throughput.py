@@ -72,7 +72,7 @@ def make_bundle(directory: Path, preset: str, image_size: int) -> str:
 
 def model_rate(bundle: str, image_size: int, seconds: float = 8.0) -> float:
     """Tiles/s of the Predictor alone on ready (64, C, S, S) inputs, one thread."""
-    from spatialnet_dist.checkpoint import load_model
+    from spatialnet_dist.checkpoint_weights import load_model
     from spatialnet_dist.evaluate.predict import Predictor
 
     torch.set_num_threads(1)
@@ -87,7 +87,8 @@ def model_rate(bundle: str, image_size: int, seconds: float = 8.0) -> float:
 
 
 def loader_rate(scene: Path, bundle: str, image_size: int) -> float:
-    from spatialnet_dist.checkpoint import load_config_and_vocabs, local_copy
+    from spatialnet_dist.checkpoint import local_copy
+    from spatialnet_dist.checkpoint_weights import load_config_and_vocabs
     from spatialnet_dist.evaluate.infer_sources import plan_rasters, read_part
     from spatialnet_dist.evaluate.predict import input_transform
 

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from spatialnet_dist.checkpoint import load_model
+from spatialnet_dist.checkpoint_weights import load_model
 from spatialnet_dist.corpora.synthetic import DRAW, generate, scene_of, split_of
 from spatialnet_dist.corpora.synthetic.scene import Scene
 from spatialnet_dist.data.transforms import ImageTransform

@@ -1,8 +1,9 @@
-"""Checkpoint layout, publishing a checkpoint complete or not at all, verified loading, the inference bundle.
+"""Checkpoint layout, publishing a checkpoint complete or not at all, verified reading, resuming.
 
-Below both train/ (which saves, publishes and resumes) and evaluate/ (which loads a model to predict):
-neither imports the other. ZeRO consolidation is spatialnet_dist.engine's (the one module that imports
-deepspeed), imported only where a checkpoint, not a bundle, is read.
+Below train/ (which saves, publishes and resumes) and spatialnet_dist.checkpoint_weights (what a checkpoint's or
+bundle's weights are read as: the model for evaluate/, an exported bundle, pretraining), which read every file
+through `local_copy`. Resharding is spatialnet_dist.engine's (the one module that imports deepspeed), imported only
+when a checkpoint is loaded on another number of ranks than wrote it.
 
 A checkpoint directory `<run dir>/checkpoint-NNNNNN/` (the same on the Ray and the torchrun paths,
 on a local dir or S3):
@@ -12,28 +13,25 @@ on a local dir or S3):
   vocab.json      words, answers, classes (spatialnet_dist.text.TextVocabs)
   zero/ds/        DeepSpeed's files: mp_rank_00_model_states.pt and one ZeRO shard per rank
   ema.safetensors with optim.ema_decay only: the weights' moving average (fp32, the model's state_dict keys),
-                  what a resume continues and what load_model and export_bundle give instead of the weights
+                  what a resume continues and what checkpoint_weights (load_model, export_bundle) gives
+                  instead of the weights
   manifest.json   written last, once every rank's files are in place: every file's sha256 and size.
                   A checkpoint without it is partial (a save that died) and never resumed from.
 Beside them `checkpoint-NNNNNN.damaged-K/`: a complete checkpoint whose files no longer matched its manifest when a
 resume read it, set aside by that resume (`resume`, `set_aside`) and kept for inspection: no longer a checkpoint of
 the run, so pruning neither counts nor deletes it, and a later save of the same step writes a new checkpoint-NNNNNN.
-An inference bundle (`export_bundle`): model.safetensors (fp32, consolidated, or the EMA) + config.yaml + vocab.json
-+ manifest.json. Nothing in a bundle is a pickle: it is the route for weights from elsewhere.
+An inference bundle (checkpoint_weights.export_bundle): model.safetensors (fp32, consolidated, or the EMA) +
+config.yaml + vocab.json + manifest.json. Nothing in a bundle is a pickle: it is the route for weights from elsewhere.
 
 Loading (`local_copy`: resume, `eval run`, `predict`, `export`, fine-tuning from `model.pretrained`) checks
 every listed file against its sha256 before anything reads it; DeepSpeed unpickles its .pt files
 (weights_only=False), so a checkpoint without a manifest is refused. The manifest catches corruption and
 partial writes, not a hostile author: take checkpoints from elsewhere only as bundles. A file that does not match
 (`DamagedCheckpoint`) makes a resume fall back to the run's checkpoint before; everything else refuses it.
-
-Over 300 lines: the layout, its publishing and its verified reading are one contract; a writer and a reader
-of a checkpoint kept apart would drift.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import itertools
 import json
@@ -43,7 +41,6 @@ from contextlib import ExitStack, contextmanager, nullcontext, suppress
 from pathlib import Path, PurePosixPath
 
 import torch.distributed as dist
-import yaml
 
 from spatialnet_dist import config as config_mod
 from spatialnet_dist.errors import DiskFull, UserError
@@ -60,7 +57,7 @@ EMA_WEIGHTS = "ema.safetensors"
 BUNDLE_FILES = (BUNDLE_WEIGHTS, CONFIG, TextVocabs.FILENAME)
 _NAME = re.compile(r"checkpoint-(\d+)")
 DAMAGED_NAME = re.compile(r"checkpoint-\d+\.damaged-\d+")  # set aside by `resume`: not a checkpoint of the run
-_CHUNK = 2**20
+CHUNK = 2**20  # bytes hashed at a time: memory stays flat whatever a file's size (a shard may be GBs)
 
 
 def checkpoint_name(step: int) -> str:
@@ -78,13 +75,13 @@ def file_digests(directory: str | Path, names: list[str] | None = None) -> dict[
     for path in paths:
         h = hashlib.sha256()
         with open(path, "rb") as f:
-            while chunk := f.read(_CHUNK):
+            while chunk := f.read(CHUNK):
                 h.update(chunk)
         out[path.relative_to(d).as_posix()] = {"sha256": h.hexdigest(), "bytes": path.stat().st_size}
     return out
 
 
-def _write_manifest(url: str, files: dict[str, dict], **fields) -> None:
+def write_manifest(url: str, files: dict[str, dict], **fields) -> None:
     storage.write_bytes_atomic(storage.join(url, MANIFEST), json.dumps({**fields, "files": files}, indent=1).encode())
 
 
@@ -116,7 +113,7 @@ def publish(local_dir: str | Path, run_url: str, step: int, rank: int, keep: int
         if _distributed():
             dist.barrier()  # every rank's files are in place
         if rank == 0:
-            _write_manifest(url, {rel: by_rank[r][rel] for rel, r in sorted(owner.items())}, step=step)
+            write_manifest(url, {rel: by_rank[r][rel] for rel, r in sorted(owner.items())}, step=step)
     except DiskFull:
         # No manifest, so never resumed from; removed now, so the space it took is free for the run's records (a
         # rank waiting at the barrier is ended with the group, and no manifest is written).
@@ -173,7 +170,7 @@ class DamagedCheckpoint(UserError):
         self.url, self.file = url, file
 
 
-def _listed_files(url: str) -> dict[str, dict | None]:
+def listed_files(url: str) -> dict[str, dict | None]:
     """{relative path: digest} from the manifest; a bundle without one: its files, digest None."""
     manifest_url = storage.join(url, MANIFEST)
     if storage.exists(manifest_url):
@@ -201,7 +198,7 @@ def _fetch_checked(url: str, rel: str, digest: dict | None, dst: Path) -> None:
     h, size = hashlib.sha256(), 0
     try:
         with storage.open_stream(src) as f, open(dst, "wb") if storage.is_s3(url) else nullcontext() as out:
-            while chunk := f.read(_CHUNK):
+            while chunk := f.read(CHUNK):
                 h.update(chunk)
                 size += len(chunk)
                 if out is not None:
@@ -219,7 +216,7 @@ def _fetch_checked(url: str, rel: str, digest: dict | None, dst: Path) -> None:
 def local_copy(url: str):
     """A checkpoint or bundle URL (local dir or s3://) as a local directory for the block, holding exactly
     the files its manifest lists, each checked against its sha256 first (local files are linked, not copied)."""
-    files = _listed_files(url)
+    files = listed_files(url)
     with tempfile.TemporaryDirectory(prefix="spatialnet-ckpt-") as tmp:
         for rel, digest in files.items():
             dst = Path(tmp, *PurePosixPath(rel).parts)
@@ -288,7 +285,7 @@ def damaged_checkpoints(run_url: str) -> list[str]:
 def _checked_meta(url: str) -> dict:
     """A checkpoint's meta.json, checked against its manifest first (DamagedCheckpoint)."""
     with tempfile.TemporaryDirectory(prefix="spatialnet-meta-") as tmp:
-        _fetch_checked(url, META, _listed_files(url).get(META), Path(tmp, META))
+        _fetch_checked(url, META, listed_files(url).get(META), Path(tmp, META))
         return read_meta(tmp)
 
 
@@ -367,123 +364,3 @@ def read_meta(directory: str | Path) -> dict:
     if not path.is_file():
         raise UserError(f"{directory}: not a spatialnet checkpoint (no {META})")
     return json.loads(path.read_text())
-
-
-def consolidated_weights(directory: str | Path) -> dict:
-    """fp32 state dict of the model from a checkpoint of any ZeRO stage, or from a bundle."""
-    d = Path(directory)
-    if (d / BUNDLE_WEIGHTS).is_file():
-        from safetensors.torch import load_file
-
-        return load_file(str(d / BUNDLE_WEIGHTS))
-    if not (d / ZERO_DIR / ZERO_TAG).is_dir():
-        raise UserError(f"{directory}: neither a checkpoint ({ZERO_DIR}/{ZERO_TAG}/) nor a bundle ({BUNDLE_WEIGHTS})")
-    from spatialnet_dist.engine import consolidated_state_dict
-
-    return consolidated_state_dict(str(d / ZERO_DIR), ZERO_TAG)
-
-
-def inference_weights(directory: str | Path) -> dict:
-    """What a checkpoint is evaluated and exported with: its EMA when it holds one, else its weights."""
-    ema = ema_weights(directory)
-    return ema if ema is not None else consolidated_weights(directory)
-
-
-def load_weights(model, url: str) -> None:
-    """A checkpoint's (any ZeRO stage, any number of ranks) or a bundle's inference weights (its EMA when it
-    holds one) into `model`."""
-    with local_copy(url) as d:
-        model.load_state_dict(inference_weights(d))
-
-
-def is_pretraining_source(source: str) -> bool:
-    """Whether model.pretrained names a checkpoint or bundle of this project (a local directory or an s3://
-    URL), read by `pretraining_weights`, rather than a weights file or "hub", which the encoder reads."""
-    return bool(source) and source != "hub" and (storage.is_s3(source) or Path(source).is_dir())
-
-
-def check_pretraining_source(source: str) -> None:
-    """A UserError naming `source` unless it is a complete checkpoint or a bundle; a run directory is told
-    which checkpoint to name. Reads the manifest only."""
-    if not (storage.exists(storage.join(source, MANIFEST)) or storage.exists(storage.join(source, BUNDLE_WEIGHTS))):
-        latest = latest_complete(source)
-        if latest is not None:
-            raise UserError(f"model.pretrained: {source} is a run directory: name one of its checkpoints, "
-                            f"e.g. {latest}")
-    try:
-        _listed_files(source)
-    except UserError as e:
-        raise UserError(f"model.pretrained: {e}") from None
-
-
-def pretraining_weights(source: str) -> dict | None:
-    """model.pretrained as a pretraining of this project -> its model's weights, what the model-building code
-    hands to networks/encoder.load_pretrained (which keeps the encoder): a checkpoint of any ZeRO stage (its
-    EMA when it holds one, as `load_model` takes it) or an exported bundle, each file checked first. None
-    when `source` is a weights file or "hub" (`is_pretraining_source`)."""
-    if not is_pretraining_source(source):
-        return None
-    check_pretraining_source(source)
-    with local_copy(source) as d:
-        return inference_weights(d)
-
-
-def load_config_and_vocabs(directory: str | Path) -> tuple[config_mod.Config, TextVocabs]:
-    d = Path(directory)
-    if not (d / CONFIG).is_file():
-        raise UserError(f"{directory}: no {CONFIG} (not a checkpoint or bundle)")
-    cfg = config_mod.from_dict(yaml.safe_load((d / CONFIG).read_text()))
-    return cfg, TextVocabs.load(d)
-
-
-def load_model(url: str):
-    """-> (model in eval mode on CPU, cfg, vocabs) from a checkpoint (its EMA weights when it holds them)
-    or a bundle URL."""
-    from spatialnet_dist.model.spatialnet import build_model
-
-    with local_copy(url) as d:
-        cfg, vocabs = load_config_and_vocabs(d)
-        state = inference_weights(d)
-    # Under loss.balance=uncertainty the weights hold the learned task balance too: built, so the load stays strict.
-    # The checkpoint's weights replace all of them: what model.pretrained named is not read (nor needed) again.
-    model_cfg = dataclasses.replace(cfg.model, pretrained="")
-    model = build_model(model_cfg, cfg.tasks.enabled(), vocabs, balance=cfg.loss.balance == "uncertainty",
-                        task_cfgs=cfg.tasks)
-    model.load_state_dict(state)
-    return model.eval(), cfg, vocabs
-
-
-def export_bundle(checkpoint_url: str, out_dir: str | Path) -> Path:
-    """Consolidate any checkpoint (ZeRO-3 included) into fp32 safetensors (its EMA weights when it holds them)
-    + config + vocab, and their manifest (written last)."""
-    from safetensors.torch import save_file
-
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    with local_copy(checkpoint_url) as d:
-        cfg, vocabs = load_config_and_vocabs(d)
-        state = inference_weights(d)
-    # safetensors refuses tensors that share storage (tied weights); contiguous copies are independent.
-    save_file({k: v.detach().float().contiguous().clone() for k, v in state.items()}, str(out / BUNDLE_WEIGHTS))
-    (out / CONFIG).write_text(cfg.to_yaml())
-    vocabs.save(out)
-    _write_manifest(str(out), file_digests(out, list(BUNDLE_FILES)))
-    return out
-
-
-def model_sha256(url: str) -> str:
-    """One sha256 naming a checkpoint's or bundle's content (what `spatialnet infer` records, so that its output
-    never mixes two models): of its manifest, which holds every file's sha256; for a bundle without one, of its
-    files' digests in turn."""
-    files = _listed_files(url)
-    manifest_url = storage.join(url, MANIFEST)
-    if storage.exists(manifest_url):
-        return hashlib.sha256(storage.read_bytes(manifest_url)).hexdigest()
-    h = hashlib.sha256()
-    for rel in sorted(files):
-        file_hash = hashlib.sha256()
-        with storage.open_stream(storage.join(url, rel)) as f:
-            while chunk := f.read(_CHUNK):
-                file_hash.update(chunk)
-        h.update(f"{rel}\0{file_hash.hexdigest()}\n".encode())
-    return h.hexdigest()

@@ -198,7 +198,7 @@ def _infer(a) -> int:
 
 
 def _export(a) -> int:
-    from spatialnet_dist.checkpoint import export_bundle
+    from spatialnet_dist.checkpoint_weights import export_bundle
 
     out = export_bundle(a.checkpoint, a.out)
     print(f"exported {a.checkpoint} -> {out} (model.safetensors, config.yaml, vocab.json)", file=a.stdout)

@@ -1,7 +1,8 @@
 """The DeepSpeed engine: the only module that imports deepspeed.
 
-Below train/ (which builds, steps and saves the engine) and spatialnet_dist.checkpoint (whose model
-loading consolidates ZeRO shards for evaluate/ too), so that deepspeed stays in this one file.
+Below train/ (which builds, steps and saves the engine), spatialnet_dist.checkpoint (which reshards a checkpoint
+to load on another number of ranks) and spatialnet_dist.checkpoint_weights (whose model loading consolidates ZeRO
+shards for evaluate/ too), so that deepspeed stays in this one file.
 
 Builds DeepSpeed's JSON config from ours, the AdamW parameter groups, the warm-up + cosine schedule,
 and wraps `deepspeed.initialize`, checkpoint save/load and ZeRO consolidation.

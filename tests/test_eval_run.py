@@ -162,7 +162,7 @@ def test_eval_run_over_ray_workers_matches_one_process(store, shared_ray, tmp_pa
     caption_rows = json.loads((tmp_path / "ray" / "predictions" / "captions.json").read_text())
     assert len(caption_rows) == read_manifest(store, "synthetic")["splits"]["test"]["samples"]
 
-    from spatialnet_dist.checkpoint import load_model
+    from spatialnet_dist.checkpoint_weights import load_model
     from spatialnet_dist.evaluate.run import predict_split, score_predictions
 
     model, cfg, vocabs = load_model(bundle)

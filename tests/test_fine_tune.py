@@ -17,6 +17,13 @@ from timm.layers import resample_abs_pos_embed
 
 from spatialnet_dist import checkpoint as ckpt
 from spatialnet_dist import config as config_mod
+from spatialnet_dist.checkpoint_weights import (
+    consolidated_weights,
+    export_bundle,
+    is_pretraining_source,
+    load_model,
+    pretraining_weights,
+)
 from spatialnet_dist.errors import UserError
 from spatialnet_dist.model.spatialnet import build_model
 from spatialnet_dist.networks.encoder import meta_encoder
@@ -53,7 +60,7 @@ def fine_tuned(pretrained: str, seed: int = 2, **model):
     """A classification model at 64 px (a 4x4 token grid where pretraining had 2x2) built as the Trainer builds it."""
     cfg = pretraining_config(image_size=64, pretrained=pretrained, **model)
     torch.manual_seed(seed)
-    return build_model(cfg.model, ["classification"], VOCABS, pretraining=ckpt.pretraining_weights(pretrained))
+    return build_model(cfg.model, ["classification"], VOCABS, pretraining=pretraining_weights(pretrained))
 
 
 def assert_encoder_from(model, weights: dict) -> None:
@@ -69,14 +76,14 @@ def assert_encoder_from(model, weights: dict) -> None:
 @pytest.mark.parametrize("ema", [False, True])
 def test_a_checkpoint_directory_and_its_bundle_load_the_encoder_and_leave_the_heads_fresh(tmp_path, ema):
     url, weights = pretrained_checkpoint(tmp_path / "runs" / "pre", pretraining_config(), ema=ema)
-    assert url.endswith("checkpoint-000005") and ckpt.is_pretraining_source(url)
+    assert url.endswith("checkpoint-000005") and is_pretraining_source(url)
     model = fine_tuned(url)
     assert_encoder_from(model, weights)  # with an EMA: the averaged weights, as evaluation and export take them
     scratch = fine_tuned("")
     assert all(torch.equal(v, scratch.heads.state_dict()[k]) for k, v in model.heads.state_dict().items())
     assert not torch.equal(model.heads["classification"].fc.weight, weights["heads.classification.fc.weight"])
 
-    bundle = ckpt.export_bundle(url, tmp_path / "bundle")
+    bundle = export_bundle(url, tmp_path / "bundle")
     assert_encoder_from(fine_tuned(str(bundle)), weights)
     preflight.check_sources(pretraining_config(pretrained=url))
     preflight.check_sources(pretraining_config(pretrained=str(bundle)))
@@ -144,7 +151,7 @@ def test_a_fine_tuned_model_loads_without_the_pretraining_it_started_from(tmp_pa
     cfg.tasks.captioning.enabled = cfg.tasks.vqa.enabled = cfg.tasks.regression.enabled = False
     (out / ckpt.CONFIG).write_text(cfg.to_yaml())
     VOCABS.save(out)
-    loaded, loaded_cfg, _ = ckpt.load_model(str(out))
+    loaded, loaded_cfg, _ = load_model(str(out))
     assert loaded_cfg.model.pretrained.endswith("checkpoint-000300")
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in loaded.state_dict().items())
 
@@ -189,7 +196,7 @@ def _pretrain_then_fine_tune_worker(rank: int, port: int, root: str, runs: str, 
             "heads": sorted(fine.engine.module.heads),
             "ema_taken": bool(ema) and not torch.equal(
                 pretrained["encoder.blocks.0.attn.qkv.weight"],
-                ckpt.consolidated_weights(Path(run, "checkpoint-000002"))["encoder.blocks.0.attn.qkv.weight"]),
+                consolidated_weights(Path(run, "checkpoint-000002"))["encoder.blocks.0.attn.qkv.weight"]),
         }
         report[stage]["others"] = len(source) - 1 - len(report[stage]["equal"])
     Path(out, "report.json").write_text(json.dumps(report))

@@ -144,7 +144,7 @@ def test_rerun_writes_only_missing_parts_and_another_model_is_refused(store, bun
     rc, _, stderr = run_cli(["infer", other, str(scene), str(out)])
     manifest = json.loads((out / "manifest.json").read_text())
     assert rc == 2 and stderr.count("\n") == 1 and "refusing to mix" in stderr
-    from spatialnet_dist.checkpoint import model_sha256
+    from spatialnet_dist.checkpoint_weights import model_sha256
 
     assert manifest["model_sha256"] in stderr and model_sha256(other) in stderr
     rc, _, stderr = run_cli(["infer", bundle, str(scene), str(out), "--stride", "16"])

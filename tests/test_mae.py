@@ -243,8 +243,8 @@ def test_a_ray_pretraining_whose_worker_is_sigkilled_ends_with_the_uninterrupted
     """Through Ray Train on 2 workers, on the 13-band unlabeled corpus: one worker SIGKILLed once checkpoint 4 is
     complete -> the group restarts from it -> its step-8 weights are the bits of an undisturbed run's (the masks of
     steps 5-8, drawn from the reseeded RNG, included)."""
-    from spatialnet_dist import checkpoint as ckpt
     from spatialnet_dist import jobs
+    from spatialnet_dist.checkpoint_weights import consolidated_weights
 
     root, runs = str(tmp_path / "shards"), str(tmp_path / "runs")
     write_unlabeled(root)
@@ -260,11 +260,11 @@ def test_a_ray_pretraining_whose_worker_is_sigkilled_ends_with_the_uninterrupted
     assert killed and result["restarts"] >= 1 and 4 in result["resumed_from"], result
     assert jobs.train_with_ray(sets(*job, "run.name=undisturbed")) == 0
     assert result_line(capsys.readouterr().out)["restarts"] == 0
-    resumed = ckpt.consolidated_weights(f"{runs}/killed/checkpoint-000008")
-    undisturbed = ckpt.consolidated_weights(f"{runs}/undisturbed/checkpoint-000008")
+    resumed = consolidated_weights(f"{runs}/killed/checkpoint-000008")
+    undisturbed = consolidated_weights(f"{runs}/undisturbed/checkpoint-000008")
     assert resumed.keys() == undisturbed.keys() and any(k.startswith("heads.mae.") for k in resumed)
     assert [k for k in resumed if not torch.equal(resumed[k], undisturbed[k])] == []
-    halfway = ckpt.consolidated_weights(f"{runs}/undisturbed/checkpoint-000004")
+    halfway = consolidated_weights(f"{runs}/undisturbed/checkpoint-000004")
     assert not all(torch.equal(halfway[k], undisturbed[k]) for k in halfway)  # steps 5-8 trained
 
 

@@ -241,7 +241,7 @@ def test_a_killed_run_resumes_to_the_parameters_of_an_uninterrupted_one(tmp_path
     import torch.multiprocessing as mp
     from torch.multiprocessing.spawn import ProcessException
 
-    from spatialnet_dist.checkpoint import load_model
+    from spatialnet_dist.checkpoint_weights import load_model
     from spatialnet_dist.cli import main as cli_main
     from spatialnet_dist.corpora.synthetic import write_synthetic
 

@@ -11,6 +11,7 @@ import torch
 
 from spatialnet_dist import checkpoint as ckpt
 from spatialnet_dist import config as config_mod
+from spatialnet_dist.checkpoint_weights import export_bundle, load_model
 
 STEPS, CHECKPOINT_AT, BATCH = 4, 2, 2
 TASKS = ("captioning", "vqa", "classification", "regression")
@@ -206,9 +207,9 @@ def test_the_ema_steps_once_per_optimizer_step_resumes_bit_exact_and_is_what_eva
     url = ckpt.publish(tmp_path / f"step-{STEPS}", str(tmp_path / "run"), STEPS, 0, keep=0)
     listed = json.loads(Path(url, ckpt.MANIFEST).read_text())["files"]
     assert ckpt.EMA_WEIGHTS in listed  # checked against its sha256 like every checkpoint file
-    model, _, _ = ckpt.load_model(url)
+    model, _, _ = load_model(url)
     assert all(torch.equal(v, trainer.ema.tensors[k]) for k, v in model.state_dict().items())
-    bundle = load_file(str(ckpt.export_bundle(url, tmp_path / "bundle") / ckpt.BUNDLE_WEIGHTS))
+    bundle = load_file(str(export_bundle(url, tmp_path / "bundle") / ckpt.BUNDLE_WEIGHTS))
     assert all(torch.equal(v, trainer.ema.tensors[k]) for k, v in bundle.items())
 
 
@@ -252,9 +253,9 @@ def test_learned_task_balance_trains_reports_and_resumes_with_the_checkpoint(wor
     assert torch.equal(second.weights[STEPS][key], s_at[STEPS])  # Adam's moments of s_t came back too
 
     url = ckpt.publish(tmp_path / f"step-{CHECKPOINT_AT}", str(tmp_path / "run"), CHECKPOINT_AT, rank=0, keep=0)
-    model, loaded_cfg, _ = ckpt.load_model(url)
+    model, loaded_cfg, _ = load_model(url)
     assert loaded_cfg.loss.balance == "uncertainty" and torch.equal(model.state_dict()[key], s_at[CHECKPOINT_AT])
-    bundle, _, _ = ckpt.load_model(str(ckpt.export_bundle(url, tmp_path / "bundle")))
+    bundle, _, _ = load_model(str(export_bundle(url, tmp_path / "bundle")))
     assert torch.equal(bundle.state_dict()[key], s_at[CHECKPOINT_AT])
 
 
@@ -270,7 +271,7 @@ def test_a_checkpoint_of_any_zero_stage_loads_as_the_weights_it_saved(world_of_o
     reporter = RecordingReporter(tmp_path)
     _trainer(cfg, vocabs, reporter).fit()
     url = ckpt.publish(tmp_path / "step-1", str(tmp_path / "run"), 1, 0, keep=0)
-    model, _, _ = ckpt.load_model(url)
+    model, _, _ = load_model(url)
     assert all(torch.equal(v, reporter.weights[1][k]) for k, v in model.state_dict().items())
 
 
@@ -292,7 +293,7 @@ def test_a_run_whose_newest_checkpoint_is_damaged_resumes_from_the_one_before_to
     run = RunDir(str(tmp_path / "damaged"))
     newest = run.path(ckpt.checkpoint_name(STEPS))
     assert local.main(argv, None) == 0
-    undisturbed = ckpt.load_model(newest)[0].state_dict()
+    undisturbed = load_model(newest)[0].state_dict()
     model_states = "zero/ds/mp_rank_00_model_states.pt"
     path = Path(newest, model_states)
     data = bytearray(path.read_bytes())
@@ -310,7 +311,7 @@ def test_a_run_whose_newest_checkpoint_is_damaged_resumes_from_the_one_before_to
     assert result["damaged_checkpoints"] == [{"checkpoint": newest, "file": model_states, "set_aside": aside}]
     assert run.attempts()[-1]["start_step"] == CHECKPOINT_AT and run.attempts()[-1]["lost_steps"] == STEPS - CHECKPOINT_AT
     assert [f["file"] for f in run.failures(DAMAGED_CHECKPOINT)] == [model_states] and run.failures() == []
-    resumed = ckpt.load_model(newest)[0].state_dict()  # the step-4 checkpoint saved anew
+    resumed = load_model(newest)[0].state_dict()  # the step-4 checkpoint saved anew
     assert resumed.keys() == undisturbed.keys() and all(torch.equal(resumed[k], undisturbed[k]) for k in resumed)
     assert Path(aside, model_states).read_bytes() == bytes(data)  # kept as it was found
 

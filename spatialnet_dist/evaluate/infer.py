@@ -44,7 +44,7 @@ class PartPredictor:
     def __init__(self, model_url: str, settings: dict, out: str, loaded=None, threads: int = 0):
         import torch
 
-        from spatialnet_dist.checkpoint import load_model
+        from spatialnet_dist.checkpoint_weights import load_model
         from spatialnet_dist.evaluate.predict import Predictor
 
         if threads:
@@ -176,7 +176,7 @@ def infer(model_url: str, source: str, out: str, corpus: str | None = None, spli
     "tiles_per_s" (in the steady state, once every replica has done a part; 0 with one part). `part_tiles` 0:
     infer_sources.default_part_tiles. `workers` 0: 1 in
     this process, or with `use_ray` one actor per GPU of the cluster."""
-    from spatialnet_dist.checkpoint import load_model, model_sha256
+    from spatialnet_dist.checkpoint_weights import load_model, model_sha256
     from spatialnet_dist.data.transforms import model_image_size
     from spatialnet_dist.evaluate.predict import input_transform
 

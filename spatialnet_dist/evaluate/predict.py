@@ -125,7 +125,7 @@ class Predictor:
 def predict_images(checkpoint: str, images: list[str], questions: list[str] | None = None) -> list[dict]:
     """-> per image {"image": path, and the Predictor's keys of the model's heads}: "caption", "class",
     "probability", "class_topk", "tags", "tag_scores", "answers" (always, [] without questions)."""
-    from spatialnet_dist.checkpoint import load_model
+    from spatialnet_dist.checkpoint_weights import load_model
 
     arrays = [load_image(p) for p in images]  # bad files fail before the model loads
     model, cfg, vocabs = load_model(checkpoint)

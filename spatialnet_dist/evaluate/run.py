@@ -287,7 +287,7 @@ def _predict_with_ray(checkpoint: str, cfg, split: str, workers: int) -> SplitPr
     """Each of `workers` Ray tasks loads the model and predicts its share of the shards."""
     import ray
 
-    from spatialnet_dist.checkpoint import load_model
+    from spatialnet_dist.checkpoint_weights import load_model
 
     per_worker = math.ceil(cfg.eval.max_samples / workers) if cfg.eval.max_samples else 0
 
@@ -319,7 +319,7 @@ def evaluate_checkpoint(
     Writes to `out` (default <checkpoint>/eval-<split>); the run's metrics.jsonl, beside a checkpoint
     in its run directory, feeds the report's loss curves. -> the metrics.
     """
-    from spatialnet_dist.checkpoint import load_model
+    from spatialnet_dist.checkpoint_weights import load_model
 
     checkpoint, data = _absolute(checkpoint.rstrip("/")), _absolute(data)
     model, cfg, vocabs = load_model(checkpoint)

@@ -119,7 +119,7 @@ def assemble_model(model_cfg: ModelConfig, tasks: list[str], sizes: VocabSizes, 
     section of `task_cfgs` (the config's `tasks`; None: every task's defaults); with `balance`
     (loss.balance=uncertainty) also the tasks' learned loss weights (objective.TaskBalance). The encoder starts
     from model.pretrained: a weights file or the hub, read here, or this project's checkpoint or bundle, whose
-    weights the caller read into `pretraining` (checkpoint.pretraining_weights: model/ sits below checkpoint.py)."""
+    weights the caller read into `pretraining` (checkpoint_weights.pretraining_weights: model/ sits below it)."""
     task_cfgs = tasks_config_class()() if task_cfgs is None else task_cfgs
     preset = get_preset(model_cfg.preset)
     encoder = build_encoder(preset, model_cfg.image_size, model_cfg.in_chans, model_cfg.activation, model_cfg.drop_path,

@@ -266,7 +266,7 @@ def load_pretrained(encoder: ViTEncoder, source: str, preset: Preset,
                     state: dict[str, torch.Tensor] | None = None) -> tuple[list[str], list[str]]:
     """Load encoder weights from `source` -> (missing keys, unexpected keys): "hub" or a file path, read here,
     or a pretraining of this project (a checkpoint or bundle) whose model weights `state` the caller read
-    (checkpoint.pretraining_weights; networks/ reads no checkpoints).
+    (checkpoint_weights.pretraining_weights; networks/ reads no checkpoints).
 
     Accepts a timm ViT state dict (also nested under "model"/"state_dict") or a SpatialNet-ViT one
     (its "encoder." keys; the heads are left out, they start fresh). pos_embed and the patch kernel are

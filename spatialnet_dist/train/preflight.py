@@ -17,6 +17,7 @@ from pathlib import Path
 from spatialnet_dist import checkpoint as ckpt
 from spatialnet_dist import tasks as registry
 from spatialnet_dist import versions
+from spatialnet_dist.checkpoint_weights import check_pretraining_source, is_pretraining_source
 from spatialnet_dist.config import Config
 from spatialnet_dist.errors import UserError
 from spatialnet_dist.store import storage
@@ -61,8 +62,8 @@ def check_sources(cfg: Config) -> None:
     if resume and not storage.exists(storage.join(resume, ckpt.META)):
         raise UserError(f"train.resume: {resume}: not a spatialnet checkpoint (no {ckpt.META})")
     pretrained = cfg.model.pretrained
-    if ckpt.is_pretraining_source(pretrained):  # this project's pretraining: a complete checkpoint or a bundle
-        ckpt.check_pretraining_source(pretrained)
+    if is_pretraining_source(pretrained):  # this project's pretraining: a complete checkpoint or a bundle
+        check_pretraining_source(pretrained)
     elif pretrained and pretrained != "hub":  # hub: timm downloads it in the workers; nothing to check offline
         if not Path(pretrained).is_file():
             raise UserError(f"model.pretrained: {pretrained}: no such local file")

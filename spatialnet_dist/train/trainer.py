@@ -33,6 +33,7 @@ from spatialnet_dist import checkpoint as ckpt
 from spatialnet_dist import engine as ds
 from spatialnet_dist import tasks as registry
 from spatialnet_dist.batch_format import IMAGES, question_count
+from spatialnet_dist.checkpoint_weights import pretraining_weights
 from spatialnet_dist.config import Config
 from spatialnet_dist.data.batches import TrainLoader, make_eval_loader, make_train_loader
 from spatialnet_dist.data.order import stream_seed
@@ -99,7 +100,7 @@ def model_of(cfg: Config, vocabs: TextVocabs, pretrained: bool = False) -> torch
     copies that Trainer.inference_model fills with the trained weights skip that read (of a whole checkpoint, maybe)."""
     model_cfg = cfg.model if pretrained else replace(cfg.model, pretrained="")
     return build_model(model_cfg, cfg.tasks.enabled(), vocabs, balance=cfg.loss.balance == "uncertainty",
-                       pretraining=ckpt.pretraining_weights(model_cfg.pretrained), task_cfgs=cfg.tasks)
+                       pretraining=pretraining_weights(model_cfg.pretrained), task_cfgs=cfg.tasks)
 
 
 def peak_memory_mb(device: torch.device) -> float:

@@ -17,6 +17,7 @@ from spatialnet_dist import checkpoint as ckpt
 from spatialnet_dist import config as config_mod
 from spatialnet_dist import engine as ds
 from spatialnet_dist import versions
+from spatialnet_dist.checkpoint_weights import load_weights
 from spatialnet_dist.store import storage
 from spatialnet_dist.text import TextVocabs
 from spatialnet_dist.train import failures, plan
@@ -125,7 +126,7 @@ def _resume_train_evaluate(trainer: Trainer, reporter: RayReporter, evaluation: 
             if rank == 0:
                 log.info("rank 0: evaluating the best checkpoint, step %d (%s=%.4g)", best["step"], best["metric"],
                          best["value"])
-            ckpt.load_weights(model, run.path(ckpt.checkpoint_name(best["step"])))
+            load_weights(model, run.path(ckpt.checkpoint_name(best["step"])))
         headline = evaluation(model, cfg, vocabs, rank, world_size, run, reporter.tracker)
         # The same number of reports on every rank: the evaluation's is the last.
         ray.train.report({"step": trainer.step, "eval_done": True, **headline})
