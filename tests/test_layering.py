@@ -1,6 +1,7 @@
 """The package's layering, read from its source with ast: every import statement of every module, at
 module level and inside functions. No import cycle between modules, nor between packages; train/ and evaluate/
-never import each other (spatialnet_dist.jobs, above both, wires them); deepspeed in one module, Ray connected from one."""
+never import each other (spatialnet_dist.jobs, above both, wires them); tasks/ never names config/, not even for a
+type checker; deepspeed in one module, Ray connected from one."""
 
 from __future__ import annotations
 
@@ -34,7 +35,7 @@ def _known(name: str) -> str:
 
 def _run_time_nodes(tree: ast.AST):
     """ast.walk, less the bodies of `if TYPE_CHECKING:`: an import only a type checker runs orders nothing at
-    run time (tasks/base.py names the config and data types its methods take that way)."""
+    run time (tasks/base.py names the data types its methods take that way)."""
     todo = [tree]
     while todo:
         node = todo.pop()
@@ -45,12 +46,13 @@ def _run_time_nodes(tree: ast.AST):
         todo += ast.iter_child_nodes(node)
 
 
-def imported_names(module: str, source: str) -> set[str]:
+def imported_names(module: str, source: str, type_checking: bool = False) -> set[str]:
     """Every name an import statement in `source` brings in at run time, absolute (`from . import x`: the
-    package's x)."""
+    package's x); with `type_checking`, also those under `if TYPE_CHECKING:`."""
     package = module if MODULES.get(module, Path()).name == "__init__.py" else module.rpartition(".")[0]
     names = set()
-    for node in _run_time_nodes(ast.parse(source)):
+    tree = ast.parse(source)
+    for node in ast.walk(tree) if type_checking else _run_time_nodes(tree):
         if isinstance(node, ast.Import):
             names |= {alias.name for alias in node.names}
         elif isinstance(node, ast.ImportFrom):
@@ -121,6 +123,8 @@ def test_the_walk_sees_function_local_imports_and_finds_cycles():
         == {"spatialnet_dist.evaluate.report", "spatialnet_dist.store.storage"}
     assert imported_names("spatialnet_dist.x", "if TYPE_CHECKING:\n    import spatialnet_dist.config\nelse:\n"
                           "    import spatialnet_dist.text") == {"spatialnet_dist.text"}
+    assert imported_names("spatialnet_dist.x", "if TYPE_CHECKING:\n    from spatialnet_dist import config",
+                          type_checking=True) == {"spatialnet_dist.config"}
     assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
     assert cycles({"a": {"b"}, "b": set()}) == []
 
@@ -147,6 +151,16 @@ def test_no_import_cycle_between_packages():
         packages.setdefault(_top(module), set()).update(_top(t) for t in targets if _top(t) != _top(module))
     found = cycles(packages)
     assert not found, "package import cycles: " + "; ".join(" <-> ".join(c) for c in found)
+
+
+def test_tasks_never_name_config_not_even_for_a_type_checker():
+    """config stands on the task registry (schema.py makes the tasks.<task> sections from it), so a task module
+    importing config, even under `if TYPE_CHECKING:`, is a cycle a type checker follows. The sections a task reads
+    are in task_sections.py, below both."""
+    naming = [f"{m} imports {n}" for m, path in MODULES.items() if _top(m) == "tasks"
+              for n in sorted(imported_names(m, path.read_text(), type_checking=True))
+              if n.split(".")[0] == ROOT and _top(_known(n)) == "config"]
+    assert not naming, "; ".join(naming)
 
 
 def _top(module: str) -> str:

@@ -6,7 +6,9 @@ the CLI can print it and exit before any worker starts. Its modules, each standi
 
 - loader.py: `load` (defaults <- YAML file <- overrides, then validation), `from_dict`, `parse_override`.
 - schema.py: the dataclasses of every section, with each key's default and comment; `tasks.<task>` sections are
-  made from the task registry (spatialnet_dist/tasks). Its docstring says how to list every key.
+  made from the task registry (spatialnet_dist/tasks). Its docstring says how to list every key. The sections a
+  task reads (TaskConfig, ModelConfig, LossConfig) are re-exported from spatialnet_dist/task_sections.py, below
+  the registry, so that the task modules import them without importing config.
 - coercion.py: writing a nested dict into the dataclasses, checking each key and each value's type.
 - checks.py: what values each key may hold, and which names may stand under tasks. and loss.weights.
 """
@@ -19,16 +21,14 @@ from spatialnet_dist.config.schema import (
     FaultsConfig,
     KnnConfig,
     LogConfig,
-    LossConfig,
-    ModelConfig,
     OptimConfig,
     RunConfig,
-    TaskConfig,
     TasksConfig,
     TrainConfig,
     tasks_config_class,
 )
 from spatialnet_dist.errors import ConfigError
+from spatialnet_dist.task_sections import LossConfig, ModelConfig, TaskConfig
 
 __all__ = [
     "Config", "ConfigError", "DataConfig", "EvalConfig", "FaultsConfig", "KnnConfig", "LogConfig", "LossConfig",

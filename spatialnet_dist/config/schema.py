@@ -1,6 +1,8 @@
 """The schema of a run's config: one dataclass per section (run, data, tasks.<task>, model, loss, optim, train,
 eval, eval.knn, log, faults) and `Config`, which nests them. Each key is a field; its default is the field's; what
 it means is the `#` comment above the field or after it on its line; a section's docstring says what the section is.
+The sections a task reads (TaskConfig, ModelConfig, LossConfig) are in spatialnet_dist/task_sections.py, below
+the task registry that this module imports, so that no task module has to import config.
 
 `tasks.<task>` has one section per registered task (spatialnet_dist/tasks): the section's class is made from the
 registry when a Config is made (`tasks_config_class`), with the task's own options (`Task.options`) beside the
@@ -28,6 +30,7 @@ import yaml
 from spatialnet_dist import tasks as registry
 from spatialnet_dist.config.coercion import merge
 from spatialnet_dist.store.s3 import DEFAULT_RETRY_SECONDS
+from spatialnet_dist.task_sections import LossConfig, ModelConfig, TaskConfig
 
 
 @dataclass
@@ -55,22 +58,6 @@ class DataConfig:
     # How long one S3 operation (a shard read, a metrics write, an upload) keeps retrying, with backoff, through
     # an outage of the endpoint before the run stops naming it; a read resumes at its byte offset (store/storage.py).
     s3_retry_seconds: float = DEFAULT_RETRY_SECONDS
-
-
-@dataclass
-class TaskConfig:
-    enabled: bool = True
-    corpora: list[str] = field(default_factory=lambda: ["synthetic"])
-    batch_size: int = 8  # sub-batch per worker per micro-step (derived when global_batch_size is set)
-    # 0: batch_size x train.num_workers x optim.grad_accum (or the resumed checkpoint's). Else the task's samples
-    # per optimizer step over all workers, whatever their number: each worker's batch_size = global_batch_size /
-    # (its world size x optim.grad_accum) (train.plan: recorded by the driver, split in every worker).
-    global_batch_size: int = 0
-    corpus_weights: dict[str, float] = field(default_factory=dict)
-    augment: str = "symmetry"  # one of AUGMENT_POLICIES
-    erase_prob: float = 0.0  # random erasing after a strong or trivial policy: the chance of one erased box
-    questions_per_image: int = 0  # vqa/regression: questions one visit answers; 0: all, up to a cap (data code)
-    captions_per_image: int = 0  # captioning: reference captions one visit trains; 0: all, up to the same cap
 
 
 @dataclass
@@ -113,46 +100,6 @@ def tasks_config_class() -> type:
             fields.append((t.name, cls, field(default_factory=lambda cls=cls, d=defaults: cls(**d))))
         _TASKS_CONFIG_CLASSES[key] = dataclasses.make_dataclass("TasksConfig", fields, bases=(TasksConfig,))
     return _TASKS_CONFIG_CLASSES[key]
-
-
-@dataclass
-class ModelConfig:
-    preset: str = "tiny"
-    image_size: int = 0  # 0: the preset's size
-    patch_size: int = 0  # 0: the preset's; tokens per image = (image_size / patch_size)^2
-    # How images become tokens: patch (one strided convolution, timm's ViT) | conv (a stack of 3x3 stride-2
-    # convolutions to the same token grid; little data trains it better, networks/encoder.py ConvStemEmbed)
-    stem: str = "patch"
-    # The pooled image vector the classification and tagging heads read: token (the class token,
-    # as published ViT checkpoints were trained) | avg (the mean of the patch tokens, timm's global_pool="avg":
-    # on little data it carries every patch's evidence instead of one token's learned summary)
-    global_pool: str = "token"
-    in_chans: int = 3
-    activation: str = ""  # "": the preset's FFN activation (gelu, relu)
-    # Where the encoder starts: "" from scratch; a local .pth/.safetensors file or "hub" (timm's weights, bands
-    # adapted); a checkpoint directory or exported bundle of this project, local or s3:// (its pretraining: the
-    # encoder loads, the heads start fresh, its band count must be model.in_chans)
-    pretrained: str = ""
-    # Fine-tuning: patch embedding, position/class tokens and the first N encoder blocks stay fixed
-    # (N = the preset's depth: the whole trunk but its final norm). 0: everything trains.
-    freeze_encoder_blocks: int = 0
-    drop_path: float = 0.0
-    caption_max_len: int = 24  # tokens, BOS/EOS included
-    question_max_len: int = 20
-    min_word_count: int = 1
-    max_answers: int = 1000
-    answer_rule: str = "rsvqa-lr"  # how raw answers map to classes: rsvqa-lr | exact
-
-
-@dataclass
-class LossConfig:
-    weights: dict[str, float] = field(default_factory=lambda: {t: 1.0 for t in registry.names()})
-    regularization: str = "decoupled"  # decoupled (AdamW weight decay) | l2 (explicit lambda_reg term)
-    l2: float = 0.0  # lambda_reg when regularization == l2
-    label_smoothing: float = 0.0
-    # fixed: L = sum_t lambda_t * L_t. uncertainty: each task also learns a log-variance s_t that weighs its loss
-    # (Kendall et al. 2018, objective.TaskBalance), so no hand-tuned lambda_t has to put the losses on one scale.
-    balance: str = "fixed"
 
 
 @dataclass
@@ -289,7 +236,8 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     tasks: TasksConfig = field(default_factory=lambda: tasks_config_class()())
     model: ModelConfig = field(default_factory=ModelConfig)
-    loss: LossConfig = field(default_factory=LossConfig)
+    # Every registered task's weight, so the resolved config lists them (task_sections cannot: it is below the registry)
+    loss: LossConfig = field(default_factory=lambda: LossConfig(weights={t: 1.0 for t in registry.names()}))
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)

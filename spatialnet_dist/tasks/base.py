@@ -25,9 +25,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from spatialnet_dist.symmetry import SYMMETRIES
+from spatialnet_dist.task_sections import LossConfig, ModelConfig, TaskConfig
 
-if TYPE_CHECKING:  # config imports the registry (config/schema.py): a task module must not import config at run time
-    from spatialnet_dist.config import LossConfig, ModelConfig, TaskConfig
+if TYPE_CHECKING:  # types only signatures name (data.streams cannot be imported at run time: data/ imports tasks/)
     from spatialnet_dist.data.streams import TaskSamples
     from spatialnet_dist.networks.heads import VocabSizes
     from spatialnet_dist.networks.presets import Preset
