@@ -1,14 +1,13 @@
 """mae, masked autoencoding (tasks/mae.py): the encoder sees only the kept patches and the loss only the masked
 ones, against hand computations; norm_pix targets by hand for 13 bands; it learns a fixed batch; through the
 Trainer alone on an unlabeled 13-band uint16 corpus (a resume is bit for bit the uninterrupted run, its masks
-included), and through Ray Train with a worker SIGKILLed mid-way (the same bits); a 13-band classifier fine-tuned
-from that pretraining; beside classification under ZeRO-3 with validation; evaluation rows, scores, files and
+included; through Ray Train with a worker SIGKILLed mid-way: test_train's ZeRO-3 kill test); a 13-band classifier
+fine-tuned from that pretraining; beside classification under ZeRO-3 with validation; evaluation rows, scores, files and
 report; its config keys."""
 
 from __future__ import annotations
 
 import json
-import threading
 
 import numpy as np
 import pytest
@@ -23,7 +22,6 @@ from spatialnet_dist.networks.heads import VocabSizes
 from spatialnet_dist.store.schema import Sample
 from spatialnet_dist.store.writer import ShardWriter
 from spatialnet_dist.tasks.mae import patchify, reconstruction_targets, unpatchify, visible_count
-from tests.test_train import _kill_a_worker_after, result_line, sets
 from tests.test_trainer import RecordingReporter, _trainer, world_of_one  # noqa: F401  (world_of_one: a fixture)
 
 MAE = registry.get("mae")
@@ -236,36 +234,6 @@ def test_a_13_band_pretraining_fine_tunes_a_13_band_classifier_through_the_train
     assert sorted(trainer.engine.module.heads) == ["classification"]
     trainer.fit()
     assert [m["step"] for m in fine.metrics] == [1, 2] and all(np.isfinite(m["classification_loss"]) for m in fine.metrics)
-
-
-@pytest.mark.slow
-def test_a_ray_pretraining_whose_worker_is_sigkilled_ends_with_the_uninterrupted_weights(shared_ray, tmp_path, capsys):
-    """Through Ray Train on 2 workers, on the 13-band unlabeled corpus: one worker SIGKILLed once checkpoint 4 is
-    complete -> the group restarts from it -> its step-8 weights are the bits of an undisturbed run's (the masks of
-    steps 5-8, drawn from the reseeded RNG, included)."""
-    from spatialnet_dist import jobs
-    from spatialnet_dist.checkpoint_weights import consolidated_weights
-
-    root, runs = str(tmp_path / "shards"), str(tmp_path / "runs")
-    write_unlabeled(root)
-    job = ["model.image_size=32", f"model.patch_size={PATCH}", f"model.in_chans={BANDS}", *OTHER_TASKS,
-           "tasks.mae.enabled=true", "tasks.mae.corpora=[unlabeled]", "tasks.mae.batch_size=2", f"data.root={root}",
-           f"run.storage={runs}", "data.loader_workers=1", "train.max_steps=8", "train.checkpoint_every=4",
-           "train.max_failures=2", "train.log_every=1", "eval.every=0", "eval.at_end=false", "optim.warmup_steps=2"]
-    killed: list[float] = []
-    threading.Thread(target=_kill_a_worker_after, args=(f"{runs}/killed/checkpoint-000004", shared_ray.process.pid,
-                                                        killed), daemon=True).start()
-    assert jobs.train_with_ray(sets(*job, "run.name=killed")) == 0
-    result = result_line(capsys.readouterr().out)
-    assert killed and result["restarts"] >= 1 and 4 in result["resumed_from"], result
-    assert jobs.train_with_ray(sets(*job, "run.name=undisturbed")) == 0
-    assert result_line(capsys.readouterr().out)["restarts"] == 0
-    resumed = consolidated_weights(f"{runs}/killed/checkpoint-000008")
-    undisturbed = consolidated_weights(f"{runs}/undisturbed/checkpoint-000008")
-    assert resumed.keys() == undisturbed.keys() and any(k.startswith("heads.mae.") for k in resumed)
-    assert [k for k in resumed if not torch.equal(resumed[k], undisturbed[k])] == []
-    halfway = consolidated_weights(f"{runs}/undisturbed/checkpoint-000004")
-    assert not all(torch.equal(halfway[k], undisturbed[k]) for k in halfway)  # steps 5-8 trained
 
 
 # ---- evaluation ----

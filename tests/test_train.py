@@ -280,9 +280,12 @@ def _kill_a_worker_after(checkpoint: str, head_pid: int, killed: list[float]) ->
 
 @pytest.mark.slow
 def test_ray_zero3_on_s3_resumes_after_a_worker_is_sigkilled(s3_endpoint, s3_bucket, shared_ray, capsys, tmp_path):
-    """Shards and run storage on S3, ZeRO-3; a worker is SIGKILLed once checkpoint 4 is complete -> Ray restarts
-    the group -> resume from step 4 -> final_step == max_steps, no step counted twice, both ranks' ZeRO shards in
-    the last checkpoint, validation with ZeRO-3's gathered parameters, TensorBoard's events as metrics.jsonl."""
+    """Shards and run storage on S3, ZeRO-3, mae pretraining beside the labelled tasks; a worker is SIGKILLed once
+    checkpoint 4 is complete -> Ray restarts the group -> resume from step 4 -> final_step == max_steps, no step
+    counted twice, both ranks' ZeRO shards in the last checkpoint, validation with ZeRO-3's gathered parameters,
+    TensorBoard's events as metrics.jsonl, and the step-8 weights the bits of an undisturbed run's (mae's masks of
+    steps 5-8, drawn from the reseeded RNG, included)."""
+    from spatialnet_dist.checkpoint_weights import consolidated_weights
     from spatialnet_dist.corpora.synthetic import write_synthetic
 
     data = f"s3://{s3_bucket}/shards"
@@ -305,9 +308,9 @@ def test_ray_zero3_on_s3_resumes_after_a_worker_is_sigkilled(s3_endpoint, s3_buc
             time.sleep(0.5)
 
     threading.Thread(target=watch_restart, daemon=True).start()
-    code = jobs.train_with_ray(sets(*TINY, f"data.root={data}", f"run.storage={runs}", "run.name=z3",
-                                    "train.zero_stage=3", "train.max_steps=8", "train.checkpoint_every=4",
-                                    "eval.every=4"))
+    job = [*TINY, f"data.root={data}", f"run.storage={runs}", "train.zero_stage=3", "train.max_steps=8",
+           "train.checkpoint_every=4", "eval.every=4", "tasks.mae.enabled=true", "tasks.mae.batch_size=2"]
+    code = jobs.train_with_ray(sets(*job, "run.name=z3"))
     result = result_line(capsys.readouterr().out)
     assert killed, "no Ray Train worker was found to kill"
     assert code == 0, result
@@ -335,6 +338,15 @@ def test_ray_zero3_on_s3_resumes_after_a_worker_is_sigkilled(s3_endpoint, s3_buc
     events.Reload()
     assert {e.step: e.value for e in events.Scalars("loss")} == pytest.approx({m["step"]: m["loss"] for m in metrics})
     assert RunDir(f"{runs}/z3").describe()["state"] == "finished"
+
+    assert jobs.train_with_ray(sets(*job, "run.name=undisturbed")) == 0
+    assert result_line(capsys.readouterr().out)["restarts"] == 0
+    resumed = consolidated_weights(result["checkpoint"])
+    undisturbed = consolidated_weights(f"{runs}/undisturbed/checkpoint-000008")
+    assert resumed.keys() == undisturbed.keys() and any(k.startswith("heads.mae.") for k in resumed)
+    assert [k for k in resumed if not torch.equal(resumed[k], undisturbed[k])] == []
+    halfway = consolidated_weights(f"{runs}/undisturbed/checkpoint-000004")
+    assert not all(torch.equal(halfway[k], undisturbed[k]) for k in halfway)  # steps 5-8 trained
     if stepped_at:
         with capsys.disabled():  # the figure for bench/RESULTS.md "Resume"
             print(f"\nworker SIGKILLed after checkpoint 4: {result['lost_steps']} steps lost, "

@@ -5,8 +5,9 @@ the large ones.
 A head is called as `head(tokens, pooled, sub_batch) -> dict` with the encoding of the batch's U images,
 tokens (U, N, D) patch tokens and pooled (U, D), and the task's sub-batch (its TypedDict in tasks/<task>.py),
 whose B images are rows of the encoding (batch_format.own_rows). vqa and regression answer Q questions and
-captioning trains C captions about the B images: they do their per-image work once per encoded image, then
-gather each question's (caption's) image by batch_format.item_rows (Q,) or (C,). Outputs:
+captioning trains C captions about the B images: they do their per-image work once on their own rows (not on
+other tasks' images), then gather each question's (caption's) image by "image_index"; regression, which has no
+per-image work, gathers straight from the encoding (batch_format.item_rows). Outputs:
   captioning {"logits": (C, Lc-1, V)}, vqa {"logits": (Q, A)}, regression {"count_log1p": (Q,)}.
 A head with `visible_tokens` K > 0 (mae's decoder, tasks/mae.py) is called on a masked encoding of its images,
 as `head(tokens (B, K, D), pooled, sub_batch, kept (B, K))` with the indices of the K patches the encoder saw.
@@ -22,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from spatialnet_dist.batch_format import item_rows
+from spatialnet_dist.batch_format import item_rows, own_rows
 from spatialnet_dist.networks.presets import Preset
 from spatialnet_dist.text import BOS_ID, EOS_ID, PAD_ID
 
@@ -123,7 +124,7 @@ class CaptionDecoder(nn.Module):
 
     def forward(self, tokens, pooled, sub_batch) -> dict:
         words = sub_batch["tokens"]  # (C, Lc): BOS w.. EOS PAD..
-        memory = self.project(tokens)[item_rows(sub_batch)]  # (C, N, Dt): projected once per image
+        memory = self.project(own_rows(tokens, sub_batch))[sub_batch["image_index"]]  # (C, N, Dt): once per image
         return {"logits": self._logits(words[:, :-1], memory)}  # (C, Lc-1, V)
 
     @torch.no_grad()
@@ -267,5 +268,5 @@ class VQAHead(nn.Module):
         return self.classifier(torch.cat([fused, memory.mean(1)], -1))  # (Q, A)
 
     def forward(self, tokens, pooled, sub_batch) -> dict:
-        memory = self.image_memory(tokens)  # (U, N, d): once per image
-        return {"logits": self.answer(memory[item_rows(sub_batch)], sub_batch["question"])}  # (Q, A)
+        memory = self.image_memory(own_rows(tokens, sub_batch))  # (B, N, d): once per image of the task's
+        return {"logits": self.answer(memory[sub_batch["image_index"]], sub_batch["question"])}  # (Q, A)
