@@ -341,11 +341,15 @@ def test_ray_zero3_on_s3_resumes_after_a_worker_is_sigkilled(s3_endpoint, s3_buc
 
     assert jobs.train_with_ray(sets(*job, "run.name=undisturbed")) == 0
     assert result_line(capsys.readouterr().out)["restarts"] == 0
-    resumed = consolidated_weights(result["checkpoint"])
-    undisturbed = consolidated_weights(f"{runs}/undisturbed/checkpoint-000008")
+
+    def weights(url: str) -> dict:
+        with ckpt.local_copy(url) as directory:
+            return consolidated_weights(directory)
+
+    resumed, undisturbed = weights(result["checkpoint"]), weights(f"{runs}/undisturbed/checkpoint-000008")
     assert resumed.keys() == undisturbed.keys() and any(k.startswith("heads.mae.") for k in resumed)
     assert [k for k in resumed if not torch.equal(resumed[k], undisturbed[k])] == []
-    halfway = consolidated_weights(f"{runs}/undisturbed/checkpoint-000004")
+    halfway = weights(f"{runs}/undisturbed/checkpoint-000004")
     assert not all(torch.equal(halfway[k], undisturbed[k]) for k in halfway)  # steps 5-8 trained
     if stepped_at:
         with capsys.disabled():  # the figure for bench/RESULTS.md "Resume"
