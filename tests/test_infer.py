@@ -226,8 +226,8 @@ def test_the_raster_reader_reads_windows_of_any_layout(tmp_path):
         assert (r.window(17, 40, 50, 30) == np.moveaxis(planar, 0, -1)[40:70, 17:67]).all()
 
 
-@pytest.mark.slow  # real Ray: a local instance with two actors
-def test_a_killed_run_rerun_ends_with_every_tile_once(bundle, tmp_path):
+@pytest.mark.slow  # real Ray: two actors on the shared cluster, which the CLI joins (RAY_ADDRESS)
+def test_a_killed_run_rerun_ends_with_every_tile_once(bundle, shared_ray, tmp_path):
     scene = write_scene(tmp_path / "big.tif", scene_pixels(32 * 40, 32 * 4, seed=5))  # 40 tile rows
     env = {**os.environ, "PYTHONPATH": str(REPO), "RAY_DEDUP_LOGS": "0"}
     out = tmp_path / "out"
