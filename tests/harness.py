@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import multiprocessing
 import os
 import re
 import secrets
@@ -58,6 +59,16 @@ def free_ports(n: int) -> list[int]:
     for s in sockets:
         s.close()
     return ports
+
+
+def as_torchrun_worker(rank: int, world_size: int, port: int) -> None:
+    """What torchrun gives a process it starts, for a test's `torch.multiprocessing.spawn` worker: the process
+    group's variables (gloo on 127.0.0.1, DeepSpeed on the CPU), and fork as the way it starts processes of its
+    own (its data loaders). A spawned child inherits "spawn" instead: each loader process would import torch and
+    this package again, 10-20 s each on the test machine."""
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port), DS_ACCELERATOR="cpu")
+    multiprocessing.set_start_method("fork", force=True)
 
 
 class FlakyProxy:

@@ -12,6 +12,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+from harness import as_torchrun_worker
 
 from spatialnet_dist import checkpoint as ckpt
 from spatialnet_dist.errors import UserError
@@ -352,8 +353,7 @@ def _resume_after_every_crash(rank: int, port: int, data_root: str, runs: str, b
     """One process (a world of one): a run of 2 steps with a checkpoint at each, its step-2 save crashed
     at every step in turn, then the same run started again. -> per crash point: the step resumed from,
     the final parameters' fingerprint, the checkpoint directories left."""
-    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
-                      DS_ACCELERATOR="cpu")
+    as_torchrun_worker(0, 1, port)
     from spatialnet_dist import config as config_mod
     from spatialnet_dist import engine as ds
     from spatialnet_dist.data.vocab import build_vocabs

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pytest
 import torch
+from harness import as_torchrun_worker
 
 from spatialnet_dist.tasks import DEFAULT_TASKS as TASKS
 from tests.test_model import SIZES, make_batch
@@ -16,8 +16,7 @@ from tests.test_model import SIZES, make_batch
 def _losses_worker(rank: int, port: int, out: str, settings: dict[str, list[str]]):
     """One rank under gloo, ZeRO-0: three steps of a tiny model on one batch per setting (config overrides),
     the same weights each time -> the losses and the parameter dtype of each."""
-    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
-                      DS_ACCELERATOR="cpu")
+    as_torchrun_worker(0, 1, port)
     from spatialnet_dist import config as config_mod
     from spatialnet_dist import engine as ds
     from spatialnet_dist.model.spatialnet import assemble_model

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from harness import as_torchrun_worker
 from timm.layers import resample_abs_pos_embed
 
 from spatialnet_dist import checkpoint as ckpt
@@ -160,8 +161,7 @@ def test_a_fine_tuned_model_loads_without_the_pretraining_it_started_from(tmp_pa
 
 
 def _pretrain_then_fine_tune_worker(rank: int, port: int, root: str, runs: str, out: str):
-    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
-                      DS_ACCELERATOR="cpu")
+    as_torchrun_worker(0, 1, port)
     from spatialnet_dist import engine as ds
     from spatialnet_dist.data.vocab import build_vocabs
     from spatialnet_dist.evaluate.run import ValidationPass

@@ -5,12 +5,12 @@ reads its share, a run in this process against an independent vote, two ranks ag
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from harness import as_torchrun_worker
 from test_trainer import RecordingReporter, world_of_one  # noqa: F401  (world_of_one: a fixture)
 
 from spatialnet_dist import config as config_mod
@@ -195,7 +195,7 @@ def test_validation_logs_the_knn_accuracy_of_the_encoder_on_a_corpus_no_task_rea
 
 
 def _two_rank_worker(rank: int, world_size: int, port: int, root: str, out: str):
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    as_torchrun_worker(rank, world_size, port)
     import torch.distributed as dist
 
     from spatialnet_dist.data.vocab import build_vocabs

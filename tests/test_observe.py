@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from harness import as_torchrun_worker
 
 from spatialnet_dist import config as config_mod
 from spatialnet_dist import jobs
@@ -161,7 +162,7 @@ def test_mlflow_on_s3_storage_needs_a_tracking_server(monkeypatch, capsys):
 def _train_worker(rank: int, port: int, root: str, storage_dir: str):
     """3 steps on one rank (DeepSpeed under gloo), validation at step 2, then the end-of-run evaluation
     as the Ray worker runs it (without captions: their scorers are java)."""
-    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    as_torchrun_worker(0, 1, port)
     from test_train import TINY
 
     from spatialnet_dist import engine as ds

@@ -4,11 +4,11 @@ ZeRO-1/2/3 partitions are resharded through DeepSpeed's universal checkpoint (ch
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pytest
 import torch
+from harness import as_torchrun_worker
 
 from spatialnet_dist import config as config_mod
 from spatialnet_dist.config import ConfigError
@@ -71,8 +71,7 @@ def _full_state(engine) -> dict[str, dict[str, torch.Tensor]]:
 
 
 def _reshard_worker(rank: int, world_size: int, port: int, stage: int, directory: str, out: str):
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port), DS_ACCELERATOR="cpu")
+    as_torchrun_worker(rank, world_size, port)
     from spatialnet_dist import checkpoint as ckpt
     from spatialnet_dist import engine as ds
     from spatialnet_dist.model.spatialnet import assemble_model

@@ -6,11 +6,11 @@ through the node-local cache; and a killed run resumes to the parameters of an u
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pytest
 import torch
+from harness import as_torchrun_worker
 
 from spatialnet_dist.batch_format import IMAGE_KEY, IMAGE_ROW, IMAGES, task_images
 from spatialnet_dist.data.batches import make_train_loader
@@ -202,8 +202,7 @@ def _e2e_worker(rank: int, port: int, root: str, out: str, stage: int, loader_wo
     """part 'killed': the run with faults.kind=exit, rank 0 dies after step 3 (checkpoint at 2). part 'resumed':
     the same run resumed to max_steps, then an uninterrupted run of the same config; rank 0 compares them and saves
     the resumed weights (the test compares the bundle exported from the last checkpoint with them)."""
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port), DS_ACCELERATOR="cpu")
+    as_torchrun_worker(rank, 2, port)
     from spatialnet_dist import config as config_mod
     from spatialnet_dist import engine as ds
     from spatialnet_dist.train.local import train

@@ -6,13 +6,13 @@ objective, evaluation and report."""
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from harness import as_torchrun_worker
 from torch import nn
 
 from spatialnet_dist import config as config_mod
@@ -108,8 +108,7 @@ def write_tagged(root: str) -> None:
 def _toy_worker(rank: int, port: int, root: str, run_dir: str, out: str):
     """One rank, no Ray: register the test's task, train brightness and tagging two steps (validating at
     the second), then evaluate and report on the test split."""
-    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
-                      DS_ACCELERATOR="cpu")
+    as_torchrun_worker(0, 1, port)
     from spatialnet_dist import engine as ds
     from spatialnet_dist.data.vocab import build_vocabs
     from spatialnet_dist.evaluate.run import ValidationPass, evaluate_model

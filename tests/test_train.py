@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from harness import TINY, result_line, sets
+from harness import TINY, as_torchrun_worker, result_line, sets
 
 from spatialnet_dist import checkpoint as ckpt
 from spatialnet_dist import jobs
@@ -127,8 +127,7 @@ def test_a_finished_run_is_not_run_again_unless_given_more_to_do(synth_root, tmp
 def _fine_tune_worker(rank: int, port: int, out: str):
     """One rank under gloo: for ZeRO-2 and ZeRO-3, one step of a tiny model with 2 of 4 blocks frozen and
     layer_decay 0.5 -> what the engine's optimizer holds and what the step changed."""
-    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
-                      DS_ACCELERATOR="cpu")
+    as_torchrun_worker(0, 1, port)
     from spatialnet_dist import config as config_mod
     from spatialnet_dist import engine as ds
     from spatialnet_dist.model.spatialnet import assemble_model
@@ -193,8 +192,7 @@ def _engine_against_bare_worker(rank: int, port: int, out: str):
     """One rank under gloo: the ZeRO-2 engine as create_engine builds it for CPU, and a bare torch loop
     (same parameter groups, AdamW, clipping, schedule), 3 steps each on one batch -> their losses and the
     largest parameter difference."""
-    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
-                      DS_ACCELERATOR="cpu")
+    as_torchrun_worker(0, 1, port)
     from spatialnet_dist import config as config_mod
     from spatialnet_dist import engine as ds
     from spatialnet_dist.model.spatialnet import assemble_model
