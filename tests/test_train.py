@@ -399,8 +399,10 @@ def test_ray_a_full_run_disk_ends_the_run_in_one_line_and_a_rerun_resumes_the_ch
             time.sleep(0.05)
 
     threading.Thread(target=fill_once_checkpoint_2_is_complete, daemon=True).start()
+    # Every checkpoint kept: a prune would free a checkpoint's room for the next, so a fill that came a save late
+    # (the watcher runs beside the Ray driver in this process, slow under load) would let the run finish.
     args = sets(*TINY, f"data.root={synth_root}", f"run.storage={runs}", "run.name=full", "train.max_steps=8",
-                "train.checkpoint_every=2", "log.tensorboard=false")
+                "train.checkpoint_every=2", "run.keep_checkpoints=0", "log.tensorboard=false")
     code = jobs.train_with_ray(args)
     out, err = capsys.readouterr()
     result = result_line(out)
