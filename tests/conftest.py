@@ -63,9 +63,10 @@ class SmallDisk:
         with contextlib.suppress(OSError), open(ballast, "wb") as f:
             # Most of it at once (tmpfs allocates without writing): a run filling its disk as it trains must not
             # outpace the ballast. Then writes, for what the allocation's rounding left.
-            with contextlib.suppress(OSError):
-                os.posix_fallocate(f.fileno(), 0, max(shutil.disk_usage(d).free - leave, 1))
-            f.seek(0, os.SEEK_END)
+            if (room := shutil.disk_usage(d).free - leave) > 0:
+                with contextlib.suppress(OSError):
+                    os.posix_fallocate(f.fileno(), 0, room)
+                f.seek(0, os.SEEK_END)
             while (room := shutil.disk_usage(d).free - leave) > 0:
                 f.write(chunk[:room])
                 f.flush()
