@@ -77,9 +77,10 @@ def _unlabeled_config(root: str, *overrides: str):
 # ---- masking and loss ----
 
 
-def test_the_encoder_sees_only_the_kept_patches_and_the_loss_reads_only_the_masked_ones():
+@pytest.mark.parametrize("stem", ["patch", "conv"])
+def test_the_encoder_sees_only_the_kept_patches_and_the_loss_reads_only_the_masked_ones(stem):
     assert [visible_count(16, 0.75), visible_count(64, 0.75), visible_count(4, 0.99), visible_count(4, 0.01)] == [4, 16, 1, 3]
-    cfg = _config()
+    cfg = _config(f"model.stem={stem}")
     model = _model(cfg).eval()
     assert model.heads["mae"].visible_tokens == KEPT
     torch.manual_seed(1)
@@ -95,7 +96,10 @@ def test_the_encoder_sees_only_the_kept_patches_and_the_loss_reads_only_the_mask
         changed[0, :, PATCH * row: PATCH * (row + 1), PATCH * col: PATCH * (col + 1)] = 5.0
         return changed
 
-    hidden = next(p for p in range(PATCHES) if p not in kept[0].tolist())
+    def beside_a_kept_one(patch: int) -> bool:  # within a conv stem's receptive field of a kept patch
+        return any(abs(patch // 4 - k // 4) + abs(patch % 4 - k % 4) == 1 for k in kept[0].tolist())
+
+    hidden = next(p for p in range(PATCHES) if p not in kept[0].tolist() and beside_a_kept_one(p))
     unseen = model.encoder.encode_visible(with_patch_changed(hidden), KEPT, noise)
     assert torch.equal(unseen[0], tokens) and torch.equal(unseen[1], pooled)  # a masked patch reaches no token
     seen = model.encoder.encode_visible(with_patch_changed(int(kept[0, 0])), KEPT, noise)

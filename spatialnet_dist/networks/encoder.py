@@ -71,14 +71,21 @@ class ViTEncoder(VisionTransformer):
         """MAE's random masking (He et al. 2022, models_mae.random_masking): the blocks see only `keep` of
         each image's N patch tokens, taken after the patch embedding and position embedding, with the
         class token. Each image keeps the patches of its `keep` lowest `noise` (B, N) values; noise drawn
-        from torch's RNG when None. With the conv stem that is ConvMAE's token dropping: the stem still
-        sees the whole image. -> tokens (B, keep, D) of the kept patches, in `kept` order, pooled (B, D)
-        as `encode`'s, kept (B, keep) int64 patch indices (row-major on the token grid)."""
+        from torch's RNG when None. The hidden patches' pixels are zeroed before the stem: a conv stem's
+        receptive field (31 px for 16 px patches) would otherwise carry ~7 px of every masked neighbour into
+        a kept token, and reconstruction becomes interpolation across borders (ConvMAE masks its convolutions
+        for this reason); a patch kernel reads its own patch only, so there it changes nothing.
+        -> tokens (B, keep, D) of the kept patches, in `kept` order, pooled (B, D) as `encode`'s, kept
+        (B, keep) int64 patch indices (row-major on the token grid)."""
+        (rows, cols), patch = self.patch_embed.dynamic_feat_size(images.shape[-2:]), self.patch_embed.patch_size
+        if noise is None:
+            noise = torch.rand(images.shape[0], rows * cols, device=images.device)  # (B, N)
+        kept = noise.to(images.device).argsort(dim=1)[:, :keep]  # (B, K)
+        shown = torch.zeros_like(noise, dtype=images.dtype, device=images.device).scatter_(1, kept, 1.0)  # (B, N)
+        shown = shown.view(-1, 1, rows, 1, cols, 1).expand(-1, -1, -1, patch[0], -1, patch[1])
+        images = images * shown.reshape(-1, 1, rows * patch[0], cols * patch[1])  # (B, C, H, W), hidden = 0
         x = self._pos_embed(self.patch_embed(images))  # (B, prefix + N, D)
         prefix = self.num_prefix_tokens
-        if noise is None:
-            noise = torch.rand(x.shape[0], x.shape[1] - prefix, device=x.device)  # (B, N)
-        kept = noise.to(x.device).argsort(dim=1)[:, :keep]  # (B, K)
         visible = x[:, prefix:].gather(1, kept.unsqueeze(-1).expand(-1, -1, x.shape[-1]))  # (B, K, D)
         x = self.norm_pre(self.patch_drop(torch.cat([x[:, :prefix], visible], dim=1)))  # (B, prefix + K, D)
         x = self.norm(checkpoint_seq(self.blocks, x) if self.grad_checkpointing else self.blocks(x))
