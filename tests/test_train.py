@@ -4,8 +4,6 @@ checkpoints on local disk and on moto's S3 server, recovery from a worker that d
 from __future__ import annotations
 
 import json
-import os
-import signal
 import threading
 import time
 from pathlib import Path
@@ -17,7 +15,6 @@ from harness import TINY, as_torchrun_worker, result_line, sets
 
 from spatialnet_dist import checkpoint as ckpt
 from spatialnet_dist import jobs
-from spatialnet_dist.store import storage
 from spatialnet_dist.train import launch
 from spatialnet_dist.train.rundir import RunDir
 
@@ -254,130 +251,7 @@ def _steps(metrics: list[dict]) -> list[int]:
     return [m["step"] for m in metrics]
 
 
-def _kill_a_worker_after(checkpoint: str, head_pid: int, killed: list[float]) -> None:
-    """Once `checkpoint` (a local path or an s3:// URL) is complete (its manifest written), SIGKILL one Ray Train
-    worker process of the Ray head `head_pid` from outside (not one of another Ray instance on this machine). The
-    restarted workers resume from the run's own last complete checkpoint, whether or not Ray's controller had
-    taken the report in."""
-    import psutil
-
-    deadline = time.time() + 600
-    while time.time() < deadline and not killed:
-        if storage.exists(storage.join(checkpoint, ckpt.MANIFEST)):
-            for proc in psutil.Process(head_pid).children(recursive=True):
-                try:
-                    is_worker = "RayTrainWorker" in " ".join(proc.cmdline())
-                except psutil.NoSuchProcess:  # ended since the listing
-                    continue
-                if is_worker:
-                    os.kill(proc.pid, signal.SIGKILL)
-                    killed.append(time.time())
-                    return
-        time.sleep(0.2)
-
-
-@pytest.mark.slow
-def test_ray_zero3_on_s3_resumes_after_a_worker_is_sigkilled(s3_endpoint, s3_bucket, shared_ray, capsys, tmp_path):
-    """Shards and run storage on S3, ZeRO-3, mae pretraining beside the labelled tasks; a worker is SIGKILLed once
-    checkpoint 4 is complete -> Ray restarts the group -> resume from step 4 -> final_step == max_steps, no step
-    counted twice, both ranks' ZeRO shards in the last checkpoint, validation with ZeRO-3's gathered parameters,
-    TensorBoard's events as metrics.jsonl, and the step-8 weights the bits of an undisturbed run's (mae's masks of
-    steps 5-8, drawn from the reseeded RNG, included)."""
-    from spatialnet_dist.checkpoint_weights import consolidated_weights
-    from spatialnet_dist.corpora.synthetic import write_synthetic
-
-    data = f"s3://{s3_bucket}/shards"
-    write_synthetic(data, images=40, seed=0, shard_size=10)
-    runs = f"s3://{s3_bucket}/runs"
-    killed: list[float] = []  # when
-    watcher = threading.Thread(target=_kill_a_worker_after,
-                               args=(f"{runs}/z3/checkpoint-000004", shared_ray.process.pid, killed), daemon=True)
-    watcher.start()
-    stepped_at: list[float] = []  # when the restarted group first trains a step past its checkpoint
-
-    def watch_restart():
-        deadline = time.time() + 600
-        while time.time() < deadline and not stepped_at:
-            attempts = RunDir(f"{runs}/z3").attempts() if killed else []
-            if len(attempts) >= 2 and storage.exists(f"{runs}/z3/metrics.jsonl"):
-                lines = storage.read_bytes(f"{runs}/z3/metrics.jsonl").decode().splitlines()
-                if any(json.loads(line)["step"] > attempts[-1]["start_step"] for line in lines):
-                    stepped_at.append(time.time())
-            time.sleep(0.5)
-
-    threading.Thread(target=watch_restart, daemon=True).start()
-    job = [*TINY, f"data.root={data}", f"run.storage={runs}", "train.zero_stage=3", "train.max_steps=8",
-           "train.checkpoint_every=4", "eval.every=4", "tasks.mae.enabled=true", "tasks.mae.batch_size=2"]
-    code = jobs.train_with_ray(sets(*job, "run.name=z3"))
-    result = result_line(capsys.readouterr().out)
-    assert killed, "no Ray Train worker was found to kill"
-    assert code == 0, result
-    assert result["final_step"] == 8 and result["restarts"] >= 1 and 4 in result["resumed_from"], result
-    assert result["checkpoint"].startswith(f"s3://{s3_bucket}/runs/z3/checkpoint-000008")
-
-    metrics = [json.loads(line) for line in storage.read_bytes(f"{runs}/z3/metrics.jsonl").decode().splitlines()]
-    assert _steps(metrics) == list(range(1, 9))  # one line per step, none twice
-    assert metrics[-1]["loss"] < metrics[0]["loss"]
-    # Periodic validation, with ZeRO-3's parameters gathered for it, scored once on rank 0.
-    for m in (metrics[3], metrics[7]):
-        assert {"val/vqa_loss", "val/vqa_OA", "val/classification_accuracy", "val/regression_MAE"} <= set(m)
-    shard_files = storage.list_files(result["checkpoint"])
-    for rank in range(2):
-        assert f"zero/ds/zero_pp_rank_{rank}_mp_rank_00_optim_states.pt" in shard_files
-    assert {"meta.json", "vocab.json", "config.yaml"} <= set(shard_files)
-
-    # TensorBoard's reader over the event files both attempts uploaded: every step once, as metrics.jsonl.
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    tensorboard = f"{runs}/z3/tensorboard"
-    for name in storage.list_dir(tensorboard):
-        (tmp_path / name).write_bytes(storage.read_bytes(f"{tensorboard}/{name}"))
-    events = EventAccumulator(str(tmp_path), size_guidance={"scalars": 0})
-    events.Reload()
-    assert {e.step: e.value for e in events.Scalars("loss")} == pytest.approx({m["step"]: m["loss"] for m in metrics})
-    assert RunDir(f"{runs}/z3").describe()["state"] == "finished"
-
-    assert jobs.train_with_ray(sets(*job, "run.name=undisturbed")) == 0
-    assert result_line(capsys.readouterr().out)["restarts"] == 0
-
-    def weights(url: str) -> dict:
-        with ckpt.local_copy(url) as directory:
-            return consolidated_weights(directory)
-
-    resumed, undisturbed = weights(result["checkpoint"]), weights(f"{runs}/undisturbed/checkpoint-000008")
-    assert resumed.keys() == undisturbed.keys() and any(k.startswith("heads.mae.") for k in resumed)
-    assert [k for k in resumed if not torch.equal(resumed[k], undisturbed[k])] == []
-    halfway = weights(f"{runs}/undisturbed/checkpoint-000004")
-    assert not all(torch.equal(halfway[k], undisturbed[k]) for k in halfway)  # steps 5-8 trained
-    if stepped_at:
-        with capsys.disabled():  # the figure for bench/RESULTS.md "Resume"
-            print(f"\nworker SIGKILLed after checkpoint 4: {result['lost_steps']} steps lost, "
-                  f"{stepped_at[0] - killed[0]:.0f} s from the kill to the next training step")
-
-
 # ---- failure classes: what a retry cannot fix ends the run on that attempt ----
-
-
-def _failed_run(tmp_path, capsys, name: str, *items: str) -> tuple[int, dict, str, RunDir]:
-    runs = tmp_path / "runs"
-    code = jobs.train_with_ray(sets(*TINY, f"run.storage={runs}", f"run.name={name}", "train.max_failures=2",
-                            "train.max_steps=6", "train.checkpoint_every=2", *items))
-    out, err = capsys.readouterr()
-    return code, result_line(out), err.strip().splitlines()[-1], RunDir(str(runs / name))
-
-
-@pytest.mark.slow
-def test_ray_permanent_failure_ends_the_run_on_the_first_attempt(synth_root, shared_ray, tmp_path, capsys):
-    """A UserError in a worker: no restart although train.max_failures=2 allows two; the worker's one line is
-    RESULT's error and the last line of stderr; exit status 1. (A NonFiniteLoss is classified the same way,
-    tests/test_failures.py; the Trainer raising it: tests/test_trainer.py.)"""
-    code, result, last_err, run = _failed_run(tmp_path, capsys, "user_error", f"data.root={synth_root}",
-                                              "faults.fail_at_step=3", "faults.kind=user_error")
-    assert code == 1
-    assert result["error"].startswith("faults.fail_at_step=3: injected user error"), result
-    assert last_err == f"spatialnet: training failed: {result['error']}"
-    assert result["restarts"] == 0 and len(run.attempts()) == 1
-    assert [f["step"] for f in run.failures()] == [3]
 
 
 @pytest.mark.slow
@@ -385,9 +259,10 @@ def test_ray_a_full_run_disk_ends_the_run_in_one_line_and_a_rerun_resumes_the_ch
         synth_root, shared_ray, small_disk, capsys):
     """run.storage on a small disk that fills up once checkpoint 2 is complete: the next save finds no space; the
     run ends on that attempt (no restart although train.max_failures=2), exit 1, RESULT's error the one line with
-    the path and the free space, failures.json's cause disk_full, no partial checkpoint; the space freed, the same
-    command resumes from the last checkpoint that fitted and ends at max_steps (tests/test_disk_full.py: each
-    writer)."""
+    the path and the free space, and the last line of stderr; failures.json's cause disk_full, no partial
+    checkpoint; the space freed, the same command resumes from the last checkpoint that fitted and ends at
+    max_steps (tests/test_disk_full.py: each writer). Every permanent error ends a Ray run this way: the classes,
+    tests/test_failures.py; the injected UserError and NonFiniteLoss, tests/test_trainer.py."""
     disk = small_disk.mount("1g")
     runs, filled = disk / "runs", []
 

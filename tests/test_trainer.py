@@ -113,18 +113,21 @@ def test_train_save_restore_continue(world_of_one, tmp_path):
                first.weights[CHECKPOINT_AT].items())  # it trained on
 
 
-def test_a_non_finite_loss_stops_the_loop_with_a_named_error(world_of_one, tmp_path):
-    """faults.kind=nan_loss at step 2: the Trainer raises NonFiniteLoss (which ends a Ray run on that attempt,
-    tests/test_failures.py) before the step's update, with no checkpoint after it."""
+@pytest.mark.parametrize("kind, error, line", [("nan_loss", "NonFiniteLoss", "^non-finite loss"),
+                                               ("user_error", "UserError", "^faults.fail_at_step=2: injected user error$")])
+def test_a_non_finite_loss_or_a_user_error_stops_the_loop_with_its_line(world_of_one, tmp_path, kind, error, line):
+    """faults.kind=nan_loss at step 2: the Trainer raises NonFiniteLoss before the step's update; user_error: a
+    UserError once step 2 is done, before its report. Either ends a Ray run on that attempt with this line
+    (tests/test_failures.py; the same through Ray with a full disk: tests/test_train.py); no checkpoint after it."""
+    from spatialnet_dist import errors
     from spatialnet_dist.data.vocab import build_vocabs
-    from spatialnet_dist.errors import NonFiniteLoss
     from spatialnet_dist.train.faults import fault_hooks
     from spatialnet_dist.train.rundir import RunDir
 
     cfg = _config(world_of_one, "train.max_steps=3", "train.checkpoint_every=1", "train.log_every=1", "eval.every=0",
-                  "eval.at_end=false", "faults.fail_at_step=2", "faults.kind=nan_loss")
+                  "eval.at_end=false", "faults.fail_at_step=2", f"faults.kind={kind}")
     reporter = RecordingReporter(tmp_path)
-    with pytest.raises(NonFiniteLoss, match="^non-finite loss"):
+    with pytest.raises(getattr(errors, error), match=line):
         _trainer(cfg, build_vocabs(cfg), reporter, hooks=fault_hooks(cfg, 0, RunDir(str(tmp_path / "run")))).fit()
     assert [m["step"] for m in reporter.metrics] == [1] and sorted(reporter.weights) == [1]
 
