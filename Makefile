@@ -31,12 +31,13 @@ demo: setup
 	$(PY) ray_job.py
 
 # Two pytest processes: half of a serial run's time the 2 cores sit idle, waiting on Ray clusters, restarts and S3
-# outages (--dist loadfile: each file's tests in one process). The 30 slowest in CI's output: where the budget goes.
+# outages (--dist loadfile: each file's tests in one process; --no-loadscope-reorder: the files in conftest's order,
+# the longest first). The 30 slowest in CI's output: where the budget goes.
 test: setup
-	$(PY) -m pytest -q -n 2 --dist loadfile --durations=30
+	$(PY) -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder --durations=30
 
 test-fast: setup
-	$(PY) -m pytest -q -n 2 --dist loadfile -m "not slow"
+	$(PY) -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder -m "not slow"
 
 lint: setup
 	$(VENV)/bin/ruff check .

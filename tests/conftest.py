@@ -235,12 +235,19 @@ def http_status(url: str, token: str | None = None) -> int:
         return 0
 
 
+# The files that take a minute or more, longest first (per-file sums of `make test --durations=0`, 2026-12-08).
+LONGEST_FILES = ("test_chaos.py", "test_elastic.py", "test_reshard.py", "test_cluster.py", "test_train.py",
+                 "test_resume_data.py", "test_infer.py", "test_checkpoint.py", "test_jobs.py")
+
+
 def pytest_collection_modifyitems(items):
-    """The tests of `shared_ray` run last: its head starts before the first of them and stops at the end of the
-    session, so that its idle processes (GCS, raylet, dashboard, agents) do not slow the other tests on the 2-core
-    machine. Otherwise in file order. (`make test` runs two pytest-xdist processes, --dist loadfile: each file's
-    tests in one of them, its module fixtures made once; each process that meets a shared_ray test starts a head.)"""
-    items.sort(key=lambda item: "shared_ray" in getattr(item, "fixturenames", ()))
+    """LONGEST_FILES first, in that order, then the other files in file order; in each file the tests of
+    `shared_ray` last. `make test` runs two pytest-xdist processes (--dist loadfile --no-loadscope-reorder): each
+    file's tests in one of them, handed out in this order to whichever is free, so that neither is left with a
+    file of minutes at the end while the other idles (xdist's own order, most tests first, put the chaos test
+    last). Each process that meets a shared_ray test starts a head, which stays up to the end of the session."""
+    rank = {name: i for i, name in enumerate(LONGEST_FILES)}
+    items.sort(key=lambda item: (rank.get(item.path.name, len(rank)), "shared_ray" in getattr(item, "fixturenames", ())))
 
 
 SHARED_RAY_CPUS = 4  # logical CPUs of the shared head: room for 3 training workers of 1 CPU (2 -> 3 resharding)
