@@ -1,5 +1,6 @@
-"""Distributed training: DeepSpeed ZeRO engines under gloo (2 processes), Ray Train runs with
-checkpoints on local disk and on moto's S3 server, recovery from a worker that dies."""
+"""Distributed training: input errors before any worker starts, DeepSpeed ZeRO engines under gloo, and a Ray Train
+run that a full disk ends. (A worker killed under Ray, with S3: tests/test_chaos.py; a killed ZeRO-3 run:
+tests/test_resume_data.py.)"""
 
 from __future__ import annotations
 
@@ -242,13 +243,6 @@ def test_zero2_engine_on_cpu_steps_like_a_bare_torch_loop(tmp_path, free_ports):
     assert report["losses"]["engine"] == pytest.approx(report["losses"]["bare"], rel=1e-5)
     assert report["max_moved"] > 1e-4  # the steps did change the weights
     assert report["max_diff"] < 1e-5
-
-
-# ---- Ray Train: 2 workers, failures, S3 ----
-
-
-def _steps(metrics: list[dict]) -> list[int]:
-    return [m["step"] for m in metrics]
 
 
 # ---- failure classes: what a retry cannot fix ends the run on that attempt ----
