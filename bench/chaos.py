@@ -195,8 +195,9 @@ class Storm:
                   published=any(k.endswith(f"/{MANIFEST}") for k in self.checkpoint_objects(step)))
 
 
-def storm(faults: int, seed: int, work: Path) -> dict:
-    """Runs the undisturbed job and the job under `faults` seeded faults on one cluster; -> the JSON summary."""
+def storm(faults: int, seed: int, work: Path, steps_per_fault: int = STEPS_PER_FAULT) -> dict:
+    """Runs the undisturbed job and the job under `faults` seeded faults on one cluster, each run
+    8 + steps_per_fault * faults steps long; -> the JSON summary."""
     import boto3
     import torch
     from moto.server import ThreadedMotoServer
@@ -226,7 +227,7 @@ def storm(faults: int, seed: int, work: Path) -> dict:
         write_synthetic(data, images=40, seed=0, shard_size=10)
         cluster.add_second()
         drawn = draw_faults(faults, seed)
-        max_steps = 8 + STEPS_PER_FAULT * faults
+        max_steps = 8 + steps_per_fault * faults
         args = [*TINY, f"data.root={data}", f"run.storage={runs}", "train.num_workers=2", "train.zero_stage=2",
                 f"train.max_steps={max_steps}", f"train.checkpoint_every={CHECKPOINT_EVERY}",
                 "run.keep_checkpoints=3", f"train.max_failures={3 * faults + 2}",

@@ -64,6 +64,24 @@ def test_attempts_record_the_cause_of_each_restart(tmp_path):
     assert [a["world_size"] for a in attempts] == [2, 1, 1, 2] and attempts[1]["end_step"] == 6
 
 
+def test_lost_steps_are_those_of_the_attempt_just_ended(tmp_path):
+    """A kill after step 4 before its checkpoint, a restart from 0, a pre-emption checkpointed at step 3: the
+    kill lost 4 steps, the pre-emption none (the failure after step 4 was the attempt before's; chaos seed 276)."""
+    run = RunDir(str(tmp_path / "run"))
+    assert run.start_attempt(0, None, 2) == []
+    for step in range(1, 5):
+        run.append_metrics({"step": step})
+    run.record_failure(4, "ActorDiedError: a worker was killed")
+    run.start_attempt(0, None, 2)  # no checkpoint yet: from the start again
+    for step in range(1, 4):
+        run.append_metrics({"step": step})
+    run.end_attempt("preemption", 3)
+    resumed = {"checkpoint": "checkpoint-000003", "step": 3, "written_by": 2, "world_size": 2, "resharded": False,
+               "samples_seen": {}, "damaged": []}
+    assert run.start_attempt(3, resumed, 2)[-1].endswith("; 0 steps lost since")
+    assert [(a["cause"], a["lost_steps"]) for a in run.attempts()] == [("start", 0), ("failure", 4), ("preemption", 0)]
+
+
 # ---- SIGTERM in one process ----
 
 

@@ -115,10 +115,13 @@ class RunDir:
         return json.loads(text) if text else []
 
     def last_step_reached(self) -> int:
-        """The last step the run's attempts so far are known to have trained: the last report in metrics.jsonl,
-        or a later failed step failures.json names. Read before a new attempt truncates metrics.jsonl."""
-        steps = [m.get("step", 0) for m in self.metrics()] + [f["step"] for f in self.failures() if f["step"]]
-        return max(steps, default=0)
+        """The last step the latest attempt is known to have trained: the last report in metrics.jsonl (cut back
+        at each attempt's start), or a later failed step failures.json names since that attempt began (an older
+        one was lost by an attempt before, and counted then). Read before a new attempt truncates metrics.jsonl."""
+        attempts = self.attempts()
+        since = attempts[-1]["time"] if attempts else 0.0
+        failed = [f["step"] for f in self.failures() if f["step"] and f["time"] >= since]
+        return max([m.get("step", 0) for m in self.metrics()] + failed, default=0)
 
     def start_attempt(self, step: int, resumed: dict | None, world_size: int) -> list[str]:
         """Rank 0 at an attempt's start (`resumed`: what checkpoint.resume says it resumed): the attempt
