@@ -61,11 +61,36 @@ def free_ports(n: int) -> list[int]:
     return ports
 
 
+# What a test's rank processes import, once, into this process's fork server: a spawned process imports torch,
+# DeepSpeed, timm and this package anew, ~8 s of CPU each on the 2-core test machine (22 of them in `make test`).
+RANK_PRELOAD = ["torch", "deepspeed", "timm", "spatialnet_dist.engine", "spatialnet_dist.train.trainer",
+                "spatialnet_dist.evaluate.run", "spatialnet_dist.store.writer"]
+
+
+def spawn_ranks(fn, args: tuple, nprocs: int) -> None:
+    """torch.multiprocessing.spawn(fn, args, nprocs): fn(rank, *args) in nprocs processes, the first exception
+    ends the others and is raised here. The processes are forked from the fork server of this process (started
+    at the first call, with RANK_PRELOAD imported; where store/pool.py started it first, with its own), each
+    with this process's environment and working directory of now, not the server's of its start."""
+    import torch.multiprocessing as mp
+
+    multiprocessing.set_forkserver_preload(RANK_PRELOAD)  # read when the server starts, not after
+    mp.start_processes(_rank_in_context, args=(fn, dict(os.environ), os.getcwd(), args), nprocs=nprocs,
+                       start_method="forkserver")
+
+
+def _rank_in_context(rank: int, fn, environ: dict[str, str], cwd: str, args: tuple) -> None:
+    os.environ.clear()
+    os.environ.update(environ)
+    os.chdir(cwd)
+    fn(rank, *args)
+
+
 def as_torchrun_worker(rank: int, world_size: int, port: int) -> None:
-    """What torchrun gives a process it starts, for a test's `torch.multiprocessing.spawn` worker: the process
-    group's variables (gloo on 127.0.0.1, DeepSpeed on the CPU), and fork as the way it starts processes of its
-    own (its data loaders). A spawned child inherits "spawn" instead: each loader process would import torch and
-    this package again, 10-20 s each on the test machine."""
+    """What torchrun gives a process it starts, for a test's rank (`spawn_ranks`): the process group's variables
+    (gloo on 127.0.0.1, DeepSpeed on the CPU), and fork as the way it starts processes of its own (its data
+    loaders), whatever start method this process inherited: under "spawn" each loader process would import torch
+    and this package again, 10-20 s each on the test machine."""
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port), DS_ACCELERATOR="cpu")
     multiprocessing.set_start_method("fork", force=True)

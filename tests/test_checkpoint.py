@@ -12,7 +12,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
-from harness import as_torchrun_worker
+from harness import as_torchrun_worker, spawn_ranks
 
 from spatialnet_dist import checkpoint as ckpt
 from spatialnet_dist.errors import UserError
@@ -408,7 +408,6 @@ def _resume_after_every_crash(rank: int, port: int, data_root: str, runs: str, b
 @pytest.mark.slow
 @pytest.mark.parametrize("where", ["s3"])  # local: the storage-level test above crashes every local write
 def test_a_trainer_resumes_after_a_crash_at_every_step_of_a_save(where, tmp_path, free_ports, request):
-    import torch.multiprocessing as mp
 
     from spatialnet_dist.corpora.synthetic import write_synthetic
 
@@ -416,7 +415,7 @@ def test_a_trainer_resumes_after_a_crash_at_every_step_of_a_save(where, tmp_path
     write_synthetic(data, images=20, seed=0, shard_size=10)
     runs = str(tmp_path / "runs") if where == "local" else f"s3://{request.getfixturevalue('s3_bucket')}/runs"
     out = tmp_path / "report.json"
-    mp.spawn(_resume_after_every_crash, args=(free_ports(1)[0], data, runs, where, str(out)), nprocs=1)
+    spawn_ranks(_resume_after_every_crash, args=(free_ports(1)[0], data, runs, where, str(out)), nprocs=1)
     report = json.loads(out.read_text())
     n, commit = report["points"], report["commit"]
     assert n >= 10  # each of 7+ files put (local: written, renamed), the manifest, pruning

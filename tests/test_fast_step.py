@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from harness import as_torchrun_worker
+from harness import as_torchrun_worker, spawn_ranks
 
 from spatialnet_dist.tasks import DEFAULT_TASKS as TASKS
 from tests.test_model import SIZES, make_batch
@@ -47,14 +47,13 @@ def _losses_worker(rank: int, port: int, out: str, settings: dict[str, list[str]
 def step_losses(tmp_path_factory, free_ports) -> dict:
     """The losses and parameter dtype of the eager fp32 step, the compiled one and bf16 autocast, from one
     spawned process: it imports DeepSpeed and builds the model once for the tests of both."""
-    import torch.multiprocessing as mp
 
     out = tmp_path_factory.mktemp("step_losses")
     # In this order: eager then compiled, as when the compiled test ran alone; autocast last.
     settings = {"fp32": ["train.compile=false", "train.precision=fp32"],
                 "compiled": ["train.compile=true", "train.precision=fp32"],
                 "autocast": ["train.compile=false", "train.precision=bf16-autocast"]}
-    mp.spawn(_losses_worker, args=(free_ports(1)[0], str(out), settings), nprocs=1)
+    spawn_ranks(_losses_worker, args=(free_ports(1)[0], str(out), settings), nprocs=1)
     return json.loads((out / "results.json").read_text())
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from harness import as_torchrun_worker
+from harness import as_torchrun_worker, spawn_ranks
 from timm.layers import resample_abs_pos_embed
 
 from spatialnet_dist import checkpoint as ckpt
@@ -204,13 +204,12 @@ def _pretrain_then_fine_tune_worker(rank: int, port: int, root: str, runs: str, 
 
 @pytest.mark.slow  # three short trainings and three fine-tuning engines in a spawned process
 def test_fine_tuning_starts_from_a_real_zero_0_2_and_3_pretraining(tmp_path, free_ports):
-    import torch.multiprocessing as mp
 
     from spatialnet_dist.corpora.synthetic import write_synthetic
 
     root = str(tmp_path / "shards")
     write_synthetic(root, images=40, seed=0, shard_size=10)
-    mp.spawn(_pretrain_then_fine_tune_worker, args=(free_ports(1)[0], root, str(tmp_path / "runs"), str(tmp_path)),
+    spawn_ranks(_pretrain_then_fine_tune_worker, args=(free_ports(1)[0], root, str(tmp_path / "runs"), str(tmp_path)),
              nprocs=1)
     report = json.loads((tmp_path / "report.json").read_text())
     for stage, r in report.items():

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from harness import as_torchrun_worker
+from harness import as_torchrun_worker, spawn_ranks
 from test_trainer import RecordingReporter, world_of_one  # noqa: F401  (world_of_one: a fixture)
 
 from spatialnet_dist import config as config_mod
@@ -219,9 +219,8 @@ def _two_rank_worker(rank: int, world_size: int, port: int, root: str, out: str)
 def test_two_ranks_gather_their_shares_to_the_one_rank_accuracy(colours_root, tmp_path, free_ports):
     """Two ranks under gloo each embed their share of the bank (eval.knn.max_train of it) and of the val split; rank 0
     gathers and votes the accuracy one rank gets alone, rank 1 gets None."""
-    import torch.multiprocessing as mp
 
-    mp.spawn(_two_rank_worker, args=(2, free_ports(1)[0], colours_root, str(tmp_path)), nprocs=2)
+    spawn_ranks(_two_rank_worker, args=(2, free_ports(1)[0], colours_root, str(tmp_path)), nprocs=2)
     ranks = [json.loads((tmp_path / f"rank-{r}.json").read_text()) for r in range(2)]
     assert ranks[0]["accuracy"] == pytest.approx(ranks[0]["alone"]) and ranks[1]["accuracy"] is None
 

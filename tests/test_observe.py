@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from harness import as_torchrun_worker
+from harness import as_torchrun_worker, spawn_ranks
 
 from spatialnet_dist import config as config_mod
 from spatialnet_dist import jobs
@@ -188,7 +188,6 @@ def _train_worker(rank: int, port: int, root: str, storage_dir: str):
 
 @pytest.fixture(scope="module")
 def trained_run(tmp_path_factory, free_ports):
-    import torch.multiprocessing as mp
 
     from spatialnet_dist.corpora.synthetic import write_synthetic
 
@@ -197,7 +196,7 @@ def trained_run(tmp_path_factory, free_ports):
     write_synthetic(root, images=40, seed=0, shard_size=10)
     saved = os.environ.pop("MLFLOW_TRACKING_URI", None)
     try:
-        mp.spawn(_train_worker, args=(free_ports(1)[0], root, storage_dir), nprocs=1)
+        spawn_ranks(_train_worker, args=(free_ports(1)[0], root, storage_dir), nprocs=1)
     finally:
         if saved is not None:
             os.environ["MLFLOW_TRACKING_URI"] = saved

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from harness import as_torchrun_worker
+from harness import as_torchrun_worker, spawn_ranks
 
 from spatialnet_dist import config as config_mod
 from spatialnet_dist.config import ConfigError
@@ -114,16 +114,15 @@ def _reshard_worker(rank: int, world_size: int, port: int, stage: int, directory
 def test_zero_checkpoint_of_2_ranks_resumes_on_1_and_3(stage, tmp_path, free_ports):
     """Parameters, Adam moments, the optimizer step, each group's hyperparameters and the LR schedule after
     resharding equal the consolidated ones the 2 writing ranks held; the checkpoint itself is left as it was."""
-    import torch.multiprocessing as mp
 
     saved = tmp_path / "saved.pt"
-    mp.spawn(_reshard_worker, args=(2, free_ports(1)[0], stage, str(tmp_path), str(saved)), nprocs=2)
+    spawn_ranks(_reshard_worker, args=(2, free_ports(1)[0], stage, str(tmp_path), str(saved)), nprocs=2)
     before = sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*"))
     written = torch.load(saved)
     assert len({g["lr_scale"] for g in written["groups"]}) > 1 and len({g["weight_decay"] for g in written["groups"]}) > 1
     for world_size in (1, 3):
         out = tmp_path / f"loaded-{world_size}.pt"
-        mp.spawn(_reshard_worker, args=(world_size, free_ports(1)[0], stage, str(tmp_path), str(out)),
+        spawn_ranks(_reshard_worker, args=(world_size, free_ports(1)[0], stage, str(tmp_path), str(out)),
                  nprocs=world_size)
         loaded = torch.load(out)
         assert loaded["universal"] and loaded["steps"] == written["steps"] == [2.0]

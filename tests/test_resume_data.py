@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from harness import as_torchrun_worker
+from harness import as_torchrun_worker, spawn_ranks
 
 from spatialnet_dist.batch_format import IMAGE_KEY, IMAGE_ROW, IMAGES, task_images
 from spatialnet_dist.data.batches import make_train_loader
@@ -220,7 +220,7 @@ def _e2e_worker(rank: int, port: int, root: str, out: str, stage: int, loader_wo
     ds.init_distributed(False)
     faults = ["faults.kind=exit", "faults.fail_at_step=3"]
     if part == "killed":
-        run("killed", *faults)  # rank 0 exits at step 3; mp.spawn then ends rank 1
+        run("killed", *faults)  # rank 0 exits at step 3; spawn_ranks then ends rank 1
         return
     (resumed, trainer), (uninterrupted, _) = run("killed", *faults), run("uninterrupted")
     # fp32 ZeRO-3 holds one fp32 copy of its partition: the optimizer's masters are the partitions.
@@ -245,7 +245,6 @@ def test_a_killed_run_resumes_to_the_parameters_of_an_uninterrupted_one(tmp_path
     tests/test_chaos.py; ZeRO-2's export: tests/test_checkpoint.py; a restore for any number of loader
     processes: the first test of this file.)"""
     stage, loader_workers = 3, 1
-    import torch.multiprocessing as mp
     from torch.multiprocessing.spawn import ProcessException
 
     from spatialnet_dist.checkpoint_weights import load_model
@@ -256,9 +255,9 @@ def test_a_killed_run_resumes_to_the_parameters_of_an_uninterrupted_one(tmp_path
     write_synthetic(root, images=40, seed=0, shard_size=10)
     out = str(tmp_path / "runs")
     with pytest.raises(ProcessException):  # rank 0 exits; rank 1 is ended
-        mp.spawn(_e2e_worker, args=(free_ports(1)[0], root, out, stage, loader_workers, "killed"), nprocs=2)
+        spawn_ranks(_e2e_worker, args=(free_ports(1)[0], root, out, stage, loader_workers, "killed"), nprocs=2)
     assert sorted(p.name for p in Path(out, "killed").glob("checkpoint-*")) == ["checkpoint-000002"]
-    mp.spawn(_e2e_worker, args=(free_ports(1)[0], root, out, stage, loader_workers, "resumed"), nprocs=2)
+    spawn_ranks(_e2e_worker, args=(free_ports(1)[0], root, out, stage, loader_workers, "resumed"), nprocs=2)
     result = json.loads(Path(out, "result.json").read_text())
     assert result["n"] > 0 and result["differ"] == []
     checkpoint = Path(out, "killed", "checkpoint-000004")

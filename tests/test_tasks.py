@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from harness import as_torchrun_worker
+from harness import as_torchrun_worker, spawn_ranks
 from torch import nn
 
 from spatialnet_dist import config as config_mod
@@ -134,11 +134,10 @@ def _toy_worker(rank: int, port: int, root: str, run_dir: str, out: str):
 
 @pytest.mark.slow  # a spawned DeepSpeed rank trains, validates and evaluates: minutes on 2 loaded cores
 def test_a_task_defined_in_a_test_trains_validates_evaluates_and_reports(tmp_path, free_ports):
-    import torch.multiprocessing as mp
 
     root, run_dir = str(tmp_path / "shards"), str(tmp_path / "run")
     write_tagged(root)
-    mp.spawn(_toy_worker, args=(free_ports(1)[0], root, run_dir, str(tmp_path)), nprocs=1)
+    spawn_ranks(_toy_worker, args=(free_ports(1)[0], root, run_dir, str(tmp_path)), nprocs=1)
     result = json.loads((tmp_path / "result.json").read_text())
     assert result["tags"] == TAGS  # the manifest's tag set, sorted
     metrics = result["metrics"]

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from harness import TINY, as_torchrun_worker, result_line, sets
+from harness import TINY, as_torchrun_worker, result_line, sets, spawn_ranks
 
 from spatialnet_dist import checkpoint as ckpt
 from spatialnet_dist import jobs
@@ -170,9 +170,8 @@ def _fine_tune_worker(rank: int, port: int, out: str):
 def test_freeze_and_layer_decay_under_zero2_and_zero3(tmp_path, free_ports):
     """The real DeepSpeed engine (one rank, gloo): frozen parameters are not handed to the optimizer and
     stay as they were; after one step each param group's lr is the peak lr x its layer-decay factor."""
-    import torch.multiprocessing as mp
 
-    mp.spawn(_fine_tune_worker, args=(free_ports(1)[0], str(tmp_path)), nprocs=1)
+    spawn_ranks(_fine_tune_worker, args=(free_ports(1)[0], str(tmp_path)), nprocs=1)
     report = json.loads((tmp_path / "report.json").read_text())
     for stage, r in report.items():
         assert r["handed"] == r["trainable"], stage
@@ -236,9 +235,8 @@ def _engine_against_bare_worker(rank: int, port: int, out: str):
 def test_zero2_engine_on_cpu_steps_like_a_bare_torch_loop(tmp_path, free_ports):
     """The CPU engine config (ZeRO-2 without contiguous gradients, bench/overhead.py) changes cost, not
     training: the same losses and parameters as torch's AdamW + clipping + schedule, step by step."""
-    import torch.multiprocessing as mp
 
-    mp.spawn(_engine_against_bare_worker, args=(free_ports(1)[0], str(tmp_path)), nprocs=1)
+    spawn_ranks(_engine_against_bare_worker, args=(free_ports(1)[0], str(tmp_path)), nprocs=1)
     report = json.loads((tmp_path / "report.json").read_text())
     assert report["losses"]["engine"] == pytest.approx(report["losses"]["bare"], rel=1e-5)
     assert report["max_moved"] > 1e-4  # the steps did change the weights
