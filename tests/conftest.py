@@ -235,9 +235,13 @@ def http_status(url: str, token: str | None = None) -> int:
         return 0
 
 
-# The files that take a minute or more, longest first (per-file sums of `make test --durations=0`, 2026-12-08).
+# The files that take a minute or more, longest first; then those of half a minute and those of 7 s or more in
+# `make test-fast` (its longest, test_trainer.py, handed out last left one process 14 s alone). Per-file sums of
+# `--durations=0`, 2026-12-08.
 LONGEST_FILES = ("test_chaos.py", "test_elastic.py", "test_reshard.py", "test_cluster.py", "test_train.py",
-                 "test_resume_data.py", "test_infer.py", "test_checkpoint.py", "test_jobs.py")
+                 "test_resume_data.py", "test_infer.py", "test_checkpoint.py", "test_jobs.py",
+                 "test_byo_corpora.py", "test_readme.py", "test_observe.py",
+                 "test_trainer.py", "test_model.py", "test_s3_outage.py", "test_synthetic.py")
 
 
 def pytest_collection_modifyitems(items):
